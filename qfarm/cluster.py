@@ -1,0 +1,284 @@
+"""Ray: connecting to a cluster, the embedded local head, and what a job's resources mean to Ray.
+
+With no ``--ray-address`` / ``QFARM_RAY_ADDRESS``, qfarm uses a local Ray head that it starts itself (``ray start
+--head --block`` in its own session, bound to 127.0.0.1) and keeps running between commands, so a sweep
+submitted without ``--wait`` goes on after the client exits. On a machine without a GPU that head declares
+logical GPU slots (``--logical-gpus``, default 2), so the same GPU-tagged scheduling runs on the CPU.
+``qfarm down`` stops it. Ray is imported only by the commands that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .connection import data_dir
+from .errors import QfarmError, UsageError
+
+RAY_NAMESPACE = "qfarm"
+DEFAULT_LOGICAL_GPUS = 2
+LOCAL_HEAD_PORT = 6390  # not Ray's default 6379, which is Redis's port too
+
+
+def ray_env(local: bool = False) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if local:
+        # Keeps every Ray service of a single-node head on 127.0.0.1 (--node-ip-address alone did not).
+        env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    return env
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(address: str, timeout_s: float = 0.5) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def cuda_gpu_count() -> int:
+    """GPUs nvidia-smi sees (without importing torch): 0 on a machine without NVIDIA GPUs."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    address: str
+    pid: int
+    temp_dir: str
+    dashboard_url: str
+    log_path: str
+
+
+def start_local_head(*, temp_dir: str, log_path: str, port: int | None = None, num_gpus: int | None = None,
+                     num_cpus: int | None = None, resources: dict | None = None, dashboard_port: int | None = None,
+                     wait_s: float = 90.0) -> LocalHead:
+    """Start ``ray start --head --block`` in a new session on 127.0.0.1 and wait until it accepts drivers."""
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_bin is None:
+        raise QfarmError("the `ray` command is missing; install qfarm with its dependencies (pip install -e .)")
+    port = port if port and _port_free(port) else _free_port()
+    dashboard_port = dashboard_port if dashboard_port and _port_free(dashboard_port) else _free_port()
+    cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+           "--disable-usage-stats"]
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=ray_env(local=True))
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise QfarmError(f"`ray start` exited with code {proc.returncode}; see {log_path}")
+        if _answers(address) and _raylet_up(temp_dir):
+            return LocalHead(address, proc.pid, temp_dir, f"http://127.0.0.1:{dashboard_port}", log_path)
+        time.sleep(0.2)
+    stop_local_head(proc.pid)
+    raise QfarmError(f"the local Ray head did not come up within {wait_s:.0f} s; see {log_path}")
+
+
+def _raylet_up(temp_dir: str) -> bool:
+    return any(Path(temp_dir).glob("session_*/sockets/raylet"))
+
+
+def stop_local_head(pid: int, grace_s: float = 8.0) -> None:
+    """Stop one local head and everything it started (its whole session), leaving any other Ray alone."""
+    import psutil
+
+    def members() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == pid:
+                    out.append(p)
+            except (OSError, psutil.Error):
+                continue
+        return out
+
+    for p in members():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in members()):
+        time.sleep(0.2)
+    for p in members():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+# --- the embedded default ---------------------------------------------------------------------------
+
+
+def _state_file() -> Path:
+    return data_dir() / "ray-head.json"
+
+
+def local_head_state() -> dict | None:
+    try:
+        state = json.loads(_state_file().read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    return state if _answers(state["address"]) else None
+
+
+def ensure_local_head(logical_gpus: int | None, say) -> str:
+    """The address of qfarm's local Ray head, starting it if it is not running."""
+    state = local_head_state()
+    if state:
+        return state["address"]
+    gpus = cuda_gpu_count()
+    num_gpus = None if gpus else (logical_gpus if logical_gpus is not None else DEFAULT_LOGICAL_GPUS)
+    folder = data_dir()
+    temp_dir = os.environ.get("QFARM_RAY_TEMP_DIR") or f"/tmp/qfarm-ray-{os.getuid()}"
+    what = f"{gpus} GPU(s)" if gpus else f"{num_gpus} logical GPU slot(s), no CUDA GPU found"
+    say(f"qfarm: starting a local Ray head on 127.0.0.1 ({what}); `qfarm down` stops it", file=sys.stderr)
+    t0 = time.time()
+    head = start_local_head(temp_dir=temp_dir, log_path=str(folder / "ray-head.log"), port=LOCAL_HEAD_PORT,
+                            num_gpus=num_gpus, dashboard_port=8265)
+    _state_file().write_text(json.dumps({"address": head.address, "pid": head.pid, "dashboard": head.dashboard_url,
+                                         "temp_dir": temp_dir, "started_at": time.time()}))
+    say(f"qfarm: Ray is up in {time.time() - t0:.1f} s; dashboard {head.dashboard_url}", file=sys.stderr)
+    return head.address
+
+
+def stop_embedded_head() -> bool:
+    state = local_head_state()
+    if not state:
+        return False
+    stop_local_head(int(state["pid"]))
+    _state_file().unlink(missing_ok=True)
+    return True
+
+
+def connect(address: str | None, logical_gpus: int | None = None, say=print) -> str:
+    """ray.init against ``address`` (or the embedded local head). Returns the address used."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("QFARM_RAY_ADDRESS")
+    if not address:
+        address = ensure_local_head(logical_gpus, say)
+    if address.split(":")[0] in ("127.0.0.1", "localhost"):
+        # Without this the driver announces the interface address and waits for a GCS there (see ray_env).
+        # Ray reads it at import time, so it is set before the import below.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return address
+    try:
+        ray.init(address=address, namespace=RAY_NAMESPACE, logging_level=logging.ERROR, log_to_driver=False,
+                 configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise QfarmError(f"cannot connect to Ray at {address}: {e}") from None
+    return address
+
+
+# --- resources -------------------------------------------------------------------------------------
+
+
+def ray_options(resources: dict[str, Any]) -> dict[str, Any]:
+    """A job's ``resources:`` as Ray actor options."""
+    opts: dict[str, Any] = {"num_gpus": resources.get("gpus", 0), "num_cpus": resources.get("cpus", 1)}
+    if resources.get("gpu_type"):
+        opts["accelerator_type"] = resources["gpu_type"]
+    if resources.get("custom"):
+        opts["resources"] = dict(resources["custom"])
+    return opts
+
+
+def needs(resources: dict[str, Any]) -> dict[str, float]:
+    """The Ray resource amounts one job holds while it runs."""
+    out = {"GPU": float(resources.get("gpus", 0)), "CPU": float(resources.get("cpus", 1))}
+    if resources.get("gpu_type"):
+        out[f"accelerator_type:{resources['gpu_type']}"] = 0.001
+    out.update({k: float(v) for k, v in (resources.get("custom") or {}).items()})
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def slots(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many jobs of this shape the cluster can run at once."""
+    total = 0
+    for node in nodes:
+        fits = [int(node.get(k, 0) // v) if v >= 0.01 else (1_000_000 if node.get(k, 0) > 0 else 0)
+                for k, v in need.items()]
+        total += min(fits) if fits else 1_000_000
+    return total
+
+
+def describe_nodes(nodes: list[dict[str, float]]) -> str:
+    parts = []
+    for node in nodes:
+        name = next((k.split(":", 1)[1] for k in node if k.startswith("node:") and "internal" not in k), "node")
+        res = ", ".join(f"{k} {v:g}" for k, v in sorted(node.items())
+                        if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
+        parts.append(f"{name}: {res}")
+    return "; ".join(parts) or "no alive nodes"
+
+
+def preflight(jobs: list[dict]) -> None:
+    """Refuse jobs no node of the connected cluster could ever run (Ray would leave them waiting forever)."""
+    nodes = node_resources()
+    bad: dict[str, list[str]] = {}
+    for job in jobs:
+        need = needs(job["resources"])
+        if slots(need, nodes) == 0:
+            key = ", ".join(f"{k} {v:g}" for k, v in need.items())
+            bad.setdefault(key, []).append(job["label"])
+    if bad:
+        lines = [f"  {len(labels)} job(s) ({', '.join(sorted(set(labels))[:5])}) need {need}" for need, labels in bad.items()]
+        raise UsageError("no node of this cluster can run these jobs:\n" + "\n".join(lines)
+                         + f"\nthe cluster has: {describe_nodes(nodes)}\n"
+                         "lower `resources:` in the spec, or connect to a cluster that has them (--ray-address)")

@@ -1,0 +1,86 @@
+"""Connecting to Redis, with the embedded default: a private redis-server when nothing is configured.
+
+A newcomer's first ``qfarm submit`` works with nothing set up: with no ``--redis-url`` / ``QFARM_REDIS_URL`` and
+nothing answering at 127.0.0.1:6379, qfarm starts its own redis-server (append-only file on, data under the
+user's data directory, bound to loopback) and says so, the way Ray starts its own GCS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from .errors import QfarmError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+INSTALL_HINT = (
+    "Start one (`apt install redis-server` or `brew install redis`, then `redis-server`), "
+    "or point qfarm at yours with --redis-url / QFARM_REDIS_URL (redis://[:password@]host:port/db, rediss:// for TLS)."
+)
+
+
+def data_dir() -> Path:
+    """Where qfarm keeps its embedded services' state (XDG data dir)."""
+    base = os.environ.get("QFARM_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "qfarm"
+    )
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=30,
+                                health_check_interval=30, retry_on_timeout=True)
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def connect_redis(url: str | None, *, embedded_ok: bool = True, say=print) -> tuple[redis.Redis, str]:
+    """A connected client and its URL, or a QfarmError that says what to do."""
+    configured = url or os.environ.get("QFARM_REDIS_URL")
+    target = configured or DEFAULT_REDIS_URL
+    try:
+        client = _client(target)
+        client.ping()
+        return client, target
+    except redis.AuthenticationError as e:
+        raise QfarmError(f"Redis at {_redact(target)} refused the password: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        if configured or not embedded_ok:
+            raise QfarmError(f"Cannot reach Redis at {_redact(target)}: {e}. {INSTALL_HINT}") from None
+    except redis.RedisError as e:
+        raise QfarmError(f"Redis at {_redact(target)} answered with an error: {e}") from None
+    return _start_embedded(target, say)
+
+
+def _start_embedded(url: str, say) -> tuple[redis.Redis, str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise QfarmError(f"Nothing answers at {url} and no redis-server is installed. {INSTALL_HINT}")
+    folder = data_dir() / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [server, "--bind", "127.0.0.1", "--port", "6379", "--appendonly", "yes", "--dir", str(folder),
+           "--daemonize", "yes", "--logfile", str(folder / "redis.log"), "--protected-mode", "yes"]
+    say(f"qfarm: no Redis at {url}; starting a private redis-server (data in {folder}, log {folder / 'redis.log'})",
+        file=sys.stderr)
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = _client(url)
+    for _ in range(50):
+        try:
+            client.ping()
+            return client, url
+        except (redis.ConnectionError, OSError):
+            time.sleep(0.1)
+    raise QfarmError(f"Started redis-server but it does not answer at {url}; see {folder / 'redis.log'}. {INSTALL_HINT}")

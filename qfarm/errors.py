@@ -1,0 +1,66 @@
+"""User-facing errors: what was wrong, where, what is allowed. Collected, then raised together."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec: its YAML path (``jobs[0].matrix.bits[2]``), a message, and a line."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def render(self, source: str | None = None) -> str:
+        where = source or ""
+        if self.line is not None:
+            where = f"{where}:{self.line}" if where else f"line {self.line}"
+        head = f"{where}: " if where else ""
+        path = f"{self.path}: " if self.path else ""
+        return f"{head}{path}{self.message}"
+
+
+class QfarmError(Exception):
+    """An error the user can fix; the CLI prints it without a traceback (exit 1)."""
+
+    exit_code = 1
+
+
+class UsageError(QfarmError):
+    """Bad input (spec, arguments, resources no cluster can satisfy): exit 2."""
+
+    exit_code = 2
+
+
+class SpecError(UsageError):
+    """Every problem found in one spec file."""
+
+    def __init__(self, problems: Sequence[Problem], source: str | None = None, context: dict | None = None):
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.path))
+        self.source = source
+        # What a caller needs to add its own checks of the parts that did parse (see expand.load_plan).
+        context = context or {}
+        self.raw, self.lines, self.base_dir = context.get("raw"), context.get("lines", {}), context.get("base_dir")
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source or 'spec'}: {n} error{'s' if n != 1 else ''}"
+        lines = [f"  {p.render(self.source)}" for p in self.problems]
+        return "\n".join([head, *lines])
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` or an empty string."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def allowed(choices: Iterable[object]) -> str:
+    return ", ".join(str(c) for c in choices)

@@ -1,0 +1,265 @@
+"""Expansion: a validated spec -> the sweep's jobs, each with an id that is a hash of its normalized spec.
+
+The same job (same model, options and evaluation) has the same id in every sweep and on every submit, so
+resubmitting a file, or a file that adds one method, reuses what already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import Problem, SpecError, allowed, did_you_mean
+from .methods import METHODS, MODEL_KINDS, Options, SleepOptions
+from .refs import RefError, resolve_dataset, resolve_model
+from .spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe, format_path, line_of, load_spec
+
+MAX_JOBS = 100_000
+SPEC_VERSION = 1  # bump when a change to evaluation makes old results incomparable
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    group: int
+    label: str
+    options: dict[str, Any]
+    model: dict[str, Any] | None
+    eval: dict[str, Any] | None
+    resources: dict[str, Any]
+    max_attempts: int
+    timeout_s: float | None
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON-safe description stored in Redis and handed to a worker."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "group": self.group,
+            "label": self.label,
+            "options": self.options,
+            "model": self.model,
+            "eval": self.eval,
+            "resources": self.resources,
+            "max_attempts": self.max_attempts,
+            "timeout_s": self.timeout_s,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    sweep_id: str
+    name: str
+    jobs: list[Job] = field(default_factory=list)
+
+    def counts_by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs:
+            out[job.kind] = out.get(job.kind, 0) + 1
+        return out
+
+
+def digest(obj: Any, n: int) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+class _Collector:
+    def __init__(self, lines: dict):
+        self.lines = lines
+        self.problems: dict[tuple[str, str], Problem] = {}
+
+    def add(self, loc: tuple, message: str) -> None:
+        problem = Problem(format_path(loc), message, line_of(self.lines, loc))
+        self.problems.setdefault((problem.path, problem.message), problem)
+
+
+def load_plan(path: str | Path) -> tuple[LoadedSpec, Plan]:
+    """Load, validate and expand a spec file. Every problem, schema or semantic, is raised together."""
+    try:
+        loaded = load_spec(path)
+    except SpecError as err:
+        if err.raw is None:
+            raise
+        errors = _Collector(err.lines)
+        _semantic_checks(err.raw, err.base_dir, errors)
+        known = {(p.path, p.message) for p in err.problems}
+        extra = [p for key, p in errors.problems.items() if key not in known and p.path not in {q.path for q in err.problems}]
+        raise SpecError(err.problems + extra, err.source) from None
+    return loaded, expand(loaded)
+
+
+def _semantic_checks(raw: dict, base_dir: Path, errors: _Collector) -> None:
+    """What expand() would say about the parts of a spec that passed the schema, when others did not."""
+    groups = []
+    for gi, group in enumerate(raw.get("jobs") or [] if isinstance(raw.get("jobs"), list) else []):
+        try:
+            groups.append((gi, JobGroup.model_validate(group)))
+        except ValidationError:
+            continue
+    if any(g.kind in MODEL_KINDS for _, g in groups) and isinstance(raw.get("model"), str):
+        _model(raw["model"], base_dir, errors)
+    try:
+        ev = EvalSpec.model_validate(raw.get("eval") or {})
+        _eval(ev, base_dir, errors)
+    except ValidationError:
+        pass
+    for gi, group in groups:
+        for combo, sources in _combinations(gi, group, errors):
+            _options(gi, group, combo, sources, errors)
+
+
+def expand(loaded: LoadedSpec) -> Plan:
+    """Expand every job group's matrix, validate each combination, and return the sweep's jobs."""
+    spec, errors = loaded.spec, _Collector(loaded.lines)
+    needs_model = any(g.kind in MODEL_KINDS for g in spec.jobs)
+    model_ref = eval_spec = None
+    if needs_model:
+        if spec.model is None:
+            errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
+        else:
+            model_ref = _model(spec.model, loaded.base_dir, errors)
+        eval_spec = _eval(spec.eval, loaded.base_dir, errors)
+    jobs: dict[str, Job] = {}
+    for gi, group in enumerate(spec.jobs):
+        for combo, sources in _combinations(gi, group, errors):
+            options = _options(gi, group, combo, sources, errors)
+            if options is None:
+                continue
+            job = _job(spec, gi, group, options, model_ref, eval_spec)
+            jobs.setdefault(job.id, job)
+            if len(jobs) > MAX_JOBS:
+                errors.add(("jobs", gi), f"the sweep expands to more than {MAX_JOBS} jobs; split it")
+                raise SpecError(list(errors.problems.values()), loaded.source)
+    if errors.problems:
+        raise SpecError(list(errors.problems.values()), loaded.source)
+    sweep_id = f"{spec.name}-{digest([spec.name, sorted(jobs)], 8)}"
+    return Plan(sweep_id, spec.name, list(jobs.values()))
+
+
+def _model(text: str, base_dir: Path, errors: _Collector) -> dict | None:
+    try:
+        ref = resolve_model(text, base_dir)
+    except RefError as e:
+        errors.add(("model",), str(e))
+        return None
+    return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key}
+
+
+def _eval(eval_spec: EvalSpec, base_dir: Path, errors: _Collector) -> dict:
+    ev = eval_spec.model_dump()
+    ppl = eval_spec.perplexity
+    if ppl is not None:
+        try:
+            ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
+            ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
+        except RefError as e:
+            errors.add(("eval", "perplexity", "dataset"), str(e))
+    return ev
+
+
+def _combinations(gi: int, group: JobGroup, errors: _Collector):
+    """Yield (combination, {option: YAML path of its value}) for every matrix row not excluded."""
+    keys = list(group.matrix)
+    for key in keys:
+        if not group.matrix[key]:
+            errors.add(("jobs", gi, "matrix", key), "an empty list gives no jobs; give at least one value")
+    fixed = {k: v for k, v in (group.model_extra or {}).items()}
+    for key in set(keys) & set(fixed):
+        errors.add(("jobs", gi, key), f"{key!r} is both a fixed option and a matrix key; keep one")
+    for ri, row in enumerate(group.exclude):
+        unknown = [k for k in row if k not in keys]
+        for k in unknown:
+            errors.add(("jobs", gi, "exclude", ri, k), f"not a matrix key.{did_you_mean(k, keys)} Matrix keys: {allowed(keys)}")
+        if not unknown and not any(_matches(row, dict(zip(keys, c))) for c in itertools.product(*group.matrix.values())):
+            errors.add(("jobs", gi, "exclude", ri), "this exclude row matches no combination of the matrix")
+    for values in itertools.product(*[list(enumerate(group.matrix[k])) for k in keys]):
+        combo = {k: v for k, (_, v) in zip(keys, values)}
+        if any(_matches(row, combo) for row in group.exclude):
+            continue
+        sources = {k: ("jobs", gi, "matrix", k, i) for k, (i, _) in zip(keys, values)}
+        sources.update({k: ("jobs", gi, k) for k in fixed})
+        yield {**fixed, **combo}, sources
+
+
+def _matches(row: dict, combo: dict) -> bool:
+    return all(k in combo and combo[k] == v and type(combo[k]) is type(v) for k, v in row.items())
+
+
+def _options(gi: int, group: JobGroup, combo: dict, sources: dict, errors: _Collector) -> Options | None:
+    here = ("jobs", gi)
+    if group.kind == "sleep":
+        model, context = SleepOptions, "kind sleep"
+    else:
+        method = combo.get("method")
+        if method is None:
+            errors.add(here, f"every quantize job needs a method (in matrix or as a key). Allowed: {allowed(METHODS)}")
+            return None
+        if method not in METHODS:
+            errors.add(
+                sources["method"],
+                f"unknown method {method!r}.{did_you_mean(str(method), METHODS)} Allowed: {allowed(METHODS)}",
+            )
+            return None
+        model, context = METHODS[method].options, f"method {method}"
+    try:
+        return model.model_validate(combo)
+    except ValidationError as err:
+        for e in err.errors():
+            name = e["loc"][0] if e["loc"] else None
+            loc = sources.get(name, here)
+            if e["type"] == "extra_forbidden":
+                options = [k for k in model.model_fields if k != "method"]
+                msg = f"option {name!r} does not apply to {context}.{did_you_mean(name, options)} Its options: {allowed(options)}"
+            else:
+                msg = f"{context}: {name}: {describe(e, model, tuple(e['loc']))}"
+                if group.matrix and name in group.matrix and "method" in group.matrix:
+                    row = {"method": combo.get("method"), name: combo.get(name)}
+                    msg += f". To skip this combination, add to exclude: {json.dumps(row)}; or give it its own job group"
+            errors.add(loc, msg)
+        return None
+
+
+def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec) -> Job:
+    opts = options.model_dump()
+    uses_model = group.kind in MODEL_KINDS
+    identity = {
+        "v": SPEC_VERSION,
+        "kind": group.kind,
+        "options": opts,
+        "model": model_ref["key"] if uses_model and model_ref else None,
+        "eval": _eval_identity(eval_spec) if uses_model else None,
+    }
+    job_id = "j" + digest(identity, 12)
+    label = opts.get("method") or group.kind
+    if group.kind == "sleep":
+        label = f"sleep[{opts['index']}]"
+    resources = (group.resources or spec.resources).model_dump()
+    return Job(
+        id=job_id,
+        kind=group.kind,
+        group=gi,
+        label=label,
+        options=opts,
+        model=model_ref if uses_model else None,
+        eval=eval_spec if uses_model else None,
+        resources=resources,
+        max_attempts=group.max_attempts or spec.max_attempts,
+        timeout_s=group.timeout_s or spec.timeout_s,
+    )
+
+
+def _eval_identity(eval_spec: dict | None) -> Any:
+    if not eval_spec:
+        return None
+    ev = json.loads(json.dumps(eval_spec))
+    if ev.get("perplexity") and isinstance(ev["perplexity"].get("dataset"), dict):
+        ev["perplexity"]["dataset"] = ev["perplexity"]["dataset"]["key"]
+    return ev

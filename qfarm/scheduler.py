@@ -1,0 +1,305 @@
+"""The scheduler: a detached, named Ray actor per sweep that dispatches its jobs to GPU-tagged worker actors.
+
+It outlives the client that submitted the sweep. Its view of the sweep is re-read from Redis on every pass, so
+Redis stays the only source of truth: a job is claimed there (queued -> running, new attempt id) before it
+is handed to a worker, and the worker writes its own result. The scheduler handles what a worker cannot:
+its process dying (the job is requeued until ``max_attempts``, then failed), a job's ``timeout_s``, and cancel.
+
+Worker actors are pooled per resource shape (gpus, cpus, gpu type, custom resources) and reused across the
+sweep's jobs, so a worker keeps its loaded base model and tokenized eval data between jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cluster import RAY_NAMESPACE, needs, node_resources, ray_options, slots
+from .connection import connect_redis
+from .store import JobRecord, JobStatus, Store
+
+log = logging.getLogger("qfarm.scheduler")
+POLL_S = 0.25
+MAX_ACTOR_START_FAILURES = 3
+HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
+
+
+def scheduler_name(namespace: str, sweep_id: str) -> str:
+    return f"qfarm-scheduler:{namespace}:{sweep_id}"
+
+
+@dataclass
+class Slot:
+    actor: Any
+    name: str
+    ready_ref: Any = None  # set while the actor is starting
+    job_id: str | None = None
+
+
+@dataclass
+class Pool:
+    key: str
+    resources: dict
+    capacity: int
+    slots: list[Slot] = field(default_factory=list)
+    start_failures: int = 0
+    last_error: str = ""
+
+    def idle(self) -> Slot | None:
+        return next((s for s in self.slots if s.ready_ref is None and s.job_id is None), None)
+
+
+@dataclass
+class Inflight:
+    slot: Slot
+    pool: Pool
+    job_id: str
+    attempt_id: str
+    started: float
+    timeout_s: float | None
+
+
+class Scheduler:
+    """Runs one sweep to completion. Created detached by ``qfarm submit``; its loop runs in a thread."""
+
+    def __init__(self, sweep_id: str, redis_url: str, namespace: str):
+        self.sweep_id, self.redis_url, self.namespace = sweep_id, redis_url, namespace
+        client, _ = connect_redis(redis_url, embedded_ok=False)
+        self.store = Store(client, namespace)
+        self.pools: dict[str, Pool] = {}
+        self.inflight: dict[Any, Inflight] = {}
+        self.state = "starting"
+        self._worker_seq = 0
+        self._thread = threading.Thread(target=self._main, name="qfarm-scheduler", daemon=True)
+        self._thread.start()
+
+    def ping(self) -> dict:
+        return {"sweep_id": self.sweep_id, "state": self.state, "inflight": len(self.inflight)}
+
+    def __repr__(self) -> str:  # shown by the Ray dashboard
+        return f"Scheduler({self.sweep_id}, {self.state})"
+
+    # --- main loop ---------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        import ray
+
+        try:
+            self.state = "running"
+            self._loop()
+            self.state = "finished"
+        except Exception:  # the loop must never die silently: say why in the sweep record
+            self.state = "crashed"
+            detail = traceback.format_exc()
+            log.error("scheduler crashed: %s", detail)
+            self.store.r.hset(self.store.keys.sweep(self.sweep_id), "scheduler_error", detail[-4000:])
+        finally:
+            self._stop_workers()
+            self.store.mark_sweep_finished(self.sweep_id)
+            ray.kill(ray.get_runtime_context().current_actor)
+
+    def _loop(self) -> None:
+        while True:
+            sweep = self.store.sweep(self.sweep_id)
+            jobs = self.store.sweep_jobs(self.sweep_id)
+            if sweep is None:
+                return
+            if sweep.cancel_requested:
+                self._cancel(jobs)
+                return
+            self._expire(jobs)
+            queued = [j for j in jobs if j.status == JobStatus.QUEUED.value]
+            mine = {i.job_id for i in self.inflight.values()}
+            foreign = [j for j in jobs if j.status == JobStatus.RUNNING.value and j.id not in mine]
+            foreign = [j for j in foreign if not self._orphan(j)]
+            if not queued and not self.inflight and not foreign:
+                return
+            self._dispatch(queued, sweep.output_root, sweep.name)
+            self._collect()
+
+    def _dispatch(self, queued: list[JobRecord], output_root: str, sweep_name: str) -> None:
+        for job in queued:
+            pool = self._pool(job.spec["resources"])
+            if pool.capacity == 0 or pool.start_failures >= MAX_ACTOR_START_FAILURES:
+                reason = pool.last_error or f"no node of the cluster has {needs(pool.resources)}"
+                self._fail_unstarted(job, f"cannot start a worker: {reason}")
+                continue
+            slot = pool.idle() or self._grow(pool)
+            if slot is None or slot.ready_ref is not None:
+                continue
+            attempt_id = uuid.uuid4().hex[:12]
+            if not self.store.claim(job.id, attempt_id, sweep_id=self.sweep_id, worker=slot.name):
+                continue
+            payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root)
+            ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
+                payload, attempt_id, self.sweep_id)
+            slot.job_id = job.id
+            self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, time.time(), job.spec.get("timeout_s"))
+
+    def _collect(self) -> None:
+        import ray
+
+        starting = {s.ready_ref: (p, s) for p in self.pools.values() for s in p.slots if s.ready_ref is not None}
+        refs = list(self.inflight) + list(starting)
+        if not refs:
+            time.sleep(POLL_S)
+            return
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
+        for ref in done:
+            if ref in starting:
+                self._started(*starting[ref], ref)
+            else:
+                self._finished(ref, self.inflight.pop(ref))
+
+    def _started(self, pool: Pool, slot: Slot, ref) -> None:
+        import ray
+
+        try:
+            ray.get(ref)
+            slot.ready_ref = None
+        except Exception as e:  # the actor could not be created or its __init__ raised
+            pool.start_failures += 1
+            pool.last_error = _one_line(e)
+            pool.slots.remove(slot)
+
+    def _finished(self, ref, flight: Inflight) -> None:
+        import ray
+
+        flight.slot.job_id = None
+        try:
+            ray.get(ref)
+            return  # the worker wrote the job's result (or its failure) itself
+        except ray.exceptions.RayActorError as e:
+            reason = f"worker process died ({_one_line(e)})"
+            flight.pool.slots.remove(flight.slot)
+        except Exception as e:
+            reason = f"worker error: {_one_line(e)}"
+        self._attempt_failed(flight, reason)
+
+    def _attempt_failed(self, flight: Inflight, reason: str, retry: bool = True) -> None:
+        job = self.store.job(flight.job_id)
+        if job is None or job.status != JobStatus.RUNNING.value or job.attempt_id != flight.attempt_id:
+            return
+        attempt = {"started_at": job.started_at, "worker": flight.slot.name}
+        if retry and job.attempts < int(job.spec.get("max_attempts", 3)):
+            self.store.requeue(job.id, flight.attempt_id, error=reason, attempt=attempt)
+        else:
+            tries = f" (after {job.attempts} attempt{'s' if job.attempts != 1 else ''})" if retry else ""
+            self.store.finish(job.id, flight.attempt_id, JobStatus.FAILED, error=reason + tries, attempt=attempt)
+
+    def _expire(self, jobs: list[JobRecord]) -> None:
+        now = time.time()
+        for ref, flight in list(self.inflight.items()):
+            if flight.timeout_s and now - flight.started > flight.timeout_s:
+                self._kill(flight.slot, flight.pool)
+                self.inflight.pop(ref)
+                self._attempt_failed(flight, f"timed out after {flight.timeout_s:g} s", retry=False)
+
+    def _orphan(self, job: JobRecord) -> bool:
+        """A running job no live worker is heartbeating (its worker or an earlier scheduler died): requeue it."""
+        last = job.heartbeat_at or job.started_at or 0
+        if time.time() - last < HEARTBEAT_TTL_S:
+            return False
+        reason = f"heartbeat lapsed ({time.time() - last:.0f} s without one)"
+        if job.attempts < int(job.spec.get("max_attempts", 3)):
+            self.store.requeue(job.id, job.attempt_id or "", error=reason)
+        else:
+            self.store.finish(job.id, job.attempt_id or "", JobStatus.FAILED, error=reason)
+        return True
+
+    def _cancel(self, jobs: list[JobRecord]) -> None:
+        for job in jobs:
+            if job.status == JobStatus.QUEUED.value:
+                self.store.cancel_if_queued(job.id)
+        for ref, flight in list(self.inflight.items()):
+            self._kill(flight.slot, flight.pool)
+            self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED, error="cancelled while running")
+        self.inflight.clear()
+
+    def _fail_unstarted(self, job: JobRecord, reason: str) -> None:
+        attempt_id = uuid.uuid4().hex[:12]
+        if self.store.claim(job.id, attempt_id, sweep_id=self.sweep_id):
+            self.store.finish(job.id, attempt_id, JobStatus.FAILED, error=reason)
+
+    # --- worker pools ------------------------------------------------------------------------------
+
+    def _pool(self, resources: dict) -> Pool:
+        key = json.dumps(resources, sort_keys=True)
+        if key not in self.pools:
+            jobs_of_shape = sum(1 for j in self.store.sweep_jobs(self.sweep_id)
+                                if json.dumps(j.spec.get("resources"), sort_keys=True) == key)
+            capacity = min(slots(needs(resources), node_resources()), max(1, jobs_of_shape))
+            self.pools[key] = Pool(key, resources, capacity)
+        return self.pools[key]
+
+    def _grow(self, pool: Pool) -> Slot | None:
+        import ray
+
+        from workers.actor import Worker
+
+        if len(pool.slots) >= pool.capacity:
+            return None
+        self._worker_seq += 1
+        name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
+        opts = ray_options(pool.resources)
+        actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
+            self.redis_url, self.namespace, name, opts["num_cpus"])
+        slot = Slot(actor, name, ready_ref=actor.ready.remote())
+        pool.slots.append(slot)
+        return slot
+
+    def _kill(self, slot: Slot, pool: Pool) -> None:
+        import ray
+
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        if slot in pool.slots:
+            pool.slots.remove(slot)
+
+    def _stop_workers(self) -> None:
+        for pool in self.pools.values():
+            for slot in list(pool.slots):
+                self._kill(slot, pool)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(e).__name__)
+    return first[:300]
+
+
+def start(sweep_id: str, redis_url: str, namespace: str) -> Any:
+    """Start (or find) the sweep's detached scheduler actor and wait until it answers."""
+    import ray
+
+    name = scheduler_name(namespace, sweep_id)
+    for _ in range(3):
+        actor = ray.remote(Scheduler).options(
+            name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+            max_concurrency=4, max_restarts=0,
+        ).remote(sweep_id, redis_url, namespace)
+        try:
+            ray.get(actor.ping.remote(), timeout=60)
+            return actor
+        except ray.exceptions.RayActorError:
+            time.sleep(0.5)  # an old scheduler of this sweep was just exiting; make a new one
+    raise RuntimeError(f"could not start the scheduler actor {name}")
+
+
+def kill(sweep_id: str, namespace: str) -> bool:
+    import ray
+
+    try:
+        actor = ray.get_actor(scheduler_name(namespace, sweep_id), namespace=RAY_NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=True)
+    return True

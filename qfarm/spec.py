@@ -1,0 +1,266 @@
+"""The sweep spec: YAML (safe_load only) -> pydantic models, with every error reported at once.
+
+Sample yaml::
+
+    name: smollm2-bnb
+    model: bundled:smollm2-135m
+    eval:
+      perplexity: {dataset: bundled:python-docs, seq_len: 512, max_windows: 16}
+      speed: {prompt_tokens: 64, new_tokens: 32, runs: 3}
+      prompts: ["What is the capital of France?"]
+    resources: {gpus: 1}
+    jobs:
+      - kind: quantize
+        matrix:
+          method: [none, bnb-int8, bnb-nf4, bnb-fp4]
+
+A job group's keys other than ``kind, name, matrix, exclude, resources, max_attempts, timeout_s`` are fixed
+options, applied to every combination of its matrix (``- {kind: quantize, method: bnb-nf4, double_quant: true}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import Problem, SpecError, allowed, did_you_mean
+from .methods import KINDS
+
+MAX_SPEC_BYTES = 1_000_000
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"must be a number, string, boolean or null, not {type(value).__name__}")
+
+
+Scalar = Annotated[Any, AfterValidator(_scalar)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PerplexitySpec(Strict):
+    dataset: str = "bundled:python-docs"
+    text_field: str = "text"
+    seq_len: int = Field(512, ge=16, le=32_768)
+    max_windows: int = Field(16, ge=1, le=100_000)
+
+
+class SpeedSpec(Strict):
+    prompt_tokens: int = Field(64, ge=1, le=32_768)
+    new_tokens: int = Field(32, ge=1, le=4_096)
+    runs: int = Field(3, ge=1, le=100)
+
+
+class EvalSpec(Strict):
+    perplexity: Optional[PerplexitySpec] = PerplexitySpec()
+    speed: Optional[SpeedSpec] = SpeedSpec()
+    prompts: list[str] = []
+    max_new_tokens: int = Field(32, ge=1, le=4_096)
+
+
+class Resources(Strict):
+    """What one job needs. ``gpus`` are Ray GPU slots (logical ones on a machine without a GPU)."""
+
+    gpus: float = Field(1, ge=0, le=1_024)
+    cpus: float = Field(1, ge=0, le=1_024)
+    gpu_type: Optional[str] = None  # Ray accelerator type, e.g. H100, A10G
+    custom: dict[str, float] = {}  # any custom Ray resource, e.g. {gpu_h100: 1}
+
+
+class JobGroup(BaseModel):
+    """One entry of ``jobs:``. Keys beyond the declared ones are fixed options for every combination."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: Literal["quantize", "sleep"]
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    matrix: dict[str, list[Scalar]] = {}
+    exclude: list[dict[str, Scalar]] = []
+    resources: Optional[Resources] = None
+    max_attempts: Optional[int] = Field(None, ge=1, le=100)
+    timeout_s: Optional[float] = Field(None, gt=0)
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    model: Optional[str] = None
+    description: Optional[str] = None
+    eval: EvalSpec = EvalSpec()
+    resources: Resources = Resources()
+    max_attempts: int = Field(3, ge=1, le=100)
+    timeout_s: Optional[float] = Field(None, gt=0)
+    jobs: list[JobGroup] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec with what is needed to report on it: its file, folder and YAML line map."""
+
+    spec: SweepSpec
+    source: str
+    base_dir: Path
+    lines: dict[tuple, int]
+    raw: dict
+
+
+# --- YAML with positions ---------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every YAML path (tuple of keys/indices) to its 1-based line."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark.line)
+            out[path + (k,)] = key.start_mark.line + 1
+            _line_map(value, path + (k,), out)
+            out[path + (k,)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, path + (i,), out)
+    return out
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of ``loc``, or of its nearest ancestor that has one."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def format_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError([Problem("", f"cannot read the file: {e.strerror or e}")], source) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError([Problem("", f"the file is {len(data)} bytes; a spec may have at most {MAX_SPEC_BYTES}")], source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([Problem("", f"the file is not UTF-8 text (byte {e.start} is invalid)")], source) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError([Problem("", f"invalid YAML: {what}", line)], source) from None
+    except RecursionError:
+        raise SpecError([Problem("", "invalid YAML: nested too deeply")], source) from None
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise SpecError([Problem("", f"a spec must be a mapping with keys name, model, jobs; this file is {kind}")], source)
+    return raw, _line_map(node) if node is not None else {}
+
+
+# --- pydantic errors -> Problems ------------------------------------------------------------------
+
+
+def _model_at(model: Any, loc: tuple) -> Any:
+    """Follow ``loc`` through field annotations to the model class found there (or None)."""
+    current = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) in (list, dict):
+            current = get_args(current)[-1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) in (Union, Optional, Annotated):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def problems_from(err: ValidationError, model: type[BaseModel], prefix: tuple, lines: dict) -> list[Problem]:
+    """Turn pydantic's errors into Problems with YAML paths, allowed values and did-you-mean."""
+    problems: list[Problem] = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        problems.append(Problem(format_path(loc), describe(e, model, tuple(e["loc"])), line_of(lines, loc)))
+    return problems
+
+
+def describe(e: dict, model: type[BaseModel], loc: tuple) -> str:
+    kind, value = e["type"], e.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(model, loc[:-1])
+        keys = list(owner.model_fields) if owner else []
+        hint = did_you_mean(loc[-1], keys)
+        return f"unknown key {loc[-1]!r}.{hint} Allowed: {allowed(keys)}" if keys else f"unknown key {loc[-1]!r}"
+    if kind == "missing":
+        return "required, but missing"
+    if kind == "literal_error":
+        expected = e.get("ctx", {}).get("expected", "")
+        return f"{value!r} is not allowed.{did_you_mean(value, _literals(expected))} Allowed: {expected}"
+    if kind == "string_pattern_mismatch":
+        return f"{value!r} is not a valid name: use letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{msg[0].lower()}{msg[1:]} (got {_short(value)})" if value is not None else msg
+
+
+def _literals(expected: str) -> list[str]:
+    return [p.strip().strip("'") for p in expected.replace(" or ", ", ").split(",") if p.strip()]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read, parse and validate a spec file, raising SpecError with every problem found."""
+    path = Path(path)
+    raw, lines = read_yaml(path)
+    source = str(path)
+    problems: list[Problem] = []
+    for i, group in enumerate(raw.get("jobs") or []):
+        if isinstance(group, dict) and "kind" in group and group["kind"] not in KINDS:
+            problems.append(
+                Problem(
+                    f"jobs[{i}].kind",
+                    f"unknown job kind {group['kind']!r}.{did_you_mean(group['kind'], KINDS)} Allowed: {allowed(KINDS)}",
+                    line_of(lines, ("jobs", i, "kind")),
+                )
+            )
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        known_kind = {p.path for p in problems}
+        problems += [p for p in problems_from(err, SweepSpec, (), lines) if p.path not in known_kind]
+    if problems:
+        context = {"raw": raw, "lines": lines, "base_dir": path.resolve().parent}
+        raise SpecError(problems, source, context) from None
+    return LoadedSpec(spec, source, path.resolve().parent, lines, raw)

@@ -1,0 +1,326 @@
+"""The Redis store: the only source of truth for sweeps and jobs.
+
+Everything is JSON or plain strings (never pickle). Every status change is one Lua script: a compare-and-set
+on the current status (and, for a running job, on its attempt id), the new fields, the attempt history and an
+event on the stream, all atomic. So a retried attempt and a zombie attempt can both finish, and only the one
+the job is waiting for is written.
+
+Job statuses: queued -> running -> succeeded | failed | cancelled; running -> queued (a retry).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterable
+
+import redis
+
+from .keys import EVENTS_MAXLEN, Keys
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
+
+# KEYS: job, events, attempts. ARGV: allowed current statuses (comma list), required attempt id ('' = any),
+# new status, now, JSON object of string fields to set, events maxlen, '1' to count an attempt,
+# attempt record JSON to append ('' = none), JSON list of fields to delete.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 0 end
+local ok = false
+for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then ok = true end end
+if not ok then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'attempt_id') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'updated_at', ARGV[4])
+for k, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', KEYS[1], k, v) end
+for _, k in ipairs(cjson.decode(ARGV[9])) do redis.call('HDEL', KEYS[1], k) end
+if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+if ARGV[8] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[8]) end
+local job = redis.call('HGET', KEYS[1], 'id')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', job, 'from', cur, 'to', ARGV[3], 'at', ARGV[4])
+return 1
+"""
+
+# KEYS: job. ARGV: job fields JSON (strings), now. Creates a queued job, or requeues a failed/cancelled one.
+# Returns the job's status after the call.
+_ENSURE_JOB = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then
+  for k, v in pairs(cjson.decode(ARGV[1])) do redis.call('HSET', KEYS[1], k, v) end
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'created_at', ARGV[2], 'queued_at', ARGV[2])
+  return 'created'
+end
+if cur == 'failed' or cur == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'queued_at', ARGV[2], 'spec', cjson.decode(ARGV[1])['spec'])
+  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress')
+  return 'requeued'
+end
+return cur
+"""
+
+
+# KEYS: job. ARGV: attempt id, JSON fields. Only the current running attempt may beat.
+_BEAT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'attempt_id') ~= ARGV[1] then return 0 end
+for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[1], k, v) end
+return 1
+"""
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    status: str
+    spec: dict[str, Any]
+    attempts: int = 0
+    attempt_id: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_detail: str | None = None
+    progress: str | None = None
+    worker: str | None = None
+    node: str | None = None
+    sweep_id: str | None = None
+    created_at: float | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> "JobRecord":
+        def num(name: str) -> float | None:
+            return float(h[name]) if h.get(name) not in (None, "") else None
+
+        return cls(
+            id=h["id"],
+            status=h.get("status", "queued"),
+            spec=json.loads(h.get("spec") or "{}"),
+            attempts=int(h.get("attempts") or 0),
+            attempt_id=h.get("attempt_id") or None,
+            result=json.loads(h["result"]) if h.get("result") else None,
+            error=h.get("error") or None,
+            error_detail=h.get("error_detail") or None,
+            progress=h.get("progress") or None,
+            worker=h.get("worker") or None,
+            node=h.get("node") or None,
+            sweep_id=h.get("sweep_id") or None,
+            created_at=num("created_at"),
+            queued_at=num("queued_at"),
+            started_at=num("started_at"),
+            finished_at=num("finished_at"),
+            heartbeat_at=num("heartbeat_at"),
+        )
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at if self.finished_at is not None else _now()
+        return max(0.0, end - self.started_at)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    id: str
+    name: str
+    created_at: float
+    source: str = ""
+    output_root: str = ""
+    cancel_requested: bool = False
+    finished_at: float | None = None
+    scheduler_error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> "SweepRecord":
+        return cls(
+            id=h["id"],
+            name=h.get("name", ""),
+            created_at=float(h.get("created_at") or 0),
+            source=h.get("source", ""),
+            output_root=h.get("output_root", ""),
+            cancel_requested=h.get("cancel") == "1",
+            finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
+            scheduler_error=h.get("scheduler_error") or None,
+            info=json.loads(h.get("info") or "{}"),
+        )
+
+
+class Store:
+    """Sweeps and jobs in Redis. Every write accepts ``pipeline=`` where composing makes sense."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "qfarm"):
+        self.r = client
+        self.keys = Keys(namespace)
+        self.namespace = namespace
+        self._transition = client.register_script(_TRANSITION)
+        self._ensure = client.register_script(_ENSURE_JOB)
+        self._beat = client.register_script(_BEAT)
+
+    # --- sweeps ------------------------------------------------------------------------------------
+
+    def submit(self, sweep_id: str, name: str, jobs: Iterable[dict], *, source: str, output_root: str,
+               info: dict | None = None) -> dict[str, int]:
+        """Record a sweep and its jobs. Idempotent: finished jobs stay finished, failed/cancelled ones requeue.
+
+        Returns how many jobs were created, requeued, or found in each other status.
+        """
+        jobs = list(jobs)
+        now = _now()
+        key = self.keys.sweep(sweep_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(key, "created_at", repr(now))
+        pipe.hset(key, mapping={"id": sweep_id, "name": name, "source": source, "output_root": output_root,
+                                "submitted_at": repr(now), "info": json.dumps(info or {}), "job_count": len(jobs),
+                                "cancel": "0"})
+        pipe.hdel(key, "finished_at", "scheduler_error")
+        pipe.zadd(self.keys.sweeps(), {sweep_id: now}, nx=True)
+        pipe.delete(self.keys.sweep_jobs(sweep_id))
+        if jobs:
+            pipe.rpush(self.keys.sweep_jobs(sweep_id), *[j["id"] for j in jobs])
+        pipe.execute()
+        counts: dict[str, int] = {}
+        for start in range(0, len(jobs), 500):
+            pipe = self.r.pipeline(transaction=False)
+            for job in jobs[start:start + 500]:
+                fields = {"id": job["id"], "spec": json.dumps(job), "kind": job["kind"], "label": job["label"],
+                          "sweep_id": sweep_id}
+                self._ensure(keys=[self.keys.job(job["id"])], args=[json.dumps(fields), repr(now)], client=pipe)
+            for outcome in pipe.execute():
+                counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+    def sweep(self, sweep_id: str) -> SweepRecord | None:
+        h = self.r.hgetall(self.keys.sweep(sweep_id))
+        return SweepRecord.from_hash(h) if h else None
+
+    def sweep_ids(self) -> list[str]:
+        """All sweeps, oldest first."""
+        return list(self.r.zrange(self.keys.sweeps(), 0, -1))
+
+    def find_sweep(self, text: str) -> SweepRecord | None:
+        """A sweep by id, unique id prefix, or name (the newest sweep of that name)."""
+        found = self.sweep(text)
+        if found:
+            return found
+        ids = self.sweep_ids()
+        prefixed = [i for i in ids if i.startswith(text)]
+        if len(prefixed) == 1:
+            return self.sweep(prefixed[0])
+        for sid in reversed(ids):
+            rec = self.sweep(sid)
+            if rec and rec.name == text:
+                return rec
+        return None
+
+    def job_ids(self, sweep_id: str) -> list[str]:
+        return list(self.r.lrange(self.keys.sweep_jobs(sweep_id), 0, -1))
+
+    def jobs(self, job_ids: list[str]) -> list[JobRecord]:
+        pipe = self.r.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hgetall(self.keys.job(jid))
+        return [JobRecord.from_hash(h) for h in pipe.execute() if h]
+
+    def sweep_jobs(self, sweep_id: str) -> list[JobRecord]:
+        return self.jobs(self.job_ids(sweep_id))
+
+    def job(self, job_id: str) -> JobRecord | None:
+        h = self.r.hgetall(self.keys.job(job_id))
+        return JobRecord.from_hash(h) if h else None
+
+    def attempts(self, job_id: str) -> list[dict]:
+        return [json.loads(a) for a in self.r.lrange(self.keys.job_attempts(job_id), 0, -1)]
+
+    def mark_sweep_finished(self, sweep_id: str, *, pipeline=None) -> None:
+        (pipeline or self.r).hset(self.keys.sweep(sweep_id), "finished_at", repr(_now()))
+
+    def incr_stat(self, sweep_id: str, name: str, by: int = 1, *, pipeline=None) -> None:
+        (pipeline or self.r).hincrby(self.keys.sweep_stats(sweep_id), name, by)
+
+    def stats(self, sweep_id: str) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self.keys.sweep_stats(sweep_id)).items()}
+
+    def request_cancel(self, sweep_id: str) -> int:
+        """Flag the sweep cancelled and cancel its queued jobs at once; the scheduler stops running ones."""
+        self.r.hset(self.keys.sweep(sweep_id), "cancel", "1")
+        return sum(self.cancel_if_queued(jid) for jid in self.job_ids(sweep_id))
+
+    # --- job transitions ---------------------------------------------------------------------------
+
+    def _move(self, job_id: str, *, allowed: str, attempt_id: str = "", to: JobStatus, fields: dict | None = None,
+              count_attempt: bool = False, attempt_record: dict | None = None, delete: tuple = (),
+              pipeline=None) -> bool:
+        now = repr(_now())
+        args = [allowed, attempt_id, to.value, now, json.dumps({k: str(v) for k, v in (fields or {}).items()}),
+                EVENTS_MAXLEN, "1" if count_attempt else "0",
+                json.dumps(attempt_record) if attempt_record else "", json.dumps(list(delete))]
+        keys = [self.keys.job(job_id), self.keys.events(), self.keys.job_attempts(job_id)]
+        return bool(self._transition(keys=keys, args=args, client=pipeline or self.r))
+
+    def claim(self, job_id: str, attempt_id: str, *, sweep_id: str, worker: str = "", node: str = "") -> bool:
+        """queued -> running, under a new attempt id. False if someone else has it (or it is not queued)."""
+        return self._move(job_id, allowed="queued", to=JobStatus.RUNNING, count_attempt=True,
+                          fields={"attempt_id": attempt_id, "started_at": repr(_now()), "worker": worker,
+                                  "node": node, "sweep_id": sweep_id},
+                          delete=("finished_at", "error", "error_detail", "progress", "heartbeat_at"))
+
+    def finish(self, job_id: str, attempt_id: str, status: JobStatus, *, result: dict | None = None,
+               error: str | None = None, error_detail: str | None = None, attempt: dict | None = None) -> bool:
+        """running (this attempt) -> succeeded | failed | cancelled. Exactly once per attempt."""
+        now = _now()
+        fields: dict[str, Any] = {"finished_at": repr(now)}
+        if result is not None:
+            fields["result"] = json.dumps(result)
+        if error:
+            fields["error"] = error
+        if error_detail:
+            fields["error_detail"] = error_detail
+        record = {"attempt_id": attempt_id, "status": status.value, "finished_at": now, "error": error, **(attempt or {})}
+        return self._move(job_id, allowed="running", attempt_id=attempt_id, to=status, fields=fields,
+                          attempt_record=record, delete=("progress",))
+
+    def requeue(self, job_id: str, attempt_id: str, *, error: str, attempt: dict | None = None) -> bool:
+        """running (this attempt) -> queued, keeping the failed attempt in the history."""
+        record = {"attempt_id": attempt_id, "status": "retried", "finished_at": _now(), "error": error, **(attempt or {})}
+        return self._move(job_id, allowed="running", attempt_id=attempt_id, to=JobStatus.QUEUED,
+                          fields={"queued_at": repr(_now()), "error": error}, attempt_record=record,
+                          delete=("attempt_id", "progress"))
+
+    def cancel_if_queued(self, job_id: str) -> bool:
+        return self._move(job_id, allowed="queued", to=JobStatus.CANCELLED,
+                          fields={"finished_at": repr(_now()), "error": "cancelled before it started"})
+
+    def beat(self, job_id: str, attempt_id: str, progress: str | None = None) -> bool:
+        """Heartbeat of a running attempt, with an optional progress line. False once the attempt is not current."""
+        fields = {"heartbeat_at": repr(_now())}
+        if progress is not None:
+            fields["progress"] = progress
+        return bool(self._beat(keys=[self.keys.job(job_id)], args=[attempt_id, json.dumps(fields)]))
+
+    def delete_namespace(self) -> int:
+        """Remove every key of this namespace (tests, and `qfarm purge`)."""
+        n = 0
+        for key in self.r.scan_iter(match=self.keys.pattern(), count=1000):
+            n += self.r.delete(key)
+        return n

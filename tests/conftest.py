@@ -1,0 +1,91 @@
+"""Shared fixtures. Server-backed tests use the real Redis and one local Ray head per test session.
+
+A missing service is an error, never a skip: CI must fail loudly when Redis is not there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("QFARM_SHARED_DATA", REPO.parent / "shared" / "data"))
+REDIS_URL = os.environ.get("QFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError as e:
+        pytest.fail(f"the integration tests need Redis at {REDIS_URL} (set QFARM_TEST_REDIS_URL): {e}", pytrace=False)
+    return REDIS_URL
+
+
+@pytest.fixture
+def namespace(redis_url):
+    """A throwaway key prefix, removed after the test."""
+    from qfarm.connection import connect_redis
+    from qfarm.store import Store
+
+    ns = f"qfarm-test-{uuid.uuid4().hex[:8]}"
+    yield ns
+    client, _ = connect_redis(redis_url, embedded_ok=False)
+    Store(client, ns).delete_namespace()
+
+
+@pytest.fixture
+def store(redis_url, namespace):
+    from qfarm.connection import connect_redis
+    from qfarm.store import Store
+
+    client, _ = connect_redis(redis_url, embedded_ok=False)
+    return Store(client, namespace)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """One local Ray head for the whole session: 127.0.0.1, 2 logical GPUs, 4 logical CPUs.
+
+    Four CPUs so that GPU slots, not CPUs, bound how many GPU-tagged jobs run at once.
+    Stopped by its own PID (session): any other Ray on the machine is left alone.
+    """
+    from qfarm.cluster import start_local_head, stop_local_head
+
+    temp_dir = f"/tmp/qfarm-test-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    head = start_local_head(temp_dir=temp_dir, log_path=str(log), num_gpus=2, num_cpus=4)
+    os.environ["QFARM_RAY_ADDRESS"] = head.address
+    yield head
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    stop_local_head(head.pid)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cli_env(redis_url, namespace, ray_head, tmp_path):
+    """Environment for running the `qfarm` CLI as a user would, against the test services."""
+    env = dict(os.environ)
+    env.update(QFARM_REDIS_URL=redis_url, QFARM_NAMESPACE=namespace, QFARM_RAY_ADDRESS=ray_head.address,
+               QFARM_OUTPUT_ROOT=str(tmp_path / "out"), QFARM_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.fail(f"the e2e tests read real data from {SHARED_DATA} (../shared/data beside the repo); it is missing",
+                    pytrace=False)
+    return SHARED_DATA

@@ -1,0 +1,159 @@
+"""The worker actor: runs one job at a time, keeps a bounded cache between jobs, writes its results to Redis.
+
+The scheduler creates it with the job's Ray resources (``num_gpus`` ...). Heavy libraries are imported by the
+job-kind modules it calls, inside this process only.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from qfarm.connection import connect_redis
+from qfarm.store import JobStatus, Store
+
+HEARTBEAT_S = 5.0
+
+
+@dataclass
+class JobContext:
+    """What a job-kind module gets: its spec, where to write, a progress line, and the worker's cache."""
+
+    job: dict[str, Any]
+    attempt_id: str
+    sweep_id: str
+    output_dir: str
+    output_root: str
+    cache: Any
+    threads: int
+    progress: Callable[[str], None]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.job["options"]
+
+    def count(self, name: str, by: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + by
+
+
+class Worker:
+    def __init__(self, redis_url: str, namespace: str, name: str, cpus: float = 1):
+        client, _ = connect_redis(redis_url, embedded_ok=False)
+        self.store = Store(client, namespace)
+        self.name = name
+        self.threads = max(1, int(cpus or 1))
+        self.current: str | None = None
+        self._cache = None
+        self.jobs_run = 0
+
+    def __repr__(self) -> str:  # the Ray dashboard shows this beside the actor
+        return f"Worker({self.current or 'idle'})"
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            from workers.cache import Cache
+
+            self._cache = Cache()
+        return self._cache
+
+    def run(self, job: dict, attempt_id: str, sweep_id: str) -> dict:
+        """Run one job; write succeeded/failed with its result or error. Returns a small summary."""
+        self.current = f"{job['id']} {job.get('label', '')}"
+        beat = _Heartbeat(self.store, job["id"], attempt_id)
+        ctx = JobContext(job, attempt_id, sweep_id, job["output_dir"], job["output_root"], None, self.threads,
+                         beat.progress)
+        node = _node_id()
+        started = time.time()
+        attempt = {"started_at": started, "worker": self.name, "node": node, "pid": os.getpid()}
+        beat.start()
+        try:
+            if job["kind"] != "sleep":
+                ctx.cache = self.cache
+            result = _run_kind(ctx)
+            result.update({"worker": self.name, "node": node, "threads": self.threads})
+            for name, n in ctx.stats.items():
+                self.store.incr_stat(sweep_id, name, n)
+            ok = self.store.finish(job["id"], attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)
+            return {"status": "succeeded", "written": ok, "seconds": time.time() - started}
+        except BaseException as e:  # one job's failure must never take the worker (or other jobs) down
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            detail = traceback.format_exc()
+            ok = self.store.finish(job["id"], attempt_id, JobStatus.FAILED, error=_one_line(e),
+                                   error_detail=detail[-6000:], attempt=attempt)
+            return {"status": "failed", "written": ok, "error": _one_line(e)}
+        finally:
+            beat.stop()
+            self.current = None
+            self.jobs_run += 1
+            gc.collect()
+
+
+def _run_kind(ctx: JobContext) -> dict:
+    kind = ctx.job["kind"]
+    if kind == "sleep":
+        from workers import sleep
+
+        return sleep.run(ctx)
+    if kind == "quantize":
+        from workers import quantize
+
+        return quantize.run(ctx)
+    raise ValueError(f"this worker does not know job kind {kind!r}")
+
+
+class _Heartbeat:
+    """Refreshes the job's heartbeat every HEARTBEAT_S and carries the latest progress line to Redis."""
+
+    def __init__(self, store: Store, job_id: str, attempt_id: str):
+        self.store, self.job_id, self.attempt_id = store, job_id, attempt_id
+        self._stop = threading.Event()
+        self._line: str | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="qfarm-heartbeat")
+
+    def start(self) -> None:
+        self.store.beat(self.job_id, self.attempt_id, "starting")
+        self._thread.start()
+
+    def progress(self, line: str) -> None:
+        self._line = line
+        try:
+            self.store.beat(self.job_id, self.attempt_id, line)
+        except Exception:
+            pass  # progress is best effort; the result write is not
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.store.beat(self.job_id, self.attempt_id)
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:
+        return socket.gethostname()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__

@@ -1,0 +1,79 @@
+"""A worker's bounded cache: loaded base models, tokenized eval windows, the reference's log-probabilities.
+
+N jobs of a sweep on one base model load it once per worker, not N times. Bounds (environment):
+``QFARM_CACHE_MODELS`` base models kept (default 1), ``QFARM_REF_CACHE_MB`` for reference log-probs (default 2048).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    load_s: float
+    path: str
+
+
+class _LRU:
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self.items: OrderedDict = OrderedDict()
+
+    def get(self, key, make: Callable[[], Any]) -> tuple[Any, bool]:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key], True
+        value = make()
+        self.items[key] = value
+        while len(self.items) > self.max_items:
+            self.items.popitem(last=False)
+        return value, False
+
+    def clear(self) -> None:
+        self.items.clear()
+
+
+class Cache:
+    def __init__(self):
+        self.models = _LRU(int(os.environ.get("QFARM_CACHE_MODELS", "1")))
+        self.windows = _LRU(4)
+        self.refs = _LRU(2)
+        self.ref_budget_bytes = int(float(os.environ.get("QFARM_REF_CACHE_MB", "2048")) * 2**20)
+        self.model_loads = 0
+
+    def base(self, path: str, ctx) -> tuple[Loaded, bool]:
+        from workers.models import load_float
+
+        def make() -> Loaded:
+            self.refs.clear()  # reference log-probs belong to the model being evicted or replaced
+            start = time.time()
+            model, tokenizer = load_float(path)
+            self.model_loads += 1
+            ctx.count("model_loads")
+            return Loaded(model, tokenizer, time.time() - start, path)
+
+        loaded, hit = self.models.get(path, make)
+        if hit:
+            ctx.count("model_cache_hits")
+        return loaded, hit
+
+    def eval_windows(self, key: tuple, make: Callable[[], Any], ctx) -> Any:
+        value, hit = self.windows.get(key, make)
+        ctx.count("eval_data_cache_hits" if hit else "eval_data_tokenizations")
+        return value
+
+    def reference(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
+        """Reference log-probs: cached when they fit the budget, else recomputed for every job."""
+        if key in self.refs.items:
+            return self.refs.get(key, make)
+        value = make()
+        if value.nbytes <= self.ref_budget_bytes:
+            self.refs.items[key] = value
+        return value, False

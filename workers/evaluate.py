@@ -1,0 +1,210 @@
+"""The evaluation harness: the same measurements for every variant, against the same reference.
+
+- perplexity over non-overlapping windows of the eval text (``eval.perplexity``): exp(mean NLL of every
+  next-token prediction inside each window; the first token of a window is context only);
+- KL(reference || variant) and top-1 agreement on the very same positions. The reference (the float base
+  model) log-probabilities are kept as float16, and the variant's are rounded to float16 the same way
+  before comparing, so the reference against itself gives exactly 0;
+- speed (``eval.speed``): prefill of ``prompt_tokens`` tokens of the eval text, then ``new_tokens`` greedy
+  decode steps with the KV cache, median over ``runs`` after one warm-up;
+- answers to the fixed ``eval.prompts`` (greedy, chat template when the tokenizer has one);
+- peak memory: the worker process's peak RSS during the job on CPU, max allocated CUDA memory on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+from workers.data import load_text, windows
+
+
+@dataclass
+class Reference:
+    logprobs: list  # per window: float16 [seq_len - 1, vocab]
+    nll: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.logprobs)
+
+
+class PeakMemory:
+    """Peak memory of this job: CUDA max allocated, or process RSS sampled every 20 ms on CPU."""
+
+    def __init__(self):
+        import psutil
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self.proc.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+def _logprobs(model, window):
+    import torch
+
+    with torch.inference_mode():
+        logits = model(window.unsqueeze(0).to(model.device)).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def reference_for(model, wins, progress) -> Reference:
+    lps, nll, tokens = [], 0.0, 0
+    for i, window in enumerate(wins):
+        progress(f"reference log-probs {i + 1}/{len(wins)}")
+        lp = _logprobs(model, window)
+        targets = window[1:].to(lp.device)
+        nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        tokens += targets.numel()
+        lps.append(lp.half().cpu())
+    return Reference(lps, nll, tokens)
+
+
+def quality(model, wins, ref: Reference, progress) -> dict:
+    nll = kl = 0.0
+    agree = tokens = 0
+    for i, window in enumerate(wins):
+        progress(f"perplexity/KL {i + 1}/{len(wins)}")
+        lp = _logprobs(model, window)
+        targets = window[1:].to(lp.device)
+        nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        q = lp.half().float().cpu()
+        r = ref.logprobs[i].float()
+        kl += (r.exp() * (r - q)).sum().item()
+        agree += (r.argmax(-1) == q.argmax(-1)).sum().item()
+        tokens += targets.numel()
+    ppl = math.exp(nll / tokens)
+    return {
+        "perplexity": ppl,
+        "ref_perplexity": ref.perplexity,
+        "ppl_delta_pct": (ppl - ref.perplexity) / ref.perplexity * 100,
+        "kl_div": max(kl / tokens, 0.0),
+        "top1_agree": agree / tokens,
+        "ppl_windows": len(wins),
+        "ppl_tokens": tokens,
+    }
+
+
+def speed(model, prompt_ids, new_tokens: int, runs: int) -> dict:
+    import torch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def once(ids, steps):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            for _ in range(steps):
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            return t1 - t0, time.perf_counter() - t1
+
+    ids = prompt_ids.unsqueeze(0).to(model.device)
+    once(ids[:, :8], 2)  # warm-up: first-call allocations and kernel selection
+    timings = [once(ids, new_tokens) for _ in range(runs)]
+    prefill = statistics.median(t[0] for t in timings)
+    decode = statistics.median(t[1] for t in timings)
+    return {
+        "prefill_tokens_per_s": ids.shape[1] / prefill,
+        "decode_tokens_per_s": new_tokens / decode,
+        "ttft_ms": prefill * 1000,
+        "ms_per_token": decode / new_tokens * 1000,
+        "speed_prompt_tokens": int(ids.shape[1]),
+        "speed_new_tokens": new_tokens,
+    }
+
+
+def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, progress) -> list[dict]:
+    import torch
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        progress(f"prompts {i + 1}/{len(prompts)}")
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = prompt
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        answer = tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out.append({"prompt": prompt, "answer": answer})
+    return out
+
+
+def evaluate(ctx, model, base, *, is_reference: bool) -> dict:
+    """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
+    ev = ctx.job["eval"] or {}
+    tokenizer = base.tokenizer
+    metrics: dict = {}
+    ppl = ev.get("perplexity")
+    wins = None
+    if ppl:
+        ds = ppl["dataset"]
+        key = (ds["key"], base.path, ppl["seq_len"], ppl["max_windows"])
+        wins = ctx.cache.eval_windows(key, lambda: windows(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"]), ctx)
+        ref, hit = ctx.cache.reference(key, lambda: reference_for(base.model, wins, ctx.progress))
+        ctx.count("reference_cache_hits" if hit else "reference_computations")
+        metrics.update(quality(model, wins, ref, ctx.progress))
+    sp = ev.get("speed")
+    if sp:
+        ctx.progress("speed")
+        prompt = wins[0] if wins is not None and wins.shape[1] >= sp["prompt_tokens"] else None
+        if prompt is None:
+            import torch
+
+            ids = tokenizer(load_text({"kind": "bundled", "location": "python-docs"})[:20000],
+                            add_special_tokens=False)["input_ids"]
+            prompt = torch.tensor(ids, dtype=torch.long)
+        metrics.update(speed(model, prompt[: sp["prompt_tokens"]], sp["new_tokens"], sp["runs"]))
+    if ev.get("prompts"):
+        metrics["answers"] = answers(model, tokenizer, ev["prompts"], ev.get("max_new_tokens", 32), ctx.progress)
+    return metrics

@@ -1,0 +1,96 @@
+"""The ``quantize`` job kind: base model -> method's artifact -> reload -> the evaluation harness.
+
+Each method lives in its own file under ``workers/`` and is named by ``qfarm.methods.METHODS`` as a
+``"module:Class"`` string with two calls (a Protocol, not a base class):
+
+- ``quantize(ctx, base) -> str | None``: write the artifact under ``ctx.output_dir`` in the method's native
+  format and return its folder (None for a method with nothing to save);
+- ``load(ctx, artifact, base) -> model``: load what will be evaluated, from that artifact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from qfarm.methods import METHODS
+from workers.evaluate import PeakMemory, evaluate
+from workers.models import base_dir, device_label, dir_bytes, quiet, tensor_bytes
+
+
+class Quantizer(Protocol):
+    def quantize(self, ctx, base) -> str | None: ...
+
+    def load(self, ctx, artifact: str | None, base) -> Any: ...
+
+
+def method_impl(name: str) -> Quantizer:
+    module, cls = METHODS[name].worker.split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def inside(root: str, path: str) -> str:
+    """``path`` resolved, refusing anything outside the output root."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"refusing to write outside the output root {base}: {resolved}")
+    return str(resolved)
+
+
+def run(ctx) -> dict:
+    import torch
+
+    quiet()
+    torch.set_num_threads(ctx.threads)
+    ctx.output_dir = inside(ctx.output_root, ctx.output_dir)
+    name = ctx.options["method"]
+    impl = method_impl(name)
+    with PeakMemory() as mem:
+        ctx.progress("preparing the base model")
+        path, prepare_s = base_dir(ctx.job["model"], ctx.output_root)
+        base, cached = ctx.cache.base(path, ctx)
+        ctx.progress(f"quantizing ({name})")
+        t0 = time.time()
+        artifact = impl.quantize(ctx, base)
+        quant_s = time.time() - t0
+        ctx.progress("loading the artifact")
+        t0 = time.time()
+        model = impl.load(ctx, artifact, base)
+        load_s = base.load_s if artifact is None else time.time() - t0
+        metrics = evaluate(ctx, model, base, is_reference=METHODS[name].is_reference)
+    ref_bytes = tensor_bytes(base.model)
+    size = dir_bytes(artifact) if artifact else tensor_bytes(model)
+    result = {
+        "method": name,
+        "bits": ctx.options.get("bits"),
+        "size_mb": size / 2**20,
+        "size_source": "disk" if artifact else "memory",
+        "ref_size_mb": ref_bytes / 2**20,
+        "size_vs_ref": size / ref_bytes,
+        "model_mem_mb": tensor_bytes(model) / 2**20,
+        "peak_mem_mb": mem.mb,
+        "load_s": load_s,
+        "quant_s": quant_s,
+        "prepare_s": prepare_s,
+        "base_cache_hit": cached,
+        "device": device_label(),
+        "artifact": artifact,
+        "versions": _versions(),
+        **metrics,
+    }
+    del model
+    return result
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
