@@ -1,0 +1,78 @@
+"""Real sweeps on the real bundled SmolLM2-135M, through the CLI, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    """One output root for the e2e sweeps, so the bundled GGUF is dequantized to a float folder once."""
+    return tmp_path_factory.mktemp("e2e-out")
+
+
+def qfarm(env, *args, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "qfarm.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def submitted_id(stdout: str) -> str:
+    return re.search(r"submitted (\S+):", stdout).group(1)
+
+
+def test_demo_sweep(cli_env, model_root, store):
+    env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    out = qfarm(env, "submit", "jobs/demo.yaml", "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep = submitted_id(out.stdout)
+    assert "The capital of France" in out.stdout or "Paris" in out.stdout  # the answers are printed
+    res = qfarm(env, "results", sweep, "--format", "json")
+    rows = {r["method"]: r for r in json.loads(res.stdout)}
+    assert sorted(rows) == ["bnb-fp4", "bnb-int8", "bnb-nf4", "none"]
+    assert all(r["status"] == "succeeded" for r in rows.values())
+    ref, nf4, int8 = rows["none"], rows["bnb-nf4"], rows["bnb-int8"]
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows.values())
+    assert ref["kl_div"] == 0.0 and ref["top1_agree"] == 1.0 and ref["ppl_delta_pct"] == 0.0
+    assert nf4["size_mb"] < 0.5 * ref["size_mb"] and nf4["size_source"] == "disk"
+    assert int8["size_mb"] < ref["size_mb"]
+    assert 0 < int8["kl_div"] < nf4["kl_div"]  # 8-bit is closer to the reference than 4-bit
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows.values())
+    assert all(len(r["answers"]) == 2 and all(a["answer"] for a in r["answers"]) for r in rows.values())
+    assert all(Path(r["artifact"], "config.json").is_file() for r in (nf4, int8))
+    # each of the 2 worker actors loads the base model once, however many jobs it runs
+    assert 1 <= store.stats(sweep)["model_loads"] <= 2
+
+
+def test_wikitext_perplexity_and_csv(cli_env, model_root, shared_data, tmp_path):
+    env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    spec = tmp_path / "wikitext.yaml"
+    spec.write_text(f"""\
+name: wikitext-nf4
+model: bundled:smollm2-135m
+eval:
+  perplexity: {{dataset: {shared_data / 'wikitext2' / 'wiki.test.raw'}, seq_len: 256, max_windows: 4}}
+  speed: null
+jobs:
+  - kind: quantize
+    matrix: {{method: [none, bnb-nf4]}}
+""")
+    out = qfarm(env, "submit", str(spec), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(qfarm(env, "results", "wikitext-nf4", "--format", "json").stdout)}
+    ref, nf4 = rows["none"], rows["bnb-nf4"]
+    assert ref["ppl_windows"] == 4 and ref["ppl_tokens"] == 4 * 255
+    assert 5 < ref["perplexity"] < 200 and nf4["perplexity"] > ref["perplexity"]
+    assert nf4["ref_perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    assert ref["decode_tokens_per_s"] is None  # speed: null turns the speed test off
+    csv_out = qfarm(env, "results", "wikitext-nf4", "--format", "csv").stdout.splitlines()
+    assert csv_out[0].startswith("job_id,status,method,bits,size_mb") and len(csv_out) == 3

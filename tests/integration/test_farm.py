@@ -1,0 +1,144 @@
+"""The farm end to end with `sleep` jobs: real Redis, a real local Ray head with 2 logical GPUs, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def qfarm(env, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "qfarm.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def spec(tmp_path, body: str, name="naps") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\n" + textwrap.dedent(body))
+    return str(path)
+
+
+def results(env, sweep):
+    out = qfarm(env, "results", sweep, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def max_overlap(rows) -> int:
+    edges = sorted([(r["started_at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows])
+    best = now = 0
+    for _, d in edges:
+        now += d
+        best = max(best, now)
+    return best
+
+
+def test_gpu_slots_bound_concurrency(cli_env, tmp_path):
+    path = spec(tmp_path, """\
+        resources: {gpus: 1}
+        jobs:
+          - kind: sleep
+            seconds: 1.5
+            matrix: {index: [0, 1, 2, 3]}
+    """)
+    out = qfarm(cli_env, "submit", path, "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = results(cli_env, "naps")
+    assert [r["status"] for r in rows] == ["succeeded"] * 4
+    assert max_overlap(rows) == 2  # 4 one-GPU jobs on 2 GPU slots: two at a time, never more
+    assert max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows) >= 3.0
+    assert len({r["worker"] for r in rows}) == 2  # two worker actors, each reused
+
+
+def test_a_failing_job_loses_no_other_result_and_resubmit_reuses(cli_env, tmp_path):
+    path = spec(tmp_path, """\
+        jobs:
+          - kind: sleep
+            seconds: 0.2
+            matrix: {index: [0, 1, 2]}
+          - {kind: sleep, seconds: 0.1, index: 9, fail: true}
+    """)
+    out = qfarm(cli_env, "submit", path, "--wait")
+    assert out.returncode == 1  # some job failed
+    assert "sleep job 9 was asked to fail" in out.stdout
+    rows = {r["label"]: r for r in results(cli_env, "naps")}
+    assert [rows[f"sleep[{i}]"]["status"] for i in range(3)] == ["succeeded"] * 3
+    assert rows["sleep[9]"]["status"] == "failed"
+    assert rows["sleep[9]"]["error"] == "RuntimeError: sleep job 9 was asked to fail (fail: true)"
+    first = {label: r["started_at"] for label, r in rows.items()}
+
+    again = qfarm(cli_env, "submit", path)
+    assert again.returncode == 0 and "(3 reused from an earlier run)" in again.stdout
+    time.sleep(3)
+    rows = {r["label"]: r for r in results(cli_env, "naps")}
+    for i in range(3):  # finished jobs were not run again
+        assert rows[f"sleep[{i}]"]["started_at"] == first[f"sleep[{i}]"]
+        assert rows[f"sleep[{i}]"]["attempts"] == 1
+    assert rows["sleep[9]"]["started_at"] != first["sleep[9]"]  # the failed one ran again
+
+
+def test_submit_returns_at_once_and_cancel_stops_running_jobs(cli_env, tmp_path):
+    path = spec(tmp_path, """\
+        jobs:
+          - kind: sleep
+            seconds: 120
+            matrix: {index: [0, 1, 2, 3]}
+    """)
+    start = time.time()
+    out = qfarm(cli_env, "submit", path)
+    assert out.returncode == 0 and "submitted naps-" in out.stdout
+    assert time.time() - start < 60
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        running = [r for r in results(cli_env, "naps") if r["status"] == "running"]
+        if len(running) == 2:
+            break
+        time.sleep(0.5)
+    assert len(running) == 2
+    out = qfarm(cli_env, "cancel", "naps")
+    assert out.returncode == 0 and "cancelled 2 queued job(s)" in out.stdout
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        statuses = [r["status"] for r in results(cli_env, "naps")]
+        if statuses == ["cancelled"] * 4:
+            break
+        time.sleep(0.5)
+    assert statuses == ["cancelled"] * 4
+    reasons = sorted(r["error"] for r in results(cli_env, "naps"))
+    assert reasons == ["cancelled before it started"] * 2 + ["cancelled while running"] * 2
+    status = qfarm(cli_env, "status", "naps")
+    assert status.returncode == 0 and "4 cancelled" in status.stdout
+
+
+def test_resources_no_node_has_are_refused(cli_env, tmp_path):
+    path = spec(tmp_path, """\
+        resources: {gpus: 3}
+        jobs:
+          - {kind: sleep, seconds: 0.1}
+    """)
+    out = qfarm(cli_env, "submit", path)
+    assert out.returncode == 2
+    assert "no node of this cluster can run these jobs" in out.stderr
+    assert "need GPU 3, CPU 1" in out.stderr and "GPU 2" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path, cli_env):
+    env = dict(cli_env, QFARM_REDIS_URL="redis://127.0.0.1:1/0")
+    out = qfarm(env, "status")
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: Cannot reach Redis at redis://127.0.0.1:1/0")
+    assert "--redis-url" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_status_and_unknown_sweep(cli_env, tmp_path):
+    out = qfarm(cli_env, "results", "no-such-sweep")
+    assert out.returncode == 2 and "no sweep 'no-such-sweep'" in out.stderr
+    out = qfarm(cli_env, "status")
+    assert out.returncode == 0 and "sweeps (namespace qfarm-test-" in out.stdout

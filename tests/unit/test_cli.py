@@ -1,0 +1,47 @@
+"""The CLI without services: help for every verb, validate's output and exit codes, light imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from qfarm.cli import cli
+
+VERBS = ["validate", "submit", "status", "results", "cancel", "down"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help(verb):
+    out = CliRunner().invoke(cli, [verb, "--help"])
+    assert out.exit_code == 0, out.output
+    assert "Usage: cli " in out.output or "Usage: qfarm " in out.output
+
+
+def test_validate_ok_and_bad(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("name: naps\njobs:\n  - {kind: sleep, matrix: {index: [0, 1]}}\n")
+    out = CliRunner().invoke(cli, ["validate", str(good)])
+    assert out.exit_code == 0 and "valid. Sweep naps-" in out.output and "2 jobs: 2 sleep" in out.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""\
+        name: naps
+        jobs:
+          - {kind: sleep, seconds: -1}
+    """))
+    out = CliRunner().invoke(cli, ["validate", str(bad)])
+    assert out.exit_code == 2
+    assert out.output == (f"{bad}: 1 error\n  {bad}:3: jobs[0].seconds: kind sleep: seconds: "
+                          "input should be greater than or equal to 0 (got -1)\n")
+    assert "Traceback" not in out.output
+
+
+def test_cli_imports_no_ml_or_ray():
+    code = ("import sys; from qfarm.cli import cli; from qfarm import spec, expand, store, results, progress;"
+            "heavy = [m for m in ('torch', 'transformers', 'ray', 'bitsandbytes') if m in sys.modules];"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

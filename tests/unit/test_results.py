@@ -1,0 +1,50 @@
+"""Rows and formats, built from job records (plain data: no services)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from qfarm.results import COLUMNS, render, rows
+from qfarm.store import JobRecord
+
+
+def record(job_id, status, method, result=None, error=None):
+    spec = {"kind": "quantize", "label": method, "options": {"method": method, "bits": 4 if method != "none" else None}}
+    return JobRecord(id=job_id, status=status, spec=spec, attempts=1, result=result, error=error,
+                     started_at=100.0, finished_at=112.5)
+
+
+def sample():
+    return rows([
+        record("j1", "succeeded", "none", {"size_mb": 500.0, "perplexity": 10.0, "kl_div": 0.0, "device": "cpu",
+                                           "answers": [{"prompt": "Hi?", "answer": "Hello | there"}]}),
+        record("j2", "failed", "bnb-nf4", error="RuntimeError: out of memory"),
+    ])
+
+
+def test_every_row_has_the_contract_columns():
+    data = sample()
+    for r in data:
+        assert set(COLUMNS) <= set(r)
+    assert data[0]["duration_s"] == 12.5
+    assert data[1]["status"] == "failed" and data[1]["error"] == "RuntimeError: out of memory"
+    assert data[1]["perplexity"] is None  # missing measurements are null, not absent
+
+
+def test_json_and_csv_round_trip():
+    data = sample()
+    parsed = json.loads(render(data, "json"))
+    assert [r["job_id"] for r in parsed] == ["j1", "j2"]
+    assert parsed[0]["answers"][0]["answer"] == "Hello | there"
+    table = list(csv.DictReader(io.StringIO(render(data, "csv"))))
+    assert table[0]["perplexity"] == "10.0" and table[1]["error"] == "RuntimeError: out of memory"
+    assert json.loads(table[0]["answers"])[0]["prompt"] == "Hi?"
+
+
+def test_markdown_shows_failed_rows_with_reason():
+    md = render(sample(), "md")
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| job | method | bits | status | size MB")
+    assert "| j2 | bnb-nf4 | 4 | failed |" in lines[3] and lines[3].endswith("| RuntimeError: out of memory |")
