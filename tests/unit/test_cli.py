@@ -45,3 +45,15 @@ def test_cli_imports_no_ml_or_ray():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_cluster_yaml_is_a_launcher_config():
+    import yaml
+
+    from tests.conftest import REPO
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert config["head_node_type"] in config["available_node_types"]
+    gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
+    assert {"gpu_h100", "gpu_a10"} <= set(gpu_types)
+    assert all(v["resources"][k] == v["resources"]["GPU"] for k, v in gpu_types.items())
