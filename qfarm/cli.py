@@ -136,7 +136,7 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
         return
     from .progress import follow
 
-    follow(store, plan.sweep_id)
+    follow(store, plan.sweep_id, alive=lambda: scheduler.alive(plan.sweep_id, ctx.obj["namespace"]))
     _print_results(store, plan.sweep_id, "table")
     failed = [j for j in store.sweep_jobs(plan.sweep_id) if j.status != "succeeded"]
     if failed:

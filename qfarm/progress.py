@@ -7,9 +7,11 @@ import time
 from collections import Counter
 from datetime import datetime
 
+from .errors import QfarmError
 from .store import TERMINAL, JobRecord, Store
 
 POLL_S = 0.5
+ALIVE_CHECK_S = 5.0
 
 
 def _counts(jobs: list[JobRecord]) -> Counter:
@@ -26,11 +28,32 @@ def _summary(c: Counter, total: int) -> str:
     return " · ".join(parts)
 
 
-def follow(store: Store, sweep_id: str, poll_s: float = POLL_S) -> list[JobRecord]:
-    """Block until every job of the sweep is finished, showing progress. Returns the final job records."""
+def follow(store: Store, sweep_id: str, poll_s: float = POLL_S, alive=None) -> list[JobRecord]:
+    """Block until every job of the sweep is finished, showing progress. Returns the final job records.
+
+    ``alive()``, when given, says whether the sweep's scheduler still exists; if it is gone before the sweep
+    finished, waiting would be forever, so this raises instead.
+    """
+    watch = _Watch(store, sweep_id, alive)
     if sys.stderr.isatty():
-        return _follow_live(store, sweep_id, poll_s)
-    return _follow_plain(store, sweep_id, poll_s)
+        return _follow_live(watch, poll_s)
+    return _follow_plain(watch, poll_s)
+
+
+class _Watch:
+    def __init__(self, store: Store, sweep_id: str, alive):
+        self.store, self.sweep_id, self.alive = store, sweep_id, alive
+        self._checked = time.time()
+
+    def done(self, jobs: list[JobRecord]) -> bool:
+        if _finished(self.store, self.sweep_id, jobs):
+            return True
+        if self.alive and time.time() - self._checked > ALIVE_CHECK_S:
+            self._checked = time.time()
+            if not self.alive() and not _finished(self.store, self.sweep_id, self.store.sweep_jobs(self.sweep_id)):
+                raise QfarmError(f"the scheduler of sweep {self.sweep_id} is gone before the sweep finished. "
+                                 "Every result so far is in Redis: submit the same file again to resume it.")
+        return False
 
 
 def _finished(store: Store, sweep_id: str, jobs: list[JobRecord]) -> bool:
@@ -44,30 +67,31 @@ def _finished(store: Store, sweep_id: str, jobs: list[JobRecord]) -> bool:
     return False
 
 
-def _follow_plain(store: Store, sweep_id: str, poll_s: float) -> list[JobRecord]:
+def _follow_plain(watch: _Watch, poll_s: float) -> list[JobRecord]:
     """For logs and CI: one line whenever something changes."""
     last = None
     start = time.time()
     while True:
-        jobs = store.sweep_jobs(sweep_id)
+        jobs = watch.store.sweep_jobs(watch.sweep_id)
         c = _counts(jobs)
         running = [f"{j.spec.get('label')}: {j.progress}" for j in jobs if j.status == "running" and j.progress]
         line = _summary(c, len(jobs)) + (f" | {'; '.join(running)}" if running else "")
         if line != last:
             print(f"[{time.time() - start:6.1f}s] {line}", file=sys.stderr, flush=True)
             last = line
-        if _finished(store, sweep_id, jobs):
+        if watch.done(jobs):
             return jobs
         time.sleep(poll_s)
 
 
-def _follow_live(store: Store, sweep_id: str, poll_s: float) -> list[JobRecord]:
+def _follow_live(watch: _Watch, poll_s: float) -> list[JobRecord]:
     from rich.console import Console, Group
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[summary]}"))
+    store, sweep_id = watch.store, watch.sweep_id
     jobs = store.sweep_jobs(sweep_id)
     task = progress.add_task(sweep_id, total=len(jobs), summary="")
     with Live(progress, console=Console(stderr=True), refresh_per_second=4, transient=False) as live:
@@ -78,7 +102,7 @@ def _follow_live(store: Store, sweep_id: str, poll_s: float) -> list[JobRecord]:
             lines = [f"  {j.spec.get('label')} ({j.id}): {j.progress or 'starting'}  {j.duration_s or 0:.0f}s"
                      for j in jobs if j.status == "running"]
             live.update(Group(progress, *lines))
-            if _finished(store, sweep_id, jobs):
+            if watch.done(jobs):
                 return jobs
             time.sleep(poll_s)
 

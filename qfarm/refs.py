@@ -60,16 +60,19 @@ def _local(text: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
+def _bundled(text: str, names, what: str) -> str:
+    """The name after ``bundled:``, or RefError listing the bundled names."""
+    name = text.split(":", 1)[1]
+    if name not in names:
+        raise RefError(f"unknown bundled {what} {name!r}.{did_you_mean(name, names)} "
+                       f"Allowed: {allowed('bundled:' + n for n in names)}")
+    return name
+
+
 def resolve_model(text: str, base_dir: Path) -> ModelRef:
     """Resolve a spec's ``model:`` value, or raise RefError saying what is accepted."""
     if text.startswith("bundled:"):
-        name = text.split(":", 1)[1]
-        if name not in BUNDLED_MODELS:
-            raise RefError(
-                f"unknown bundled model {name!r}.{did_you_mean(name, BUNDLED_MODELS)} "
-                f"Allowed: {allowed('bundled:' + n for n in BUNDLED_MODELS)}"
-            )
-        path = bundled_model_path(name)
+        path = bundled_model_path(_bundled(text, BUNDLED_MODELS, "model"))
         return ModelRef("gguf", str(path.parent), path.name)
     path = _local(text, base_dir)
     if path.is_file() and path.suffix == ".gguf":
@@ -104,13 +107,7 @@ class DatasetRef:
 
 def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> DatasetRef:
     if text.startswith("bundled:"):
-        name = text.split(":", 1)[1]
-        if name not in BUNDLED_DATASETS:
-            raise RefError(
-                f"unknown bundled dataset {name!r}.{did_you_mean(name, BUNDLED_DATASETS)} "
-                f"Allowed: {allowed('bundled:' + n for n in BUNDLED_DATASETS)}"
-            )
-        return DatasetRef("bundled", name)
+        return DatasetRef("bundled", _bundled(text, BUNDLED_DATASETS, "dataset"))
     path = _local(text, base_dir)
     if not path.is_file():
         raise RefError(

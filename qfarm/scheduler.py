@@ -294,6 +294,16 @@ def start(sweep_id: str, redis_url: str, namespace: str) -> Any:
     raise RuntimeError(f"could not start the scheduler actor {name}")
 
 
+def alive(sweep_id: str, namespace: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(scheduler_name(namespace, sweep_id), namespace=RAY_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 def kill(sweep_id: str, namespace: str) -> bool:
     import ray
 

@@ -99,6 +99,7 @@ class JobRecord:
     progress: str | None = None
     worker: str | None = None
     node: str | None = None
+    pid: int | None = None
     sweep_id: str | None = None
     created_at: float | None = None
     queued_at: float | None = None
@@ -123,6 +124,7 @@ class JobRecord:
             progress=h.get("progress") or None,
             worker=h.get("worker") or None,
             node=h.get("node") or None,
+            pid=int(h["pid"]) if h.get("pid") else None,
             sweep_id=h.get("sweep_id") or None,
             created_at=num("created_at"),
             queued_at=num("queued_at"),
@@ -283,7 +285,7 @@ class Store:
         return self._move(job_id, allowed="queued", to=JobStatus.RUNNING, count_attempt=True,
                           fields={"attempt_id": attempt_id, "started_at": repr(_now()), "worker": worker,
                                   "node": node, "sweep_id": sweep_id},
-                          delete=("finished_at", "error", "error_detail", "progress", "heartbeat_at"))
+                          delete=("finished_at", "error", "error_detail", "progress", "heartbeat_at", "pid"))
 
     def finish(self, job_id: str, attempt_id: str, status: JobStatus, *, result: dict | None = None,
                error: str | None = None, error_detail: str | None = None, attempt: dict | None = None) -> bool:
@@ -311,9 +313,9 @@ class Store:
         return self._move(job_id, allowed="queued", to=JobStatus.CANCELLED,
                           fields={"finished_at": repr(_now()), "error": "cancelled before it started"})
 
-    def beat(self, job_id: str, attempt_id: str, progress: str | None = None) -> bool:
+    def beat(self, job_id: str, attempt_id: str, progress: str | None = None, **extra) -> bool:
         """Heartbeat of a running attempt, with an optional progress line. False once the attempt is not current."""
-        fields = {"heartbeat_at": repr(_now())}
+        fields = {"heartbeat_at": repr(_now()), **{k: str(v) for k, v in extra.items()}}
         if progress is not None:
             fields["progress"] = progress
         return bool(self._beat(keys=[self.keys.job(job_id)], args=[attempt_id, json.dumps(fields)]))

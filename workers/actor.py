@@ -76,7 +76,7 @@ class Worker:
         node = _node_id()
         started = time.time()
         attempt = {"started_at": started, "worker": self.name, "node": node, "pid": os.getpid()}
-        beat.start()
+        beat.start(pid=os.getpid(), node=node)
         try:
             if job["kind"] != "sleep":
                 ctx.cache = self.cache
@@ -122,8 +122,8 @@ class _Heartbeat:
         self._line: str | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="qfarm-heartbeat")
 
-    def start(self) -> None:
-        self.store.beat(self.job_id, self.attempt_id, "starting")
+    def start(self, **fields) -> None:
+        self.store.beat(self.job_id, self.attempt_id, "starting", **fields)
         self._thread.start()
 
     def progress(self, line: str) -> None:

@@ -44,7 +44,7 @@ def test_gpu_slots_bound_concurrency(cli_env, tmp_path):
         resources: {gpus: 1}
         jobs:
           - kind: sleep
-            seconds: 1.5
+            seconds: 3
             matrix: {index: [0, 1, 2, 3]}
     """)
     out = qfarm(cli_env, "submit", path, "--wait")
@@ -52,7 +52,7 @@ def test_gpu_slots_bound_concurrency(cli_env, tmp_path):
     rows = results(cli_env, "naps")
     assert [r["status"] for r in rows] == ["succeeded"] * 4
     assert max_overlap(rows) == 2  # 4 one-GPU jobs on 2 GPU slots: two at a time, never more
-    assert max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows) >= 3.0
+    assert max(r["finished_at"] for r in rows) - min(r["started_at"] for r in rows) >= 6.0
     assert len({r["worker"] for r in rows}) == 2  # two worker actors, each reused
 
 
@@ -142,3 +142,63 @@ def test_status_and_unknown_sweep(cli_env, tmp_path):
     assert out.returncode == 2 and "no sweep 'no-such-sweep'" in out.stderr
     out = qfarm(cli_env, "status")
     assert out.returncode == 0 and "sweeps (namespace qfarm-test-" in out.stdout
+
+
+def test_a_killed_worker_is_retried_and_the_sweep_completes(cli_env, tmp_path, store):
+    import os
+    import signal
+
+    path = spec(tmp_path, """\
+        max_attempts: 2
+        jobs:
+          - kind: sleep
+            seconds: 4
+            matrix: {index: [0, 1]}
+    """)
+    out = qfarm(cli_env, "submit", path)
+    assert out.returncode == 0, out.stderr
+    sweep = store.find_sweep("naps").id
+    deadline, victim = time.time() + 60, None
+    while time.time() < deadline and victim is None:
+        victim = next((j for j in store.sweep_jobs(sweep) if j.status == "running" and j.pid), None)
+        time.sleep(0.2)
+    assert victim is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.time() + 90
+    while time.time() < deadline and not all(j.status == "succeeded" for j in store.sweep_jobs(sweep)):
+        time.sleep(0.5)
+    jobs = {j.id: j for j in store.sweep_jobs(sweep)}
+    assert all(j.status == "succeeded" for j in jobs.values())
+    assert jobs[victim.id].attempts == 2
+    history = store.attempts(victim.id)
+    assert history[0]["status"] == "retried" and history[0]["error"].startswith("worker process died")
+    assert history[1]["status"] == "succeeded"
+    other = next(j for j in jobs.values() if j.id != victim.id)
+    assert other.attempts == 1  # the other job was not disturbed
+
+
+def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ray_head):
+    import ray
+
+    from qfarm import scheduler
+
+    path = spec(tmp_path, """\
+        jobs:
+          - kind: sleep
+            seconds: 60
+            matrix: {index: [0, 1, 2]}
+    """)
+    waiting = subprocess.Popen([sys.executable, "-m", "qfarm.cli", "submit", path, "--wait"], env=cli_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, sweep = time.time() + 60, None
+    while time.time() < deadline and not (sweep and any(j.status == "running" for j in store.sweep_jobs(sweep))):
+        found = store.find_sweep("naps")
+        sweep = found.id if found else None
+        time.sleep(0.3)
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, namespace="qfarm", log_to_driver=False)
+    assert scheduler.kill(sweep, store.namespace)
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 1
+    assert f"the scheduler of sweep {sweep} is gone before the sweep finished" in err
+    assert "submit the same file again to resume it" in err
