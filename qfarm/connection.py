@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import redis
 
@@ -71,7 +72,8 @@ def _start_embedded(url: str, say) -> tuple[redis.Redis, str]:
         raise QfarmError(f"Nothing answers at {url} and no redis-server is installed. {INSTALL_HINT}")
     folder = data_dir() / "redis"
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [server, "--bind", "127.0.0.1", "--port", "6379", "--appendonly", "yes", "--dir", str(folder),
+    port = str(urlparse(url).port or 6379)
+    cmd = [server, "--bind", "127.0.0.1", "--port", port, "--appendonly", "yes", "--dir", str(folder),
            "--daemonize", "yes", "--logfile", str(folder / "redis.log"), "--protected-mode", "yes"]
     say(f"qfarm: no Redis at {url}; starting a private redis-server (data in {folder}, log {folder / 'redis.log'})",
         file=sys.stderr)

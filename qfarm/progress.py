@@ -87,10 +87,10 @@ def _follow_plain(watch: _Watch, poll_s: float) -> list[JobRecord]:
 def _follow_live(watch: _Watch, poll_s: float) -> list[JobRecord]:
     from rich.console import Console, Group
     from rich.live import Live
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[summary]}"))
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[summary]}"))
     store, sweep_id = watch.store, watch.sweep_id
     jobs = store.sweep_jobs(sweep_id)
     task = progress.add_task(sweep_id, total=len(jobs), summary="")
