@@ -113,7 +113,7 @@ class Scheduler:
             if sweep.cancel_requested:
                 self._cancel(jobs)
                 return
-            self._expire(jobs)
+            self._expire()
             queued = [j for j in jobs if j.status == JobStatus.QUEUED.value]
             mine = {i.job_id for i in self.inflight.values()}
             foreign = [j for j in jobs if j.status == JobStatus.RUNNING.value and j.id not in mine]
@@ -193,7 +193,7 @@ class Scheduler:
             tries = f" (after {job.attempts} attempt{'s' if job.attempts != 1 else ''})" if retry else ""
             self.store.finish(job.id, flight.attempt_id, JobStatus.FAILED, error=reason + tries, attempt=attempt)
 
-    def _expire(self, jobs: list[JobRecord]) -> None:
+    def _expire(self) -> None:
         now = time.time()
         for ref, flight in list(self.inflight.items()):
             if flight.timeout_s and now - flight.started > flight.timeout_s:
@@ -217,7 +217,7 @@ class Scheduler:
         for job in jobs:
             if job.status == JobStatus.QUEUED.value:
                 self.store.cancel_if_queued(job.id)
-        for ref, flight in list(self.inflight.items()):
+        for flight in self.inflight.values():
             self._kill(flight.slot, flight.pool)
             self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED, error="cancelled while running")
         self.inflight.clear()

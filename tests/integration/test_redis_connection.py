@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import redis
 
 from qfarm import connection
 from qfarm.errors import QfarmError

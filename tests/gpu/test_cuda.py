@@ -1,0 +1,36 @@
+"""The CUDA path: bitsandbytes' CUDA kernels and the harness on a real GPU. Skipped where CUDA is absent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_bnb_sweep_runs_on_the_gpu(cli_env, tmp_path):
+    spec = tmp_path / "gpu.yaml"
+    spec.write_text("""\
+name: gpu-bnb
+model: bundled:smollm2-135m
+eval:
+  perplexity: {seq_len: 256, max_windows: 4}
+  speed: {prompt_tokens: 64, new_tokens: 16, runs: 2}
+jobs:
+  - kind: quantize
+    matrix: {method: [none, bnb-int8, bnb-nf4]}
+""")
+    run = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(spec), "--wait"], env=cli_env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", "gpu-bnb", "--format", "json"], env=cli_env,
+                         capture_output=True, text=True)
+    rows = {r["method"]: r for r in json.loads(out.stdout)}
+    assert all(r["device"].startswith("cuda") for r in rows.values())
+    assert rows["none"]["kl_div"] == 0.0
+    assert rows["bnb-nf4"]["size_mb"] < rows["none"]["size_mb"] / 2
+    assert 0 < rows["bnb-int8"]["kl_div"] < rows["bnb-nf4"]["kl_div"]
