@@ -81,6 +81,7 @@ class LocalHead:
     temp_dir: str
     dashboard_url: str
     log_path: str
+    num_gpus: int | None = None  # as declared; None = Ray's own detection
 
 
 def start_local_head(*, temp_dir: str, log_path: str, port: int | None = None, num_gpus: int | None = None,
@@ -111,7 +112,7 @@ def start_local_head(*, temp_dir: str, log_path: str, port: int | None = None, n
         if proc.poll() is not None:
             raise QfarmError(f"`ray start` exited with code {proc.returncode}; see {log_path}")
         if _answers(address) and _raylet_up(temp_dir):
-            return LocalHead(address, proc.pid, temp_dir, f"http://127.0.0.1:{dashboard_port}", log_path)
+            return LocalHead(address, proc.pid, temp_dir, f"http://127.0.0.1:{dashboard_port}", log_path, num_gpus)
         time.sleep(0.2)
     stop_local_head(proc.pid)
     raise QfarmError(f"the local Ray head did not come up within {wait_s:.0f} s; see {log_path}")

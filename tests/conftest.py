@@ -54,16 +54,16 @@ def store(redis_url, namespace):
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """One local Ray head for the whole session: 127.0.0.1, 2 logical GPUs, 4 logical CPUs.
-
-    Four CPUs so that GPU slots, not CPUs, bound how many GPU-tagged jobs run at once.
+    """One local Ray head for the whole session: 127.0.0.1, 2 logical GPUs (the real ones on a GPU machine),
+    4 logical CPUs, so that GPU slots, not CPUs, bound how many GPU-tagged jobs run at once.
     Stopped by its own PID (session): any other Ray on the machine is left alone.
     """
-    from qfarm.cluster import start_local_head, stop_local_head
+    from qfarm.cluster import cuda_gpu_count, start_local_head, stop_local_head
 
     temp_dir = f"/tmp/qfarm-test-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     log = tmp_path_factory.mktemp("ray") / "head.log"
-    head = start_local_head(temp_dir=temp_dir, log_path=str(log), num_gpus=2, num_cpus=4)
+    gpus = cuda_gpu_count()
+    head = start_local_head(temp_dir=temp_dir, log_path=str(log), num_gpus=gpus or 2, num_cpus=max(4, 2 * gpus))
     os.environ["QFARM_RAY_ADDRESS"] = head.address
     yield head
     import ray
