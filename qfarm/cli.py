@@ -144,13 +144,14 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
 
 @cli.command()
 @click.argument("sweep", required=False)
+@click.option("--all", "show_all", is_flag=True, help="Every job of a large sweep, not only the first 60.")
 @click.pass_context
 @handle_errors
-def status(ctx: click.Context, sweep: str | None) -> None:
+def status(ctx: click.Context, sweep: str | None, show_all: bool) -> None:
     """All sweeps, or one sweep's jobs (status, attempts, duration, what each running job is doing)."""
     from rich.console import Console
 
-    from .progress import jobs_table, sweeps_table
+    from .progress import STATUS_ROWS, jobs_table, sweeps_table
 
     store = _store(ctx)
     console = Console()
@@ -159,7 +160,7 @@ def status(ctx: click.Context, sweep: str | None) -> None:
         return
     record = _find(store, sweep)
     jobs = store.sweep_jobs(record.id)
-    console.print(jobs_table(record, jobs, store.stats(record.id)))
+    console.print(jobs_table(record, jobs, store.stats(record.id), limit=None if show_all else STATUS_ROWS))
 
 
 @cli.command()

@@ -121,19 +121,35 @@ def sweeps_table(store: Store):
         sweep = store.sweep(sid)
         if sweep is None:
             continue
-        c = _counts(store.sweep_jobs(sid))
+        c = Counter(store.statuses(sid))
         table.add_row(sid, _ago(sweep.created_at), str(sum(c.values())), str(c["succeeded"]), str(c["failed"]),
                       str(c["running"]), str(c["queued"]), str(c["cancelled"]), _ago(sweep.finished_at))
     return table
 
 
-def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int]):
+STATUS_ROWS = 60
+_ORDER = {"running": 0, "failed": 1, "queued": 2, "cancelled": 3, "succeeded": 4}
+
+
+def shown(jobs: list[JobRecord], limit: int | None) -> list[JobRecord]:
+    """At most ``limit`` jobs, the unfinished and failed ones first, in sweep order."""
+    if limit is None or len(jobs) <= limit:
+        return jobs
+    index = {j.id: i for i, j in enumerate(jobs)}
+    keep = sorted(jobs, key=lambda j: (_ORDER.get(j.status, 5), index[j.id]))[:limit]
+    return sorted(keep, key=lambda j: index[j.id])
+
+
+def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int | None = STATUS_ROWS):
     from rich.table import Table
 
     c = _counts(jobs)
+    total, jobs = len(jobs), shown(jobs, limit)
     loads = stats.get("model_loads", 0)
-    caption = _summary(c, len(jobs)) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
+    caption = _summary(c, total) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
                                         if any(j.spec.get("model") for j in jobs) else "")
+    if len(jobs) < total:
+        caption += f"\nshowing {len(jobs)} of {total} jobs, unfinished and failed first (--all shows every job)"
     table = Table(title=f"sweep {sweep.id}", caption=caption, header_style="bold")
     for col in ("job", "method", "status", "attempts", "time s", "worker", "now / note"):
         table.add_column(col, justify="right" if col in ("attempts", "time s") else "left")

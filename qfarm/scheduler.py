@@ -17,15 +17,17 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .cluster import RAY_NAMESPACE, needs, node_resources, ray_options, slots
 from .connection import connect_redis
+from .methods import MODEL_KINDS
 from .store import JobRecord, JobStatus, Store
 
 log = logging.getLogger("qfarm.scheduler")
-POLL_S = 0.25
+POLL_S = 0.25  # longest sleep between passes when nothing finishes
+REFRESH_S = 1.0  # full re-read of the sweep from Redis
 MAX_ACTOR_START_FAILURES = 3
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
 
@@ -74,6 +76,9 @@ class Scheduler:
         self.store = Store(client, namespace)
         self.pools: dict[str, Pool] = {}
         self.inflight: dict[Any, Inflight] = {}
+        self.jobs: dict[str, JobRecord] = {}
+        self.sweep = None
+        self._refreshed = 0.0
         self.state = "starting"
         self._worker_seq = 0
         self._thread = threading.Thread(target=self._main, name="qfarm-scheduler", daemon=True)
@@ -105,25 +110,44 @@ class Scheduler:
             ray.kill(ray.get_runtime_context().current_actor)
 
     def _loop(self) -> None:
+        """Event-driven: wake when a worker finishes (or every POLL_S), dispatch at once.
+
+        The scheduler keeps a local view of its jobs, updated by its own transitions and by re-reading each
+        finished job; the whole sweep is re-read from Redis every REFRESH_S (cancels, resubmits, jobs that
+        another sweep's scheduler runs), and once more before deciding the sweep is done.
+        """
+        self._refresh()
         while True:
-            sweep = self.store.sweep(self.sweep_id)
-            jobs = self.store.sweep_jobs(self.sweep_id)
-            if sweep is None:
+            if time.time() - self._refreshed > REFRESH_S:
+                self._refresh()
+            if self.sweep is None:
                 return
-            if sweep.cancel_requested:
-                self._cancel(jobs)
+            if self.store.r.hget(self.store.keys.sweep(self.sweep_id), "cancel") == "1":
+                self._cancel(list(self.jobs.values()))
                 return
             self._expire()
-            queued = [j for j in jobs if j.status == JobStatus.QUEUED.value]
-            mine = {i.job_id for i in self.inflight.values()}
-            foreign = [j for j in jobs if j.status == JobStatus.RUNNING.value and j.id not in mine]
-            foreign = [j for j in foreign if not self._orphan(j)]
-            if not queued and not self.inflight and not foreign:
-                return
-            self._dispatch(queued, sweep.output_root, sweep.name)
+            queued = [j for j in self.jobs.values() if j.status == JobStatus.QUEUED.value]
+            if not queued and not self.inflight and not self._foreign():
+                self._refresh()  # confirm from Redis before stopping
+                if not any(j.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value) for j in self.jobs.values()):
+                    return
+                continue
+            self._dispatch(queued)
             self._collect()
 
-    def _dispatch(self, queued: list[JobRecord], output_root: str, sweep_name: str) -> None:
+    def _refresh(self) -> None:
+        self.sweep = self.store.sweep(self.sweep_id)
+        self.jobs = {j.id: j for j in self.store.sweep_jobs(self.sweep_id)}
+        self._refreshed = time.time()
+
+    def _foreign(self) -> list[JobRecord]:
+        """Running jobs this scheduler did not dispatch (another sweep's, or an orphan of a dead scheduler)."""
+        mine = {i.job_id for i in self.inflight.values()}
+        running = [j for j in self.jobs.values() if j.status == JobStatus.RUNNING.value and j.id not in mine]
+        return [j for j in running if not self._orphan(j)]
+
+    def _dispatch(self, queued: list[JobRecord]) -> None:
+        output_root, sweep_name = self.sweep.output_root, self.sweep.name
         for job in queued:
             pool = self._pool(job.spec["resources"])
             if pool.capacity == 0 or pool.start_failures >= MAX_ACTOR_START_FAILURES:
@@ -135,7 +159,9 @@ class Scheduler:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
             if not self.store.claim(job.id, attempt_id, sweep_id=self.sweep_id, worker=slot.name):
+                self._reload(job.id)
                 continue
+            self.jobs[job.id] = replace(job, status=JobStatus.RUNNING.value, attempt_id=attempt_id)
             payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root)
             ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
                 payload, attempt_id, self.sweep_id)
@@ -150,7 +176,10 @@ class Scheduler:
         if not refs:
             time.sleep(POLL_S)
             return
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
+        done, rest = ray.wait(refs, num_returns=1, timeout=POLL_S)
+        if done and rest:  # take everything else that is ready too, without waiting
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            done += more
         for ref in done:
             if ref in starting:
                 self._started(*starting[ref], ref)
@@ -174,6 +203,7 @@ class Scheduler:
         flight.slot.job_id = None
         try:
             ray.get(ref)
+            self._reload(flight.job_id)
             return  # the worker wrote the job's result (or its failure) itself
         except ray.exceptions.RayActorError as e:
             reason = f"worker process died ({_one_line(e)})"
@@ -181,6 +211,12 @@ class Scheduler:
         except Exception as e:
             reason = f"worker error: {_one_line(e)}"
         self._attempt_failed(flight, reason)
+        self._reload(flight.job_id)
+
+    def _reload(self, job_id: str) -> None:
+        job = self.store.job(job_id)
+        if job is not None:
+            self.jobs[job_id] = job
 
     def _attempt_failed(self, flight: Inflight, reason: str, retry: bool = True) -> None:
         job = self.store.job(flight.job_id)
@@ -200,6 +236,7 @@ class Scheduler:
                 self._kill(flight.slot, flight.pool)
                 self.inflight.pop(ref)
                 self._attempt_failed(flight, f"timed out after {flight.timeout_s:g} s", retry=False)
+                self._reload(flight.job_id)
 
     def _orphan(self, job: JobRecord) -> bool:
         """A running job no live worker is heartbeating (its worker or an earlier scheduler died): requeue it."""
@@ -211,6 +248,7 @@ class Scheduler:
             self.store.requeue(job.id, job.attempt_id or "", error=reason)
         else:
             self.store.finish(job.id, job.attempt_id or "", JobStatus.FAILED, error=reason)
+        self._reload(job.id)
         return True
 
     def _cancel(self, jobs: list[JobRecord]) -> None:
@@ -226,13 +264,14 @@ class Scheduler:
         attempt_id = uuid.uuid4().hex[:12]
         if self.store.claim(job.id, attempt_id, sweep_id=self.sweep_id):
             self.store.finish(job.id, attempt_id, JobStatus.FAILED, error=reason)
+        self._reload(job.id)
 
     # --- worker pools ------------------------------------------------------------------------------
 
     def _pool(self, resources: dict) -> Pool:
         key = json.dumps(resources, sort_keys=True)
         if key not in self.pools:
-            jobs_of_shape = sum(1 for j in self.store.sweep_jobs(self.sweep_id)
+            jobs_of_shape = sum(1 for j in self.jobs.values()
                                 if json.dumps(j.spec.get("resources"), sort_keys=True) == key)
             capacity = min(slots(needs(resources), node_resources()), max(1, jobs_of_shape))
             self.pools[key] = Pool(key, resources, capacity)
@@ -248,8 +287,10 @@ class Scheduler:
         self._worker_seq += 1
         name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
         opts = ray_options(pool.resources)
+        preload = any(j.spec.get("kind") in MODEL_KINDS for j in self.jobs.values()
+                      if json.dumps(j.spec.get("resources"), sort_keys=True) == pool.key)
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
-            self.redis_url, self.namespace, name, opts["num_cpus"])
+            self.redis_url, self.namespace, name, opts["num_cpus"], preload)
         slot = Slot(actor, name, ready_ref=actor.ready.remote())
         pool.slots.append(slot)
         return slot

@@ -44,7 +44,7 @@ class JobContext:
 
 
 class Worker:
-    def __init__(self, redis_url: str, namespace: str, name: str, cpus: float = 1):
+    def __init__(self, redis_url: str, namespace: str, name: str, cpus: float = 1, preload: bool = False):
         client, _ = connect_redis(redis_url, embedded_ok=False)
         self.store = Store(client, namespace)
         self.name = name
@@ -52,11 +52,20 @@ class Worker:
         self.current: str | None = None
         self._cache = None
         self.jobs_run = 0
+        self.preload = preload
 
     def __repr__(self) -> str:  # the Ray dashboard shows this beside the actor
         return f"Worker({self.current or 'idle'})"
 
     def ready(self) -> dict:
+        """Called once by the scheduler before the first job; imports the ML stack for model jobs, so the
+        few seconds torch and transformers take to import are spent while the worker starts, not in a job."""
+        if self.preload:
+            import workers.bnb  # noqa: F401
+            import workers.quantize  # noqa: F401
+            from workers.models import quiet
+
+            quiet()
         return {"pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
 
     @property
@@ -80,8 +89,11 @@ class Worker:
         try:
             if job["kind"] != "sleep":
                 ctx.cache = self.cache
+            work_start = time.time()
             result = _run_kind(ctx)
-            result.update({"worker": self.name, "node": node, "threads": self.threads})
+            # work_s: the job's own work; what the farm adds is (finished_at - started_at) - work_s
+            result.update({"worker": self.name, "node": node, "threads": self.threads,
+                           "work_s": time.time() - work_start})
             for name, n in ctx.stats.items():
                 self.store.incr_stat(sweep_id, name, n)
             ok = self.store.finish(job["id"], attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)

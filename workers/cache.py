@@ -31,7 +31,8 @@ class _LRU:
             self.items.move_to_end(key)
             return self.items[key], True
         value = make()
-        self.items[key] = value
+        if self.max_items > 0:  # 0 turns the cache off (for benchmarks): every job loads afresh
+            self.items[key] = value
         while len(self.items) > self.max_items:
             self.items.popitem(last=False)
         return value, False
@@ -74,6 +75,6 @@ class Cache:
         if key in self.refs.items:
             return self.refs.get(key, make)
         value = make()
-        if value.nbytes <= self.ref_budget_bytes:
+        if value.nbytes <= self.ref_budget_bytes and self.models.max_items > 0:
             self.refs.items[key] = value
         return value, False

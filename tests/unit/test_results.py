@@ -48,3 +48,14 @@ def test_markdown_shows_failed_rows_with_reason():
     lines = md.strip().splitlines()
     assert lines[0].startswith("| job | method | bits | status | size MB")
     assert "| j2 | bnb-nf4 | 4 | failed |" in lines[3] and lines[3].endswith("| RuntimeError: out of memory |")
+
+
+def test_status_of_a_large_sweep_shows_unfinished_and_failed_first():
+    from qfarm.progress import shown
+
+    statuses = ["succeeded"] * 100 + ["failed", "running", "queued"]
+    jobs = [JobRecord(id=f"j{i}", status=s, spec={}) for i, s in enumerate(statuses)]
+    picked = shown(jobs, 10)
+    assert [j.id for j in picked[-3:]] == ["j100", "j101", "j102"]  # kept, in sweep order
+    assert [j.status for j in picked[:7]] == ["succeeded"] * 7
+    assert shown(jobs, None) == jobs and shown(jobs[:5], 10) == jobs[:5]

@@ -1,0 +1,144 @@
+"""Benchmarks with the real bundled model: base-model reuse, and the farm against a plain script.
+
+    python bench/model.py reuse     # the same 4-job sweep with the worker cache on, then off (QFARM_CACHE_MODELS=0)
+    python bench/model.py direct    # one bnb-nf4 quantize+evaluate job through qfarm vs the same calls in-process
+    python bench/model.py all
+
+Small evaluation (4 windows x 256 tokens, no speed test, no prompts) so it finishes in minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from farm import REDIS_URL, line, namespace, run_sweep  # noqa: E402
+
+EVAL = "eval: {perplexity: {seq_len: 256, max_windows: 4}, speed: null}"
+
+
+def spec(folder: Path, name: str, methods: list[str]) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        model: bundled:smollm2-135m
+        {EVAL}
+        jobs:
+          - kind: quantize
+            matrix: {{method: {methods}}}
+    """))
+    return path
+
+
+@contextmanager
+def head_with(env: dict, gpus: int = 2):
+    """A local Ray head whose worker processes see ``env`` (the raylet passes its environment on)."""
+    from farm import ray_head
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with ray_head(gpus) as head:
+            yield head
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def prepare(root: Path) -> None:
+    """Dequantize the bundled GGUF into <root>/_models once, so no timed run pays for it."""
+    from qfarm.refs import resolve_model
+    from workers.models import base_dir
+
+    ref = resolve_model("bundled:smollm2-135m", root)
+    t0 = time.time()
+    base_dir({"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key}, str(root))
+    print(f"  (float copy of the bundled GGUF prepared in {time.time() - t0:.1f} s, outside every timing)")
+
+
+def bench_reuse(root: Path) -> None:
+    methods = ["none", "bnb-int8", "bnb-nf4", "bnb-fp4"]
+    print(f"reuse: {len(methods)} jobs on 2 slots, worker cache on vs off")
+    totals = {}
+    for label, env in [("cache on", {"QFARM_CACHE_MODELS": "1"}), ("cache off", {"QFARM_CACHE_MODELS": "0"})]:
+        with namespace() as store, head_with(env) as head:
+            sid, wall = run_sweep(store, head, spec(root, "reuse", methods))
+            jobs = store.sweep_jobs(sid)
+            loads = store.stats(sid).get("model_loads", 0)
+            totals[label] = sum(j.finished_at - j.started_at for j in jobs)
+            line(f"base-model loads / jobs ({label})", f"{loads} / {len(jobs)}")
+            line(f"sum of job times ({label})", f"{totals[label]:.1f} s", f"makespan {wall:.1f} s wall")
+    saved = totals["cache off"] - totals["cache on"]
+    line("time saved by the cache", f"{saved:.1f} s", f"{saved / totals['cache off'] * 100:.0f}% of the uncached job time")
+
+
+def bench_direct(root: Path, repeats: int = 2) -> None:
+    """Same conditions on both sides: a fresh process per run (a fresh worker actor / a fresh python), one
+    torch thread, OMP_NUM_THREADS=1 (what Ray gives a 1-CPU worker), the float base already prepared."""
+    print(f"direct: one bnb-nf4 quantize + evaluate job, through qfarm vs the same calls in a plain script ({repeats}x each)")
+    farm, walls = [], []
+    with head_with({}) as head:
+        for _ in range(repeats):
+            with namespace() as store:
+                sid, wall = run_sweep(store, head, spec(root, "viafarm", ["bnb-nf4"]))
+                (job,) = store.sweep_jobs(sid)
+                farm.append(job.finished_at - job.started_at)
+                walls.append(wall)
+                payload = dict(job.spec, output_dir=str(root / "direct" / job.id), output_root=str(root))
+    direct = [_direct_in_fresh_process(payload) for _ in range(repeats)]
+    f, d, w = statistics.median(farm), statistics.median(direct), statistics.median(walls)
+    line("direct script, job calls only", f"{d:.1f} s", f"runs: {', '.join(f'{x:.1f}' for x in direct)}")
+    line("through qfarm: job start -> result", f"{f:.1f} s", f"runs: {', '.join(f'{x:.1f}' for x in farm)}")
+    line("farm / direct", f"{f / d:.3f}", "target <= 1.10", f / d <= 1.10)
+    line("submit --wait wall / direct", f"{w / d:.3f}", "(adds Ray connect, worker start, ML imports)")
+
+
+def _direct_in_fresh_process(payload: dict) -> float:
+    code = textwrap.dedent(f"""\
+        import json, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import torch
+        import workers.bnb, workers.quantize
+        from workers.actor import JobContext
+        from workers.cache import Cache
+        from workers.models import quiet
+        quiet()
+        payload = json.loads(sys.stdin.read())
+        ctx = JobContext(payload, "direct", "direct", payload["output_dir"], payload["output_root"], Cache(), 1,
+                         lambda line: None)
+        t0 = time.time()
+        workers.quantize.run(ctx)
+        print(time.time() - t0)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True,
+                         env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["reuse", "direct", "all"])
+    args = parser.parse_args()
+    os.environ.setdefault("QFARM_REDIS_URL", REDIS_URL)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root)
+        if args.what in ("reuse", "all"):
+            bench_reuse(root)
+        if args.what in ("direct", "all"):
+            bench_direct(root)
+
+
+if __name__ == "__main__":
+    main()
