@@ -64,3 +64,12 @@ def did_you_mean(word: object, choices: Iterable[str]) -> str:
 
 def allowed(choices: Iterable[object]) -> str:
     return ", ".join(str(c) for c in choices)
+
+
+def one_line(e: BaseException, typed: bool = True) -> str:
+    """An exception as the one-line reason a result row shows: its first non-empty line, at most 300 chars."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if typed:
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return (text or type(e).__name__)[:300]

@@ -22,6 +22,7 @@ from typing import Any
 
 from .cluster import RAY_NAMESPACE, needs, node_resources, ray_options, slots
 from .connection import connect_redis
+from .errors import one_line
 from .methods import MODEL_KINDS
 from .store import JobRecord, JobStatus, Store
 
@@ -194,7 +195,7 @@ class Scheduler:
             slot.ready_ref = None
         except Exception as e:  # the actor could not be created or its __init__ raised
             pool.start_failures += 1
-            pool.last_error = _one_line(e)
+            pool.last_error = one_line(e, typed=False)
             pool.slots.remove(slot)
 
     def _finished(self, ref, flight: Inflight) -> None:
@@ -206,10 +207,10 @@ class Scheduler:
             self._reload(flight.job_id)
             return  # the worker wrote the job's result (or its failure) itself
         except ray.exceptions.RayActorError as e:
-            reason = f"worker process died ({_one_line(e)})"
+            reason = f"worker process died ({one_line(e, typed=False)})"
             flight.pool.slots.remove(flight.slot)
         except Exception as e:
-            reason = f"worker error: {_one_line(e)}"
+            reason = f"worker error: {one_line(e, typed=False)}"
         self._attempt_failed(flight, reason)
         self._reload(flight.job_id)
 
@@ -309,12 +310,6 @@ class Scheduler:
         for pool in self.pools.values():
             for slot in list(pool.slots):
                 self._kill(slot, pool)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(e).__name__)
-    return first[:300]
 
 
 def start(sweep_id: str, redis_url: str, namespace: str) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qfarm.connection import connect_redis
+from qfarm.errors import one_line
 from qfarm.store import JobStatus, Store
 
 HEARTBEAT_S = 5.0
@@ -102,9 +103,9 @@ class Worker:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             detail = traceback.format_exc()
-            ok = self.store.finish(job["id"], attempt_id, JobStatus.FAILED, error=_one_line(e),
+            ok = self.store.finish(job["id"], attempt_id, JobStatus.FAILED, error=one_line(e),
                                    error_detail=detail[-6000:], attempt=attempt)
-            return {"status": "failed", "written": ok, "error": _one_line(e)}
+            return {"status": "failed", "written": ok, "error": one_line(e)}
         finally:
             beat.stop()
             self.current = None
@@ -163,9 +164,3 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()[:12]
     except Exception:
         return socket.gethostname()
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
