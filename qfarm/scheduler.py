@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from .cluster import RAY_NAMESPACE, needs, node_resources, ray_options, slots
@@ -30,6 +30,9 @@ log = logging.getLogger("qfarm.scheduler")
 POLL_S = 0.25  # longest sleep between passes when nothing finishes
 REFRESH_S = 1.0  # full re-read of the sweep from Redis
 MAX_ACTOR_START_FAILURES = 3
+# Jobs handed to one worker at once: the running one and the next, so a worker starts its next job the moment
+# it finishes one, without a round trip through the scheduler. The worker claims a job when it starts it.
+WORKER_QUEUE_DEPTH = 2
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
 
 
@@ -42,7 +45,7 @@ class Slot:
     actor: Any
     name: str
     ready_ref: Any = None  # set while the actor is starting
-    job_id: str | None = None
+    jobs: list[str] = field(default_factory=list)  # handed to this worker: the running one, then the next
 
 
 @dataclass
@@ -54,8 +57,10 @@ class Pool:
     start_failures: int = 0
     last_error: str = ""
 
-    def idle(self) -> Slot | None:
-        return next((s for s in self.slots if s.ready_ref is None and s.job_id is None), None)
+    def ready(self, depth: int) -> Slot | None:
+        """A started worker with fewer than ``depth`` jobs, the least busy first."""
+        free = [s for s in self.slots if s.ready_ref is None and len(s.jobs) < depth]
+        return min(free, key=lambda s: len(s.jobs)) if free else None
 
 
 @dataclass
@@ -64,7 +69,6 @@ class Inflight:
     pool: Pool
     job_id: str
     attempt_id: str
-    started: float
     timeout_s: float | None
 
 
@@ -149,25 +153,25 @@ class Scheduler:
 
     def _dispatch(self, queued: list[JobRecord]) -> None:
         output_root, sweep_name = self.sweep.output_root, self.sweep.name
+        handed = {f.job_id for f in self.inflight.values()}
         for job in queued:
+            if job.id in handed:
+                continue
             pool = self._pool(job.spec["resources"])
             if pool.capacity == 0 or pool.start_failures >= MAX_ACTOR_START_FAILURES:
                 reason = pool.last_error or f"no node of the cluster has {needs(pool.resources)}"
                 self._fail_unstarted(job, f"cannot start a worker: {reason}")
                 continue
-            slot = pool.idle() or self._grow(pool)
+            # an idle worker first; then a new one while under capacity; then queue behind a busy one
+            slot = pool.ready(1) or self._grow(pool) or pool.ready(WORKER_QUEUE_DEPTH)
             if slot is None or slot.ready_ref is not None:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
-            if not self.store.claim(job.id, attempt_id, sweep_id=self.sweep_id, worker=slot.name):
-                self._reload(job.id)
-                continue
-            self.jobs[job.id] = replace(job, status=JobStatus.RUNNING.value, attempt_id=attempt_id)
             payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root)
             ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
                 payload, attempt_id, self.sweep_id)
-            slot.job_id = job.id
-            self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, time.time(), job.spec.get("timeout_s"))
+            slot.jobs.append(job.id)
+            self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, job.spec.get("timeout_s"))
 
     def _collect(self) -> None:
         import ray
@@ -201,14 +205,16 @@ class Scheduler:
     def _finished(self, ref, flight: Inflight) -> None:
         import ray
 
-        flight.slot.job_id = None
+        if flight.job_id in flight.slot.jobs:
+            flight.slot.jobs.remove(flight.job_id)
         try:
             ray.get(ref)
             self._reload(flight.job_id)
-            return  # the worker wrote the job's result (or its failure) itself
+            return  # the worker wrote the job's result (or its failure) itself, or found it taken
         except ray.exceptions.RayActorError as e:
             reason = f"worker process died ({one_line(e, typed=False)})"
-            flight.pool.slots.remove(flight.slot)
+            if flight.slot in flight.pool.slots:
+                flight.pool.slots.remove(flight.slot)
         except Exception as e:
             reason = f"worker error: {one_line(e, typed=False)}"
         self._attempt_failed(flight, reason)
@@ -233,7 +239,11 @@ class Scheduler:
     def _expire(self) -> None:
         now = time.time()
         for ref, flight in list(self.inflight.items()):
-            if flight.timeout_s and now - flight.started > flight.timeout_s:
+            if not flight.timeout_s:
+                continue
+            job = self.store.job(flight.job_id)
+            started = job.started_at if job and job.attempt_id == flight.attempt_id else None
+            if started is not None and now - started > flight.timeout_s:
                 self._kill(flight.slot, flight.pool)
                 self.inflight.pop(ref)
                 self._attempt_failed(flight, f"timed out after {flight.timeout_s:g} s", retry=False)
