@@ -30,9 +30,11 @@ log = logging.getLogger("qfarm.scheduler")
 POLL_S = 0.25  # longest sleep between passes when nothing finishes
 REFRESH_S = 1.0  # full re-read of the sweep from Redis
 MAX_ACTOR_START_FAILURES = 3
-# Jobs handed to one worker at once: the running one and the next, so a worker starts its next job the moment
-# it finishes one, without a round trip through the scheduler. The worker claims a job when it starts it.
-WORKER_QUEUE_DEPTH = 2
+# Jobs handed to one worker at once. 2 saves the ~3 ms round trip through the scheduler between jobs, but commits a
+# job to a busy worker: with jobs of uneven length (a reference and a 4-bit variant) it then waits behind a long job
+# while another worker goes idle, which cost far more in a real sweep than it saved. The worker claims a job in Redis
+# when it starts it, so a deeper queue would stay correct.
+WORKER_QUEUE_DEPTH = 1
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
 
 
