@@ -30,11 +30,9 @@ log = logging.getLogger("qfarm.scheduler")
 POLL_S = 0.25  # longest sleep between passes when nothing finishes
 REFRESH_S = 1.0  # full re-read of the sweep from Redis
 MAX_ACTOR_START_FAILURES = 3
-# Jobs handed to one worker at once. 2 saves the ~3 ms round trip through the scheduler between jobs, but commits a
-# job to a busy worker: with jobs of uneven length (a reference and a 4-bit variant) it then waits behind a long job
-# while another worker goes idle, which cost far more in a real sweep than it saved. The worker claims a job in Redis
-# when it starts it, so a deeper queue would stay correct.
-WORKER_QUEUE_DEPTH = 1
+# A worker is handed one job at a time. Handing it the next one early saves ~3 ms a job, but commits the job to a
+# busy worker: with jobs of uneven length (a reference and a 4-bit variant) it then waits behind a long job while
+# another worker goes idle, which cost far more in a real sweep than it saved (bench/README.md).
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
 
 
@@ -47,7 +45,7 @@ class Slot:
     actor: Any
     name: str
     ready_ref: Any = None  # set while the actor is starting
-    jobs: list[str] = field(default_factory=list)  # handed to this worker: the running one, then the next
+    job_id: str | None = None  # the job handed to this worker
 
 
 @dataclass
@@ -55,14 +53,13 @@ class Pool:
     key: str
     resources: dict
     capacity: int
+    preload: bool  # its jobs load models: workers import the ML stack while starting
     slots: list[Slot] = field(default_factory=list)
     start_failures: int = 0
     last_error: str = ""
 
-    def ready(self, depth: int) -> Slot | None:
-        """A started worker with fewer than ``depth`` jobs, the least busy first."""
-        free = [s for s in self.slots if s.ready_ref is None and len(s.jobs) < depth]
-        return min(free, key=lambda s: len(s.jobs)) if free else None
+    def idle(self) -> Slot | None:
+        return next((s for s in self.slots if s.ready_ref is None and s.job_id is None), None)
 
 
 @dataclass
@@ -129,7 +126,7 @@ class Scheduler:
                 self._refresh()
             if self.sweep is None:
                 return
-            if self.store.r.hget(self.store.keys.sweep(self.sweep_id), "cancel") == "1":
+            if self.store.cancel_requested(self.sweep_id):
                 self._cancel(list(self.jobs.values()))
                 return
             self._expire()
@@ -164,15 +161,14 @@ class Scheduler:
                 reason = pool.last_error or f"no node of the cluster has {needs(pool.resources)}"
                 self._fail_unstarted(job, f"cannot start a worker: {reason}")
                 continue
-            # an idle worker first; then a new one while under capacity; then queue behind a busy one
-            slot = pool.ready(1) or self._grow(pool) or pool.ready(WORKER_QUEUE_DEPTH)
+            slot = pool.idle() or self._grow(pool)
             if slot is None or slot.ready_ref is not None:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
             payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root)
             ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
                 payload, attempt_id, self.sweep_id)
-            slot.jobs.append(job.id)
+            slot.job_id = job.id
             self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, job.spec.get("timeout_s"))
 
     def _collect(self) -> None:
@@ -207,8 +203,7 @@ class Scheduler:
     def _finished(self, ref, flight: Inflight) -> None:
         import ray
 
-        if flight.job_id in flight.slot.jobs:
-            flight.slot.jobs.remove(flight.job_id)
+        flight.slot.job_id = None
         try:
             ray.get(ref)
             self._reload(flight.job_id)
@@ -284,10 +279,10 @@ class Scheduler:
     def _pool(self, resources: dict) -> Pool:
         key = json.dumps(resources, sort_keys=True)
         if key not in self.pools:
-            jobs_of_shape = sum(1 for j in self.jobs.values()
-                                if json.dumps(j.spec.get("resources"), sort_keys=True) == key)
-            capacity = min(slots(needs(resources), node_resources()), max(1, jobs_of_shape))
-            self.pools[key] = Pool(key, resources, capacity)
+            shape = [j for j in self.jobs.values() if json.dumps(j.spec.get("resources"), sort_keys=True) == key]
+            capacity = min(slots(needs(resources), node_resources()), max(1, len(shape)))
+            preload = any(j.spec.get("kind") in MODEL_KINDS for j in shape)
+            self.pools[key] = Pool(key, resources, capacity, preload)
         return self.pools[key]
 
     def _grow(self, pool: Pool) -> Slot | None:
@@ -300,10 +295,8 @@ class Scheduler:
         self._worker_seq += 1
         name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
         opts = ray_options(pool.resources)
-        preload = any(j.spec.get("kind") in MODEL_KINDS for j in self.jobs.values()
-                      if json.dumps(j.spec.get("resources"), sort_keys=True) == pool.key)
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
-            self.redis_url, self.namespace, name, opts["num_cpus"], preload)
+            self.redis_url, self.namespace, name, opts["num_cpus"], pool.preload)
         slot = Slot(actor, name, ready_ref=actor.ready.remote())
         pool.slots.append(slot)
         return slot

@@ -270,6 +270,10 @@ class Store:
     def stats(self, sweep_id: str) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(self.keys.sweep_stats(sweep_id)).items()}
 
+    def cancel_requested(self, sweep_id: str) -> bool:
+        """One field read: the scheduler asks on every pass."""
+        return self.r.hget(self.keys.sweep(sweep_id), "cancel") == "1"
+
     def request_cancel(self, sweep_id: str) -> int:
         """Flag the sweep cancelled and cancel its queued jobs at once; the scheduler stops running ones."""
         self.r.hset(self.keys.sweep(sweep_id), "cancel", "1")
