@@ -88,7 +88,8 @@ def bench_reuse(root: Path) -> None:
 
 def bench_direct(root: Path, repeats: int = 2) -> None:
     """Same conditions on both sides: a fresh process per run (a fresh worker actor / a fresh python), one
-    torch thread, OMP_NUM_THREADS=1 (what Ray gives a 1-CPU worker), the float base already prepared."""
+    torch thread, OMP_NUM_THREADS=1 (what Ray gives a 1-CPU worker), the float base already prepared, and the ML
+    stack imported before the clock starts (workers do it while starting)."""
     print(f"direct: one bnb-nf4 quantize + evaluate job, through qfarm vs the same calls in a plain script ({repeats}x each)")
     farm, walls = [], []
     with head_with({}) as head:
@@ -111,12 +112,11 @@ def _direct_in_fresh_process(payload: dict) -> float:
     code = textwrap.dedent(f"""\
         import json, sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import torch
         import workers.bnb, workers.quantize
         from workers.actor import JobContext
         from workers.cache import Cache
-        from workers.models import quiet
-        quiet()
+        from workers.models import preload
+        preload()  # what a worker does in ready(), before its first job
         payload = json.loads(sys.stdin.read())
         ctx = JobContext(payload, "direct", "direct", payload["output_dir"], payload["output_root"], Cache(), 1,
                          lambda line: None)

@@ -62,11 +62,9 @@ class Worker:
         """Called once by the scheduler before the first job; imports the ML stack for model jobs, so the
         few seconds torch and transformers take to import are spent while the worker starts, not in a job."""
         if self.preload:
-            import workers.bnb  # noqa: F401
-            import workers.quantize  # noqa: F401
-            from workers.models import quiet
+            from workers.models import preload
 
-            quiet()
+            preload()
         return {"pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
 
     @property
