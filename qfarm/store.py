@@ -196,7 +196,7 @@ class Store:
                                 "submitted_at": repr(now), "info": json.dumps(info or {}), "job_count": len(jobs),
                                 "cancel": "0"})
         pipe.hdel(key, "finished_at", "scheduler_error")
-        pipe.zadd(self.keys.sweeps(), {sweep_id: now}, nx=True)
+        pipe.zadd(self.keys.sweeps(), {sweep_id: now})  # ordered by last submit: a resubmit is the newest
         pipe.delete(self.keys.sweep_jobs(sweep_id))
         if jobs:
             pipe.rpush(self.keys.sweep_jobs(sweep_id), *[j["id"] for j in jobs])
@@ -217,11 +217,11 @@ class Store:
         return SweepRecord.from_hash(h) if h else None
 
     def sweep_ids(self) -> list[str]:
-        """All sweeps, oldest first."""
+        """All sweeps, least recently submitted first."""
         return list(self.r.zrange(self.keys.sweeps(), 0, -1))
 
     def find_sweep(self, text: str) -> SweepRecord | None:
-        """A sweep by id, unique id prefix, or name (the newest sweep of that name)."""
+        """A sweep by id, unique id prefix, or name (the most recently submitted sweep of that name)."""
         found = self.sweep(text)
         if found:
             return found

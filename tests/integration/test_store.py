@@ -78,3 +78,12 @@ def test_find_sweep_by_id_prefix_and_name(store):
     assert store.find_sweep("demo-aa").id == "demo-aaaa1111"
     assert store.find_sweep("demo").id == "demo-aaaa1111"
     assert store.find_sweep("other") is None
+
+
+def test_a_name_means_the_most_recently_submitted_sweep_of_that_name(store):
+    store.submit("demo-aaaa", "demo", jobs(1), source="x", output_root="/o")
+    store.submit("demo-bbbb", "demo", jobs(1), source="y", output_root="/o")
+    assert store.find_sweep("demo").id == "demo-bbbb"
+    store.submit("demo-aaaa", "demo", jobs(1), source="x", output_root="/o")  # resubmitting the first file
+    assert store.find_sweep("demo").id == "demo-aaaa"
+    assert store.sweep("demo-aaaa").created_at < store.sweep("demo-bbbb").created_at  # created_at is kept
