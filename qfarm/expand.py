@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .errors import Problem, SpecError, allowed, did_you_mean
 from .methods import METHODS, MODEL_KINDS, Options, SleepOptions
+from .modelinfo import shape_of
 from .refs import RefError, resolve_dataset, resolve_model
 from .spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe, format_path, line_of, load_spec
 
@@ -36,6 +37,7 @@ class Job:
     resources: dict[str, Any]
     max_attempts: int
     timeout_s: float | None
+    calibration: dict[str, Any] | None = None  # resolved calibration data ref, for methods that calibrate
 
     def payload(self) -> dict[str, Any]:
         """The JSON-safe description stored in Redis and handed to a worker."""
@@ -50,6 +52,7 @@ class Job:
             "resources": self.resources,
             "max_attempts": self.max_attempts,
             "timeout_s": self.timeout_s,
+            "calibration": self.calibration,
         }
 
 
@@ -104,16 +107,20 @@ def _semantic_checks(raw: dict, base_dir: Path, errors: _Collector) -> None:
             groups.append((gi, JobGroup.model_validate(group)))
         except ValidationError:
             continue
+    model_ref = None
     if any(g.kind in MODEL_KINDS for _, g in groups) and isinstance(raw.get("model"), str):
-        _model(raw["model"], base_dir, errors)
+        model_ref = _model(raw["model"], base_dir, errors)
     try:
         ev = EvalSpec.model_validate(raw.get("eval") or {})
         _eval(ev, base_dir, errors)
     except ValidationError:
         pass
+    checks = _MethodChecks(model_ref, base_dir, errors)
     for gi, group in groups:
         for combo, sources in _combinations(gi, group, errors):
-            _options(gi, group, combo, sources, errors)
+            options = _options(gi, group, combo, sources, errors)
+            if options is not None:
+                checks(gi, group, options, sources)
 
 
 def expand(loaded: LoadedSpec) -> Plan:
@@ -128,12 +135,14 @@ def expand(loaded: LoadedSpec) -> Plan:
             model_ref = _model(spec.model, loaded.base_dir, errors)
         eval_spec = _eval(spec.eval, loaded.base_dir, errors)
     jobs: dict[str, Job] = {}
+    checks = _MethodChecks(model_ref, loaded.base_dir, errors)
     for gi, group in enumerate(spec.jobs):
         for combo, sources in _combinations(gi, group, errors):
             options = _options(gi, group, combo, sources, errors)
             if options is None:
                 continue
-            job = _job(spec, gi, group, options, model_ref, eval_spec)
+            calibration = checks(gi, group, options, sources)
+            job = _job(spec, gi, group, options, model_ref, eval_spec, calibration)
             jobs.setdefault(job.id, job)
             if len(jobs) > MAX_JOBS:
                 errors.add(("jobs", gi), f"the sweep expands to more than {MAX_JOBS} jobs; split it")
@@ -150,7 +159,7 @@ def _model(text: str, base_dir: Path, errors: _Collector) -> dict | None:
     except RefError as e:
         errors.add(("model",), str(e))
         return None
-    return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key}
+    return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
 
 
 def _eval(eval_spec: EvalSpec, base_dir: Path, errors: _Collector) -> dict:
@@ -209,17 +218,21 @@ def _options(gi: int, group: JobGroup, combo: dict, sources: dict, errors: _Coll
             )
             return None
         model, context = METHODS[method].options, f"method {method}"
+        if "calibration" in combo and "calibration" not in model.model_fields and len(group.matrix.get("method", [])) > 1:
+            # a group's calibration data is for those of its methods that calibrate (gptq, awq), not rtn or bnb
+            combo = {k: v for k, v in combo.items() if k != "calibration"}
     try:
         return model.model_validate(combo)
     except ValidationError as err:
         for e in err.errors():
             name = e["loc"][0] if e["loc"] else None
-            loc = sources.get(name, here)
-            if e["type"] == "extra_forbidden":
+            loc = sources.get(name, here) + tuple(e["loc"][1:])
+            if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
                 options = [k for k in model.model_fields if k != "method"]
                 msg = f"option {name!r} does not apply to {context}.{did_you_mean(name, options)} Its options: {allowed(options)}"
             else:
-                msg = f"{context}: {name}: {describe(e, model, tuple(e['loc']))}"
+                dotted = ".".join(str(p) for p in e["loc"])
+                msg = f"{context}: {dotted}: {describe(e, model, tuple(e['loc']))}"
                 if group.matrix and name in group.matrix and "method" in group.matrix:
                     row = {"method": combo.get("method"), name: combo.get(name)}
                     msg += f". To skip this combination, add to exclude: {json.dumps(row)}; or give it its own job group"
@@ -227,8 +240,59 @@ def _options(gi: int, group: JobGroup, combo: dict, sources: dict, errors: _Coll
         return None
 
 
-def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec) -> Job:
+class _MethodChecks:
+    """Checks of one job's options against the model and the filesystem, beyond what its pydantic model can see:
+    group sizes that must divide every Linear layer's input, and the calibration dataset (resolved here)."""
+
+    def __init__(self, model_ref: dict | None, base_dir: Path, errors: _Collector):
+        self.model_ref, self.base_dir, self.errors = model_ref, base_dir, errors
+        self._shape: Any = ...
+
+    @property
+    def shape(self):
+        if self._shape is ...:
+            self._shape = shape_of(self.model_ref) if self.model_ref else None
+        return self._shape
+
+    def __call__(self, gi: int, group: JobGroup, options: Options, sources: dict) -> dict | None:
+        group_size = getattr(options, "group_size", None)
+        if group_size and group_size > 0 and self.shape is not None:
+            self._check_group_size(group, options, sources.get("group_size", ("jobs", gi)), group_size)
+        calibration = getattr(options, "calibration", None)
+        if calibration is None:
+            return None
+        try:
+            ref = resolve_dataset(calibration.dataset, self.base_dir, calibration.text_field)
+        except RefError as e:
+            self.errors.add(sources.get("calibration", ("jobs", gi)) + ("dataset",), str(e))
+            return None
+        return {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key,
+                "samples": calibration.samples, "seq_len": calibration.seq_len}
+
+    def _check_group_size(self, group: JobGroup, options: Options, loc: tuple, group_size: int) -> None:
+        bad = self.shape.not_divisible(group_size)
+        if not bad:
+            return
+        method, shape = options.method, self.shape
+        by_size: dict[int, list[str]] = {}
+        for name, n in bad.items():
+            by_size.setdefault(n, []).append(name.rsplit(".", 1)[-1])
+        layers = "; ".join(f"{', '.join(names)} ({n} inputs)" for n, names in by_size.items())
+        fits = [str(g) for g in shape.dividing_group_sizes()] + ["-1 (one scale per output channel)"]
+        msg = (f"method {method}: group_size {group_size} does not divide the input size of "
+               f"{len(bad) * shape.layers} of {len(shape.inputs) * shape.layers} Linear layers of "
+               f"{self.model_ref.get('name') or self.model_ref['key']}: {layers}, in each of its {shape.layers} "
+               f"blocks. Group sizes that divide every layer: {allowed(fits)}")
+        if "group_size" in group.matrix:
+            msg += f". To skip it, add to exclude: {json.dumps({'method': method, 'group_size': group_size})}"
+        self.errors.add(loc, msg)
+
+
+def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,
+         calibration: dict | None = None) -> Job:
     opts = options.model_dump()
+    if calibration is not None:
+        opts["calibration"]["dataset"] = calibration["key"]  # the identity of the data, not how it was spelled
     uses_model = group.kind in MODEL_KINDS
     identity = {
         "v": SPEC_VERSION,
@@ -239,6 +303,8 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
     }
     job_id = "j" + digest(identity, 12)
     label = opts.get("method") or group.kind
+    varied = [k for k in group.matrix if k not in ("method", "bits", "index")]
+    label += "".join(f" {_SHORT.get(k, k)}={_scalar_text(opts.get(k))}" for k in varied if k in opts)
     if group.kind == "sleep":
         label = f"sleep[{opts['index']}]"
     resources = (group.resources or spec.resources).model_dump()
@@ -253,7 +319,15 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         resources=resources,
         max_attempts=group.max_attempts or spec.max_attempts,
         timeout_s=group.timeout_s or spec.timeout_s,
+        calibration=calibration,
     )
+
+
+_SHORT = {"group_size": "g", "act_order": "act_order"}
+
+
+def _scalar_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _eval_identity(eval_spec: dict | None) -> Any:

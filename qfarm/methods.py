@@ -8,9 +8,9 @@ Each method is a pair, joined by its name: a pydantic model of its options (what
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Options(BaseModel):
@@ -43,6 +43,61 @@ class Bnb4bitOptions(Options):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class Calibration(Options):
+    """Text that calibration-based methods (GPTQ, AWQ) run through the model: ``samples`` windows of ``seq_len``
+    tokens, taken from the end of the text (the evaluation windows come from its start)."""
+
+    dataset: str = "bundled:python-docs"
+    text_field: str = "text"
+    samples: int = Field(64, ge=1, le=100_000)
+    seq_len: int = Field(512, ge=16, le=32_768)
+
+
+GroupSize = Annotated[int, AfterValidator(lambda g: _group_size(g))]
+
+
+def _group_size(value: int) -> int:
+    if value != -1 and not (value >= 8 and value & (value - 1) == 0):
+        raise ValueError("must be -1 (one scale per output channel) or a power of two >= 8, e.g. 32, 64, 128")
+    return value
+
+
+class RtnOptions(Options):
+    """Round-to-nearest integer weights (no calibration): the baseline every GPTQ/AWQ paper reports."""
+
+    method: Literal["rtn"]
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: GroupSize = 64
+    symmetric: bool = True
+
+
+class GptqOptions(Options):
+    """GPTQ (llm-compressor's GPTQModifier): integer weights chosen layer by layer to minimise the output error
+    on calibration data. ``act_order`` processes columns by activation size (compressed-tensors' ``weight``
+    ordering: better accuracy, no extra inference cost)."""
+
+    method: Literal["gptq"]
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: GroupSize = 64
+    act_order: bool = False
+    symmetric: bool = True
+    dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
+    calibration: Calibration = Calibration()
+
+
+class AwqOptions(Options):
+    """AWQ (llm-compressor's AWQModifier + weight quantization): per-channel scales searched on calibration
+    activations protect salient weights before rounding. Asymmetric (with zero points) by default."""
+
+    method: Literal["awq"]
+    bits: Literal[3, 4, 8] = 4
+    group_size: GroupSize = 64
+    symmetric: bool = False
+    duo_scaling: bool = True
+    n_grid: int = Field(20, ge=1, le=1_000)
+    calibration: Calibration = Calibration()
+
+
 class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
@@ -67,6 +122,9 @@ METHODS: dict[str, Method] = {
         Method("bnb-int8", BnbInt8Options, "workers.bnb:BitsAndBytes", "bitsandbytes LLM.int8()"),
         Method("bnb-nf4", Bnb4bitOptions, "workers.bnb:BitsAndBytes", "bitsandbytes 4-bit NormalFloat"),
         Method("bnb-fp4", Bnb4bitOptions, "workers.bnb:BitsAndBytes", "bitsandbytes 4-bit float"),
+        Method("rtn", RtnOptions, "workers.llmc:LLMCompressor", "round-to-nearest integer weights (llm-compressor)"),
+        Method("gptq", GptqOptions, "workers.llmc:LLMCompressor", "GPTQ (llm-compressor), calibrated"),
+        Method("awq", AwqOptions, "workers.llmc:LLMCompressor", "AWQ (llm-compressor), calibrated"),
     ]
 }
 

@@ -19,7 +19,8 @@ COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "sweep_id", "kind", "label", "attempts", "error", "started_at", "finished_at", "queued_at", "model_mem_mb",
-    "ref_size_mb", "size_source", "quant_s", "prepare_s", "ttft_ms", "ms_per_token", "ref_perplexity",
+    "ref_size_mb", "size_source", "quant_s", "quant_peak_mem_mb", "calib_samples", "calib_tokens",
+    "calib_source", "calib_overlap_tokens", "prepare_s", "ttft_ms", "ms_per_token", "ref_perplexity",
     "ppl_windows", "ppl_tokens", "base_cache_hit", "node", "worker", "threads", "artifact", "answers",
 ]
 FORMATS = ("table", "md", "csv", "json")

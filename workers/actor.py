@@ -35,6 +35,7 @@ class JobContext:
     threads: int
     progress: Callable[[str], None]
     stats: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # result columns a method adds (e.g. calibration size)
 
     @property
     def options(self) -> dict[str, Any]:

@@ -65,9 +65,10 @@ class Cache:
             ctx.count("model_cache_hits")
         return loaded, hit
 
-    def eval_windows(self, key: tuple, make: Callable[[], Any], ctx) -> Any:
-        value, hit = self.windows.get(key, make)
-        ctx.count("eval_data_cache_hits" if hit else "eval_data_tokenizations")
+    def eval_windows(self, key: tuple, make: Callable[[], Any], ctx, what: str = "eval_data") -> Any:
+        """Tokenized text (eval windows, calibration samples), counted as ``<what>_tokenizations`` or ``_cache_hits``."""
+        value, hit = self.windows.get((what,) + key, make)
+        ctx.count(f"{what}_cache_hits" if hit else f"{what}_tokenizations")
         return value
 
     def reference(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:

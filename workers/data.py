@@ -1,8 +1,11 @@
-"""Text for evaluation (and later calibration): bundled, local text, or local JSONL; tokenized into windows."""
+"""Text for evaluation and calibration: bundled, local text, or local JSONL; tokenized into windows."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +38,11 @@ def load_text(ref: dict) -> str:
     raise ValueError(f"unknown dataset kind {kind!r}")
 
 
+def _token_ids(tokenizer, text: str) -> list[int]:
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def windows(tokenizer, text: str, seq_len: int, max_windows: int):
     """Non-overlapping windows of ``seq_len`` tokens from the start of the text (a LongTensor [n, seq_len]).
 
@@ -43,9 +51,55 @@ def windows(tokenizer, text: str, seq_len: int, max_windows: int):
     """
     import torch
 
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = _token_ids(tokenizer, text)
     n = min(max_windows, len(ids) // seq_len)
     if n == 0:
         raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def calibration_windows(tokenizer, text: str, seq_len: int, samples: int):
+    """``samples`` windows of ``seq_len`` tokens from the *end* of the text, and the text's length in tokens.
+
+    Evaluation windows come from the start of a text, so calibrating on the evaluation text itself leaves
+    them untouched unless the text is too short (the caller records any overlap). Fewer windows when the text
+    is short; never fewer than one.
+    """
+    import torch
+
+    ids = _token_ids(tokenizer, text)
+    n = min(samples, len(ids) // seq_len)
+    if n == 0:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one sample of seq_len={seq_len}")
+    tail = ids[len(ids) - n * seq_len:]
+    return torch.tensor(tail, dtype=torch.long).view(n, seq_len), len(ids)
+
+
+def shared_tokens(output_root: str, key: tuple, make):
+    """``make()`` -> (LongTensor, total tokens), computed once per output root and shared through a file.
+
+    Returns (value, "disk" | "tokenized"). The file is safetensors (no pickle); a lock makes two workers on
+    one node tokenize once; the write is atomic (rename), so a reader never sees half a file.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:16]
+    path = Path(output_root) / "_data" / f"{name}.safetensors"
+
+    def read():
+        t = load_file(str(path))
+        return (t["ids"], int(t["total"].item())), "disk"
+
+    if path.is_file():
+        return read()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return read()
+        ids, total = make()
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_file({"ids": ids.contiguous(), "total": torch.tensor([total])}, str(tmp))
+        os.replace(tmp, path)
+        return (ids, total), "tokenized"

@@ -38,7 +38,13 @@ class Reference:
 
 
 class PeakMemory:
-    """Peak memory of this job: CUDA max allocated, or process RSS sampled every 20 ms on CPU."""
+    """Peak memory of this job: CUDA max allocated, or process RSS sampled every 20 ms on CPU.
+
+    May be nested (the quantization step inside the whole job): CUDA has one peak counter, so an inner
+    measurement hands the peak it resets to every enclosing one first.
+    """
+
+    _active: list["PeakMemory"] = []
 
     def __init__(self):
         import psutil
@@ -53,7 +59,11 @@ class PeakMemory:
         import torch
 
         if self.cuda:
+            carried = torch.cuda.max_memory_allocated()
+            for outer in PeakMemory._active:
+                outer.peak = max(outer.peak, carried)
             torch.cuda.reset_peak_memory_stats()
+            PeakMemory._active.append(self)
         else:
             self.peak = self.proc.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -68,7 +78,8 @@ class PeakMemory:
         import torch
 
         if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
+            PeakMemory._active.remove(self)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
         else:
             self._stop.set()
             self._thread.join()

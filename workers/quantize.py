@@ -53,7 +53,8 @@ def run(ctx) -> dict:
         base, cached = ctx.cache.base(path, ctx)
         ctx.progress(f"quantizing ({name})")
         t0 = time.time()
-        artifact = impl.quantize(ctx, base)
+        with PeakMemory() as quant_mem:
+            artifact = impl.quantize(ctx, base)
         quant_s = time.time() - t0
         ctx.progress("loading the artifact")
         t0 = time.time()
@@ -73,11 +74,13 @@ def run(ctx) -> dict:
         "peak_mem_mb": mem.mb,
         "load_s": load_s,
         "quant_s": quant_s,
+        "quant_peak_mem_mb": quant_mem.mb,
         "prepare_s": prepare_s,
         "base_cache_hit": cached,
         "device": device_label(),
         "artifact": artifact,
         "versions": _versions(),
+        **ctx.extra,
         **metrics,
     }
     del model
@@ -88,7 +91,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "transformers", "bitsandbytes"):
+    for pkg in ("torch", "transformers", "bitsandbytes", "llmcompressor", "compressed-tensors"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -1,0 +1,112 @@
+"""A model's shape, read without loading it: the input sizes of its Linear layers, for checks at validate time.
+
+Group-wise quantization (GPTQ, AWQ, RTN) splits each Linear layer's input dimension into groups, so the group
+size must divide it. Reading the shape needs no ML library: a GGUF file's header (a few KB of key/values, read
+with ``struct``) or a Hugging Face folder's ``config.json``. A hub model is not read (no network at validate
+time); the job itself then reports a bad group size.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# GGUF value types (gguf spec): id -> struct format; 8 = string, 9 = array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_MAX_KV = 100_000
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Per Linear layer kind (the last part of its name), its input features, and how many layers there are."""
+
+    layers: int
+    inputs: dict[str, int]  # e.g. {"self_attn.q_proj": 576, ..., "mlp.down_proj": 1536}
+
+    def not_divisible(self, group_size: int) -> dict[str, int]:
+        return {name: n for name, n in self.inputs.items() if n % group_size}
+
+    def dividing_group_sizes(self, candidates=(16, 32, 64, 128, 256)) -> list[int]:
+        return [g for g in candidates if not self.not_divisible(g)]
+
+
+def _llama_like(hidden: int, intermediate: int, heads: int, head_dim: int, layers: int) -> Shape:
+    return Shape(layers, {
+        "self_attn.q_proj": hidden, "self_attn.k_proj": hidden, "self_attn.v_proj": hidden,
+        "self_attn.o_proj": heads * head_dim, "mlp.gate_proj": hidden, "mlp.up_proj": hidden,
+        "mlp.down_proj": intermediate,
+    })
+
+
+def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
+    """The scalar and string key/values of a GGUF file's header (arrays are skipped)."""
+    out: dict = {}
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: truncated GGUF header")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", errors="replace")
+
+        def skip(vtype: int) -> None:
+            if vtype == 8:
+                f.seek(read("Q"), 1)
+            elif vtype == 9:
+                item, count = read("I"), read("Q")
+                if item in _SCALARS:
+                    f.seek(struct.calcsize("<" + _SCALARS[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif vtype in _SCALARS:
+                f.seek(struct.calcsize("<" + _SCALARS[vtype]), 1)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version = read("I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old")
+        read("Q")  # tensor count
+        kv_count = read("Q")
+        for _ in range(min(kv_count, _MAX_KV)):
+            key, vtype = string(), read("I")
+            if (wanted is None or key in wanted) and vtype in _SCALARS:
+                out[key] = read(_SCALARS[vtype])
+            elif (wanted is None or key in wanted) and vtype == 8:
+                out[key] = string()
+            else:
+                skip(vtype)
+    return out
+
+
+def shape_of(model: dict) -> Shape | None:
+    """The shape of a resolved model ref (``qfarm.refs.ModelRef`` as a dict), or None if it can't be read here."""
+    try:
+        if model["kind"] == "gguf":
+            meta = gguf_metadata(Path(model["location"]) / model["gguf_file"])
+            arch = meta.get("general.architecture", "llama")
+            get = lambda k: meta.get(f"{arch}.{k}")  # noqa: E731
+            hidden, heads = get("embedding_length"), get("attention.head_count")
+            if not (hidden and heads and get("feed_forward_length") and get("block_count")):
+                return None
+            head_dim = get("attention.key_length") or hidden // heads
+            return _llama_like(hidden, get("feed_forward_length"), heads, head_dim, get("block_count"))
+        if model["kind"] == "hf_dir":
+            cfg = json.loads((Path(model["location"]) / "config.json").read_text())
+            cfg = cfg.get("text_config", cfg)
+            hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+            if not (hidden and heads and cfg.get("intermediate_size") and cfg.get("num_hidden_layers")):
+                return None
+            head_dim = cfg.get("head_dim") or hidden // heads
+            return _llama_like(hidden, cfg["intermediate_size"], heads, head_dim, cfg["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None

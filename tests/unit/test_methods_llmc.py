@@ -1,0 +1,182 @@
+"""GPTQ / AWQ / RTN options: validation messages at validate time, calibration data, model shape reading.
+
+Pure logic: no services, no ML imports (the model shape comes from the GGUF header or config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from qfarm.expand import load_plan
+from qfarm.modelinfo import gguf_metadata, shape_of
+from tests.unit.test_spec import problems, write
+
+HEAD = """\
+    name: s
+    model: bundled:smollm2-135m
+    jobs:
+"""
+
+
+def test_group_size_that_does_not_divide_576_is_refused_with_the_layers_and_the_fix(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - kind: quantize
+        calibration: {samples: 8, seq_len: 128}
+        matrix: {method: [gptq], bits: [4], group_size: [64, 128]}
+    """)
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}:6: jobs[0].matrix.group_size[1]: method gptq: group_size 128 does not divide")
+    assert "180 of 210 Linear layers of bundled:smollm2-135m" in msg
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj (576 inputs), in each of its 30 blocks" in msg
+    assert "down_proj" not in msg  # 1536 inputs: 128 divides it
+    assert "Group sizes that divide every layer: 16, 32, 64, -1 (one scale per output channel)" in msg
+    assert 'add to exclude: {"method": "gptq", "group_size": 128}' in msg
+
+
+def test_group_size_checked_for_rtn_and_awq_too_and_per_channel_always_fits(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - {kind: quantize, method: rtn, group_size: 256}
+      - {kind: quantize, method: awq, group_size: -1}
+    """)
+    (msg,) = problems(path)
+    assert msg.startswith(f"{path}:4: jobs[0].group_size: method rtn: group_size 256 does not divide")
+    assert "down_proj" not in msg and "exclude" not in msg  # 1536 = 6 * 256; a fixed option has no exclude fix
+
+
+@pytest.mark.parametrize("method,bits,allowed", [("gptq", 5, "2, 3, 4 or 8"), ("awq", 2, "3, 4 or 8"), ("rtn", 16, "2, 3, 4 or 8")])
+def test_bits_a_method_does_not_support(tmp_path, method, bits, allowed):
+    path = write(tmp_path, HEAD + f"      - {{kind: quantize, method: {method}, bits: {bits}}}\n")
+    (msg,) = problems(path)
+    assert msg == f"{path}:4: jobs[0].bits: method {method}: bits: {bits} is not allowed. Allowed: {allowed}"
+
+
+def test_group_size_must_be_a_power_of_two_or_minus_one(tmp_path):
+    path = write(tmp_path, HEAD + "      - {kind: quantize, method: gptq, group_size: 100}\n")
+    (msg,) = problems(path)
+    assert "jobs[0].group_size: method gptq: group_size: must be -1 (one scale per output channel) or a power of two" in msg
+
+
+def test_act_order_is_a_gptq_option_only(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - kind: quantize
+        matrix: {method: [gptq, awq], act_order: [true]}
+      - {kind: quantize, method: gptq, act_order: maybe}
+    """)
+    msgs = problems(path)
+    assert any("jobs[0].matrix.act_order[0]: option 'act_order' does not apply to method awq" in m
+               and "Its options: bits, group_size, symmetric, duo_scaling, n_grid, calibration" in m for m in msgs)
+    assert any("jobs[1].act_order: method gptq: act_order: input should be a valid boolean" in m for m in msgs)
+    assert len(msgs) == 2
+
+
+def test_calibration_errors_name_the_nested_key_and_the_file(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - kind: quantize
+        method: gptq
+        calibration: {dataset: missing.jsonl, samples: 0, sample: 3}
+    """)
+    msgs = problems(path)
+    assert any(m.startswith(f"{path}:6: jobs[0].calibration.samples: method gptq: calibration.samples: input should be greater") for m in msgs)
+    assert any("jobs[0].calibration.sample: method gptq: calibration.sample: unknown key 'sample'. Did you mean 'samples'?" in m for m in msgs)
+    assert len(msgs) == 2  # the dataset is checked once the options themselves are valid
+
+    path = write(tmp_path, HEAD + "      - {kind: quantize, method: awq, calibration: {dataset: missing.jsonl}}\n")
+    (msg,) = problems(path)
+    assert f"jobs[0].calibration.dataset: dataset 'missing.jsonl': no such file ({tmp_path / 'missing.jsonl'})" in msg
+
+
+def test_calibration_applies_to_the_calibrating_methods_of_a_group(tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_text("some text " * 100)
+    path = write(tmp_path, HEAD + """\
+      - kind: quantize
+        calibration: {dataset: calib.txt, samples: 16, seq_len: 256}
+        matrix: {method: [rtn, gptq, awq, bnb-nf4], bits: [4]}
+        exclude: [{method: bnb-nf4, bits: 4}]
+      - {kind: quantize, method: bnb-nf4}
+    """)
+    _, plan = load_plan(path)
+    jobs = {j.options["method"]: j for j in plan.jobs}
+    assert sorted(jobs) == ["awq", "bnb-nf4", "gptq", "rtn"]
+    assert jobs["rtn"].calibration is None and "calibration" not in jobs["rtn"].options
+    for m in ("gptq", "awq"):
+        cal = jobs[m].payload()["calibration"]
+        assert cal == {"kind": "text", "location": str(data), "text_field": "text", "key": f"text:{data}",
+                       "samples": 16, "seq_len": 256}
+        # the job's identity names the data itself, not how the spec spelled its path
+        assert jobs[m].options["calibration"]["dataset"] == f"text:{data}"
+
+    # one method alone in a group: a calibration it cannot use is a mistake, said so
+    path = write(tmp_path, HEAD + "      - {kind: quantize, method: rtn, calibration: {samples: 8}}\n")
+    (msg,) = problems(path)
+    assert "jobs[0].calibration: option 'calibration' does not apply to method rtn" in msg
+
+
+def test_calibration_size_changes_the_job_id_and_labels_show_varied_options(tmp_path):
+    spec = HEAD + """\
+      - kind: quantize
+        calibration: {samples: %d}
+        matrix: {method: [gptq], group_size: [32, 64], act_order: [false, true]}
+    """
+    _, a = load_plan(write(tmp_path, spec % 8, "a.yaml"))
+    _, b = load_plan(write(tmp_path, spec % 16, "b.yaml"))
+    assert len(a.jobs) == 4 and not {j.id for j in a.jobs} & {j.id for j in b.jobs}
+    assert [j.label for j in a.jobs] == ["gptq g=32 act_order=false", "gptq g=32 act_order=true",
+                                         "gptq g=64 act_order=false", "gptq g=64 act_order=true"]
+    assert a.jobs[0].options["calibration"] == {"dataset": "bundled:python-docs", "text_field": "text",
+                                                "samples": 8, "seq_len": 512}
+
+
+# --- reading a model's shape without ML libraries -------------------------------------------------
+
+
+def _gguf(path: Path, kv: dict) -> Path:
+    def s(text: str) -> bytes:
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    body = b""
+    for key, value in kv.items():
+        if isinstance(value, str):
+            body += s(key) + struct.pack("<I", 8) + s(value)
+        elif isinstance(value, list):  # array of strings, skipped by the reader
+            body += s(key) + struct.pack("<IIQ", 9, 8, len(value)) + b"".join(s(v) for v in value)
+        else:
+            body += s(key) + struct.pack("<II", 4, value)
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv)) + body)
+    return path
+
+
+def test_gguf_header_gives_the_linear_input_sizes(tmp_path):
+    f = _gguf(tmp_path / "m.gguf", {"general.architecture": "llama", "tokenizer.ggml.tokens": ["a", "bb"],
+                                    "llama.embedding_length": 768, "llama.feed_forward_length": 2048,
+                                    "llama.attention.head_count": 12, "llama.block_count": 4})
+    assert gguf_metadata(f)["llama.embedding_length"] == 768 and "tokenizer.ggml.tokens" not in gguf_metadata(f)
+    shape = shape_of({"kind": "gguf", "location": str(tmp_path), "gguf_file": "m.gguf"})
+    assert shape.layers == 4 and shape.inputs["self_attn.q_proj"] == 768 and shape.inputs["mlp.down_proj"] == 2048
+    assert shape.not_divisible(512) == {k: 768 for k in shape.inputs if k != "mlp.down_proj"}
+    assert shape.dividing_group_sizes() == [16, 32, 64, 128, 256]
+
+
+def test_unreadable_shapes_skip_the_check_instead_of_failing(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    assert shape_of({"kind": "gguf", "location": str(tmp_path), "gguf_file": "bad.gguf"}) is None
+    assert shape_of({"kind": "hub", "location": "org/name"}) is None
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "intermediate_size": 256,
+                                                      "num_attention_heads": 4, "num_hidden_layers": 2}))
+    shape = shape_of({"kind": "hf_dir", "location": str(tmp_path)})
+    assert shape.inputs["self_attn.o_proj"] == 96 and shape.dividing_group_sizes() == [16, 32]
+
+    # a local HF folder goes through the same check in a spec
+    path = write(tmp_path, f"""\
+    name: s
+    model: {tmp_path}
+    jobs:
+      - {{kind: quantize, method: rtn, group_size: 64}}
+    """)
+    (msg,) = problems(path)
+    assert "group_size 64 does not divide the input size of 12 of 14 Linear layers" in msg
