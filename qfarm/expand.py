@@ -19,7 +19,16 @@ from .errors import Problem, SpecError, allowed, did_you_mean
 from .methods import METHODS, MODEL_KINDS, Options, SleepOptions
 from .modelinfo import shape_of
 from .refs import RefError, resolve_dataset, resolve_model
-from .spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe, format_path, line_of, load_spec
+from .spec import (
+    EvalSpec,
+    JobGroup,
+    LoadedSpec,
+    SweepSpec,
+    describe,
+    format_path,
+    line_of,
+    load_spec,
+)
 
 MAX_JOBS = 100_000
 SPEC_VERSION = 1  # bump when a change to evaluation makes old results incomparable
@@ -218,9 +227,7 @@ def _options(gi: int, group: JobGroup, combo: dict, sources: dict, errors: _Coll
             )
             return None
         model, context = METHODS[method].options, f"method {method}"
-        if "calibration" in combo and "calibration" not in model.model_fields and len(group.matrix.get("method", [])) > 1:
-            # a group's calibration data is for those of its methods that calibrate (gptq, awq), not rtn or bnb
-            combo = {k: v for k, v in combo.items() if k != "calibration"}
+        combo = _for_method(group, combo, model)
     try:
         return model.model_validate(combo)
     except ValidationError as err:
@@ -286,6 +293,17 @@ class _MethodChecks:
         if "group_size" in group.matrix:
             msg += f". To skip it, add to exclude: {json.dumps({'method': method, 'group_size': group_size})}"
         self.errors.add(loc, msg)
+
+
+def _for_method(group: JobGroup, combo: dict, model: type[Options]) -> dict:
+    """In a group whose matrix varies the method, a fixed option goes to the methods that have it: a group's
+    ``calibration`` is for gptq and awq, not rtn or bnb. An option that none of them has stays an error."""
+    methods = [METHODS[m].options for m in group.matrix.get("method", []) if isinstance(m, str) and m in METHODS]
+    if len(methods) < 2:
+        return combo
+    fixed = set(group.model_extra or {})
+    drop = {k for k in fixed if k not in model.model_fields and any(k in m.model_fields for m in methods)}
+    return {k: v for k, v in combo.items() if k not in drop}
 
 
 def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,

@@ -93,7 +93,7 @@ def shape_of(model: dict) -> Shape | None:
         if model["kind"] == "gguf":
             meta = gguf_metadata(Path(model["location"]) / model["gguf_file"])
             arch = meta.get("general.architecture", "llama")
-            get = lambda k: meta.get(f"{arch}.{k}")  # noqa: E731
+            get = lambda k: meta.get(f"{arch}.{k}")
             hidden, heads = get("embedding_length"), get("attention.head_count")
             if not (hidden and heads and get("feed_forward_length") and get("block_count")):
                 return None

@@ -92,9 +92,13 @@ def resolve_model(text: str, base_dir: Path) -> ModelRef:
     )
 
 
+# hub:ORG/NAME[:CONFIG][@SPLIT], e.g. hub:Salesforce/wikitext:wikitext-2-raw-v1@test (split defaults to train)
+HUB_DATASET = re.compile(r"^hub:(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+))?$")
+
+
 @dataclass(frozen=True)
 class DatasetRef:
-    """A resolved text source: ``kind`` is bundled | text | jsonl."""
+    """A resolved text source: ``kind`` is bundled | text | jsonl | hub (``location`` is NAME[:CONFIG]@SPLIT)."""
 
     kind: str
     location: str
@@ -102,17 +106,24 @@ class DatasetRef:
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.location}" + (f"[{self.text_field}]" if self.kind == "jsonl" else "")
+        return f"{self.kind}:{self.location}" + (f"[{self.text_field}]" if self.kind in ("jsonl", "hub") else "")
 
 
 def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> DatasetRef:
     if text.startswith("bundled:"):
         return DatasetRef("bundled", _bundled(text, BUNDLED_DATASETS, "dataset"))
+    if text.startswith("hub:"):
+        m = HUB_DATASET.match(text)
+        if not m:
+            raise RefError(f"dataset {text!r}: a hub dataset is hub:ORG/NAME[:CONFIG][@SPLIT], "
+                           "e.g. hub:Salesforce/wikitext:wikitext-2-raw-v1@test")
+        config = f":{m['config']}" if m["config"] else ""
+        return DatasetRef("hub", f"{m['name']}{config}@{m['split'] or 'train'}", text_field)
     path = _local(text, base_dir)
     if not path.is_file():
         raise RefError(
             f"dataset {text!r}: no such file ({path}). Use a local .txt/.raw or .jsonl file, "
-            f"or {allowed('bundled:' + n for n in BUNDLED_DATASETS)} (hub datasets are not supported yet)"
+            f"{allowed('bundled:' + n for n in BUNDLED_DATASETS)}, or a hub dataset (hub:ORG/NAME[:CONFIG][@SPLIT])"
         )
     if path.suffix in JSON_SUFFIXES:
         return DatasetRef("jsonl", str(path), text_field)

@@ -35,7 +35,30 @@ def load_text(ref: dict) -> str:
                 raise ValueError(f"{path}:{n}: no field {field!r} (fields: {', '.join(row)}); set text_field")
             out.append(str(row[field]))
         return "\n\n".join(out)
+    if kind == "hub":
+        return hub_text(ref["location"], ref.get("text_field") or "text")
     raise ValueError(f"unknown dataset kind {kind!r}")
+
+
+HUB_MAX_CHARS = 20_000_000
+
+
+def hub_text(location: str, field: str) -> str:
+    """The text field of a hub dataset's split, streamed (a split may be huge), up to ``HUB_MAX_CHARS``."""
+    from datasets import load_dataset
+
+    name_config, split = location.rsplit("@", 1)
+    name, _, config = name_config.partition(":")
+    rows = load_dataset(name, config or None, split=split, streaming=True)
+    out, size = [], 0
+    for n, row in enumerate(rows):
+        if field not in row:
+            raise ValueError(f"hub dataset {name} row {n}: no field {field!r} (fields: {', '.join(row)}); set text_field")
+        out.append(str(row[field]))
+        size += len(out[-1])
+        if size >= HUB_MAX_CHARS:
+            break
+    return "\n\n".join(out)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:

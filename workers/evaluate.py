@@ -18,6 +18,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from workers.data import load_text, windows
 
@@ -44,7 +45,7 @@ class PeakMemory:
     measurement hands the peak it resets to every enclosing one first.
     """
 
-    _active: list["PeakMemory"] = []
+    _active: ClassVar[list[PeakMemory]] = []
 
     def __init__(self):
         import psutil

@@ -130,7 +130,8 @@ class LLMCompressor:
             kwargs = {"dataset": data, "num_calibration_samples": len(data),
                       "max_seq_length": ctx.job["calibration"]["seq_len"]}
             _no_pinning_without_cuda()
-        ctx.progress(f"{options['method']} {options['bits']}-bit, calibrating and quantizing")
+        step = "quantizing" if options["method"] == "rtn" else "calibrating and quantizing"
+        ctx.progress(f"{options['method']} {options['bits']}-bit: {step}")
         oneshot(model=model, recipe=recipe(options), **kwargs)
         model.save_pretrained(out, save_compressed=True)
         tokenizer.save_pretrained(out)

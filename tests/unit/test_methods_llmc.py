@@ -180,3 +180,25 @@ def test_unreadable_shapes_skip_the_check_instead_of_failing(tmp_path):
     """)
     (msg,) = problems(path)
     assert "group_size 64 does not divide the input size of 12 of 14 Linear layers" in msg
+
+
+def test_hub_calibration_datasets_are_named_with_config_and_split(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - kind: quantize
+        calibration: {dataset: "hub:Salesforce/wikitext:wikitext-2-raw-v1@train", samples: 8}
+        matrix: {method: [gptq, awq]}
+      - {kind: quantize, method: gptq, calibration: {dataset: "hub:allenai/c4"}}
+      - {kind: quantize, method: gptq, calibration: {dataset: "hub:not a name"}}
+    """)
+    (msg,) = problems(path)
+    assert msg == (f"{path}:8: jobs[2].calibration.dataset: dataset 'hub:not a name': a hub dataset is "
+                   "hub:ORG/NAME[:CONFIG][@SPLIT], e.g. hub:Salesforce/wikitext:wikitext-2-raw-v1@test")
+    _, plan = load_plan(write(tmp_path, HEAD + """\
+      - kind: quantize
+        calibration: {dataset: "hub:Salesforce/wikitext:wikitext-2-raw-v1@train", samples: 8}
+        matrix: {method: [gptq, awq]}
+      - {kind: quantize, method: gptq, calibration: {dataset: "hub:allenai/c4", text_field: body}}
+    """))
+    cals = [j.calibration for j in plan.jobs]
+    assert cals[0]["kind"] == "hub" and cals[0]["location"] == "Salesforce/wikitext:wikitext-2-raw-v1@train"
+    assert cals[2]["location"] == "allenai/c4@train" and cals[2]["key"] == "hub:allenai/c4@train[body]"
