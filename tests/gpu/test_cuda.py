@@ -1,4 +1,4 @@
-"""The CUDA path: bitsandbytes' CUDA kernels and the harness on a real GPU. Skipped where CUDA is absent."""
+"""The CUDA path: bitsandbytes' CUDA kernels, llm-compressor on a GPU, the harness. Skipped where CUDA is absent."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def run_sweep(env, spec, name) -> dict:
+    """Submit ``spec`` through the CLI, wait, and return its result rows by method."""
+    run = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(spec), "--wait"], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", name, "--format", "json"], env=env,
+                         capture_output=True, text=True)
+    return {r["method"]: r for r in json.loads(out.stdout)}
 
 
 def test_bnb_sweep_runs_on_the_gpu(cli_env, tmp_path):
@@ -24,12 +34,7 @@ jobs:
   - kind: quantize
     matrix: {method: [none, bnb-int8, bnb-nf4]}
 """)
-    run = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(spec), "--wait"], env=cli_env,
-                         capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", "gpu-bnb", "--format", "json"], env=cli_env,
-                         capture_output=True, text=True)
-    rows = {r["method"]: r for r in json.loads(out.stdout)}
+    rows = run_sweep(cli_env, spec, "gpu-bnb")
     assert all(r["device"].startswith("cuda") for r in rows.values())
     assert rows["none"]["kl_div"] == 0.0
     assert rows["bnb-nf4"]["size_mb"] < rows["none"]["size_mb"] / 2
@@ -51,12 +56,7 @@ jobs:
     calibration: {samples: 64, seq_len: 512}
     matrix: {method: [rtn, gptq, awq], bits: [4], group_size: [64]}
 """)
-    run = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(spec), "--wait"], env=cli_env,
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", "gpu-llmc", "--format", "json"], env=cli_env,
-                         capture_output=True, text=True)
-    rows = {r["method"]: r for r in json.loads(out.stdout)}
+    rows = run_sweep(cli_env, spec, "gpu-llmc")
     assert all(r["status"] == "succeeded" and r["device"].startswith("cuda") for r in rows.values())
     assert rows["gptq"]["kl_div"] < rows["rtn"]["kl_div"] and rows["awq"]["kl_div"] < rows["rtn"]["kl_div"]
     assert rows["gptq"]["calib_tokens"] == 64 * 512
