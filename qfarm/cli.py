@@ -136,7 +136,9 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     from .progress import follow
 
     follow(store, plan.sweep_id, alive=lambda: scheduler.alive(plan.sweep_id, ctx.obj["namespace"]))
-    _print_results(store, plan.sweep_id, "table")
+    from .compare import DEFAULT_FRONTIER
+
+    _print_results(_compared(store, [plan.sweep_id], [], None, DEFAULT_FRONTIER), plan.sweep_id, "table")
     failed = [j for j in store.sweep_jobs(plan.sweep_id) if j.status != "succeeded"]
     if failed:
         sys.exit(1)
@@ -164,15 +166,65 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool) -> None:
 
 
 @cli.command()
-@click.argument("sweep")
-@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]), default="table",
+@click.argument("sweeps", nargs=-1, required=True, metavar="SWEEP...")
+@click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json", "parquet"]), default="table",
               show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file instead of the terminal (required for parquet).")
+@click.option("--where", multiple=True, metavar="COND",
+              help="Keep rows where COND holds: method=gptq, 'bits<=4', status!=succeeded, method=gptq|awq. Repeatable.")
+@click.option("--sort", default=None, metavar="COLUMN", help="Sort by a column; -COLUMN for descending.")
+@click.option("--columns", default=None, metavar="A,B,...", help="Only these columns, in this order.")
+@click.option("--frontier", default=None, metavar="A,B,...",
+              help="Objectives of the Pareto frontier (default size_mb,perplexity,decode_tokens_per_s).")
 @click.pass_context
 @handle_errors
-def results(ctx: click.Context, sweep: str, fmt: str) -> None:
-    """The comparison table of a sweep: one row per job, failed jobs too."""
+def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path | None, where: tuple[str, ...],
+            sort: str | None, columns: str | None, frontier: str | None) -> None:
+    """The comparison table of one or more sweeps: one row per job (failed jobs too, with their reason),
+    deltas against each sweep's reference, and the Pareto frontier marked ★."""
+    from .compare import parse_frontier, pick_columns
+
     store = _store(ctx)
-    _print_results(store, _find(store, sweep).id, fmt)
+    ids = [_find(store, s).id for s in sweeps]
+    objectives = parse_frontier(frontier)
+    data = _compared(store, ids, list(where), sort, objectives)
+    cols = pick_columns(data, columns)
+    if fmt == "parquet":
+        if output is None:
+            raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
+        from .results import only, to_parquet
+
+        to_parquet(only(data, cols), str(output))
+        click.echo(f"wrote {len(data)} rows to {output}")
+        return
+    _print_results(data, ", ".join(ids), fmt, cols, output)
+
+
+@cli.command()
+@click.argument("sweeps", nargs=-1, required=True, metavar="SWEEP...")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
+              show_default=True, help="The HTML file to write (self-contained: no network needed to view it).")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the plots as PNG files into this folder.")
+@click.option("--where", multiple=True, metavar="COND", help="As in `qfarm results`.")
+@click.option("--frontier", default=None, metavar="A,B,...", help="As in `qfarm results`.")
+@click.pass_context
+@handle_errors
+def report(ctx: click.Context, sweeps: tuple[str, ...], output: Path, png_dir: Path | None,
+           where: tuple[str, ...], frontier: str | None) -> None:
+    """An HTML report of one or more sweeps: the table, size-vs-perplexity with the frontier, memory and speed
+    bars, training loss curves, prompt answers side by side, and the spec and environment of each sweep."""
+    from .compare import parse_frontier
+
+    store = _store(ctx)
+    records = [_find(store, s) for s in sweeps]
+    objectives = parse_frontier(frontier)
+    data = _compared(store, [r.id for r in records], list(where), None, objectives)
+    from .report import write_report
+
+    written = write_report(data, records, output, png_dir, objectives)
+    click.echo(f"wrote {output} ({len(data)} rows)" + (f" and {len(written)} PNG files in {png_dir}" if png_dir else ""))
 
 
 @cli.command()
@@ -206,20 +258,38 @@ def _find(store, text: str):
     return record
 
 
-def _print_results(store, sweep_id: str, fmt: str) -> None:
-    from .results import answers_text, render, rich_table, rows
+def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, objectives) -> list[dict]:
+    from .compare import compare
+    from .results import rows
 
-    data = rows(store.sweep_jobs(sweep_id))
+    data = [r for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
+    return compare(data, where, sort, objectives)
+
+
+def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | None = None,
+                   output: Path | None = None) -> None:
+    from .results import answers_text, render, rich_table
+
     if fmt != "table":
-        click.echo(render(data, fmt), nl=False)
+        text = render(data, fmt, columns)
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            output.write_text(text, encoding="utf-8")
+            click.echo(f"wrote {len(data)} rows to {output}")
         return
     from rich.console import Console
 
-    console = Console(width=max(Console().width, 160))
-    console.print(rich_table(data, title=f"sweep {sweep_id}"))
-    text = answers_text(data)
-    if text:
-        console.print(text, markup=False, highlight=False)
+    file = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115
+    try:
+        console = Console(width=max(Console().width, 160), file=file)
+        console.print(rich_table(data, title=f"sweep {title}", columns=columns))
+        text = answers_text(data)
+        if text and not columns:
+            console.print(text, markup=False, highlight=False)
+    finally:
+        if file is not None:
+            file.close()
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .store import JobRecord
 
@@ -23,11 +24,11 @@ EXTRA_COLUMNS = [
     "calib_source", "calib_overlap_tokens", "prepare_s", "ttft_ms", "ms_per_token", "ref_perplexity",
     "ppl_windows", "ppl_tokens", "base_cache_hit", "node", "worker", "threads", "artifact", "answers",
 ]
-FORMATS = ("table", "md", "csv", "json")
+FORMATS = ("table", "md", "csv", "json", "parquet")
 
 # (column, header, format) for the terminal and markdown tables.
 _SHOWN = [
-    ("job_id", "job", "{}"), ("label", "method", "{}"), ("bits", "bits", "{}"), ("status", "status", "{}"),
+    ("sweep_id", "sweep", "{}"), ("job_id", "job", "{}"), ("pareto", "front", "{}"), ("label", "method", "{}"), ("bits", "bits", "{}"), ("status", "status", "{}"),
     ("size_mb", "size MB", "{:.1f}"), ("size_vs_ref", "×ref", "{:.2f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("load_s", "load s", "{:.2f}"), ("perplexity", "ppl", "{:.3f}"), ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
     ("kl_div", "KL", "{:.4f}"), ("top1_agree", "top-1", "{:.3f}"),
@@ -68,33 +69,78 @@ def rows(jobs: Iterable[JobRecord]) -> list[dict[str, Any]]:
 def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "★" if value else ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)[:80]
     try:
         return fmt.format(value)
     except (ValueError, TypeError):
         return str(value)
 
 
-def _visible(data: list[dict]) -> list[tuple[str, str, str]]:
-    """Columns worth showing: drop the ones that are empty for every row (e.g. speed on sleep jobs)."""
-    return [c for c in _SHOWN if c[0] in ("job_id", "label", "status") or any(r.get(c[0]) is not None for r in data)]
+def _visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """The columns asked for, or the default view without the ones empty in every row (e.g. speed on sleep
+    jobs), the sweep column only for rows of several sweeps, and the frontier column only once computed."""
+    if columns:
+        known = {c[0]: c for c in _SHOWN}
+        return [known.get(c, (c, c, "{:.4g}")) for c in columns]
+    sweeps = {r.get("sweep_id") for r in data}
+    out = []
+    for c in _SHOWN:
+        if c[0] == "sweep_id" and len(sweeps) < 2:
+            continue
+        if c[0] in ("job_id", "label", "status") or any(r.get(c[0]) is not None for r in data):
+            out.append(c)
+    return out
 
 
 def to_json(data: list[dict]) -> str:
     return json.dumps(data, indent=2, default=str)
 
 
+def only(data: list[dict], columns: list[str] | None) -> list[dict]:
+    """Rows cut down to ``columns`` (in that order); all of them when None."""
+    if not columns:
+        return data
+    return [{c: r.get(c) for c in columns} for r in data]
+
+
 def to_csv(data: list[dict]) -> str:
     buf = io.StringIO()
     keys = list(dict.fromkeys(k for r in data for k in r)) or COLUMNS
-    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", restval="")
     writer.writeheader()
     for r in data:
         writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
     return buf.getvalue()
 
 
-def to_markdown(data: list[dict]) -> str:
-    cols = _visible(data)
+def to_parquet(data: list[dict], path: str) -> None:
+    """One Parquet file; nested values (answers, versions, calibration) as JSON text, so every column is flat."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        from .errors import QfarmError
+
+        raise QfarmError("--format parquet needs pyarrow: pip install pyarrow (it comes with qfarm's ml extra)") from None
+    keys = list(dict.fromkeys(k for r in data for k in r)) or COLUMNS
+    flat = [{k: json.dumps(r.get(k)) if isinstance(r.get(k), (list, dict)) else r.get(k) for k in keys} for r in data]
+    columns = {}
+    for k in keys:
+        values = [row[k] for row in flat]
+        kinds = {type(v) for v in values if v is not None}
+        if kinds == {int, float}:
+            values = [None if v is None else float(v) for v in values]
+        elif len(kinds) > 1:
+            values = [None if v is None else str(v) for v in values]
+        columns[k] = values
+    pq.write_table(pa.table(columns), path)
+
+
+def to_markdown(data: list[dict], columns: list[str] | None = None) -> str:
+    cols = _visible(data, columns)
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " | note |", "|" + "---|" * (len(cols) + 1)]
     for r in data:
         cells = [_cell(r.get(c), f).replace("|", "\\|") for c, _, f in cols]
@@ -102,10 +148,10 @@ def to_markdown(data: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(data: list[dict], title: str | None = None):
+def rich_table(data: list[dict], title: str | None = None, columns: list[str] | None = None):
     from rich.table import Table
 
-    cols = _visible(data)
+    cols = _visible(data, columns)
     table = Table(title=title, show_lines=False, header_style="bold")
     notes = any(r.get("error") for r in data)
     for c, header, _ in cols:
@@ -113,7 +159,7 @@ def rich_table(data: list[dict], title: str | None = None):
                          no_wrap=c in ("job_id", "label", "status"))
     if notes:
         table.add_column("note", overflow="fold", min_width=20)
-    style = {"failed": "red", "cancelled": "yellow", "running": "cyan", "queued": "dim"}
+    style = {"failed": "red", "cancelled": "yellow", "skipped": "yellow", "running": "cyan", "queued": "dim"}
     for r in data:
         cells = [_cell(r.get(c), f) for c, _, f in cols] + ([r.get("error") or ""] if notes else [])
         table.add_row(*cells, style=style.get(r["status"]))
@@ -135,11 +181,11 @@ def answers_text(data: list[dict], width: int = 100) -> str:
     return "\n".join(out)
 
 
-def render(data: list[dict], fmt: str) -> str:
+def render(data: list[dict], fmt: str, columns: list[str] | None = None) -> str:
     if fmt == "json":
-        return to_json(data)
+        return to_json(only(data, columns))
     if fmt == "csv":
-        return to_csv(data)
+        return to_csv(only(data, columns))
     if fmt == "md":
-        return to_markdown(data)
+        return to_markdown(data, columns)
     raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")

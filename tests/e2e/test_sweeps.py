@@ -15,12 +15,6 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def model_root(tmp_path_factory):
-    """One output root for the e2e sweeps, so the bundled GGUF is dequantized to a float folder once."""
-    return tmp_path_factory.mktemp("e2e-out")
-
-
 def qfarm(env, *args, timeout=1200):
     return subprocess.run([sys.executable, "-m", "qfarm.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)

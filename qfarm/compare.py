@@ -1,0 +1,189 @@
+"""Comparing result rows, across one or more sweeps: filters, sort, column choice, deltas, the Pareto frontier.
+
+Pure logic on the flat rows of ``qfarm.results`` (no Redis, no ML): the CLI's ``results`` and ``report`` use it.
+
+- ``--where method=gptq`` (also ``!=``, ``<``, ``<=``, ``>``, ``>=``; numbers compare as numbers, ``a|b`` means
+  either), several ``--where`` all hold;
+- ``--sort perplexity`` ascending, ``--sort -decode_tokens_per_s`` descending, missing values last;
+- deltas against each sweep's reference row (method ``none``): ``decode_speedup``, ``prefill_speedup``,
+  ``mem_vs_ref`` beside the ``size_vs_ref`` and ``ppl_delta_pct`` the jobs record themselves;
+- ``pareto``: True for a succeeded row that no other row beats on every objective of the frontier (by default
+  size on disk, perplexity and decode speed: smaller, lower, faster), False for a dominated one, None where a
+  row lacks one of the measurements.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+from .errors import UsageError, allowed, did_you_mean
+
+# Objectives the frontier can use, and which way is better.
+MINIMIZE = ("size_mb", "size_vs_ref", "peak_mem_mb", "model_mem_mb", "perplexity", "ppl_delta_pct", "kl_div",
+            "load_s", "ttft_ms", "ms_per_token", "quant_s", "train_loss", "duration_s")
+MAXIMIZE = ("decode_tokens_per_s", "prefill_tokens_per_s", "top1_agree", "decode_speedup", "prefill_speedup")
+DEFAULT_FRONTIER = ("size_mb", "perplexity", "decode_tokens_per_s")
+
+_OPS = [("!=", operator.ne), ("<=", operator.le), (">=", operator.ge), ("=", operator.eq), ("<", operator.lt),
+        (">", operator.gt)]
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(!=|<=|>=|=|<|>)\s*(.*?)\s*$")
+
+
+def with_deltas(data: list[dict]) -> list[dict]:
+    """Each row with ``decode_speedup``, ``prefill_speedup`` and ``mem_vs_ref`` against its sweep's reference."""
+    refs: dict[str, dict] = {}
+    for r in data:
+        if r.get("method") == "none" and r.get("status") == "succeeded":
+            refs.setdefault(r.get("sweep_id"), r)
+    out = []
+    for r in data:
+        ref = refs.get(r.get("sweep_id"))
+        r = dict(r)
+        r["decode_speedup"] = _ratio(r.get("decode_tokens_per_s"), ref and ref.get("decode_tokens_per_s"))
+        r["prefill_speedup"] = _ratio(r.get("prefill_tokens_per_s"), ref and ref.get("prefill_tokens_per_s"))
+        r["mem_vs_ref"] = _ratio(r.get("peak_mem_mb"), ref and ref.get("peak_mem_mb"))
+        out.append(r)
+    return out
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return a / b
+    return None
+
+
+def parse_frontier(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return DEFAULT_FRONTIER
+    cols = tuple(c.strip() for c in text.split(",") if c.strip())
+    known = MINIMIZE + MAXIMIZE
+    for c in cols:
+        if c not in known:
+            raise UsageError(f"--frontier: {c!r} is not an objective.{did_you_mean(c, known)} "
+                             f"Lower is better: {allowed(MINIMIZE)}; higher is better: {allowed(MAXIMIZE)}")
+    if len(cols) < 2:
+        raise UsageError("--frontier needs at least two objectives, e.g. size_mb,perplexity")
+    return cols
+
+
+def mark_pareto(data: list[dict], objectives=DEFAULT_FRONTIER) -> list[dict]:
+    """Rows with ``pareto`` set (see the module docstring). Ties do not dominate each other."""
+    def vector(r: dict) -> tuple[float, ...] | None:
+        if r.get("status") != "succeeded":
+            return None
+        values = [r.get(c) for c in objectives]
+        if not all(isinstance(v, (int, float)) for v in values):
+            return None
+        return tuple(v if c in MINIMIZE else -v for c, v in zip(objectives, values))  # all "smaller is better"
+
+    vectors = [vector(r) for r in data]
+    points = [v for v in vectors if v is not None]
+    out = []
+    for r, v in zip(data, vectors):
+        r = dict(r)
+        if v is None:
+            r["pareto"] = None
+        else:
+            r["pareto"] = not any(all(a <= b for a, b in zip(o, v)) and o != v for o in points)
+        out.append(r)
+    return out
+
+
+def filter_rows(data: list[dict], conditions: list[str]) -> list[dict]:
+    checks = [_condition(c, data) for c in conditions]
+    return [r for r in data if all(check(r) for check in checks)]
+
+
+def _condition(text: str, data: list[dict]):
+    m = _CONDITION.match(text)
+    if not m:
+        raise UsageError(f"--where {text!r}: write COLUMN=VALUE (also !=, <, <=, >, >=; a|b for either), "
+                         "e.g. --where method=gptq --where 'bits<=4'")
+    column, op_text, raw = m.groups()
+    columns = _columns(data)
+    if data and column not in columns:
+        raise UsageError(f"--where {text!r}: no column {column!r}.{did_you_mean(column, columns)} "
+                         f"Columns: {allowed(columns)}")
+    op = dict(_OPS)[op_text]
+    wanted = [_value(v) for v in raw.split("|")] if op_text in ("=", "!=") else [_value(raw)]
+
+    def check(r: dict) -> bool:
+        have = r.get(column)
+        if op_text == "=":
+            return any(_same(have, w) for w in wanted)
+        if op_text == "!=":
+            return not any(_same(have, w) for w in wanted)
+        w = wanted[0]
+        if isinstance(have, (int, float)) and not isinstance(have, bool) and isinstance(w, (int, float)):
+            return op(have, w)
+        return have is not None and op(str(have), str(w))
+
+    return check
+
+
+def _value(text: str) -> Any:
+    text = text.strip()
+    if text.lower() == "null":  # not "none": that is a method's name
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(have, bool) or isinstance(want, bool):
+        return have is want
+    if isinstance(have, (int, float)) and isinstance(want, (int, float)):
+        return float(have) == float(want)
+    return (have is None and want is None) or (have is not None and str(have) == str(want))
+
+
+def sort_rows(data: list[dict], key: str | None) -> list[dict]:
+    if not key:
+        return data
+    descending = key.startswith("-")
+    column = key.lstrip("-+")
+    columns = _columns(data)
+    if data and column not in columns:
+        raise UsageError(f"--sort {key!r}: no column {column!r}.{did_you_mean(column, columns)} "
+                         f"Columns: {allowed(columns)}")
+    present = [r for r in data if r.get(column) is not None]
+    missing = [r for r in data if r.get(column) is None]
+
+    def k(r: dict):
+        v = r[column]
+        return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
+
+    return sorted(present, key=k, reverse=descending) + missing
+
+
+def pick_columns(data: list[dict], text: str | None) -> list[str] | None:
+    """The columns a user asked for (validated), or None for the default view."""
+    if not text:
+        return None
+    cols = [c.strip() for c in text.split(",") if c.strip()]
+    columns = _columns(data)
+    for c in cols:
+        if data and c not in columns:
+            raise UsageError(f"--columns: no column {c!r}.{did_you_mean(c, columns)} Columns: {allowed(columns)}")
+    return cols
+
+
+def _columns(data: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in data for k in r))
+
+
+def compare(data: list[dict], where: list[str] = (), sort: str | None = None,
+            frontier: tuple[str, ...] = DEFAULT_FRONTIER) -> list[dict]:
+    """Deltas, then the frontier over the rows that pass the filters, then the order asked for."""
+    data = filter_rows(with_deltas(data), list(where))
+    return sort_rows(mark_pareto(data, frontier), sort)

@@ -1,0 +1,115 @@
+"""The report of a real finished sweep, checked in a real headless browser (Debian's chromium), and results
+across sweeps. The sweep: the real bundled model, a reference, two quantized variants, and one job that fails."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qfarm.report import DPI, PNG_WIDTH_IN, _bars_height
+from tests.e2e.test_sweeps import qfarm, submitted_id
+
+pytestmark = pytest.mark.e2e
+
+SPEC = """\
+name: {name}
+model: bundled:smollm2-135m
+eval:
+  perplexity: {{seq_len: 128, max_windows: 2}}
+  speed: {{prompt_tokens: 16, new_tokens: 4, runs: 1}}
+  prompts: ["What is the capital of France?", "Name a colour."]
+  max_new_tokens: 8
+jobs:
+  - {{kind: quantize, method: none}}
+  - kind: quantize
+    matrix: {{method: [rtn, bnb-nf4]}}
+  - {{kind: sleep, seconds: 0, fail: true, max_attempts: 1}}
+"""
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("the report test needs Debian's chromium (apt-get install chromium); `make test` installs it",
+                    pytrace=False)
+    return exe
+
+
+def test_report_renders_in_a_browser_with_table_plots_answers_and_failures(cli_env, model_root, tmp_path):
+    env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    spec = tmp_path / "report.yaml"
+    spec.write_text(SPEC.format(name="report-e2e"))
+    out = qfarm(env, "submit", str(spec), "--wait")
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one job fails, on purpose
+    sweep = submitted_id(out.stdout)
+
+    page, pngs = tmp_path / "site" / "report.html", tmp_path / "png"
+    rep = qfarm(env, "report", sweep, "-o", str(page), "--png", str(pngs))
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    text = page.read_text()
+    # self-contained: nothing to fetch, nothing to run
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text) and "<script" not in text
+    assert text.count("<svg") == 3 and 'id="fig-scatter"' in text and 'id="fig-memory"' in text
+    body = text[text.index('<table id="results">'):text.index("</table>")]
+    assert body.count("<tr") == 1 + 4 and body.count('class="failed"') == 1
+    assert "was asked to fail (fail: true)" in body.split('class="failed"')[1]  # the reason, in the row
+    assert "What is the capital of France?" in text and "Name a colour." in text  # answers side by side
+    assert "max_windows: 2" in text and "transformers 5.17" in text  # the spec and the environment
+
+    assert png_size(pngs / "scatter.png") == (PNG_WIDTH_IN * DPI, 5 * DPI)
+    assert png_size(pngs / "memory.png") == (PNG_WIDTH_IN * DPI, round(_bars_height(3) * DPI))
+    assert png_size(pngs / "speed.png") == (PNG_WIDTH_IN * DPI, round(_bars_height(3) * DPI))
+
+    shot = tmp_path / "shot.png"
+    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          "--window-size=1400,2600", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and dom.stdout.count("<svg") == 3 and "report-e2e" in dom.stdout
+    run = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                          "--window-size=1400,2600", f"--screenshot={shot}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1400, 2600)
+    pixels = list(image.getdata())
+
+    def count(rgb, tol=12):
+        return sum(1 for p in pixels if all(abs(a - b) <= tol for a, b in zip(p, rgb)))
+
+    # what a person sees: the frontier line and ★ marks (red), the size bars (blue), the table's header shading
+    assert count((214, 39, 40)) > 300, "no frontier line or ★ in the screenshot"
+    assert count((76, 114, 176)) > 2000, "no size bars in the screenshot"
+    assert count((246, 248, 250), tol=2) > 5000, "no table header in the screenshot"
+    top = image.crop((0, 0, 1400, 400)).convert("L")
+    assert sum(1 for p in top.getdata() if p < 100) > 2000, "no text at the top of the page"
+
+
+def test_results_across_two_sweeps(cli_env, model_root, tmp_path):
+    env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    ids = []
+    for name, seconds in (("across-a", 0.1), ("across-b", 0.2)):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(f"name: {name}\njobs:\n  - {{kind: sleep, seconds: {seconds}, matrix: {{index: [0, 1]}}}}\n")
+        out = qfarm(env, "submit", str(spec), "--wait")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        ids.append(submitted_id(out.stdout))
+    rows = json.loads(qfarm(env, "results", *ids, "--format", "json").stdout)
+    assert sorted(r["sweep_id"] for r in rows) == sorted(ids * 2)
+    table = qfarm(env, "results", "across-a", "across-b", "--where", "index=1", "--sort", "-duration_s").stdout
+    assert "sweep" in table and table.count("sleep[1]") == 2 and "sleep[0]" not in table
+    bad = qfarm(env, "results", "across-a", "--sort", "durration_s")
+    assert bad.returncode == 2 and "Did you mean 'duration_s'?" in bad.stderr + bad.stdout
