@@ -31,6 +31,7 @@ Sample yaml::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -103,6 +104,31 @@ def _overlap(ev: dict | None, cal: dict, total: int, used: int) -> int:
     return max(0, ppl["seq_len"] * ppl["max_windows"] - (total - used))
 
 
+@contextlib.contextmanager
+def _layer_progress(model, say):
+    """Report the decoder layer that calibration has reached (layers run in order in llm-compressor's
+    sequential pipeline), so a minutes-long GPTQ/AWQ job shows where it is."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        yield
+        return
+    reached = [0]
+
+    def hook(index: int):
+        def pre_forward(module, args):
+            if index + 1 > reached[0]:
+                reached[0] = index + 1
+                say(index + 1, len(layers))
+        return pre_forward
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _no_pinning_without_cuda() -> None:
     import torch
 
@@ -131,8 +157,10 @@ class LLMCompressor:
                       "max_seq_length": ctx.job["calibration"]["seq_len"]}
             _no_pinning_without_cuda()
         step = "quantizing" if options["method"] == "rtn" else "calibrating and quantizing"
-        ctx.progress(f"{options['method']} {options['bits']}-bit: {step}")
-        oneshot(model=model, recipe=recipe(options), **kwargs)
+        what = f"{options['method']} {options['bits']}-bit: {step}"
+        ctx.progress(what)
+        with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
+            oneshot(model=model, recipe=recipe(options), **kwargs)
         model.save_pretrained(out, save_compressed=True)
         tokenizer.save_pretrained(out)
         del model
