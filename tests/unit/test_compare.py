@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from qfarm.compare import compare, filter_rows, mark_pareto, parse_frontier, pick_columns, sort_rows, with_deltas
+from qfarm.compare import (
+    compare,
+    filter_rows,
+    mark_pareto,
+    parse_frontier,
+    pick_columns,
+    sort_rows,
+    with_deltas,
+)
 from qfarm.errors import UsageError
 from qfarm.results import render, to_parquet
 
