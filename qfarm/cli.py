@@ -262,7 +262,8 @@ def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, o
     from .compare import compare
     from .results import rows
 
-    data = [r for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
+    # a job reused from another sweep shows under the sweep asked for (deltas pair it with that sweep's reference)
+    data = [dict(r, sweep_id=sid) for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
     return compare(data, where, sort, objectives)
 
 

@@ -322,7 +322,10 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
     job_id = "j" + digest(identity, 12)
     label = opts.get("method") or group.kind
     varied = [k for k in group.matrix if k not in ("method", "bits", "index")]
-    label += "".join(f" {_SHORT.get(k, k)}={_scalar_text(opts.get(k))}" for k in varied if k in opts)
+    for k in varied:
+        if k in opts:
+            name = _SHORT.get(k, k)
+            label += f" {name}={_scalar_text(opts[k])}" if name else f" {_scalar_text(opts[k])}"
     if group.kind == "sleep":
         label = f"sleep[{opts['index']}]"
     resources = (group.resources or spec.resources).model_dump()
@@ -341,7 +344,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
     )
 
 
-_SHORT = {"group_size": "g", "act_order": "act_order"}
+_SHORT = {"group_size": "g", "act_order": "act_order", "gguf_type": ""}  # "": the value alone (gguf Q4_K_M)
 
 
 def _scalar_text(value: Any) -> str:

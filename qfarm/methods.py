@@ -98,6 +98,31 @@ class AwqOptions(Options):
     calibration: Calibration = Calibration()
 
 
+# llama.cpp file types a `gguf` job may produce, with the nominal bits of their weights (a K-quant mixes types;
+# the job records the bits per weight of the file it wrote). Checked against the installed llama.cpp in a test.
+GGUF_TYPES: dict[str, int] = {
+    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 6, "Q5_K_M": 5, "Q5_K_S": 5, "Q5_1": 5, "Q5_0": 5,
+    "Q4_K_M": 4, "Q4_K_S": 4, "Q4_1": 4, "Q4_0": 4, "Q3_K_L": 3, "Q3_K_M": 3, "Q3_K_S": 3, "Q2_K": 2,
+}
+
+
+def _gguf_type(value: str) -> str:
+    if value not in GGUF_TYPES:
+        from .errors import did_you_mean
+
+        upper = value.upper() if isinstance(value, str) else value
+        hint = f" Did you mean {upper!r}?" if upper in GGUF_TYPES else did_you_mean(str(value), GGUF_TYPES)
+        raise ValueError(f"{value!r} is not a llama.cpp file type.{hint} Allowed: {', '.join(GGUF_TYPES)}")
+    return value
+
+
+class GgufOptions(Options):
+    """llama.cpp's quantizer: the model as a GGUF file of ``gguf_type``, evaluated inside llama.cpp."""
+
+    method: Literal["gguf"]
+    gguf_type: Annotated[str, AfterValidator(_gguf_type)] = "Q4_K_M"
+
+
 class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
@@ -125,6 +150,7 @@ METHODS: dict[str, Method] = {
         Method("rtn", RtnOptions, "workers.llmc:LLMCompressor", "round-to-nearest integer weights (llm-compressor)"),
         Method("gptq", GptqOptions, "workers.llmc:LLMCompressor", "GPTQ (llm-compressor), calibrated"),
         Method("awq", AwqOptions, "workers.llmc:LLMCompressor", "AWQ (llm-compressor), calibrated"),
+        Method("gguf", GgufOptions, "workers.gguf:Gguf", "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp"),
     ]
 }
 
@@ -135,6 +161,8 @@ MODEL_KINDS = frozenset({"quantize"})
 
 
 def bits_of(options: Options) -> int | None:
+    if getattr(options, "method", None) == "gguf":
+        return GGUF_TYPES[options.gguf_type]
     bits = getattr(options, "bits", None)
     if bits is None and getattr(options, "method", None) == "none":
         return None

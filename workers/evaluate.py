@@ -92,6 +92,8 @@ class PeakMemory:
 
 
 def _logprobs(model, window):
+    if hasattr(model, "logprobs"):  # a model outside torch (llama.cpp) computes its own
+        return model.logprobs(window)
     import torch
 
     with torch.inference_mode():
@@ -137,6 +139,8 @@ def quality(model, wins, ref: Reference, progress) -> dict:
 
 
 def speed(model, prompt_ids, new_tokens: int, runs: int) -> dict:
+    if hasattr(model, "speed"):
+        return model.speed(prompt_ids, new_tokens, runs)
     import torch
 
     def sync():
@@ -183,6 +187,11 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, progress)
                                                  add_generation_prompt=True)
         else:
             text = prompt
+        if hasattr(model, "greedy"):  # llama.cpp: the same prompt tokens, its own greedy decoding
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            answer = tokenizer.decode(model.greedy(ids, max_new_tokens), skip_special_tokens=True).strip()
+            out.append({"prompt": prompt, "answer": answer})
+            continue
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

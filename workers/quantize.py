@@ -62,7 +62,8 @@ def run(ctx) -> dict:
         load_s = base.load_s if artifact is None else time.time() - t0
         metrics = evaluate(ctx, model, base, is_reference=METHODS[name].is_reference)
     ref_bytes = tensor_bytes(base.model)
-    size = dir_bytes(artifact) if artifact else tensor_bytes(model)
+    in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)  # llama.cpp models say their own size
+    size = dir_bytes(artifact) if artifact else in_memory
     result = {
         "method": name,
         "bits": ctx.options.get("bits"),
@@ -70,7 +71,7 @@ def run(ctx) -> dict:
         "size_source": "disk" if artifact else "memory",
         "ref_size_mb": ref_bytes / 2**20,
         "size_vs_ref": size / ref_bytes,
-        "model_mem_mb": tensor_bytes(model) / 2**20,
+        "model_mem_mb": in_memory / 2**20,
         "peak_mem_mb": mem.mb,
         "load_s": load_s,
         "quant_s": quant_s,
@@ -81,6 +82,7 @@ def run(ctx) -> dict:
         "artifact": artifact,
         "versions": _versions(),
         **ctx.extra,
+        **getattr(model, "extra", {}),
         **metrics,
     }
     del model
@@ -91,7 +93,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "transformers", "bitsandbytes", "llmcompressor", "compressed-tensors"):
+    for pkg in ("torch", "transformers", "bitsandbytes", "llmcompressor", "compressed-tensors", "llama_cpp_python"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

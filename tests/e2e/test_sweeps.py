@@ -88,7 +88,7 @@ eval:
 jobs:
   - {{kind: quantize, method: none}}
   - kind: quantize
-    calibration: {{dataset: {c4}, text_field: text, samples: 8, seq_len: 128}}
+    calibration: {{dataset: {c4}, text_field: text, samples: 32, seq_len: 256}}
     matrix: {{method: [rtn, gptq], bits: [4, 8], group_size: [64]}}
   - {{kind: quantize, method: rtn, bits: 2, group_size: 64}}
   - {{kind: quantize, method: awq, bits: 4, group_size: 64, n_grid: 4, calibration: {{dataset: {c4}, samples: 4, seq_len: 128}}}}
@@ -118,7 +118,56 @@ jobs:
     assert rows[("awq", 4)]["kl_div"] < rows[("rtn", 4)]["kl_div"]
     # calibration: real C4 samples, tokenized once for the two GPTQ jobs that share them
     gptq = [rows[("gptq", 4)], rows[("gptq", 8)]]
-    assert all(r["calib_samples"] == 8 and r["calib_tokens"] == 1024 for r in gptq)
+    assert all(r["calib_samples"] == 32 and r["calib_tokens"] == 32 * 256 for r in gptq)
     assert sorted(r["calib_source"] for r in gptq) in (["disk", "tokenized"], ["memory", "tokenized"])
     assert rows[("rtn", 4)]["calib_samples"] is None and rows[("awq", 4)]["calib_samples"] == 4
     assert store.stats(sweep)["calibration_tokenizations"] >= 2  # one per calibration set per worker
+
+
+def test_gguf_files_are_made_and_evaluated_inside_llama_cpp(cli_env, model_root, shared_data, tmp_path):
+    """llama.cpp quantizes the bundled GGUF to F16 / Q8_0 / Q4_K_M and evaluates each file itself, on the same
+    WikiText-2 windows and against the same float reference as the bnb row beside them."""
+    env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    spec = tmp_path / "gguf.yaml"
+    spec.write_text(f"""\
+name: e2e-gguf
+model: bundled:smollm2-135m
+eval:
+  perplexity: {{dataset: {shared_data / 'wikitext2' / 'wiki.test.raw'}, seq_len: 256, max_windows: 4}}
+  speed: {{prompt_tokens: 32, new_tokens: 8, runs: 1}}
+  prompts: ["What is the capital of France?"]
+  max_new_tokens: 8
+jobs:
+  - {{kind: quantize, method: none}}
+  - {{kind: quantize, method: bnb-nf4}}
+  - kind: quantize
+    matrix: {{method: [gguf], gguf_type: [F16, Q8_0, Q4_K_M]}}
+""")
+    out = qfarm(env, "submit", str(spec), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["label"]: r for r in json.loads(qfarm(env, "results", submitted_id(out.stdout), "--format", "json").stdout)}
+    assert sorted(rows) == ["bnb-nf4", "gguf F16", "gguf Q4_K_M", "gguf Q8_0", "none"]
+    ref, f16, q8, q4 = rows["none"], rows["gguf F16"], rows["gguf Q8_0"], rows["gguf Q4_K_M"]
+    for r in (f16, q8, q4):
+        assert r["status"] == "succeeded" and r["size_source"] == "disk" and r["artifact"]
+        files = list(Path(r["artifact"]).glob("*.gguf"))
+        assert len(files) == 1 and files[0].stat().st_size == pytest.approx(r["size_mb"] * 2**20, rel=0.01)
+        assert r["ppl_windows"] == 4 and r["ref_perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+        assert r["decode_tokens_per_s"] > 0 and r["llama_cpp_threads"] == 1 and r["answers"][0]["answer"]
+    # the windows line up: llama.cpp's F16 file scores like the torch float reference on the same tokens
+    assert abs(f16["ppl_delta_pct"]) < 1 and f16["kl_div"] < 0.01 and f16["top1_agree"] > 0.97
+    assert abs(q8["perplexity"] - f16["perplexity"]) / f16["perplexity"] < 0.01
+    assert q4["perplexity"] > q8["perplexity"] and (q4["perplexity"] - f16["perplexity"]) / f16["perplexity"] < 0.2
+    assert f16["size_mb"] > q8["size_mb"] > q4["size_mb"] and (f16["bits"], q8["bits"], q4["bits"]) == (16, 8, 4)
+    assert "Q4_K" in q4["gguf_tensor_types"] and 4 < q4["bits_per_weight"] < 8  # fallbacks for 576-wide rows
+    assert rows["bnb-nf4"]["ref_perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+
+    # a Hugging Face folder goes through llama.cpp's convert_hf_to_gguf.py first, and lands on the same numbers
+    hf_dir = next(p.parent for p in (model_root / "_models").glob("*/config.json"))
+    spec.write_text(spec.read_text().replace("bundled:smollm2-135m", str(hf_dir)).replace("e2e-gguf", "e2e-hf-gguf")
+                    .replace("gguf_type: [F16, Q8_0, Q4_K_M]", "gguf_type: [Q8_0]"))
+    out = qfarm(env, "submit", str(spec), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    conv = {r["label"]: r for r in json.loads(qfarm(env, "results", "e2e-hf-gguf", "--format", "json").stdout)}["gguf Q8_0"]
+    assert conv["gguf_source"] == "converted" and q8["gguf_source"] == "gguf"
+    assert conv["perplexity"] == pytest.approx(q8["perplexity"], rel=0.005)

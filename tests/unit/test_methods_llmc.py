@@ -202,3 +202,18 @@ def test_hub_calibration_datasets_are_named_with_config_and_split(tmp_path):
     cals = [j.calibration for j in plan.jobs]
     assert cals[0]["kind"] == "hub" and cals[0]["location"] == "Salesforce/wikitext:wikitext-2-raw-v1@train"
     assert cals[2]["location"] == "allenai/c4@train" and cals[2]["key"] == "hub:allenai/c4@train[body]"
+
+
+def test_gguf_types_are_checked_with_a_did_you_mean_and_label_the_jobs(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - kind: quantize
+        matrix: {method: [gguf], gguf_type: [Q8_0, q4_k_m, Q4_K_X]}
+    """)
+    first, second = problems(path)
+    assert "jobs[0].matrix.gguf_type[1]: method gguf: gguf_type: 'q4_k_m' is not a llama.cpp file type. Did you mean 'Q4_K_M'?" in first
+    assert "jobs[0].matrix.gguf_type[2]" in second and "Did you mean 'Q4_K_S'?" in second
+    assert "Allowed: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M" in second
+    _, plan = load_plan(write(tmp_path, HEAD + "      - {kind: quantize, matrix: {method: [gguf], gguf_type: [F16, Q4_K_M]}}\n"))
+    assert [j.label for j in plan.jobs] == ["gguf F16", "gguf Q4_K_M"]
+    _, plan = load_plan(write(tmp_path, HEAD + "      - {kind: quantize, method: gguf}\n"))
+    assert plan.jobs[0].options == {"method": "gguf", "gguf_type": "Q4_K_M"}
