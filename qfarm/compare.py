@@ -83,12 +83,20 @@ def mark_pareto(data: list[dict], objectives=DEFAULT_FRONTIER) -> list[dict]:
     out = []
     for r, v in zip(data, vectors):
         r = dict(r)
-        if v is None:
-            r["pareto"] = None
-        else:
-            r["pareto"] = not any(all(a <= b for a, b in zip(o, v)) and o != v for o in points)
+        r["pareto"] = None if v is None else not any(_dominates(o, v) for o in points)
         out.append(r)
     return out
+
+
+TIE = 1e-3  # values within 0.1% are equal: two 4-bit files differing by a few KB of metadata tie on size
+
+
+def _dominates(a: tuple, b: tuple) -> bool:
+    """``a`` at least as good as ``b`` on every objective and better on one (smaller is better, ties by TIE)."""
+    def slack(x, y):
+        return TIE * max(abs(x), abs(y))
+
+    return all(x <= y + slack(x, y) for x, y in zip(a, b)) and any(x < y - slack(x, y) for x, y in zip(a, b))
 
 
 def filter_rows(data: list[dict], conditions: list[str]) -> list[dict]:

@@ -92,9 +92,14 @@ def _scatter(pts: list[dict]):
         rows = [r for r in pts if (r.get("method") or "?") == m]
         ax.scatter([r["size_mb"] for r in rows], [r["perplexity"] for r in rows], s=42, color=cmap[m], label=m,
                    edgecolors=["black" if r.get("pareto") else "none" for r in rows], linewidths=1.2, zorder=3)
-    for r in pts:
-        ax.annotate(_label(r), (r["size_mb"], r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     front = _front_2d(pts)
+    # with many points, name only the frontier and the reference (the table names the rest)
+    named = pts if len(pts) <= 8 else [r for r in pts if r in front or r.get("method") == "none"]
+    for r in named:
+        ax.annotate(_label(r), (r["size_mb"], r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ppl = [r["perplexity"] for r in pts]
+    if min(ppl) > 0 and max(ppl) / min(ppl) > 20:  # a broken 2-bit model would flatten everything else
+        ax.set_yscale("log")
     ax.step([r["size_mb"] for r in front], [r["perplexity"] for r in front], where="post", color=FRONTIER_COLOR,
             linewidth=2, label="frontier (size, perplexity)", zorder=2)
     ax.set_xlabel("size on disk (MB)")
@@ -108,12 +113,11 @@ def _scatter(pts: list[dict]):
 
 def _front_2d(pts: list[dict]) -> list[dict]:
     """The rows no other row beats on both size and perplexity, by increasing size."""
-    best, out = float("inf"), []
-    for r in sorted(pts, key=lambda r: (r["size_mb"], r["perplexity"])):
-        if r["perplexity"] < best:
-            out.append(r)
-            best = r["perplexity"]
-    return out
+    from .compare import mark_pareto
+
+    marked = mark_pareto(pts, ("size_mb", "perplexity"))
+    front = [r for r, m in zip(pts, marked) if m["pareto"]]
+    return sorted(front, key=lambda r: (r["size_mb"], r["perplexity"]))
 
 
 def _bars(rows: list[dict], series, title: str):

@@ -108,3 +108,11 @@ def test_compare_filters_before_the_frontier_and_every_format_shows_the_failed_r
     table = pq.read_table(tmp_path / "r.parquet")
     assert table.num_rows == 7 and table.column("perplexity").to_pylist()[:2] == [10.0, 11.0]
     assert table.column("answers").to_pylist()[-1] == '[{"prompt": "p", "answer": "x"}]'
+
+
+def test_sizes_within_a_tenth_of_a_percent_tie_so_the_better_perplexity_wins():
+    # two 4-bit artifacts differ by a few KB of metadata (recipe.yaml): that must not put the worse one on the front
+    rows = mark_pareto([r("gptq", "gptq", 155.90, 54.0, 8.0), r("rtn", "rtn", 155.88, 100.0, 8.0)])
+    assert [x["pareto"] for x in rows] == [True, False]
+    rows = mark_pareto([r("gptq", "gptq", 155.90, 54.0, 8.0), r("rtn", "rtn", 150.0, 100.0, 8.0)])
+    assert [x["pareto"] for x in rows] == [True, True]  # 4% smaller is a real trade-off
