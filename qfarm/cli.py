@@ -130,18 +130,76 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
     click.echo(f"submitted {plan.sweep_id}: {len(plan.jobs)} jobs{note}; artifacts under {root}/{plan.name}")
+    _follow_or_hint(ctx, store, plan.sweep_id, wait)
+
+
+def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> None:
+    """Without --wait, say how to follow the sweep; with it, follow to the end, print the table, exit 1 if a
+    job did not succeed."""
+    from . import scheduler
+
     if not wait:
-        click.echo(f"follow it with: qfarm status {plan.sweep_id}   results: qfarm results {plan.sweep_id}")
+        click.echo(f"follow it with: qfarm status {sweep_id}   results: qfarm results {sweep_id}")
         return
+    from .compare import DEFAULT_FRONTIER
     from .progress import follow
 
-    follow(store, plan.sweep_id, alive=lambda: scheduler.alive(plan.sweep_id, ctx.obj["namespace"]))
-    from .compare import DEFAULT_FRONTIER
-
-    _print_results(_compared(store, [plan.sweep_id], [], None, DEFAULT_FRONTIER), plan.sweep_id, "table")
-    failed = [j for j in store.sweep_jobs(plan.sweep_id) if j.status != "succeeded"]
+    follow(store, sweep_id, alive=lambda: scheduler.alive(sweep_id, ctx.obj["namespace"]))
+    _print_results(_compared(store, [sweep_id], [], None, DEFAULT_FRONTIER), sweep_id, "table")
+    failed = [j for j in store.sweep_jobs(sweep_id) if j.status != "succeeded"]
     if failed:
         sys.exit(1)
+
+
+def _ray_options(f):
+    f = click.option("--logical-gpus", type=click.IntRange(0, 64), envvar="QFARM_LOGICAL_GPUS", default=None,
+                     help="GPU slots the local head declares when the machine has no GPU (default 2).")(f)
+    return click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
+                        help="The Ray cluster the sweep runs on [env QFARM_RAY_ADDRESS]; default: qfarm's local head.")(f)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--failed", "failed_only", is_flag=True, help="Requeue failed jobs only, not cancelled ones.")
+@click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
+@_ray_options
+@click.pass_context
+@handle_errors
+def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_address: str | None,
+          logical_gpus: int | None) -> None:
+    """Requeue a sweep's failed (and cancelled) jobs, attempts reset, and run them. Finished jobs stay."""
+    store = _store(ctx)
+    record = _find(store, sweep)
+    requeued = store.retry(record.id, cancelled=not failed_only)
+    if not requeued:
+        click.echo(f"nothing to retry in {record.id}: no {'failed' if failed_only else 'failed or cancelled'} jobs")
+        return
+    _start_scheduler(ctx, record.id, ray_address, logical_gpus)
+    click.echo(f"requeued {len(requeued)} job(s) of {record.id}")
+    _follow_or_hint(ctx, store, record.id, wait)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
+@_ray_options
+@click.pass_context
+@handle_errors
+def resume(ctx: click.Context, sweep: str, wait: bool, ray_address: str | None, logical_gpus: int | None) -> None:
+    """Start a sweep's scheduler again (after a cluster restart, or if it died): it rebuilds its view from
+    Redis; jobs left running by dead workers are requeued when their heartbeat lapses."""
+    store = _store(ctx)
+    record = _find(store, sweep)
+    _start_scheduler(ctx, record.id, ray_address, logical_gpus)
+    click.echo(f"resumed {record.id}")
+    _follow_or_hint(ctx, store, record.id, wait)
+
+
+def _start_scheduler(ctx: click.Context, sweep_id: str, ray_address: str | None, logical_gpus: int | None) -> None:
+    from . import cluster, scheduler
+
+    cluster.connect(ray_address, logical_gpus, say=click.echo)
+    scheduler.start(sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"])
 
 
 @cli.command()

@@ -111,7 +111,7 @@ def load_plan(path: str | Path) -> tuple[LoadedSpec, Plan]:
 def _semantic_checks(raw: dict, base_dir: Path, errors: _Collector) -> None:
     """What expand() would say about the parts of a spec that passed the schema, when others did not."""
     groups = []
-    for gi, group in enumerate(raw.get("jobs") or [] if isinstance(raw.get("jobs"), list) else []):
+    for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
         try:
             groups.append((gi, JobGroup.model_validate(group)))
         except ValidationError:

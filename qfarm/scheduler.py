@@ -34,6 +34,7 @@ MAX_ACTOR_START_FAILURES = 3
 # busy worker: with jobs of uneven length (a reference and a 4-bit variant) it then waits behind a long job while
 # another worker goes idle, which cost far more in a real sweep than it saved (bench/README.md).
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
+GONE_WORKER_S = 12.0  # two missed beats, and the worker actor named by the job no longer exists
 
 
 def scheduler_name(namespace: str, sweep_id: str) -> str:
@@ -247,17 +248,34 @@ class Scheduler:
                 self._reload(flight.job_id)
 
     def _orphan(self, job: JobRecord) -> bool:
-        """A running job no live worker is heartbeating (its worker or an earlier scheduler died): requeue it."""
+        """A running job no live worker is heartbeating (its worker or an earlier scheduler died): requeue it.
+
+        Orphaned when its heartbeat lapsed (HEARTBEAT_TTL_S: a lost node), or sooner, after two missed beats,
+        when the worker actor it names no longer exists in Ray (a dead scheduler takes its workers with it)."""
         last = job.heartbeat_at or job.started_at or 0
-        if time.time() - last < HEARTBEAT_TTL_S:
+        quiet_s = time.time() - last
+        if quiet_s < HEARTBEAT_TTL_S and not (quiet_s > GONE_WORKER_S and self._worker_gone(job.worker)):
             return False
-        reason = f"heartbeat lapsed ({time.time() - last:.0f} s without one)"
+        reason = (f"heartbeat lapsed ({quiet_s:.0f} s without one)" if quiet_s >= HEARTBEAT_TTL_S
+                  else f"its worker {job.worker} is gone (no heartbeat for {quiet_s:.0f} s)")
         if job.attempts < int(job.spec.get("max_attempts", 3)):
             self.store.requeue(job.id, job.attempt_id or "", error=reason)
         else:
             self.store.finish(job.id, job.attempt_id or "", JobStatus.FAILED, error=reason)
         self._reload(job.id)
         return True
+
+    @staticmethod
+    def _worker_gone(name: str | None) -> bool:
+        import ray
+
+        if not name:
+            return False
+        try:
+            ray.get_actor(name, namespace=RAY_NAMESPACE)
+            return False
+        except ValueError:
+            return True
 
     def _cancel(self, jobs: list[JobRecord]) -> None:
         for job in jobs:

@@ -246,7 +246,8 @@ def load_spec(path: str | Path) -> LoadedSpec:
     raw, lines = read_yaml(path)
     source = str(path)
     problems: list[Problem] = []
-    for i, group in enumerate(raw.get("jobs") or []):
+    jobs = raw.get("jobs")
+    for i, group in enumerate(jobs if isinstance(jobs, list) else []):
         if isinstance(group, dict) and "kind" in group and group["kind"] not in KINDS:
             problems.append(
                 Problem(

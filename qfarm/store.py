@@ -274,6 +274,22 @@ class Store:
         """One field read: the scheduler asks on every pass."""
         return self.r.hget(self.keys.sweep(sweep_id), "cancel") == "1"
 
+    def retry(self, sweep_id: str, *, cancelled: bool = True) -> list[str]:
+        """Requeue the sweep's failed jobs (and cancelled ones unless ``cancelled`` is False), attempts reset;
+        clear its cancel flag so its scheduler runs them. Returns the requeued job ids."""
+        now = _now()
+        wanted = {"failed", "cancelled"} if cancelled else {"failed"}
+        jobs = [j for j in self.sweep_jobs(sweep_id) if j.status in wanted]
+        pipe = self.r.pipeline(transaction=False)
+        for job in jobs:
+            fields = {"id": job.id, "spec": json.dumps(job.spec), "kind": job.spec.get("kind", ""),
+                      "label": job.spec.get("label", ""), "sweep_id": sweep_id}
+            self._ensure(keys=[self.keys.job(job.id)], args=[json.dumps(fields), repr(now)], client=pipe)
+        outcomes = pipe.execute() if jobs else []
+        self.r.hset(self.keys.sweep(sweep_id), mapping={"cancel": "0", "submitted_at": repr(now)})
+        self.r.hdel(self.keys.sweep(sweep_id), "finished_at", "scheduler_error")
+        return [j.id for j, outcome in zip(jobs, outcomes) if outcome == "requeued"]
+
     def request_cancel(self, sweep_id: str) -> int:
         """Flag the sweep cancelled and cancel its queued jobs at once; the scheduler stops running ones."""
         self.r.hset(self.keys.sweep(sweep_id), "cancel", "1")

@@ -186,7 +186,7 @@ def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ra
     path = spec(tmp_path, """\
         jobs:
           - kind: sleep
-            seconds: 60
+            seconds: 8
             matrix: {index: [0, 1, 2]}
     """)
     waiting = subprocess.Popen([sys.executable, "-m", "qfarm.cli", "submit", path, "--wait"], env=cli_env,
@@ -203,3 +203,45 @@ def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ra
     assert waiting.returncode == 1
     assert f"the scheduler of sweep {sweep} is gone before the sweep finished" in err
     assert "submit the same file again to resume it" in err
+
+    # `qfarm resume`: a new scheduler rebuilds its view from Redis; the jobs the dead one left "running" (their
+    # workers died with it) are requeued once two heartbeats are missed, and the sweep completes
+    running_then = {j.id for j in store.sweep_jobs(sweep) if j.status == "running"}
+    out = qfarm(cli_env, "resume", "naps", "--wait", timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    jobs = {j.id: j for j in store.sweep_jobs(sweep)}
+    assert all(j.status == "succeeded" for j in jobs.values())
+    assert running_then and all(jobs[i].attempts == 2 for i in running_then)
+    history = store.attempts(next(iter(running_then)))
+    assert "is gone" in history[0]["error"] or "heartbeat lapsed" in history[0]["error"]
+
+
+def test_retry_requeues_failed_and_cancelled_jobs(cli_env, tmp_path, store):
+    path = spec(tmp_path, """\
+        jobs:
+          - {kind: sleep, seconds: 0.2, matrix: {index: [0, 1]}}
+          - {kind: sleep, seconds: 0.1, index: 9, fail: true, max_attempts: 1}
+    """, name="retry")
+    assert qfarm(cli_env, "submit", path, "--wait").returncode == 1
+    before = {r["opt_index"]: r for r in results(cli_env, "retry")}
+    assert before[9]["status"] == "failed" and before[0]["status"] == "succeeded"
+    out = qfarm(cli_env, "retry", "retry", "--failed", "--wait")
+    assert out.returncode == 1 and "requeued 1 job(s)" in out.stdout  # it fails again, by design
+    after = {r["opt_index"]: r for r in results(cli_env, "retry")}
+    assert after[9]["status"] == "failed" and after[9]["attempts"] == 1  # attempts start over
+    assert after[0]["finished_at"] == before[0]["finished_at"]  # finished jobs are not run again
+
+    # cancelled jobs: --failed leaves them, a plain retry runs them
+    path = spec(tmp_path, """\
+        jobs:
+          - {kind: sleep, seconds: 3, matrix: {index: [0, 1, 2]}}
+    """, name="stopped")
+    assert qfarm(cli_env, "submit", path).returncode == 0
+    assert qfarm(cli_env, "cancel", "stopped").returncode == 0
+    deadline = time.time() + 60
+    while time.time() < deadline and any(r["status"] != "cancelled" for r in results(cli_env, "stopped")):
+        time.sleep(0.3)
+    assert "nothing to retry" in qfarm(cli_env, "retry", "stopped", "--failed").stdout
+    out = qfarm(cli_env, "retry", "stopped", "--wait", timeout=240)
+    assert out.returncode == 0 and "requeued 3 job(s)" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert [r["status"] for r in results(cli_env, "stopped")] == ["succeeded"] * 3
