@@ -36,9 +36,19 @@ def data_dir() -> Path:
     return path
 
 
-def _client(url: str) -> redis.Redis:
+# A restarted Redis (it replays its append-only file) is waited for, not fatal: every command retries on a
+# connection error with exponential backoff, 0.1 s doubling to 2 s, for about a minute and a half in all.
+RETRIES = 48
+
+
+def _client(url: str, retries: int = RETRIES) -> redis.Redis:
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
     return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=30,
-                                health_check_interval=30, retry_on_timeout=True)
+                                health_check_interval=30, retry_on_timeout=True,
+                                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def _redact(url: str) -> str:
@@ -53,9 +63,8 @@ def connect_redis(url: str | None, *, embedded_ok: bool = True, say=print) -> tu
     configured = url or os.environ.get("QFARM_REDIS_URL")
     target = configured or DEFAULT_REDIS_URL
     try:
-        client = _client(target)
-        client.ping()
-        return client, target
+        _client(target, retries=0).ping()  # say at once when nothing answers; retries are for outages later
+        return _client(target), target
     except redis.AuthenticationError as e:
         raise QfarmError(f"Redis at {_redact(target)} refused the password: {e}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
