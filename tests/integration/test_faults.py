@@ -74,3 +74,48 @@ def test_redis_killed_and_restarted_mid_sweep_loses_nothing_and_reruns_nothing(c
             client.kill()
         server.kill()
         server.wait()
+
+
+def test_chaos_random_worker_kills_every_job_succeeds_exactly_once(cli_env, tmp_path, store):
+    """32 short jobs; a worker process running one of them is killed with -9 at random moments, 6 times."""
+    import os
+    import random
+
+    rng = random.Random(20261123)
+    path = spec(tmp_path, """\
+        max_attempts: 8
+        jobs:
+          - {kind: sleep, seconds: 1.5, matrix: {index: [%s]}}
+    """ % ", ".join(str(i) for i in range(32)), name="chaos")
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", path], env=cli_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    sweep = store.find_sweep("chaos").id
+    kills: list[str] = []
+    deadline = time.time() + 240
+    while len(kills) < 6 and time.time() < deadline:
+        time.sleep(rng.uniform(0.3, 2.0))
+        running = [j for j in store.sweep_jobs(sweep) if j.status == "running" and j.pid]
+        if not running:
+            continue
+        victim = rng.choice(running)
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+            kills.append(victim.id)
+        except ProcessLookupError:
+            continue
+    assert len(kills) >= 6
+    while time.time() < deadline and not all(j.status == "succeeded" for j in store.sweep_jobs(sweep)):
+        time.sleep(0.5)
+    jobs = {j.id: j for j in store.sweep_jobs(sweep)}
+    assert len(jobs) == 32 and all(j.status == "succeeded" for j in jobs.values())
+    for job in jobs.values():
+        history = store.attempts(job.id)
+        succeeded = [a for a in history if a["status"] == "succeeded"]
+        assert len(succeeded) == 1  # exactly once, whatever happened before
+        assert succeeded[0]["attempt_id"] == job.attempt_id and job.result  # the result is the final attempt's
+        assert job.attempts == len(history)
+    # each kill cost one attempt, recorded as retried with its reason (a kill racing a job's end may miss it)
+    retried = [a for j in jobs for a in store.attempts(j) if a["status"] == "retried"]
+    assert len(retried) >= 5 and all(a["error"].startswith("worker process died") for a in retried)
+    assert sum(j.attempts for j in jobs.values()) == 32 + len(retried)
