@@ -86,6 +86,7 @@ class Scheduler:
         self._refreshed = 0.0
         self.state = "starting"
         self._worker_seq = 0
+        self.metrics = Metrics(sweep_id)
         self._thread = threading.Thread(target=self._main, name="qfarm-scheduler", daemon=True)
         self._thread.start()
 
@@ -144,6 +145,7 @@ class Scheduler:
         self.sweep = self.store.sweep(self.sweep_id)
         self.jobs = {j.id: j for j in self.store.sweep_jobs(self.sweep_id)}
         self._refreshed = time.time()
+        self.metrics.update(self.jobs.values())
 
     def _foreign(self) -> list[JobRecord]:
         """Running jobs this scheduler did not dispatch (another sweep's, or an orphan of a dead scheduler)."""
@@ -333,6 +335,32 @@ class Scheduler:
         for pool in self.pools.values():
             for slot in list(pool.slots):
                 self._kill(slot, pool)
+
+
+class Metrics:
+    """The sweep's numbers in the Ray dashboard's metrics (Prometheus, through ray.util.metrics): jobs per status
+    (``qfarm_jobs``), and the duration of each finished job (``qfarm_job_duration_s``), tagged by sweep."""
+
+    STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+    def __init__(self, sweep_id: str):
+        from ray.util.metrics import Gauge, Histogram
+
+        self.tags = {"sweep": sweep_id}
+        self.jobs = Gauge("qfarm_jobs", description="qfarm jobs of a sweep, by status", tag_keys=("sweep", "status"))
+        self.duration = Histogram("qfarm_job_duration_s", description="wall time of finished qfarm jobs (s)",
+                                  boundaries=[1, 5, 15, 60, 300, 900, 3600, 14400], tag_keys=("sweep", "kind"))
+        self.seen: set[str] = set()
+
+    def update(self, jobs) -> None:
+        counts = dict.fromkeys(self.STATUSES, 0)
+        for job in jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+            if job.status in ("succeeded", "failed") and job.id not in self.seen and job.duration_s is not None:
+                self.seen.add(job.id)
+                self.duration.observe(job.duration_s, tags={**self.tags, "kind": job.spec.get("kind", "")})
+        for status, n in counts.items():
+            self.jobs.set(n, tags={**self.tags, "status": status})
 
 
 def start(sweep_id: str, redis_url: str, namespace: str) -> Any:

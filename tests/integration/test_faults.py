@@ -119,3 +119,38 @@ def test_chaos_random_worker_kills_every_job_succeeds_exactly_once(cli_env, tmp_
     retried = [a for j in jobs for a in store.attempts(j) if a["status"] == "retried"]
     assert len(retried) >= 5 and all(a["error"].startswith("worker process died") for a in retried)
     assert sum(j.attempts for j in jobs.values()) == 32 + len(retried)
+
+
+def test_sweep_metrics_reach_the_ray_metrics_endpoint(cli_env, tmp_path, store, ray_head):
+    """ray.util.metrics from the scheduler, as Prometheus text on the node's metrics export port (what the
+    Ray dashboard's Metrics view and a Prometheus scrape read)."""
+    import re
+    import urllib.request
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.address, namespace="qfarm", log_to_driver=False)
+    port = ray.nodes()[0]["MetricsExportPort"]
+    path = spec(tmp_path, """\
+        jobs:
+          - {kind: sleep, seconds: 20, matrix: {index: [0, 1, 2]}}
+    """, name="metered")
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", path], env=cli_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    sweep = store.find_sweep("metered").id
+    pattern = re.compile(r'^ray_qfarm_jobs\{[^}]*status="(\w+)"[^}]*\} ([0-9.]+)$', re.M)
+    deadline, seen = time.time() + 60, {}
+    try:
+        while time.time() < deadline:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            seen = {m.group(1): float(m.group(2)) for m in pattern.finditer(text)
+                    if f'sweep="{sweep}"' in m.group(0)}
+            if seen.get("running") == 2 and seen.get("queued") == 1:
+                break
+            time.sleep(1)
+        assert seen.get("running") == 2 and seen.get("queued") == 1, seen
+    finally:
+        subprocess.run([sys.executable, "-m", "qfarm.cli", "cancel", "metered"], env=cli_env, capture_output=True,
+                       timeout=60)
