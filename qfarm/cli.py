@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -286,12 +287,18 @@ def report(ctx: click.Context, sweeps: tuple[str, ...], output: Path, png_dir: P
 
 
 @cli.command()
-@click.argument("sweep")
+@click.argument("sweep", metavar="SWEEP|JOB")
 @click.pass_context
 @handle_errors
 def cancel(ctx: click.Context, sweep: str) -> None:
-    """Cancel a sweep: queued jobs at once, running ones are stopped by its scheduler."""
+    """Cancel a sweep, or one job by its id: queued jobs at once, running ones are stopped by the scheduler
+    (their worker process is killed). `qfarm retry` runs cancelled jobs again."""
     store = _store(ctx)
+    if re.fullmatch(r"j[0-9a-f]{12}", sweep) and store.job(sweep) is not None:
+        outcome = store.request_job_cancel(sweep)
+        said = {"dequeued": "cancelled (it had not started)", "stopping": "is being stopped"}
+        click.echo(f"job {sweep} {said.get(outcome, f'is already {outcome}; nothing to cancel')}")
+        return
     record = _find(store, sweep)
     n = store.request_cancel(record.id)
     running = sum(1 for j in store.sweep_jobs(record.id) if j.status == "running")

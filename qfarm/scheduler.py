@@ -237,12 +237,20 @@ class Scheduler:
             self.store.finish(job.id, flight.attempt_id, JobStatus.FAILED, error=reason + tries, attempt=attempt)
 
     def _expire(self) -> None:
+        """Stop running jobs past their timeout_s, and jobs cancelled one by one (`qfarm cancel JOB`)."""
         now = time.time()
         for ref, flight in list(self.inflight.items()):
+            job = self.store.job(flight.job_id)
+            current = job is not None and job.attempt_id == flight.attempt_id
+            if current and job.cancel_requested:
+                self._kill(flight.slot, flight.pool)
+                self.inflight.pop(ref)
+                self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED, error="cancelled while running")
+                self._reload(flight.job_id)
+                continue
             if not flight.timeout_s:
                 continue
-            job = self.store.job(flight.job_id)
-            started = job.started_at if job and job.attempt_id == flight.attempt_id else None
+            started = job.started_at if current else None
             if started is not None and now - started > flight.timeout_s:
                 self._kill(flight.slot, flight.pool)
                 self.inflight.pop(ref)

@@ -66,7 +66,7 @@ if not cur then
 end
 if cur == 'failed' or cur == 'cancelled' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'queued_at', ARGV[2], 'spec', cjson.decode(ARGV[1])['spec'])
-  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress')
+  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress', 'cancel')
   return 'requeued'
 end
 return cur
@@ -106,6 +106,7 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     heartbeat_at: float | None = None
+    cancel_requested: bool = False
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "JobRecord":
@@ -131,6 +132,7 @@ class JobRecord:
             started_at=num("started_at"),
             finished_at=num("finished_at"),
             heartbeat_at=num("heartbeat_at"),
+            cancel_requested=h.get("cancel") == "1",
         )
 
     @property
@@ -289,6 +291,19 @@ class Store:
         self.r.hset(self.keys.sweep(sweep_id), mapping={"cancel": "0", "submitted_at": repr(now)})
         self.r.hdel(self.keys.sweep(sweep_id), "finished_at", "scheduler_error")
         return [j.id for j, outcome in zip(jobs, outcomes) if outcome == "requeued"]
+
+    def request_job_cancel(self, job_id: str) -> str:
+        """Cancel one job: a queued one at once ("dequeued"); a running one is flagged for its scheduler to stop
+        ("stopping"); a finished one is left as it is (its status is returned)."""
+        if self.cancel_if_queued(job_id):
+            return "dequeued"
+        job = self.job(job_id)
+        if job is None:
+            return "missing"
+        if job.status == JobStatus.RUNNING.value:
+            self.r.hset(self.keys.job(job_id), "cancel", "1")
+            return "stopping"
+        return job.status
 
     def request_cancel(self, sweep_id: str) -> int:
         """Flag the sweep cancelled and cancel its queued jobs at once; the scheduler stops running ones."""

@@ -245,3 +245,28 @@ def test_retry_requeues_failed_and_cancelled_jobs(cli_env, tmp_path, store):
     out = qfarm(cli_env, "retry", "stopped", "--wait", timeout=240)
     assert out.returncode == 0 and "requeued 3 job(s)" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert [r["status"] for r in results(cli_env, "stopped")] == ["succeeded"] * 3
+
+
+def test_cancel_one_job_running_or_queued(cli_env, tmp_path, store):
+    path = spec(tmp_path, """\
+        jobs:
+          - {kind: sleep, seconds: 30, matrix: {index: [0, 1, 2]}}
+    """, name="one")
+    assert qfarm(cli_env, "submit", path).returncode == 0
+    sweep = store.find_sweep("one").id
+    deadline, running = time.time() + 60, []
+    while time.time() < deadline and len(running) < 2:
+        running = [j for j in store.sweep_jobs(sweep) if j.status == "running"]
+        time.sleep(0.3)
+    victim, other = running[0], running[1]
+    queued = next(j for j in store.sweep_jobs(sweep) if j.status == "queued")
+    out = qfarm(cli_env, "cancel", victim.id)
+    assert out.returncode == 0 and f"job {victim.id} is being stopped" in out.stdout
+    assert f"job {queued.id} cancelled (it had not started)" in qfarm(cli_env, "cancel", queued.id).stdout
+    deadline = time.time() + 30
+    while time.time() < deadline and store.job(victim.id).status != "cancelled":
+        time.sleep(0.3)
+    assert store.job(victim.id).status == "cancelled" and store.job(victim.id).error == "cancelled while running"
+    assert store.job(other.id).status == "running"  # the sweep and its other job go on
+    assert "already cancelled" in qfarm(cli_env, "cancel", victim.id).stdout
+    qfarm(cli_env, "cancel", "one")

@@ -154,3 +154,28 @@ def test_sweep_metrics_reach_the_ray_metrics_endpoint(cli_env, tmp_path, store, 
     finally:
         subprocess.run([sys.executable, "-m", "qfarm.cli", "cancel", "metered"], env=cli_env, capture_output=True,
                        timeout=60)
+
+
+def test_killing_the_client_mid_sweep_does_not_stop_the_sweep(cli_env, tmp_path, store):
+    path = spec(tmp_path, """\
+        jobs:
+          - {kind: sleep, seconds: 1.5, matrix: {index: [0, 1, 2, 3, 4, 5]}}
+    """, name="orphaned")
+    client = subprocess.Popen([sys.executable, "-m", "qfarm.cli", "submit", path, "--wait"], env=cli_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        found = store.find_sweep("orphaned")
+        if found and any(j.status == "succeeded" for j in store.sweep_jobs(found.id)):
+            break
+        time.sleep(0.2)
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    while time.time() < deadline and not all(j.status == "succeeded" for j in store.sweep_jobs(found.id)):
+        time.sleep(0.3)
+    jobs = store.sweep_jobs(found.id)
+    assert [j.status for j in jobs] == ["succeeded"] * 6 and all(j.attempts == 1 for j in jobs)
+    # and any machine that reaches Redis and Ray can look at it again
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", "orphaned", "--format", "csv"], env=cli_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 7
