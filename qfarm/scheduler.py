@@ -240,9 +240,8 @@ class Scheduler:
         """Stop running jobs past their timeout_s, and jobs cancelled one by one (`qfarm cancel JOB`)."""
         now = time.time()
         for ref, flight in list(self.inflight.items()):
-            job = self.store.job(flight.job_id)
-            current = job is not None and job.attempt_id == flight.attempt_id
-            if current and job.cancel_requested:
+            seen = self.jobs.get(flight.job_id)  # refreshed from Redis every REFRESH_S: no read per job here
+            if seen is not None and seen.cancel_requested and seen.attempt_id == flight.attempt_id:
                 self._kill(flight.slot, flight.pool)
                 self.inflight.pop(ref)
                 self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED, error="cancelled while running")
@@ -250,7 +249,8 @@ class Scheduler:
                 continue
             if not flight.timeout_s:
                 continue
-            started = job.started_at if current else None
+            job = self.store.job(flight.job_id)
+            started = job.started_at if job and job.attempt_id == flight.attempt_id else None
             if started is not None and now - started > flight.timeout_s:
                 self._kill(flight.slot, flight.pool)
                 self.inflight.pop(ref)
