@@ -179,3 +179,19 @@ def test_killing_the_client_mid_sweep_does_not_stop_the_sweep(cli_env, tmp_path,
     out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", "orphaned", "--format", "csv"], env=cli_env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 7
+
+
+def test_a_job_past_its_timeout_is_stopped_and_fails_with_the_reason(cli_env, tmp_path, store):
+    path = spec(tmp_path, """\
+        jobs:
+          - {kind: sleep, seconds: 60, index: 0, timeout_s: 3}
+          - {kind: sleep, seconds: 0.5, index: 1}
+    """, name="slow")
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", path, "--wait"], env=cli_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and time.time() - start < 45, out.stdout[-2000:]
+    jobs = {j.spec["options"]["index"]: j for j in store.sweep_jobs(store.find_sweep("slow").id)}
+    assert jobs[0].status == "failed" and jobs[0].error.startswith("timed out after 3 s")
+    assert jobs[0].attempts == 1  # a timeout is not retried: it would time out again
+    assert jobs[1].status == "succeeded"
