@@ -65,7 +65,7 @@ class Cache:
             ctx.count("model_cache_hits")
         return loaded, hit
 
-    def eval_windows(self, key: tuple, make: Callable[[], Any], ctx, what: str = "eval_data") -> Any:
+    def tokens(self, key: tuple, make: Callable[[], Any], ctx, what: str = "eval_data") -> Any:
         """Tokenized text (eval windows, calibration samples), counted as ``<what>_tokenizations`` or ``_cache_hits``."""
         value, hit = self.windows.get((what,) + key, make)
         ctx.count(f"{what}_cache_hits" if hit else f"{what}_tokenizations")

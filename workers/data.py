@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
 import re
 from pathlib import Path
+
+from workers.files import build_once, keyed
 
 
 def python_docs_text() -> str:
@@ -101,28 +100,20 @@ def calibration_windows(tokenizer, text: str, seq_len: int, samples: int):
 def shared_tokens(output_root: str, key: tuple, make):
     """``make()`` -> (LongTensor, total tokens), computed once per output root and shared through a file.
 
-    Returns (value, "disk" | "tokenized"). The file is safetensors (no pickle); a lock makes two workers on
-    one node tokenize once; the write is atomic (rename), so a reader never sees half a file.
+    Returns (value, "disk" | "tokenized"). The file is safetensors (no pickle), made by workers.files.build_once.
     """
     import torch
     from safetensors.torch import load_file, save_file
 
-    name = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:16]
-    path = Path(output_root) / "_data" / f"{name}.safetensors"
+    path = keyed(output_root, "_data", json.dumps(list(key)), ".safetensors")
+    made = []
 
-    def read():
-        t = load_file(str(path))
-        return (t["ids"], int(t["total"].item())), "disk"
-
-    if path.is_file():
-        return read()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return read()
+    def build(tmp: Path) -> None:
         ids, total = make()
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        made.append((ids, total))
         save_file({"ids": ids.contiguous(), "total": torch.tensor([total])}, str(tmp))
-        os.replace(tmp, path)
-        return (ids, total), "tokenized"
+
+    if build_once(path, build):
+        return made[0], "tokenized"
+    t = load_file(str(path))
+    return (t["ids"], int(t["total"].item())), "disk"

@@ -91,21 +91,66 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def _logprobs(model, window):
-    if hasattr(model, "logprobs"):  # a model outside torch (llama.cpp) computes its own
-        return model.logprobs(window)
-    import torch
+class TorchRunner:
+    """A transformers model answering the harness's three questions. A model that runs outside torch
+    (``workers.gguf.LlamaCppModel``) answers the same three itself:
 
-    with torch.inference_mode():
-        logits = model(window.unsqueeze(0).to(model.device)).logits[0, :-1].float()
-    return torch.log_softmax(logits, dim=-1)
+    - ``logprobs(window)``: log-softmax at every position but the last, [len(window) - 1, vocab];
+    - ``timed(prompt_ids, steps)``: seconds to prefill the prompt, and to decode ``steps`` greedy tokens after it;
+    - ``greedy(ids, max_new_tokens, pad_id)``: the greedy continuation's token ids.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def logprobs(self, window):
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(window.unsqueeze(0).to(self.model.device)).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def timed(self, prompt_ids, steps: int) -> tuple[float, float]:
+        import torch
+
+        def sync():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        ids = prompt_ids.unsqueeze(0).to(self.model.device)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model(input_ids=ids, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            for _ in range(steps):
+                out = self.model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            return t1 - t0, time.perf_counter() - t1
+
+    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None) -> list[int]:
+        import torch
+
+        enc = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        with torch.inference_mode():
+            gen = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
+                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        return gen[0, len(ids):].tolist()
+
+
+def runner(model):
+    """``model`` itself when it speaks the harness's protocol (llama.cpp), else a TorchRunner around it."""
+    return model if hasattr(model, "logprobs") else TorchRunner(model)
 
 
 def reference_for(model, wins, progress) -> Reference:
     lps, nll, tokens = [], 0.0, 0
     for i, window in enumerate(wins):
         progress(f"reference log-probs {i + 1}/{len(wins)}")
-        lp = _logprobs(model, window)
+        lp = model.logprobs(window)
         targets = window[1:].to(lp.device)
         nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
         tokens += targets.numel()
@@ -118,7 +163,7 @@ def quality(model, wins, ref: Reference, progress) -> dict:
     agree = tokens = 0
     for i, window in enumerate(wins):
         progress(f"perplexity/KL {i + 1}/{len(wins)}")
-        lp = _logprobs(model, window)
+        lp = model.logprobs(window)
         targets = window[1:].to(lp.device)
         nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
         q = lp.half().float().cpu()
@@ -139,46 +184,22 @@ def quality(model, wins, ref: Reference, progress) -> dict:
 
 
 def speed(model, prompt_ids, new_tokens: int, runs: int) -> dict:
-    if hasattr(model, "speed"):
-        return model.speed(prompt_ids, new_tokens, runs)
-    import torch
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def once(ids, steps):
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            sync()
-            t1 = time.perf_counter()
-            past = out.past_key_values
-            for _ in range(steps):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            sync()
-            return t1 - t0, time.perf_counter() - t1
-
-    ids = prompt_ids.unsqueeze(0).to(model.device)
-    once(ids[:, :8], 2)  # warm-up: first-call allocations and kernel selection
-    timings = [once(ids, new_tokens) for _ in range(runs)]
+    model.timed(prompt_ids[:8], 2)  # warm-up: first-call allocations and kernel selection
+    timings = [model.timed(prompt_ids, new_tokens) for _ in range(runs)]
     prefill = statistics.median(t[0] for t in timings)
     decode = statistics.median(t[1] for t in timings)
+    n = int(prompt_ids.shape[0])
     return {
-        "prefill_tokens_per_s": ids.shape[1] / prefill,
+        "prefill_tokens_per_s": n / prefill,
         "decode_tokens_per_s": new_tokens / decode,
         "ttft_ms": prefill * 1000,
         "ms_per_token": decode / new_tokens * 1000,
-        "speed_prompt_tokens": int(ids.shape[1]),
+        "speed_prompt_tokens": n,
         "speed_new_tokens": new_tokens,
     }
 
 
 def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, progress) -> list[dict]:
-    import torch
-
     out = []
     for i, prompt in enumerate(prompts):
         progress(f"prompts {i + 1}/{len(prompts)}")
@@ -187,17 +208,9 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, progress)
                                                  add_generation_prompt=True)
         else:
             text = prompt
-        if hasattr(model, "greedy"):  # llama.cpp: the same prompt tokens, its own greedy decoding
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            answer = tokenizer.decode(model.greedy(ids, max_new_tokens), skip_special_tokens=True).strip()
-            out.append({"prompt": prompt, "answer": answer})
-            continue
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        answer = tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        out.append({"prompt": prompt, "answer": answer})
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        new = model.greedy(ids, max_new_tokens, tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append({"prompt": prompt, "answer": tokenizer.decode(new, skip_special_tokens=True).strip()})
     return out
 
 
@@ -205,14 +218,15 @@ def evaluate(ctx, model, base, *, is_reference: bool) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
     ev = ctx.job["eval"] or {}
     tokenizer = base.tokenizer
+    model = runner(model)
     metrics: dict = {}
     ppl = ev.get("perplexity")
     wins = None
     if ppl:
         ds = ppl["dataset"]
         key = (ds["key"], base.path, ppl["seq_len"], ppl["max_windows"])
-        wins = ctx.cache.eval_windows(key, lambda: windows(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"]), ctx)
-        ref, hit = ctx.cache.reference(key, lambda: reference_for(base.model, wins, ctx.progress))
+        wins = ctx.cache.tokens(key, lambda: windows(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"]), ctx)
+        ref, hit = ctx.cache.reference(key, lambda: reference_for(runner(base.model), wins, ctx.progress))
         ctx.count("reference_cache_hits" if hit else "reference_computations")
         metrics.update(quality(model, wins, ref, ctx.progress))
     sp = ev.get("speed")

@@ -24,15 +24,14 @@ Sample yaml::
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from workers.files import build_once, keyed
 
 # llama.cpp file type name -> llama_cpp constant. The names a spec may use are qfarm.methods.GGUF_TYPES.
 _FTYPE_CONST = {"F32": "LLAMA_FTYPE_ALL_F32"}
@@ -65,23 +64,18 @@ def source_gguf(ctx, base) -> str:
     if script is None:
         raise RuntimeError("converting a Hugging Face model to GGUF needs llama.cpp's convert_hf_to_gguf.py: "
                            "run `make llama-cpp-tools`, or set QFARM_LLAMA_CPP_DIR to a llama.cpp checkout")
-    key = hashlib.sha256(f"{model['key']}|{script}".encode()).hexdigest()[:16]
-    target = Path(ctx.output_root) / "_models" / f"{key}.f32.gguf"
-    if target.is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_file():
-            ctx.progress("converting the HF model to GGUF (llama.cpp convert_hf_to_gguf.py)")
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
-            run = subprocess.run([sys.executable, str(script), base.path, "--outfile", str(tmp), "--outtype", "f32"],
-                                 env=env, capture_output=True, text=True)
-            if run.returncode != 0:
-                tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail[0]}")
-            os.replace(tmp, target)
+    target = keyed(ctx.output_root, "_models", f"{model['key']}|{script}", ".f32.gguf")
+
+    def convert(tmp: Path) -> None:
+        ctx.progress("converting the HF model to GGUF (llama.cpp convert_hf_to_gguf.py)")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+        run = subprocess.run([sys.executable, str(script), base.path, "--outfile", str(tmp), "--outtype", "f32"],
+                             env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail[0]}")
+
+    build_once(target, convert)
     return str(target)
 
 
@@ -134,8 +128,8 @@ class Gguf:
 
 
 class LlamaCppModel:
-    """A GGUF file in llama.cpp, answering the evaluation harness's three questions (log-probs of a window,
-    speed, greedy continuation) with llama.cpp's own compute."""
+    """A GGUF file in llama.cpp, answering the harness's three questions (workers.evaluate.TorchRunner: logprobs,
+    timed, greedy) with llama.cpp's own compute."""
 
     def __init__(self, path: str, n_ctx: int, threads: int):
         import llama_cpp
@@ -165,7 +159,7 @@ class LlamaCppModel:
     def _next(self, position: int) -> int:
         return int(self.llm.scores[position].argmax())
 
-    def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None = None) -> list[int]:
         self._eval(ids)
         out, pos = [], len(ids) - 1
         for _ in range(max_new_tokens):
@@ -177,28 +171,13 @@ class LlamaCppModel:
             pos += 1
         return out
 
-    def speed(self, prompt_ids, new_tokens: int, runs: int) -> dict:
-        ids = prompt_ids.tolist()
-
-        def once(prompt, steps):
-            t0 = time.perf_counter()
-            self._eval(prompt)
-            tok = self._next(len(prompt) - 1)
-            t1 = time.perf_counter()
-            for i in range(steps):
-                self.llm.eval([tok])
-                tok = self._next(len(prompt) + i)
-            return t1 - t0, time.perf_counter() - t1
-
-        once(ids[:8], 2)  # warm-up
-        timings = [once(ids, new_tokens) for _ in range(runs)]
-        prefill = statistics.median(t[0] for t in timings)
-        decode = statistics.median(t[1] for t in timings)
-        return {
-            "prefill_tokens_per_s": len(ids) / prefill,
-            "decode_tokens_per_s": new_tokens / decode,
-            "ttft_ms": prefill * 1000,
-            "ms_per_token": decode / new_tokens * 1000,
-            "speed_prompt_tokens": len(ids),
-            "speed_new_tokens": new_tokens,
-        }
+    def timed(self, prompt_ids, steps: int) -> tuple[float, float]:
+        prompt = prompt_ids.tolist()
+        t0 = time.perf_counter()
+        self._eval(prompt)
+        tok = self._next(len(prompt) - 1)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            self.llm.eval([tok])
+            tok = self._next(len(prompt) + i)
+        return t1 - t0, time.perf_counter() - t1

@@ -89,7 +89,7 @@ def calibration_dataset(ctx, base):
         data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
         return data, total
 
-    data, total = ctx.cache.eval_windows(key, make, ctx, what="calibration")
+    data, total = ctx.cache.tokens(key, make, ctx, what="calibration")
     samples, seq_len = len(data), cal["seq_len"]
     ctx.extra.update({"calib_samples": samples, "calib_tokens": samples * seq_len, "calib_source": source,
                       "calib_overlap_tokens": _overlap(ctx.job.get("eval"), cal, total, samples * seq_len)})

@@ -7,12 +7,11 @@ safetensors under ``<output_root>/_models/``; every later load, by any worker or
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
-import shutil
 import time
 from pathlib import Path
+
+from workers.files import build_once, keyed
 
 
 def quiet() -> None:
@@ -45,35 +44,24 @@ def base_dir(model: dict, output_root: str) -> tuple[str, float]:
     """A loadable float HF folder (or hub id) for ``model``, and seconds spent preparing it now (0 if ready)."""
     if model["kind"] in ("hf_dir", "hub"):
         return model["location"], 0.0
-    key = hashlib.sha256(model["key"].encode()).hexdigest()[:16]
-    target = Path(output_root) / "_models" / key
-    if (target / "config.json").is_file():
-        return str(target), 0.0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two workers on one node materialize it once
-        if (target / "config.json").is_file():
-            return str(target), 0.0
-        start = time.time()
-        _materialize_gguf(model["location"], model["gguf_file"], target)
-        return str(target), time.time() - start
+    target = keyed(output_root, "_models", model["key"])
+    start = time.time()
+    built = build_once(target, lambda tmp: _materialize_gguf(model["location"], model["gguf_file"], tmp))
+    return str(target), time.time() - start if built else 0.0
 
 
-def _materialize_gguf(folder: str, gguf_file: str, target: Path) -> None:
+def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model keeps its gguf quantizer, which refuses to save; drop it (BACKENDS.md).
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "QFARM_SOURCE.txt").write_text(f"dequantized to float32 from {folder}/{gguf_file}\n")
-    os.replace(tmp, target)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "QFARM_SOURCE.txt").write_text(f"dequantized to float32 from {folder}/{gguf_file}\n")
 
 
 def device() -> str:

@@ -1,0 +1,34 @@
+"""Files made once per output root and shared by every worker that reaches it: the float copy of a GGUF base
+model, an HF model converted to GGUF, tokenized calibration samples."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+
+def keyed(output_root: str, folder: str, key: str, suffix: str = "") -> Path:
+    """``<output_root>/<folder>/<hash of key><suffix>``: one path per identity."""
+    return Path(output_root) / folder / (hashlib.sha256(key.encode()).hexdigest()[:16] + suffix)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> bool:
+    """Make ``target`` (a file or a folder) once: ``build(tmp)`` writes a temporary path that is renamed into
+    place, so a reader never sees half of it; a lock makes workers on one node build it once and the others
+    wait for it. True when this call built it, False when it was there already."""
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return False
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        build(tmp)
+        os.replace(tmp, target)
+        return True
