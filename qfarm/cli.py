@@ -100,14 +100,18 @@ def validate(spec: Path, show_jobs: bool) -> None:
             click.echo(f"  {job.id}  {job.kind:<8} {opts}")
 
 
+def _ray_options(f):
+    f = click.option("--logical-gpus", type=click.IntRange(0, 64), envvar="QFARM_LOGICAL_GPUS", default=None,
+                     help="GPU slots the local head declares when the machine has no GPU (default 2).")(f)
+    return click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
+                        help="An existing Ray cluster (host:port, ray://host:10001, or auto) [env QFARM_RAY_ADDRESS]. "
+                             "Default: qfarm's own local Ray head, started on first use.")(f)
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
-@click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
-              help="An existing Ray cluster (host:port, ray://host:10001, or auto) [env QFARM_RAY_ADDRESS]. "
-                   "Default: qfarm's own local Ray head, started on first use.")
-@click.option("--logical-gpus", type=click.IntRange(0, 64), envvar="QFARM_LOGICAL_GPUS", default=None,
-              help="GPU slots the local head declares when the machine has no GPU (default 2).")
+@_ray_options
 @click.option("--output-root", envvar="QFARM_OUTPUT_ROOT", default=OUTPUT_ROOT_DEFAULT, show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Where artifacts go: <root>/<sweep>/<job>. Must be reachable by every node [env QFARM_OUTPUT_ROOT].")
@@ -150,13 +154,6 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
     failed = [j for j in store.sweep_jobs(sweep_id) if j.status != "succeeded"]
     if failed:
         sys.exit(1)
-
-
-def _ray_options(f):
-    f = click.option("--logical-gpus", type=click.IntRange(0, 64), envvar="QFARM_LOGICAL_GPUS", default=None,
-                     help="GPU slots the local head declares when the machine has no GPU (default 2).")(f)
-    return click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
-                        help="The Ray cluster the sweep runs on [env QFARM_RAY_ADDRESS]; default: qfarm's local head.")(f)
 
 
 @cli.command()

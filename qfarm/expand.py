@@ -6,6 +6,7 @@ resubmitting a file, or a file that adds one method, reuses what already finishe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -253,13 +254,11 @@ class _MethodChecks:
 
     def __init__(self, model_ref: dict | None, base_dir: Path, errors: _Collector):
         self.model_ref, self.base_dir, self.errors = model_ref, base_dir, errors
-        self._shape: Any = ...
 
-    @property
+    @functools.cached_property
     def shape(self):
-        if self._shape is ...:
-            self._shape = shape_of(self.model_ref) if self.model_ref else None
-        return self._shape
+        """Read once per spec, and only when a job has a group size to check."""
+        return shape_of(self.model_ref) if self.model_ref else None
 
     def __call__(self, gi: int, group: JobGroup, options: Options, sources: dict) -> dict | None:
         group_size = getattr(options, "group_size", None)

@@ -158,12 +158,3 @@ JobKind = Literal["quantize", "sleep"]
 KINDS: tuple[str, ...] = ("quantize", "sleep")
 # Kinds that load a model and run the evaluation harness.
 MODEL_KINDS = frozenset({"quantize"})
-
-
-def bits_of(options: Options) -> int | None:
-    if getattr(options, "method", None) == "gguf":
-        return GGUF_TYPES[options.gguf_type]
-    bits = getattr(options, "bits", None)
-    if bits is None and getattr(options, "method", None) == "none":
-        return None
-    return bits

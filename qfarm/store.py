@@ -195,24 +195,35 @@ class Store:
         pipe = self.r.pipeline(transaction=True)
         pipe.hsetnx(key, "created_at", repr(now))
         pipe.hset(key, mapping={"id": sweep_id, "name": name, "source": source, "output_root": output_root,
-                                "submitted_at": repr(now), "info": json.dumps(info or {}), "job_count": len(jobs),
-                                "cancel": "0"})
-        pipe.hdel(key, "finished_at", "scheduler_error")
+                                "info": json.dumps(info or {}), "job_count": len(jobs)})
+        self._reopen(pipe, sweep_id, now)
         pipe.zadd(self.keys.sweeps(), {sweep_id: now})  # ordered by last submit: a resubmit is the newest
         pipe.delete(self.keys.sweep_jobs(sweep_id))
         if jobs:
             pipe.rpush(self.keys.sweep_jobs(sweep_id), *[j["id"] for j in jobs])
         pipe.execute()
         counts: dict[str, int] = {}
-        for start in range(0, len(jobs), 500):
+        for outcome in self._ensure_jobs(sweep_id, jobs, now):
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+    def _reopen(self, pipe, sweep_id: str, now: float) -> None:
+        """The sweep runs again: not cancelled, not finished, submitted now."""
+        key = self.keys.sweep(sweep_id)
+        pipe.hset(key, mapping={"cancel": "0", "submitted_at": repr(now)})
+        pipe.hdel(key, "finished_at", "scheduler_error")
+
+    def _ensure_jobs(self, sweep_id: str, payloads: list[dict], now: float) -> list[str]:
+        """Create each job, or requeue it if failed/cancelled (attempts reset); its outcome, in order."""
+        outcomes: list[str] = []
+        for start in range(0, len(payloads), 500):
             pipe = self.r.pipeline(transaction=False)
-            for job in jobs[start:start + 500]:
+            for job in payloads[start:start + 500]:
                 fields = {"id": job["id"], "spec": json.dumps(job), "kind": job["kind"], "label": job["label"],
                           "sweep_id": sweep_id}
                 self._ensure(keys=[self.keys.job(job["id"])], args=[json.dumps(fields), repr(now)], client=pipe)
-            for outcome in pipe.execute():
-                counts[outcome] = counts.get(outcome, 0) + 1
-        return counts
+            outcomes += pipe.execute()
+        return outcomes
 
     def sweep(self, sweep_id: str) -> SweepRecord | None:
         h = self.r.hgetall(self.keys.sweep(sweep_id))
@@ -282,14 +293,10 @@ class Store:
         now = _now()
         wanted = {"failed", "cancelled"} if cancelled else {"failed"}
         jobs = [j for j in self.sweep_jobs(sweep_id) if j.status in wanted]
-        pipe = self.r.pipeline(transaction=False)
-        for job in jobs:
-            fields = {"id": job.id, "spec": json.dumps(job.spec), "kind": job.spec.get("kind", ""),
-                      "label": job.spec.get("label", ""), "sweep_id": sweep_id}
-            self._ensure(keys=[self.keys.job(job.id)], args=[json.dumps(fields), repr(now)], client=pipe)
-        outcomes = pipe.execute() if jobs else []
-        self.r.hset(self.keys.sweep(sweep_id), mapping={"cancel": "0", "submitted_at": repr(now)})
-        self.r.hdel(self.keys.sweep(sweep_id), "finished_at", "scheduler_error")
+        outcomes = self._ensure_jobs(sweep_id, [j.spec for j in jobs], now)
+        pipe = self.r.pipeline(transaction=True)
+        self._reopen(pipe, sweep_id, now)
+        pipe.execute()
         return [j.id for j, outcome in zip(jobs, outcomes) if outcome == "requeued"]
 
     def request_job_cancel(self, job_id: str) -> str:
