@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qfarm.report import DPI, PNG_WIDTH_IN, _bars_height
-from tests.e2e.test_sweeps import qfarm, submitted_id
+from tests.cli import qfarm, submitted_id
 
 pytestmark = pytest.mark.e2e
 

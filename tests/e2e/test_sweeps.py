@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli import qfarm, submitted_id
+
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parents[2]
-
-
-def qfarm(env, *args, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "qfarm.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
-
-
-def submitted_id(stdout: str) -> str:
-    return re.search(r"submitted (\S+):", stdout).group(1)
 
 
 def test_demo_sweep(cli_env, model_root, store):

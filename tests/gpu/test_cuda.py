@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.cli import run_sweep
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def run_sweep(env, spec, name) -> dict:
-    """Submit ``spec`` through the CLI, wait, and return its result rows by method."""
-    run = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(spec), "--wait"], env=env,
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", name, "--format", "json"], env=env,
-                         capture_output=True, text=True)
-    return {r["method"]: r for r in json.loads(out.stdout)}
 
 
 def test_bnb_sweep_runs_on_the_gpu(cli_env, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -10,24 +9,15 @@ import time
 
 import pytest
 
+from tests.cli import qfarm, results
+
 pytestmark = pytest.mark.integration
-
-
-def qfarm(env, *args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "qfarm.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def spec(tmp_path, body: str, name="naps") -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\n" + textwrap.dedent(body))
     return str(path)
-
-
-def results(env, sweep):
-    out = qfarm(env, "results", sweep, "--format", "json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def max_overlap(rows) -> int:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.cli import qfarm
 from tests.integration.test_farm import spec
 from tests.integration.test_redis_connection import free_port
 
@@ -87,8 +88,7 @@ def test_chaos_random_worker_kills_every_job_succeeds_exactly_once(cli_env, tmp_
         jobs:
           - {kind: sleep, seconds: 1.5, matrix: {index: [%s]}}
     """ % ", ".join(str(i) for i in range(32)), name="chaos")
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", path], env=cli_env, capture_output=True,
-                         text=True, timeout=120)
+    out = qfarm(cli_env, "submit", path, timeout=120)
     assert out.returncode == 0, out.stderr
     sweep = store.find_sweep("chaos").id
     kills: list[str] = []
@@ -136,11 +136,10 @@ def test_sweep_metrics_reach_the_ray_metrics_endpoint(cli_env, tmp_path, store, 
         jobs:
           - {kind: sleep, seconds: 20, matrix: {index: [0, 1, 2]}}
     """, name="metered")
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", path], env=cli_env, capture_output=True,
-                         text=True, timeout=120)
+    out = qfarm(cli_env, "submit", path, timeout=120)
     assert out.returncode == 0, out.stderr
     sweep = store.find_sweep("metered").id
-    pattern = re.compile(r'^ray_qfarm_jobs\{[^}]*status="(\w+)"[^}]*\} ([0-9.]+)$', re.M)
+    pattern = re.compile(r'^ray_qfarm_jobs\{[^}]*status="(\w+)"[^}]*\} ([0-9.]+)$', re.MULTILINE)
     deadline, seen = time.time() + 60, {}
     try:
         while time.time() < deadline:
@@ -152,8 +151,7 @@ def test_sweep_metrics_reach_the_ray_metrics_endpoint(cli_env, tmp_path, store, 
             time.sleep(1)
         assert seen.get("running") == 2 and seen.get("queued") == 1, seen
     finally:
-        subprocess.run([sys.executable, "-m", "qfarm.cli", "cancel", "metered"], env=cli_env, capture_output=True,
-                       timeout=60)
+        qfarm(cli_env, "cancel", "metered", timeout=60)
 
 
 def test_killing_the_client_mid_sweep_does_not_stop_the_sweep(cli_env, tmp_path, store):
@@ -176,8 +174,7 @@ def test_killing_the_client_mid_sweep_does_not_stop_the_sweep(cli_env, tmp_path,
     jobs = store.sweep_jobs(found.id)
     assert [j.status for j in jobs] == ["succeeded"] * 6 and all(j.attempts == 1 for j in jobs)
     # and any machine that reaches Redis and Ray can look at it again
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "results", "orphaned", "--format", "csv"], env=cli_env,
-                         capture_output=True, text=True, timeout=60)
+    out = qfarm(cli_env, "results", "orphaned", "--format", "csv", timeout=60)
     assert out.returncode == 0 and len(out.stdout.splitlines()) == 7
 
 
@@ -188,8 +185,7 @@ def test_a_job_past_its_timeout_is_stopped_and_fails_with_the_reason(cli_env, tm
           - {kind: sleep, seconds: 0.5, index: 1}
     """, name="slow")
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", path, "--wait"], env=cli_env,
-                         capture_output=True, text=True, timeout=120)
+    out = qfarm(cli_env, "submit", path, "--wait", timeout=120)
     assert out.returncode == 1 and time.time() - start < 45, out.stdout[-2000:]
     jobs = {j.spec["options"]["index"]: j for j in store.sweep_jobs(store.find_sweep("slow").id)}
     assert jobs[0].status == "failed" and jobs[0].error.startswith("timed out after 3 s")

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tests.integration.test_farm import qfarm, results, spec
+from tests.cli import qfarm, results
+from tests.integration.test_farm import spec
 
 pytestmark = pytest.mark.integration
 
