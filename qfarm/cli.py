@@ -158,19 +158,19 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
 
 @cli.command()
 @click.argument("sweep")
-@click.option("--failed", "failed_only", is_flag=True, help="Requeue failed jobs only, not cancelled ones.")
+@click.option("--failed", "failed_only", is_flag=True, help="Requeue failed (and skipped) jobs only, not cancelled ones.")
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
 @click.pass_context
 @handle_errors
 def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_address: str | None,
           logical_gpus: int | None) -> None:
-    """Requeue a sweep's failed (and cancelled) jobs, attempts reset, and run them. Finished jobs stay."""
+    """Requeue a sweep's failed, skipped (and cancelled) jobs, attempts reset, and run them. Finished jobs stay."""
     store = _store(ctx)
     record = _find(store, sweep)
     requeued = store.retry(record.id, cancelled=not failed_only)
     if not requeued:
-        click.echo(f"nothing to retry in {record.id}: no {'failed' if failed_only else 'failed or cancelled'} jobs")
+        click.echo(f"nothing to retry in {record.id}: no {'failed or skipped' if failed_only else 'failed, skipped or cancelled'} jobs")
         return
     _start_scheduler(ctx, record.id, ray_address, logical_gpus)
     click.echo(f"requeued {len(requeued)} job(s) of {record.id}")

@@ -45,6 +45,7 @@ class SpecError(UsageError):
         # What a caller needs to add its own checks of the parts that did parse (see expand.load_plan).
         context = context or {}
         self.raw, self.lines, self.base_dir = context.get("raw"), context.get("lines", {}), context.get("base_dir")
+        self.groups_key = context.get("groups_key", "jobs")  # the file says jobs: or stages:
         super().__init__(self.render())
 
     def render(self) -> str:

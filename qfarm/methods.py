@@ -123,6 +123,85 @@ class GgufOptions(Options):
     gguf_type: Annotated[str, AfterValidator(_gguf_type)] = "Q4_K_M"
 
 
+# --- train and merge jobs ---------------------------------------------------------------------------
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _format_string(value: Optional[str]) -> Optional[str]:
+    """A format string over a JSON row's fields: ``{name}`` or ``{name[0][key]}``, no attribute access."""
+    import string
+
+    if value is None:
+        return value
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"not a valid format string: {e}") from None
+    if not fields:
+        raise ValueError("a format string names at least one field of each row, e.g. '{instruction}\\n{output}'")
+    for f in fields:
+        if not f or "." in f or f[0].isdigit():
+            raise ValueError(f"{{{f}}}: name a field of the row, e.g. {{text}} or {{instances[0][output]}}")
+    return value
+
+
+class TrainData(Options):
+    """The examples a train job learns from: one per JSONL row (``text_field``, or ``format`` filled from the
+    row's fields), per blank-line-separated paragraph of a text file, or per row of a hub dataset. The last
+    ``eval_samples`` examples are held out: never trained on, and the ``task_loss`` of the job and of every job
+    that comes from it is measured on them."""
+
+    path: str
+    text_field: str = "text"
+    format: Annotated[Optional[str], AfterValidator(_format_string)] = None
+    eval_samples: int = Field(32, ge=1, le=100_000)
+    max_samples: Optional[int] = Field(None, ge=1, le=10_000_000)  # training examples used, from the start
+
+
+class LoraOptions(Options):
+    """LoRA on the float base model (peft, transformers' Trainer). ``max_steps`` bounds the run; without it the
+    job trains ``epochs`` passes over the training examples."""
+
+    method: Literal["lora"]
+    r: int = Field(8, ge=1, le=4_096)
+    lora_alpha: float = Field(16, gt=0, le=100_000)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = Field(list(ALL_LINEAR), min_length=1)
+    dataset: TrainData
+    max_steps: Optional[int] = Field(None, ge=1, le=10_000_000)
+    epochs: float = Field(1.0, gt=0, le=1_000)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    batch_size: int = Field(4, ge=1, le=4_096)
+    grad_accum: int = Field(1, ge=1, le=4_096)
+    seq_len: int = Field(256, ge=8, le=32_768)  # examples are truncated to this many tokens
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    gradient_checkpointing: bool = False
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class QloraOptions(LoraOptions):
+    """QLoRA: LoRA on a bitsandbytes 4-bit base (NF4 with double quantization, as in the QLoRA paper)."""
+
+    method: Literal["qlora"]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class MergeOptions(Options):
+    """Merge a train job's adapter into a base: ``base`` (the float model it started from) or ``dequantized``
+    (the 4-bit base a QLoRA adapter was trained on, dequantized: what the adapter actually learned against).
+    The merged model's logits are compared with the adapter model's on ``check_samples`` held-out examples."""
+
+    onto: Literal["base", "dequantized"] = "base"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    check_samples: int = Field(4, ge=1, le=1_000)
+
+
+TRAIN_METHODS: dict[str, type[Options]] = {"lora": LoraOptions, "qlora": QloraOptions}
+
+
 class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
@@ -154,7 +233,14 @@ METHODS: dict[str, Method] = {
     ]
 }
 
-JobKind = Literal["quantize", "sleep"]
-KINDS: tuple[str, ...] = ("quantize", "sleep")
+JobKind = Literal["quantize", "train", "merge", "sleep"]
+KINDS: tuple[str, ...] = ("quantize", "train", "merge", "sleep")
 # Kinds that load a model and run the evaluation harness.
-MODEL_KINDS = frozenset({"quantize"})
+MODEL_KINDS = frozenset({"quantize", "train", "merge"})
+# What a stage's ``from:`` may name: the kinds whose jobs a job of this kind can start from.
+PARENT_KINDS: dict[str, frozenset[str]] = {
+    "quantize": frozenset({"merge"}),  # quantize a merged model (the deploy step of a pipeline)
+    "merge": frozenset({"train"}),
+    "train": frozenset(),
+    "sleep": frozenset({"sleep"}),  # the farm's own tests of the DAG
+}

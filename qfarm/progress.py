@@ -23,8 +23,9 @@ def _summary(c: Counter, total: int) -> str:
     parts = [f"{done}/{total} done", f"{c['running']} running", f"{c['queued']} queued", f"{c['succeeded']} succeeded"]
     if c["failed"]:
         parts.append(f"{c['failed']} failed")
-    if c["cancelled"]:
-        parts.append(f"{c['cancelled']} cancelled")
+    for status in ("cancelled", "skipped"):
+        if c[status]:
+            parts.append(f"{c[status]} {status}")
     return " · ".join(parts)
 
 
@@ -115,7 +116,7 @@ def sweeps_table(store: Store):
     from rich.table import Table
 
     table = Table(title=f"sweeps (namespace {store.namespace})", header_style="bold")
-    for col in ("sweep", "created", "jobs", "succeeded", "failed", "running", "queued", "cancelled", "finished"):
+    for col in ("sweep", "created", "jobs", "succeeded", "failed", "running", "queued", "cancelled", "skipped", "finished"):
         table.add_column(col, justify="right" if col not in ("sweep", "created", "finished") else "left")
     for sid in reversed(store.sweep_ids()):
         sweep = store.sweep(sid)
@@ -123,12 +124,13 @@ def sweeps_table(store: Store):
             continue
         c = Counter(store.statuses(sid))
         table.add_row(sid, _ago(sweep.created_at), str(sum(c.values())), str(c["succeeded"]), str(c["failed"]),
-                      str(c["running"]), str(c["queued"]), str(c["cancelled"]), _ago(sweep.finished_at))
+                      str(c["running"]), str(c["queued"]), str(c["cancelled"]), str(c["skipped"]),
+                      _ago(sweep.finished_at))
     return table
 
 
 STATUS_ROWS = 60
-_ORDER = {"running": 0, "failed": 1, "queued": 2, "cancelled": 3, "succeeded": 4}
+_ORDER = {"running": 0, "failed": 1, "queued": 2, "cancelled": 3, "skipped": 3, "succeeded": 4}
 
 
 def shown(jobs: list[JobRecord], limit: int | None) -> list[JobRecord]:

@@ -23,16 +23,25 @@ EXTRA_COLUMNS = [
     "ref_size_mb", "size_source", "quant_s", "quant_peak_mem_mb", "calib_samples", "calib_tokens",
     "calib_source", "calib_overlap_tokens", "prepare_s", "ttft_ms", "ms_per_token", "ref_perplexity",
     "ppl_windows", "ppl_tokens", "base_cache_hit", "node", "worker", "threads", "artifact", "answers",
+    # pipelines (train -> merge -> quantize): where a job sits, and what training and merging measured
+    "stage", "parent", "lineage", "r", "lora_alpha", "lora_dropout", "train_loss", "train_loss_first",
+    "train_loss_best", "train_s", "step_s", "train_steps", "train_tokens_per_s", "trainable_params",
+    "trainable_pct", "train_peak_mem_mb", "adapter_mb", "task_loss", "ref_task_loss", "task_loss_delta",
+    "onto", "merge_max_abs_diff", "merge_mean_abs_diff", "merge_top1_agree", "loss_curve",
 ]
 FORMATS = ("table", "md", "csv", "json", "parquet")
 
 # (column, header, format) for the terminal and markdown tables.
 _SHOWN = [
-    ("sweep_id", "sweep", "{}"), ("job_id", "job", "{}"), ("pareto", "front", "{}"), ("label", "method", "{}"), ("bits", "bits", "{}"), ("status", "status", "{}"),
+    ("sweep_id", "sweep", "{}"), ("job_id", "job", "{}"), ("pareto", "front", "{}"), ("stage", "stage", "{}"),
+    ("label", "method", "{}"), ("lineage", "from", "{}"), ("bits", "bits", "{}"), ("status", "status", "{}"),
     ("size_mb", "size MB", "{:.1f}"), ("size_vs_ref", "×ref", "{:.2f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("load_s", "load s", "{:.2f}"), ("perplexity", "ppl", "{:.3f}"), ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
     ("kl_div", "KL", "{:.4f}"), ("top1_agree", "top-1", "{:.3f}"),
     ("prefill_tokens_per_s", "prefill tok/s", "{:.1f}"), ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("train_loss", "train loss", "{:.3f}"), ("task_loss", "task loss", "{:.3f}"),
+    ("trainable_params", "trainable", "{:,}"), ("train_s", "train s", "{:.0f}"),
+    ("merge_max_abs_diff", "merge Δmax", "{:.2g}"), ("merge_top1_agree", "merge top-1", "{:.3f}"),
     ("device", "device", "{}"), ("duration_s", "time s", "{:.1f}"),
 ]
 
@@ -49,6 +58,9 @@ def row(job: JobRecord) -> dict[str, Any]:
         "status": job.status,
         "kind": job.spec.get("kind"),
         "label": job.spec.get("label"),
+        "stage": job.spec.get("stage"),
+        "parent": job.spec.get("parent"),
+        "lineage": " → ".join(job.spec.get("lineage") or []) or None,
         "method": options.get("method", result.get("method")),
         "bits": options.get("bits", result.get("bits")),
         "sweep_id": job.sweep_id,
@@ -87,8 +99,9 @@ def _visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[s
         return [known.get(c, (c, c, "{:.4g}")) for c in columns]
     sweeps = {r.get("sweep_id") for r in data}
     out = []
+    pipeline = any(r.get("parent") for r in data)
     for c in _SHOWN:
-        if c[0] == "sweep_id" and len(sweeps) < 2:
+        if (c[0] == "sweep_id" and len(sweeps) < 2) or (c[0] == "stage" and not pipeline):
             continue
         if c[0] in ("job_id", "label", "status") or any(r.get(c[0]) is not None for r in data):
             out.append(c)

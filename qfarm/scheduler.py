@@ -159,6 +159,9 @@ class Scheduler:
         for job in queued:
             if job.id in handed:
                 continue
+            inputs = self._inputs(job)
+            if inputs is None:
+                continue  # its parent has not finished yet, or it was just skipped
             pool = self._pool(job.spec["resources"])
             if pool.capacity == 0 or pool.start_failures >= MAX_ACTOR_START_FAILURES:
                 reason = pool.last_error or f"no node of the cluster has {needs(pool.resources)}"
@@ -168,11 +171,34 @@ class Scheduler:
             if slot is None or slot.ready_ref is not None:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
-            payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root)
+            payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root,
+                           input=inputs or None)
             ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
                 payload, attempt_id, self.sweep_id)
             slot.job_id = job.id
             self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, job.spec.get("timeout_s"))
+
+    def _inputs(self, job: JobRecord) -> dict | None:
+        """What a job that comes ``from`` another needs of it: {} for a job without a parent; None while the parent
+        has not finished (the job waits), or when it did not succeed (the job is marked skipped, with why)."""
+        parent_id = job.spec.get("parent")
+        if not parent_id:
+            return {}
+        parent = self.jobs.get(parent_id) or self.store.job(parent_id)
+        if parent is not None and parent.status == JobStatus.SUCCEEDED.value:
+            result = parent.result or {}
+            return {"id": parent.id, "kind": parent.spec.get("kind"), "label": parent.spec.get("label"),
+                    "options": parent.spec.get("options"), "artifact": result.get("artifact")}
+        if parent is not None and parent.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            return None
+        if parent is None:
+            reason = f"skipped: the job it comes from ({parent_id}) is not in Redis"
+        else:
+            why = f": {parent.error}" if parent.error else ""
+            reason = f"skipped: {parent.spec.get('label', '')} ({parent.id}) {parent.status}{why}"
+        self.store.skip_if_queued(job.id, reason[:500])
+        self._reload(job.id)
+        return None
 
     def _collect(self) -> None:
         import ray
@@ -349,7 +375,7 @@ class Metrics:
     """The sweep's numbers in the Ray dashboard's metrics (Prometheus, through ray.util.metrics): jobs per status
     (``qfarm_jobs``), and the duration of each finished job (``qfarm_job_duration_s``), tagged by sweep."""
 
-    STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+    STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "skipped")
 
     def __init__(self, sweep_id: str):
         from ray.util.metrics import Gauge, Histogram

@@ -14,13 +14,21 @@ Sample yaml::
         matrix:
           method: [none, bnb-int8, bnb-nf4, bnb-fp4]
 
-A job group's keys other than ``kind, name, matrix, exclude, resources, max_attempts, timeout_s`` are fixed
-options, applied to every combination of its matrix (``- {kind: quantize, method: bnb-nf4, double_quant: true}``).
+A job group's keys other than ``kind, name, from, eval, matrix, exclude, resources, max_attempts, timeout_s`` are
+fixed options, applied to every combination of its matrix (``- {kind: quantize, method: bnb-nf4, double_quant: true}``).
+
+Pipelines write ``stages:`` instead of ``jobs:`` (the same list): a stage with ``from: NAME`` runs one job per
+combination of its matrix for every job of stage NAME, each once its parent has succeeded::
+
+    stages:
+      - {name: finetune, kind: train, method: qlora, dataset: {path: data/train.jsonl}, matrix: {r: [8, 64]}}
+      - {name: merge, kind: merge, from: finetune, onto: [base, dequantized]}
+      - {name: deploy, kind: quantize, from: merge, matrix: {method: [gptq, bnb-nf4]}}
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
@@ -80,8 +88,10 @@ class JobGroup(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    kind: Literal["quantize", "sleep"]
+    kind: Literal["quantize", "train", "merge", "sleep"]
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    from_: Optional[str] = Field(None, alias="from")  # the name of an earlier stage: one job per job of it
+    eval: Optional[EvalSpec] = None  # this stage's own evaluation, instead of the sweep's
     matrix: dict[str, list[Scalar]] = {}
     exclude: list[dict[str, Scalar]] = []
     resources: Optional[Resources] = None
@@ -109,6 +119,25 @@ class LoadedSpec:
     base_dir: Path
     lines: dict[tuple, int]
     raw: dict
+    groups_key: str = "jobs"  # what the file calls its job groups: jobs, or stages
+
+
+def as_jobs(raw: dict, lines: dict[tuple, int]) -> tuple[dict, dict[tuple, int], str]:
+    """A file that writes ``stages:`` is read as ``jobs:`` (one model for both); problems are renamed back."""
+    if "stages" not in raw or "jobs" in raw:
+        return raw, lines, "jobs"
+    raw = {("jobs" if k == "stages" else k): v for k, v in raw.items()}
+    lines = {(("jobs",) + k[1:] if k[:1] == ("stages",) else k): v for k, v in lines.items()}
+    return raw, lines, "stages"
+
+
+def renamed(err: SpecError, key: str) -> SpecError:
+    """``err`` with its ``jobs...`` paths said as the file wrote them (``stages...``)."""
+    if key == "jobs":
+        return err
+    problems = [replace(p, path=key + p.path[4:]) if p.path.startswith("jobs") else p for p in err.problems]
+    return SpecError(problems, err.source, {"raw": err.raw, "lines": err.lines, "base_dir": err.base_dir,
+                                            "groups_key": key})
 
 
 # --- YAML with positions ---------------------------------------------------------------------------
@@ -246,6 +275,10 @@ def load_spec(path: str | Path) -> LoadedSpec:
     raw, lines = read_yaml(path)
     source = str(path)
     problems: list[Problem] = []
+    if "stages" in raw and "jobs" in raw:
+        problems.append(Problem("stages", "give jobs or stages, not both (they are the same list)",
+                                line_of(lines, ("stages",))))
+    raw, lines, groups_key = as_jobs(raw, lines)
     jobs = raw.get("jobs")
     for i, group in enumerate(jobs if isinstance(jobs, list) else []):
         if isinstance(group, dict) and "kind" in group and group["kind"] not in KINDS:
@@ -262,6 +295,6 @@ def load_spec(path: str | Path) -> LoadedSpec:
         known_kind = {p.path for p in problems}
         problems += [p for p in problems_from(err, SweepSpec, (), lines) if p.path not in known_kind]
     if problems:
-        context = {"raw": raw, "lines": lines, "base_dir": path.resolve().parent}
-        raise SpecError(problems, source, context) from None
-    return LoadedSpec(spec, source, path.resolve().parent, lines, raw)
+        context = {"raw": raw, "lines": lines, "base_dir": path.resolve().parent, "groups_key": groups_key}
+        raise renamed(SpecError(problems, source, context), groups_key) from None
+    return LoadedSpec(spec, source, path.resolve().parent, lines, raw, groups_key)

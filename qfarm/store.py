@@ -5,7 +5,8 @@ on the current status (and, for a running job, on its attempt id), the new field
 event on the stream, all atomic. So a retried attempt and a zombie attempt can both finish, and only the one
 the job is waiting for is written.
 
-Job statuses: queued -> running -> succeeded | failed | cancelled; running -> queued (a retry).
+Job statuses: queued -> running -> succeeded | failed | cancelled; running -> queued (a retry); queued -> skipped
+(the job it comes from did not succeed).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ class JobStatus(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # never ran: the job it comes from (``from:``) failed, was cancelled or was skipped
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self is not JobStatus.QUEUED and self is not JobStatus.RUNNING
 
 
 TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
@@ -55,7 +57,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', job, 'from', cur
 return 1
 """
 
-# KEYS: job. ARGV: job fields JSON (strings), now. Creates a queued job, or requeues a failed/cancelled one.
+# KEYS: job. ARGV: job fields JSON (strings), now. Creates a queued job, or requeues a failed/cancelled/skipped one.
 # Returns the job's status after the call.
 _ENSURE_JOB = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -64,7 +66,7 @@ if not cur then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'created_at', ARGV[2], 'queued_at', ARGV[2])
   return 'created'
 end
-if cur == 'failed' or cur == 'cancelled' then
+if cur == 'failed' or cur == 'cancelled' or cur == 'skipped' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'queued_at', ARGV[2], 'spec', cjson.decode(ARGV[1])['spec'])
   redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress', 'cancel')
   return 'requeued'
@@ -288,10 +290,11 @@ class Store:
         return self.r.hget(self.keys.sweep(sweep_id), "cancel") == "1"
 
     def retry(self, sweep_id: str, *, cancelled: bool = True) -> list[str]:
-        """Requeue the sweep's failed jobs (and cancelled ones unless ``cancelled`` is False), attempts reset;
-        clear its cancel flag so its scheduler runs them. Returns the requeued job ids."""
+        """Requeue the sweep's failed and skipped jobs (and cancelled ones unless ``cancelled`` is False), attempts
+        reset; clear its cancel flag so its scheduler runs them. Returns the requeued job ids. A skipped job runs
+        once the job it comes from succeeds (or is skipped again)."""
         now = _now()
-        wanted = {"failed", "cancelled"} if cancelled else {"failed"}
+        wanted = {"failed", "skipped", "cancelled"} if cancelled else {"failed", "skipped"}
         jobs = [j for j in self.sweep_jobs(sweep_id) if j.status in wanted]
         outcomes = self._ensure_jobs(sweep_id, [j.spec for j in jobs], now)
         pipe = self.r.pipeline(transaction=True)
@@ -357,6 +360,11 @@ class Store:
         return self._move(job_id, allowed="running", attempt_id=attempt_id, to=JobStatus.QUEUED,
                           fields={"queued_at": repr(_now()), "error": error}, attempt_record=record,
                           delete=("attempt_id", "progress"))
+
+    def skip_if_queued(self, job_id: str, reason: str) -> bool:
+        """queued -> skipped: the job it comes from did not succeed, so it never runs (``reason`` says why)."""
+        return self._move(job_id, allowed="queued", to=JobStatus.SKIPPED,
+                          fields={"finished_at": repr(_now()), "error": reason})
 
     def cancel_if_queued(self, job_id: str) -> bool:
         return self._move(job_id, allowed="queued", to=JobStatus.CANCELLED,

@@ -126,6 +126,14 @@ def _run_kind(ctx: JobContext) -> dict:
         from workers import quantize
 
         return quantize.run(ctx)
+    if kind == "train":
+        from workers import train
+
+        return train.run(ctx)
+    if kind == "merge":
+        from workers import merge
+
+        return merge.run(ctx)
     raise ValueError(f"this worker does not know job kind {kind!r}")
 
 

@@ -117,3 +117,76 @@ def shared_tokens(output_root: str, key: tuple, make):
         return made[0], "tokenized"
     t = load_file(str(path))
     return (t["ids"], int(t["total"].item())), "disk"
+
+
+# --- examples for training ---------------------------------------------------------------------------
+
+HUB_MAX_ROWS = 1_000_000
+
+
+def examples(ref: dict, text_field: str = "text", fmt: str | None = None) -> list[str]:
+    """The dataset as training examples, in file order: a JSONL row each (its ``text_field``, or ``fmt`` filled
+    from its fields), a blank-line-separated paragraph of a text file, a topic of the bundled python-docs, or a
+    row of a hub dataset. Empty examples are dropped."""
+    kind = ref["kind"]
+    if kind == "bundled":
+        from pydoc_data.topics import topics
+
+        texts = [topics[k] for k in sorted(topics)]
+    elif kind == "text":
+        texts = re.split(r"\n\s*\n", Path(ref["location"]).read_text(encoding="utf-8", errors="replace"))
+    elif kind == "jsonl":
+        texts = []
+        path = Path(ref["location"])
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                texts.append(_example(json.loads(line), text_field, fmt, f"{path}:{n}"))
+    elif kind == "hub":
+        from datasets import load_dataset
+
+        name_config, split = ref["location"].rsplit("@", 1)
+        name, _, config = name_config.partition(":")
+        texts = []
+        for n, row in enumerate(load_dataset(name, config or None, split=split, streaming=True)):
+            texts.append(_example(row, text_field, fmt, f"hub dataset {name} row {n}"))
+            if n + 1 >= HUB_MAX_ROWS:
+                break
+    else:
+        raise ValueError(f"unknown dataset kind {kind!r}")
+    return [t.strip() for t in texts if t and t.strip()]
+
+
+def _example(row: dict, text_field: str, fmt: str | None, where: str) -> str:
+    if fmt is None:
+        if text_field not in row:
+            raise ValueError(f"{where}: no field {text_field!r} (fields: {', '.join(row)}); set text_field or format")
+        return str(row[text_field])
+    try:
+        return fmt.format_map(row)  # the spec checked it names fields only (no attribute access)
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{where}: format {fmt!r} does not fit the row ({type(e).__name__}: {e}; "
+                         f"fields: {', '.join(row)})") from None
+
+
+def split_examples(texts: list[str], eval_samples: int, max_samples: int | None = None) -> tuple[list[str], list[str]]:
+    """(training examples, held-out examples): the last ``eval_samples`` are held out, never trained on."""
+    if len(texts) <= eval_samples:
+        raise ValueError(f"the dataset has {len(texts)} examples: too few to hold out eval_samples={eval_samples} "
+                         "and train on the rest; lower dataset.eval_samples")
+    train, held = texts[: len(texts) - eval_samples], texts[len(texts) - eval_samples:]
+    return (train[:max_samples] if max_samples else train), held
+
+
+def encode(tokenizer, text: str, seq_len: int) -> list[int]:
+    """One example as token ids, ending with the end-of-sequence token, at most ``seq_len`` of them."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"][: seq_len - 1]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids[:seq_len]
+
+
+def held_out(task_eval: dict, tokenizer) -> list[list[int]]:
+    """The held-out examples of a train job (``task_eval`` from the spec), tokenized as they were for training."""
+    texts = examples(task_eval["dataset"], task_eval["dataset"].get("text_field") or "text", task_eval.get("format"))
+    _, held = split_examples(texts, task_eval["eval_samples"])
+    return [encode(tokenizer, t, task_eval["seq_len"]) for t in held]

@@ -8,6 +8,8 @@
 - speed (``eval.speed``): prefill of ``prompt_tokens`` tokens of the eval text, then ``new_tokens`` greedy
   decode steps with the KV cache, median over ``runs`` after one warm-up;
 - answers to the fixed ``eval.prompts`` (greedy, chat template when the tokenizer has one);
+- for a job that comes from a train job (and the train job itself): ``task_loss``, the mean next-token loss on
+  the train job's held-out examples, beside ``ref_task_loss``, the same for the model it is compared with;
 - peak memory: the worker process's peak RSS during the job on CPU, max allocated CUDA memory on GPU.
 """
 
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from workers.data import load_text, windows
+from workers.data import held_out, load_text, windows
 
 
 @dataclass
@@ -214,6 +216,35 @@ def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, progress)
     return out
 
 
+def task_loss(model, examples: list[list[int]], progress, what: str = "task loss") -> float:
+    """Mean next-token loss over the held-out examples (each its own sequence, like in training)."""
+    import torch
+
+    nll, tokens = 0.0, 0
+    for i, ids in enumerate(examples):
+        progress(f"{what} {i + 1}/{len(examples)}")
+        if len(ids) < 2:
+            continue
+        window = torch.tensor(ids, dtype=torch.long)
+        lp = model.logprobs(window)
+        targets = window[1:].to(lp.device)
+        nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        tokens += targets.numel()
+    return nll / max(tokens, 1)
+
+
+def task_metrics(ctx, model, base) -> dict:
+    """task_loss of ``model`` and of ``base`` on the held-out examples of the job's train ancestor."""
+    te = ctx.job.get("task_eval")
+    if not te:
+        return {}
+    key = (te["dataset"]["key"], te.get("format"), te["eval_samples"], te["seq_len"], base.path)
+    examples = ctx.cache.tokens(key, lambda: held_out(te, base.tokenizer), ctx, "task_data")
+    loss = task_loss(runner(model), examples, ctx.progress)
+    ref = task_loss(runner(base.model), examples, ctx.progress, "reference task loss")
+    return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
+
+
 def evaluate(ctx, model, base, *, is_reference: bool) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
     ev = ctx.job["eval"] or {}
@@ -242,4 +273,5 @@ def evaluate(ctx, model, base, *, is_reference: bool) -> dict:
         metrics.update(speed(model, prompt[: sp["prompt_tokens"]], sp["new_tokens"], sp["runs"]))
     if ev.get("prompts"):
         metrics["answers"] = answers(model, tokenizer, ev["prompts"], ev.get("max_new_tokens", 32), ctx.progress)
+    metrics.update(task_metrics(ctx, model, base))
     return metrics

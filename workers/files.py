@@ -32,3 +32,11 @@ def build_once(target: Path, build: Callable[[Path], None]) -> bool:
         build(tmp)
         os.replace(tmp, target)
         return True
+
+
+def inside(root: str, path: str) -> str:
+    """``path`` resolved, refusing anything outside the output root (paths come from specs and from Redis)."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"refusing to use a path outside the output root {base}: {resolved}")
+    return str(resolved)

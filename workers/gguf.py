@@ -121,7 +121,8 @@ class Gguf:
     def load(self, ctx, artifact, base):
         ev = ctx.job.get("eval") or {}
         need = max((ev.get("perplexity") or {}).get("seq_len", 0),
-                   sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")))
+                   sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
+                   (ctx.job.get("task_eval") or {}).get("seq_len", 0))
         n_ctx = need + ev.get("max_new_tokens", 32) + 256
         path = next(Path(artifact).glob("*.gguf"))
         return LlamaCppModel(str(path), n_ctx, ctx.threads)

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from workers.files import build_once, keyed
+from workers.files import build_once, inside, keyed
 
 
 def quiet() -> None:
@@ -38,6 +38,42 @@ def preload() -> None:
     if importlib.util.find_spec("bitsandbytes") is not None:
         import bitsandbytes  # noqa: F401
     quiet()
+
+
+def start(ctx) -> None:
+    """What every model job does first: quiet logs, this worker's thread count, its output folder checked."""
+    import torch
+
+    quiet()
+    torch.set_num_threads(ctx.threads)
+    ctx.output_dir = inside(ctx.output_root, ctx.output_dir)
+
+
+def prepared_base(ctx, from_input: bool = False):
+    """(the job's base model from the worker's cache, seconds spent preparing its folder, cache hit).
+
+    The sweep's model; or, ``from_input``, the artifact of the job it comes from (a merged model to quantize)."""
+    ctx.progress("preparing the base model")
+    artifact = (ctx.job.get("input") or {}).get("artifact") if from_input else None
+    if artifact:
+        path, prepare_s = inside(ctx.output_root, artifact), 0.0
+    else:
+        path, prepare_s = base_dir(ctx.job["model"], ctx.output_root)
+    base, cached = ctx.cache.base(path, ctx)
+    return base, prepare_s, cached
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "llmcompressor", "compressed-tensors",
+                "llama_cpp_python"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
 
 
 def base_dir(model: dict, output_root: str) -> tuple[str, float]:

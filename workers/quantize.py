@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import importlib
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
 from qfarm.methods import METHODS
 from workers.evaluate import PeakMemory, evaluate
-from workers.models import base_dir, device_label, dir_bytes, quiet, tensor_bytes
+from workers.models import device_label, dir_bytes, prepared_base, start, tensor_bytes, versions
 
 
 class Quantizer(Protocol):
@@ -31,26 +30,12 @@ def method_impl(name: str) -> Quantizer:
     return getattr(importlib.import_module(module), cls)()
 
 
-def inside(root: str, path: str) -> str:
-    """``path`` resolved, refusing anything outside the output root."""
-    resolved, base = Path(path).resolve(), Path(root).resolve()
-    if resolved != base and base not in resolved.parents:
-        raise ValueError(f"refusing to write outside the output root {base}: {resolved}")
-    return str(resolved)
-
-
 def run(ctx) -> dict:
-    import torch
-
-    quiet()
-    torch.set_num_threads(ctx.threads)
-    ctx.output_dir = inside(ctx.output_root, ctx.output_dir)
+    start(ctx)
     name = ctx.options["method"]
     impl = method_impl(name)
     with PeakMemory() as mem:
-        ctx.progress("preparing the base model")
-        path, prepare_s = base_dir(ctx.job["model"], ctx.output_root)
-        base, cached = ctx.cache.base(path, ctx)
+        base, prepare_s, cached = prepared_base(ctx, from_input=True)
         ctx.progress(f"quantizing ({name})")
         t0 = time.time()
         with PeakMemory() as quant_mem:
@@ -80,22 +65,10 @@ def run(ctx) -> dict:
         "base_cache_hit": cached,
         "device": device_label(),
         "artifact": artifact,
-        "versions": _versions(),
+        "versions": versions(),
         **ctx.extra,
         **getattr(model, "extra", {}),
         **metrics,
     }
     del model
     return result
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "transformers", "bitsandbytes", "llmcompressor", "compressed-tensors", "llama_cpp_python"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out

@@ -73,7 +73,7 @@ def test_any_text_through_the_cli_exit_0_or_2_without_a_traceback(tmp_path, text
 @SETTINGS
 @given(parts=st.lists(st.sampled_from(["..", ".", "a", "_models", "/", "~", "x.gguf", "%2e%2e", "\\.."]), max_size=8))
 def test_worker_paths_never_leave_the_output_root(tmp_path, parts):
-    from workers.quantize import inside
+    from workers.files import inside
 
     root = tmp_path / "root"
     candidate = str(root / "/".join(parts)) if parts and parts[0] != "/" else "/" + "/".join(parts)

@@ -1,0 +1,32 @@
+"""A tiny random Llama (2 layers, hidden 64) with a word-level tokenizer trained here: a real Hugging Face model
+folder, made in a second with no hub, for tests of the farm's plumbing (DAG, train, merge) rather than quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def make_tiny_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(vocab_size=512, special_tokens=["<unk>", "<pad>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def corpus_of(jsonl: Path, n: int = 300, field: str = "text") -> list[str]:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()[:n] if line.strip()]
+    return [str(r[field]) for r in rows]

@@ -1,0 +1,178 @@
+"""The ``train`` job kind: LoRA or QLoRA (peft) with transformers' Trainer, then the evaluation harness.
+
+``lora`` trains adapters on the float base; ``qlora`` on the base loaded in bitsandbytes 4-bit (NF4, double
+quantization). The adapter is saved under ``<output_dir>/adapter`` (peft's own format, with the tokenizer) and is
+the job's artifact, which a ``merge`` job reads. What is evaluated is the model as trained: base (4-bit for
+QLoRA) plus adapter, unmerged, i.e. the "train and infer on bitsandbytes" way of serving a QLoRA model.
+
+Sample yaml::
+
+    stages:
+      - name: finetune
+        kind: train
+        method: qlora
+        dataset: {path: data/train.jsonl, text_field: text, eval_samples: 32}
+        max_steps: 30
+        matrix: {r: [8, 64], lora_alpha: [16]}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from workers.data import encode, examples, split_examples
+from workers.evaluate import PeakMemory, evaluate
+from workers.models import device, device_label, dir_bytes, prepared_base, start, tensor_bytes, versions
+
+
+def bnb_config(options: dict):
+    """The bitsandbytes 4-bit config a QLoRA job trains on (and its dequantized merge reloads)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
+                              bnb_4bit_use_double_quant=bool(options.get("double_quant", True)),
+                              bnb_4bit_compute_dtype=getattr(torch, options.get("compute_dtype", "float32")))
+
+
+def load_trainable_base(path: str, options: dict):
+    """A fresh copy of the base to put adapters on (the worker's cached base stays untouched): float for LoRA,
+    bitsandbytes 4-bit for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if options["method"] == "qlora":
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(options),
+                                                    dtype=torch.float32, device_map={"": device()})
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device()})
+
+
+class _Batches:
+    """Pads a batch to its longest example; the loss ignores the padding. Counts the tokens it hands out."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id, self.tokens = pad_id, 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            mask[i, :n] = 1
+        self.tokens += int(mask.sum())
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run(ctx) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    start(ctx)
+    opts = ctx.options
+    out = Path(ctx.output_dir)
+    shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
+    with PeakMemory() as mem:
+        base, prepare_s, cached = prepared_base(ctx)
+        ctx.progress("reading the training data")
+        ds = opts["dataset"]
+        texts = examples(ctx.job["data"], ds.get("text_field") or "text", ds.get("format"))
+        train_texts, held = split_examples(texts, ds["eval_samples"], ds.get("max_samples"))
+        features = [{"input_ids": encode(base.tokenizer, t, opts["seq_len"])} for t in train_texts]
+
+        ctx.progress(f"loading the base for {opts['method']}")
+        torch.manual_seed(opts["seed"])
+        model = load_trainable_base(base.path, opts)
+        if opts["method"] == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts["gradient_checkpointing"])
+        elif opts["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        lora = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
+                          target_modules=list(opts["target_modules"]), bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        trainable, total = model.get_nb_trainable_parameters()
+
+        curve: list[list[float]] = []
+        steps_total = [0]
+
+        class Progress(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                steps_total[0] = state.max_steps
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    curve.append([state.global_step, float(logs["loss"])])
+                    ctx.progress(f"training step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+
+        collate = _Batches(base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None
+                           else base.tokenizer.eos_token_id)
+        args = TrainingArguments(
+            output_dir=str(out / "trainer"), per_device_train_batch_size=opts["batch_size"],
+            gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["learning_rate"],
+            max_steps=opts["max_steps"] or -1, num_train_epochs=opts["epochs"], warmup_steps=opts["warmup_steps"],
+            logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], data_seed=opts["seed"],
+            dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+            use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
+                          callbacks=[Progress()])
+        ctx.progress("training")
+        with PeakMemory() as train_mem:
+            t0 = time.time()
+            trainer.train()
+            train_s = time.time() - t0
+
+        adapter = out / "adapter"
+        model.save_pretrained(adapter)
+        base.tokenizer.save_pretrained(adapter)
+        (out / "loss_curve.json").write_text(json.dumps(curve))
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        model.eval()
+        metrics = evaluate(ctx, model, base, is_reference=False)
+    steps = steps_total[0] or len(curve)
+    losses = [loss for _, loss in curve]
+    result = {
+        "method": opts["method"],
+        "bits": 4 if opts["method"] == "qlora" else None,
+        "r": opts["r"],
+        "lora_alpha": opts["lora_alpha"],
+        "lora_dropout": opts["lora_dropout"],
+        "trainable_params": trainable,
+        "trainable_pct": 100.0 * trainable / total,
+        "train_examples": len(features),
+        "train_steps": steps,
+        "train_s": train_s,
+        "step_s": train_s / max(steps, 1),
+        "train_tokens": collate.tokens,
+        "train_tokens_per_s": collate.tokens / train_s if train_s else None,
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_best": min(losses) if losses else None,
+        "loss_curve": curve,
+        "train_peak_mem_mb": train_mem.mb,
+        "adapter_mb": dir_bytes(str(adapter)) / 2**20,
+        "size_mb": tensor_bytes(model) / 2**20,  # what serving it holds: the (4-bit) base plus the adapter
+        "size_source": "memory",
+        "ref_size_mb": tensor_bytes(base.model) / 2**20,
+        "model_mem_mb": tensor_bytes(model) / 2**20,
+        "peak_mem_mb": mem.mb,
+        "prepare_s": prepare_s,
+        "base_cache_hit": cached,
+        "device": device_label(),
+        "artifact": str(adapter),
+        "held_out_examples": len(held),
+        "versions": versions(),
+        **metrics,
+    }
+    result["size_vs_ref"] = result["size_mb"] / result["ref_size_mb"]
+    del model, trainer
+    return result
