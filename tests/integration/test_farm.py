@@ -260,3 +260,33 @@ def test_cancel_one_job_running_or_queued(cli_env, tmp_path, store):
     assert store.job(other.id).status == "running"  # the sweep and its other job go on
     assert "already cancelled" in qfarm(cli_env, "cancel", victim.id).stdout
     qfarm(cli_env, "cancel", "one")
+
+
+def test_stages_run_in_dag_order_and_a_failed_parent_skips_its_subtree(cli_env, tmp_path):
+    path = spec(tmp_path, """\
+        stages:
+          - {name: a, kind: sleep, seconds: 1.0, matrix: {index: [0, 1]}}
+          - {name: bad, kind: sleep, seconds: 0.1, index: 9, fail: true}
+          - {name: b, kind: sleep, from: a, seconds: 0.1, index: 10}
+          - {name: c, kind: sleep, from: bad, seconds: 0.1, index: 11}
+          - {name: d, kind: sleep, from: c, seconds: 0.1, index: 12}
+    """, name="dag")
+    out = qfarm(cli_env, "submit", path, "--wait")
+    assert out.returncode == 1, out.stdout + out.stderr  # a job failed
+    rows = results(cli_env, "dag")
+    by_id = {r["job_id"]: r for r in rows}
+    by_stage: dict[str, list[dict]] = {}
+    for r in rows:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert [r["status"] for r in by_stage["a"]] == ["succeeded"] * 2
+    assert [r["status"] for r in by_stage["b"]] == ["succeeded"] * 2  # one b per a
+    for child in by_stage["b"]:  # a child starts only after its own parent finished
+        assert child["started_at"] >= by_id[child["parent"]]["finished_at"]
+        assert child["lineage"] == by_id[child["parent"]]["label"]
+    assert by_stage["bad"][0]["status"] == "failed"
+    (c,), (d,) = by_stage["c"], by_stage["d"]
+    assert c["status"] == d["status"] == "skipped"  # not failed, not lost: skipped, with the reason
+    assert c["started_at"] is None and "sleep[9]" in c["error"] and "failed" in c["error"]
+    assert "sleep[11]" in d["error"] and "skipped" in d["error"]
+    status = qfarm(cli_env, "status", "dag")
+    assert "2 skipped" in status.stdout + status.stderr

@@ -1,0 +1,129 @@
+"""Pipelines through the CLI: train (LoRA/QLoRA) -> merge -> quantize, on a tiny model for the DAG and the merge
+arithmetic, and on the real SmolLM2 with real data for a short QLoRA run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.cli import qfarm, results
+from tests.tiny import corpus_of, make_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+
+def by_stage(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["stage"], []).append(r)
+    return out
+
+
+def test_tiny_pipeline_train_merge_quantize_with_a_failing_branch(cli_env, shared_data, tmp_path):
+    data = tmp_path / "guanaco200.jsonl"
+    data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:200]))
+    tiny = make_tiny_model(tmp_path / "tiny", corpus_of(data))
+    spec = tmp_path / "tiny-pipe.yaml"
+    spec.write_text(f"""\
+name: tiny-pipe
+model: {tiny}
+eval:
+  perplexity: {{dataset: {data}, seq_len: 64, max_windows: 2}}
+  speed: null
+resources: {{gpus: 1}}
+stages:
+  - name: ft
+    kind: train
+    method: qlora
+    dataset: {{path: {data}, eval_samples: 8}}
+    matrix: {{r: [4]}}
+    max_steps: 8
+    seq_len: 64
+    learning_rate: 0.01
+  - {{name: broken, kind: train, method: lora, dataset: {{path: {data}, format: "{{no_such_field}}"}}, max_steps: 2}}
+  - {{name: merge, kind: merge, from: ft, onto: [base, dequantized]}}
+  - {{name: merge-broken, kind: merge, from: broken}}
+  - {{name: deploy, kind: quantize, from: merge, method: rtn, bits: 8, group_size: 32}}
+""")
+    out = qfarm(cli_env, "submit", str(spec), "--wait")
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # the broken branch failed
+    rows = results(cli_env, "tiny-pipe")
+    stages = by_stage(rows)
+    by_id = {r["job_id"]: r for r in rows}
+
+    (ft,) = stages["ft"]
+    assert ft["status"] == "succeeded", ft["error"]
+    # r=4 on q/k/v/o (64->64) and gate/up (64->128), down (128->64), in 2 blocks: 2 * (4*4*128 + 3*4*192)
+    assert ft["trainable_params"] == 2 * (4 * 4 * 128 + 3 * 4 * 192)
+    assert ft["train_steps"] == 8 and len(ft["loss_curve"]) == 8 and ft["step_s"] > 0
+    assert ft["train_loss"] < ft["train_loss_first"]
+    assert ft["task_loss"] < ft["ref_task_loss"]  # it learned something that holds on held-out examples
+    adapter = Path(ft["artifact"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+
+    merges = {r["onto"]: r for r in stages["merge"]}
+    assert sorted(merges) == ["base", "dequantized"] and all(r["status"] == "succeeded" for r in merges.values())
+    # onto the dequantized 4-bit base the merge reproduces the trained model; onto the float base it does not
+    assert merges["dequantized"]["merge_max_abs_diff"] < 1e-3
+    assert merges["base"]["merge_max_abs_diff"] > 10 * merges["dequantized"]["merge_max_abs_diff"]
+    assert merges["dequantized"]["task_loss"] == pytest.approx(ft["task_loss"], abs=1e-3)
+    assert all(Path(r["artifact"], "config.json").is_file() for r in merges.values())
+
+    deploy = stages["deploy"]
+    assert len(deploy) == 2 and all(r["status"] == "succeeded" for r in deploy)
+    for r in deploy:
+        parent = by_id[r["parent"]]
+        assert parent["stage"] == "merge" and r["lineage"] == f"{ft['label']} → {parent['label']}"
+        assert r["ref_task_loss"] == pytest.approx(parent["task_loss"], rel=1e-4)  # compared with what it quantized
+        assert math.isfinite(r["task_loss"]) and r["started_at"] >= parent["finished_at"]
+
+    (broken,), (skipped,) = stages["broken"], stages["merge-broken"]
+    assert broken["status"] == "failed" and "no_such_field" in broken["error"]
+    assert skipped["status"] == "skipped" and "failed" in skipped["error"]
+
+    table = qfarm(cli_env, "results", "tiny-pipe", "--format", "md").stdout
+    header = table.splitlines()[0]
+    assert all(h in header for h in ("| stage |", "| from |", "| train loss |", "| task loss |", "| merge Δmax |"))
+    assert "| skipped |" in table
+
+
+def test_smollm2_qlora_on_guanaco_then_merge(cli_env, model_root, shared_data, tmp_path):
+    env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    spec = tmp_path / "qlora.yaml"
+    spec.write_text(f"""\
+name: smollm2-qlora
+model: bundled:smollm2-135m
+eval:
+  perplexity: {{dataset: bundled:python-docs, seq_len: 128, max_windows: 2}}
+  speed: null
+resources: {{gpus: 1}}
+stages:
+  - name: finetune
+    kind: train
+    method: qlora
+    dataset: {{path: {shared_data / 'guanaco_llama2_1k' / 'train.jsonl'}, text_field: text, eval_samples: 8}}
+    r: 8
+    lora_alpha: 16
+    max_steps: 6
+    batch_size: 2
+    seq_len: 64
+    learning_rate: 1.0e-3
+  - {{name: merge, kind: merge, from: finetune, onto: dequantized, check_samples: 2}}
+""")
+    out = qfarm(env, "submit", str(spec), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = by_stage(results(env, "smollm2-qlora"))
+    (ft,), (merged,) = rows["finetune"], rows["merge"]
+    # r * (inputs + outputs) for q, o (576->576), k, v (576->192), gate, up (576->1536), down (1536->576), 30 blocks
+    per_block = 8 * (2 * (576 + 576) + 2 * (576 + 192) + 2 * (576 + 1536) + (1536 + 576))
+    assert ft["trainable_params"] == 30 * per_block
+    assert ft["task_loss"] < ft["ref_task_loss"]  # held-out guanaco loss goes down after 6 steps
+    assert ft["train_loss_best"] < ft["train_loss_first"]
+    assert ft["kl_div"] > 0 and math.isfinite(ft["perplexity"])
+    assert merged["merge_max_abs_diff"] < 0.05 and merged["merge_top1_agree"] > 0.99
+    assert merged["task_loss"] == pytest.approx(ft["task_loss"], rel=0.01)
+    assert math.isfinite(merged["perplexity"]) and merged["size_source"] == "disk"
