@@ -42,6 +42,8 @@ RETRIES = 48
 
 
 def _client(url: str, retries: int = RETRIES) -> redis.Redis:
+    """A client for ``url``: redis://, rediss:// (TLS; a private CA as ``?ssl_ca_certs=/path/ca.crt``, a client
+    certificate as ``&ssl_certfile=...&ssl_keyfile=...``), or unix://; a password as ``redis://:PASSWORD@host``."""
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 

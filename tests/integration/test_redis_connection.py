@@ -68,3 +68,53 @@ def test_embedded_redis_starts_when_nothing_answers(tmp_path, monkeypatch):
         client.shutdown(nosave=True)
     with pytest.raises(QfarmError, match="Cannot reach Redis"):
         connection.connect_redis(f"redis://127.0.0.1:{port}/0")  # a configured URL is never replaced
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A redis-server that speaks only TLS (certificate signed by a throwaway CA) and wants a password."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=qfarm-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+                             "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass", "s3cret",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield port, tmp_path / "ca.crt"
+    proc.kill()
+    proc.wait()
+
+
+def test_a_sweep_runs_through_a_tls_redis_with_a_password(tls_redis, cli_env, tmp_path):
+    from tests.cli import qfarm, results
+
+    port, ca = tls_redis
+    env = dict(cli_env, QFARM_REDIS_URL=f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+    spec = tmp_path / "tls.yaml"
+    spec.write_text("name: over-tls\njobs:\n  - {kind: sleep, seconds: 0.1, matrix: {index: [0, 1, 2]}}\n")
+    out = qfarm(env, "submit", str(spec), "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr  # client, scheduler actor and workers all spoke TLS
+    assert [r["status"] for r in results(env, "over-tls")] == ["succeeded"] * 3
+    # without the CA, the server's certificate is refused: a one-line error, no password, no traceback
+    env["QFARM_REDIS_URL"] = f"rediss://:s3cret@127.0.0.1:{port}/0"
+    bad = qfarm(env, "status")
+    assert bad.returncode == 1 and "certificate verify failed" in bad.stderr, bad.stderr
+    assert "s3cret" not in bad.stderr and "Traceback" not in bad.stderr
+    # and plain TCP to a TLS port is not mistaken for a working Redis
+    env["QFARM_REDIS_URL"] = f"redis://:s3cret@127.0.0.1:{port}/0"
+    assert qfarm(env, "status").returncode == 1
