@@ -83,9 +83,15 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--jobs", "show_jobs", is_flag=True, help="List every job the sweep expands to.")
+@click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
+              help="Also check every job's resources against this Ray cluster [env QFARM_RAY_ADDRESS]. "
+                   "Default: qfarm's local Ray head when it is running.")
+@click.option("--offline", is_flag=True, help="Check the file only, not against any cluster.")
 @handle_errors
-def validate(spec: Path, show_jobs: bool) -> None:
-    """Check a sweep file: every error at once, with its YAML path and line. Runs nothing."""
+def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool) -> None:
+    """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster, whether some
+    node of it can run each job (exit 2 naming what the cluster has, when not). Runs nothing."""
+    from . import cluster
     from .expand import load_plan
 
     loaded, plan = load_plan(spec)
@@ -93,7 +99,14 @@ def validate(spec: Path, show_jobs: bool) -> None:
     labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
     what = f" ({', '.join(labels)})" if labels else ""
     model = f" on {loaded.spec.model}" if loaded.spec.model else ""
-    click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}")
+    address = None if offline else (ray_address or (cluster.local_head_state() or {}).get("address"))
+    if address:
+        cluster.connect(address)
+        cluster.preflight([j.payload() for j in plan.jobs])
+        checked = f" Resources checked against the Ray cluster at {address}."
+    else:
+        checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
+    click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}.{checked}")
     if show_jobs:
         for job in plan.jobs:
             opts = ", ".join(f"{k}={v}" for k, v in job.options.items())

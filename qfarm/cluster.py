@@ -36,7 +36,15 @@ def ray_env(local: bool = False) -> dict[str, str]:
     if local:
         # Keeps every Ray service of a single-node head on 127.0.0.1 (--node-ip-address alone did not).
         env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        loopback_auth(env)
     return env
+
+
+def loopback_auth(env) -> None:
+    """A head bound to 127.0.0.1 is reachable by this machine's users only; Ray's token auth would switch on by
+    itself for it as soon as any earlier ``ray.init()`` left a ~/.ray/auth_token behind, and then refuse every
+    driver that was not told the mode. Say the mode instead of letting a stray file decide."""
+    env.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _port_free(port: int) -> bool:
@@ -86,7 +94,7 @@ class LocalHead:
 
 def start_local_head(*, temp_dir: str, log_path: str, port: int | None = None, num_gpus: int | None = None,
                      num_cpus: int | None = None, resources: dict | None = None, dashboard_port: int | None = None,
-                     wait_s: float = 90.0) -> LocalHead:
+                     labels: dict[str, str] | None = None, wait_s: float = 90.0) -> LocalHead:
     """Start ``ray start --head --block`` in a new session on 127.0.0.1 and wait until it accepts drivers."""
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     if ray_bin is None:
@@ -102,6 +110,8 @@ def start_local_head(*, temp_dir: str, log_path: str, port: int | None = None, n
         cmd.append(f"--num-cpus={num_cpus}")
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
+    if labels:
+        cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -209,6 +219,7 @@ def connect(address: str | None, logical_gpus: int | None = None, say=print) -> 
         # Without this the driver announces the interface address and waits for a GCS there (see ray_env).
         # Ray reads it at import time, so it is set before the import below.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        loopback_auth(os.environ)
     import ray
 
     if ray.is_initialized():
@@ -224,13 +235,62 @@ def connect(address: str | None, logical_gpus: int | None = None, say=print) -> 
 # --- resources -------------------------------------------------------------------------------------
 
 
-def ray_options(resources: dict[str, Any]) -> dict[str, Any]:
-    """A job's ``resources:`` as Ray actor options."""
+# GiB of one GPU, by Ray's accelerator type (the ``accelerator_type:X`` resource Ray gives a GPU node). A node can
+# say it itself with the label ``qfarm-gpu-mem-gb`` (`ray start --labels qfarm-gpu-mem-gb=80`, see cluster.yaml),
+# which wins: an A100 may have 40 or 80 GB.
+GPU_MEMORY_GB: dict[str, float] = {
+    "B300": 288, "B200": 180, "H200": 141, "RTX-PRO-6000": 96, "H100": 80, "A100-80G": 80, "A100": 40,
+    "A100-40G": 40, "L40S": 48, "A10G": 24, "L4": 24, "V100": 16, "T4": 16, "P100": 16,
+}
+GPU_MEM_LABEL = "qfarm-gpu-mem-gb"
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    resources: dict[str, float]
+    labels: dict[str, str]
+
+    @property
+    def gpu_mem_gb(self) -> float | None:
+        """GiB of one of its GPUs: its qfarm-gpu-mem-gb label, else what its accelerator type is known to have."""
+        try:
+            return float(self.labels[GPU_MEM_LABEL])
+        except (KeyError, ValueError):
+            pass
+        kinds = [k.split(":", 1)[1] for k in self.resources if k.startswith("accelerator_type:")]
+        return next((GPU_MEMORY_GB[k] for k in kinds if k in GPU_MEMORY_GB), None)
+
+    @property
+    def name(self) -> str:
+        return next((k.split(":", 1)[1] for k in self.resources if k.startswith("node:") and "internal" not in k),
+                    self.id[:12])
+
+
+def cluster_nodes() -> list[Node]:
+    import ray
+
+    return [Node(n["NodeID"], dict(n["Resources"]), dict(n.get("Labels") or {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def eligible(resources: dict[str, Any], nodes: list[Node]) -> list[Node]:
+    """The nodes whose GPUs have the memory a job asks for (``min_gpu_mem_gb``); every node when it asks none."""
+    least = resources.get("min_gpu_mem_gb")
+    if not least:
+        return nodes
+    return [n for n in nodes if (n.gpu_mem_gb or 0) >= least]
+
+
+def ray_options(resources: dict[str, Any], nodes: list[Node] | None = None) -> dict[str, Any]:
+    """A job's ``resources:`` as Ray actor options. ``min_gpu_mem_gb`` pins it to the nodes that have it."""
     opts: dict[str, Any] = {"num_gpus": resources.get("gpus", 0), "num_cpus": resources.get("cpus", 1)}
     if resources.get("gpu_type"):
         opts["accelerator_type"] = resources["gpu_type"]
     if resources.get("custom"):
         opts["resources"] = dict(resources["custom"])
+    if resources.get("min_gpu_mem_gb") and nodes is not None:
+        ids = ",".join(n.id for n in eligible(resources, nodes)) or "none"
+        opts["label_selector"] = {"ray.io/node-id": f"in({ids})"}
     return opts
 
 
@@ -243,40 +303,38 @@ def needs(resources: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v > 0}
 
 
-def node_resources() -> list[dict[str, float]]:
-    import ray
-
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
-def slots(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+def slots(resources: dict[str, Any], nodes: list[Node]) -> int:
     """How many jobs of this shape the cluster can run at once."""
+    need = needs(resources)
     total = 0
-    for node in nodes:
-        fits = [int(node.get(k, 0) // v) if v >= 0.01 else (1_000_000 if node.get(k, 0) > 0 else 0)
+    for node in eligible(resources, nodes):
+        have = node.resources
+        fits = [int(have.get(k, 0) // v) if v >= 0.01 else (1_000_000 if have.get(k, 0) > 0 else 0)
                 for k, v in need.items()]
         total += min(fits) if fits else 1_000_000
     return total
 
 
-def describe_nodes(nodes: list[dict[str, float]]) -> str:
+def describe_nodes(nodes: list[Node]) -> str:
     parts = []
     for node in nodes:
-        name = next((k.split(":", 1)[1] for k in node if k.startswith("node:") and "internal" not in k), "node")
-        res = ", ".join(f"{k} {v:g}" for k, v in sorted(node.items())
+        res = ", ".join(f"{k} {v:g}" for k, v in sorted(node.resources.items())
                         if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
-        parts.append(f"{name}: {res}")
+        mem = f", {node.gpu_mem_gb:g} GB per GPU" if node.gpu_mem_gb else ""
+        parts.append(f"{node.name}: {res}{mem}")
     return "; ".join(parts) or "no alive nodes"
 
 
 def preflight(jobs: list[dict]) -> None:
     """Refuse jobs no node of the connected cluster could ever run (Ray would leave them waiting forever)."""
-    nodes = node_resources()
+    nodes = cluster_nodes()
     bad: dict[str, list[str]] = {}
     for job in jobs:
-        need = needs(job["resources"])
-        if slots(need, nodes) == 0:
-            key = ", ".join(f"{k} {v:g}" for k, v in need.items())
+        res = job["resources"]
+        if slots(res, nodes) == 0:
+            key = ", ".join(f"{k} {v:g}" for k, v in needs(res).items())
+            if res.get("min_gpu_mem_gb"):
+                key += f", GPUs of at least {res['min_gpu_mem_gb']:g} GB"
             bad.setdefault(key, []).append(job["label"])
     if bad:
         lines = [f"  {len(labels)} job(s) ({', '.join(sorted(set(labels))[:5])}) need {need}" for need, labels in bad.items()]

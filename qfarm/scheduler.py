@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cluster import RAY_NAMESPACE, needs, node_resources, ray_options, slots
+from .cluster import RAY_NAMESPACE, cluster_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
 from .methods import MODEL_KINDS
@@ -334,7 +334,7 @@ class Scheduler:
         key = json.dumps(resources, sort_keys=True)
         if key not in self.pools:
             shape = [j for j in self.jobs.values() if json.dumps(j.spec.get("resources"), sort_keys=True) == key]
-            capacity = min(slots(needs(resources), node_resources()), max(1, len(shape)))
+            capacity = min(slots(resources, cluster_nodes()), max(1, len(shape)))
             preload = any(j.spec.get("kind") in MODEL_KINDS for j in shape)
             self.pools[key] = Pool(key, resources, capacity, preload)
         return self.pools[key]
@@ -348,7 +348,7 @@ class Scheduler:
             return None
         self._worker_seq += 1
         name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
-        opts = ray_options(pool.resources)
+        opts = ray_options(pool.resources, cluster_nodes())
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
             self.redis_url, self.namespace, name, opts["num_cpus"], pool.preload)
         slot = Slot(actor, name, ready_ref=actor.ready.remote())

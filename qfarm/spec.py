@@ -80,6 +80,7 @@ class Resources(Strict):
     gpus: float = Field(1, ge=0, le=1_024)
     cpus: float = Field(1, ge=0, le=1_024)
     gpu_type: Optional[str] = None  # Ray accelerator type, e.g. H100, A10G
+    min_gpu_mem_gb: Optional[float] = Field(None, gt=0, le=10_000)  # only nodes whose GPUs have this much
     custom: dict[str, float] = {}  # any custom Ray resource, e.g. {gpu_h100: 1}
 
 

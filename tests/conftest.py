@@ -18,6 +18,7 @@ REDIS_URL = os.environ.get("QFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # every test cluster is on loopback (qfarm.cluster.loopback_auth)
 
 
 @pytest.fixture(scope="session")

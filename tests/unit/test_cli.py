@@ -24,7 +24,7 @@ def test_help(verb):
 def test_validate_ok_and_bad(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("name: naps\njobs:\n  - {kind: sleep, matrix: {index: [0, 1]}}\n")
-    out = CliRunner().invoke(cli, ["validate", str(good)])
+    out = CliRunner().invoke(cli, ["validate", "--offline", str(good)])
     assert out.exit_code == 0 and "valid. Sweep naps-" in out.output and "2 jobs: 2 sleep" in out.output
     bad = tmp_path / "bad.yaml"
     bad.write_text(textwrap.dedent("""\
@@ -32,7 +32,7 @@ def test_validate_ok_and_bad(tmp_path):
         jobs:
           - {kind: sleep, seconds: -1}
     """))
-    out = CliRunner().invoke(cli, ["validate", str(bad)])
+    out = CliRunner().invoke(cli, ["validate", "--offline", str(bad)])
     assert out.exit_code == 2
     assert out.output == (f"{bad}: 1 error\n  {bad}:3: jobs[0].seconds: kind sleep: seconds: "
                           "input should be greater than or equal to 0 (got -1)\n")
@@ -57,3 +57,7 @@ def test_cluster_yaml_is_a_launcher_config():
     gpu_types = {k: v for k, v in config["available_node_types"].items() if v["resources"].get("GPU")}
     assert {"gpu_h100", "gpu_a10"} <= set(gpu_types)
     assert all(v["resources"][k] == v["resources"]["GPU"] for k, v in gpu_types.items())
+    assert {k: float(v["labels"]["qfarm-gpu-mem-gb"]) for k, v in gpu_types.items()} == {"gpu_h100": 80, "gpu_a10": 24}
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))  # Ray's own schema for `ray up` accepts it
