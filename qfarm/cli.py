@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import QfarmError, SpecError, UsageError
+from .keys import DEFAULT_CANCEL_GRACE_S
 
 OUTPUT_ROOT_DEFAULT = "qfarm-out"
 
@@ -298,21 +299,24 @@ def report(ctx: click.Context, sweeps: tuple[str, ...], output: Path, png_dir: P
 
 @cli.command()
 @click.argument("sweep", metavar="SWEEP|JOB")
+@click.option("--grace", type=click.FloatRange(0, 86_400), default=DEFAULT_CANCEL_GRACE_S, show_default=True,
+              metavar="SECONDS", help="How long a running job has to stop by itself before its worker is killed.")
 @click.pass_context
 @handle_errors
-def cancel(ctx: click.Context, sweep: str) -> None:
-    """Cancel a sweep, or one job by its id: queued jobs at once, running ones are stopped by the scheduler
-    (their worker process is killed). `qfarm retry` runs cancelled jobs again."""
+def cancel(ctx: click.Context, sweep: str, grace: float) -> None:
+    """Cancel a sweep, or one job by its id: queued jobs at once; running ones stop at their next progress point,
+    or their worker process is killed after --grace seconds. `qfarm retry` runs cancelled jobs again."""
     store = _store(ctx)
     if re.fullmatch(r"j[0-9a-f]{12}", sweep) and store.job(sweep) is not None:
-        outcome = store.request_job_cancel(sweep)
-        said = {"dequeued": "cancelled (it had not started)", "stopping": "is being stopped"}
+        outcome = store.request_job_cancel(sweep, grace)
+        said = {"dequeued": "cancelled (it had not started)", "stopping": f"is being stopped (killed after {grace:g} s)"}
         click.echo(f"job {sweep} {said.get(outcome, f'is already {outcome}; nothing to cancel')}")
         return
     record = _find(store, sweep)
-    n = store.request_cancel(record.id)
+    n = store.request_cancel(record.id, grace)
     running = sum(1 for j in store.sweep_jobs(record.id) if j.status == "running")
-    click.echo(f"cancelled {n} queued job(s) of {record.id}; {running} running job(s) are being stopped")
+    click.echo(f"cancelled {n} queued job(s) of {record.id}; {running} running job(s) are being stopped "
+               f"(killed after {grace:g} s if they have not stopped)")
 
 
 @cli.command()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "qfarm"
 EVENTS_MAXLEN = 10_000
+DEFAULT_CANCEL_GRACE_S = 10.0  # a running job stops by itself within this after `qfarm cancel`, or is killed
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,7 @@ class SleepOptions(Options):
     seconds: float = Field(1.0, ge=0.0, le=86_400.0)
     index: int = 0
     fail: bool = False
+    busy: bool = False  # never reports progress, so a cancel cannot stop it cooperatively (tests of the kill)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class Inflight:
     job_id: str
     attempt_id: str
     timeout_s: float | None
+    kill_at: float | None = None  # set when a cancel asked the job to stop: killed then if still running
 
 
 class Scheduler:
@@ -268,10 +269,12 @@ class Scheduler:
         for ref, flight in list(self.inflight.items()):
             seen = self.jobs.get(flight.job_id)  # refreshed from Redis every REFRESH_S: no read per job here
             if seen is not None and seen.cancel_requested and seen.attempt_id == flight.attempt_id:
-                self._kill(flight.slot, flight.pool)
-                self.inflight.pop(ref)
-                self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED, error="cancelled while running")
-                self._reload(flight.job_id)
+                # its worker stops it at the job's next progress point; if it has not within the grace, kill it
+                if flight.kill_at is None:
+                    flight.kill_at = now + self.store.cancel_grace_s(self.store.keys.job(flight.job_id))
+                elif now >= flight.kill_at:
+                    self.inflight.pop(ref)
+                    self._force_cancel(flight)
                 continue
             if not flight.timeout_s:
                 continue
@@ -314,13 +317,27 @@ class Scheduler:
             return True
 
     def _cancel(self, jobs: list[JobRecord]) -> None:
+        """The sweep is cancelled: queued jobs at once; running ones are asked to stop, and killed after the
+        grace the cancel gave (`qfarm cancel --grace`) if they have not stopped by then."""
         for job in jobs:
             if job.status == JobStatus.QUEUED.value:
                 self.store.cancel_if_queued(job.id)
+        grace = self.store.cancel_grace_s(self.store.keys.sweep(self.sweep_id))
         for flight in self.inflight.values():
-            self._kill(flight.slot, flight.pool)
-            self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED, error="cancelled while running")
+            self.store.request_job_cancel(flight.job_id, grace)
+        deadline = time.time() + grace
+        while self.inflight and time.time() < deadline:
+            self._collect()
+        for flight in self.inflight.values():
+            self._force_cancel(flight)
         self.inflight.clear()
+
+    def _force_cancel(self, flight: Inflight) -> None:
+        self._kill(flight.slot, flight.pool)
+        grace = self.store.cancel_grace_s(self.store.keys.job(flight.job_id))
+        self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED,
+                          error=f"cancelled while running (killed: it did not stop within {grace:g} s)")
+        self._reload(flight.job_id)
 
     def _fail_unstarted(self, job: JobRecord, reason: str) -> None:
         attempt_id = uuid.uuid4().hex[:12]

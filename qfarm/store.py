@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import redis
 
-from .keys import EVENTS_MAXLEN, Keys
+from .keys import DEFAULT_CANCEL_GRACE_S, EVENTS_MAXLEN, Keys
 
 
 class JobStatus(str, Enum):
@@ -68,18 +68,20 @@ if not cur then
 end
 if cur == 'failed' or cur == 'cancelled' or cur == 'skipped' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'queued_at', ARGV[2], 'spec', cjson.decode(ARGV[1])['spec'])
-  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress', 'cancel')
+  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress', 'cancel', 'cancel_grace_s')
   return 'requeued'
 end
 return cur
 """
 
 
-# KEYS: job. ARGV: attempt id, JSON fields. Only the current running attempt may beat.
+# KEYS: job. ARGV: attempt id, JSON fields. Only the current running attempt may beat. Returns 2 when the job
+# was asked to stop (`qfarm cancel`), so the worker stops at its next progress point.
 _BEAT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt_id') ~= ARGV[1] then return 0 end
 for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[1], k, v) end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 2 end
 return 1
 """
 
@@ -302,23 +304,34 @@ class Store:
         pipe.execute()
         return [j.id for j, outcome in zip(jobs, outcomes) if outcome == "requeued"]
 
-    def request_job_cancel(self, job_id: str) -> str:
-        """Cancel one job: a queued one at once ("dequeued"); a running one is flagged for its scheduler to stop
-        ("stopping"); a finished one is left as it is (its status is returned)."""
+    def request_job_cancel(self, job_id: str, grace_s: float = DEFAULT_CANCEL_GRACE_S) -> str:
+        """Cancel one job: a queued one at once ("dequeued"); a running one is flagged ("stopping"): its worker
+        stops at its next progress point, or its scheduler kills it after ``grace_s``. A finished one is left as
+        it is (its status is returned)."""
         if self.cancel_if_queued(job_id):
             return "dequeued"
         job = self.job(job_id)
         if job is None:
             return "missing"
         if job.status == JobStatus.RUNNING.value:
-            self.r.hset(self.keys.job(job_id), "cancel", "1")
+            self.r.hset(self.keys.job(job_id), mapping={"cancel": "1", "cancel_grace_s": repr(grace_s)})
             return "stopping"
         return job.status
 
-    def request_cancel(self, sweep_id: str) -> int:
-        """Flag the sweep cancelled and cancel its queued jobs at once; the scheduler stops running ones."""
-        self.r.hset(self.keys.sweep(sweep_id), "cancel", "1")
-        return sum(self.cancel_if_queued(jid) for jid in self.job_ids(sweep_id))
+    def request_cancel(self, sweep_id: str, grace_s: float = DEFAULT_CANCEL_GRACE_S) -> int:
+        """Flag the sweep cancelled and cancel its queued jobs at once; running ones are asked to stop (and are
+        killed after ``grace_s``). Returns how many queued jobs were cancelled."""
+        self.r.hset(self.keys.sweep(sweep_id), mapping={"cancel": "1", "cancel_grace_s": repr(grace_s)})
+        n = sum(self.cancel_if_queued(jid) for jid in self.job_ids(sweep_id))
+        for job in self.sweep_jobs(sweep_id):
+            if job.status == JobStatus.RUNNING.value:
+                self.request_job_cancel(job.id, grace_s)
+        return n
+
+    def cancel_grace_s(self, key: str) -> float:
+        """The grace a cancel gave (``key``: a job's or sweep's hash key)."""
+        value = self.r.hget(key, "cancel_grace_s")
+        return float(value) if value else DEFAULT_CANCEL_GRACE_S
 
     # --- job transitions ---------------------------------------------------------------------------
 
@@ -370,12 +383,13 @@ class Store:
         return self._move(job_id, allowed="queued", to=JobStatus.CANCELLED,
                           fields={"finished_at": repr(_now()), "error": "cancelled before it started"})
 
-    def beat(self, job_id: str, attempt_id: str, progress: str | None = None, **extra) -> bool:
-        """Heartbeat of a running attempt, with an optional progress line. False once the attempt is not current."""
+    def beat(self, job_id: str, attempt_id: str, progress: str | None = None, **extra) -> int:
+        """Heartbeat of a running attempt, with an optional progress line. 0 once the attempt is not current,
+        2 when the job was asked to stop, else 1."""
         fields = {"heartbeat_at": repr(_now()), **{k: str(v) for k, v in extra.items()}}
         if progress is not None:
             fields["progress"] = progress
-        return bool(self._beat(keys=[self.keys.job(job_id)], args=[attempt_id, json.dumps(fields)]))
+        return int(self._beat(keys=[self.keys.job(job_id)], args=[attempt_id, json.dumps(fields)]))
 
     def delete_namespace(self) -> int:
         """Remove every key of this namespace (tests, and `qfarm purge`)."""

@@ -101,6 +101,9 @@ class Worker:
                 self.store.incr_stat(sweep_id, name, n)
             ok = self.store.finish(job["id"], attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)
             return {"status": "succeeded", "written": ok, "seconds": time.time() - started}
+        except JobCancelled as e:
+            ok = self.store.finish(job["id"], attempt_id, JobStatus.CANCELLED, error=str(e), attempt=attempt)
+            return {"status": "cancelled", "written": ok}
         except BaseException as e:  # one job's failure must never take the worker (or other jobs) down
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -137,13 +140,19 @@ def _run_kind(ctx: JobContext) -> dict:
     raise ValueError(f"this worker does not know job kind {kind!r}")
 
 
+class JobCancelled(Exception):
+    """Raised at a job's next progress point once `qfarm cancel` asked it to stop."""
+
+
 class _Heartbeat:
-    """Refreshes the job's heartbeat every HEARTBEAT_S and carries the latest progress line to Redis."""
+    """Refreshes the job's heartbeat every HEARTBEAT_S and carries the latest progress line to Redis. Learns from
+    Redis when the job was asked to stop; the job then stops at its next progress line (JobCancelled)."""
 
     def __init__(self, store: Store, job_id: str, attempt_id: str):
         self.store, self.job_id, self.attempt_id = store, job_id, attempt_id
         self._stop = threading.Event()
         self._line: str | None = None
+        self.cancelled = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="qfarm-heartbeat")
 
     def start(self, **fields) -> None:
@@ -152,17 +161,19 @@ class _Heartbeat:
 
     def progress(self, line: str) -> None:
         self._line = line
+        self._beat(line)
+        if self.cancelled:
+            raise JobCancelled(f"cancelled while running (stopped at: {line})")
+
+    def _beat(self, line: str | None = None) -> None:
         try:
-            self.store.beat(self.job_id, self.attempt_id, line)
+            self.cancelled |= self.store.beat(self.job_id, self.attempt_id, line) == 2
         except Exception:
             pass  # progress is best effort; the result write is not
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self.store.beat(self.job_id, self.attempt_id)
-            except Exception:
-                pass
+            self._beat()
 
     def stop(self) -> None:
         self._stop.set()

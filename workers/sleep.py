@@ -19,7 +19,7 @@ def run(ctx) -> dict:
     end = start + seconds
     while (left := end - time.time()) > 0:
         time.sleep(min(left, 0.5))
-        if seconds >= 2:
+        if seconds >= 2 and not ctx.options.get("busy"):
             ctx.progress(f"slept {time.time() - start:.0f}/{seconds:g} s")
     if ctx.options.get("fail"):
         raise RuntimeError(f"sleep job {ctx.options['index']} was asked to fail (fail: true)")

@@ -102,7 +102,8 @@ def test_submit_returns_at_once_and_cancel_stops_running_jobs(cli_env, tmp_path)
         time.sleep(0.5)
     assert statuses == ["cancelled"] * 4
     reasons = sorted(r["error"] for r in results(cli_env, "naps"))
-    assert reasons == ["cancelled before it started"] * 2 + ["cancelled while running"] * 2
+    assert reasons[:2] == ["cancelled before it started"] * 2
+    assert all(r.startswith("cancelled while running (stopped at: slept ") for r in reasons[2:]), reasons
     status = qfarm(cli_env, "status", "naps")
     assert status.returncode == 0 and "4 cancelled" in status.stdout
 
@@ -240,7 +241,8 @@ def test_retry_requeues_failed_and_cancelled_jobs(cli_env, tmp_path, store):
 def test_cancel_one_job_running_or_queued(cli_env, tmp_path, store):
     path = spec(tmp_path, """\
         jobs:
-          - {kind: sleep, seconds: 30, matrix: {index: [0, 1, 2]}}
+          - {kind: sleep, seconds: 30, index: 1, busy: true}
+          - {kind: sleep, seconds: 30, matrix: {index: [0, 2]}}
     """, name="one")
     assert qfarm(cli_env, "submit", path).returncode == 0
     sweep = store.find_sweep("one").id
@@ -248,18 +250,30 @@ def test_cancel_one_job_running_or_queued(cli_env, tmp_path, store):
     while time.time() < deadline and len(running) < 2:
         running = [j for j in store.sweep_jobs(sweep) if j.status == "running"]
         time.sleep(0.3)
-    victim, other = running[0], running[1]
+    busy = next(j for j in running if j.spec["options"]["busy"])
+    victim = next(j for j in running if not j.spec["options"]["busy"])
     queued = next(j for j in store.sweep_jobs(sweep) if j.status == "queued")
-    out = qfarm(cli_env, "cancel", victim.id)
-    assert out.returncode == 0 and f"job {victim.id} is being stopped" in out.stdout
     assert f"job {queued.id} cancelled (it had not started)" in qfarm(cli_env, "cancel", queued.id).stdout
-    deadline = time.time() + 30
-    while time.time() < deadline and store.job(victim.id).status != "cancelled":
-        time.sleep(0.3)
-    assert store.job(victim.id).status == "cancelled" and store.job(victim.id).error == "cancelled while running"
-    assert store.job(other.id).status == "running"  # the sweep and its other job go on
+    asked = time.time()
+    out = qfarm(cli_env, "cancel", victim.id)
+    assert out.returncode == 0 and f"job {victim.id} is being stopped (killed after 10 s)" in out.stdout
+    assert qfarm(cli_env, "cancel", busy.id, "--grace", "2").returncode == 0
+
+    def wait_cancelled(job_id):
+        while time.time() < asked + 30 and store.job(job_id).status != "cancelled":
+            time.sleep(0.2)
+        return store.job(job_id)
+
+    # a job that reports progress stops by itself, at its next progress line, well within the grace; its worker lives on
+    stopped = wait_cancelled(victim.id)
+    assert stopped.status == "cancelled" and stopped.error.startswith("cancelled while running (stopped at: slept ")
+    assert stopped.finished_at - asked < 8
+    # a job that never reports progress is killed once the grace it was given is over
+    killed = wait_cancelled(busy.id)
+    assert killed.error == "cancelled while running (killed: it did not stop within 2 s)"
+    assert 2 <= killed.finished_at - asked < 15
     assert "already cancelled" in qfarm(cli_env, "cancel", victim.id).stdout
-    qfarm(cli_env, "cancel", "one")
+    qfarm(cli_env, "cancel", "one", "--grace", "0")
 
 
 def test_stages_run_in_dag_order_and_a_failed_parent_skips_its_subtree(cli_env, tmp_path):
