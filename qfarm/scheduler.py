@@ -127,6 +127,7 @@ class Scheduler:
         while True:
             if time.time() - self._refreshed > REFRESH_S:
                 self._refresh()
+                self._foreign()  # requeues orphans now: a job waiting on an orphaned parent would wait forever
             if self.sweep is None:
                 return
             if self.store.cancel_requested(self.sweep_id):

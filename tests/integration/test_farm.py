@@ -175,10 +175,9 @@ def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ra
     from qfarm import scheduler
 
     path = spec(tmp_path, """\
-        jobs:
-          - kind: sleep
-            seconds: 8
-            matrix: {index: [0, 1, 2]}
+        stages:
+          - {name: a, kind: sleep, seconds: 8, matrix: {index: [0, 1]}}
+          - {name: b, kind: sleep, from: a, seconds: 0.5, index: 5}
     """)
     waiting = subprocess.Popen([sys.executable, "-m", "qfarm.cli", "submit", path, "--wait"], env=cli_env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,13 +195,17 @@ def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ra
     assert "submit the same file again to resume it" in err
 
     # `qfarm resume`: a new scheduler rebuilds its view from Redis; the jobs the dead one left "running" (their
-    # workers died with it) are requeued once two heartbeats are missed, and the sweep completes
+    # workers died with it) are requeued once two heartbeats are missed (even while their children wait on them
+    # in the queue), and the sweep completes
     running_then = {j.id for j in store.sweep_jobs(sweep) if j.status == "running"}
+    assert "b" in {j.spec["stage"] for j in store.sweep_jobs(sweep) if j.status == "queued"}
     out = qfarm(cli_env, "resume", "naps", "--wait", timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     jobs = {j.id: j for j in store.sweep_jobs(sweep)}
     assert all(j.status == "succeeded" for j in jobs.values())
     assert running_then and all(jobs[i].attempts == 2 for i in running_then)
+    for child in (j for j in jobs.values() if j.spec["parent"]):
+        assert child.started_at >= jobs[child.spec["parent"]].finished_at
     history = store.attempts(next(iter(running_then)))
     assert "is gone" in history[0]["error"] or "heartbeat lapsed" in history[0]["error"]
 
