@@ -70,7 +70,7 @@ def run(ctx) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
-        ctx.progress(f"merging onto the {opts['onto']} base")
+        ctx.progress(f"merging the adapter (onto: {opts['onto']})")
         t0 = time.time()
         merged = merged_model(base.path, adapter, parent["options"], opts["onto"])
         merge_s = time.time() - t0

@@ -22,18 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, tries: int = 50) -> None:
+    for _ in range(tries):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def password_redis(tmp_path):
     port = free_port()
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
                              "--requirepass", "s3cret", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(port)
     yield port
     proc.kill()
     proc.wait()
@@ -89,12 +93,7 @@ def tls_redis(tmp_path):
                              "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass", "s3cret",
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(50):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_for_port(port)
     yield port, tmp_path / "ca.crt"
     proc.kill()
     proc.wait()
