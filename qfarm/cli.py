@@ -362,8 +362,12 @@ def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | 
 
     file = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115
     try:
-        console = Console(width=max(Console().width, 160), file=file)
-        console.print(rich_table(data, title=f"sweep {title}", columns=columns))
+        table = rich_table(data, title=f"sweep {title}", columns=columns)
+        width = max(Console().width, 160)
+        if file is not None or not sys.stdout.isatty():  # a file or a pipe: the whole table, nothing cut
+            width = max(width, Console(width=10_000).measure(table).maximum)
+        console = Console(width=width, file=file)
+        console.print(table)
         text = answers_text(data)
         if text and not columns:
             console.print(text, markup=False, highlight=False)

@@ -46,6 +46,10 @@ _SHOWN = [
 ]
 
 
+# A pipeline's table has its training and merge columns: these make room for them (--columns shows any).
+_PIPELINE_HIDDEN = {"bits", "size_vs_ref", "load_s", "top1_agree", "prefill_tokens_per_s", "trainable_params", "device"}
+
+
 def row(job: JobRecord) -> dict[str, Any]:
     """The job as one flat row."""
     result = job.result or {}
@@ -102,6 +106,8 @@ def _visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[s
     pipeline = any(r.get("parent") for r in data)
     for c in _SHOWN:
         if (c[0] == "sweep_id" and len(sweeps) < 2) or (c[0] == "stage" and not pipeline):
+            continue
+        if pipeline and c[0] in _PIPELINE_HIDDEN:
             continue
         if c[0] in ("job_id", "label", "status") or any(r.get(c[0]) is not None for r in data):
             out.append(c)
@@ -168,7 +174,7 @@ def rich_table(data: list[dict], title: str | None = None, columns: list[str] | 
     table = Table(title=title, show_lines=False, header_style="bold")
     notes = any(r.get("error") for r in data)
     for c, header, _ in cols:
-        table.add_column(header, justify="left" if c in ("job_id", "label", "status", "device") else "right",
+        table.add_column(header, justify="left" if c in ("job_id", "label", "status", "device", "stage", "lineage") else "right",
                          no_wrap=c in ("job_id", "label", "status"))
     if notes:
         table.add_column("note", overflow="fold", min_width=20)
@@ -183,8 +189,11 @@ def answers_text(data: list[dict], width: int = 100) -> str:
     """The prompt answers, side by side by prompt: for each prompt, one line per job."""
     by_prompt: dict[str, list[tuple[str, str]]] = {}
     for r in data:
+        label = r["label"] or r["job_id"]
+        if r.get("lineage"):
+            label += f" (from {r['lineage']})"
         for a in r.get("answers") or []:
-            by_prompt.setdefault(a["prompt"], []).append((r["label"] or r["job_id"], a["answer"]))
+            by_prompt.setdefault(a["prompt"], []).append((label, a["answer"]))
     out = []
     for prompt, items in by_prompt.items():
         out.append(f"Q: {prompt}")

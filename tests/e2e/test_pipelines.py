@@ -89,6 +89,9 @@ stages:
     header = table.splitlines()[0]
     assert all(h in header for h in ("| stage |", "| from |", "| train loss |", "| task loss |", "| merge Δmax |"))
     assert "| skipped |" in table
+    report = qfarm(cli_env, "report", "tiny-pipe", "-o", str(tmp_path / "report.html"))
+    assert report.returncode == 0, report.stderr
+    assert "Training loss" in (tmp_path / "report.html").read_text()  # the train job's loss curve is plotted
 
 
 def test_smollm2_qlora_on_guanaco_then_merge(cli_env, model_root, shared_data, tmp_path):

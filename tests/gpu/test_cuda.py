@@ -48,3 +48,30 @@ jobs:
     assert all(r["status"] == "succeeded" and r["device"].startswith("cuda") for r in rows.values())
     assert rows["gptq"]["kl_div"] < rows["rtn"]["kl_div"] and rows["awq"]["kl_div"] < rows["rtn"]["kl_div"]
     assert rows["gptq"]["calib_tokens"] == 64 * 512
+
+
+def test_qlora_train_and_merge_on_the_gpu(cli_env, shared_data, tmp_path):
+    """QLoRA on bitsandbytes' CUDA 4-bit kernels, then both merges; the dequantized merge stays exact on a GPU."""
+    spec = tmp_path / "gpu-qlora.yaml"
+    spec.write_text(f"""\
+name: gpu-qlora
+model: bundled:smollm2-135m
+eval:
+  perplexity: {{seq_len: 256, max_windows: 4}}
+  speed: null
+stages:
+  - name: finetune
+    kind: train
+    method: qlora
+    dataset: {{path: {shared_data / 'guanaco_llama2_1k' / 'train.jsonl'}, eval_samples: 16}}
+    r: 16
+    max_steps: 20
+    seq_len: 256
+    learning_rate: 5.0e-4
+  - {{name: merge, kind: merge, from: finetune, onto: [base, dequantized]}}
+""")
+    rows = run_sweep(cli_env, spec, "gpu-qlora", key="label")
+    ft = rows["qlora"]
+    assert ft["device"].startswith("cuda") and ft["task_loss"] < ft["ref_task_loss"]
+    merged = {r["onto"]: r for r in rows.values() if r["kind"] == "merge"}
+    assert merged["dequantized"]["merge_max_abs_diff"] < merged["base"]["merge_max_abs_diff"]
