@@ -69,7 +69,9 @@ def test_embedded_redis_starts_when_nothing_answers(tmp_path, monkeypatch):
         assert client.config_get("bind")["bind"] == "127.0.0.1"
         assert client.config_get("dir")["dir"] == str(tmp_path / "redis")
     finally:
-        client.shutdown(nosave=True)
+        # a client without retries: the server closing the connection is the answer to SHUTDOWN, not an outage
+        # (qfarm's own client would retry it for its ~90 s of backoff)
+        connection._client(url, retries=0).shutdown(nosave=True)
     with pytest.raises(QfarmError, match="Cannot reach Redis"):
         connection.connect_redis(f"redis://127.0.0.1:{port}/0")  # a configured URL is never replaced
 
