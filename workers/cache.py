@@ -46,6 +46,7 @@ class Cache:
         self.models = _LRU(int(os.environ.get("QFARM_CACHE_MODELS", "1")))
         self.windows = _LRU(4)
         self.refs = _LRU(2)
+        self.ref_numbers = _LRU(8)
         self.ref_budget_bytes = int(float(os.environ.get("QFARM_REF_CACHE_MB", "2048")) * 2**20)
         self.model_loads = 0
 
@@ -54,6 +55,7 @@ class Cache:
 
         def make() -> Loaded:
             self.refs.clear()  # reference log-probs belong to the model being evicted or replaced
+            self.ref_numbers.clear()
             start = time.time()
             model, tokenizer = load_float(path)
             self.model_loads += 1
@@ -70,6 +72,10 @@ class Cache:
         value, hit = self.windows.get((what,) + key, make)
         ctx.count(f"{what}_cache_hits" if hit else f"{what}_tokenizations")
         return value
+
+    def reference_number(self, key: tuple, make: Callable[[], float]) -> tuple[float, bool]:
+        """A number measured on the reference (its task loss): kept with its log-probs, dropped with its model."""
+        return self.ref_numbers.get(key, make)
 
     def reference(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
         """Reference log-probs: cached when they fit the budget, else recomputed for every job."""

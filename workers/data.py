@@ -44,11 +44,7 @@ HUB_MAX_CHARS = 20_000_000
 
 def hub_text(location: str, field: str) -> str:
     """The text field of a hub dataset's split, streamed (a split may be huge), up to ``HUB_MAX_CHARS``."""
-    from datasets import load_dataset
-
-    name_config, split = location.rsplit("@", 1)
-    name, _, config = name_config.partition(":")
-    rows = load_dataset(name, config or None, split=split, streaming=True)
+    name, rows = hub_rows(location)
     out, size = [], 0
     for n, row in enumerate(rows):
         if field not in row:
@@ -58,6 +54,15 @@ def hub_text(location: str, field: str) -> str:
         if size >= HUB_MAX_CHARS:
             break
     return "\n\n".join(out)
+
+
+def hub_rows(location: str):
+    """(dataset name, its rows streamed) for a hub location ``NAME[:CONFIG]@SPLIT``."""
+    from datasets import load_dataset
+
+    name_config, split = location.rsplit("@", 1)
+    name, _, config = name_config.partition(":")
+    return name, load_dataset(name, config or None, split=split, streaming=True)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -142,12 +147,9 @@ def examples(ref: dict, text_field: str = "text", fmt: str | None = None) -> lis
             if line.strip():
                 texts.append(_example(json.loads(line), text_field, fmt, f"{path}:{n}"))
     elif kind == "hub":
-        from datasets import load_dataset
-
-        name_config, split = ref["location"].rsplit("@", 1)
-        name, _, config = name_config.partition(":")
+        name, rows = hub_rows(ref["location"])
         texts = []
-        for n, row in enumerate(load_dataset(name, config or None, split=split, streaming=True)):
+        for n, row in enumerate(rows):
             texts.append(_example(row, text_field, fmt, f"hub dataset {name} row {n}"))
             if n + 1 >= HUB_MAX_ROWS:
                 break

@@ -241,7 +241,8 @@ def task_metrics(ctx, model, base) -> dict:
     key = (te["dataset"]["key"], te.get("format"), te["eval_samples"], te["seq_len"], base.path)
     examples = ctx.cache.tokens(key, lambda: held_out(te, base.tokenizer), ctx, "task_data")
     loss = task_loss(runner(model), examples, ctx.progress)
-    ref = task_loss(runner(base.model), examples, ctx.progress, "reference task loss")
+    ref, _ = ctx.cache.reference_number(("task_loss",) + key,
+                                        lambda: task_loss(runner(base.model), examples, ctx.progress, "reference task loss"))
     return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
 
 
