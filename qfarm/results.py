@@ -28,6 +28,8 @@ EXTRA_COLUMNS = [
     "train_loss_best", "train_s", "step_s", "train_steps", "train_tokens_per_s", "trainable_params",
     "trainable_pct", "train_peak_mem_mb", "adapter_mb", "task_loss", "ref_task_loss", "task_loss_delta",
     "onto", "merge_max_abs_diff", "merge_mean_abs_diff", "merge_top1_agree", "loss_curve",
+    # what computed the 4-bit layers, and (merge of a QLoRA adapter) that CPU default kernel's own error
+    "kernel", "kernel_default", "kernel_max_abs_diff", "kernel_mean_abs_diff", "kernel_top1_agree",
 ]
 FORMATS = ("table", "md", "csv", "json", "parquet")
 
@@ -42,6 +44,7 @@ _SHOWN = [
     ("train_loss", "train loss", "{:.3f}"), ("task_loss", "task loss", "{:.3f}"),
     ("trainable_params", "trainable", "{:,}"), ("train_s", "train s", "{:.0f}"),
     ("merge_max_abs_diff", "merge Δmax", "{:.2g}"), ("merge_top1_agree", "merge top-1", "{:.3f}"),
+    ("kernel_max_abs_diff", "kernel Δmax", "{:.2g}"),
     ("device", "device", "{}"), ("duration_s", "time s", "{:.1f}"),
 ]
 

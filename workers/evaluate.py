@@ -248,10 +248,12 @@ def task_metrics(ctx, model, base) -> dict:
 
 def evaluate(ctx, model, base, *, is_reference: bool) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
+    from workers.bnb import kernel_of
+
     ev = ctx.job["eval"] or {}
     tokenizer = base.tokenizer
+    metrics: dict = {"kernel": kernel_of(model)} if hasattr(model, "modules") else {}
     model = runner(model)
-    metrics: dict = {}
     ppl = ev.get("perplexity")
     wins = None
     if ppl:

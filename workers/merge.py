@@ -7,6 +7,12 @@ base, 4-bit for QLoRA, plus the unmerged adapter) on held-out examples: ``merge_
 ``merge_mean_abs_diff`` and ``merge_top1_agree`` say how faithful the merge is. For QLoRA, merging onto the float
 base is not exact (the adapter corrected 4-bit weights that are not there), onto the dequantized base it is.
 
+Like is compared with like: the adapter model computes its 4-bit layers as dequantize + float32 matmul, the
+arithmetic of the float merged model (~1e-4 apart, on any CPU). bitsandbytes' own default on a CPU with AVX-512
+BF16 is a fused bf16 kernel instead; a QLoRA merge also measures that kernel against the float32 path on the same
+examples (``kernel_max_abs_diff``, ``kernel_top1_agree``; 0 and 1 on a CPU without it, ~1 logit on SmolLM2 with
+it), so the table tells "the merge is exact" apart from "the 4-bit kernel is approximate on this CPU".
+
 The merged model is saved as a float Hugging Face folder (``<output_dir>/merged``): the job's artifact, which a
 ``quantize`` stage coming from this one quantizes.
 """
@@ -17,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+from workers.bnb import kernel_of, unpacked
 from workers.data import held_out
 from workers.evaluate import PeakMemory, evaluate
 from workers.files import inside
@@ -24,24 +31,48 @@ from workers.models import device, device_label, dir_bytes, prepared_base, start
 from workers.train import load_trainable_base
 
 
-def logits_diff(a, b, examples: list[list[int]]) -> dict:
-    """How far model ``b``'s logits are from ``a``'s on the same examples: max/mean abs diff, top-1 agreement."""
+def logits_of(model, examples: list[list[int]]) -> list:
+    """The model's float32 logits on each example, on the CPU."""
     import torch
 
-    worst, total, count, agree, tokens = 0.0, 0.0, 0, 0, 0
     with torch.inference_mode():
-        for ids in examples:
-            x = torch.tensor([ids], dtype=torch.long)
-            la = a(x.to(a.device)).logits[0].float().cpu()
-            lb = b(x.to(b.device)).logits[0].float().cpu()
-            d = (la - lb).abs()
-            worst = max(worst, d.max().item())
-            total += d.sum().item()
-            count += d.numel()
-            agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
-            tokens += len(ids)
-    return {"merge_max_abs_diff": worst, "merge_mean_abs_diff": total / max(count, 1),
-            "merge_top1_agree": agree / max(tokens, 1), "merge_check_tokens": tokens}
+        return [model(torch.tensor([ids], dtype=torch.long).to(model.device)).logits[0].float().cpu()
+                for ids in examples]
+
+
+def logits_diff(a: list, b: list, prefix: str = "merge") -> dict:
+    """How far logits ``b`` are from ``a`` (the same examples): max/mean abs diff, top-1 agreement."""
+    worst, total, count, agree, tokens = 0.0, 0.0, 0, 0, 0
+    for la, lb in zip(a, b, strict=True):
+        d = (la - lb).abs()
+        worst = max(worst, d.max().item())
+        total += d.sum().item()
+        count += d.numel()
+        agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+        tokens += la.shape[0]
+    return {f"{prefix}_max_abs_diff": worst, f"{prefix}_mean_abs_diff": total / max(count, 1),
+            f"{prefix}_top1_agree": agree / max(tokens, 1), f"{prefix}_check_tokens": tokens}
+
+
+def check(base_path: str, adapter: str, parent_options: dict, merged, examples: list[list[int]]) -> dict:
+    """The merged model against the adapter model as trained, in the same float32 arithmetic; for a QLoRA
+    adapter, also bitsandbytes' default CPU kernel against that float32 path (``kernel_*``)."""
+    from peft import PeftModel
+
+    def trained(fused: bool | None = None):
+        model = PeftModel.from_pretrained(load_trainable_base(base_path, parent_options, fused), adapter)
+        return model.eval()
+
+    model = trained()
+    exact = logits_of(model, examples)
+    out = logits_diff(exact, logits_of(merged, examples))
+    del model
+    if parent_options["method"] == "qlora":
+        native = trained(fused=True)  # what bitsandbytes runs by default on this CPU
+        out.update(logits_diff(exact, logits_of(native, examples), "kernel"))
+        out["kernel_default"] = kernel_of(native)
+        del native
+    return out
 
 
 def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str):
@@ -51,7 +82,7 @@ def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str):
 
     if onto == "dequantized":
         model = load_trainable_base(base_path, parent_options)  # the 4-bit base, as trained on
-        model = model.dequantize()
+        model = unpacked(model).dequantize()
         model = model.to(torch.float32)
     else:
         model = load_trainable_base(base_path, {**parent_options, "method": "lora"})  # the float base
@@ -60,7 +91,6 @@ def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str):
 
 def run(ctx) -> dict:
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     start(ctx)
@@ -76,12 +106,9 @@ def run(ctx) -> dict:
         merge_s = time.time() - t0
 
         ctx.progress("checking the merge against the adapter model")
-        trained = PeftModel.from_pretrained(load_trainable_base(base.path, parent["options"]), adapter)
-        trained.eval()
         merged.eval()
         examples = held_out(ctx.job["task_eval"], base.tokenizer)[: opts["check_samples"]]
-        check = logits_diff(trained, merged, examples)
-        del trained
+        checked = check(base.path, adapter, parent["options"], merged, examples)
 
         ctx.progress("saving the merged model")
         target = out / "merged"
@@ -101,7 +128,7 @@ def run(ctx) -> dict:
         "method": f"merge-{opts['onto']}",
         "onto": opts["onto"],
         "merge_s": merge_s,
-        **check,
+        **checked,
         "size_mb": size / 2**20,
         "size_source": "disk",
         "ref_size_mb": ref_bytes / 2**20,

@@ -7,6 +7,7 @@ safetensors under ``<output_root>/_models/``; every later load, by any worker or
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ def quiet() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # bitsandbytes on an AVX-512 BF16 CPU tries a hub kernel at import and logs its absence (no hub here)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
 
@@ -35,9 +38,9 @@ def preload() -> None:
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: F401
 
+    quiet()
     if importlib.util.find_spec("bitsandbytes") is not None:
         import bitsandbytes  # noqa: F401
-    quiet()
 
 
 def start(ctx) -> None:

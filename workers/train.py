@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+from workers.bnb import use_cpu_kernel
 from workers.data import encode, examples, split_examples
 from workers.evaluate import PeakMemory, evaluate
 from workers.models import device, device_label, dir_bytes, prepared_base, start, tensor_bytes, versions
@@ -38,15 +39,17 @@ def bnb_config(options: dict):
                               bnb_4bit_compute_dtype=getattr(torch, options.get("compute_dtype", "float32")))
 
 
-def load_trainable_base(path: str, options: dict):
+def load_trainable_base(path: str, options: dict, fused_cpu_kernel: bool | None = None):
     """A fresh copy of the base to put adapters on (the worker's cached base stays untouched): float for LoRA,
-    bitsandbytes 4-bit for QLoRA."""
+    bitsandbytes 4-bit for QLoRA, its CPU kernel chosen by ``workers.bnb.use_cpu_kernel``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if options["method"] == "qlora":
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(options),
-                                                    dtype=torch.float32, device_map={"": device()})
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(options),
+                                                     dtype=torch.float32, device_map={"": device()})
+        use_cpu_kernel(model, fused_cpu_kernel)
+        return model
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device()})
 
 

@@ -127,6 +127,14 @@ stages:
     assert ft["task_loss"] < ft["ref_task_loss"]  # held-out guanaco loss goes down after 6 steps
     assert ft["train_loss_best"] < ft["train_loss_first"]
     assert ft["kl_div"] > 0 and math.isfinite(ft["perplexity"])
-    assert merged["merge_max_abs_diff"] < 0.05 and merged["merge_top1_agree"] > 0.99
+    # like with like (both float32 arithmetic): exact on every CPU
+    assert merged["merge_max_abs_diff"] < 1e-3 and merged["merge_top1_agree"] > 0.99
+    # bitsandbytes' default CPU kernel against that: exactly the float32 path on AVX2, a bf16 kernel on AVX-512 BF16
+    # (~1 logit over 30 layers, but the same model: nearly every top-1 agrees)
+    if "fused" in merged["kernel_default"]:
+        assert merged["merge_max_abs_diff"] < merged["kernel_max_abs_diff"] < 5 and merged["kernel_top1_agree"] > 0.9
+    else:
+        assert merged["kernel_max_abs_diff"] == 0
+    assert ft["kernel"] == "bnb cpu: dequantize + float32 matmul"  # the trained model was evaluated as asked
     assert merged["task_loss"] == pytest.approx(ft["task_loss"], rel=0.01)
     assert math.isfinite(merged["perplexity"]) and merged["size_source"] == "disk"
