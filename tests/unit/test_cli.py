@@ -11,7 +11,11 @@ from click.testing import CliRunner
 
 from qfarm.cli import cli
 
-VERBS = ["validate", "submit", "status", "results", "cancel", "down"]
+VERBS = sorted(cli.commands)  # every verb the CLI has, so a new one is smoke-tested without editing this file
+
+
+def test_the_verbs_are_all_there():
+    assert {"validate", "submit", "status", "results", "report", "retry", "resume", "cancel", "down"} <= set(VERBS)
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -19,6 +23,7 @@ def test_help(verb):
     out = CliRunner().invoke(cli, [verb, "--help"])
     assert out.exit_code == 0, out.output
     assert "Usage: cli " in out.output or "Usage: qfarm " in out.output
+    assert cli.commands[verb].help or cli.commands[verb].short_help, f"qfarm {verb} has no help text"
 
 
 def test_validate_ok_and_bad(tmp_path):
