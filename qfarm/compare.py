@@ -18,12 +18,10 @@ import operator
 import re
 from typing import Any
 
+from .columns import MAXIMIZE, MINIMIZE
 from .errors import UsageError, allowed, did_you_mean
 
-# Objectives the frontier can use, and which way is better.
-MINIMIZE = ("size_mb", "size_vs_ref", "peak_mem_mb", "model_mem_mb", "perplexity", "ppl_delta_pct", "kl_div",
-            "load_s", "ttft_ms", "ms_per_token", "quant_s", "train_loss", "duration_s")
-MAXIMIZE = ("decode_tokens_per_s", "prefill_tokens_per_s", "top1_agree", "decode_speedup", "prefill_speedup")
+# Objectives the frontier can use, and which way is better: the columns with a direction (qfarm.columns).
 DEFAULT_FRONTIER = ("size_mb", "perplexity", "decode_tokens_per_s")
 
 _OPS = [("!=", operator.ne), ("<=", operator.le), (">=", operator.ge), ("=", operator.eq), ("<", operator.lt),

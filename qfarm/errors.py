@@ -1,10 +1,13 @@
-"""User-facing errors: what was wrong, where, what is allowed. Collected, then raised together."""
+"""User-facing errors: what was wrong, where (YAML path and line), what is allowed. Collected, then raised
+together. Also the YAML-position helpers every producer of a ``Problem`` uses."""
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,31 @@ class SpecError(UsageError):
         return "\n".join([head, *lines])
 
 
+class Retryable(Exception):
+    """A job failure worth another attempt: the same job may well succeed elsewhere or later (out of memory, a
+    lost node, a dropped connection). Retried while attempts remain (``max_attempts``)."""
+
+
+class Permanent(Exception):
+    """A job failure that another attempt would not change (a bad file, a setting the model cannot take)."""
+
+
+# Exceptions, by class name, that are worth retrying although they do not derive from Retryable: the control
+# plane names them without importing torch or Ray.
+RETRYABLE_NAMES = frozenset({"OutOfMemoryError", "MemoryError", "ConnectionError", "TimeoutError",
+                             "RayActorError", "ActorDiedError", "NodeDiedError", "ObjectLostError"})
+
+
+def retryable(e: BaseException) -> bool:
+    """Whether a job that raised ``e`` is worth another attempt. Anything not known to be transient is not: a
+    deterministic error would only fail again, later."""
+    if isinstance(e, Permanent):
+        return False
+    if isinstance(e, Retryable):
+        return True
+    return any(cls.__name__ in RETRYABLE_NAMES for cls in type(e).__mro__)
+
+
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """`` Did you mean 'x'?`` or an empty string."""
     if not isinstance(word, str):
@@ -74,3 +102,37 @@ def one_line(e: BaseException, typed: bool = True) -> str:
     if typed:
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return (text or type(e).__name__)[:300]
+
+
+# --- YAML paths and lines --------------------------------------------------------------------------
+
+
+def line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every YAML path (tuple of keys/indices) to its 1-based line."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark.line)
+            out[path + (k,)] = key.start_mark.line + 1
+            line_map(value, path + (k,), out)
+            out[path + (k,)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            line_map(item, path + (i,), out)
+    return out
+
+
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The line of ``loc``, or of its nearest ancestor that has one."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def format_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

@@ -1,16 +1,19 @@
-"""The registry of job kinds and quantization methods: names, options, and where their worker code lives.
+"""The registry of job kinds and their methods: names, options, and where their worker code lives.
 
 Nothing here imports an ML library: the CLI validates a sweep against this registry without loading torch.
-Each method is a pair, joined by its name: a pydantic model of its options (what a user may write) and a
-``"module:Class"`` string naming its implementation under ``workers/`` (imported inside a worker only).
+A ``Kind`` names its options (one model, or one per ``Method``), its worker entry point (``"module:function"``
+under ``workers/``), whether it loads the model, and which kinds a stage of it may come ``from``. Validation,
+expansion, the scheduler's DAG rules and the job payload (hence the worker's dispatch) all read ``KINDS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .errors import allowed, did_you_mean
 
 
 class Options(BaseModel):
@@ -108,8 +111,6 @@ GGUF_TYPES: dict[str, int] = {
 
 def _gguf_type(value: str) -> str:
     if value not in GGUF_TYPES:
-        from .errors import did_you_mean
-
         upper = value.upper() if isinstance(value, str) else value
         hint = f" Did you mean {upper!r}?" if upper in GGUF_TYPES else did_you_mean(str(value), GGUF_TYPES)
         raise ValueError(f"{value!r} is not a llama.cpp file type.{hint} Allowed: {', '.join(GGUF_TYPES)}")
@@ -199,9 +200,6 @@ class MergeOptions(Options):
     check_samples: int = Field(4, ge=1, le=1_000)
 
 
-TRAIN_METHODS: dict[str, type[Options]] = {"lora": LoraOptions, "qlora": QloraOptions}
-
-
 class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
@@ -213,35 +211,85 @@ class SleepOptions(Options):
 
 @dataclass(frozen=True)
 class Method:
+    """A method of a kind (quantize: gptq, bnb-nf4, ...; train: lora, qlora): its options and its implementation."""
+
     name: str
     options: type[Options]
-    worker: str  # "module:Class" under workers/, imported lazily inside a worker actor
     summary: str
-    is_reference: bool = False
+    worker: Optional[str] = None  # "module:Class" under workers/ (a quantizer), imported lazily inside a worker
+    nominal_bits: Callable[[dict], Optional[int]] = lambda options: options.get("bits")  # the ``bits`` column
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("none", NoneOptions, "workers.reference:Reference", "the unquantized reference", is_reference=True),
-        Method("bnb-int8", BnbInt8Options, "workers.bnb:BitsAndBytes", "bitsandbytes LLM.int8()"),
-        Method("bnb-nf4", Bnb4bitOptions, "workers.bnb:BitsAndBytes", "bitsandbytes 4-bit NormalFloat"),
-        Method("bnb-fp4", Bnb4bitOptions, "workers.bnb:BitsAndBytes", "bitsandbytes 4-bit float"),
-        Method("rtn", RtnOptions, "workers.llmc:LLMCompressor", "round-to-nearest integer weights (llm-compressor)"),
-        Method("gptq", GptqOptions, "workers.llmc:LLMCompressor", "GPTQ (llm-compressor), calibrated"),
-        Method("awq", AwqOptions, "workers.llmc:LLMCompressor", "AWQ (llm-compressor), calibrated"),
-        Method("gguf", GgufOptions, "workers.gguf:Gguf", "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp"),
+        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference"),
+        Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes"),
+        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes"),
+        Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes"),
+        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor"),
+        Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor"),
+        Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor"),
+        Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.gguf:Gguf",
+               nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type"))),
     ]
 }
 
-JobKind = Literal["quantize", "train", "merge", "sleep"]
-KINDS: tuple[str, ...] = ("quantize", "train", "merge", "sleep")
-# Kinds that load a model and run the evaluation harness.
-MODEL_KINDS = frozenset({"quantize", "train", "merge"})
-# What a stage's ``from:`` may name: the kinds whose jobs a job of this kind can start from.
-PARENT_KINDS: dict[str, frozenset[str]] = {
-    "quantize": frozenset({"merge"}),  # quantize a merged model (the deploy step of a pipeline)
-    "merge": frozenset({"train"}),
-    "train": frozenset(),
-    "sleep": frozenset({"sleep"}),  # the farm's own tests of the DAG
+TRAIN_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("lora", LoraOptions, "LoRA adapters on the float base (peft)", nominal_bits=lambda options: None),
+        Method("qlora", QloraOptions, "LoRA adapters on a bitsandbytes 4-bit base", nominal_bits=lambda options: 4),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A job kind: how its options are found, which worker function runs it, and where it may sit in a DAG.
+
+    ``options`` is one options model for every job of the kind, or None when the job's ``method`` picks one
+    from ``methods``. ``worker`` is a ``"module:function"`` under ``workers/`` taking the job's context and
+    returning its result row; it travels in the job's payload, so a worker never reads this registry."""
+
+    name: str
+    worker: str
+    summary: str
+    needs_model: bool  # loads the sweep's model and runs the evaluation harness
+    parents: frozenset[str] = frozenset()  # kinds whose jobs a stage of this kind may come ``from``
+    options: Optional[type[Options]] = None
+    methods: Optional[dict[str, Method]] = None
+
+    def method(self, name: object) -> Optional[Method]:
+        return (self.methods or {}).get(name) if isinstance(name, str) else None
+
+    def options_for(self, combo: dict) -> tuple[type[Options], str, Optional[Method]]:
+        """(options model, how errors name it, method) for one matrix combination; LookupError says what is
+        wrong when the combination names no method, or one this kind does not have."""
+        if self.methods is None:
+            return self.options, f"kind {self.name}", None
+        name = combo.get("method")
+        method = self.method(name)
+        if method is not None:
+            return method.options, f"method {name}", method
+        what = "training method" if self.name == "train" else "method"
+        if name is None:
+            raise LookupError(f"every {self.name} job needs a method (in matrix or as a key). "
+                              f"Allowed: {allowed(self.methods)}")
+        raise LookupError(f"unknown {what} {name!r}.{did_you_mean(str(name), self.methods)} "
+                          f"Allowed: {allowed(self.methods)}")
+
+
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in [
+        Kind("quantize", "workers.quantize:run", "quantize the model (or a merged one) and evaluate it",
+             needs_model=True, parents=frozenset({"merge"}), methods=METHODS),
+        Kind("train", "workers.train:run", "train LoRA / QLoRA adapters and evaluate the adapter model",
+             needs_model=True, methods=TRAIN_METHODS),
+        Kind("merge", "workers.merge:run", "merge a train job's adapter into a base, check it, evaluate it",
+             needs_model=True, parents=frozenset({"train"}), options=MergeOptions),
+        Kind("sleep", "workers.sleep:run", "sleep: tests and benchmarks of the farm itself",
+             needs_model=False, parents=frozenset({"sleep"}), options=SleepOptions),
+    ]
 }

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results import _cell, _visible
+from .results import cell, visible
 
 PNG_WIDTH_IN, DPI = 8.0, 100
 FRONTIER_COLOR = "#d62728"
@@ -63,7 +63,7 @@ def _bars_height(n: int) -> float:
     return round(max(3.0, 0.32 * n + 1.2), 1)
 
 
-def plots(data: list[dict], objectives) -> dict[str, Any]:
+def plots(data: list[dict]) -> dict[str, Any]:
     """name -> matplotlib Figure, for the rows that have the measurements each plot needs."""
     figs: dict[str, Any] = {}
     ok = [r for r in data if r.get("status") == "succeeded"]
@@ -163,7 +163,7 @@ def _svg(fig) -> str:
 
 
 def _table(data: list[dict]) -> str:
-    cols = _visible(data)
+    cols = visible(data)
     head = "".join(f'<th class="{"l" if c in ("job_id", "label", "status", "device", "sweep_id") else ""}">'
                    f"{_esc(h)}</th>" for c, h, _ in cols) + '<th class="l">note</th>'
     body = []
@@ -173,7 +173,7 @@ def _table(data: list[dict]) -> str:
         for c, _, fmt in cols:
             left = c in ("job_id", "label", "status", "device", "sweep_id")
             cells.append(f'<td class="{"l " if left else ""}{"front" if c == "pareto" else ""}">'
-                         f"{_esc(_cell(r.get(c), fmt))}</td>")
+                         f"{_esc(cell(r.get(c), fmt))}</td>")
         cells.append(f'<td class="l">{_esc(r.get("error") or "")}</td>')
         body.append(f'<tr class="{" ".join(classes)}">{"".join(cells)}</tr>')
     return f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -239,7 +239,7 @@ def write_report(data: list[dict], records, output: Path, png_dir: Path | None, 
 
     from . import __version__
 
-    figs = plots(data, objectives)
+    figs = plots(data)
     written = []
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ from typing import Any
 from .cluster import RAY_NAMESPACE, cluster_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
-from .methods import MODEL_KINDS
 from .store import JobRecord, JobStatus, Store
 
 log = logging.getLogger("qfarm.scheduler")
@@ -110,7 +109,7 @@ class Scheduler:
             self.state = "crashed"
             detail = traceback.format_exc()
             log.error("scheduler crashed: %s", detail)
-            self.store.r.hset(self.store.keys.sweep(self.sweep_id), "scheduler_error", detail[-4000:])
+            self.store.record_scheduler_error(self.sweep_id, detail)
         finally:
             self._stop_workers()
             self.store.mark_sweep_finished(self.sweep_id)
@@ -184,23 +183,13 @@ class Scheduler:
         """What a job that comes ``from`` another needs of it: {} for a job without a parent; None while the parent
         has not finished (the job waits), or when it did not succeed (the job is marked skipped, with why)."""
         parent_id = job.spec.get("parent")
-        if not parent_id:
-            return {}
-        parent = self.jobs.get(parent_id) or self.store.job(parent_id)
-        if parent is not None and parent.status == JobStatus.SUCCEEDED.value:
-            result = parent.result or {}
-            return {"id": parent.id, "kind": parent.spec.get("kind"), "label": parent.spec.get("label"),
-                    "options": parent.spec.get("options"), "artifact": result.get("artifact")}
-        if parent is not None and parent.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        parent = (self.jobs.get(parent_id) or self.store.job(parent_id)) if parent_id else None
+        decision, value = readiness(parent_id, parent)
+        if decision == "skip":
+            self.store.skip_if_queued(job.id, value[:500])
+            self._reload(job.id)
             return None
-        if parent is None:
-            reason = f"skipped: the job it comes from ({parent_id}) is not in Redis"
-        else:
-            why = f": {parent.error}" if parent.error else ""
-            reason = f"skipped: {parent.spec.get('label', '')} ({parent.id}) {parent.status}{why}"
-        self.store.skip_if_queued(job.id, reason[:500])
-        self._reload(job.id)
-        return None
+        return value
 
     def _collect(self) -> None:
         import ray
@@ -254,15 +243,8 @@ class Scheduler:
             self.jobs[job_id] = job
 
     def _attempt_failed(self, flight: Inflight, reason: str, retry: bool = True) -> None:
-        job = self.store.job(flight.job_id)
-        if job is None or job.status != JobStatus.RUNNING.value or job.attempt_id != flight.attempt_id:
-            return
-        attempt = {"started_at": job.started_at, "worker": flight.slot.name}
-        if retry and job.attempts < int(job.spec.get("max_attempts", 3)):
-            self.store.requeue(job.id, flight.attempt_id, error=reason, attempt=attempt)
-        else:
-            tries = f" (after {job.attempts} attempt{'s' if job.attempts != 1 else ''})" if retry else ""
-            self.store.finish(job.id, flight.attempt_id, JobStatus.FAILED, error=reason + tries, attempt=attempt)
+        self.store.fail_attempt(flight.job_id, flight.attempt_id, error=reason, retryable=retry,
+                                attempt={"worker": flight.slot.name})
 
     def _expire(self) -> None:
         """Stop running jobs past their timeout_s, and jobs cancelled one by one (`qfarm cancel JOB`)."""
@@ -272,7 +254,7 @@ class Scheduler:
             if seen is not None and seen.cancel_requested and seen.attempt_id == flight.attempt_id:
                 # its worker stops it at the job's next progress point; if it has not within the grace, kill it
                 if flight.kill_at is None:
-                    flight.kill_at = now + self.store.cancel_grace_s(self.store.keys.job(flight.job_id))
+                    flight.kill_at = now + self.store.cancel_grace_s(job_id=flight.job_id)
                 elif now >= flight.kill_at:
                     self.inflight.pop(ref)
                     self._force_cancel(flight)
@@ -281,27 +263,19 @@ class Scheduler:
                 continue
             job = self.store.job(flight.job_id)
             started = job.started_at if job and job.attempt_id == flight.attempt_id else None
-            if started is not None and now - started > flight.timeout_s:
+            if timed_out(started, flight.timeout_s, now):
                 self._kill(flight.slot, flight.pool)
                 self.inflight.pop(ref)
                 self._attempt_failed(flight, f"timed out after {flight.timeout_s:g} s", retry=False)
                 self._reload(flight.job_id)
 
     def _orphan(self, job: JobRecord) -> bool:
-        """A running job no live worker is heartbeating (its worker or an earlier scheduler died): requeue it.
-
-        Orphaned when its heartbeat lapsed (HEARTBEAT_TTL_S: a lost node), or sooner, after two missed beats,
-        when the worker actor it names no longer exists in Ray (a dead scheduler takes its workers with it)."""
-        last = job.heartbeat_at or job.started_at or 0
-        quiet_s = time.time() - last
-        if quiet_s < HEARTBEAT_TTL_S and not (quiet_s > GONE_WORKER_S and self._worker_gone(job.worker)):
+        """A running job no live worker is heartbeating (its worker or an earlier scheduler died): requeued while
+        it has attempts left (see ``orphaned``)."""
+        reason = orphaned(job, time.time(), self._worker_gone)
+        if reason is None:
             return False
-        reason = (f"heartbeat lapsed ({quiet_s:.0f} s without one)" if quiet_s >= HEARTBEAT_TTL_S
-                  else f"its worker {job.worker} is gone (no heartbeat for {quiet_s:.0f} s)")
-        if job.attempts < int(job.spec.get("max_attempts", 3)):
-            self.store.requeue(job.id, job.attempt_id or "", error=reason)
-        else:
-            self.store.finish(job.id, job.attempt_id or "", JobStatus.FAILED, error=reason)
+        self.store.fail_attempt(job.id, job.attempt_id or "", error=reason, retryable=True)
         self._reload(job.id)
         return True
 
@@ -323,7 +297,7 @@ class Scheduler:
         for job in jobs:
             if job.status == JobStatus.QUEUED.value:
                 self.store.cancel_if_queued(job.id)
-        grace = self.store.cancel_grace_s(self.store.keys.sweep(self.sweep_id))
+        grace = self.store.cancel_grace_s(sweep_id=self.sweep_id)
         for flight in self.inflight.values():
             self.store.request_job_cancel(flight.job_id, grace)
         deadline = time.time() + grace
@@ -335,7 +309,7 @@ class Scheduler:
 
     def _force_cancel(self, flight: Inflight) -> None:
         self._kill(flight.slot, flight.pool)
-        grace = self.store.cancel_grace_s(self.store.keys.job(flight.job_id))
+        grace = self.store.cancel_grace_s(job_id=flight.job_id)
         self.store.finish(flight.job_id, flight.attempt_id, JobStatus.CANCELLED,
                           error=f"cancelled while running (killed: it did not stop within {grace:g} s)")
         self._reload(flight.job_id)
@@ -353,7 +327,7 @@ class Scheduler:
         if key not in self.pools:
             shape = [j for j in self.jobs.values() if json.dumps(j.spec.get("resources"), sort_keys=True) == key]
             capacity = min(slots(resources, cluster_nodes()), max(1, len(shape)))
-            preload = any(j.spec.get("kind") in MODEL_KINDS for j in shape)
+            preload = any(j.spec.get("needs_model", j.spec.get("kind") != "sleep") for j in shape)
             self.pools[key] = Pool(key, resources, capacity, preload)
         return self.pools[key]
 
@@ -413,6 +387,43 @@ class Metrics:
                 self.duration.observe(job.duration_s, tags={**self.tags, "kind": job.spec.get("kind", "")})
         for status, n in counts.items():
             self.jobs.set(n, tags={**self.tags, "status": status})
+
+
+# --- the scheduler's decisions, as pure functions of what it has read (unit-tested on a fake clock) -------------
+
+
+def readiness(parent_id: str | None, parent: JobRecord | None) -> tuple[str, Any]:
+    """Whether a queued job can run: ("ready", its inputs: {} without a parent, else what it needs of the parent),
+    ("wait", None) while the parent is queued or running, ("skip", why) when the parent will never succeed."""
+    if not parent_id:
+        return "ready", {}
+    if parent is not None and parent.status == JobStatus.SUCCEEDED.value:
+        result = parent.result or {}
+        return "ready", {"id": parent.id, "kind": parent.spec.get("kind"), "label": parent.spec.get("label"),
+                         "options": parent.spec.get("options"), "artifact": result.get("artifact")}
+    if parent is not None and parent.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        return "wait", None
+    if parent is None:
+        return "skip", f"skipped: the job it comes from ({parent_id}) is not in Redis"
+    why = f": {parent.error}" if parent.error else ""
+    return "skip", f"skipped: {parent.spec.get('label', '')} ({parent.id}) {parent.status}{why}"
+
+
+def orphaned(job: JobRecord, now: float, worker_gone) -> str | None:
+    """Why a running job has no live worker, or None while it may still have one.
+
+    Orphaned when its heartbeat lapsed (HEARTBEAT_TTL_S: a lost node), or sooner, after two missed beats, when
+    the worker actor it names no longer exists (``worker_gone(name)``: a dead scheduler takes its workers)."""
+    quiet_s = now - (job.heartbeat_at or job.started_at or 0)
+    if quiet_s >= HEARTBEAT_TTL_S:
+        return f"heartbeat lapsed ({quiet_s:.0f} s without one)"
+    if quiet_s > GONE_WORKER_S and worker_gone(job.worker):
+        return f"its worker {job.worker} is gone (no heartbeat for {quiet_s:.0f} s)"
+    return None
+
+
+def timed_out(started_at: float | None, timeout_s: float | None, now: float) -> bool:
+    return bool(timeout_s) and started_at is not None and now - started_at > timeout_s
 
 
 def start(sweep_id: str, redis_url: str, namespace: str) -> Any:

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import Problem, SpecError, allowed, did_you_mean
+from .errors import Problem, SpecError, allowed, did_you_mean, format_path, line_map, line_of
 from .methods import KINDS
 
 MAX_SPEC_BYTES = 1_000_000
@@ -84,12 +84,18 @@ class Resources(Strict):
     custom: dict[str, float] = {}  # any custom Ray resource, e.g. {gpu_h100: 1}
 
 
+def _known_kind(value: str) -> str:
+    if value not in KINDS:
+        raise ValueError(f"unknown job kind {value!r}.{did_you_mean(value, KINDS)} Allowed: {allowed(KINDS)}")
+    return value
+
+
 class JobGroup(BaseModel):
     """One entry of ``jobs:``. Keys beyond the declared ones are fixed options for every combination."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    kind: Literal["quantize", "train", "merge", "sleep"]
+    kind: Annotated[str, AfterValidator(_known_kind)]  # a kind of the registry (qfarm.methods.KINDS)
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     from_: Optional[str] = Field(None, alias="from")  # the name of an earlier stage: one job per job of it
     eval: Optional[EvalSpec] = None  # this stage's own evaluation, instead of the sweep's
@@ -141,38 +147,7 @@ def renamed(err: SpecError, key: str) -> SpecError:
                                             "groups_key": key})
 
 
-# --- YAML with positions ---------------------------------------------------------------------------
-
-
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map every YAML path (tuple of keys/indices) to its 1-based line."""
-    out = {} if out is None else out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            k = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark.line)
-            out[path + (k,)] = key.start_mark.line + 1
-            _line_map(value, path + (k,), out)
-            out[path + (k,)] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), out)
-    return out
-
-
-def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
-    """The line of ``loc``, or of its nearest ancestor that has one."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
-
-
-def format_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+# --- YAML ---------------------------------------------------------------------------------------
 
 
 def read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
@@ -200,7 +175,7 @@ def read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     if not isinstance(raw, dict):
         kind = "empty" if raw is None else f"a {type(raw).__name__}"
         raise SpecError([Problem("", f"a spec must be a mapping with keys name, model, jobs; this file is {kind}")], source)
-    return raw, _line_map(node) if node is not None else {}
+    return raw, line_map(node) if node is not None else {}
 
 
 # --- pydantic errors -> Problems ------------------------------------------------------------------
@@ -282,7 +257,7 @@ def load_spec(path: str | Path) -> LoadedSpec:
     raw, lines, groups_key = as_jobs(raw, lines)
     jobs = raw.get("jobs")
     for i, group in enumerate(jobs if isinstance(jobs, list) else []):
-        if isinstance(group, dict) and "kind" in group and group["kind"] not in KINDS:
+        if isinstance(group, dict) and "kind" in group and group["kind"] not in tuple(KINDS):
             problems.append(
                 Problem(
                     f"jobs[{i}].kind",

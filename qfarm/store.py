@@ -90,6 +90,11 @@ def _now() -> float:
     return time.time()
 
 
+def retry_decision(attempts: int, max_attempts: int, retryable: bool) -> JobStatus:
+    """What a failed attempt leads to: queued again while it is worth retrying and attempts are left, else failed."""
+    return JobStatus.QUEUED if retryable and attempts < max_attempts else JobStatus.FAILED
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -328,8 +333,9 @@ class Store:
                 self.request_job_cancel(job.id, grace_s)
         return n
 
-    def cancel_grace_s(self, key: str) -> float:
-        """The grace a cancel gave (``key``: a job's or sweep's hash key)."""
+    def cancel_grace_s(self, *, job_id: str | None = None, sweep_id: str | None = None) -> float:
+        """The grace the cancel of that job (or sweep) gave it to stop by itself."""
+        key = self.keys.job(job_id) if job_id is not None else self.keys.sweep(sweep_id)
         value = self.r.hget(key, "cancel_grace_s")
         return float(value) if value else DEFAULT_CANCEL_GRACE_S
 
@@ -373,6 +379,26 @@ class Store:
         return self._move(job_id, allowed="running", attempt_id=attempt_id, to=JobStatus.QUEUED,
                           fields={"queued_at": repr(_now()), "error": error}, attempt_record=record,
                           delete=("attempt_id", "progress"))
+
+    def fail_attempt(self, job_id: str, attempt_id: str, *, error: str, retryable: bool,
+                     error_detail: str | None = None, attempt: dict | None = None) -> str | None:
+        """The one retry policy: a failed attempt is requeued when it is ``retryable`` and the job has attempts
+        left (``max_attempts`` of its spec), else the job fails, saying after how many attempts. Returns "queued"
+        or "failed", or None when this attempt is no longer the job's current one (nothing written)."""
+        job = self.job(job_id)
+        if job is None or job.status != JobStatus.RUNNING.value or job.attempt_id != attempt_id:
+            return None
+        attempt = {"started_at": job.started_at, **(attempt or {})}
+        if retry_decision(job.attempts, int(job.spec.get("max_attempts", 3)), retryable) == JobStatus.QUEUED:
+            return "queued" if self.requeue(job_id, attempt_id, error=error, attempt=attempt) else None
+        if retryable:
+            error += f" (after {job.attempts} attempt{'s' if job.attempts != 1 else ''})"
+        ok = self.finish(job_id, attempt_id, JobStatus.FAILED, error=error, error_detail=error_detail, attempt=attempt)
+        return "failed" if ok else None
+
+    def record_scheduler_error(self, sweep_id: str, detail: str) -> None:
+        """Why a sweep's scheduler died, kept in the sweep record (``qfarm status`` shows it)."""
+        self.r.hset(self.keys.sweep(sweep_id), "scheduler_error", detail[-4000:])
 
     def skip_if_queued(self, job_id: str, reason: str) -> bool:
         """queued -> skipped: the job it comes from did not succeed, so it never runs (``reason`` says why)."""

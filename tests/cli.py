@@ -21,10 +21,22 @@ def submitted_id(stdout: str) -> str:
 
 
 def results(env, *sweeps) -> list[dict]:
-    """The sweeps' rows (`qfarm results --format json`)."""
+    """The sweeps' rows (`qfarm results --format json`), each key checked to be a declared column or option."""
     out = qfarm(env, "results", *sweeps, "--format", "json")
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    data = json.loads(out.stdout)
+    undeclared = {k for r in data for k in r} - declared_keys()
+    assert not undeclared, f"result keys that are neither a column of qfarm/columns.py nor an option: {undeclared}"
+    return data
+
+
+def declared_keys() -> set[str]:
+    """Every column of the table, and every option of every kind and method of the registry."""
+    from qfarm.columns import BY_NAME
+    from qfarm.methods import KINDS
+
+    models = [m for k in KINDS.values() for m in ([k.options] if k.options else [x.options for x in k.methods.values()])]
+    return set(BY_NAME) | {f for m in models for f in m.model_fields}
 
 
 def run_sweep(env, spec, name, key="method") -> dict:

@@ -7,7 +7,9 @@ job-kind modules it calls, inside this process only.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
+import re
 import socket
 import threading
 import time
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qfarm.connection import connect_redis
-from qfarm.errors import one_line
+from qfarm.errors import Permanent, one_line, retryable
 from qfarm.store import JobStatus, Store
 
 HEARTBEAT_S = 5.0
@@ -108,9 +110,9 @@ class Worker:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             detail = traceback.format_exc()
-            ok = self.store.finish(job["id"], attempt_id, JobStatus.FAILED, error=one_line(e),
-                                   error_detail=detail[-6000:], attempt=attempt)
-            return {"status": "failed", "written": ok, "error": one_line(e)}
+            status = self.store.fail_attempt(job["id"], attempt_id, error=one_line(e), retryable=retryable(e),
+                                             error_detail=detail[-6000:], attempt=attempt)
+            return {"status": status or "failed", "written": status is not None, "error": one_line(e)}
         finally:
             beat.stop()
             self.current = None
@@ -119,25 +121,23 @@ class Worker:
                 gc.collect()  # free a model job's tensors now (costs ~25 ms: only where there is memory to free)
 
 
+WORKER_ENTRY = re.compile(r"^workers(\.[a-z_][a-z0-9_]*)+:[a-z_][a-z0-9_]*$")
+
+
 def _run_kind(ctx: JobContext) -> dict:
-    kind = ctx.job["kind"]
-    if kind == "sleep":
-        from workers import sleep
+    """Call the job's worker entry point, as its payload names it (``workers.quantize:run``): the registry
+    (``qfarm.methods.KINDS``) resolved it at submit time. Only functions under ``workers`` are ever imported."""
+    return entry_point(ctx.job.get("worker"), "worker")(ctx)
 
-        return sleep.run(ctx)
-    if kind == "quantize":
-        from workers import quantize
 
-        return quantize.run(ctx)
-    if kind == "train":
-        from workers import train
-
-        return train.run(ctx)
-    if kind == "merge":
-        from workers import merge
-
-        return merge.run(ctx)
-    raise ValueError(f"this worker does not know job kind {kind!r}")
+def entry_point(name: str | None, what: str):
+    """The ``module:attribute`` a job's payload names, imported; only under the ``workers`` package."""
+    if not name:
+        raise Permanent(f"the job names no {what} entry point (it was queued by an older qfarm): submit its file again")
+    if not WORKER_ENTRY.match(name.lower()):
+        raise Permanent(f"refusing to import {name!r}: a job's {what} must be a 'workers.<module>:<name>'")
+    module, attr = name.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class JobCancelled(Exception):

@@ -246,7 +246,7 @@ def task_metrics(ctx, model, base) -> dict:
     return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
 
 
-def evaluate(ctx, model, base, *, is_reference: bool) -> dict:
+def evaluate(ctx, model, base) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
     from workers.bnb import kernel_of
 

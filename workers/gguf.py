@@ -112,9 +112,7 @@ class Gguf:
         if rc != 0 or not target.is_file():
             raise RuntimeError(f"llama_model_quantize to {name} failed (return code {rc})")
         counts, weights = tensor_types(str(target))
-        from qfarm.methods import GGUF_TYPES
-
-        ctx.extra.update({"bits": GGUF_TYPES[name], "gguf_tensor_types": counts, "bits_per_weight": target.stat().st_size * 8 / weights,
+        ctx.extra.update({"gguf_tensor_types": counts, "bits_per_weight": target.stat().st_size * 8 / weights,
                           "gguf_source": "gguf" if ctx.job["model"]["kind"] == "gguf" else "converted"})
         return str(out)
 

@@ -27,7 +27,7 @@ from workers.bnb import kernel_of, unpacked
 from workers.data import held_out
 from workers.evaluate import PeakMemory, evaluate
 from workers.files import inside
-from workers.models import device, device_label, dir_bytes, prepared_base, start, tensor_bytes, versions
+from workers.models import device, dir_bytes, prepared_base, shared_columns, start
 from workers.train import load_trainable_base
 
 
@@ -121,26 +121,15 @@ def run(ctx) -> dict:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map={"": device()})
         model.eval()
         load_s = time.time() - t0
-        metrics = evaluate(ctx, model, base, is_reference=False)
-    size = dir_bytes(str(target))
-    ref_bytes = tensor_bytes(base.model)
+        metrics = evaluate(ctx, model, base)
     result = {
         "method": f"merge-{opts['onto']}",
         "onto": opts["onto"],
         "merge_s": merge_s,
         **checked,
-        "size_mb": size / 2**20,
-        "size_source": "disk",
-        "ref_size_mb": ref_bytes / 2**20,
-        "size_vs_ref": size / ref_bytes,
-        "model_mem_mb": tensor_bytes(model) / 2**20,
-        "peak_mem_mb": mem.mb,
+        **shared_columns(base, size_bytes=dir_bytes(str(target)), size_source="disk", model=model, peak_mb=mem.mb,
+                         prepare_s=prepare_s, cached=cached, artifact=str(target)),
         "load_s": load_s,
-        "prepare_s": prepare_s,
-        "base_cache_hit": cached,
-        "device": device_label(),
-        "artifact": str(target),
-        "versions": versions(),
         **metrics,
     }
     del model

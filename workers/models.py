@@ -142,3 +142,23 @@ def tensor_bytes(model) -> int:
 
 def dir_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def shared_columns(base, *, size_bytes: int, size_source: str, model, peak_mb: float, prepare_s: float,
+                   cached: bool, artifact: str | None, model_bytes: int | None = None) -> dict:
+    """The columns every model job's row has (qfarm.columns): size against the float base, memory, device,
+    artifact and library versions. ``size_source`` says what ``size_bytes`` measured: ``disk`` or ``memory``."""
+    ref_bytes = tensor_bytes(base.model)
+    return {
+        "size_mb": size_bytes / 2**20,
+        "size_source": size_source,
+        "ref_size_mb": ref_bytes / 2**20,
+        "size_vs_ref": size_bytes / ref_bytes,
+        "model_mem_mb": (model_bytes if model_bytes is not None else tensor_bytes(model)) / 2**20,
+        "peak_mem_mb": peak_mb,
+        "prepare_s": prepare_s,
+        "base_cache_hit": cached,
+        "device": device_label(),
+        "artifact": artifact,
+        "versions": versions(),
+    }

@@ -1,7 +1,8 @@
 """The ``quantize`` job kind: base model -> method's artifact -> reload -> the evaluation harness.
 
-Each method lives in its own file under ``workers/`` and is named by ``qfarm.methods.METHODS`` as a
-``"module:Class"`` string with two calls (a Protocol, not a base class):
+Each method lives in its own file under ``workers/``; the registry (``qfarm.methods.METHODS``) names it as a
+``"module:Class"`` string, which the job's payload carries (``impl``). It has two calls (a Protocol, not a base
+class):
 
 - ``quantize(ctx, base) -> str | None``: write the artifact under ``ctx.output_dir`` in the method's native
   format and return its folder (None for a method with nothing to save);
@@ -10,13 +11,12 @@ Each method lives in its own file under ``workers/`` and is named by ``qfarm.met
 
 from __future__ import annotations
 
-import importlib
 import time
 from typing import Any, Protocol
 
-from qfarm.methods import METHODS
+from workers.actor import entry_point
 from workers.evaluate import PeakMemory, evaluate
-from workers.models import device_label, dir_bytes, prepared_base, start, tensor_bytes, versions
+from workers.models import dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
 
 class Quantizer(Protocol):
@@ -25,15 +25,14 @@ class Quantizer(Protocol):
     def load(self, ctx, artifact: str | None, base) -> Any: ...
 
 
-def method_impl(name: str) -> Quantizer:
-    module, cls = METHODS[name].worker.split(":")
-    return getattr(importlib.import_module(module), cls)()
+def method_impl(job: dict) -> Quantizer:
+    return entry_point(job.get("impl"), "method")()
 
 
 def run(ctx) -> dict:
     start(ctx)
     name = ctx.options["method"]
-    impl = method_impl(name)
+    impl = method_impl(ctx.job)
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx, from_input=True)
         ctx.progress(f"quantizing ({name})")
@@ -45,27 +44,17 @@ def run(ctx) -> dict:
         t0 = time.time()
         model = impl.load(ctx, artifact, base)
         load_s = base.load_s if artifact is None else time.time() - t0
-        metrics = evaluate(ctx, model, base, is_reference=METHODS[name].is_reference)
-    ref_bytes = tensor_bytes(base.model)
+        metrics = evaluate(ctx, model, base)
     in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)  # llama.cpp models say their own size
-    size = dir_bytes(artifact) if artifact else in_memory
     result = {
         "method": name,
-        "bits": ctx.options.get("bits"),
-        "size_mb": size / 2**20,
-        "size_source": "disk" if artifact else "memory",
-        "ref_size_mb": ref_bytes / 2**20,
-        "size_vs_ref": size / ref_bytes,
-        "model_mem_mb": in_memory / 2**20,
-        "peak_mem_mb": mem.mb,
+        "bits": ctx.job.get("bits", ctx.options.get("bits")),
+        **shared_columns(base, size_bytes=dir_bytes(artifact) if artifact else in_memory,
+                         size_source="disk" if artifact else "memory", model=model, model_bytes=in_memory,
+                         peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=artifact),
         "load_s": load_s,
         "quant_s": quant_s,
         "quant_peak_mem_mb": quant_mem.mb,
-        "prepare_s": prepare_s,
-        "base_cache_hit": cached,
-        "device": device_label(),
-        "artifact": artifact,
-        "versions": versions(),
         **ctx.extra,
         **getattr(model, "extra", {}),
         **metrics,

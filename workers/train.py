@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.bnb import use_cpu_kernel
 from workers.data import encode, examples, split_examples
 from workers.evaluate import PeakMemory, evaluate
-from workers.models import device, device_label, dir_bytes, prepared_base, start, tensor_bytes, versions
+from workers.models import device, dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
 
 def bnb_config(options: dict):
@@ -75,107 +76,136 @@ class _Batches:
 
 
 def run(ctx) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
+    """setup -> train -> save -> evaluate -> row."""
     start(ctx)
-    opts = ctx.options
     out = Path(ctx.output_dir)
     shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
-        ctx.progress("reading the training data")
-        ds = opts["dataset"]
-        texts = examples(ctx.job["data"], ds.get("text_field") or "text", ds.get("format"))
-        train_texts, held = split_examples(texts, ds["eval_samples"], ds.get("max_samples"))
-        features = [{"input_ids": encode(base.tokenizer, t, opts["seq_len"])} for t in train_texts]
-
-        ctx.progress(f"loading the base for {opts['method']}")
-        torch.manual_seed(opts["seed"])
-        model = load_trainable_base(base.path, opts)
-        if opts["method"] == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts["gradient_checkpointing"])
-        elif opts["gradient_checkpointing"]:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
-        lora = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
-                          target_modules=list(opts["target_modules"]), bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        trainable, total = model.get_nb_trainable_parameters()
-
-        curve: list[list[float]] = []
-        steps_total = [0]
-
-        class Progress(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                steps_total[0] = state.max_steps
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    curve.append([state.global_step, float(logs["loss"])])
-                    ctx.progress(f"training step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
-
-        collate = _Batches(base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None
-                           else base.tokenizer.eos_token_id)
-        args = TrainingArguments(
-            output_dir=str(out / "trainer"), per_device_train_batch_size=opts["batch_size"],
-            gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["learning_rate"],
-            max_steps=opts["max_steps"] or -1, num_train_epochs=opts["epochs"], warmup_steps=opts["warmup_steps"],
-            logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], data_seed=opts["seed"],
-            dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
-            use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
-                          callbacks=[Progress()])
+        run = setup(ctx, base)
         ctx.progress("training")
         with PeakMemory() as train_mem:
             t0 = time.time()
-            trainer.train()
+            run.trainer.train()
             train_s = time.time() - t0
+        adapter = save(run, base, out)
+        run.model.eval()
+        metrics = evaluate(ctx, run.model, base)
+    result = {**row(run, train_s, train_mem.mb, adapter),
+              **shared_columns(base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,
+                               peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=str(adapter)),
+              **metrics}
+    del run
+    return result
 
-        adapter = out / "adapter"
-        model.save_pretrained(adapter)
-        base.tokenizer.save_pretrained(adapter)
-        (out / "loss_curve.json").write_text(json.dumps(curve))
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        model.eval()
-        metrics = evaluate(ctx, model, base, is_reference=False)
-    steps = steps_total[0] or len(curve)
-    losses = [loss for _, loss in curve]
-    result = {
+
+@dataclass
+class _Run:
+    """A train job once set up: the peft model, its Trainer, and what the callbacks record."""
+
+    opts: dict
+    model: object
+    trainer: object
+    collate: _Batches
+    train_examples: int
+    held_out: int
+    trainable: int
+    total: int
+    curve: list = field(default_factory=list)  # [step, loss] every logged step
+    max_steps: list = field(default_factory=lambda: [0])
+
+
+def setup(ctx, base) -> _Run:
+    """The examples, the base (4-bit for QLoRA) with fresh adapters on it, and a Trainer that reports progress."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainingArguments
+
+    opts = ctx.options
+    ctx.progress("reading the training data")
+    ds = opts["dataset"]
+    texts = examples(ctx.job["data"], ds.get("text_field") or "text", ds.get("format"))
+    train_texts, held = split_examples(texts, ds["eval_samples"], ds.get("max_samples"))
+    features = [{"input_ids": encode(base.tokenizer, t, opts["seq_len"])} for t in train_texts]
+
+    ctx.progress(f"loading the base for {opts['method']}")
+    torch.manual_seed(opts["seed"])
+    model = load_trainable_base(base.path, opts)
+    if opts["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts["gradient_checkpointing"])
+    elif opts["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
+                      target_modules=list(opts["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    tok = base.tokenizer
+    collate = _Batches(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    args = TrainingArguments(
+        output_dir=str(Path(ctx.output_dir) / "trainer"), per_device_train_batch_size=opts["batch_size"],
+        gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["learning_rate"],
+        max_steps=opts["max_steps"] or -1, num_train_epochs=opts["epochs"], warmup_steps=opts["warmup_steps"],
+        logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], data_seed=opts["seed"],
+        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+        use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
+    )
+    run = _Run(opts, model, None, collate, len(features), len(held), trainable, total)
+    run.trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
+                          callbacks=[_progress_callback(ctx, run)])
+    return run
+
+
+def _progress_callback(ctx, run: _Run):
+    """A Trainer callback that records the loss of every step in ``run.curve`` and says it as progress."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            run.max_steps[0] = state.max_steps
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                run.curve.append([state.global_step, float(logs["loss"])])
+                ctx.progress(f"training step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+
+    return Progress()
+
+
+def save(run: _Run, base, out: Path) -> Path:
+    """The adapter (peft format, with the tokenizer) and the loss curve; the Trainer's scratch folder removed."""
+    adapter = out / "adapter"
+    run.model.save_pretrained(adapter)
+    base.tokenizer.save_pretrained(adapter)
+    (out / "loss_curve.json").write_text(json.dumps(run.curve))
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    return adapter
+
+
+def row(run: _Run, train_s: float, train_peak_mb: float, adapter: Path) -> dict:
+    """What training measured: the adapter's size, the loss, the cost."""
+    opts, steps = run.opts, run.max_steps[0] or len(run.curve)
+    losses = [loss for _, loss in run.curve]
+    tokens = run.collate.tokens
+    return {
         "method": opts["method"],
         "bits": 4 if opts["method"] == "qlora" else None,
         "r": opts["r"],
         "lora_alpha": opts["lora_alpha"],
         "lora_dropout": opts["lora_dropout"],
-        "trainable_params": trainable,
-        "trainable_pct": 100.0 * trainable / total,
-        "train_examples": len(features),
+        "trainable_params": run.trainable,
+        "trainable_pct": 100.0 * run.trainable / run.total,
+        "train_examples": run.train_examples,
+        "held_out_examples": run.held_out,
         "train_steps": steps,
         "train_s": train_s,
         "step_s": train_s / max(steps, 1),
-        "train_tokens": collate.tokens,
-        "train_tokens_per_s": collate.tokens / train_s if train_s else None,
+        "train_tokens": tokens,
+        "train_tokens_per_s": tokens / train_s if train_s else None,
         "train_loss": losses[-1] if losses else None,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_best": min(losses) if losses else None,
-        "loss_curve": curve,
-        "train_peak_mem_mb": train_mem.mb,
+        "loss_curve": run.curve,
+        "train_peak_mem_mb": train_peak_mb,
         "adapter_mb": dir_bytes(str(adapter)) / 2**20,
-        "size_mb": tensor_bytes(model) / 2**20,  # what serving it holds: the (4-bit) base plus the adapter
-        "size_source": "memory",
-        "ref_size_mb": tensor_bytes(base.model) / 2**20,
-        "model_mem_mb": tensor_bytes(model) / 2**20,
-        "peak_mem_mb": mem.mb,
-        "prepare_s": prepare_s,
-        "base_cache_hit": cached,
-        "device": device_label(),
-        "artifact": str(adapter),
-        "held_out_examples": len(held),
-        "versions": versions(),
-        **metrics,
     }
-    result["size_vs_ref"] = result["size_mb"] / result["ref_size_mb"]
-    del model, trainer
-    return result

@@ -109,7 +109,7 @@ def test_results_across_two_sweeps(cli_env, model_root, tmp_path):
         ids.append(submitted_id(out.stdout))
     rows = json.loads(qfarm(env, "results", *ids, "--format", "json").stdout)
     assert sorted(r["sweep_id"] for r in rows) == sorted(ids * 2)
-    table = qfarm(env, "results", "across-a", "across-b", "--where", "opt_index=1", "--sort", "-duration_s").stdout
+    table = qfarm(env, "results", "across-a", "across-b", "--where", "index=1", "--sort", "-duration_s").stdout
     assert "sweep" in table and table.count("sleep[1]") == 2 and "sleep[0]" not in table
     bad = qfarm(env, "results", "across-a", "--sort", "durration_s")
     assert bad.returncode == 2 and "Did you mean 'duration_s'?" in bad.stderr + bad.stdout

@@ -217,11 +217,11 @@ def test_retry_requeues_failed_and_cancelled_jobs(cli_env, tmp_path, store):
           - {kind: sleep, seconds: 0.1, index: 9, fail: true, max_attempts: 1}
     """, name="retry")
     assert qfarm(cli_env, "submit", path, "--wait").returncode == 1
-    before = {r["opt_index"]: r for r in results(cli_env, "retry")}
+    before = {r["index"]: r for r in results(cli_env, "retry")}
     assert before[9]["status"] == "failed" and before[0]["status"] == "succeeded"
     out = qfarm(cli_env, "retry", "retry", "--failed", "--wait")
     assert out.returncode == 1 and "requeued 1 job(s)" in out.stdout  # it fails again, by design
-    after = {r["opt_index"]: r for r in results(cli_env, "retry")}
+    after = {r["index"]: r for r in results(cli_env, "retry")}
     assert after[9]["status"] == "failed" and after[9]["attempts"] == 1  # attempts start over
     assert after[0]["finished_at"] == before[0]["finished_at"]  # finished jobs are not run again
 

@@ -76,7 +76,7 @@ def test_jobs_land_on_the_node_with_their_gpu_type(cli_env, tmp_path, two_nodes)
     assert checked.returncode == 0 and "checked against the Ray cluster" in checked.stdout, checked.stdout + checked.stderr
     out = qfarm(env, "submit", path, "--wait", timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    rows = {r["opt_index"]: r for r in results(env, "placed")}
+    rows = {r["index"]: r for r in results(env, "placed")}
     assert all(by_resource["gpu_h100"].startswith(rows[i]["node"]) for i in (0, 1, 2))  # a 12-char node id prefix
     assert all(by_resource["gpu_a10"].startswith(rows[i]["node"]) for i in (10, 11))
     assert all(by_resource["gpu_h100"].startswith(rows[i]["node"]) for i in (20, 21, 22))  # only it has 40+ GB

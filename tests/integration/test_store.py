@@ -87,3 +87,23 @@ def test_a_name_means_the_most_recently_submitted_sweep_of_that_name(store):
     store.submit("demo-aaaa", "demo", jobs(1), source="x", output_root="/o")  # resubmitting the first file
     assert store.find_sweep("demo").id == "demo-aaaa"
     assert store.sweep("demo-aaaa").created_at < store.sweep("demo-bbbb").created_at  # created_at is kept
+
+
+def test_one_retry_policy_for_every_failed_attempt(store):
+    """fail_attempt: a retryable failure is requeued until max_attempts, then fails saying so; a permanent one
+    fails at once; an attempt that is no longer current writes nothing."""
+    store.submit("s1", "s", jobs(2), source="x", output_root="/o")
+    for n in (1, 2):
+        assert store.claim("j0", f"a{n}", sweep_id="s1")
+        assert store.fail_attempt("j0", f"a{n}", error="worker process died", retryable=True) == "queued"
+    assert store.claim("j0", "a3", sweep_id="s1")
+    assert store.fail_attempt("j0", "a2", error="zombie", retryable=True) is None  # a stale attempt
+    assert store.fail_attempt("j0", "a3", error="worker process died", retryable=True) == "failed"
+    j0 = store.job("j0")
+    assert (j0.status, j0.attempts, j0.error) == ("failed", 3, "worker process died (after 3 attempts)")
+    assert [a["status"] for a in store.attempts("j0")] == ["retried", "retried", "failed"]
+    assert all(a["started_at"] for a in store.attempts("j0"))  # each attempt's record says when it started
+    assert store.claim("j1", "b1", sweep_id="s1")
+    assert store.fail_attempt("j1", "b1", error="ValueError: bad file", retryable=False, error_detail="tb") == "failed"
+    j1 = store.job("j1")
+    assert (j1.status, j1.attempts, j1.error, j1.error_detail) == ("failed", 1, "ValueError: bad file", "tb")

@@ -59,3 +59,33 @@ def test_status_of_a_large_sweep_shows_unfinished_and_failed_first():
     assert [j.id for j in picked[-3:]] == ["j100", "j101", "j102"]  # kept, in sweep order
     assert [j.status for j in picked[:7]] == ["succeeded"] * 7
     assert shown(jobs, None) == jobs and shown(jobs[:5], 10) == jobs[:5]
+
+
+def test_option_columns_are_named_as_in_the_spec_and_cannot_clash_with_measured_ones(tmp_path, monkeypatch):
+    from qfarm import methods
+    from qfarm.columns import option_clashes
+    from qfarm.errors import SpecError
+    from qfarm.expand import load_plan
+
+    rec = JobRecord(id="j1", status="succeeded", spec={"kind": "quantize", "options": {"method": "gguf", "gguf_type": "Q8_0"},
+                                                       "bits": 8}, result={"size_mb": 1.0})
+    (r,) = rows([rec])
+    assert r["gguf_type"] == "Q8_0" and r["bits"] == 8 and "opt_gguf_type" not in r
+    every_option = {f for k in methods.KINDS.values()
+                    for m in ([k.options] if k.options else [m.options for m in k.methods.values()]) for f in m.model_fields}
+    assert option_clashes(every_option) == []  # the registry as shipped
+    assert option_clashes(["perplexity", "group_size", "r"]) == ["perplexity"]
+
+    class Clashing(methods.RtnOptions):
+        perplexity: float = 1.0
+
+    monkeypatch.setitem(methods.METHODS, "rtn", methods.Method("rtn", Clashing, "x", "workers.llmc:LLMCompressor"))
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nmodel: bundled:smollm2-135m\neval: {speed: null, perplexity: null}\n"
+                    "jobs:\n  - {kind: quantize, method: rtn, group_size: 32}\n")
+    try:
+        load_plan(spec)
+    except SpecError as e:
+        assert "option 'perplexity' has the name of a measured result column (quality)" in str(e)
+    else:
+        raise AssertionError("a clashing option name was accepted")

@@ -1,0 +1,165 @@
+"""The result columns: one table that every producer, ``results``, ``compare`` and ``report`` read.
+
+A column is a key of a result row. ``header`` (with ``view``, its place) puts it in the default terminal and
+markdown table; ``direction`` makes it a frontier objective (``min``: lower is better, ``max``: higher);
+``group`` says which part of the product writes it. Core columns are in every row, null when not measured.
+A job's options appear in its row under the names the spec gave them (``gguf_type``, ``group_size``); a measured
+column that merely repeats an option of the same name says ``echoes_option`` — any other option of that name
+would clash with it, and ``option_clashes`` refuses it at validate time.
+
+Adding a column is one row here plus the producer that writes the key (see README, "Extending qfarm").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal, Optional
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    header: Optional[str] = None  # shown by default under this header
+    format: str = "{:.4g}"
+    unit: str = ""
+    direction: Optional[Literal["min", "max"]] = None  # a frontier objective, and which way is better
+    group: str = "run"
+    view: Optional[int] = None  # its place in the default table (columns with a header)
+    core: bool = False  # in every row, null when not measured (the JSON/CSV contract)
+    pipeline_hidden: bool = False  # a pipeline's default table leaves it out, to make room for training columns
+    echoes_option: bool = False  # the option of the same name, repeated by its producer
+
+    def text(self, value) -> str:
+        return self.format.format(value)
+
+
+C = Column
+TABLE: tuple[Column, ...] = (
+    # the contract: every row has these (csv/json column order)
+    C("job_id", "job", "{}", group="run", view=1, core=True),
+    C("status", "status", "{}", group="run", view=7, core=True),
+    C("method", None, "{}", group="run", core=True, echoes_option=True),
+    C("bits", "bits", "{}", group="size", view=6, core=True, pipeline_hidden=True, echoes_option=True),
+    C("size_mb", "size MB", "{:.1f}", "MB", "min", "size", view=8, core=True),
+    C("size_vs_ref", "×ref", "{:.2f}", "×", "min", "size", view=9, core=True, pipeline_hidden=True),
+    C("peak_mem_mb", "peak MB", "{:.0f}", "MB", "min", "memory", view=10, core=True),
+    C("load_s", "load s", "{:.2f}", "s", "min", "speed", view=11, core=True, pipeline_hidden=True),
+    C("perplexity", "ppl", "{:.3f}", "", "min", "quality", view=12, core=True),
+    C("ppl_delta_pct", "Δppl %", "{:+.2f}", "%", "min", "quality", view=13, core=True),
+    C("kl_div", "KL", "{:.4f}", "nats", "min", "quality", view=14, core=True),
+    C("top1_agree", "top-1", "{:.3f}", "", "max", "quality", view=15, core=True, pipeline_hidden=True),
+    C("prefill_tokens_per_s", "prefill tok/s", "{:.1f}", "tok/s", "max", "speed", view=16, core=True,
+      pipeline_hidden=True),
+    C("decode_tokens_per_s", "decode tok/s", "{:.1f}", "tok/s", "max", "speed", view=17, core=True),
+    C("device", "device", "{}", group="run", view=26, core=True, pipeline_hidden=True),
+    C("duration_s", "time s", "{:.1f}", "s", "min", "run", view=27, core=True),
+    # the farm's bookkeeping
+    C("sweep_id", "sweep", "{}", group="run", view=0),
+    C("kind", group="run", format="{}"),
+    C("label", "method", "{}", group="run", view=4),
+    C("attempts", group="run"),
+    C("error", group="run", format="{}"),
+    C("started_at", unit="s", group="run"),
+    C("finished_at", unit="s", group="run"),
+    C("queued_at", unit="s", group="run"),
+    C("node", group="run", format="{}"),
+    C("worker", group="run", format="{}"),
+    C("threads", group="run"),
+    C("work_s", unit="s", group="run"),
+    C("artifact", group="run", format="{}"),
+    C("versions", group="run", format="{}"),
+    # size and memory
+    C("model_mem_mb", unit="MB", direction="min", group="memory"),
+    C("ref_size_mb", unit="MB", group="size"),
+    C("size_source", group="size", format="{}"),
+    C("quant_s", unit="s", direction="min", group="size"),
+    C("quant_peak_mem_mb", unit="MB", group="memory"),
+    C("prepare_s", unit="s", group="run"),
+    C("base_cache_hit", group="run", format="{}"),
+    C("kernel", group="speed", format="{}"),
+    # calibration
+    C("calib_samples", group="calibration"),
+    C("calib_tokens", group="calibration"),
+    C("calib_source", group="calibration", format="{}"),
+    C("calib_overlap_tokens", group="calibration"),
+    # quality
+    C("ref_perplexity", group="quality"),
+    C("ppl_windows", group="quality"),
+    C("ppl_tokens", group="quality"),
+    C("answers", group="quality", format="{}"),
+    # speed
+    C("ttft_ms", unit="ms", direction="min", group="speed"),
+    C("ms_per_token", unit="ms", direction="min", group="speed"),
+    C("speed_prompt_tokens", group="speed"),
+    C("speed_new_tokens", group="speed"),
+    # GGUF / llama.cpp
+    C("gguf_tensor_types", group="gguf", format="{}"),
+    C("bits_per_weight", group="gguf"),
+    C("gguf_source", group="gguf", format="{}"),
+    C("llama_cpp_version", group="gguf", format="{}"),
+    C("llama_cpp_threads", group="gguf"),
+    # pipelines: where a job sits
+    C("stage", "stage", "{}", group="pipeline", view=3),
+    C("parent", group="pipeline", format="{}"),
+    C("lineage", "from", "{}", group="pipeline", view=5),
+    # training
+    C("r", group="train", echoes_option=True),
+    C("lora_alpha", group="train", echoes_option=True),
+    C("lora_dropout", group="train", echoes_option=True),
+    C("train_loss", "train loss", "{:.3f}", direction="min", group="train", view=18),
+    C("train_loss_first", group="train"),
+    C("train_loss_best", group="train"),
+    C("train_s", "train s", "{:.0f}", "s", group="train", view=21),
+    C("step_s", unit="s", group="train"),
+    C("train_steps", group="train"),
+    C("train_examples", group="train"),
+    C("train_tokens", group="train"),
+    C("train_tokens_per_s", unit="tok/s", group="train"),
+    C("trainable_params", "trainable", "{:,}", group="train", view=20, pipeline_hidden=True),
+    C("trainable_pct", unit="%", group="train"),
+    C("train_peak_mem_mb", unit="MB", group="train"),
+    C("adapter_mb", unit="MB", group="train"),
+    C("held_out_examples", group="train"),
+    C("loss_curve", group="train", format="{}"),
+    C("task_loss", "task loss", "{:.3f}", direction="min", group="train", view=19),
+    C("ref_task_loss", group="train"),
+    C("task_loss_delta", group="train"),
+    C("task_examples", group="train"),
+    # merging
+    C("onto", group="merge", format="{}", echoes_option=True),
+    C("merge_s", unit="s", group="merge"),
+    C("merge_max_abs_diff", "merge Δmax", "{:.2g}", group="merge", view=22),
+    C("merge_mean_abs_diff", group="merge"),
+    C("merge_top1_agree", "merge top-1", "{:.3f}", group="merge", view=23),
+    C("merge_check_tokens", group="merge"),
+    C("kernel_max_abs_diff", "kernel Δmax", "{:.2g}", group="merge", view=24),
+    C("kernel_mean_abs_diff", group="merge"),
+    C("kernel_top1_agree", group="merge"),
+    C("kernel_check_tokens", group="merge"),
+    C("kernel_default", group="merge", format="{}"),
+    # the farm's own test jobs
+    C("slept_s", unit="s", group="sleep"),
+    # computed when results are shown (qfarm.compare)
+    C("pareto", "front", "{}", group="computed", view=2),
+    C("decode_speedup", unit="×", direction="max", group="computed"),
+    C("prefill_speedup", unit="×", direction="max", group="computed"),
+    C("mem_vs_ref", unit="×", group="computed"),
+)
+del C
+
+BY_NAME: dict[str, Column] = {c.name: c for c in TABLE}
+CORE: tuple[str, ...] = tuple(c.name for c in TABLE if c.core)
+VIEW: tuple[Column, ...] = tuple(sorted((c for c in TABLE if c.header), key=lambda c: c.view))
+MINIMIZE: tuple[str, ...] = tuple(c.name for c in TABLE if c.direction == "min")
+MAXIMIZE: tuple[str, ...] = tuple(c.name for c in TABLE if c.direction == "max")
+PIPELINE_HIDDEN: frozenset[str] = frozenset(c.name for c in TABLE if c.pipeline_hidden)
+
+
+def column(name: str) -> Column:
+    """The column of that name; a column nobody declared (a job's option) is shown as it is."""
+    return BY_NAME.get(name) or Column(name)
+
+
+def option_clashes(names: Iterable[str]) -> list[str]:
+    """The option names that a row could not hold beside the measured column of the same name."""
+    return [n for n in names if n in BY_NAME and not BY_NAME[n].echoes_option]

@@ -1,0 +1,262 @@
+"""Validation of a parsed spec beyond its schema: every matrix combination's options against its kind's registry
+entry, the DAG rules of ``from:``, model and dataset references, and checks against the model's shape.
+
+Problems are collected (``Collector``) with their YAML paths and lines, never raised one at a time: the caller
+(``qfarm.expand``) raises them all together. Nothing here builds jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .columns import column, option_clashes
+from .errors import Problem, allowed, did_you_mean, format_path, line_of
+from .methods import KINDS, Options
+from .modelinfo import shape_of
+from .refs import RefError, resolve_dataset, resolve_model
+from .spec import EvalSpec, JobGroup, SweepSpec, describe
+
+AXIS_KEYS = frozenset({"onto"})  # a stage-level list of these is an axis: `onto: [base, dequantized]`, one job each
+
+
+class Collector:
+    """Problems found so far, one per (path, message), each with its line in the file."""
+
+    def __init__(self, lines: dict):
+        self.lines = lines
+        self.problems: dict[tuple[str, str], Problem] = {}
+
+    def add(self, loc: tuple, message: str) -> None:
+        problem = Problem(format_path(loc), message, line_of(self.lines, loc))
+        self.problems.setdefault((problem.path, problem.message), problem)
+
+
+def semantic_checks(raw: dict, base_dir: Path, errors: Collector) -> None:
+    """What expansion would say about the parts of a spec that passed the schema, when others did not."""
+    groups = []
+    for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
+        try:
+            groups.append((gi, JobGroup.model_validate(group)))
+        except ValidationError:
+            continue
+    model_ref = None
+    if any(KINDS[g.kind].needs_model for _, g in groups) and isinstance(raw.get("model"), str):
+        model_ref = model(raw["model"], base_dir, errors)
+    try:
+        evaluation(EvalSpec.model_validate(raw.get("eval") or {}), base_dir, errors)
+    except ValidationError:
+        pass
+    checks = MethodChecks(model_ref, base_dir, errors)
+    for gi, group in groups:
+        for combo, sources in combinations(gi, group, errors):
+            opts = options(gi, group, combo, sources, errors)
+            if opts is not None:
+                checks(gi, group, opts, sources)
+
+
+def stage_name(gi: int, group: JobGroup) -> str:
+    return group.name or f"{group.kind}{gi}"
+
+
+def parent_stage(gi: int, group: JobGroup, spec: SweepSpec, errors: Collector) -> str | None | bool:
+    """The stage this group's jobs come ``from`` (its name), None for a group that starts from the model, or
+    False when ``from:`` breaks a rule (the problem is added)."""
+    names = [stage_name(i, g) for i, g in enumerate(spec.jobs)]
+    if names.count(stage_name(gi, group)) > 1:
+        errors.add(("jobs", gi, "name"), f"stage name {stage_name(gi, group)!r} is used twice; names must be unique")
+    kinds = KINDS[group.kind].parents
+    if group.from_ is None:
+        if group.kind == "merge":
+            errors.add(("jobs", gi), "a merge stage needs from: the name of the train stage whose adapters it merges")
+        return None
+    loc = ("jobs", gi, "from")
+    earlier = {stage_name(i, g): g for i, g in enumerate(spec.jobs[:gi])}
+    if group.from_ not in earlier:
+        later = group.from_ in names[gi:]
+        why = ("stages run in file order: from names an earlier stage." if later
+               else f"no stage is named {group.from_!r}.{did_you_mean(group.from_, earlier)}")
+        errors.add(loc, f"{why} Earlier stages: {allowed(earlier) or 'none'}")
+        return False
+    if earlier[group.from_].kind not in kinds:
+        can = f"a {' or '.join(sorted(kinds))} stage" if kinds else "nothing: it starts from the sweep's model"
+        errors.add(loc, f"a {group.kind} stage cannot start from stage {group.from_!r} (kind "
+                        f"{earlier[group.from_].kind}); it can start from {can}")
+        return False
+    return group.from_
+
+
+def model(text: str, base_dir: Path, errors: Collector) -> dict | None:
+    """The sweep's model reference, resolved (None, with the problem added, when it does not resolve)."""
+    try:
+        ref = resolve_model(text, base_dir)
+    except RefError as e:
+        errors.add(("model",), str(e))
+        return None
+    return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
+
+
+def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector) -> dict:
+    """The evaluation as a plain dict, its perplexity dataset resolved."""
+    ev = eval_spec.model_dump()
+    ppl = eval_spec.perplexity
+    if ppl is not None:
+        try:
+            ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
+            ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
+        except RefError as e:
+            errors.add(("eval", "perplexity", "dataset"), str(e))
+    return ev
+
+
+def combinations(gi: int, group: JobGroup, errors: Collector):
+    """Yield (combination, {option: YAML path of its value}) for every matrix row not excluded."""
+    matrix, fixed = axes(group)
+    keys = list(matrix)
+    for key in keys:
+        if not matrix[key]:
+            errors.add(("jobs", gi, "matrix", key), "an empty list gives no jobs; give at least one value")
+    for key in set(keys) & set(fixed):
+        errors.add(("jobs", gi, key), f"{key!r} is both a fixed option and a matrix key; keep one")
+    for ri, row in enumerate(group.exclude):
+        unknown = [k for k in row if k not in keys]
+        for k in unknown:
+            errors.add(("jobs", gi, "exclude", ri, k), f"not a matrix key.{did_you_mean(k, keys)} Matrix keys: {allowed(keys)}")
+        if not unknown and not any(_matches(row, dict(zip(keys, c))) for c in itertools.product(*matrix.values())):
+            errors.add(("jobs", gi, "exclude", ri), "this exclude row matches no combination of the matrix")
+    for values in itertools.product(*[list(enumerate(matrix[k])) for k in keys]):
+        combo = {k: v for k, (_, v) in zip(keys, values)}
+        if any(_matches(row, combo) for row in group.exclude):
+            continue
+        sources = {k: ("jobs", gi, "matrix", k, i) if k in group.matrix else ("jobs", gi, k, i)
+                   for k, (i, _) in zip(keys, values)}
+        sources.update({k: ("jobs", gi, k) for k in fixed})
+        yield {**fixed, **combo}, sources
+
+
+def axes(group: JobGroup) -> tuple[dict[str, list], dict[str, Any]]:
+    """The group's matrix and fixed options, with a fixed list of an AXIS_KEYS option moved into the matrix."""
+    fixed = dict(group.model_extra or {})
+    matrix = dict(group.matrix)
+    for key in AXIS_KEYS:
+        if isinstance(fixed.get(key), list) and key not in matrix:
+            matrix[key] = fixed.pop(key)
+    return matrix, fixed
+
+
+def _matches(row: dict, combo: dict) -> bool:
+    return all(k in combo and combo[k] == v and type(combo[k]) is type(v) for k, v in row.items())
+
+
+def options(gi: int, group: JobGroup, combo: dict, sources: dict, errors: Collector) -> Options | None:
+    """One combination validated against its kind's (or method's) options model; None with problems added."""
+    here = ("jobs", gi)
+    kind = KINDS[group.kind]
+    try:
+        model_cls, context, method = kind.options_for(combo)
+    except LookupError as e:
+        errors.add(sources.get("method", here) if combo.get("method") is not None else here, str(e))
+        return None
+    if method is not None and kind.methods is not None:
+        combo = _for_method(group, combo, model_cls, kind.methods)
+    for name in option_clashes(model_cls.model_fields):
+        errors.add(sources.get(name, here), f"{context}: option {name!r} has the name of a measured result column "
+                                            f"({column(name).group}), so its row could not hold both; the option "
+                                            "must be renamed in qfarm.methods")
+    try:
+        return model_cls.model_validate(combo)
+    except ValidationError as err:
+        for e in err.errors():
+            name = e["loc"][0] if e["loc"] else None
+            loc = sources.get(name, here) + tuple(e["loc"][1:])
+            if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+                names = [k for k in model_cls.model_fields if k != "method"]
+                msg = f"option {name!r} does not apply to {context}.{did_you_mean(name, names)} Its options: {allowed(names)}"
+            else:
+                dotted = ".".join(str(p) for p in e["loc"])
+                msg = f"{context}: {dotted}: {describe(e, model_cls, tuple(e['loc']))}"
+                if group.matrix and name in group.matrix and "method" in group.matrix:
+                    row = {"method": combo.get("method"), name: combo.get(name)}
+                    msg += f". To skip this combination, add to exclude: {json.dumps(row)}; or give it its own job group"
+            errors.add(loc, msg)
+        return None
+
+
+def _for_method(group: JobGroup, combo: dict, model_cls: type[Options], methods: dict) -> dict:
+    """In a group whose matrix varies the method, a fixed option goes to the methods that have it: a group's
+    ``calibration`` is for gptq and awq, not rtn or bnb. An option that none of them has stays an error."""
+    models = [methods[m].options for m in group.matrix.get("method", []) if isinstance(m, str) and m in methods]
+    if len(models) < 2:
+        return combo
+    fixed = set(group.model_extra or {})
+    drop = {k for k in fixed if k not in model_cls.model_fields and any(k in m.model_fields for m in models)}
+    return {k: v for k, v in combo.items() if k not in drop}
+
+
+class MethodChecks:
+    """Checks of one job's options against the model and the filesystem, beyond what its pydantic model can see:
+    group sizes that must divide every Linear layer's input, target modules, and the datasets (resolved here)."""
+
+    def __init__(self, model_ref: dict | None, base_dir: Path, errors: Collector):
+        self.model_ref, self.base_dir, self.errors = model_ref, base_dir, errors
+
+    @functools.cached_property
+    def shape(self):
+        """Read once per spec, and only when a job has something to check against it."""
+        return shape_of(self.model_ref) if self.model_ref else None
+
+    def __call__(self, gi: int, group: JobGroup, opts: Options, sources: dict) -> dict[str, dict | None]:
+        """The job's resolved data refs (``calibration``, a train job's ``data``), problems added to errors."""
+        group_size = getattr(opts, "group_size", None)
+        if group_size and group_size > 0 and self.shape is not None:
+            self._check_group_size(group, opts, sources.get("group_size", ("jobs", gi)), group_size)
+        out: dict[str, dict | None] = {"calibration": None, "data": None}
+        calibration = getattr(opts, "calibration", None)
+        if calibration is not None:
+            ref = self._dataset(calibration.dataset, calibration.text_field,
+                                sources.get("calibration", ("jobs", gi)) + ("dataset",))
+            if ref is not None:
+                out["calibration"] = {**ref, "samples": calibration.samples, "seq_len": calibration.seq_len}
+        data = getattr(opts, "dataset", None)
+        if data is not None:
+            out["data"] = self._dataset(data.path, data.text_field, sources.get("dataset", ("jobs", gi)) + ("path",))
+        targets = getattr(opts, "target_modules", None)
+        if targets and self.shape is not None:
+            known = sorted({name.rsplit(".", 1)[-1] for name in self.shape.inputs})
+            for ti, name in enumerate(targets):
+                if name.rsplit(".", 1)[-1] not in known:
+                    loc = sources.get("target_modules", ("jobs", gi)) + (ti,)
+                    self.errors.add(loc, f"the model has no Linear layer {name!r}.{did_you_mean(name, known)} "
+                                         f"Its Linear layers: {allowed(known)}")
+        return out
+
+    def _dataset(self, text: str, text_field: str, loc: tuple) -> dict | None:
+        try:
+            ref = resolve_dataset(text, self.base_dir, text_field)
+        except RefError as e:
+            self.errors.add(loc, str(e))
+            return None
+        return {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
+
+    def _check_group_size(self, group: JobGroup, opts: Options, loc: tuple, group_size: int) -> None:
+        bad = self.shape.not_divisible(group_size)
+        if not bad:
+            return
+        method, shape = opts.method, self.shape
+        by_size: dict[int, list[str]] = {}
+        for name, n in bad.items():
+            by_size.setdefault(n, []).append(name.rsplit(".", 1)[-1])
+        layers = "; ".join(f"{', '.join(names)} ({n} inputs)" for n, names in by_size.items())
+        fits = [str(g) for g in shape.dividing_group_sizes()] + ["-1 (one scale per output channel)"]
+        msg = (f"method {method}: group_size {group_size} does not divide the input size of "
+               f"{len(bad) * shape.layers} of {len(shape.inputs) * shape.layers} Linear layers of "
+               f"{self.model_ref.get('name') or self.model_ref['key']}: {layers}, in each of its {shape.layers} "
+               f"blocks. Group sizes that divide every layer: {allowed(fits)}")
+        if "group_size" in group.matrix:
+            msg += f". To skip it, add to exclude: {json.dumps({'method': method, 'group_size': group_size})}"
+        self.errors.add(loc, msg)

@@ -1,0 +1,84 @@
+"""The scheduler's decisions as pure functions of what it read from Redis, on a fake clock: when a job is ready,
+waits or is skipped; when a running job is orphaned or past its timeout; when a failure is retried."""
+
+from __future__ import annotations
+
+import pytest
+
+from qfarm.errors import Permanent, Retryable, retryable
+from qfarm.scheduler import GONE_WORKER_S, HEARTBEAT_TTL_S, orphaned, readiness, timed_out
+from qfarm.store import JobRecord, JobStatus, retry_decision
+
+NOW = 1_000_000.0
+
+
+def job(status="running", **kw) -> JobRecord:
+    return JobRecord(id=kw.pop("id", "jp"), status=status, spec=kw.pop("spec", {"label": "train r=8", "kind": "train",
+                                                                               "options": {"r": 8}}), **kw)
+
+
+def test_a_job_without_a_parent_is_ready_with_no_inputs():
+    assert readiness(None, None) == ("ready", {})
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_a_child_waits_while_its_parent_may_still_succeed(status):
+    assert readiness("jp", job(status)) == ("wait", None)
+
+
+def test_a_child_of_a_succeeded_parent_gets_its_artifact_and_options():
+    decision, inputs = readiness("jp", job("succeeded", result={"artifact": "/out/s/jp/adapter"}))
+    assert decision == "ready"
+    assert inputs == {"id": "jp", "kind": "train", "label": "train r=8", "options": {"r": 8},
+                      "artifact": "/out/s/jp/adapter"}
+
+
+@pytest.mark.parametrize("status,error,reason", [
+    ("failed", "RuntimeError: boom", "skipped: train r=8 (jp) failed: RuntimeError: boom"),
+    ("cancelled", None, "skipped: train r=8 (jp) cancelled"),
+    ("skipped", "skipped: x", "skipped: train r=8 (jp) skipped: skipped: x"),
+])
+def test_a_child_of_a_parent_that_will_never_succeed_is_skipped_with_why(status, error, reason):
+    assert readiness("jp", job(status, error=error)) == ("skip", reason)
+
+
+def test_a_child_whose_parent_is_missing_is_skipped():
+    assert readiness("jgone", None) == ("skip", "skipped: the job it comes from (jgone) is not in Redis")
+
+
+def test_orphaned_after_the_heartbeat_lapses_or_sooner_when_its_worker_is_gone():
+    alive, gone = (lambda name: False), (lambda name: True)
+    fresh = job(heartbeat_at=NOW - 1, worker="w1")
+    assert orphaned(fresh, NOW, gone) is None  # a beat a second ago: not orphaned, whatever Ray says
+    quiet = job(heartbeat_at=NOW - GONE_WORKER_S - 1, worker="w1")
+    assert orphaned(quiet, NOW, alive) is None  # two missed beats, but its worker lives: a slow job
+    assert orphaned(quiet, NOW, gone) == f"its worker w1 is gone (no heartbeat for {GONE_WORKER_S + 1:.0f} s)"
+    lapsed = job(heartbeat_at=NOW - HEARTBEAT_TTL_S, worker="w1")
+    assert orphaned(lapsed, NOW, alive) == f"heartbeat lapsed ({HEARTBEAT_TTL_S:.0f} s without one)"
+    never_beat = job(started_at=NOW - HEARTBEAT_TTL_S - 5, worker=None)
+    assert orphaned(never_beat, NOW, gone).startswith("heartbeat lapsed")  # the start counts as its last sign
+
+
+def test_timeouts():
+    assert timed_out(NOW - 10, 5, NOW) and not timed_out(NOW - 4, 5, NOW)
+    assert not timed_out(None, 5, NOW) and not timed_out(NOW - 10, None, NOW)
+
+
+def test_the_retry_policy():
+    assert retry_decision(1, 3, retryable=True) == JobStatus.QUEUED
+    assert retry_decision(3, 3, retryable=True) == JobStatus.FAILED  # attempts used up
+    assert retry_decision(1, 3, retryable=False) == JobStatus.FAILED  # another attempt would not change it
+
+
+def test_which_failures_are_worth_retrying():
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError, named without importing torch
+        pass
+
+    class ActorDiedError(Exception):
+        pass
+
+    assert retryable(OutOfMemoryError("CUDA out of memory")) and retryable(MemoryError())
+    assert retryable(ActorDiedError()) and retryable(ConnectionResetError()) and retryable(Retryable("node lost"))
+    assert not retryable(ValueError("bad group size")) and not retryable(FileNotFoundError("x.jsonl"))
+    assert not retryable(RuntimeError("sleep job 9 was asked to fail"))
+    assert not retryable(type("E", (Permanent, ConnectionError), {})())  # said permanent: permanent
