@@ -87,6 +87,16 @@ TABLE: tuple[Column, ...] = (
     C("ppl_windows", group="quality"),
     C("ppl_tokens", group="quality"),
     C("answers", group="quality", format="{}"),
+    C("bits_per_byte", unit="bits/byte", direction="min", group="quality"),  # tokenizer-independent
+    C("ref_bits_per_byte", unit="bits/byte", group="quality"),
+    C("tokens_per_byte", group="quality"),
+    # checks of the reference's inputs (workers.checks, workers.reference)
+    C("ppl_bos", group="checks", format="{}"),
+    C("tokenizer_check", group="checks", format="{}"),
+    C("source_check", group="checks", format="{}"),
+    C("source_kl", unit="nats", group="checks"),
+    C("source_top1_agree", group="checks"),
+    C("source_perplexity", group="checks"),
     # speed
     C("ttft_ms", unit="ms", direction="min", group="speed"),
     C("ms_per_token", unit="ms", direction="min", group="speed"),

@@ -7,16 +7,28 @@ import json
 from pathlib import Path
 
 
-def make_tiny_model(folder: Path, corpus: list[str], seed: int = 0) -> Path:
+def make_tiny_model(folder: Path, corpus: list[str], seed: int = 0, bos: bool = False,
+                    characters: bool = False) -> Path:
+    """``bos``: its tokenizer puts <s> before every text (as Llama's does); ``characters``: a tokenizer that cuts
+    text into single characters although its vocabulary is large (what a wrongly rebuilt tokenizer does)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(vocab_size=512, special_tokens=["<unk>", "<pad>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    specials = ["<unk>", "<pad>", "</s>", "<s>"]
+    if characters:
+        chars = sorted({c for text in corpus for c in text} - set(specials))
+        vocab = {t: i for i, t in enumerate(specials + chars + [f"<x{i}>" for i in range(1200)])}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(corpus, trainers.WordLevelTrainer(vocab_size=512, special_tokens=specials))
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                   bos_token="<s>")
     fast.save_pretrained(folder)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -19,6 +19,7 @@ class Loaded:
     tokenizer: Any
     load_s: float
     path: str
+    conventions: dict  # BOS convention and tokenizer check (workers.checks.conventions)
 
 
 class _LRU:
@@ -51,6 +52,7 @@ class Cache:
         self.model_loads = 0
 
     def base(self, path: str, ctx) -> tuple[Loaded, bool]:
+        from workers.checks import conventions
         from workers.models import load_float
 
         def make() -> Loaded:
@@ -60,7 +62,7 @@ class Cache:
             model, tokenizer = load_float(path)
             self.model_loads += 1
             ctx.count("model_loads")
-            return Loaded(model, tokenizer, time.time() - start, path)
+            return Loaded(model, tokenizer, time.time() - start, path, conventions(path, tokenizer))
 
         loaded, hit = self.models.get(path, make)
         if hit:

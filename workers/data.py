@@ -66,23 +66,48 @@ def hub_rows(location: str):
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(_squeezed(text), add_special_tokens=False)["input_ids"]
 
 
-def windows(tokenizer, text: str, seq_len: int, max_windows: int):
+def _squeezed(text: str) -> str:
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def windows(tokenizer, text: str, seq_len: int, max_windows: int, bos_id: int | None = None):
     """Non-overlapping windows of ``seq_len`` tokens from the start of the text (a LongTensor [n, seq_len]).
 
     The whole text is tokenized once, without special tokens, and cut into consecutive windows; the same
-    windows (same tokenizer, same text) are used for the reference and for every variant.
+    windows (same tokenizer, same text) are used for the reference and for every variant. With ``bos_id`` (the
+    model's convention: workers.checks) each window is that token followed by ``seq_len - 1`` of the text's.
     """
+    return windows_and_bytes(tokenizer, text, seq_len, max_windows, bos_id)[0]
+
+
+def windows_and_bytes(tokenizer, text: str, seq_len: int, max_windows: int, bos_id: int | None = None):
+    """(the windows, UTF-8 bytes of the text their predicted tokens cover): the unit of bits per byte, which
+    does not depend on how a tokenizer cuts the text. Every token but a window's first is predicted."""
     import torch
 
-    ids = _token_ids(tokenizer, text)
-    n = min(max_windows, len(ids) // seq_len)
+    text = _squeezed(text)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+        ids, offsets = tokenizer(text, add_special_tokens=False)["input_ids"], None
+    width = seq_len - (bos_id is not None)
+    n = min(max_windows, len(ids) // width)
     if n == 0:
         raise ValueError(f"the evaluation text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    out = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    first = 0 if bos_id is not None else 1  # the first predicted token of each window, among the text's
+    if offsets is not None:
+        spans = [(offsets[i * width + first][0], offsets[(i + 1) * width - 1][1]) for i in range(n)]
+        nbytes = sum(len(text[a:b].encode("utf-8")) for a, b in spans)
+    else:
+        nbytes = sum(len(tokenizer.decode(out[i, first:].tolist()).encode("utf-8")) for i in range(n))
+    if bos_id is not None:
+        out = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), out], dim=1)
+    return out, nbytes
 
 
 def calibration_windows(tokenizer, text: str, seq_len: int, samples: int):

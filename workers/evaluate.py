@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from workers.data import held_out, load_text, windows
+from workers.checks import check_reference
+from workers.data import windows_and_bytes
+from workers.data import held_out, load_text
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Reference:
     logprobs: list  # per window: float16 [seq_len - 1, vocab]
     nll: float
     tokens: int
+    text_bytes: int = 0  # UTF-8 bytes of the text whose tokens are predicted (bits per byte)
 
     @property
     def perplexity(self) -> float:
@@ -148,7 +151,8 @@ def runner(model):
     return model if hasattr(model, "logprobs") else TorchRunner(model)
 
 
-def reference_for(model, wins, progress) -> Reference:
+def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 0) -> Reference:
+    """The reference's log-probs on the windows, checked to be sane (workers.checks) before anything uses them."""
     lps, nll, tokens = [], 0.0, 0
     for i, window in enumerate(wins):
         progress(f"reference log-probs {i + 1}/{len(wins)}")
@@ -157,7 +161,10 @@ def reference_for(model, wins, progress) -> Reference:
         nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
         tokens += targets.numel()
         lps.append(lp.half().cpu())
-    return Reference(lps, nll, tokens)
+    ref = Reference(lps, nll, tokens, text_bytes)
+    if ref.text_bytes:
+        check_reference(nll, tokens, ref.text_bytes, vocab_size or lps[0].shape[-1])
+    return ref
 
 
 def quality(model, wins, ref: Reference, progress) -> dict:
@@ -174,7 +181,11 @@ def quality(model, wins, ref: Reference, progress) -> dict:
         agree += (r.argmax(-1) == q.argmax(-1)).sum().item()
         tokens += targets.numel()
     ppl = math.exp(nll / tokens)
+    per_byte = {"bits_per_byte": nll / math.log(2) / ref.text_bytes,
+                "ref_bits_per_byte": ref.nll / math.log(2) / ref.text_bytes,
+                "tokens_per_byte": tokens / ref.text_bytes} if ref.text_bytes else {}
     return {
+        **per_byte,
         "perplexity": ppl,
         "ref_perplexity": ref.perplexity,
         "ppl_delta_pct": (ppl - ref.perplexity) / ref.perplexity * 100,
@@ -246,6 +257,22 @@ def task_metrics(ctx, model, base) -> dict:
     return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
 
 
+def eval_windows(ctx, base):
+    """(the perplexity windows, the reference's checked log-probs on them), from the worker's cache when there.
+    The windows follow the model's BOS convention; None, None without ``eval.perplexity``."""
+    ppl = (ctx.job["eval"] or {}).get("perplexity")
+    if not ppl:
+        return None, None
+    ds, tokenizer, bos = ppl["dataset"], base.tokenizer, base.conventions.get("bos_id")
+    key = (ds["key"], base.path, ppl["seq_len"], ppl["max_windows"])
+    wins, nbytes = ctx.cache.tokens(
+        key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"], bos), ctx)
+    ref, hit = ctx.cache.reference(key, lambda: reference_for(runner(base.model), wins, ctx.progress, nbytes,
+                                                              len(tokenizer)))
+    ctx.count("reference_cache_hits" if hit else "reference_computations")
+    return wins, ref
+
+
 def evaluate(ctx, model, base) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
     from workers.bnb import kernel_of
@@ -257,12 +284,10 @@ def evaluate(ctx, model, base) -> dict:
     ppl = ev.get("perplexity")
     wins = None
     if ppl:
-        ds = ppl["dataset"]
-        key = (ds["key"], base.path, ppl["seq_len"], ppl["max_windows"])
-        wins = ctx.cache.tokens(key, lambda: windows(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"]), ctx)
-        ref, hit = ctx.cache.reference(key, lambda: reference_for(runner(base.model), wins, ctx.progress))
-        ctx.count("reference_cache_hits" if hit else "reference_computations")
+        wins, ref = eval_windows(ctx, base)
         metrics.update(quality(model, wins, ref, ctx.progress))
+        metrics.update({"ppl_bos": base.conventions.get("add_bos"),
+                        "tokenizer_check": base.conventions.get("tokenizer_check")})
     sp = ev.get("speed")
     if sp:
         ctx.progress("speed")

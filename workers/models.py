@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from workers.checks import CHECKS_FILE, gguf_conventions
 from workers.files import build_once, inside, keyed
 
 
@@ -86,7 +87,21 @@ def base_dir(model: dict, output_root: str) -> tuple[str, float]:
     target = keyed(output_root, "_models", model["key"])
     start = time.time()
     built = build_once(target, lambda tmp: _materialize_gguf(model["location"], model["gguf_file"], tmp))
+    if not (target / CHECKS_FILE).is_file():  # made by an older qfarm: check it now
+        from transformers import AutoTokenizer
+
+        _write_checks(target, f"{model['location']}/{model['gguf_file']}", AutoTokenizer.from_pretrained(target))
     return str(target), time.time() - start if built else 0.0
+
+
+def _write_checks(folder: Path, gguf_path: str, tokenizer) -> None:
+    """The GGUF's own tokenizer conventions, checked (workers.checks), written beside its float copy."""
+    import json
+
+    checks = gguf_conventions(gguf_path, tokenizer)
+    tmp = folder / f"{CHECKS_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(checks))
+    os.replace(tmp, folder / CHECKS_FILE)
 
 
 def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
@@ -94,6 +109,8 @@ def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_checks(out, f"{folder}/{gguf_file}", tokenizer)  # before the model: a wrong tokenizer refuses it at once
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model keeps its gguf quantizer, which refuses to save; drop it (BACKENDS.md).
     if getattr(model, "hf_quantizer", None) is not None:

@@ -1,0 +1,91 @@
+"""Checks of a sweep's reference before anything is compared with it: numbers that prove their own inputs.
+
+- **Tokenizer**: for a GGUF source, the tokenizer transformers rebuilds from the file must give llama.cpp's own
+  ids on a probe text (some SentencePiece-style vocabularies come back splitting text one character at a time).
+  A disagreement refuses the model with the first differing token, instead of feeding wrong ids to both sides.
+- **BOS**: evaluation windows start with the BOS token when the model's convention says so (the GGUF's
+  ``tokenizer.ggml.add_bos_token``, else whether the tokenizer itself adds it); rows record it (``ppl_bos``).
+- **Sanity of the reference**: its perplexity as bits per byte of the evaluated text must be below 8 (a uniform
+  guess over bytes), and a tokenizer with a real vocabulary must not cut the text into single characters. A
+  reference that fails either fails its jobs with the reason; nothing is published.
+
+The conventions of a GGUF-derived float folder are written beside it (``QFARM_CHECKS.json``) when it is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from qfarm.errors import Permanent
+
+CHECKS_FILE = "QFARM_CHECKS.json"
+PROBE = ("The quick brown fox jumps over the lazy dog. It's 3.14 -- naïve café, Straße, 東京, Москва!\n"
+         "def square(x):\n    return x ** 2  # tabs\tand  double  spaces\n\nA new paragraph, 1999-2024.")
+MAX_BITS_PER_BYTE = 8.0  # a uniform guess over the 256 byte values
+CHARACTER_LEVEL = 0.9  # tokens per byte at which a tokenizer is cutting text into single characters
+REAL_VOCAB = 1000  # vocabularies above this are not character-level by design
+
+
+def gguf_conventions(gguf_path: str, tokenizer) -> dict:
+    """What the GGUF file says of its own tokenization (llama.cpp, vocabulary only), checked against
+    ``tokenizer``. Raises Permanent when the two tokenize the probe differently."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"tokenizer_check": "skipped: llama-cpp-python is not installed", "add_bos": None, "bos_id": None}
+    llm = llama_cpp.Llama(model_path=gguf_path, vocab_only=True, verbose=False)
+    try:
+        theirs = llm.tokenize(PROBE.encode(), add_bos=False, special=False)
+        add_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+        bos_id = llm.token_bos()
+    finally:
+        llm.close()
+    ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    problem = disagreement(ours, theirs)
+    if problem:
+        raise Permanent(f"the tokenizer transformers rebuilt from {Path(gguf_path).name} disagrees with the file's "
+                        f"own (llama.cpp): {problem}. Its numbers would be wrong: give the model as the Hugging Face "
+                        "folder or hub id it came from instead of the GGUF file")
+    return {"tokenizer_check": f"agrees with llama.cpp on a {len(ours)}-token probe", "add_bos": add_bos,
+            "bos_id": bos_id if add_bos else None}
+
+
+def disagreement(ours: list[int], theirs: list[int]) -> str | None:
+    """Where two tokenizations of the same text part, said briefly; None when they are equal."""
+    if ours == theirs:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"{len(ours)} vs {len(theirs)} tokens on the probe text, first different at token {at} "
+            f"(transformers {ours[at:at + 4]} vs llama.cpp {theirs[at:at + 4]})")
+
+
+def conventions(folder: str, tokenizer) -> dict:
+    """The model's BOS convention and tokenizer check: from ``QFARM_CHECKS.json`` beside a GGUF-derived folder,
+    else what the tokenizer itself does (it adds BOS to ``tokenizer(text)``, or it does not)."""
+    written = Path(folder) / CHECKS_FILE
+    if written.is_file():
+        found = json.loads(written.read_text())
+        if found.get("add_bos") is not None:
+            return found
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    adds = bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]
+    return {"tokenizer_check": None, "add_bos": adds, "bos_id": bos if adds else None}
+
+
+def check_reference(nll: float, tokens: int, text_bytes: int, vocab_size: int, what: str = "the reference") -> dict:
+    """Bits per byte and tokens per byte of an evaluation; raises Permanent when the numbers cannot be right."""
+    bits_per_byte = nll / math.log(2) / max(text_bytes, 1)
+    tokens_per_byte = tokens / max(text_bytes, 1)
+    if tokens_per_byte >= CHARACTER_LEVEL and vocab_size > REAL_VOCAB:
+        raise Permanent(f"{what}'s tokenizer cut the evaluation text into single characters ({tokens_per_byte:.2f} "
+                        f"tokens per byte with a vocabulary of {vocab_size}): it is not the tokenizer this model was "
+                        "trained with. No numbers were published")
+    if bits_per_byte > MAX_BITS_PER_BYTE:
+        raise Permanent(f"{what}'s perplexity {math.exp(nll / max(tokens, 1)):.4g} is {bits_per_byte:.2f} bits per byte "
+                        f"of text, worse than a uniform guess over bytes ({MAX_BITS_PER_BYTE:g}): the tokenizer, the "
+                        "BOS convention or the weights are wrong for this model. No numbers were published")
+    return {"bits_per_byte": bits_per_byte, "tokens_per_byte": tokens_per_byte}
