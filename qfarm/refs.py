@@ -6,6 +6,8 @@ open. Relative paths resolve against the spec file's folder, so a spec means the
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -26,16 +28,52 @@ JSON_SUFFIXES = (".jsonl", ".json")
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A resolved model: ``kind`` is bundled | hf_dir | gguf | hub; ``location`` is a path or hub id."""
+    """A resolved model: ``kind`` is hf_dir | gguf | hub; ``location`` is a path or hub id."""
 
     kind: str
     location: str
     gguf_file: str | None = None
+    fingerprint: str | None = None  # of a local model's content (``fingerprint``): editing it changes the key
 
     @property
     def key(self) -> str:
         """Stable identity, used in job ids and cache keys."""
-        return f"{self.kind}:{self.location}" + (f"#{self.gguf_file}" if self.gguf_file else "")
+        return (f"{self.kind}:{self.location}" + (f"#{self.gguf_file}" if self.gguf_file else "")
+                + (f"@{self.fingerprint}" if self.fingerprint else ""))
+
+
+CHUNK = 1 << 20  # a weight file is known by its size, mtime and first and last MiB
+WHOLE = frozenset({".json", ".txt", ".model", ".jinja", ".py", ".jsonl", ".raw", ".md", ".text", ".tiktoken"})
+
+
+def fingerprint(path: Path) -> str:
+    """A short digest of a local file's or folder's content, cheap for large weights: for every file (a folder's,
+    sorted; qfarm's own notes and hidden files left out) its name, size and mtime, and a hash of all of a config,
+    tokenizer or other text or small file, of the first and last MiB of anything else (weights)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and
+                                                   not f.name.startswith(("QFARM_", ".")))
+    h = hashlib.sha256()
+    for f in files[:10_000]:
+        st = f.stat()
+        name = f.name if f == path else str(f.relative_to(path))
+        content = _content(str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{content}\0".encode())
+    return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=4096)
+def _content(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    """sha256 of the whole file when it is text or small, else of its first and last MiB; cached per version of
+    the file (a write changes its ctime, even when its mtime is put back)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= 2 * CHUNK or Path(path).suffix in WHOLE and size <= 64 * CHUNK:
+            h.update(f.read())
+        else:
+            h.update(f.read(CHUNK))
+            f.seek(size - CHUNK)
+            h.update(f.read(CHUNK))
+    return h.hexdigest()
 
 
 class RefError(ValueError):
@@ -73,14 +111,14 @@ def resolve_model(text: str, base_dir: Path) -> ModelRef:
     """Resolve a spec's ``model:`` value, or raise RefError saying what is accepted."""
     if text.startswith("bundled:"):
         path = bundled_model_path(_bundled(text, BUNDLED_MODELS, "model"))
-        return ModelRef("gguf", str(path.parent), path.name)
+        return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
     path = _local(text, base_dir)
     if path.is_file() and path.suffix == ".gguf":
-        return ModelRef("gguf", str(path.parent), path.name)
+        return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RefError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
-        return ModelRef("hf_dir", str(path))
+        return ModelRef("hf_dir", str(path), fingerprint=fingerprint(path))
     if path.exists():
         raise RefError(f"model file {path} is neither a .gguf file nor a Hugging Face model folder")
     looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf")
@@ -103,10 +141,12 @@ class DatasetRef:
     kind: str
     location: str
     text_field: str = "text"
+    fingerprint: str | None = None  # of a local file's content: editing it changes the key
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:{self.location}" + (f"[{self.text_field}]" if self.kind in ("jsonl", "hub") else "")
+        return (f"{self.kind}:{self.location}" + (f"[{self.text_field}]" if self.kind in ("jsonl", "hub") else "")
+                + (f"@{self.fingerprint}" if self.fingerprint else ""))
 
 
 def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> DatasetRef:
@@ -126,5 +166,5 @@ def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> Data
             f"{allowed('bundled:' + n for n in BUNDLED_DATASETS)}, or a hub dataset (hub:ORG/NAME[:CONFIG][@SPLIT])"
         )
     if path.suffix in JSON_SUFFIXES:
-        return DatasetRef("jsonl", str(path), text_field)
-    return DatasetRef("text", str(path))
+        return DatasetRef("jsonl", str(path), text_field, fingerprint(path))
+    return DatasetRef("text", str(path), fingerprint=fingerprint(path))

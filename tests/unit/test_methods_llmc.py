@@ -105,10 +105,13 @@ def test_calibration_applies_to_the_calibrating_methods_of_a_group(tmp_path):
     assert jobs["rtn"].calibration is None and "calibration" not in jobs["rtn"].options
     for m in ("gptq", "awq"):
         cal = jobs[m].payload()["calibration"]
-        assert cal == {"kind": "text", "location": str(data), "text_field": "text", "key": f"text:{data}",
+        from qfarm.refs import fingerprint
+
+        key = f"text:{data}@{fingerprint(data)}"  # the file, and what it holds
+        assert cal == {"kind": "text", "location": str(data), "text_field": "text", "key": key,
                        "samples": 16, "seq_len": 256}
         # the job's identity names the data itself, not how the spec spelled its path
-        assert jobs[m].options["calibration"]["dataset"] == f"text:{data}"
+        assert jobs[m].options["calibration"]["dataset"] == key
 
     # one method alone in a group: a calibration it cannot use is a mistake, said so
     path = write(tmp_path, HEAD + "      - {kind: quantize, method: rtn, calibration: {samples: 8}}\n")
