@@ -160,11 +160,13 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
     if not wait:
         click.echo(f"follow it with: qfarm status {sweep_id}   results: qfarm results {sweep_id}")
         return
-    from .compare import DEFAULT_FRONTIER
     from .progress import follow
 
     follow(store, sweep_id, alive=lambda: scheduler.alive(sweep_id, ctx.obj["namespace"]))
-    _print_results(_compared(store, [sweep_id], [], None, DEFAULT_FRONTIER), sweep_id, "table")
+    data, _, note = _compared(store, [sweep_id], [], None, None)
+    _print_results(data, sweep_id, "table")
+    if note:
+        click.echo(f"note: {note}", err=True)
     failed = [j for j in store.sweep_jobs(sweep_id) if j.status != "succeeded"]
     if failed:
         sys.exit(1)
@@ -253,12 +255,13 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
             sort: str | None, columns: str | None, frontier: str | None) -> None:
     """The comparison table of one or more sweeps: one row per job (failed jobs too, with their reason),
     deltas against each sweep's reference, and the Pareto frontier marked ★."""
-    from .compare import parse_frontier, pick_columns
+    from .compare import pick_columns
 
     store = _store(ctx)
     ids = [_find(store, s).id for s in sweeps]
-    objectives = parse_frontier(frontier)
-    data = _compared(store, ids, list(where), sort, objectives)
+    data, _, note = _compared(store, ids, list(where), sort, frontier)
+    if note:
+        click.echo(f"note: {note}", err=True)
     cols = pick_columns(data, columns)
     if fmt == "parquet":
         if output is None:
@@ -285,15 +288,12 @@ def report(ctx: click.Context, sweeps: tuple[str, ...], output: Path, png_dir: P
            where: tuple[str, ...], frontier: str | None) -> None:
     """An HTML report of one or more sweeps: the table, size-vs-perplexity with the frontier, memory and speed
     bars, training loss curves, prompt answers side by side, and the spec and environment of each sweep."""
-    from .compare import parse_frontier
-
     store = _store(ctx)
     records = [_find(store, s) for s in sweeps]
-    objectives = parse_frontier(frontier)
-    data = _compared(store, [r.id for r in records], list(where), None, objectives)
+    data, objectives, note = _compared(store, [r.id for r in records], list(where), None, frontier)
     from .report import write_report
 
-    written = write_report(data, records, output, png_dir, objectives)
+    written = write_report(data, records, output, png_dir, objectives, note)
     click.echo(f"wrote {output} ({len(data)} rows)" + (f" and {len(written)} PNG files in {png_dir}" if png_dir else ""))
 
 
@@ -337,13 +337,16 @@ def _find(store, text: str):
     return record
 
 
-def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, objectives) -> list[dict]:
-    from .compare import compare
+def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, frontier: str | None):
+    """(the rows compared, the frontier's objectives, a note on them or None)."""
+    from .compare import compare_noted, frontier_for, parse_frontier
     from .results import rows
 
     # a job reused from another sweep shows under the sweep asked for (deltas pair it with that sweep's reference)
     data = [dict(r, sweep_id=sid) for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
-    return compare(data, where, sort, objectives)
+    objectives = parse_frontier(frontier)
+    compared, note = compare_noted(data, where, sort, objectives, chosen=frontier is not None)
+    return compared, frontier_for(compared, objectives, frontier is not None)[0], note
 
 
 def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | None = None,

@@ -82,7 +82,11 @@ TABLE: tuple[Column, ...] = (
     C("calib_tokens", group="calibration"),
     C("calib_source", group="calibration", format="{}"),
     C("calib_overlap_tokens", group="calibration"),
-    # quality
+    # quality: standard errors over tokens (shown as ± beside the figure)
+    C("perplexity_se", group="quality"),
+    C("ppl_delta_pct_se", unit="%", group="quality"),
+    C("kl_div_se", unit="nats", group="quality"),
+    C("top1_agree_se", group="quality"),
     C("ref_perplexity", group="quality"),
     C("ppl_windows", group="quality"),
     C("ppl_tokens", group="quality"),
@@ -102,6 +106,12 @@ TABLE: tuple[Column, ...] = (
     C("ms_per_token", unit="ms", direction="min", group="speed"),
     C("speed_prompt_tokens", group="speed"),
     C("speed_new_tokens", group="speed"),
+    C("speed_runs", group="speed"),
+    C("prefill_tokens_per_s_p10", unit="tok/s", group="speed"),
+    C("prefill_tokens_per_s_p90", unit="tok/s", group="speed"),
+    C("decode_tokens_per_s_p10", unit="tok/s", group="speed"),
+    C("decode_tokens_per_s_p90", unit="tok/s", group="speed"),
+    C("runtime", "runtime", "{}", group="speed", view=25.5, pipeline_hidden=True),  # what produced the speeds
     # GGUF / llama.cpp
     C("gguf_tensor_types", group="gguf", format="{}"),
     C("bits_per_weight", group="gguf"),
@@ -151,6 +161,7 @@ TABLE: tuple[Column, ...] = (
     C("slept_s", unit="s", group="sleep"),
     # computed when results are shown (qfarm.compare)
     C("pareto", "front", "{}", group="computed", view=2),
+    C("ties", "within noise", "{}", group="computed", view=25),  # rows within 2 se on the sort column
     C("decode_speedup", unit="×", direction="max", group="computed"),
     C("prefill_speedup", unit="×", direction="max", group="computed"),
     C("mem_vs_ref", unit="×", group="computed"),
@@ -163,6 +174,12 @@ VIEW: tuple[Column, ...] = tuple(sorted((c for c in TABLE if c.header), key=lamb
 MINIMIZE: tuple[str, ...] = tuple(c.name for c in TABLE if c.direction == "min")
 MAXIMIZE: tuple[str, ...] = tuple(c.name for c in TABLE if c.direction == "max")
 PIPELINE_HIDDEN: frozenset[str] = frozenset(c.name for c in TABLE if c.pipeline_hidden)
+
+
+def se_of(row: dict, name: str) -> float | None:
+    """The standard error a row has for column ``name`` (``<name>_se``), if any."""
+    se = row.get(f"{name}_se")
+    return se if isinstance(se, (int, float)) and not isinstance(se, bool) else None
 
 
 def column(name: str) -> Column:

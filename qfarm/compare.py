@@ -9,16 +9,18 @@ Pure logic on the flat rows of ``qfarm.results`` (no Redis, no ML): the CLI's ``
   ``mem_vs_ref`` beside the ``size_vs_ref`` and ``ppl_delta_pct`` the jobs record themselves;
 - ``pareto``: True for a succeeded row that no other row beats on every objective of the frontier (by default
   size on disk, perplexity and decode speed: smaller, lower, faster), False for a dominated one, None where a
-  row lacks one of the measurements.
+  row lacks one of the measurements. A difference within 2 standard errors (where both rows have one) is a tie;
+- ``--sort COL`` on a column with standard errors says which neighbouring rows are within that noise (``ties``).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from typing import Any
 
-from .columns import MAXIMIZE, MINIMIZE
+from .columns import MAXIMIZE, MINIMIZE, se_of
 from .errors import UsageError, allowed, did_you_mean
 
 # Objectives the frontier can use, and which way is better: the columns with a direction (qfarm.columns).
@@ -67,34 +69,66 @@ def parse_frontier(text: str | None) -> tuple[str, ...]:
 
 
 def mark_pareto(data: list[dict], objectives=DEFAULT_FRONTIER) -> list[dict]:
-    """Rows with ``pareto`` set (see the module docstring). Ties do not dominate each other."""
-    def vector(r: dict) -> tuple[float, ...] | None:
+    """Rows with ``pareto`` set (see the module docstring). Ties do not dominate each other: values within 0.1 %,
+    or within the noise (2 standard errors of the difference, where both rows have one), are equal."""
+    def point(r: dict):
         if r.get("status") != "succeeded":
             return None
         values = [r.get(c) for c in objectives]
-        if not all(isinstance(v, (int, float)) for v in values):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return None
-        return tuple(v if c in MINIMIZE else -v for c, v in zip(objectives, values))  # all "smaller is better"
+        sign = [1 if c in MINIMIZE else -1 for c in objectives]  # all "smaller is better"
+        return (tuple(s * v for s, v in zip(sign, values)), tuple(noise_se(r, c) for c in objectives))
 
-    vectors = [vector(r) for r in data]
-    points = [v for v in vectors if v is not None]
+    points = [point(r) for r in data]
+    known = [p for p in points if p is not None]
     out = []
-    for r, v in zip(data, vectors):
+    for r, p in zip(data, points):
         r = dict(r)
-        r["pareto"] = None if v is None else not any(_dominates(o, v) for o in points)
+        r["pareto"] = None if p is None else not any(_dominates(o, p) for o in known)
         out.append(r)
     return out
 
 
 TIE = 1e-3  # values within 0.1% are equal: two 4-bit files differing by a few KB of metadata tie on size
+NOISE_SE = 2.0  # differences within this many standard errors are ties
 
 
 def _dominates(a: tuple, b: tuple) -> bool:
-    """``a`` at least as good as ``b`` on every objective and better on one (smaller is better, ties by TIE)."""
-    def slack(x, y):
-        return TIE * max(abs(x), abs(y))
+    """``a`` at least as good as ``b`` on every objective and better on one (smaller is better), ties within
+    TIE or the noise."""
+    (va, sa), (vb, sb) = a, b
+    slack = [_slack(x, y, ex, ey) for x, y, ex, ey in zip(va, vb, sa, sb)]
+    return (all(x <= y + d for x, y, d in zip(va, vb, slack)) and any(x < y - d for x, y, d in zip(va, vb, slack)))
 
-    return all(x <= y + slack(x, y) for x, y in zip(a, b)) and any(x < y - slack(x, y) for x, y in zip(a, b))
+
+def noise_se(row: dict, column: str) -> float | None:
+    """The standard error to rank ``column`` by. Perplexity: the paired one against the reference (same windows,
+    same tokens: ``ppl_delta_pct_se`` in perplexity units), which is what separates two variants; else its own."""
+    if column == "perplexity":
+        paired, ref = se_of(row, "ppl_delta_pct"), row.get("ref_perplexity")
+        if paired is not None and isinstance(ref, (int, float)):
+            return paired / 100 * ref
+    return se_of(row, column)
+
+
+def _slack(x: float, y: float, se_x: float | None, se_y: float | None) -> float:
+    noise = NOISE_SE * math.hypot(se_x, se_y) if se_x is not None and se_y is not None else 0.0
+    return max(TIE * max(abs(x), abs(y)), noise)
+
+
+def within_noise(a: dict, b: dict, column: str) -> bool:
+    """Whether two rows' values of ``column`` differ by no more than 2 standard errors of the difference."""
+    x, y, ex, ey = a.get(column), b.get(column), noise_se(a, column), noise_se(b, column)
+    if not all(isinstance(v, (int, float)) for v in (x, y)) or ex is None or ey is None:
+        return False
+    return abs(x - y) <= NOISE_SE * math.hypot(ex, ey)
+
+
+def noise_pairs(data: list[dict], column: str) -> list[tuple[dict, dict]]:
+    """Pairs of succeeded rows whose ``column`` values are within the noise of each other."""
+    ok = [r for r in data if r.get("status") == "succeeded" and noise_se(r, column) is not None]
+    return [(a, b) for i, a in enumerate(ok) for b in ok[i + 1:] if within_noise(a, b, column)]
 
 
 def filter_rows(data: list[dict], conditions: list[str]) -> list[dict]:
@@ -169,7 +203,20 @@ def sort_rows(data: list[dict], key: str | None) -> list[dict]:
         v = r[column]
         return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
 
-    return sorted(present, key=k, reverse=descending) + missing
+    ordered = sorted(present, key=k, reverse=descending) + missing
+    return _ties(ordered, column)
+
+
+def _ties(ordered: list[dict], column: str) -> list[dict]:
+    """Each row with ``ties``: the labels of the rows next to it in this order whose ``column`` is within the
+    noise of its own (None when there are none, or no standard errors)."""
+    out = []
+    for i, r in enumerate(ordered):
+        near = [o for o in ordered[max(0, i - 1):i] + ordered[i + 1:i + 2] if within_noise(r, o, column)]
+        r = dict(r)
+        r["ties"] = ", ".join(f"≈ {o.get('label') or o.get('job_id')}" for o in near) or None
+        out.append(r)
+    return out
 
 
 def pick_columns(data: list[dict], text: str | None) -> list[str] | None:
@@ -188,8 +235,32 @@ def _columns(data: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in data for k in r))
 
 
+SPEED = frozenset({"decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "ms_per_token", "decode_speedup",
+                   "prefill_speedup"})
+
+
+def frontier_for(data: list[dict], objectives: tuple[str, ...], chosen: bool) -> tuple[tuple[str, ...], str | None]:
+    """The frontier's objectives for these rows, and a note when the default had to change: speeds measured by
+    different runtimes (llama.cpp, transformers-bnb, dense) are not comparable, so the default leaves them out."""
+    runtimes = {r.get("runtime") for r in data if r.get("status") == "succeeded" and r.get("runtime")}
+    speed = [c for c in objectives if c in SPEED]
+    if chosen or len(runtimes) < 2 or not speed or len(objectives) - len(speed) < 2:
+        return objectives, None
+    kept = tuple(c for c in objectives if c not in SPEED)
+    return kept, (f"the frontier leaves out {', '.join(speed)}: the rows' speeds come from different runtimes "
+                  f"({', '.join(sorted(runtimes))}); --frontier {','.join(objectives)} includes them anyway")
+
+
 def compare(data: list[dict], where: list[str] = (), sort: str | None = None,
             frontier: tuple[str, ...] = DEFAULT_FRONTIER) -> list[dict]:
     """Deltas, then the frontier over the rows that pass the filters, then the order asked for."""
+    return compare_noted(data, where, sort, frontier)[0]
+
+
+def compare_noted(data: list[dict], where: list[str] = (), sort: str | None = None,
+                  frontier: tuple[str, ...] = DEFAULT_FRONTIER, chosen: bool = True) -> tuple[list[dict], str | None]:
+    """``compare``, where (not ``chosen``: the default objectives) the frontier may leave speed out, with the note
+    that says so (``frontier_for``)."""
     data = filter_rows(with_deltas(data), list(where))
-    return sort_rows(mark_pareto(data, frontier), sort)
+    objectives, note = frontier_for(data, frontier, chosen)
+    return sort_rows(mark_pareto(data, objectives), sort), note

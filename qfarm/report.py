@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results import cell, visible
+from .results import cell_of, visible
 
 PNG_WIDTH_IN, DPI = 8.0, 100
 FRONTIER_COLOR = "#d62728"
@@ -173,10 +173,25 @@ def _table(data: list[dict]) -> str:
         for c, _, fmt in cols:
             left = c in ("job_id", "label", "status", "device", "sweep_id")
             cells.append(f'<td class="{"l " if left else ""}{"front" if c == "pareto" else ""}">'
-                         f"{_esc(cell(r.get(c), fmt))}</td>")
+                         f"{_esc(cell_of(r, c, fmt))}</td>")
         cells.append(f'<td class="l">{_esc(r.get("error") or "")}</td>')
         body.append(f'<tr class="{" ".join(classes)}">{"".join(cells)}</tr>')
     return f'<table id="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _noise(data: list[dict]) -> str:
+    """The pairs of rows whose perplexity or KL differ by no more than 2 standard errors: not a ranking."""
+    from .compare import noise_pairs
+
+    items = []
+    for column, name in (("perplexity", "perplexity"), ("kl_div", "KL")):
+        for a, b in noise_pairs(data, column):
+            items.append(f"<li>{_esc(_label(a))} ≈ {_esc(_label(b))} on {name}: {_esc(cell_of(a, column, '{:.4g}'))}"
+                         f" vs {_esc(cell_of(b, column, '{:.4g}'))}</li>")
+    if not items:
+        return ""
+    return ('<h2 id="noise">Within the noise</h2><p class="meta">These differ by no more than 2 standard errors '
+            f'(over tokens): evaluate more windows before ranking them.</p><ul class="noise">{"".join(items)}</ul>')
 
 
 def _answers(data: list[dict]) -> str:
@@ -233,7 +248,8 @@ _TITLES = {"scatter": ("frontier", "Size vs perplexity, with the frontier"), "me
            "speed": ("speed", "Speed"), "loss": ("loss", "Training loss")}
 
 
-def write_report(data: list[dict], records, output: Path, png_dir: Path | None, objectives) -> list[Path]:
+def write_report(data: list[dict], records, output: Path, png_dir: Path | None, objectives,
+                 note: str | None = None) -> list[Path]:
     """Write the HTML page (and PNGs); return the PNG paths written."""
     import matplotlib.pyplot as plt
 
@@ -267,8 +283,10 @@ def write_report(data: list[dict], records, output: Path, png_dir: Path | None, 
 by qfarm {_esc(__version__)} (Python {_esc(platform.python_version())})</p>
 <h2 id="table">Comparison</h2>
 <p class="meta">★ marks the Pareto frontier over ({_esc(frontier)}): no other job is at least as good on all of
-them and better on one. Deltas are against each sweep's reference (method none) on the same windows.</p>
+them and better on one (differences within 2 standard errors are ties). Deltas are against each sweep's
+reference (method none) on the same windows.{f" Note: {_esc(note)}." if note else ""}</p>
 {_table(data)}
+{_noise(data)}
 {"".join(sections)}
 {_answers(data)}
 {_failures(data)}

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .columns import CORE, PIPELINE_HIDDEN, TABLE, VIEW, column
+from .columns import CORE, PIPELINE_HIDDEN, TABLE, VIEW, column, se_of
 from .store import JobRecord
 
 COLUMNS = list(CORE)  # every row has these keys, null when not measured
@@ -53,8 +53,9 @@ def rows(jobs: Iterable[JobRecord]) -> list[dict[str, Any]]:
     return [row(j) for j in jobs]
 
 
-def cell(value: Any, fmt: str) -> str:
-    """One value as a table shows it: - for null, ★ for a frontier row, JSON for nested values."""
+def cell(value: Any, fmt: str, se: float | None = None) -> str:
+    """One value as a table shows it: - for null, ★ for a frontier row, JSON for nested values, ``±se`` after a
+    measured figure that has a standard error."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -62,9 +63,14 @@ def cell(value: Any, fmt: str) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value)[:80]
     try:
-        return fmt.format(value)
+        text = fmt.format(value)
     except (ValueError, TypeError):
         return str(value)
+    return f"{text} ±{se:.2g}" if se else text
+
+
+def cell_of(row: dict, name: str, fmt: str) -> str:
+    return cell(row.get(name), fmt, se_of(row, name))
 
 
 def visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[str, str, str]]:
@@ -134,7 +140,7 @@ def to_markdown(data: list[dict], columns: list[str] | None = None) -> str:
     cols = visible(data, columns)
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " | note |", "|" + "---|" * (len(cols) + 1)]
     for r in data:
-        cells = [cell(r.get(c), f).replace("|", "\\|") for c, _, f in cols]
+        cells = [cell_of(r, c, f).replace("|", "\\|") for c, _, f in cols]
         lines.append("| " + " | ".join(cells) + f" | {(r.get('error') or '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
@@ -152,7 +158,7 @@ def rich_table(data: list[dict], title: str | None = None, columns: list[str] | 
         table.add_column("note", overflow="fold", min_width=20)
     style = {"failed": "red", "cancelled": "yellow", "skipped": "yellow", "running": "cyan", "queued": "dim"}
     for r in data:
-        cells = [cell(r.get(c), f) for c, _, f in cols] + ([r.get("error") or ""] if notes else [])
+        cells = [cell_of(r, c, f) for c, _, f in cols] + ([r.get("error") or ""] if notes else [])
         table.add_row(*cells, style=style.get(r["status"]))
     return table
 

@@ -19,7 +19,7 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from workers.checks import check_reference
@@ -33,6 +33,7 @@ class Reference:
     nll: float
     tokens: int
     text_bytes: int = 0  # UTF-8 bytes of the text whose tokens are predicted (bits per byte)
+    token_nll: list = field(default_factory=list)  # per window: float64 [seq_len - 1], for paired differences
 
     @property
     def perplexity(self) -> float:
@@ -153,63 +154,104 @@ def runner(model):
 
 def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 0) -> Reference:
     """The reference's log-probs on the windows, checked to be sane (workers.checks) before anything uses them."""
-    lps, nll, tokens = [], 0.0, 0
+    lps, token_nll = [], []
     for i, window in enumerate(wins):
         progress(f"reference log-probs {i + 1}/{len(wins)}")
         lp = model.logprobs(window)
         targets = window[1:].to(lp.device)
-        nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        tokens += targets.numel()
+        token_nll.append(-lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu())
         lps.append(lp.half().cpu())
-    ref = Reference(lps, nll, tokens, text_bytes)
+    nll, tokens = sum(t.sum().item() for t in token_nll), sum(t.numel() for t in token_nll)
+    ref = Reference(lps, nll, tokens, text_bytes, token_nll)
     if ref.text_bytes:
         check_reference(nll, tokens, ref.text_bytes, vocab_size or lps[0].shape[-1])
     return ref
 
 
 def quality(model, wins, ref: Reference, progress) -> dict:
-    nll = kl = 0.0
-    agree = tokens = 0
+    """Perplexity, its change from the reference, KL and top-1 agreement on the same positions, each with its
+    standard error over tokens (``<column>_se``): the paired per-token difference against the reference for
+    the change in perplexity, as llama.cpp's perplexity tool reports ``Mean KLD ± x``."""
+    import torch
+
+    nll, diff, kl, agree = [], [], [], []
     for i, window in enumerate(wins):
         progress(f"perplexity/KL {i + 1}/{len(wins)}")
         lp = model.logprobs(window)
         targets = window[1:].to(lp.device)
-        nll += -lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        token_nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
         q = lp.half().float().cpu()
         r = ref.logprobs[i].float()
-        kl += (r.exp() * (r - q)).sum().item()
-        agree += (r.argmax(-1) == q.argmax(-1)).sum().item()
-        tokens += targets.numel()
-    ppl = math.exp(nll / tokens)
-    per_byte = {"bits_per_byte": nll / math.log(2) / ref.text_bytes,
-                "ref_bits_per_byte": ref.nll / math.log(2) / ref.text_bytes,
-                "tokens_per_byte": tokens / ref.text_bytes} if ref.text_bytes else {}
-    return {
-        **per_byte,
+        nll.append(token_nll)
+        if ref.token_nll:
+            diff.append(token_nll - ref.token_nll[i])
+        kl.append((r.exp() * (r - q)).sum(-1).double())
+        agree.append((r.argmax(-1) == q.argmax(-1)).double())
+    nll_t, kl_t, agree_t = torch.cat(nll), torch.cat(kl), torch.cat(agree)
+    tokens = nll_t.numel()
+    mean_nll = nll_t.mean().item()
+    ppl = math.exp(mean_nll)
+    top1 = agree_t.mean().item()
+    out = {
         "perplexity": ppl,
+        "perplexity_se": ppl * _se(nll_t),
         "ref_perplexity": ref.perplexity,
         "ppl_delta_pct": (ppl - ref.perplexity) / ref.perplexity * 100,
-        "kl_div": max(kl / tokens, 0.0),
-        "top1_agree": agree / tokens,
+        "kl_div": max(kl_t.mean().item(), 0.0),
+        "kl_div_se": _se(kl_t),
+        "top1_agree": top1,
+        "top1_agree_se": math.sqrt(top1 * (1 - top1) / tokens),
         "ppl_windows": len(wins),
         "ppl_tokens": tokens,
     }
+    if diff:
+        d = torch.cat(diff)
+        out["ppl_delta_pct_se"] = 100 * math.exp(d.mean().item()) * _se(d)
+    if ref.text_bytes:
+        out.update({"bits_per_byte": nll_t.sum().item() / math.log(2) / ref.text_bytes,
+                    "ref_bits_per_byte": ref.nll / math.log(2) / ref.text_bytes,
+                    "tokens_per_byte": tokens / ref.text_bytes})
+    return out
+
+
+def _se(values) -> float:
+    """Standard error of the mean of per-token values (tokens taken as independent: a lower bound)."""
+    n = values.numel()
+    return values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else 0.0
 
 
 def speed(model, prompt_ids, new_tokens: int, runs: int) -> dict:
-    model.timed(prompt_ids[:8], 2)  # warm-up: first-call allocations and kernel selection
+    """Prefill and greedy decode timed like a benchmark: one warm-up of the very sizes measured (allocations,
+    kernel selection, caches), the device synchronised around each timing (TorchRunner.timed), the median of
+    ``runs`` and its spread (10th and 90th percentile of the runs' speeds)."""
+    model.timed(prompt_ids, new_tokens)  # warm-up at the measured sizes
     timings = [model.timed(prompt_ids, new_tokens) for _ in range(runs)]
     prefill = statistics.median(t[0] for t in timings)
     decode = statistics.median(t[1] for t in timings)
     n = int(prompt_ids.shape[0])
+    prefill_speeds = [n / t[0] for t in timings]
+    decode_speeds = [new_tokens / t[1] for t in timings]
     return {
         "prefill_tokens_per_s": n / prefill,
         "decode_tokens_per_s": new_tokens / decode,
+        "prefill_tokens_per_s_p10": _percentile(prefill_speeds, 10),
+        "prefill_tokens_per_s_p90": _percentile(prefill_speeds, 90),
+        "decode_tokens_per_s_p10": _percentile(decode_speeds, 10),
+        "decode_tokens_per_s_p90": _percentile(decode_speeds, 90),
         "ttft_ms": prefill * 1000,
         "ms_per_token": decode / new_tokens * 1000,
         "speed_prompt_tokens": n,
         "speed_new_tokens": new_tokens,
+        "speed_runs": runs,
     }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of a few values."""
+    xs = sorted(values)
+    at = (len(xs) - 1) * q / 100
+    lo = int(at)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (at - lo)
 
 
 def answers(model, tokenizer, prompts: list[str], max_new_tokens: int, progress) -> list[dict]:
@@ -257,6 +299,18 @@ def task_metrics(ctx, model, base) -> dict:
     return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
 
 
+def runtime_of(model) -> str:
+    """What computes a torch model's forward: ``transformers-bnb`` (bitsandbytes layers), ``transformers-dense``,
+    or ``transformers-dense (decompressed)`` for a compressed checkpoint loaded back as dense weights."""
+    from workers.bnb import four_bit_layers
+
+    if four_bit_layers(model) or any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+        return "transformers-bnb"
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return f"transformers-dense (decompressed {method})" if method else "transformers-dense"
+
+
 def eval_windows(ctx, base):
     """(the perplexity windows, the reference's checked log-probs on them), from the worker's cache when there.
     The windows follow the model's BOS convention; None, None without ``eval.perplexity``."""
@@ -279,8 +333,9 @@ def evaluate(ctx, model, base) -> dict:
 
     ev = ctx.job["eval"] or {}
     tokenizer = base.tokenizer
-    metrics: dict = {"kernel": kernel_of(model)} if hasattr(model, "modules") else {}
+    metrics: dict = {"kernel": kernel_of(model), "runtime": runtime_of(model)} if hasattr(model, "modules") else {}
     model = runner(model)
+    metrics.setdefault("runtime", getattr(model, "runtime", None))
     ppl = ev.get("perplexity")
     wins = None
     if ppl:

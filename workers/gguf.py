@@ -140,6 +140,7 @@ class LlamaCppModel:
                                    n_threads_batch=threads, logits_all=True, verbose=False,
                                    n_gpu_layers=-1 if torch.cuda.is_available() else 0)
         self.eos = self.llm.token_eos()
+        self.runtime = "llama.cpp"
         self.extra = {"llama_cpp_threads": threads, "llama_cpp_version": llama_cpp.__version__}
 
     def _eval(self, ids: list[int]) -> None:

@@ -149,6 +149,10 @@ jobs:
     assert f16["size_mb"] > q8["size_mb"] > q4["size_mb"] and (f16["bits"], q8["bits"], q4["bits"]) == (16, 8, 4)
     assert "Q4_K" in q4["gguf_tensor_types"] and 4 < q4["bits_per_weight"] < 8  # fallbacks for 576-wide rows
     assert rows["bnb-nf4"]["ref_perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    # every speed names its runtime, and every quality figure has its standard error
+    assert {r["runtime"] for r in (f16, q8, q4)} == {"llama.cpp"} and rows["bnb-nf4"]["runtime"] == "transformers-bnb"
+    assert ref["runtime"] == "transformers-dense" and ref["perplexity_se"] > 0 and ref["ppl_delta_pct_se"] == 0
+    assert q4["kl_div_se"] > 0 and q4["ppl_delta_pct_se"] > 0
 
     # a Hugging Face folder goes through llama.cpp's convert_hf_to_gguf.py first, and lands on the same numbers
     hf_dir = next(p.parent for p in (model_root / "_models").glob("*/config.json"))
