@@ -22,7 +22,9 @@ def test_a_new_kind_is_one_registry_entry(monkeypatch, tmp_path, store, ray_head
                     "  - {name: first, kind: nap, seconds: 0.1, matrix: {index: [0, 1]}}\n"
                     "  - {name: then, kind: nap, from: first, seconds: 0.1}\n")
     _, plan = load_plan(spec)
-    assert [j.label for j in plan.jobs] == ["nap index=0", "nap index=1", "nap", "nap"]
+    # index varies among the sweep's nap jobs, so every label shows it; the children's lineage tells them apart
+    assert [j.label for j in plan.jobs] == ["nap index=0", "nap index=1", "nap index=0", "nap index=0"]
+    assert [j.lineage for j in plan.jobs[2:]] == [("nap index=0",), ("nap index=1",)]
     assert {j.payload()["worker"] for j in plan.jobs} == {"workers.sleep:run"}
 
     cluster.connect(ray_head.address)
