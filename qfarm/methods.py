@@ -129,21 +129,32 @@ class GgufOptions(Options):
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+MAX_FORMAT_WIDTH = 1_000  # widths and precisions in a format string (a huge one builds a huge string per row)
+
+
 def _format_string(value: Optional[str]) -> Optional[str]:
-    """A format string over a JSON row's fields: ``{name}`` or ``{name[0][key]}``, no attribute access."""
+    """A format string over a JSON row's fields: ``{name}`` or ``{name[0][key]}``, no attribute access; a field's
+    format spec is literal (``{text:>20}``: no fields inside it, whose values would come from the data) with
+    widths and precisions at most MAX_FORMAT_WIDTH."""
+    import re
     import string
 
     if value is None:
         return value
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        parsed = list(string.Formatter().parse(value))
     except ValueError as e:
         raise ValueError(f"not a valid format string: {e}") from None
+    fields = [(f, spec) for _, f, spec, _ in parsed if f is not None]
     if not fields:
         raise ValueError("a format string names at least one field of each row, e.g. '{instruction}\\n{output}'")
-    for f in fields:
+    for f, spec in fields:
         if not f or "." in f or f[0].isdigit():
             raise ValueError(f"{{{f}}}: name a field of the row, e.g. {{text}} or {{instances[0][output]}}")
+        if spec and ("{" in spec or "}" in spec):
+            raise ValueError(f"{{{f}:{spec}}}: a format spec may not name fields; write it out, e.g. {{{f}:>20}}")
+        if spec and any(int(n) > MAX_FORMAT_WIDTH for n in re.findall(r"\d+", spec)):
+            raise ValueError(f"{{{f}:{spec}}}: widths and precisions are at most {MAX_FORMAT_WIDTH}")
     return value
 
 

@@ -40,6 +40,35 @@ def _llama_like(hidden: int, intermediate: int, heads: int, head_dim: int, layer
     })
 
 
+_MAX_STRING = 64 << 20  # bytes of one header string (tokenizer merges can be long; a damaged length is not)
+MAX_TENSORS = 1_000_000
+MAX_KV = 1_000_000
+
+
+def check_gguf(path: Path) -> None:
+    """A cheap check that ``path`` is a GGUF file: magic, a known version, sane tensor and key counts, and a first
+    key that reads as a short UTF-8 name. ValueError says what is wrong."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (no GGUF magic)" if head[:4] != b"GGUF"
+                             else f"{path}: truncated GGUF header")
+        version, tensors, kvs = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not one llama.cpp reads (2 or 3): damaged or not a GGUF")
+        if not (0 < tensors <= MAX_TENSORS and 0 < kvs <= MAX_KV):
+            raise ValueError(f"{path}: {tensors} tensors and {kvs} header keys: the file is damaged or not a GGUF")
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+        name = f.read(n) if 0 < n <= 256 else b""
+        try:
+            ok = bool(name) and name.decode("utf-8").isprintable()
+        except UnicodeDecodeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: its first header key is not a name: the file is damaged or not a GGUF")
+
+
 def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
     """The scalar and string key/values of a GGUF file's header (arrays are skipped)."""
     out: dict = {}
@@ -52,7 +81,10 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
             return struct.unpack("<" + fmt, data)[0]
 
         def string() -> str:
-            return f.read(read("Q")).decode("utf-8", errors="replace")
+            n = read("Q")
+            if n > _MAX_STRING:
+                raise ValueError(f"{path}: a GGUF header string of {n} bytes: the file is damaged or not a GGUF")
+            return f.read(n).decode("utf-8", errors="replace")
 
         def skip(vtype: int) -> None:
             if vtype == 8:

@@ -114,6 +114,12 @@ def resolve_model(text: str, base_dir: Path) -> ModelRef:
         return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
     path = _local(text, base_dir)
     if path.is_file() and path.suffix == ".gguf":
+        from .modelinfo import check_gguf
+
+        try:
+            check_gguf(path)
+        except (OSError, ValueError) as e:
+            raise RefError(str(e)) from None
         return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
     if path.is_dir():
         if not (path / "config.json").is_file():

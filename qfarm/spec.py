@@ -150,6 +150,51 @@ def renamed(err: SpecError, key: str) -> SpecError:
 # --- YAML ---------------------------------------------------------------------------------------
 
 
+MAX_SPEC_NODES = 100_000  # scalars, lists and mappings in one spec
+MAX_SCALAR_CHARS = 100_000  # one value
+
+
+def _check_events(text: str, source: str) -> None:
+    """Refuse what a spec never needs and an attacker would use: YAML aliases (``*name``, a few hundred bytes of
+    them expand to billions of values), more than MAX_SPEC_NODES values, a value over MAX_SCALAR_CHARS."""
+    nodes = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, yaml.AliasEvent):
+            raise SpecError([Problem("", f"YAML aliases (*{event.anchor}) are not allowed in a spec: write the value "
+                                         "out, or use a matrix", line)], source)
+        if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            nodes += 1
+            if nodes > MAX_SPEC_NODES:
+                raise SpecError([Problem("", f"the spec has more than {MAX_SPEC_NODES} values; split it", line)], source)
+        if isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR_CHARS:
+            raise SpecError([Problem("", f"a value of {len(event.value)} characters; at most {MAX_SCALAR_CHARS}",
+                                     line)], source)
+
+
+def _check_duplicate_keys(node: yaml.Node, source: str, path: tuple = ()) -> None:
+    """A key given twice in one mapping is an error naming both lines (YAML would keep the last silently)."""
+    problems: list[Problem] = []
+    stack = [(node, path)]
+    while stack:
+        current, where = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in current.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                line = key.start_mark.line + 1
+                if name is not None and name in seen:
+                    problems.append(Problem(format_path(where + (name,)), f"duplicate key {name!r} (lines {seen[name]} "
+                                                                          f"and {line}); give it once", line))
+                elif name is not None:
+                    seen[name] = line
+                stack.append((value, where + ((name,) if name is not None else ())))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, where + (i,)) for i, item in enumerate(current.value))
+    if problems:
+        raise SpecError(problems, source)
+
+
 def read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     source = str(path)
     try:
@@ -163,7 +208,10 @@ def read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     except UnicodeDecodeError as e:
         raise SpecError([Problem("", f"the file is not UTF-8 text (byte {e.start} is invalid)")], source) from None
     try:
+        _check_events(text, source)  # before anything is built: aliases and size are refused here
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_duplicate_keys(node, source)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
