@@ -35,6 +35,7 @@ class Job:
     resources: dict[str, Any]
     max_attempts: int
     timeout_s: float | None
+    hung_after_s: float | None = None  # no heartbeat for this long while running: the worker is killed, the job retried
     calibration: dict[str, Any] | None = None  # resolved calibration data ref, for methods that calibrate
     stage: str = ""  # the job group's name (or its kind)
     parent: str | None = None  # the job this one starts from (``from:``): it runs once that one succeeded
@@ -60,6 +61,7 @@ class Job:
             "resources": self.resources,
             "max_attempts": self.max_attempts,
             "timeout_s": self.timeout_s,
+            "hung_after_s": self.hung_after_s,
             "calibration": self.calibration,
             "stage": self.stage,
             "parent": self.parent,
@@ -186,6 +188,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         resources=(group.resources or spec.resources).model_dump(),
         max_attempts=group.max_attempts or spec.max_attempts,
         timeout_s=group.timeout_s or spec.timeout_s,
+        hung_after_s=group.hung_after_s or spec.hung_after_s,
         calibration=calibration,
         stage=stage_name(gi, group),
         parent=parent.id if parent is not None else None,

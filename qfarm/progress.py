@@ -150,6 +150,13 @@ def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int |
     loads = stats.get("model_loads", 0)
     caption = _summary(c, total) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
                                         if any(j.spec.get("model") for j in jobs) else "")
+    running = [j for j in jobs if j.status == "running"]
+    if running:
+        from .scheduler import HEARTBEAT_TTL_S
+
+        limits = sorted({float(j.spec.get("hung_after_s") or HEARTBEAT_TTL_S) for j in running})
+        caption += (f"\na running job without a heartbeat for {', '.join(f'{x:g}' for x in limits)} s is taken as "
+                    "hung: its worker is killed and the job retried (hung_after_s)")
     if len(jobs) < total:
         caption += f"\nshowing {len(jobs)} of {total} jobs, unfinished and failed first (--all shows every job)"
     table = Table(title=f"sweep {sweep.id}", caption=caption, header_style="bold")

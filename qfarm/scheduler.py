@@ -34,6 +34,7 @@ MAX_ACTOR_START_FAILURES = 3
 # another worker goes idle, which cost far more in a real sweep than it saved (bench/README.md).
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
 GONE_WORKER_S = 12.0  # two missed beats, and the worker actor named by the job no longer exists
+SLOW_REFRESH_S = 5.0  # a re-read of the sweep this slow means Redis was unreachable meanwhile
 
 
 def scheduler_name(namespace: str, sweep_id: str) -> str:
@@ -84,6 +85,7 @@ class Scheduler:
         self.jobs: dict[str, JobRecord] = {}
         self.sweep = None
         self._refreshed = 0.0
+        self._watching_since = time.time()  # hung workers are judged on heartbeats seen since then
         self.state = "starting"
         self._worker_seq = 0
         self.metrics = Metrics(sweep_id)
@@ -143,9 +145,12 @@ class Scheduler:
             self._collect()
 
     def _refresh(self) -> None:
+        started = time.time()
         self.sweep = self.store.sweep(self.sweep_id)
         self.jobs = {j.id: j for j in self.store.sweep_jobs(self.sweep_id)}
         self._refreshed = time.time()
+        if self._refreshed - started > SLOW_REFRESH_S:  # Redis was away (the client retried): heartbeats were too
+            self._watching_since = self._refreshed
         self.metrics.update(self.jobs.values())
 
     def _foreign(self) -> list[JobRecord]:
@@ -247,7 +252,8 @@ class Scheduler:
                                 attempt={"worker": flight.slot.name})
 
     def _expire(self) -> None:
-        """Stop running jobs past their timeout_s, and jobs cancelled one by one (`qfarm cancel JOB`)."""
+        """Stop running jobs past their timeout_s, hung ones (no heartbeat for hung_after_s: killed and retried),
+        and jobs cancelled one by one (`qfarm cancel JOB`)."""
         now = time.time()
         for ref, flight in list(self.inflight.items()):
             seen = self.jobs.get(flight.job_id)  # refreshed from Redis every REFRESH_S: no read per job here
@@ -259,6 +265,14 @@ class Scheduler:
                     self.inflight.pop(ref)
                     self._force_cancel(flight)
                 continue
+            if seen is not None and seen.status == JobStatus.RUNNING.value and seen.attempt_id == flight.attempt_id:
+                reason = hung(seen, now, float(seen.spec.get("hung_after_s") or HEARTBEAT_TTL_S), self._watching_since)
+                if reason:  # frozen (a hung kernel, SIGSTOP): its heartbeat stopped while its actor lives
+                    self._kill(flight.slot, flight.pool)
+                    self.inflight.pop(ref)
+                    self._attempt_failed(flight, reason, retry=True)
+                    self._reload(flight.job_id)
+                    continue
             if not flight.timeout_s:
                 continue
             job = self.store.job(flight.job_id)
@@ -420,6 +434,16 @@ def orphaned(job: JobRecord, now: float, worker_gone) -> str | None:
     if quiet_s > GONE_WORKER_S and worker_gone(job.worker):
         return f"its worker {job.worker} is gone (no heartbeat for {quiet_s:.0f} s)"
     return None
+
+
+def hung(job: JobRecord, now: float, after_s: float, watching_since: float = 0.0) -> str | None:
+    """Why a running job's worker counts as hung (no heartbeat for ``after_s``), or None. Its heartbeat thread
+    beats every few seconds whatever the job does, so silence means the process is frozen or gone. Silence is
+    counted only from ``watching_since``: while Redis was unreachable no worker could beat."""
+    quiet_s = now - max(job.heartbeat_at or job.started_at or now, watching_since)
+    if quiet_s <= after_s:
+        return None
+    return f"worker hung: no heartbeat for {quiet_s:.0f} s (more than {after_s:g} s); its worker was killed"
 
 
 def timed_out(started_at: float | None, timeout_s: float | None, now: float) -> bool:

@@ -14,7 +14,8 @@ Sample yaml::
         matrix:
           method: [none, bnb-int8, bnb-nf4, bnb-fp4]
 
-A job group's keys other than ``kind, name, from, eval, matrix, exclude, resources, max_attempts, timeout_s`` are
+A job group's keys other than ``kind, name, from, eval, matrix, exclude, resources, max_attempts, timeout_s,
+hung_after_s`` are
 fixed options, applied to every combination of its matrix (``- {kind: quantize, method: bnb-nf4, double_quant: true}``).
 
 Pipelines write ``stages:`` instead of ``jobs:`` (the same list): a stage with ``from: NAME`` runs one job per
@@ -104,6 +105,7 @@ class JobGroup(BaseModel):
     resources: Optional[Resources] = None
     max_attempts: Optional[int] = Field(None, ge=1, le=100)
     timeout_s: Optional[float] = Field(None, gt=0)
+    hung_after_s: Optional[float] = Field(None, ge=10, le=86_400)  # no heartbeat this long: the worker is hung
 
 
 class SweepSpec(Strict):
@@ -114,6 +116,7 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     max_attempts: int = Field(3, ge=1, le=100)
     timeout_s: Optional[float] = Field(None, gt=0)
+    hung_after_s: Optional[float] = Field(None, ge=10, le=86_400)  # default: the scheduler's HEARTBEAT_TTL_S (60)
     jobs: list[JobGroup] = Field(min_length=1)
 
 

@@ -191,3 +191,37 @@ def test_a_job_past_its_timeout_is_stopped_and_fails_with_the_reason(cli_env, tm
     assert jobs[0].finished_at < jobs[0].started_at + 60  # stopped before its 60 s sleep would have ended
     assert jobs[0].attempts == 1  # a timeout is not retried: it would time out again
     assert jobs[1].status == "succeeded"
+
+
+def test_a_frozen_worker_is_killed_and_its_job_retried(cli_env, tmp_path, store):
+    """SIGSTOP the worker process running a job (as a hung CUDA kernel or NCCL call leaves it): its heartbeat
+    stops while its actor lives; after hung_after_s the scheduler kills it and the job runs again, once."""
+    import os
+
+    path = spec(tmp_path, """\
+        hung_after_s: 10
+        jobs:
+          - {kind: sleep, seconds: 4, index: 0}
+    """, name="frozen")
+    assert qfarm(cli_env, "submit", path).returncode == 0
+    sweep = store.find_sweep("frozen").id
+    deadline, victim = time.time() + 90, None
+    while time.time() < deadline and victim is None:
+        victim = next((j for j in store.sweep_jobs(sweep) if j.status == "running" and j.pid), None)
+        time.sleep(0.2)
+    assert victim is not None
+    os.kill(victim.pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        while time.time() < deadline + 60 and store.job(victim.id).status != "succeeded":
+            time.sleep(0.5)
+    finally:
+        try:
+            os.kill(victim.pid, signal.SIGCONT)  # should it still exist: let it be killed normally
+        except ProcessLookupError:
+            pass
+    job = store.job(victim.id)
+    assert job.status == "succeeded" and job.attempts == 2, (job.status, job.error)
+    first = store.attempts(victim.id)[0]
+    assert first["status"] == "retried" and first["error"].startswith("worker hung: no heartbeat for ")
+    assert first["finished_at"] >= stopped_at + 9  # not before its hung_after_s (from its last beat)

@@ -82,3 +82,15 @@ def test_which_failures_are_worth_retrying():
     assert not retryable(ValueError("bad group size")) and not retryable(FileNotFoundError("x.jsonl"))
     assert not retryable(RuntimeError("sleep job 9 was asked to fail"))
     assert not retryable(type("E", (Permanent, ConnectionError), {})())  # said permanent: permanent
+
+
+def test_a_worker_is_hung_when_its_heartbeat_stops_but_not_while_redis_was_away():
+    from qfarm.scheduler import hung
+
+    beating = job(heartbeat_at=NOW - 5, started_at=NOW - 500)
+    assert hung(beating, NOW, 60) is None
+    frozen = job(heartbeat_at=NOW - 95, started_at=NOW - 500)
+    assert hung(frozen, NOW, 60) == "worker hung: no heartbeat for 95 s (more than 60 s); its worker was killed"
+    assert hung(frozen, NOW, 120) is None  # the sweep's own hung_after_s
+    assert hung(frozen, NOW, 60, watching_since=NOW - 30) is None  # Redis came back 30 s ago: no verdict yet
+    assert hung(job(started_at=NOW - 70), NOW, 60).startswith("worker hung: no heartbeat for 70 s")  # never beat
