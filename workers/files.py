@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,22 @@ def build_once(target: Path, build: Callable[[Path], None]) -> bool:
         build(tmp)
         os.replace(tmp, target)
         return True
+
+
+JOB_ID = re.compile(r"^j[0-9a-f]{12}$")
+
+
+def job_dir(root: str, path: str, job_id: str) -> str:
+    """A job's own output folder, checked before anything is written or removed there: named by a well-formed
+    job id and strictly below the output root (a record from Redis saying ``id: ..`` must not make the worker
+    empty the whole root)."""
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise ValueError(f"refusing a job id that is not one qfarm makes: {job_id!r}")
+    resolved = inside(root, path)
+    if Path(resolved).name != job_id or Path(resolved) == Path(root).resolve() or \
+            Path(root).resolve() not in Path(resolved).parent.parents:
+        raise ValueError(f"refusing {resolved} as the folder of job {job_id}: it must be <root>/<sweep>/{job_id}")
+    return resolved
 
 
 def inside(root: str, path: str) -> str:

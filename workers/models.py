@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from workers.checks import CHECKS_FILE, gguf_conventions
-from workers.files import build_once, inside, keyed
+from workers.files import build_once, inside, job_dir, keyed
 
 
 def quiet() -> None:
@@ -50,7 +50,7 @@ def start(ctx) -> None:
 
     quiet()
     torch.set_num_threads(ctx.threads)
-    ctx.output_dir = inside(ctx.output_root, ctx.output_dir)
+    ctx.output_dir = job_dir(ctx.output_root, ctx.output_dir, ctx.job.get("id"))
 
 
 def prepared_base(ctx, from_input: bool = False):

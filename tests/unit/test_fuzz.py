@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
@@ -83,3 +84,20 @@ def test_worker_paths_never_leave_the_output_root(tmp_path, parts):
     except ValueError:
         return
     assert resolved == str(root.resolve()) or resolved.startswith(str(root.resolve()) + "/")
+
+
+@SETTINGS
+@given(job_id=st.sampled_from(["..", ".", "", "j0123456789ab", "jZZ", "j0123456789ab/..", "/", "j" + "0" * 12]),
+       parts=st.lists(st.sampled_from(["..", ".", "sweep", "j0123456789ab", "j000000000000", "/"]), max_size=4))
+def test_a_job_folder_from_redis_is_always_a_job_folder_strictly_inside_the_root(tmp_path, job_id, parts):
+    """What a worker writes into and empties (rmtree) is <root>/<sweep>/<job id>, whatever Redis says."""
+    from workers.files import job_dir
+
+    root = (tmp_path / "root").resolve()
+    try:
+        resolved = job_dir(str(root), str(root / "/".join(parts)) if parts else str(root), job_id)
+    except ValueError:
+        return
+    path = Path(resolved)
+    assert path.name == job_id
+    assert root in path.parent.parents  # at least <root>/<sweep>/<job>: never the root, never a sweep folder
