@@ -53,11 +53,27 @@ def _client(url: str, retries: int = RETRIES) -> redis.Redis:
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
+SECRET_PARAMS = ("password", "passwd", "pass", "token", "secret", "key_password", "ssl_password")
+
+
 def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    """``url`` fit for a message or a log: the user-info part and every secret-looking query value as ***."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<a Redis URL that does not parse>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    hidden = [(k, "***" if any(w in k.lower() for w in SECRET_PARAMS) else v) for k, v in query]
+    text = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(hidden, safe="/*"),
+                                    parts.fragment))
+    if url.startswith(f"{parts.scheme}://") and not text.startswith(f"{parts.scheme}://"):  # unix:///path
+        text = f"{parts.scheme}://" + text[len(parts.scheme) + 1:]
+    return text
 
 
 def connect_redis(url: str | None, *, embedded_ok: bool = True, say=print) -> tuple[redis.Redis, str]:
