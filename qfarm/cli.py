@@ -339,14 +339,12 @@ def _find(store, text: str):
 
 def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, frontier: str | None):
     """(the rows compared, the frontier's objectives, a note on them or None)."""
-    from .compare import compare_noted, frontier_for, parse_frontier
+    from .compare import compare_noted, parse_frontier
     from .results import rows
 
     # a job reused from another sweep shows under the sweep asked for (deltas pair it with that sweep's reference)
     data = [dict(r, sweep_id=sid) for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
-    objectives = parse_frontier(frontier)
-    compared, note = compare_noted(data, where, sort, objectives, chosen=frontier is not None)
-    return compared, frontier_for(compared, objectives, frontier is not None)[0], note
+    return compare_noted(data, where, sort, parse_frontier(frontier), chosen=frontier is not None)
 
 
 def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | None = None,

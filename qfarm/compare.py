@@ -258,9 +258,9 @@ def compare(data: list[dict], where: list[str] = (), sort: str | None = None,
 
 
 def compare_noted(data: list[dict], where: list[str] = (), sort: str | None = None,
-                  frontier: tuple[str, ...] = DEFAULT_FRONTIER, chosen: bool = True) -> tuple[list[dict], str | None]:
-    """``compare``, where (not ``chosen``: the default objectives) the frontier may leave speed out, with the note
-    that says so (``frontier_for``)."""
+                  frontier: tuple[str, ...] = DEFAULT_FRONTIER, chosen: bool = True):
+    """``compare``, where (not ``chosen``: the default objectives) the frontier may leave speed out: (rows, the
+    objectives used, the note that says why they changed or None; see ``frontier_for``)."""
     data = filter_rows(with_deltas(data), list(where))
     objectives, note = frontier_for(data, frontier, chosen)
-    return sort_rows(mark_pareto(data, objectives), sort), note
+    return sort_rows(mark_pareto(data, objectives), sort), objectives, note

@@ -150,11 +150,7 @@ def test_a_killed_worker_is_retried_and_the_sweep_completes(cli_env, tmp_path, s
     out = qfarm(cli_env, "submit", path)
     assert out.returncode == 0, out.stderr
     sweep = store.find_sweep("naps").id
-    deadline, victim = time.time() + 60, None
-    while time.time() < deadline and victim is None:
-        victim = next((j for j in store.sweep_jobs(sweep) if j.status == "running" and j.pid), None)
-        time.sleep(0.2)
-    assert victim is not None
+    victim = running_job(store, sweep, 60)
     os.kill(victim.pid, signal.SIGKILL)
     deadline = time.time() + 90
     while time.time() < deadline and not all(j.status == "succeeded" for j in store.sweep_jobs(sweep)):
@@ -307,3 +303,14 @@ def test_stages_run_in_dag_order_and_a_failed_parent_skips_its_subtree(cli_env, 
     assert "sleep[11]" in d["error"] and "skipped" in d["error"]
     status = qfarm(cli_env, "status", "dag")
     assert "2 skipped" in status.stdout + status.stderr
+
+
+def running_job(store, sweep: str, timeout_s: float):
+    """The first job of ``sweep`` seen running with a worker pid (to inject a fault into its process)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        victim = next((j for j in store.sweep_jobs(sweep) if j.status == "running" and j.pid), None)
+        if victim is not None:
+            return victim
+        time.sleep(0.2)
+    raise AssertionError(f"no job of {sweep} was running within {timeout_s:g} s")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.cli import qfarm
-from tests.integration.test_farm import spec
+from tests.integration.test_farm import running_job, spec
 from tests.integration.test_redis_connection import free_port
 
 pytestmark = pytest.mark.integration
@@ -205,15 +205,11 @@ def test_a_frozen_worker_is_killed_and_its_job_retried(cli_env, tmp_path, store)
     """, name="frozen")
     assert qfarm(cli_env, "submit", path).returncode == 0
     sweep = store.find_sweep("frozen").id
-    deadline, victim = time.time() + 90, None
-    while time.time() < deadline and victim is None:
-        victim = next((j for j in store.sweep_jobs(sweep) if j.status == "running" and j.pid), None)
-        time.sleep(0.2)
-    assert victim is not None
+    victim = running_job(store, sweep, 90)
     os.kill(victim.pid, signal.SIGSTOP)
     stopped_at = time.time()
     try:
-        while time.time() < deadline + 60 and store.job(victim.id).status != "succeeded":
+        while time.time() < stopped_at + 120 and store.job(victim.id).status != "succeeded":
             time.sleep(0.5)
     finally:
         try:
