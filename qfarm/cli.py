@@ -344,7 +344,7 @@ def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, f
 
     # a job reused from another sweep shows under the sweep asked for (deltas pair it with that sweep's reference)
     data = [dict(r, sweep_id=sid) for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
-    return compare_noted(data, where, sort, parse_frontier(frontier), chosen=frontier is not None)
+    return compare_noted(data, where, sort, parse_frontier(frontier, data), chosen=frontier is not None)
 
 
 def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | None = None,

@@ -12,6 +12,7 @@ Adding a column is one row here plus the producer that writes the key (see READM
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional
 
@@ -101,6 +102,9 @@ TABLE: tuple[Column, ...] = (
     C("source_kl", unit="nats", group="checks"),
     C("source_top1_agree", group="checks"),
     C("source_perplexity", group="checks"),
+    # lm-evaluation-harness tasks (workers.tasks): their <task>_<metric> columns are named after the tasks
+    C("tasks", group="tasks", format="{}"),  # per task: main column, metric, which way is better, documents
+    C("lm_eval_version", group="tasks", format="{}"),
     # speed
     C("ttft_ms", unit="ms", direction="min", group="speed"),
     C("ms_per_token", unit="ms", direction="min", group="speed"),
@@ -174,6 +178,41 @@ VIEW: tuple[Column, ...] = tuple(sorted((c for c in TABLE if c.header), key=lamb
 MINIMIZE: tuple[str, ...] = tuple(c.name for c in TABLE if c.direction == "min")
 MAXIMIZE: tuple[str, ...] = tuple(c.name for c in TABLE if c.direction == "max")
 PIPELINE_HIDDEN: frozenset[str] = frozenset(c.name for c in TABLE if c.pipeline_hidden)
+
+
+TASK_VIEW = 15.5  # where the tasks' columns go in the default table: after the perplexity figures
+
+
+def column_name(*parts: str) -> str:
+    """A result column's name made of a task's, metric's or filter's names: lower case, other runs as ``_``."""
+    return re.sub(r"[^0-9a-z]+", "_", "_".join(parts).lower()).strip("_")
+
+
+def recovery_name(task: str) -> str:
+    return column_name(task, "recovery")
+
+
+def task_info(data: Iterable[dict]) -> dict[str, dict]:
+    """The tasks the rows were evaluated on (``tasks`` of each row), first seen first."""
+    out: dict[str, dict] = {}
+    for r in data:
+        for task, info in (r.get("tasks") or {}).items():
+            if isinstance(info, dict) and isinstance(info.get("column"), str):
+                out.setdefault(task, info)
+    return out
+
+
+def task_columns(data: Iterable[dict]) -> list[Column]:
+    """The columns the rows' tasks add: each task's main metric and its recovery, shown and usable as
+    frontier objectives (direction from the harness's ``higher_is_better``; recovery is higher-is-better)."""
+    out = []
+    for i, (task, info) in enumerate(task_info(data).items()):
+        way = "max" if info.get("higher_is_better", True) else "min"
+        out.append(Column(info["column"], f"{task} {info.get('metric', '')}".strip(), "{:.3f}", direction=way,
+                          group="tasks", view=TASK_VIEW + i / 100))
+        out.append(Column(recovery_name(task), f"{task} rec.", "{:.3f}", "×", "max", "computed",
+                          view=TASK_VIEW + (i + 0.5) / 100))
+    return out
 
 
 def se_of(row: dict, name: str) -> float | None:

@@ -20,7 +20,7 @@ import operator
 import re
 from typing import Any
 
-from .columns import MAXIMIZE, MINIMIZE, se_of
+from .columns import MAXIMIZE, MINIMIZE, recovery_name, se_of, task_columns, task_info
 from .errors import UsageError, allowed, did_you_mean
 
 # Objectives the frontier can use, and which way is better: the columns with a direction (qfarm.columns).
@@ -44,7 +44,28 @@ def with_deltas(data: list[dict]) -> list[dict]:
         r["decode_speedup"] = _ratio(r.get("decode_tokens_per_s"), ref and ref.get("decode_tokens_per_s"))
         r["prefill_speedup"] = _ratio(r.get("prefill_tokens_per_s"), ref and ref.get("prefill_tokens_per_s"))
         r["mem_vs_ref"] = _ratio(r.get("peak_mem_mb"), ref and ref.get("peak_mem_mb"))
+        r.update(recoveries(r, ref))
         out.append(r)
+    return out
+
+
+def recoveries(row: dict, ref: dict | None) -> dict:
+    """``<task>_recovery`` for each task of the row: its main metric over the reference's (the llm-compressor
+    convention; reference over variant for a lower-is-better metric, so that above 1 is always better), with
+    ``_se`` from both standard errors (taken as independent: an upper bound for the same documents)."""
+    out: dict = {}
+    for task, info in task_info([row]).items():
+        col, name = info["column"], recovery_name(task)
+        a, b = row.get(col), (ref or {}).get(col)
+        if not info.get("higher_is_better", True):
+            a, b = b, a
+        value = _ratio(a, b)
+        out[name] = value
+        sa, sb = se_of(row, col), se_of(ref or {}, col)
+        if not info.get("higher_is_better", True):
+            sa, sb = sb, sa
+        out[f"{name}_se"] = (value * math.hypot(sa / a, sb / b) if value is not None and a and sa is not None
+                             and sb is not None else None)
     return out
 
 
@@ -54,15 +75,23 @@ def _ratio(a: Any, b: Any) -> float | None:
     return None
 
 
-def parse_frontier(text: str | None) -> tuple[str, ...]:
+def objectives_of(data: list[dict] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(lower-is-better, higher-is-better) columns: the table's, and those of the rows' lm-eval tasks."""
+    tasks = task_columns(data)
+    return (MINIMIZE + tuple(c.name for c in tasks if c.direction == "min"),
+            MAXIMIZE + tuple(c.name for c in tasks if c.direction == "max"))
+
+
+def parse_frontier(text: str | None, data: list[dict] = ()) -> tuple[str, ...]:
     if not text:
         return DEFAULT_FRONTIER
     cols = tuple(c.strip() for c in text.split(",") if c.strip())
-    known = MINIMIZE + MAXIMIZE
+    lower, higher = objectives_of(data)
+    known = lower + higher
     for c in cols:
         if c not in known:
             raise UsageError(f"--frontier: {c!r} is not an objective.{did_you_mean(c, known)} "
-                             f"Lower is better: {allowed(MINIMIZE)}; higher is better: {allowed(MAXIMIZE)}")
+                             f"Lower is better: {allowed(lower)}; higher is better: {allowed(higher)}")
     if len(cols) < 2:
         raise UsageError("--frontier needs at least two objectives, e.g. size_mb,perplexity")
     return cols
@@ -71,13 +100,15 @@ def parse_frontier(text: str | None) -> tuple[str, ...]:
 def mark_pareto(data: list[dict], objectives=DEFAULT_FRONTIER) -> list[dict]:
     """Rows with ``pareto`` set (see the module docstring). Ties do not dominate each other: values within 0.1 %,
     or within the noise (2 standard errors of the difference, where both rows have one), are equal."""
+    lower = objectives_of(data)[0]
+
     def point(r: dict):
         if r.get("status") != "succeeded":
             return None
         values = [r.get(c) for c in objectives]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return None
-        sign = [1 if c in MINIMIZE else -1 for c in objectives]  # all "smaller is better"
+        sign = [1 if c in lower else -1 for c in objectives]  # all "smaller is better"
         return (tuple(s * v for s, v in zip(sign, values)), tuple(noise_se(r, c) for c in objectives))
 
     points = [point(r) for r in data]

@@ -128,7 +128,7 @@ def expand(loaded: LoadedSpec) -> Plan:
     for gi, group in enumerate(spec.jobs):
         parent_stage = validate.parent_stage(gi, group, spec, errors)
         parents = [None] if parent_stage is None else stages.get(parent_stage, []) if parent_stage else []
-        group_eval = validate.evaluation(group.eval, loaded.base_dir, errors) if group.eval is not None else eval_spec
+        group_eval = validate.evaluation(group.eval, loaded.base_dir, errors, ("jobs", gi, "eval")) if group.eval is not None else eval_spec
         mine: list[Job] = []
         for combo, sources in validate.combinations(gi, group, errors):
             options = validate.options(gi, group, combo, sources, errors)
@@ -264,4 +264,9 @@ def _eval_identity(eval_spec: dict | None) -> Any:
     ev = json.loads(json.dumps(eval_spec))
     if ev.get("perplexity") and isinstance(ev["perplexity"].get("dataset"), dict):
         ev["perplexity"]["dataset"] = ev["perplexity"]["dataset"]["key"]
+    if ev.get("task_paths"):
+        ev["task_paths"] = [p["fingerprint"] for p in ev["task_paths"]]  # the tasks' content, not where they lie
+    if not ev.get("tasks"):
+        ev.pop("tasks", None)  # a sweep without tasks keeps the job ids it had before tasks existed
+        ev.pop("task_paths", None)
     return ev

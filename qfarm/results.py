@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .columns import CORE, PIPELINE_HIDDEN, TABLE, VIEW, column, se_of
+from .columns import CORE, PIPELINE_HIDDEN, TABLE, VIEW, column, se_of, task_columns
 from .store import JobRecord
 
 COLUMNS = list(CORE)  # every row has these keys, null when not measured
@@ -76,13 +76,14 @@ def cell_of(row: dict, name: str, fmt: str) -> str:
 def visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[str, str, str]]:
     """(name, header, format) of the columns asked for, or of the default view without the ones empty in every
     row (e.g. speed on sleep jobs), the sweep column only for rows of several sweeps, the frontier column only
-    once computed, and (a pipeline) without the columns that make room for its training and merge columns."""
+    once computed, each lm-eval task's main metric and recovery, and (a pipeline) without the columns that make room for its training and merge columns."""
+    tasks = {c.name: c for c in task_columns(data)}
     if columns:
-        return [(c, column(c).header or c, column(c).format) for c in columns]
+        return [(c, (tasks.get(c) or column(c)).header or c, (tasks.get(c) or column(c)).format) for c in columns]
     sweeps = {r.get("sweep_id") for r in data}
     out = []
     pipeline = any(r.get("parent") for r in data)
-    for c in VIEW:
+    for c in sorted(VIEW + tuple(tasks.values()), key=lambda c: c.view):
         if (c.name == "sweep_id" and len(sweeps) < 2) or (c.name == "stage" and not pipeline):
             continue
         if pipeline and c.name in PIPELINE_HIDDEN:

@@ -8,6 +8,8 @@ Sample yaml::
       perplexity: {dataset: bundled:python-docs, seq_len: 512, max_windows: 16}
       speed: {prompt_tokens: 64, new_tokens: 32, runs: 3}
       prompts: ["What is the capital of France?"]
+      tasks: [{name: arc_easy, num_fewshot: 0, limit: 500}]   # lm-evaluation-harness, on every row
+      task_paths: [tasks/]                                     # local lm-eval task YAMLs (include_path)
     resources: {gpus: 1}
     jobs:
       - kind: quantize
@@ -68,11 +70,23 @@ class SpeedSpec(Strict):
     runs: int = Field(3, ge=1, le=100)
 
 
+class TaskSpec(Strict):
+    """One lm-evaluation-harness task (or group), run with the harness's own definition on every row."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+    num_fewshot: Optional[int] = Field(None, ge=0, le=100)  # None: the task's own default (0 where it has none)
+    limit: Optional[int] = Field(None, ge=1, le=10_000_000)  # the first N documents of the task's split
+    batch_size: int = Field(1, ge=1, le=1_024)
+    bootstrap_iters: int = Field(1000, ge=0, le=1_000_000)  # for the standard error of non-mean metrics
+
+
 class EvalSpec(Strict):
     perplexity: Optional[PerplexitySpec] = PerplexitySpec()
     speed: Optional[SpeedSpec] = SpeedSpec()
     prompts: list[str] = []
     max_new_tokens: int = Field(32, ge=1, le=4_096)
+    tasks: list[TaskSpec] = Field([], max_length=200)  # lm-eval tasks: accuracy columns per row
+    task_paths: list[str] = Field([], max_length=32)  # folders of local lm-eval task YAMLs (its include_path)
 
 
 class Resources(Strict):

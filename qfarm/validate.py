@@ -19,7 +19,8 @@ from .columns import column, option_clashes
 from .errors import Problem, allowed, did_you_mean, format_path, line_of
 from .methods import KINDS, Options
 from .modelinfo import shape_of
-from .refs import RefError, resolve_dataset, resolve_model
+from . import lmtasks
+from .refs import RefError, fingerprint, resolve_dataset, resolve_model
 from .spec import EvalSpec, JobGroup, SweepSpec, describe
 
 AXIS_KEYS = frozenset({"onto"})  # a stage-level list of these is an axis: `onto: [base, dequantized]`, one job each
@@ -101,8 +102,9 @@ def model(text: str, base_dir: Path, errors: Collector) -> dict | None:
     return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
 
 
-def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector) -> dict:
-    """The evaluation as a plain dict, its perplexity dataset resolved."""
+def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tuple = ("eval",)) -> dict:
+    """The evaluation as a plain dict: its perplexity dataset resolved, its task folders resolved (each with a
+    fingerprint of its content: editing a task reruns its jobs) and its task names checked (qfarm.lmtasks)."""
     ev = eval_spec.model_dump()
     ppl = eval_spec.perplexity
     if ppl is not None:
@@ -110,8 +112,34 @@ def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector) -> dict:
             ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
             ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
         except RefError as e:
-            errors.add(("eval", "perplexity", "dataset"), str(e))
+            errors.add(loc + ("perplexity", "dataset"), str(e))
+    folders = []
+    for i, text in enumerate(eval_spec.task_paths):
+        folder = (base_dir / text).resolve()
+        if not folder.is_dir():
+            errors.add(loc + ("task_paths", i), f"{text!r} is not a folder (relative paths start at the spec's folder, "
+                                                f"{base_dir}); give a folder of lm-eval task YAML files")
+            continue
+        folders.append(folder)
+    ev["task_paths"] = [{"path": str(f), "fingerprint": fingerprint(f)} for f in folders]
+    if eval_spec.tasks:
+        _check_tasks(eval_spec, folders, errors, loc)
     return ev
+
+
+def _check_tasks(eval_spec: EvalSpec, folders: list[Path], errors: Collector, loc: tuple) -> None:
+    names, harness = lmtasks.known(folders)
+    seen = set()
+    for i, task in enumerate(eval_spec.tasks):
+        if task.name in seen:
+            errors.add(loc + ("tasks", i, "name"), f"task {task.name!r} is listed twice; list each task once")
+        seen.add(task.name)
+        if task.name in names or not harness:
+            continue  # (without lm-eval installed here its catalogue is checked by the worker)
+        where = "lm-eval's task catalogue" + (" or eval.task_paths" if folders else "")
+        errors.add(loc + ("tasks", i, "name"), f"no task, group or tag {task.name!r} in {where}."
+                                               f"{did_you_mean(task.name, sorted(names))} "
+                                               "List them with: lm_eval ls tasks")
 
 
 def combinations(gi: int, group: JobGroup, errors: Collector):

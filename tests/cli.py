@@ -25,9 +25,16 @@ def results(env, *sweeps) -> list[dict]:
     out = qfarm(env, "results", *sweeps, "--format", "json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    undeclared = {k for r in data for k in r} - declared_keys()
+    undeclared = {k for r in data for k in r if not task_column(r, k)} - declared_keys()
     assert not undeclared, f"result keys that are neither a column of qfarm/columns.py nor an option: {undeclared}"
     return data
+
+
+def task_column(row: dict, key: str) -> bool:
+    """Whether ``key`` is a column of one of the row's lm-eval tasks (``<task>_<metric>``, named after the task)."""
+    from qfarm.columns import column_name
+
+    return any(key.startswith(column_name(t) + "_") for t in row.get("tasks") or {})
 
 
 def declared_keys() -> set[str]:

@@ -25,6 +25,7 @@ from typing import ClassVar
 from workers.checks import check_reference
 from workers.data import windows_and_bytes
 from workers.data import held_out, load_text
+from workers.tasks import run_tasks
 
 
 @dataclass
@@ -137,14 +138,36 @@ class TorchRunner:
             sync()
             return t1 - t0, time.perf_counter() - t1
 
-    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None) -> list[int]:
+    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None, stop=None) -> list[int]:
+        """The greedy continuation; with ``stop``, ended early once ``stop(new_ids)`` is true (or at EOS)."""
         import torch
 
         enc = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        if stop is not None:
+            return self._greedy_until(enc, max_new_tokens, stop)
         with torch.inference_mode():
             gen = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc),
                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         return gen[0, len(ids):].tolist()
+
+    def _greedy_until(self, enc, max_new_tokens: int, stop) -> list[int]:
+        import torch
+
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = set(eos if isinstance(eos, list) else [eos])
+        out: list[int] = []
+        with torch.inference_mode():
+            res = self.model(input_ids=enc, use_cache=True)
+            for _ in range(max_new_tokens):
+                tok = int(res.logits[0, -1].argmax())
+                if tok in eos:
+                    break
+                out.append(tok)
+                if stop(out):
+                    break
+                res = self.model(input_ids=torch.tensor([[tok]], device=enc.device),
+                                 past_key_values=res.past_key_values, use_cache=True)
+        return out
 
 
 def runner(model):
@@ -334,7 +357,7 @@ def evaluate(ctx, model, base) -> dict:
     ev = ctx.job["eval"] or {}
     tokenizer = base.tokenizer
     metrics: dict = {"kernel": kernel_of(model), "runtime": runtime_of(model)} if hasattr(model, "modules") else {}
-    model = runner(model)
+    loaded, model = model, runner(model)
     metrics.setdefault("runtime", getattr(model, "runtime", None))
     ppl = ev.get("perplexity")
     wins = None
@@ -357,4 +380,5 @@ def evaluate(ctx, model, base) -> dict:
     if ev.get("prompts"):
         metrics["answers"] = answers(model, tokenizer, ev["prompts"], ev.get("max_new_tokens", 32), ctx.progress)
     metrics.update(task_metrics(ctx, model, base))
+    metrics.update(run_tasks(ctx, loaded, base))
     return metrics

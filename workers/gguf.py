@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from workers.files import build_once, keyed
+from workers.tasks import TASK_CONTEXT
 
 # llama.cpp file type name -> llama_cpp constant. The names a spec may use are qfarm.methods.GGUF_TYPES.
 _FTYPE_CONST = {"F32": "LLAMA_FTYPE_ALL_F32"}
@@ -120,7 +121,8 @@ class Gguf:
         ev = ctx.job.get("eval") or {}
         need = max((ev.get("perplexity") or {}).get("seq_len", 0),
                    sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
-                   (ctx.job.get("task_eval") or {}).get("seq_len", 0))
+                   (ctx.job.get("task_eval") or {}).get("seq_len", 0),
+                   TASK_CONTEXT if ev.get("tasks") else 0)
         n_ctx = need + ev.get("max_new_tokens", 32) + 256
         path = next(Path(artifact).glob("*.gguf"))
         return LlamaCppModel(str(path), n_ctx, ctx.threads)
@@ -134,7 +136,7 @@ class LlamaCppModel:
         import llama_cpp
         import torch
 
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.n_ctx = path, threads, n_ctx
         self.nbytes = Path(path).stat().st_size
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
                                    n_threads_batch=threads, logits_all=True, verbose=False,
@@ -159,7 +161,7 @@ class LlamaCppModel:
     def _next(self, position: int) -> int:
         return int(self.llm.scores[position].argmax())
 
-    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None = None) -> list[int]:
+    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None = None, stop=None) -> list[int]:
         self._eval(ids)
         out, pos = [], len(ids) - 1
         for _ in range(max_new_tokens):
@@ -167,6 +169,8 @@ class LlamaCppModel:
             if tok == self.eos:
                 break
             out.append(tok)
+            if stop is not None and stop(out):
+                break
             self.llm.eval([tok])
             pos += 1
         return out
