@@ -71,7 +71,8 @@ TABLE: tuple[Column, ...] = (
     C("versions", group="run", format="{}"),
     # size and memory
     C("model_mem_mb", unit="MB", direction="min", group="memory"),
-    C("ref_size_mb", unit="MB", group="size"),
+    C("ref_size_mb", unit="MB", group="size"),  # the reference checkpoint on disk, in its own dtype
+    C("ref_size_source", group="size", format="{}"),
     C("size_source", group="size", format="{}"),
     C("quant_s", unit="s", direction="min", group="size"),
     C("quant_peak_mem_mb", unit="MB", group="memory"),

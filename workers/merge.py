@@ -127,7 +127,7 @@ def run(ctx) -> dict:
         "onto": opts["onto"],
         "merge_s": merge_s,
         **checked,
-        **shared_columns(base, size_bytes=dir_bytes(str(target)), size_source="disk", model=model, peak_mb=mem.mb,
+        **shared_columns(ctx, base, size_bytes=dir_bytes(str(target)), size_source="disk", model=model, peak_mb=mem.mb,
                          prepare_s=prepare_s, cached=cached, artifact=str(target)),
         "load_s": load_s,
         **metrics,

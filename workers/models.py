@@ -161,15 +161,41 @@ def dir_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def shared_columns(base, *, size_bytes: int, size_source: str, model, peak_mb: float, prepare_s: float,
-                   cached: bool, artifact: str | None, model_bytes: int | None = None) -> dict:
-    """The columns every model job's row has (qfarm.columns): size against the float base, memory, device,
-    artifact and library versions. ``size_source`` says what ``size_bytes`` measured: ``disk`` or ``memory``."""
-    ref_bytes = tensor_bytes(base.model)
+def checkpoint_bytes(ctx, base) -> tuple[int, str]:
+    """(the reference checkpoint's size on disk in its own dtype, what was measured): a GGUF source's file, the
+    weight files of a model folder (safetensors, else PyTorch .bin), else (a hub id) its parameters in the dtype
+    its config declares. Not the float copy a worker computes with: that is ``model_mem_mb``."""
+    model = ctx.job.get("model") or {}
+    if not (ctx.job.get("input") or {}).get("artifact") and model.get("kind") == "gguf":
+        return (Path(model["location"]) / model["gguf_file"]).stat().st_size, f"file {model['gguf_file']}"
+    folder = Path(base.path)
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        if files:
+            return sum(f.stat().st_size for f in files), "checkpoint files"
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base.path)  # as the checkpoint declares it, not as it was loaded
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    params = sum(p.numel() for p in base.model.parameters())
+    return params * torch.empty((), dtype=dtype).element_size(), f"parameters in {str(dtype).replace('torch.', '')}"
+
+
+def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model, peak_mb: float,
+                   prepare_s: float, cached: bool, artifact: str | None, model_bytes: int | None = None) -> dict:
+    """The columns every model job's row has (qfarm.columns): size against the reference checkpoint on disk,
+    memory, device, artifact and library versions. ``size_source`` says what ``size_bytes`` measured: ``disk``
+    or ``memory``; ``size_bytes`` None is the reference itself (its checkpoint)."""
+    ref_bytes, ref_source = checkpoint_bytes(ctx, base)
+    if size_bytes is None:
+        size_bytes, size_source = ref_bytes, f"disk ({ref_source})"
     return {
         "size_mb": size_bytes / 2**20,
         "size_source": size_source,
         "ref_size_mb": ref_bytes / 2**20,
+        "ref_size_source": ref_source,
         "size_vs_ref": size_bytes / ref_bytes,
         "model_mem_mb": (model_bytes if model_bytes is not None else tensor_bytes(model)) / 2**20,
         "peak_mem_mb": peak_mb,

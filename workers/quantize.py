@@ -49,8 +49,8 @@ def run(ctx) -> dict:
     result = {
         "method": name,
         "bits": ctx.job.get("bits", ctx.options.get("bits")),
-        **shared_columns(base, size_bytes=dir_bytes(artifact) if artifact else in_memory,
-                         size_source="disk" if artifact else "memory", model=model, model_bytes=in_memory,
+        **shared_columns(ctx, base, size_bytes=dir_bytes(artifact) if artifact else None,
+                         size_source="disk", model=model, model_bytes=in_memory,
                          peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=artifact),
         "load_s": load_s,
         "quant_s": quant_s,

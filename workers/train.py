@@ -92,7 +92,7 @@ def run(ctx) -> dict:
         run.model.eval()
         metrics = evaluate(ctx, run.model, base)
     result = {**row(run, train_s, train_mem.mb, adapter),
-              **shared_columns(base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,
+              **shared_columns(ctx, base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,
                                peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=str(adapter)),
               **metrics}
     del run

@@ -25,7 +25,7 @@ jobs:
     rows = run_sweep(cli_env, spec, "gpu-bnb")
     assert all(r["device"].startswith("cuda") for r in rows.values())
     assert rows["none"]["kl_div"] == 0.0
-    assert rows["bnb-nf4"]["size_mb"] < rows["none"]["size_mb"] / 2
+    assert rows["bnb-nf4"]["size_mb"] < rows["none"]["model_mem_mb"] / 2
     assert 0 < rows["bnb-int8"]["kl_div"] < rows["bnb-nf4"]["kl_div"]
 
 
