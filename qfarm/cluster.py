@@ -262,6 +262,11 @@ class Node:
         return next((GPU_MEMORY_GB[k] for k in kinds if k in GPU_MEMORY_GB), None)
 
     @property
+    def cuda(self) -> bool:
+        """Whether its GPUs are real NVIDIA ones (Ray names their type), not logical slots of a CPU machine."""
+        return any(k.startswith("accelerator_type:") for k in self.resources) or GPU_MEM_LABEL in self.labels
+
+    @property
     def name(self) -> str:
         return next((k.split(":", 1)[1] for k in self.resources if k.startswith("node:") and "internal" not in k),
                     self.id[:12])
@@ -325,6 +330,17 @@ def describe_nodes(nodes: list[Node]) -> str:
     return "; ".join(parts) or "no alive nodes"
 
 
+def cuda_refusal(jobs: list[dict], nodes: list[Node]) -> str | None:
+    """Why jobs that need real CUDA GPUs (``eval.engine: vllm``) cannot run on these nodes, or None."""
+    labels = sorted({j["label"] for j in jobs if (j.get("eval") or {}).get("engine") == "vllm"})
+    if not labels or any(n.cuda and n.resources.get("GPU", 0) > 0 for n in nodes):
+        return None
+    return (f"eval.engine: vllm runs on CUDA GPUs only, and no node of this cluster has one (its GPU slots, if any, "
+            f"are logical: Ray names no accelerator type); {len(labels)} job(s) ({', '.join(labels[:5])}) would "
+            f"be served by vLLM. The cluster has: {describe_nodes(nodes)}. Connect to a cluster with NVIDIA GPUs "
+            "(--ray-address), or use engine: native")
+
+
 def preflight(jobs: list[dict]) -> None:
     """Refuse jobs no node of the connected cluster could ever run (Ray would leave them waiting forever)."""
     nodes = cluster_nodes()
@@ -336,6 +352,9 @@ def preflight(jobs: list[dict]) -> None:
             if res.get("min_gpu_mem_gb"):
                 key += f", GPUs of at least {res['min_gpu_mem_gb']:g} GB"
             bad.setdefault(key, []).append(job["label"])
+    no_cuda = cuda_refusal(jobs, nodes)
+    if no_cuda:
+        raise UsageError(no_cuda)
     if bad:
         lines = [f"  {len(labels)} job(s) ({', '.join(sorted(set(labels))[:5])}) need {need}" for need, labels in bad.items()]
         raise UsageError("no node of this cluster can run these jobs:\n" + "\n".join(lines)

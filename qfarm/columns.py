@@ -117,6 +117,18 @@ TABLE: tuple[Column, ...] = (
     C("decode_tokens_per_s_p10", unit="tok/s", group="speed"),
     C("decode_tokens_per_s_p90", unit="tok/s", group="speed"),
     C("runtime", "runtime", "{}", group="speed", view=25.5, pipeline_hidden=True),  # what produced the speeds
+    # vLLM's engine (eval.engine: vllm; workers.serving): output tokens/s at each concurrency, TTFT, GPU memory
+    C("vllm_tokens_per_s_c1", unit="tok/s", direction="max", group="vllm"),
+    C("vllm_tokens_per_s_c8", unit="tok/s", direction="max", group="vllm"),
+    C("vllm_tokens_per_s_c32", "vLLM tok/s @32", "{:.0f}", "tok/s", "max", "vllm", view=17.5),
+    C("vllm_ttft_ms_p50", unit="ms", direction="min", group="vllm"),
+    C("vllm_ttft_ms_p99", unit="ms", direction="min", group="vllm"),
+    C("vllm_ttft_concurrency", group="vllm"),
+    C("vllm_gpu_mem_mb", unit="MB", group="vllm"),
+    C("vllm_prompt_tokens", group="vllm"),
+    C("vllm_max_tokens", group="vllm"),
+    C("vllm_version", group="vllm", format="{}"),
+    C("vllm_skipped", group="vllm", format="{}"),  # why a row of an engine: vllm sweep was not served by vLLM
     # GGUF / llama.cpp
     C("gguf_tensor_types", group="gguf", format="{}"),
     C("bits_per_weight", group="gguf"),

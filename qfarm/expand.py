@@ -129,6 +129,7 @@ def expand(loaded: LoadedSpec) -> Plan:
         parent_stage = validate.parent_stage(gi, group, spec, errors)
         parents = [None] if parent_stage is None else stages.get(parent_stage, []) if parent_stage else []
         group_eval = validate.evaluation(group.eval, loaded.base_dir, errors, ("jobs", gi, "eval")) if group.eval is not None else eval_spec
+        validate.vllm_engine(group_eval, group.resources or spec.resources, gi, group.eval is not None, errors)
         mine: list[Job] = []
         for combo, sources in validate.combinations(gi, group, errors):
             options = validate.options(gi, group, combo, sources, errors)
@@ -177,6 +178,8 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         task_eval = {"dataset": data, "format": ds["format"], "eval_samples": ds["eval_samples"],
                      "seq_len": opts["seq_len"], "train_job": job_id}
     method = kind.method(opts.get("method"))
+    if kind.needs_model and eval_spec and eval_spec.get("engine") == "vllm":
+        eval_spec = validate.vllm_rows(eval_spec, group.kind, method)
     return Job(
         id=job_id,
         kind=group.kind,
@@ -267,6 +270,9 @@ def _eval_identity(eval_spec: dict | None) -> Any:
     if ev.get("task_paths"):
         ev["task_paths"] = [p["fingerprint"] for p in ev["task_paths"]]  # the tasks' content, not where they lie
     if not ev.get("tasks"):
-        ev.pop("tasks", None)  # a sweep without tasks keeps the job ids it had before tasks existed
+        ev.pop("tasks", None)  # a sweep without tasks (or vLLM) keeps the job ids it had before they existed
         ev.pop("task_paths", None)
+    if ev.get("engine", "native") == "native":
+        ev.pop("engine", None)
+        ev.pop("vllm", None)
     return ev

@@ -229,18 +229,19 @@ class Method:
     summary: str
     worker: Optional[str] = None  # "module:Class" under workers/ (a quantizer), imported lazily inside a worker
     nominal_bits: Callable[[dict], Optional[int]] = lambda options: options.get("bits")  # the ``bits`` column
+    vllm: bool = False  # its checkpoint is one vLLM serves (``eval.engine: vllm``): float or compressed-tensors
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference"),
+        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True),
         Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes"),
         Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes"),
         Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes"),
-        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor"),
-        Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor"),
-        Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor"),
+        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor", vllm=True),
+        Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True),
+        Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.gguf:Gguf",
                nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type"))),
     ]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -80,6 +80,16 @@ class TaskSpec(Strict):
     bootstrap_iters: int = Field(1000, ge=0, le=1_000_000)  # for the standard error of non-mean metrics
 
 
+class VllmSpec(Strict):
+    """Serving figures from vLLM's own engine (offline ``LLM`` API): the same prompts for every row."""
+
+    concurrency: list[int] = Field([1, 8, 32], min_length=1, max_length=16)  # requests in flight at once
+    prompt_tokens: int = Field(128, ge=1, le=32_768)
+    max_tokens: int = Field(128, ge=1, le=32_768)  # output tokens a request (EOS ignored: every row writes as many)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: Optional[int] = Field(None, ge=16, le=1_048_576)  # default: prompt_tokens + max_tokens
+
+
 class EvalSpec(Strict):
     perplexity: Optional[PerplexitySpec] = PerplexitySpec()
     speed: Optional[SpeedSpec] = SpeedSpec()
@@ -87,6 +97,8 @@ class EvalSpec(Strict):
     max_new_tokens: int = Field(32, ge=1, le=4_096)
     tasks: list[TaskSpec] = Field([], max_length=200)  # lm-eval tasks: accuracy columns per row
     task_paths: list[str] = Field([], max_length=32)  # folders of local lm-eval task YAMLs (its include_path)
+    engine: Literal["native", "vllm"] = "native"  # vllm: serving figures from vLLM too (CUDA rows of vLLM formats)
+    vllm: VllmSpec = VllmSpec()
 
 
 class Resources(Strict):

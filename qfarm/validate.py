@@ -127,6 +127,25 @@ def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tupl
     return ev
 
 
+def vllm_engine(ev: dict | None, resources, gi: int, own_eval: bool, errors: Collector) -> None:
+    """``engine: vllm`` needs a CUDA GPU for each job: refused here for jobs that ask for none; whether the cluster
+    has real GPUs is checked against it (``qfarm.cluster.preflight``: validate with a cluster, and submit)."""
+    if not ev or ev.get("engine") != "vllm" or resources.gpus >= 1:
+        return
+    loc = ("jobs", gi, "eval", "engine") if own_eval else ("eval", "engine")
+    errors.add(loc, f"vLLM runs on CUDA GPUs only; jobs[{gi}] asks for resources.gpus: {resources.gpus:g}. "
+                    "Give it gpus: 1 (or more), or use engine: native")
+
+
+def vllm_rows(ev: dict, kind: str, method) -> dict:
+    """A job's evaluation under ``engine: vllm``: served by vLLM where its checkpoint is one vLLM loads (the
+    registry's ``Method.vllm``: float and compressed-tensors), else native only, saying why in the row."""
+    if kind == "quantize" and method is not None and method.vllm:
+        return ev
+    what = f"{method.name} checkpoints" if method is not None else f"{kind} jobs"
+    return {**ev, "engine": "native", "vllm": None, "vllm_skipped": f"{what} are not served by vLLM in qfarm"}
+
+
 def _check_tasks(eval_spec: EvalSpec, folders: list[Path], errors: Collector, loc: tuple) -> None:
     names, harness = lmtasks.known(folders)
     seen = set()

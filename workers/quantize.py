@@ -60,4 +60,19 @@ def run(ctx) -> dict:
         **metrics,
     }
     del model
+    result.update(serving(ctx, artifact, base))
     return result
+
+
+def serving(ctx, artifact: str | None, base) -> dict:
+    """vLLM's serving figures (``eval.engine: vllm``) of the artifact, or of the reference's own folder."""
+    ev = ctx.job.get("eval") or {}
+    if ev.get("vllm_skipped"):
+        return {"vllm_skipped": ev["vllm_skipped"]}
+    if ev.get("engine") != "vllm":
+        return {}
+    from workers.data import load_text
+    from workers.serving import vllm_metrics
+
+    ds = (ev.get("perplexity") or {}).get("dataset") or {"kind": "bundled", "location": "python-docs"}
+    return vllm_metrics(ctx, artifact or base.path, base.tokenizer, load_text(ds)[:2_000_000])

@@ -75,3 +75,29 @@ stages:
     assert ft["device"].startswith("cuda") and ft["task_loss"] < ft["ref_task_loss"]
     merged = {r["onto"]: r for r in rows.values() if r["kind"] == "merge"}
     assert merged["dequantized"]["merge_max_abs_diff"] < merged["base"]["merge_max_abs_diff"]
+
+
+def test_vllm_serves_the_reference_and_compressed_tensors_rows(cli_env, tmp_path):
+    """eval.engine: vllm on a real GPU: throughput at each concurrency, TTFT, GPU memory, for the float reference
+    and an RTN (compressed-tensors) row; the bnb row is measured natively and says why it was not served."""
+    pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
+    spec = tmp_path / "gpu-vllm.yaml"
+    spec.write_text("""\
+name: gpu-vllm
+model: bundled:smollm2-135m
+eval:
+  perplexity: {seq_len: 256, max_windows: 2}
+  speed: null
+  engine: vllm
+  vllm: {concurrency: [1, 8, 32], prompt_tokens: 128, max_tokens: 64, gpu_memory_utilization: 0.5}
+jobs:
+  - kind: quantize
+    matrix: {method: [none, rtn, bnb-nf4]}
+""")
+    rows = run_sweep(cli_env, spec, "gpu-vllm")
+    for m in ("none", "rtn"):
+        r = rows[m]
+        assert r["status"] == "succeeded" and r["vllm_version"], r["error"]
+        assert 0 < r["vllm_tokens_per_s_c1"] < r["vllm_tokens_per_s_c32"]  # batching raises throughput
+        assert 0 < r["vllm_ttft_ms_p50"] <= r["vllm_ttft_ms_p99"] and r["vllm_gpu_mem_mb"] > 0
+    assert rows["bnb-nf4"]["vllm_skipped"] and rows["bnb-nf4"]["vllm_tokens_per_s_c1"] is None

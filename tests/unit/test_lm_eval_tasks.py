@@ -123,3 +123,63 @@ def test_task_paths_must_be_folders_and_tasks_are_listed_once(tmp_path):
     assert code == 2
     assert f"{spec}:4: eval.task_paths[0]: 'nowhere' is not a folder" in flat
     assert "eval.tasks[1].name: task 'arc_easy' is listed twice" in flat
+
+
+VLLM_SPEC = """name: v
+model: bundled:smollm2-135m
+eval: {{engine: vllm, vllm: {{concurrency: [1, 4]}}}}
+resources: {{gpus: {gpus}}}
+jobs:
+  - kind: quantize
+    matrix: {{method: [none, rtn, bnb-nf4]}}
+"""
+
+
+def test_engine_vllm_is_refused_where_no_gpu_can_run_it(tmp_path):
+    from qfarm.cluster import Node, cuda_refusal
+    from qfarm.expand import load_plan
+
+    spec = tmp_path / "v.yaml"
+    spec.write_text(VLLM_SPEC.format(gpus=0))
+    code, out = validate(spec)
+    assert code == 2 and "jobs[0] asks for resources.gpus: 0. Give it gpus: 1" in " ".join(out.split())
+    spec.write_text(VLLM_SPEC.format(gpus=1))
+    jobs = [j.payload() for j in load_plan(spec)[1].jobs]
+    logical = Node("a" * 16, {"CPU": 4.0, "GPU": 2.0, "node:10.0.0.1": 1.0}, {})  # a CPU box's GPU slots
+    real = Node("b" * 16, {"CPU": 16.0, "GPU": 1.0, "accelerator_type:H200": 1.0}, {})
+    why = cuda_refusal(jobs, [logical])
+    assert why and "no node of this cluster has one" in why and "2 job(s) (none, rtn)" in why
+    assert cuda_refusal(jobs, [logical, real]) is None
+    native = [j for j in jobs if j["eval"]["engine"] == "native"]
+    assert native and cuda_refusal(native, [logical]) is None  # rows not served by vLLM need no CUDA
+
+
+def test_engine_vllm_serves_the_rows_vllm_loads_and_says_why_not_for_the_others(tmp_path):
+    from qfarm.expand import load_plan
+
+    spec = tmp_path / "v.yaml"
+    spec.write_text(VLLM_SPEC.format(gpus=1))
+    jobs = {j.options["method"]: j for j in load_plan(spec)[1].jobs}
+    for m in ("none", "rtn"):
+        assert jobs[m].eval["engine"] == "vllm" and jobs[m].eval["vllm"]["concurrency"] == [1, 4]
+    assert jobs["bnb-nf4"].eval["engine"] == "native" and jobs["bnb-nf4"].eval["vllm"] is None
+    assert jobs["bnb-nf4"].eval["vllm_skipped"] == "bnb-nf4 checkpoints are not served by vLLM in qfarm"
+    # the engine is part of a job's identity; a native sweep keeps the ids it had before engines existed
+    spec.write_text(VLLM_SPEC.format(gpus=1).replace("engine: vllm, vllm: {concurrency: [1, 4]}", "engine: native"))
+    native = {j.options["method"]: j for j in load_plan(spec)[1].jobs}
+    spec.write_text(VLLM_SPEC.format(gpus=1).replace("eval: {engine: vllm, vllm: {concurrency: [1, 4]}}\n", ""))
+    plain = {j.options["method"]: j for j in load_plan(spec)[1].jobs}
+    assert native["rtn"].id == plain["rtn"].id != jobs["rtn"].id
+
+
+def test_vllm_prompts_are_the_same_spans_for_every_row():
+    from workers.serving import percentile, prompt_ids
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    spans = prompt_ids(Tok(), "abcdefghijklmnopqrstuvwxyz" * 4, 5, 8)
+    assert len(spans) == 5 and all(len(s) == 8 for s in spans) and len({tuple(s) for s in spans}) == 5
+    assert spans == prompt_ids(Tok(), "abcdefghijklmnopqrstuvwxyz" * 4, 5, 8)
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
