@@ -56,16 +56,12 @@ def recoveries(row: dict, ref: dict | None) -> dict:
     out: dict = {}
     for task, info in task_info([row]).items():
         col, name = info["column"], recovery_name(task)
-        a, b = row.get(col), (ref or {}).get(col)
-        if not info.get("higher_is_better", True):
-            a, b = b, a
-        value = _ratio(a, b)
+        num, den = (row, ref or {}) if info.get("higher_is_better", True) else (ref or {}, row)
+        value = _ratio(num.get(col), den.get(col))
+        se_num, se_den = se_of(num, col), se_of(den, col)
         out[name] = value
-        sa, sb = se_of(row, col), se_of(ref or {}, col)
-        if not info.get("higher_is_better", True):
-            sa, sb = sb, sa
-        out[f"{name}_se"] = (value * math.hypot(sa / a, sb / b) if value is not None and a and sa is not None
-                             and sb is not None else None)
+        out[f"{name}_se"] = (value * math.hypot(se_num / num[col], se_den / den[col])
+                             if value and se_num is not None and se_den is not None else None)
     return out
 
 

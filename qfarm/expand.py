@@ -179,7 +179,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
                      "seq_len": opts["seq_len"], "train_job": job_id}
     method = kind.method(opts.get("method"))
     if kind.needs_model and eval_spec and eval_spec.get("engine") == "vllm":
-        eval_spec = validate.vllm_rows(eval_spec, group.kind, method)
+        eval_spec = _vllm_eval(eval_spec, group.kind, method)
     return Job(
         id=job_id,
         kind=group.kind,
@@ -203,6 +203,15 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         bits=method.nominal_bits(opts) if method is not None else opts.get("bits"),
         axes=tuple(k for k in axes(group)[0] if k != "method"),
     )
+
+
+def _vllm_eval(ev: dict, kind: str, method) -> dict:
+    """A job's evaluation under ``engine: vllm``: served by vLLM where its checkpoint is one vLLM loads (the
+    registry's ``Method.vllm``: float and compressed-tensors), else native only, saying why in the row."""
+    if kind == "quantize" and method is not None and method.vllm:
+        return ev
+    what = f"{method.name} checkpoints" if method is not None else f"{kind} jobs"
+    return {**ev, "engine": "native", "vllm": None, "vllm_skipped": f"{what} are not served by vLLM in qfarm"}
 
 
 # --- labels ---------------------------------------------------------------------------------------

@@ -137,15 +137,6 @@ def vllm_engine(ev: dict | None, resources, gi: int, own_eval: bool, errors: Col
                     "Give it gpus: 1 (or more), or use engine: native")
 
 
-def vllm_rows(ev: dict, kind: str, method) -> dict:
-    """A job's evaluation under ``engine: vllm``: served by vLLM where its checkpoint is one vLLM loads (the
-    registry's ``Method.vllm``: float and compressed-tensors), else native only, saying why in the row."""
-    if kind == "quantize" and method is not None and method.vllm:
-        return ev
-    what = f"{method.name} checkpoints" if method is not None else f"{kind} jobs"
-    return {**ev, "engine": "native", "vllm": None, "vllm_skipped": f"{what} are not served by vLLM in qfarm"}
-
-
 def _check_tasks(eval_spec: EvalSpec, folders: list[Path], errors: Collector, loc: tuple) -> None:
     names, harness = lmtasks.known(folders)
     seen = set()
