@@ -230,18 +230,28 @@ class Method:
     worker: Optional[str] = None  # "module:Class" under workers/ (a quantizer), imported lazily inside a worker
     nominal_bits: Callable[[dict], Optional[int]] = lambda options: options.get("bits")  # the ``bits`` column
     vllm: bool = False  # its checkpoint is one vLLM serves (``eval.engine: vllm``): float or compressed-tensors
+    # the kinds of weight layer it quantizes (qfarm.modelinfo: Linear, Conv1D, experts); a model with others
+    # is refused for it at validate time, since they would silently stay in float. None: every kind
+    quantizes: Optional[frozenset[str]] = None
+
+
+BNB_LAYERS = frozenset({"Linear", "Conv1D"})  # measured: transformers' bnb replaces GPT-2's Conv1D, not fused experts
+LLMC_LAYERS = frozenset({"Linear", "experts"})  # measured: llm-compressor unfuses MoE experts, skips Conv1D
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True),
-        Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes"),
-        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes"),
-        Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes"),
-        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor", vllm=True),
-        Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True),
-        Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True),
+        Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS),
+        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS),
+        Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS),
+        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor", vllm=True,
+               quantizes=LLMC_LAYERS),
+        Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True,
+               quantizes=LLMC_LAYERS),
+        Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True,
+               quantizes=LLMC_LAYERS),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.gguf:Gguf",
                nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type"))),
     ]

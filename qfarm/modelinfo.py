@@ -8,9 +8,14 @@ time); the job itself then reports a bad group size.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import struct
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # GGUF value types (gguf spec): id -> struct format; 8 = string, 9 = array.
@@ -20,10 +25,16 @@ _MAX_KV = 100_000
 
 @dataclass(frozen=True)
 class Shape:
-    """Per Linear layer kind (the last part of its name), its input features, and how many layers there are."""
+    """Per weight layer (its name inside a block), its input features, and how many blocks there are."""
 
     layers: int
     inputs: dict[str, int]  # e.g. {"self_attn.q_proj": 576, ..., "mlp.down_proj": 1536}
+    types: dict[str, str] = field(default_factory=dict)  # Linear, Conv1D (GPT-2), experts (fused MoE weights)
+    counts: dict[str, int] = field(default_factory=dict)  # how many of each in the model (default: one a block)
+    source: str = "config"  # "module tree" (read from the model itself) or "config" (a Llama-shaped guess)
+
+    def count(self, names) -> int:
+        return sum(self.counts.get(n, self.layers) for n in names)
 
     def not_divisible(self, group_size: int) -> dict[str, int]:
         return {name: n for name, n in self.inputs.items() if n % group_size}
@@ -119,8 +130,70 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
     return out
 
 
+TREE_TIMEOUT_S = 180
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "qfarm" / "architectures"
+
+
+def _tree_key(model: dict) -> str | None:
+    """A folder's module tree is its config's: keyed by config.json's bytes (the same config in another folder,
+    or after its weights change, is the same tree); a GGUF's by the file's key. None: not kept on disk."""
+    if model["kind"] == "hf_dir":
+        try:
+            return "cfg-" + hashlib.sha256((Path(model["location"]) / "config.json").read_bytes()).hexdigest()[:24]
+        except OSError:
+            return None
+    return "gguf-" + hashlib.sha256(model["key"].encode()).hexdigest()[:24] if model.get("key") else None
+
+
+@functools.lru_cache(maxsize=64)
+def module_tree(model_json: str) -> dict | None:
+    """The model's weight layers read from its own module tree (``workers.architecture``, run in a subprocess:
+    the CLI imports no ML library), cached on disk (``_tree_key``). None where it cannot be read here (no
+    torch/transformers, an architecture transformers does not know); the reason is kept in the cache entry."""
+    model = json.loads(model_json)
+    if model.get("kind") not in ("hf_dir", "gguf"):
+        return None  # a hub id is not read at validate time (no network)
+    key = _tree_key(model)  # what the tree depends on: a folder's config.json, a GGUF file's content
+    path = cache_dir() / f"{key}.json"
+    try:
+        if not key:
+            raise OSError("no key")
+        tree = json.loads(path.read_text())
+    except (OSError, ValueError):
+        try:
+            out = subprocess.run([sys.executable, "-m", "workers.architecture", json.dumps(model)],
+                                 capture_output=True, text=True, timeout=TREE_TIMEOUT_S)
+            tree = json.loads(out.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None
+        if key:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(tree))
+            os.replace(tmp, path)
+    return None if not isinstance(tree, dict) or "error" in tree or not tree.get("linears") else tree
+
+
+def shape_from_tree(tree: dict) -> Shape:
+    """The quantizable layers of a module tree: every weight layer but the output head."""
+    layers = {k: v for k, v in tree["linears"].items() if k != tree.get("lm_head")}
+    return Shape(max(tree.get("blocks") or 1, 1), {k: v["in"] for k, v in layers.items()},
+                 {k: v["type"] for k, v in layers.items()}, {k: v["count"] for k, v in layers.items()},
+                 "module tree")
+
+
 def shape_of(model: dict) -> Shape | None:
-    """The shape of a resolved model ref (``qfarm.refs.ModelRef`` as a dict), or None if it can't be read here."""
+    """The shape of a resolved model ref (``qfarm.refs.ModelRef`` as a dict), or None if it can't be read here:
+    from the model's module tree where this machine can build it on the meta device, else (no ML stack here)
+    from its config's numbers, Llama-shaped."""
+    tree = module_tree(json.dumps({k: model.get(k) for k in ("kind", "location", "gguf_file", "key")},
+                                  sort_keys=True))
+    if tree is not None:
+        return shape_from_tree(tree)
     try:
         if model["kind"] == "gguf":
             meta = gguf_metadata(Path(model["location"]) / model["gguf_file"])

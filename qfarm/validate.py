@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .columns import column, option_clashes
 from .errors import Problem, allowed, did_you_mean, format_path, line_of
-from .methods import KINDS, Options
+from .methods import KINDS, METHODS, Options
 from .modelinfo import shape_of
 from . import lmtasks
 from .refs import RefError, fingerprint, resolve_dataset, resolve_model
@@ -250,6 +250,9 @@ class MethodChecks:
 
     def __call__(self, gi: int, group: JobGroup, opts: Options, sources: dict) -> dict[str, dict | None]:
         """The job's resolved data refs (``calibration``, a train job's ``data``), problems added to errors."""
+        method = METHODS.get(getattr(opts, "method", None)) if group.kind == "quantize" else None
+        if method is not None and method.quantizes is not None and self.shape is not None:
+            self._check_layer_types(method, sources.get("method", ("jobs", gi)))
         group_size = getattr(opts, "group_size", None)
         if group_size and group_size > 0 and self.shape is not None:
             self._check_group_size(group, opts, sources.get("group_size", ("jobs", gi)), group_size)
@@ -265,13 +268,39 @@ class MethodChecks:
             out["data"] = self._dataset(data.path, data.text_field, sources.get("dataset", ("jobs", gi)) + ("path",))
         targets = getattr(opts, "target_modules", None)
         if targets and self.shape is not None:
-            known = sorted({name.rsplit(".", 1)[-1] for name in self.shape.inputs})
-            for ti, name in enumerate(targets):
-                if name.rsplit(".", 1)[-1] not in known:
-                    loc = sources.get("target_modules", ("jobs", gi)) + (ti,)
-                    self.errors.add(loc, f"the model has no Linear layer {name!r}.{did_you_mean(name, known)} "
-                                         f"Its Linear layers: {allowed(known)}")
+            self._check_targets(targets, sources.get("target_modules", ("jobs", gi)))
         return out
+
+    def _check_layer_types(self, method, loc: tuple) -> None:
+        """Refuse a method for a model whose weight layers include kinds it leaves in float (GPT-2's Conv1D under
+        llm-compressor, fused MoE experts under bitsandbytes): its row would look lossless and be mostly float."""
+        shape = self.shape
+        left = sorted(n for n in shape.inputs if shape.types.get(n, "Linear") not in method.quantizes)
+        if not left:
+            return
+        kinds = sorted({shape.types[n] for n in left})
+        what = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
+        fits = [m for m, x in METHODS.items() if x.quantizes is not None and set(shape.types.values()) <= x.quantizes]
+        self.errors.add(loc, f"method {method.name} leaves {', '.join(what.get(k, k) for k in kinds)} in float, and "
+                             f"{shape.count(left)} of this model's {shape.count(shape.inputs)} weight layers are: "
+                             f"{allowed(left)}. Its row would be mostly unquantized. Methods that quantize every "
+                             f"kind of layer it has: {allowed(fits)}, and gguf where llama.cpp's converter knows "
+                             f"its architecture")
+
+    def _check_targets(self, targets: list[str], loc: tuple) -> None:
+        """LoRA's ``target_modules`` against the model's own layer names (GPT-2's ``c_attn``, Phi-3's
+        ``qkv_proj``, GPT-NeoX's ``query_key_value``); fused MoE experts are 3-D weights, not modules LoRA wraps."""
+        types = {name.rsplit(".", 1)[-1]: self.shape.types.get(name, "Linear") for name in self.shape.inputs}
+        known = sorted(n for n, t in types.items() if t != "experts")
+        for ti, name in enumerate(targets):
+            last = name.rsplit(".", 1)[-1]
+            if types.get(last) == "experts":
+                self.errors.add(loc + (ti,), f"{name!r} is a fused expert weight of this MoE model (a 3-D parameter "
+                                             f"of its experts block, not a Linear layer): LoRA's target_modules "
+                                             f"cannot wrap it. Its Linear layers: {allowed(known)}")
+            elif last not in known:
+                self.errors.add(loc + (ti,), f"the model has no Linear layer {name!r}.{did_you_mean(name, known)} "
+                                             f"Its Linear layers: {allowed(known)}")
 
     def _dataset(self, text: str, text_field: str, loc: tuple) -> dict | None:
         try:
@@ -292,7 +321,7 @@ class MethodChecks:
         layers = "; ".join(f"{', '.join(names)} ({n} inputs)" for n, names in by_size.items())
         fits = [str(g) for g in shape.dividing_group_sizes()] + ["-1 (one scale per output channel)"]
         msg = (f"method {method}: group_size {group_size} does not divide the input size of "
-               f"{len(bad) * shape.layers} of {len(shape.inputs) * shape.layers} Linear layers of "
+               f"{shape.count(bad)} of {shape.count(shape.inputs)} Linear layers of "
                f"{self.model_ref.get('name') or self.model_ref['key']}: {layers}, in each of its {shape.layers} "
                f"blocks. Group sizes that divide every layer: {allowed(fits)}")
         if "group_size" in group.matrix:
