@@ -126,7 +126,7 @@ class GgufOptions(Options):
 
 # --- train and merge jobs ---------------------------------------------------------------------------
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # peft's name for every Linear/Conv1D layer but the output head, whatever the family
 
 
 MAX_FORMAT_WIDTH = 1_000  # widths and precisions in a format string (a huge one builds a huge string per row)
@@ -179,7 +179,7 @@ class LoraOptions(Options):
     r: int = Field(8, ge=1, le=4_096)
     lora_alpha: float = Field(16, gt=0, le=100_000)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = Field(list(ALL_LINEAR), min_length=1)
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = Field([ALL_LINEAR], min_length=1)
     dataset: TrainData
     max_steps: Optional[int] = Field(None, ge=1, le=10_000_000)
     epochs: float = Field(1.0, gt=0, le=1_000)

@@ -269,6 +269,13 @@ class MethodChecks:
         targets = getattr(opts, "target_modules", None)
         if targets and self.shape is not None:
             self._check_targets(targets, sources.get("target_modules", ("jobs", gi)))
+            experts = [n for n, t in self.shape.types.items() if t == "experts"]
+            if experts and "all-linear" in targets and getattr(opts, "lora_dropout", 0):
+                self.errors.add(sources.get("lora_dropout", ("jobs", gi)),
+                                f"on this MoE model target_modules all-linear includes its fused expert weights "
+                                f"({allowed(experts)}), which peft wraps as parameters (ParamWrapper) and cannot "
+                                f"train with lora_dropout != 0: set lora_dropout: 0, or name the Linear layers "
+                                f"in target_modules")
         return out
 
     def _check_layer_types(self, method, loc: tuple) -> None:
@@ -294,7 +301,10 @@ class MethodChecks:
         known = sorted(n for n, t in types.items() if t != "experts")
         for ti, name in enumerate(targets):
             last = name.rsplit(".", 1)[-1]
-            if types.get(last) == "experts":
+            if name == "all-linear":
+                if len(targets) > 1:
+                    self.errors.add(loc + (ti,), "all-linear already names every Linear layer; give it alone")
+            elif types.get(last) == "experts":
                 self.errors.add(loc + (ti,), f"{name!r} is a fused expert weight of this MoE model (a 3-D parameter "
                                              f"of its experts block, not a Linear layer): LoRA's target_modules "
                                              f"cannot wrap it. Its Linear layers: {allowed(known)}")

@@ -7,13 +7,34 @@ import json
 from pathlib import Path
 
 
+FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "phi3", "mixtral")
+
+
+def family_config(family: str, vocab: int, pad: int, eos: int):
+    """A tiny config of one model family (2 blocks, hidden 64), as transformers defines the family."""
+    import transformers as t
+
+    common = dict(vocab_size=vocab, pad_token_id=pad, eos_token_id=eos, bos_token_id=None, tie_word_embeddings=False)
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=512, **common)
+    return {
+        "llama": lambda: t.LlamaConfig(num_key_value_heads=4, **small),
+        "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **small),
+        "gemma2": lambda: t.Gemma2Config(num_key_value_heads=2, head_dim=16, **small),
+        "gpt2": lambda: t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common),
+        "phi3": lambda: t.Phi3Config(num_key_value_heads=4, **small),
+        "mixtral": lambda: t.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **small),
+    }[family]()
+
+
 def make_tiny_model(folder: Path, corpus: list[str], seed: int = 0, bos: bool = False,
-                    characters: bool = False) -> Path:
+                    characters: bool = False, family: str = "llama") -> Path:
     """``bos``: its tokenizer puts <s> before every text (as Llama's does); ``characters``: a tokenizer that cuts
-    text into single characters although its vocabulary is large (what a wrongly rebuilt tokenizer does)."""
+    text into single characters although its vocabulary is large (what a wrongly rebuilt tokenizer does);
+    ``family``: one of FAMILIES (a Llama by default)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["<unk>", "<pad>", "</s>", "<s>"]
@@ -31,11 +52,8 @@ def make_tiny_model(folder: Path, corpus: list[str], seed: int = 0, bos: bool = 
                                    bos_token="<s>")
     fast.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=None,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    config = family_config(family, len(fast), fast.pad_token_id, fast.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     return folder
 
 

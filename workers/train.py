@@ -115,6 +115,11 @@ class _Run:
     max_steps: list = field(default_factory=lambda: [0])
 
 
+def peft_targets(names: list[str]):
+    """``[all-linear]`` (the default) is peft's own string for every Linear/Conv1D layer but the output head."""
+    return "all-linear" if list(names) == ["all-linear"] else list(names)
+
+
 def setup(ctx, base) -> _Run:
     """The examples, the base (4-bit for QLoRA) with fresh adapters on it, and a Trainer that reports progress."""
     import torch
@@ -137,7 +142,7 @@ def setup(ctx, base) -> _Run:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
-                      target_modules=list(opts["target_modules"]), bias="none", task_type="CAUSAL_LM")
+                      target_modules=peft_targets(opts["target_modules"]), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     tok = base.tokenizer

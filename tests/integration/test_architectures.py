@@ -85,6 +85,12 @@ def test_fused_moe_experts_are_named_as_such_not_as_missing_layers(tmp_path):
     code, out = validate(spec)
     assert code == 2
     assert "'gate_up_proj' is a fused expert weight of this MoE model (a 3-D parameter of its experts block" in out
+    spec.write_text(f"name: moe\nmodel: {folder}\njobs:\n  - {{kind: train, method: lora, dataset: {{path: d.jsonl}}}}\n")
+    code, out = validate(spec)  # all-linear (the default) includes the experts: peft trains them without dropout
+    assert code == 2 and "jobs[0]: on this MoE model target_modules all-linear includes its fused expert" in out
+    spec.write_text(f"name: moe\nmodel: {folder}\njobs:\n"
+                    "  - {kind: train, method: lora, dataset: {path: d.jsonl}, lora_dropout: 0}\n")
+    assert validate(spec)[0] == 0
     tree = json.loads(subprocess.run([sys.executable, "-m", "workers.architecture",
                                       json.dumps({"kind": "hf_dir", "location": str(folder)})], cwd=REPO,
                                      capture_output=True, text=True, timeout=600).stdout)
