@@ -27,8 +27,8 @@ eval:
   max_new_tokens: 8
 jobs:
   - {{kind: quantize, method: none}}
-  - kind: quantize
-    matrix: {{method: [rtn, bnb-nf4]}}
+  - {{kind: quantize, method: rtn}}
+  - {{kind: quantize, method: gguf, gguf_type: Q4_0}}  # smaller than the Q4_1 reference file: on the frontier
   - {{kind: sleep, seconds: 0, fail: true, max_attempts: 1}}
 """
 
