@@ -257,10 +257,10 @@ def speed(model, prompt_ids, new_tokens: int, runs: int) -> dict:
     return {
         "prefill_tokens_per_s": n / prefill,
         "decode_tokens_per_s": new_tokens / decode,
-        "prefill_tokens_per_s_p10": _percentile(prefill_speeds, 10),
-        "prefill_tokens_per_s_p90": _percentile(prefill_speeds, 90),
-        "decode_tokens_per_s_p10": _percentile(decode_speeds, 10),
-        "decode_tokens_per_s_p90": _percentile(decode_speeds, 90),
+        "prefill_tokens_per_s_p10": percentile(prefill_speeds, 10),
+        "prefill_tokens_per_s_p90": percentile(prefill_speeds, 90),
+        "decode_tokens_per_s_p10": percentile(decode_speeds, 10),
+        "decode_tokens_per_s_p90": percentile(decode_speeds, 90),
         "ttft_ms": prefill * 1000,
         "ms_per_token": decode / new_tokens * 1000,
         "speed_prompt_tokens": n,
@@ -269,8 +269,10 @@ def speed(model, prompt_ids, new_tokens: int, runs: int) -> dict:
     }
 
 
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of a few values."""
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default) of a few values; None for none."""
+    if not values:
+        return None
     xs = sorted(values)
     at = (len(xs) - 1) * q / 100
     lo = int(at)

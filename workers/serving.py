@@ -15,6 +15,7 @@ import gc
 import time
 
 from qfarm.errors import Permanent
+from workers.evaluate import percentile
 
 
 def prompt_ids(tokenizer, text: str, count: int, length: int) -> list[list[int]]:
@@ -22,15 +23,6 @@ def prompt_ids(tokenizer, text: str, count: int, length: int) -> list[list[int]]
     if len(ids) < length:
         raise Permanent(f"the evaluation text has {len(ids)} tokens: too few for vLLM prompts of {length}")
     return [ids[(i * length) % max(len(ids) - length, 1):][:length] for i in range(count)]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    xs = sorted(values)
-    at = (len(xs) - 1) * q / 100
-    lo = int(at)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (at - lo)
 
 
 def first_token_s(output) -> float | None:

@@ -173,7 +173,8 @@ def test_engine_vllm_serves_the_rows_vllm_loads_and_says_why_not_for_the_others(
 
 
 def test_vllm_prompts_are_the_same_spans_for_every_row():
-    from workers.serving import percentile, prompt_ids
+    from workers.evaluate import percentile
+    from workers.serving import prompt_ids
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):
