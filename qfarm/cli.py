@@ -15,9 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import QfarmError, SpecError, UsageError
-from .keys import DEFAULT_CANCEL_GRACE_S
-
-OUTPUT_ROOT_DEFAULT = "qfarm-out"
+from .keys import DEFAULT_CANCEL_GRACE_S, DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
 
 
 def _err(text: str) -> None:
@@ -92,10 +90,10 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
 def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool) -> None:
     """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster, whether some
     node of it can run each job (exit 2 naming what the cluster has, when not). Runs nothing."""
-    from . import cluster
+    from . import cluster, hub
     from .expand import load_plan
 
-    loaded, plan = load_plan(spec)
+    loaded, plan = load_plan(spec, hub.cache_dir(None))
     kinds = ", ".join(f"{n} {k}" for k, n in plan.counts_by_kind().items())
     labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
     what = f" ({', '.join(labels)})" if labels else ""
@@ -134,10 +132,10 @@ def _ray_options(f):
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
            output_root: Path) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
-    from . import cluster, scheduler
+    from . import cluster, hub, scheduler
     from .expand import load_plan
 
-    loaded, plan = load_plan(spec)
+    loaded, plan = load_plan(spec, hub.cache_dir(output_root))
     store = _store(ctx)
     cluster.connect(ray_address, logical_gpus, say=click.echo)
     payloads = [j.payload() for j in plan.jobs]
@@ -145,7 +143,8 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     root = str(output_root.expanduser().resolve())
     counts = store.submit(plan.sweep_id, plan.name, payloads, source=str(spec.resolve()), output_root=root,
                           info={"raw_spec": loaded.raw, "model": loaded.spec.model})
-    scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"])
+    scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"],
+                    _worker_env(loaded.spec.model))
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
     click.echo(f"submitted {plan.sweep_id}: {len(plan.jobs)} jobs{note}; artifacts under {root}/{plan.name}")
@@ -213,7 +212,19 @@ def _start_scheduler(ctx: click.Context, sweep_id: str, ray_address: str | None,
     from . import cluster, scheduler
 
     cluster.connect(ray_address, logical_gpus, say=click.echo)
-    scheduler.start(sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"])
+    record = _store(ctx).sweep(sweep_id)
+    scheduler.start(sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"],
+                    _worker_env(record.info.get("model") if record else None))
+
+
+def _worker_env(model: str | None) -> dict[str, str]:
+    """What the scheduler and its workers get from this shell through Ray's object store (scheduler.hand_env), never through Redis or a log:
+    the hub token (for a hub model also the one `hf auth login` saved), offline mode, the hub cache."""
+    from . import hub
+    from .refs import HUB_ID
+
+    token = hub.saved_token() if isinstance(model, str) and HUB_ID.match(model) else None
+    return hub.forwarded_env(token=token)
 
 
 @cli.command()

@@ -99,6 +99,10 @@ TABLE: tuple[Column, ...] = (
     # checks of the reference's inputs (workers.checks, workers.reference)
     C("ppl_bos", group="checks", format="{}"),
     C("tokenizer_check", group="checks", format="{}"),
+    # a hub model's pin: the commit every job used, what the spec asked for, whether a token reached the worker
+    C("model_revision", group="run", format="{}"),
+    C("model_revision_asked", group="run", format="{}"),
+    C("hub_token", group="run", format="{}"),
     C("source_check", group="checks", format="{}"),
     C("source_kl", unit="nats", group="checks"),
     C("source_top1_agree", group="checks"),

@@ -93,26 +93,27 @@ def digest(obj: Any, n: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def load_plan(path: str | Path) -> tuple[LoadedSpec, Plan]:
-    """Load, validate and expand a spec file. Every problem, schema or semantic, is raised together."""
+def load_plan(path: str | Path, hub_cache: Path | None = None) -> tuple[LoadedSpec, Plan]:
+    """Load, validate and expand a spec file. Every problem, schema or semantic, is raised together. A hub
+    model's revision is resolved looking in ``hub_cache`` (qfarm.hub.cache_dir) when the hub is out of reach."""
     try:
         loaded = load_spec(path)
     except SpecError as err:
         if err.raw is None:
             raise
         errors = Collector(err.lines)
-        validate.semantic_checks(err.raw, err.base_dir, errors)
+        validate.semantic_checks(err.raw, err.base_dir, errors, hub_cache)
         extra = renamed(SpecError(list(errors.problems.values())), err.groups_key).problems
         known = {(p.path, p.message) for p in err.problems}
         extra = [p for p in extra if (p.path, p.message) not in known and p.path not in {q.path for q in err.problems}]
         raise SpecError(err.problems + extra, err.source) from None
     try:
-        return loaded, expand(loaded)
+        return loaded, expand(loaded, hub_cache)
     except SpecError as err:
         raise renamed(err, loaded.groups_key) from None
 
 
-def expand(loaded: LoadedSpec) -> Plan:
+def expand(loaded: LoadedSpec, hub_cache: Path | None = None) -> Plan:
     """Expand every job group's matrix, validate each combination, and return the sweep's jobs."""
     spec, errors = loaded.spec, Collector(loaded.lines)
     model_ref = eval_spec = None
@@ -120,7 +121,7 @@ def expand(loaded: LoadedSpec) -> Plan:
         if spec.model is None:
             errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
         else:
-            model_ref = validate.model(spec.model, loaded.base_dir, errors)
+            model_ref = validate.model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
         eval_spec = validate.evaluation(spec.eval, loaded.base_dir, errors)
     jobs: dict[str, Job] = {}
     checks = validate.MethodChecks(model_ref, loaded.base_dir, errors)
@@ -186,7 +187,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         group=gi,
         label=opts.get("method") or group.kind,  # the final label is given once every job is known: labelled()
         options=opts,
-        model=model_ref if kind.needs_model else None,
+        model={k: v for k, v in model_ref.items() if k != "config_dir"} if kind.needs_model and model_ref else None,
         eval=eval_spec if kind.needs_model else None,
         resources=(group.resources or spec.resources).model_dump(),
         max_attempts=group.max_attempts or spec.max_attempts,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 DEFAULT_NAMESPACE = "qfarm"
 EVENTS_MAXLEN = 10_000
+DEFAULT_OUTPUT_ROOT = "qfarm-out"  # artifacts, and the hub cache (<root>/_hub), when --output-root names none
 DEFAULT_CANCEL_GRACE_S = 10.0  # a running job stops by itself within this after `qfarm cancel`, or is killed
 
 

@@ -2,8 +2,9 @@
 
 Group-wise quantization (GPTQ, AWQ, RTN) splits each Linear layer's input dimension into groups, so the group
 size must divide it. Reading the shape needs no ML library: a GGUF file's header (a few KB of key/values, read
-with ``struct``) or a Hugging Face folder's ``config.json``. A hub model is not read (no network at validate
-time); the job itself then reports a bad group size.
+with ``struct``) or a Hugging Face folder's ``config.json``. A hub model is read from its config.json at the
+pinned commit (the hub cache's copy, or fetched alone: qfarm.hub.config_folder); where that is impossible (no
+network, nothing cached) the job itself reports a bad group size.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def module_tree(model_json: str) -> dict | None:
     torch/transformers, an architecture transformers does not know); the reason is kept in the cache entry."""
     model = json.loads(model_json)
     if model.get("kind") not in ("hf_dir", "gguf"):
-        return None  # a hub id is not read at validate time (no network)
+        return None  # a hub id whose config could not be fetched (qfarm.hub.config_folder)
     key = _tree_key(model)  # what the tree depends on: a folder's config.json, a GGUF file's content
     path = cache_dir() / f"{key}.json"
     try:
@@ -190,6 +191,8 @@ def shape_of(model: dict) -> Shape | None:
     """The shape of a resolved model ref (``qfarm.refs.ModelRef`` as a dict), or None if it can't be read here:
     from the model's module tree where this machine can build it on the meta device, else (no ML stack here)
     from its config's numbers, Llama-shaped."""
+    if model.get("kind") == "hub" and model.get("config_dir"):  # its config, fetched at validate (qfarm.hub)
+        model = {"kind": "hf_dir", "location": model["config_dir"], "key": model.get("key")}
     tree = module_tree(json.dumps({k: model.get(k) for k in ("kind", "location", "gguf_file", "key")},
                                   sort_keys=True))
     if tree is not None:

@@ -34,12 +34,14 @@ class ModelRef:
     location: str
     gguf_file: str | None = None
     fingerprint: str | None = None  # of a local model's content (``fingerprint``): editing it changes the key
+    revision: str | None = None  # a hub model's commit sha (qfarm.hub.resolve): a new commit changes the key
 
     @property
     def key(self) -> str:
         """Stable identity, used in job ids and cache keys."""
         return (f"{self.kind}:{self.location}" + (f"#{self.gguf_file}" if self.gguf_file else "")
-                + (f"@{self.fingerprint}" if self.fingerprint else ""))
+                + (f"@{self.fingerprint}" if self.fingerprint else "")
+                + (f"@{self.revision}" if self.revision else ""))
 
 
 CHUNK = 1 << 20  # a weight file is known by its size, mtime and first and last MiB
@@ -77,7 +79,9 @@ def _content(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
 
 
 class RefError(ValueError):
-    pass
+    def __init__(self, message: str, field: str = "model"):
+        super().__init__(message)
+        self.field = field  # the spec key at fault (a hub model's revision, or the model itself)
 
 
 def bundled_model_path(name: str) -> Path:
@@ -107,8 +111,9 @@ def _bundled(text: str, names, what: str) -> str:
     return name
 
 
-def resolve_model(text: str, base_dir: Path) -> ModelRef:
-    """Resolve a spec's ``model:`` value, or raise RefError saying what is accepted."""
+def resolve_model(text: str, base_dir: Path, revision: str | None = None, hub_cache: Path | None = None) -> ModelRef:
+    """Resolve a spec's ``model:`` value, or raise RefError saying what is accepted. A hub id is pinned to the
+    commit ``revision`` names now (qfarm.hub), looking in ``hub_cache`` when the hub is out of reach."""
     if text.startswith("bundled:"):
         path = bundled_model_path(_bundled(text, BUNDLED_MODELS, "model"))
         return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
@@ -129,7 +134,12 @@ def resolve_model(text: str, base_dir: Path) -> ModelRef:
         raise RefError(f"model file {path} is neither a .gguf file nor a Hugging Face model folder")
     looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf")
     if HUB_ID.match(text) and not looks_like_path:
-        return ModelRef("hub", text)
+        from . import hub
+
+        try:
+            return ModelRef("hub", text, revision=hub.resolve(text, revision, hub_cache or hub.cache_dir(None)))
+        except hub.HubError as e:
+            raise RefError(str(e), e.field) from None
     raise RefError(
         f"model {text!r} is not a bundled model ({allowed('bundled:' + n for n in BUNDLED_MODELS)}), "
         f"an existing .gguf file or model folder (looked at {path}), or a hub id like 'org/name'"

@@ -76,8 +76,9 @@ class Inflight:
 class Scheduler:
     """Runs one sweep to completion. Created detached by ``qfarm submit``; its loop runs in a thread."""
 
-    def __init__(self, sweep_id: str, redis_url: str, namespace: str):
+    def __init__(self, sweep_id: str, redis_url: str, namespace: str, env: list | tuple = ()):
         self.sweep_id, self.redis_url, self.namespace = sweep_id, redis_url, namespace
+        self._env = handed_env(env)  # secrets for its workers (qfarm.hub.forwarded_env), never in Redis
         client, _ = connect_redis(redis_url, embedded_ok=False)
         self.store = Store(client, namespace)
         self.pools: dict[str, Pool] = {}
@@ -356,7 +357,7 @@ class Scheduler:
         name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
         opts = ray_options(pool.resources, cluster_nodes())
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
-            self.redis_url, self.namespace, name, opts["num_cpus"], pool.preload)
+            self.redis_url, self.namespace, name, opts["num_cpus"], pool.preload, self._env)
         slot = Slot(actor, name, ready_ref=actor.ready.remote())
         pool.slots.append(slot)
         return slot
@@ -450,8 +451,10 @@ def timed_out(started_at: float | None, timeout_s: float | None, now: float) -> 
     return bool(timeout_s) and started_at is not None and now - started_at > timeout_s
 
 
-def start(sweep_id: str, redis_url: str, namespace: str) -> Any:
-    """Start (or find) the sweep's detached scheduler actor and wait until it answers."""
+def start(sweep_id: str, redis_url: str, namespace: str, env: dict[str, str] | None = None) -> Any:
+    """Start (or find) the sweep's detached scheduler actor and wait until it answers. ``env`` (secrets such as
+    HF_TOKEN: qfarm.hub.forwarded_env) reaches it and every worker it starts through Ray's object store
+    (``hand_env``), never Redis, a log or an argument's value."""
     import ray
 
     name = scheduler_name(namespace, sweep_id)
@@ -459,7 +462,7 @@ def start(sweep_id: str, redis_url: str, namespace: str) -> Any:
         actor = ray.remote(Scheduler).options(
             name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
             max_concurrency=4, max_restarts=0,
-        ).remote(sweep_id, redis_url, namespace)
+        ).remote(sweep_id, redis_url, namespace, hand_env(env))
         try:
             ray.get(actor.ping.remote(), timeout=60)
             return actor
@@ -487,3 +490,26 @@ def kill(sweep_id: str, namespace: str) -> bool:
         return False
     ray.kill(actor, no_restart=True)
     return True
+
+
+def hand_env(env: dict[str, str] | None) -> list:
+    """Environment variables for another actor, as ``[ObjectRef]`` (``[]`` for none). Not Ray's runtime_env: its
+    agent logs every env var it sets (runtime_env_agent.log, INFO), and a secret must not reach a log. A small
+    object lives in its owner's memory, and a ref nested in a list reaches the actor unresolved: the dashboard
+    and the task's arguments show an object id, not the value."""
+    import ray
+
+    return [ray.put(dict(env))] if env else []
+
+
+def handed_env(refs: list | tuple) -> list:
+    """What ``hand_env`` gave this actor, handed on as this actor's own object (the sender's may not outlive it:
+    the CLI exits while a detached scheduler runs on); the allowed variables are set in this process too."""
+    import ray
+
+    from .hub import apply_env
+
+    if not refs:
+        return []
+    env = apply_env(ray.get(refs[0]))
+    return hand_env(env)

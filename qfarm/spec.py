@@ -137,6 +137,7 @@ class JobGroup(BaseModel):
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     model: Optional[str] = None
+    revision: Optional[str] = Field(None, max_length=200)  # a hub model's branch, tag or commit (default main)
     description: Optional[str] = None
     eval: EvalSpec = EvalSpec()
     resources: Resources = Resources()

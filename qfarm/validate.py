@@ -19,7 +19,7 @@ from .columns import column, option_clashes
 from .errors import Problem, allowed, did_you_mean, format_path, line_of
 from .methods import ALL_LINEAR, KINDS, METHODS, Options
 from .modelinfo import shape_of
-from . import lmtasks
+from . import hub, lmtasks
 from .refs import RefError, fingerprint, resolve_dataset, resolve_model
 from .spec import EvalSpec, JobGroup, SweepSpec, describe
 
@@ -38,7 +38,7 @@ class Collector:
         self.problems.setdefault((problem.path, problem.message), problem)
 
 
-def semantic_checks(raw: dict, base_dir: Path, errors: Collector) -> None:
+def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Path | None = None) -> None:
     """What expansion would say about the parts of a spec that passed the schema, when others did not."""
     groups = []
     for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
@@ -48,7 +48,8 @@ def semantic_checks(raw: dict, base_dir: Path, errors: Collector) -> None:
             continue
     model_ref = None
     if any(KINDS[g.kind].needs_model for _, g in groups) and isinstance(raw.get("model"), str):
-        model_ref = model(raw["model"], base_dir, errors)
+        revision = raw.get("revision") if isinstance(raw.get("revision"), str) else None
+        model_ref = model(raw["model"], base_dir, errors, revision, hub_cache)
     try:
         evaluation(EvalSpec.model_validate(raw.get("eval") or {}), base_dir, errors)
     except ValidationError:
@@ -92,14 +93,26 @@ def parent_stage(gi: int, group: JobGroup, spec: SweepSpec, errors: Collector) -
     return group.from_
 
 
-def model(text: str, base_dir: Path, errors: Collector) -> dict | None:
-    """The sweep's model reference, resolved (None, with the problem added, when it does not resolve)."""
+def model(text: str, base_dir: Path, errors: Collector, revision: str | None = None,
+          hub_cache: Path | None = None) -> dict | None:
+    """The sweep's model reference, resolved (None, with the problem added, when it does not resolve). A hub
+    model is pinned to the commit its ``revision`` names now (qfarm.hub)."""
     try:
-        ref = resolve_model(text, base_dir)
+        ref = resolve_model(text, base_dir, revision, hub_cache)
     except RefError as e:
-        errors.add(("model",), str(e))
+        errors.add((e.field if revision is not None else "model",), str(e))
         return None
-    return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
+    if revision is not None and ref.kind != "hub":
+        errors.add(("revision",), f"revision pins a hub model (org/name) to a branch, tag or commit; {text!r} is "
+                                  f"a local {'GGUF file' if ref.kind == 'gguf' else 'folder'}: remove revision")
+        return None
+    out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
+    if ref.kind == "hub":
+        out.update(revision=ref.revision, revision_asked=revision or hub.DEFAULT_REVISION)
+        folder = hub.config_folder(hub_cache or hub.cache_dir(None), ref.location, ref.revision)
+        if folder is not None:  # its architecture is read from there (modelinfo.shape_of); not part of a job
+            out["config_dir"] = str(folder)
+    return out
 
 
 def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tuple = ("eval",)) -> dict:

@@ -48,7 +48,14 @@ class JobContext:
 
 
 class Worker:
-    def __init__(self, redis_url: str, namespace: str, name: str, cpus: float = 1, preload: bool = False):
+    def __init__(self, redis_url: str, namespace: str, name: str, cpus: float = 1, preload: bool = False,
+                 env: list | tuple = ()):
+        if env:  # the hub token and settings (qfarm.scheduler.hand_env): set before anything reads them
+            import ray
+
+            from qfarm.hub import apply_env
+
+            apply_env(ray.get(env[0]))
         client, _ = connect_redis(redis_url, embedded_ok=False)
         self.store = Store(client, namespace)
         self.name = name

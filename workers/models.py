@@ -2,7 +2,8 @@
 
 A GGUF source (the bundled SmolLM2 is a Q4_1 GGUF) is dequantized by transformers once and saved as float32
 safetensors under ``<output_root>/_models/``; every later load, by any worker or method, reads that folder
-(~1 s instead of ~30 s). A hub id is passed to transformers as is.
+(~1 s instead of ~30 s). A hub model is downloaded at its pinned commit into the shared hub cache once
+(workers.hub) and read from that snapshot folder like any local folder.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def prepared_base(ctx, from_input: bool = False):
     if artifact:
         path, prepare_s = inside(ctx.output_root, artifact), 0.0
     else:
-        path, prepare_s = base_dir(ctx.job["model"], ctx.output_root)
+        path, prepare_s = base_dir(ctx.job["model"], ctx.output_root, ctx.progress)
     base, cached = ctx.cache.base(path, ctx)
     return base, prepare_s, cached
 
@@ -80,10 +81,16 @@ def versions() -> dict:
     return out
 
 
-def base_dir(model: dict, output_root: str) -> tuple[str, float]:
-    """A loadable float HF folder (or hub id) for ``model``, and seconds spent preparing it now (0 if ready)."""
-    if model["kind"] in ("hf_dir", "hub"):
+def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple[str, float]:
+    """A loadable float HF folder for ``model``, and seconds spent preparing it now (0 if ready): a local
+    folder as it is, a hub model's snapshot at its pinned commit (downloaded once: workers.hub), a GGUF's float
+    copy (made once)."""
+    if model["kind"] == "hf_dir":
         return model["location"], 0.0
+    if model["kind"] == "hub":
+        from workers.hub import snapshot
+
+        return snapshot(model, output_root, progress)
     target = keyed(output_root, "_models", model["key"])
     start = time.time()
     built = build_once(target, lambda tmp: _materialize_gguf(model["location"], model["gguf_file"], tmp))
@@ -192,6 +199,7 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
     if size_bytes is None:
         size_bytes, size_source = ref_bytes, f"disk ({ref_source})"
     return {
+        **hub_columns(ctx.job.get("model") or {}),
         "size_mb": size_bytes / 2**20,
         "size_source": size_source,
         "ref_size_mb": ref_bytes / 2**20,
@@ -205,3 +213,13 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
         "artifact": artifact,
         "versions": versions(),
     }
+
+
+def hub_columns(model: dict) -> dict:
+    """A hub model's pin (the commit every job of the sweep used) and whether a token reached this worker."""
+    if model.get("kind") != "hub":
+        return {}
+    from workers.hub import token_set
+
+    return {"model_revision": model.get("revision"), "model_revision_asked": model.get("revision_asked"),
+            "hub_token": token_set()}

@@ -119,7 +119,7 @@ jobs:
     assert store.stats(sweep)["calibration_tokenizations"] == 2  # one per calibration set (gptq's, awq's)
 
 
-def test_gguf_files_are_made_and_evaluated_inside_llama_cpp(cli_env, model_root, shared_data, tmp_path):
+def test_gguf_files_are_made_and_evaluated_inside_llama_cpp(cli_env, model_root, shared_data, tmp_path, store, ray_head):
     """llama.cpp quantizes the bundled GGUF to F16 / Q8_0 / Q4_K_M and evaluates each file itself, on the same
     WikiText-2 windows and against the same float reference as the bnb row beside them."""
     env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
@@ -161,12 +161,63 @@ jobs:
     assert ref["runtime"] == "transformers-dense" and ref["perplexity_se"] > 0 and ref["ppl_delta_pct_se"] == 0
     assert q4["kl_div_se"] > 0 and q4["ppl_delta_pct_se"] > 0
 
-    # a Hugging Face folder goes through llama.cpp's convert_hf_to_gguf.py first, and lands on the same numbers
+    # A hub model, as users have them: pinned to a commit at submit (offline here: the cache's refs/main), downloaded
+    # into the shared cache (here laid out already, as huggingface_hub writes it), its snapshot folder converted
+    # by llama.cpp's convert_hf_to_gguf.py; it lands on the same numbers as the GGUF it came from. The token
+    # reaches the workers and nothing else: no Redis key, no log line.
     hf_dir = next(p.parent for p in (model_root / "_models").glob("*/config.json"))
-    spec.write_text(spec.read_text().replace("bundled:smollm2-135m", str(hf_dir)).replace("e2e-gguf", "e2e-hf-gguf")
-                    .replace("gguf_type: [F16, Q8_0, Q4_K_M]", "gguf_type: [Q8_0]"))
-    out = qfarm(env, "submit", str(spec), "--wait")
+    sha = lay_out_hub_cache(hf_dir, model_root / "_hub", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    secret = "hf_qfarmTestToken0123456789abcdefXYZ"
+    hub_env = dict(env, HF_HUB_OFFLINE="1", HF_TOKEN=secret)
+    spec.write_text(spec.read_text().replace("bundled:smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct\nrevision: main")
+                    .replace("e2e-gguf", "e2e-hub-gguf").replace("gguf_type: [F16, Q8_0, Q4_K_M]", "gguf_type: [Q8_0]"))
+    out = qfarm(hub_env, "submit", str(spec), "--wait")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    conv = {r["label"]: r for r in json.loads(qfarm(env, "results", "e2e-hf-gguf", "--format", "json").stdout)}["gguf Q8_0"]
+    hub_rows = {r["label"]: r for r in json.loads(qfarm(env, "results", "e2e-hub-gguf", "--format", "json").stdout)}
+    conv, hub_ref = hub_rows["gguf Q8_0"], hub_rows["none"]
+    assert all(r["model_revision"] == sha and r["model_revision_asked"] == "main" and r["hub_token"] is True
+               for r in hub_rows.values()), hub_rows
     assert conv["gguf_source"] == "converted" and q8["gguf_source"] == "gguf"
     assert conv["perplexity"] == pytest.approx(q8["perplexity"], rel=0.005)
+    assert hub_ref["ref_size_source"] == "checkpoint files" and hub_ref["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
+    assert secret not in out.stdout + out.stderr and secret not in redis_dump(store)
+    assert not files_containing(secret, Path(ray_head.temp_dir)), "the hub token is in a Ray log"
+
+
+def lay_out_hub_cache(folder: Path, cache: Path, repo: str) -> str:
+    """``folder``'s files as huggingface_hub's cache holds a download of ``repo``: blobs/<sha256> (hard links, no
+    copy), snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/main = <commit>. Returns the commit."""
+    import hashlib
+    import os
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("QFARM_"))
+    commit = hashlib.sha1("".join(f.name for f in files).encode()).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        if not (root / "blobs" / digest).exists():
+            os.link(f, root / "blobs" / digest)
+        (root / "snapshots" / commit / f.name).symlink_to(f"../../blobs/{digest}")
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit
+
+
+def redis_dump(store) -> str:
+    """Every value under the test's namespace, as text."""
+    out = []
+    for key in store.r.scan_iter(match=store.keys.pattern()):
+        kind = store.r.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        value = {"string": store.r.get, "hash": store.r.hgetall, "list": lambda k: store.r.lrange(k, 0, -1),
+                 "set": store.r.smembers, "zset": lambda k: store.r.zrange(k, 0, -1),
+                 "stream": lambda k: store.r.xrange(k)}[kind](key)
+        out.append(f"{key} {value}")
+    return "\n".join(out)
+
+
+def files_containing(text: str, folder: Path) -> list[str]:
+    needle = text.encode()
+    return [str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]

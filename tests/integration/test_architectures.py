@@ -114,3 +114,25 @@ def test_a_method_that_would_leave_most_layers_in_float_is_refused(tmp_path, fam
     assert f"jobs[0].matrix.method[0]: method {refused} leaves" in out
     assert "matrix.method[1]" not in out  # the other method quantizes every kind of layer this model has
     assert kept in out.split("Methods that quantize every kind of layer it has:")[1]
+
+
+def test_a_hub_models_layers_are_read_from_its_config_at_the_pinned_commit(tmp_path):
+    """A hub id is read like a folder: its config.json at the commit the revision pins (here from the hub cache,
+    offline, as huggingface_hub lays it out under the output root)."""
+    import os
+
+    sha = "c0ffee" + "0" * 34
+    repo = tmp_path / "out" / "_hub" / "models--acme--tiny-neox"
+    config("gpt_neox").save_pretrained(repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: arch\nmodel: acme/tiny-neox\njobs:\n"
+                    "  - {kind: train, method: lora, dataset: {path: d.jsonl}, target_modules: [query_key_value, q_proj]}\n")
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c"}\n')
+    env = dict(os.environ, HF_HUB_OFFLINE="1", QFARM_OUTPUT_ROOT=str(tmp_path / "out"))
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", "--offline", str(spec)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 2 and "target_modules[1]: the model has no Linear layer 'q_proj'" in text, text
+    assert "target_modules[0]" not in text

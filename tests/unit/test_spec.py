@@ -216,8 +216,9 @@ def test_model_references(tmp_path):
     (tmp_path / "hf").mkdir()
     path = write(tmp_path, GOOD.replace("bundled:smollm2-135m", "hf"))
     assert "has no config.json" in problems(path)[0]
-    _, plan = load_plan(write(tmp_path, GOOD.replace("bundled:smollm2-135m", "HuggingFaceTB/SmolLM2-135M")))
-    assert plan.jobs[0].model["kind"] == "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"  # a commit pins a hub model without asking the hub
+    _, plan = load_plan(write(tmp_path, GOOD.replace("bundled:smollm2-135m", f"HuggingFaceTB/SmolLM2-135M\n    revision: {sha}")))
+    assert plan.jobs[0].model["kind"] == "hub" and plan.jobs[0].model["revision"] == sha
 
 
 def test_sleep_jobs_need_no_model(tmp_path):
