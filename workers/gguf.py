@@ -7,7 +7,9 @@ What is measured is the GGUF file a user deploys to llama.cpp or Ollama, not a d
   which is what it would do with the float folder dequantized from the same file. A Hugging Face folder
   (a hub model, a merged fine-tune) is converted to an F32 GGUF first by llama.cpp's
   ``convert_hf_to_gguf.py`` (``make llama-cpp-tools`` unpacks it from the llama-cpp-python sdist of the
-  installed version; ``QFARM_LLAMA_CPP_DIR`` names another llama.cpp checkout), once per output root.
+  installed version; ``QFARM_LLAMA_CPP_DIR`` names another llama.cpp checkout), once per output root. The
+  converter asks transformers to trust a model's own code; qfarm runs it with that refused
+  (``workers.no_remote_code``): a model that needs its own code to load is not converted.
 - Types: llama.cpp's file types (``F16``, ``Q8_0``, ``Q4_K_M``...). A K-quant whose tensors' rows do not
   divide into 256-wide super-blocks falls back to a legacy type for those tensors (SmolLM2's 576): the result
   records the tensor types the file really holds (``gguf_tensor_types``) and its bits per weight.
@@ -70,8 +72,9 @@ def source_gguf(ctx, base) -> str:
     def convert(tmp: Path) -> None:
         ctx.progress("converting the HF model to GGUF (llama.cpp convert_hf_to_gguf.py)")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
-        run = subprocess.run([sys.executable, str(script), base.path, "--outfile", str(tmp), "--outtype", "f32"],
-                             env=env, capture_output=True, text=True)
+        # transformers may not run the model folder's own code meanwhile (workers.no_remote_code)
+        run = subprocess.run([sys.executable, "-m", "workers.no_remote_code", str(script), base.path,
+                              "--outfile", str(tmp), "--outtype", "f32"], env=env, capture_output=True, text=True)
         if run.returncode != 0:
             tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail[0]}")

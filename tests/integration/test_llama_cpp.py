@@ -44,3 +44,38 @@ def test_a_tokenizer_rebuilt_from_a_gguf_is_checked_against_llama_cpps_own(tmp_p
     with pytest.raises(Permanent, match=r"disagrees with the file's own \(llama.cpp\): \d+ vs \d+ tokens on the probe "
                                         r"text, first different at token 0"):
         gguf_conventions(gguf, characters)
+
+
+def test_conversion_never_runs_a_model_folders_own_code(tmp_path, shared_data):
+    """llama.cpp's converter loads tokenizers with trust_remote_code=True: a folder whose tokenizer_config.json
+    names its own class would have that file imported. qfarm's conversion refuses it, saying why; the same
+    folder through the converter as shipped runs the code (the hazard is real)."""
+    import json
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from tests.tiny import corpus_of, make_tiny_model
+    from workers.gguf import converter, source_gguf
+
+    folder = make_tiny_model(tmp_path / "evil", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 50))
+    marker = tmp_path / "code-ran"
+    (folder / "tokenization_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    # a tokenizer class the converter loads with trust_remote_code=True (its HybridDNA path), and the folder's own
+    config.update(tokenizer_class="HybridDNATokenizer", auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+    ctx = SimpleNamespace(job={"model": {"kind": "hf_dir", "key": f"hf_dir:{folder}"}}, output_root=str(tmp_path / "out"),
+                          progress=lambda line: None)
+    with pytest.raises(RuntimeError, match="asks to run its own Python code"):
+        source_gguf(ctx, SimpleNamespace(path=str(folder)))
+    assert not marker.exists()
+
+    script = converter()
+    env = {**__import__("os").environ, "PYTHONPATH": str(script.parent / "gguf-py")}
+    subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(tmp_path / "x.gguf"), "--outtype", "f32"],
+                   env=env, capture_output=True, text=True, timeout=300)
+    assert marker.read_text() == "ran"  # without the guard, the folder's code runs
