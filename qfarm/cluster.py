@@ -9,6 +9,7 @@ logical GPU slots (``--logical-gpus``, default 2), so the same GPU-tagged schedu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -180,11 +181,51 @@ def local_head_state() -> dict | None:
     return state if _answers(state["address"]) else None
 
 
+HEAD_LOCK_WAIT_S = 180.0  # another client starting the head holds the lock at most ~its 90 s start timeout
+
+
 def ensure_local_head(logical_gpus: int | None, say) -> str:
-    """The address of qfarm's local Ray head, starting it if it is not running."""
+    """The address of qfarm's local Ray head, starting it if it is not running. One head per machine (per
+    QFARM_HOME): starting it takes a file lock, and a client that finds the lock taken waits for the head the
+    other one is starting and uses it."""
     state = local_head_state()
     if state:
         return state["address"]
+    with _head_lock(say):
+        state = local_head_state()  # another client started it while this one waited for the lock
+        if state:
+            say(f"qfarm: using the local Ray head another qfarm client just started ({state['address']})",
+                file=sys.stderr)
+            return state["address"]
+        return _start_embedded_head(logical_gpus, say)
+
+
+@contextlib.contextmanager
+def _head_lock(say):
+    import fcntl
+
+    path = data_dir() / "ray-head.lock"
+    with open(path, "a") as f:
+        deadline, told = time.time() + HEAD_LOCK_WAIT_S, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise QfarmError(f"another qfarm client has been starting the local Ray head for more than "
+                                     f"{HEAD_LOCK_WAIT_S:.0f} s (it holds {path}); see {data_dir() / 'ray-head.log'}")
+                if not told:
+                    say("qfarm: another qfarm client is starting the local Ray head; waiting for it", file=sys.stderr)
+                    told = True
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _start_embedded_head(logical_gpus: int | None, say) -> str:
     gpus = cuda_gpu_count()
     num_gpus = None if gpus else (logical_gpus if logical_gpus is not None else DEFAULT_LOGICAL_GPUS)
     folder = data_dir()
@@ -194,8 +235,10 @@ def ensure_local_head(logical_gpus: int | None, say) -> str:
     t0 = time.time()
     head = start_local_head(temp_dir=temp_dir, log_path=str(folder / "ray-head.log"), port=LOCAL_HEAD_PORT,
                             num_gpus=num_gpus, dashboard_port=8265)
-    _state_file().write_text(json.dumps({"address": head.address, "pid": head.pid, "dashboard": head.dashboard_url,
-                                         "temp_dir": temp_dir, "started_at": time.time()}))
+    tmp = _state_file().with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"address": head.address, "pid": head.pid, "dashboard": head.dashboard_url,
+                               "temp_dir": temp_dir, "started_at": time.time()}))
+    os.replace(tmp, _state_file())  # a client reading it never sees half a file
     say(f"qfarm: Ray is up in {time.time() - t0:.1f} s; dashboard {head.dashboard_url}", file=sys.stderr)
     return head.address
 
