@@ -53,7 +53,9 @@ def _store(ctx: click.Context):
     obj = ctx.obj
     if "store" not in obj:
         client, url = connect_redis(obj["redis_url"], say=click.echo)
-        obj["store"], obj["redis_url_resolved"] = Store(client, obj["namespace"]), url
+        store = Store(client, obj["namespace"])
+        store.check_access(url)
+        obj["store"], obj["redis_url_resolved"] = store, url
     return obj["store"]
 
 
@@ -120,13 +122,18 @@ def _ray_options(f):
                              "Default: qfarm's own local Ray head, started on first use.")(f)
 
 
+def _output_root_option(f):
+    return click.option("--output-root", envvar="QFARM_OUTPUT_ROOT", default=OUTPUT_ROOT_DEFAULT, show_default=True,
+                        type=click.Path(file_okay=False, path_type=Path),
+                        help="Where artifacts go: <root>/<sweep>/<job>. Must be reachable by every node "
+                             "[env QFARM_OUTPUT_ROOT].")(f)
+
+
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
-@click.option("--output-root", envvar="QFARM_OUTPUT_ROOT", default=OUTPUT_ROOT_DEFAULT, show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Where artifacts go: <root>/<sweep>/<job>. Must be reachable by every node [env QFARM_OUTPUT_ROOT].")
+@_output_root_option
 @click.pass_context
 @handle_errors
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
@@ -143,7 +150,7 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     root = str(output_root.expanduser().resolve())
     counts = store.submit(plan.sweep_id, plan.name, payloads, source=str(spec.resolve()), output_root=root,
                           info={"raw_spec": loaded.raw, "model": loaded.spec.model})
-    scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"],
+    scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
                     _worker_env(loaded.spec.model))
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
@@ -176,10 +183,11 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
 @click.option("--failed", "failed_only", is_flag=True, help="Requeue failed (and skipped) jobs only, not cancelled ones.")
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
+@_output_root_option
 @click.pass_context
 @handle_errors
 def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_address: str | None,
-          logical_gpus: int | None) -> None:
+          logical_gpus: int | None, output_root: Path) -> None:
     """Requeue a sweep's failed, skipped (and cancelled) jobs, attempts reset, and run them. Finished jobs stay."""
     store = _store(ctx)
     record = _find(store, sweep)
@@ -187,7 +195,7 @@ def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_add
     if not requeued:
         click.echo(f"nothing to retry in {record.id}: no {'failed or skipped' if failed_only else 'failed, skipped or cancelled'} jobs")
         return
-    _start_scheduler(ctx, record.id, ray_address, logical_gpus)
+    _start_scheduler(ctx, record, ray_address, logical_gpus, output_root)
     click.echo(f"requeued {len(requeued)} job(s) of {record.id}")
     _follow_or_hint(ctx, store, record.id, wait)
 
@@ -196,30 +204,39 @@ def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_add
 @click.argument("sweep")
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
+@_output_root_option
 @click.pass_context
 @handle_errors
-def resume(ctx: click.Context, sweep: str, wait: bool, ray_address: str | None, logical_gpus: int | None) -> None:
+def resume(ctx: click.Context, sweep: str, wait: bool, ray_address: str | None, logical_gpus: int | None,
+           output_root: Path) -> None:
     """Start a sweep's scheduler again (after a cluster restart, or if it died): it rebuilds its view from
     Redis; jobs left running by dead workers are requeued when their heartbeat lapses."""
     store = _store(ctx)
     record = _find(store, sweep)
-    _start_scheduler(ctx, record.id, ray_address, logical_gpus)
+    _start_scheduler(ctx, record, ray_address, logical_gpus, output_root)
     click.echo(f"resumed {record.id}")
     _follow_or_hint(ctx, store, record.id, wait)
 
 
-def _start_scheduler(ctx: click.Context, sweep_id: str, ray_address: str | None, logical_gpus: int | None) -> None:
+def _start_scheduler(ctx: click.Context, record, ray_address: str | None, logical_gpus: int | None,
+                     output_root: Path) -> None:
+    """Start a submitted sweep's scheduler again. Its output root is this command's (workers take no path from
+    Redis), so it must be the one the sweep was submitted with: where its finished jobs' artifacts are."""
     from . import cluster, scheduler
 
+    root = str(output_root.expanduser().resolve())
+    if record.output_root and record.output_root != root:
+        raise UsageError(f"sweep {record.id} keeps its artifacts under {record.output_root}, but this command's "
+                         f"output root is {root}: give --output-root {record.output_root} (or QFARM_OUTPUT_ROOT)")
     cluster.connect(ray_address, logical_gpus, say=click.echo)
-    record = _store(ctx).sweep(sweep_id)
-    scheduler.start(sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"],
-                    _worker_env(record.info.get("model") if record else None))
+    scheduler.start(record.id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
+                    _worker_env(record.info.get("model")))
 
 
 def _worker_env(model: str | None) -> dict[str, str]:
-    """What the scheduler and its workers get from this shell through Ray's object store (scheduler.hand_env), never through Redis or a log:
-    the hub token (for a hub model also the one `hf auth login` saved), offline mode, the hub cache."""
+    """What the scheduler and its workers get from this shell through Ray's object store (qfarm.handoff), never
+    through Redis or a log: the hub token (for a hub model also the one `hf auth login` saved), offline mode,
+    the hub cache."""
     from . import hub
     from .refs import HUB_ID
 

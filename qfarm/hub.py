@@ -10,8 +10,8 @@
   (and every node, when the output root is shared), so a sweep downloads a model once. The submitting machine
   looks in the same place to resolve a revision offline.
 - **Secrets.** ``HF_TOKEN`` (or the token ``hf auth login`` saved), with offline mode and the cache setting,
-  reaches the scheduler and its workers through Ray's object store (``forwarded_env``, ``scheduler.hand_env``):
-  never Redis, a log line or an argument's value. Not Ray's runtime_env: its agent logs the env vars it sets.
+  reaches the scheduler and its workers through Ray's object store (``forwarded_env``, qfarm.handoff): never
+  Redis, a log line or an argument's value. Not Ray's runtime_env: its agent logs the env vars it sets.
 
 Imports ``huggingface_hub`` only when a hub model is used: the CLI stays light.
 """
@@ -121,8 +121,9 @@ def config_folder(cache: Path, repo: str, sha: str) -> Path | None:
 
 
 def forwarded_env(env=None, token: str | None = None) -> dict[str, str]:
-    """The hub settings the scheduler and its workers get through Ray's object store (scheduler.hand_env): the token, offline mode, a
-    mirror endpoint, the cache; ``token`` (the one ``hf auth login`` saved) when the environment names none."""
+    """The hub settings the scheduler and its workers get through Ray's object store (qfarm.handoff): the token,
+    offline mode, a mirror endpoint, the cache; ``token`` (the one ``hf auth login`` saved) when the environment
+    names none."""
     env = os.environ if env is None else env
     out = {k: env[k] for k in FORWARDED_ENV if env.get(k)}
     if token and not any(out.get(k) for k in TOKEN_ENV):

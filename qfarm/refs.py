@@ -184,3 +184,28 @@ def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> Data
     if path.suffix in JSON_SUFFIXES:
         return DatasetRef("jsonl", str(path), text_field, fingerprint(path))
     return DatasetRef("text", str(path), fingerprint=fingerprint(path))
+
+
+def confirm(ref: dict, what: str = "model") -> None:
+    """A local model or dataset reference as a job record (from Redis) carries it, re-resolved where the job runs by
+    the rules ``qfarm validate`` used: an absolute path to the kind of file or folder it says, whose content is
+    still the content its key names. A file edited since the sweep was submitted fails the job, with the reason,
+    instead of being measured under the old identity. Bundled and hub references are checked where they are used."""
+    from .errors import Permanent
+
+    kind, location = ref.get("kind"), ref.get("location")
+    if kind not in ("hf_dir", "gguf", "text", "jsonl"):
+        return
+    if not isinstance(location, str) or not Path(location).is_absolute():
+        raise Permanent(f"refusing the {what} location {location!r}: a job names local files by absolute path")
+    try:
+        if kind in ("text", "jsonl"):
+            now = resolve_dataset(location, Path("/"), ref.get("text_field") or "text")
+        else:
+            now = resolve_model(location if kind == "hf_dir" else str(Path(location) / str(ref.get("gguf_file"))),
+                                Path("/"))
+    except RefError as e:
+        raise Permanent(f"the {what} of this job is no longer usable: {e}") from None
+    if now.kind != kind or now.key != ref.get("key"):
+        raise Permanent(f"the {what} at {location} changed since the sweep was submitted (its content fingerprint "
+                        f"differs): submit the sweep again to measure the new content under its own job ids")

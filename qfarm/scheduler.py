@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import handoff
 from .cluster import RAY_NAMESPACE, cluster_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
@@ -76,10 +77,11 @@ class Inflight:
 class Scheduler:
     """Runs one sweep to completion. Created detached by ``qfarm submit``; its loop runs in a thread."""
 
-    def __init__(self, sweep_id: str, redis_url: str, namespace: str, env: list | tuple = ()):
-        self.sweep_id, self.redis_url, self.namespace = sweep_id, redis_url, namespace
-        self._env = handed_env(env)  # secrets for its workers (qfarm.hub.forwarded_env), never in Redis
-        client, _ = connect_redis(redis_url, embedded_ok=False)
+    def __init__(self, sweep_id: str, namespace: str, secrets: list | tuple = ()):
+        self.sweep_id, self.namespace = sweep_id, namespace
+        env, self._secrets = handoff.received(secrets)  # the Redis URL and hub token, handed on to its workers
+        self.output_root = env[handoff.OUTPUT_ROOT]  # the submitting command's, never a path read from Redis
+        client, _ = connect_redis(env[handoff.REDIS_URL], embedded_ok=False)
         self.store = Store(client, namespace)
         self.pools: dict[str, Pool] = {}
         self.inflight: dict[Any, Inflight] = {}
@@ -161,7 +163,7 @@ class Scheduler:
         return [j for j in running if not self._orphan(j)]
 
     def _dispatch(self, queued: list[JobRecord]) -> None:
-        output_root, sweep_name = self.sweep.output_root, self.sweep.name
+        output_root, sweep_name = self.output_root, self.sweep.name
         handed = {f.job_id for f in self.inflight.values()}
         for job in queued:
             if job.id in handed:
@@ -178,8 +180,7 @@ class Scheduler:
             if slot is None or slot.ready_ref is not None:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
-            payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", output_root=output_root,
-                           input=inputs or None)
+            payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", input=inputs or None)
             ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
                 payload, attempt_id, self.sweep_id)
             slot.job_id = job.id
@@ -357,7 +358,7 @@ class Scheduler:
         name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
         opts = ray_options(pool.resources, cluster_nodes())
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
-            self.redis_url, self.namespace, name, opts["num_cpus"], pool.preload, self._env)
+            self.namespace, name, opts["num_cpus"], pool.preload, self._secrets)
         slot = Slot(actor, name, ready_ref=actor.ready.remote())
         pool.slots.append(slot)
         return slot
@@ -451,10 +452,10 @@ def timed_out(started_at: float | None, timeout_s: float | None, now: float) -> 
     return bool(timeout_s) and started_at is not None and now - started_at > timeout_s
 
 
-def start(sweep_id: str, redis_url: str, namespace: str, env: dict[str, str] | None = None) -> Any:
-    """Start (or find) the sweep's detached scheduler actor and wait until it answers. ``env`` (secrets such as
-    HF_TOKEN: qfarm.hub.forwarded_env) reaches it and every worker it starts through Ray's object store
-    (``hand_env``), never Redis, a log or an argument's value."""
+def start(sweep_id: str, redis_url: str, namespace: str, output_root: str, env: dict[str, str] | None = None) -> Any:
+    """Start (or find) the sweep's detached scheduler actor and wait until it answers. The Redis URL, the output
+    root and ``env`` (HF_TOKEN...: qfarm.hub.forwarded_env) reach it and every worker it starts through Ray's
+    object store (qfarm.handoff), never Redis, a log or an argument's value."""
     import ray
 
     name = scheduler_name(namespace, sweep_id)
@@ -462,7 +463,8 @@ def start(sweep_id: str, redis_url: str, namespace: str, env: dict[str, str] | N
         actor = ray.remote(Scheduler).options(
             name=name, namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
             max_concurrency=4, max_restarts=0,
-        ).remote(sweep_id, redis_url, namespace, hand_env(env))
+        ).remote(sweep_id, namespace, handoff.hand({**(env or {}), handoff.REDIS_URL: redis_url,
+                                                     handoff.OUTPUT_ROOT: output_root}))
         try:
             ray.get(actor.ping.remote(), timeout=60)
             return actor
@@ -491,25 +493,3 @@ def kill(sweep_id: str, namespace: str) -> bool:
     ray.kill(actor, no_restart=True)
     return True
 
-
-def hand_env(env: dict[str, str] | None) -> list:
-    """Environment variables for another actor, as ``[ObjectRef]`` (``[]`` for none). Not Ray's runtime_env: its
-    agent logs every env var it sets (runtime_env_agent.log, INFO), and a secret must not reach a log. A small
-    object lives in its owner's memory, and a ref nested in a list reaches the actor unresolved: the dashboard
-    and the task's arguments show an object id, not the value."""
-    import ray
-
-    return [ray.put(dict(env))] if env else []
-
-
-def handed_env(refs: list | tuple) -> list:
-    """What ``hand_env`` gave this actor, handed on as this actor's own object (the sender's may not outlive it:
-    the CLI exits while a detached scheduler runs on); the allowed variables are set in this process too."""
-    import ray
-
-    from .hub import apply_env
-
-    if not refs:
-        return []
-    env = apply_env(ray.get(refs[0]))
-    return hand_env(env)

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import redis
 
+from .errors import QfarmError
 from .keys import DEFAULT_CANCEL_GRACE_S, EVENTS_MAXLEN, Keys
 
 
@@ -416,6 +417,20 @@ class Store:
         if progress is not None:
             fields["progress"] = progress
         return int(self._beat(keys=[self.keys.job(job_id)], args=[attempt_id, json.dumps(fields)]))
+
+    def check_access(self, url: str = "") -> None:
+        """Whether this Redis user may use this namespace's keys (a Redis ACL per team: ``~<namespace>:*``), said
+        at once and plainly instead of as a NOPERM error from the middle of some command."""
+        try:
+            self.r.exists(self.keys.sweeps())
+        except redis.exceptions.NoPermissionError:
+            from urllib.parse import urlsplit
+
+            user = urlsplit(url).username or "default"
+            raise QfarmError(
+                f"Redis user {user!r} may not use the keys of namespace {self.namespace!r}: its ACL allows other key "
+                f"patterns. Use the namespace your Redis user was made for (--namespace / QFARM_NAMESPACE), or ask "
+                f"whoever runs Redis for a user with ~{self.namespace}:* (README, \"Sharing one Redis\")") from None
 
     def delete_namespace(self) -> int:
         """Remove every key of this namespace (tests, and `qfarm purge`)."""

@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from qfarm import handoff
 from qfarm.connection import connect_redis
 from qfarm.errors import Permanent, one_line, retryable
 from qfarm.store import JobStatus, Store
@@ -48,15 +49,10 @@ class JobContext:
 
 
 class Worker:
-    def __init__(self, redis_url: str, namespace: str, name: str, cpus: float = 1, preload: bool = False,
-                 env: list | tuple = ()):
-        if env:  # the hub token and settings (qfarm.scheduler.hand_env): set before anything reads them
-            import ray
-
-            from qfarm.hub import apply_env
-
-            apply_env(ray.get(env[0]))
-        client, _ = connect_redis(redis_url, embedded_ok=False)
+    def __init__(self, namespace: str, name: str, cpus: float = 1, preload: bool = False, secrets: list | tuple = ()):
+        env, _ = handoff.received(secrets)  # the Redis URL and the hub token (qfarm.handoff), never an argument
+        client, _ = connect_redis(env[handoff.REDIS_URL], embedded_ok=False)
+        self.output_root = env[handoff.OUTPUT_ROOT]  # where it may write: not a path read from Redis
         self.store = Store(client, namespace)
         self.name = name
         self.threads = max(1, int(cpus or 1))
@@ -92,7 +88,7 @@ class Worker:
             return {"status": "not-claimed"}
         self.current = f"{job['id']} {job.get('label', '')}"
         beat = _Heartbeat(self.store, job["id"], attempt_id)
-        ctx = JobContext(job, attempt_id, sweep_id, job["output_dir"], job["output_root"], None, self.threads,
+        ctx = JobContext(job, attempt_id, sweep_id, job["output_dir"], self.output_root, None, self.threads,
                          beat.progress)
         node = _node_id()
         started = time.time()

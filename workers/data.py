@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from qfarm.refs import confirm
 from workers.files import build_once, keyed
 
 
@@ -17,6 +18,7 @@ def python_docs_text() -> str:
 
 
 def load_text(ref: dict) -> str:
+    confirm(ref, "dataset")
     kind = ref["kind"]
     if kind == "bundled" and ref["location"] == "python-docs":
         return python_docs_text()
@@ -158,6 +160,7 @@ def examples(ref: dict, text_field: str = "text", fmt: str | None = None) -> lis
     """The dataset as training examples, in file order: a JSONL row each (its ``text_field``, or ``fmt`` filled
     from its fields), a blank-line-separated paragraph of a text file, a topic of the bundled python-docs, or a
     row of a hub dataset. Empty examples are dropped."""
+    confirm(ref, "dataset")
     kind = ref["kind"]
     if kind == "bundled":
         from pydoc_data.topics import topics

@@ -2,7 +2,7 @@
 
 Every later use (the float load, the GGUF conversion, the checkpoint's size, vLLM) reads the snapshot folder
 like any local model folder. The token (``HF_TOKEN``) is in the environment the scheduler handed this worker
-(qfarm.scheduler.hand_env); it is never read from Redis or written anywhere.
+(qfarm.handoff); it is never read from Redis or written anywhere.
 
 Sample yaml::
 

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from qfarm.refs import confirm
 from workers.checks import CHECKS_FILE, gguf_conventions
 from workers.files import build_once, inside, job_dir, keyed
 
@@ -85,6 +86,7 @@ def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple
     """A loadable float HF folder for ``model``, and seconds spent preparing it now (0 if ready): a local
     folder as it is, a hub model's snapshot at its pinned commit (downloaded once: workers.hub), a GGUF's float
     copy (made once)."""
+    confirm(model)  # a local model is still the content its key names (not a path taken from Redis on trust)
     if model["kind"] == "hf_dir":
         return model["location"], 0.0
     if model["kind"] == "hub":

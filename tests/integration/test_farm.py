@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -195,6 +196,11 @@ def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ra
     # in the queue), and the sweep completes
     running_then = {j.id for j in store.sweep_jobs(sweep) if j.status == "running"}
     assert "b" in {j.spec["stage"] for j in store.sweep_jobs(sweep) if j.status == "queued"}
+    # workers write only below the resuming command's own output root (never a path read from Redis): it must be
+    # the one the sweep was submitted with
+    elsewhere = qfarm(dict(cli_env, QFARM_OUTPUT_ROOT=str(tmp_path / "elsewhere")), "resume", "naps")
+    assert elsewhere.returncode == 2 and f"keeps its artifacts under {Path(cli_env['QFARM_OUTPUT_ROOT']).resolve()}" \
+        in elsewhere.stderr, elsewhere.stderr
     out = qfarm(cli_env, "resume", "naps", "--wait", timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     jobs = {j.id: j for j in store.sweep_jobs(sweep)}

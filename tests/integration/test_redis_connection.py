@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,7 @@ def wait_for_port(port: int, tries: int = 50) -> None:
 def password_redis(tmp_path):
     port = free_port()
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                             "--requirepass", "s3cret", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                             "--requirepass", "s3cretQfarmPw", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port)
     yield port
@@ -45,7 +46,7 @@ def password_redis(tmp_path):
 
 def test_password_url_works_and_a_wrong_one_is_a_clear_error(password_redis, tmp_path):
     port = password_redis
-    env = {"QFARM_REDIS_URL": f"redis://:s3cret@127.0.0.1:{port}/0", "QFARM_HOME": str(tmp_path), "PATH": ""}
+    env = {"QFARM_REDIS_URL": f"redis://:s3cretQfarmPw@127.0.0.1:{port}/0", "QFARM_HOME": str(tmp_path), "PATH": ""}
     ok = subprocess.run([sys.executable, "-m", "qfarm.cli", "status"], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     env["QFARM_REDIS_URL"] = f"redis://:wrong@127.0.0.1:{port}/0"
@@ -92,7 +93,7 @@ def tls_redis(tmp_path):
     port = free_port()
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
                              "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
-                             "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass", "s3cret",
+                             "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no", "--requirepass", "s3cretQfarmPw",
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port)
@@ -101,21 +102,24 @@ def tls_redis(tmp_path):
     proc.wait()
 
 
-def test_a_sweep_runs_through_a_tls_redis_with_a_password(tls_redis, cli_env, tmp_path):
+def test_a_sweep_runs_through_a_tls_redis_with_a_password(tls_redis, cli_env, tmp_path, ray_head):
     from tests.cli import qfarm, results
 
     port, ca = tls_redis
-    env = dict(cli_env, QFARM_REDIS_URL=f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+    env = dict(cli_env, QFARM_REDIS_URL=f"rediss://:s3cretQfarmPw@127.0.0.1:{port}/0?ssl_ca_certs={ca}")
     spec = tmp_path / "tls.yaml"
     spec.write_text("name: over-tls\njobs:\n  - {kind: sleep, seconds: 0.1, matrix: {index: [0, 1, 2]}}\n")
     out = qfarm(env, "submit", str(spec), "--wait")
     assert out.returncode == 0, out.stdout + out.stderr  # client, scheduler actor and workers all spoke TLS
     assert [r["status"] for r in results(env, "over-tls")] == ["succeeded"] * 3
+    # the URL reached the scheduler and workers through the object store (qfarm.handoff): no Ray log has it
+    logs = [p for p in Path(ray_head.temp_dir).rglob("*") if p.is_file() and not p.is_symlink()]
+    assert logs and not [str(p) for p in logs if b"s3cretQfarmPw" in p.read_bytes()]
     # without the CA, the server's certificate is refused: a one-line error, no password, no traceback
-    env["QFARM_REDIS_URL"] = f"rediss://:s3cret@127.0.0.1:{port}/0"
+    env["QFARM_REDIS_URL"] = f"rediss://:s3cretQfarmPw@127.0.0.1:{port}/0"
     bad = qfarm(env, "status")
     assert bad.returncode == 1 and "certificate verify failed" in bad.stderr, bad.stderr
-    assert "s3cret" not in bad.stderr and "Traceback" not in bad.stderr
+    assert "s3cretQfarmPw" not in bad.stderr and "Traceback" not in bad.stderr
     # and plain TCP to a TLS port is not mistaken for a working Redis
-    env["QFARM_REDIS_URL"] = f"redis://:s3cret@127.0.0.1:{port}/0"
+    env["QFARM_REDIS_URL"] = f"redis://:s3cretQfarmPw@127.0.0.1:{port}/0"
     assert qfarm(env, "status").returncode == 1

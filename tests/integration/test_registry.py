@@ -30,7 +30,7 @@ def test_a_new_kind_is_one_registry_entry(monkeypatch, tmp_path, store, ray_head
     cluster.connect(ray_head.address)
     store.submit(plan.sweep_id, plan.name, [j.payload() for j in plan.jobs], source=str(spec),
                  output_root=str(tmp_path / "out"))
-    scheduler.start(plan.sweep_id, redis_url, namespace)
+    scheduler.start(plan.sweep_id, redis_url, namespace, str(tmp_path / "out"))
     deadline = time.time() + 120
     while time.time() < deadline and any(j.status in ("queued", "running") for j in store.sweep_jobs(plan.sweep_id)):
         time.sleep(0.3)
