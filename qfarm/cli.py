@@ -139,7 +139,7 @@ def _output_root_option(f):
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
            output_root: Path) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
-    from . import cluster, hub, scheduler
+    from . import cluster, hub, scheduler, watchdog
     from .expand import load_plan
 
     loaded, plan = load_plan(spec, hub.cache_dir(output_root))
@@ -152,6 +152,7 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
                           info={"raw_spec": loaded.raw, "model": loaded.spec.model})
     scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
                     _worker_env(loaded.spec.model))
+    watchdog.ensure(ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root, ray_address)
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
     click.echo(f"submitted {plan.sweep_id}: {len(plan.jobs)} jobs{note}; artifacts under {root}/{plan.name}")
@@ -222,7 +223,7 @@ def _start_scheduler(ctx: click.Context, record, ray_address: str | None, logica
                      output_root: Path) -> None:
     """Start a submitted sweep's scheduler again. Its output root is this command's (workers take no path from
     Redis), so it must be the one the sweep was submitted with: where its finished jobs' artifacts are."""
-    from . import cluster, scheduler
+    from . import cluster, scheduler, watchdog
 
     root = str(output_root.expanduser().resolve())
     if record.output_root and record.output_root != root:
@@ -231,6 +232,7 @@ def _start_scheduler(ctx: click.Context, record, ray_address: str | None, logica
     cluster.connect(ray_address, logical_gpus, say=click.echo)
     scheduler.start(record.id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
                     _worker_env(record.info.get("model")))
+    watchdog.ensure(ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root, ray_address)
 
 
 def _worker_env(model: str | None) -> dict[str, str]:
@@ -350,9 +352,12 @@ def cancel(ctx: click.Context, sweep: str, grace: float) -> None:
 @cli.command()
 @handle_errors
 def down() -> None:
-    """Stop the local Ray head qfarm started (sweeps on it stop too; their state stays in Redis)."""
+    """Stop the local Ray head qfarm started (sweeps on it stop too; their state stays in Redis), and the
+    watchdogs that would start it again to resume them."""
     from .cluster import stop_embedded_head
+    from .watchdog import stop_all
 
+    stop_all()
     click.echo("stopped the local Ray head" if stop_embedded_head() else "no local Ray head of qfarm is running")
 
 

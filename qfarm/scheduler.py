@@ -151,6 +151,8 @@ class Scheduler:
         started = time.time()
         self.sweep = self.store.sweep(self.sweep_id)
         self.jobs = {j.id: j for j in self.store.sweep_jobs(self.sweep_id)}
+        if self.sweep is not None:  # (a deleted sweep's record is not made again by a beat)
+            self.store.scheduler_beat(self.sweep_id)
         self._refreshed = time.time()
         if self._refreshed - started > SLOW_REFRESH_S:  # Redis was away (the client retried): heartbeats were too
             self._watching_since = self._refreshed

@@ -164,6 +164,8 @@ class SweepRecord:
     finished_at: float | None = None
     scheduler_error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    submitted_at: float | None = None
+    scheduler_beat_at: float | None = None  # its scheduler's last pass (qfarm.watchdog resumes a silent one)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "SweepRecord":
@@ -177,6 +179,8 @@ class SweepRecord:
             finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
             scheduler_error=h.get("scheduler_error") or None,
             info=json.loads(h.get("info") or "{}"),
+            submitted_at=float(h["submitted_at"]) if h.get("submitted_at") else None,
+            scheduler_beat_at=float(h["scheduler_beat_at"]) if h.get("scheduler_beat_at") else None,
         )
 
 
@@ -283,6 +287,15 @@ class Store:
 
     def attempts(self, job_id: str) -> list[dict]:
         return [json.loads(a) for a in self.r.lrange(self.keys.job_attempts(job_id), 0, -1)]
+
+    def scheduler_beat(self, sweep_id: str, *, pipeline=None) -> None:
+        """The sweep's scheduler is alive and passing (qfarm.watchdog resumes a sweep whose scheduler went silent)."""
+        (pipeline or self.r).hset(self.keys.sweep(sweep_id), "scheduler_beat_at", repr(_now()))
+
+    def unfinished_sweeps(self) -> list[SweepRecord]:
+        """Sweeps submitted and not finished (a finished, crashed or cancelled sweep's scheduler marks it)."""
+        records = (self.sweep(i) for i in self.sweep_ids())
+        return [r for r in records if r is not None and r.finished_at is None]
 
     def mark_sweep_finished(self, sweep_id: str, *, pipeline=None) -> None:
         (pipeline or self.r).hset(self.keys.sweep(sweep_id), "finished_at", repr(_now()))

@@ -80,7 +80,8 @@ def cli_env(redis_url, namespace, ray_head, tmp_path):
     """Environment for running the `qfarm` CLI as a user would, against the test services."""
     env = dict(os.environ)
     env.update(QFARM_REDIS_URL=redis_url, QFARM_NAMESPACE=namespace, QFARM_RAY_ADDRESS=ray_head.address,
-               QFARM_OUTPUT_ROOT=str(tmp_path / "out"), QFARM_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+               QFARM_OUTPUT_ROOT=str(tmp_path / "out"), QFARM_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1",
+               QFARM_WATCH="0")  # no watchdog resuming the sweeps fault tests kill on purpose (test_head_loss.py has one)
     return env
 
 
