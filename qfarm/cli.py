@@ -59,6 +59,13 @@ def _store(ctx: click.Context):
     return obj["store"]
 
 
+def _cluster_config_option(f):
+    return click.option("--cluster-config", envvar="QFARM_CLUSTER_CONFIG", default=None, metavar="FILE",
+                        help="The cluster's `ray up` config: its node types count as capacity the autoscaler may "
+                             "start [env QFARM_CLUSTER_CONFIG; default ~/ray_bootstrap_config.yaml when it "
+                             "exists, as on a `ray up` head].")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--redis-url", envvar="QFARM_REDIS_URL", default=None, metavar="URL",
               help="Redis holding all state [env QFARM_REDIS_URL; default redis://127.0.0.1:6379/0, "
@@ -87,11 +94,13 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
 @click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
               help="Also check every job's resources against this Ray cluster [env QFARM_RAY_ADDRESS]. "
                    "Default: qfarm's local Ray head when it is running.")
-@click.option("--offline", is_flag=True, help="Check the file only, not against any cluster.")
+@click.option("--offline", is_flag=True, help="Check the file only, not against any running cluster.")
+@_cluster_config_option
 @handle_errors
-def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool) -> None:
-    """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster, whether some
-    node of it can run each job (exit 2 naming what the cluster has, when not). Runs nothing."""
+def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool, cluster_config: str | None) -> None:
+    """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster (running, or the
+    node types of its config), whether some node of it can run each job (exit 2 naming what it has, when not).
+    Runs nothing."""
     from . import cluster, hub
     from .expand import load_plan
 
@@ -100,11 +109,16 @@ def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool
     labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
     what = f" ({', '.join(labels)})" if labels else ""
     model = f" on {loaded.spec.model}" if loaded.spec.model else ""
+    types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
     address = None if offline else (ray_address or (cluster.local_head_state() or {}).get("address"))
+    named = f" and {len(types)} node type(s) its autoscaler may start" if types else ""
     if address:
         cluster.connect(address)
-        cluster.preflight([j.payload() for j in plan.jobs])
-        checked = f" Resources checked against the Ray cluster at {address}."
+        cluster.preflight([j.payload() for j in plan.jobs], types)
+        checked = f" Resources checked against the Ray cluster at {address}{named}."
+    elif types:
+        cluster.refuse_unplaceable([j.payload() for j in plan.jobs], cluster.startable_nodes(types))
+        checked = f" Resources checked against the {len(types)} node type(s) of the cluster config."
     else:
         checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
     click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}.{checked}")
@@ -134,10 +148,11 @@ def _output_root_option(f):
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
 @_output_root_option
+@_cluster_config_option
 @click.pass_context
 @handle_errors
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
-           output_root: Path) -> None:
+           output_root: Path, cluster_config: str | None) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
     from . import cluster, hub, scheduler, watchdog
     from .expand import load_plan
@@ -146,10 +161,11 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     store = _store(ctx)
     cluster.connect(ray_address, logical_gpus, say=click.echo)
     payloads = [j.payload() for j in plan.jobs]
-    cluster.preflight(payloads)
+    types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
+    cluster.preflight(payloads, types)
     root = str(output_root.expanduser().resolve())
     counts = store.submit(plan.sweep_id, plan.name, payloads, source=str(spec.resolve()), output_root=root,
-                          info={"raw_spec": loaded.raw, "model": loaded.spec.model})
+                          info={"raw_spec": loaded.raw, "model": loaded.spec.model, "node_types": types})
     scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
                     _worker_env(loaded.spec.model))
     watchdog.ensure(ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root, ray_address)

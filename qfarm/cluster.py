@@ -293,6 +293,7 @@ class Node:
     id: str
     resources: dict[str, float]
     labels: dict[str, str]
+    node_type: str | None = None  # set for a node the autoscaler may start (NodeType), not one alive now
 
     @property
     def gpu_mem_gb(self) -> float | None:
@@ -315,10 +316,73 @@ class Node:
                     self.id[:12])
 
 
-def cluster_nodes() -> list[Node]:
+def cluster_nodes(node_types: list[dict] | None = None) -> list[Node]:
+    """The nodes alive now, and (``node_types``: ``NodeType.as_dict()``) every node the autoscaler may start."""
     import ray
 
-    return [Node(n["NodeID"], dict(n["Resources"]), dict(n.get("Labels") or {})) for n in ray.nodes() if n.get("Alive")]
+    alive = [Node(n["NodeID"], dict(n["Resources"]), dict(n.get("Labels") or {})) for n in ray.nodes() if n.get("Alive")]
+    return alive + startable_nodes(node_types or [])
+
+
+# --- node types the autoscaler may start -----------------------------------------------------------
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster's config on its head
+UNDECLARED_CPU = 1024.0  # a node type that declares no CPU count gets Ray's detected one: plenty, for planning
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type of a Ray cluster launcher config (``available_node_types``) that the autoscaler may start."""
+
+    name: str
+    resources: dict[str, float]
+    labels: dict[str, str]
+    max_workers: int
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "resources": self.resources, "labels": self.labels, "max_workers": self.max_workers}
+
+
+def node_types_of(config: dict) -> list[NodeType]:
+    """The worker node types of a cluster launcher config: the head's own type is alive already, or not at all."""
+    types = config.get("available_node_types") if isinstance(config, dict) else None
+    if not isinstance(types, dict):
+        raise UsageError("the cluster config has no available_node_types: give the file `ray up` starts the "
+                         "cluster from (cluster.yaml)")
+    cap = int(config.get("max_workers", 10**6))
+    out = []
+    for name, t in types.items():
+        if name == config.get("head_node_type") or not isinstance(t, dict):
+            continue
+        resources = {str(k): float(v) for k, v in (t.get("resources") or {}).items()}
+        resources.setdefault("CPU", UNDECLARED_CPU)
+        labels = {str(k): str(v) for k, v in (t.get("labels") or {}).items()}
+        out.append(NodeType(str(name), resources, labels, min(int(t.get("max_workers", cap)), cap)))
+    return out
+
+
+def read_node_types(path: str | None) -> list[NodeType]:
+    """Node types from ``path`` (--cluster-config), else from the config `ray up` left on this head, else none."""
+    import yaml
+
+    found = Path(path).expanduser() if path else Path(BOOTSTRAP_CONFIG).expanduser()
+    if not path and not found.is_file():
+        return []
+    try:
+        config = yaml.safe_load(found.read_text()[:1_000_000])
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read the cluster config {found}: {one_line_text(e)}") from None
+    return node_types_of(config)
+
+
+def one_line_text(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def startable_nodes(node_types: list[dict]) -> list[Node]:
+    """One planned ``Node`` per node the autoscaler may start (``max_workers`` of each type)."""
+    return [Node(f"{t['name']}#{i}", dict(t["resources"]), dict(t.get("labels") or {}), t["name"])
+            for t in node_types for i in range(max(int(t.get("max_workers", 0)), 0))]
 
 
 def eligible(resources: dict[str, Any], nodes: list[Node]) -> list[Node]:
@@ -337,9 +401,19 @@ def ray_options(resources: dict[str, Any], nodes: list[Node] | None = None) -> d
     if resources.get("custom"):
         opts["resources"] = dict(resources["custom"])
     if resources.get("min_gpu_mem_gb") and nodes is not None:
-        ids = ",".join(n.id for n in eligible(resources, nodes)) or "none"
-        opts["label_selector"] = {"ray.io/node-id": f"in({ids})"}
+        opts["label_selector"] = gpu_mem_selector(eligible(resources, nodes))
     return opts
+
+
+def gpu_mem_selector(nodes: list[Node]) -> dict[str, str]:
+    """A Ray label selector for the nodes with enough GPU memory. On the ``qfarm-gpu-mem-gb`` label's values when
+    every such node carries it, so a node that joins later (an autoscaled one) is eligible too; nodes known only by
+    their accelerator type are pinned by id (alive ones only: label such node types to autoscale them)."""
+    if nodes and all(GPU_MEM_LABEL in n.labels for n in nodes):
+        values = sorted({n.labels[GPU_MEM_LABEL] for n in nodes}, key=float)
+        return {GPU_MEM_LABEL: f"in({','.join(values)})"}
+    ids = ",".join(n.id for n in nodes if n.node_type is None) or "none"
+    return {"ray.io/node-id": f"in({ids})"}
 
 
 def needs(resources: dict[str, Any]) -> dict[str, float]:
@@ -364,12 +438,18 @@ def slots(resources: dict[str, Any], nodes: list[Node]) -> int:
 
 
 def describe_nodes(nodes: list[Node]) -> str:
-    parts = []
+    parts, typed = [], {}
     for node in nodes:
+        if node.node_type:
+            typed[node.node_type] = typed.get(node.node_type, 0) + 1
+            if typed[node.node_type] > 1:
+                continue
         res = ", ".join(f"{k} {v:g}" for k, v in sorted(node.resources.items())
-                        if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
+                        if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+                        and not (k == "CPU" and v == UNDECLARED_CPU))
         mem = f", {node.gpu_mem_gb:g} GB per GPU" if node.gpu_mem_gb else ""
-        parts.append(f"{node.name}: {res}{mem}")
+        name = f"node type {node.node_type} (the autoscaler may start it)" if node.node_type else node.name
+        parts.append(f"{name}: {res}{mem}")
     return "; ".join(parts) or "no alive nodes"
 
 
@@ -384,9 +464,14 @@ def cuda_refusal(jobs: list[dict], nodes: list[Node]) -> str | None:
             "(--ray-address), or use engine: native")
 
 
-def preflight(jobs: list[dict]) -> None:
-    """Refuse jobs no node of the connected cluster could ever run (Ray would leave them waiting forever)."""
-    nodes = cluster_nodes()
+def preflight(jobs: list[dict], node_types: list[dict] | None = None) -> None:
+    """Refuse jobs no node of the connected cluster could ever run (Ray would leave them waiting forever): no node
+    alive now, and no node type the autoscaler may start (``node_types``)."""
+    refuse_unplaceable(jobs, cluster_nodes(node_types))
+
+
+def refuse_unplaceable(jobs: list[dict], nodes: list[Node]) -> None:
+    """UsageError naming the jobs none of ``nodes`` (alive, or startable by the autoscaler) can hold."""
     bad: dict[str, list[str]] = {}
     for job in jobs:
         res = job["resources"]
@@ -402,4 +487,5 @@ def preflight(jobs: list[dict]) -> None:
         lines = [f"  {len(labels)} job(s) ({', '.join(sorted(set(labels))[:5])}) need {need}" for need, labels in bad.items()]
         raise UsageError("no node of this cluster can run these jobs:\n" + "\n".join(lines)
                          + f"\nthe cluster has: {describe_nodes(nodes)}\n"
-                         "lower `resources:` in the spec, or connect to a cluster that has them (--ray-address)")
+                         "lower `resources:` in the spec, connect to a cluster that has them (--ray-address), or name "
+                         "the node types its autoscaler may start (--cluster-config cluster.yaml)")

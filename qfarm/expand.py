@@ -36,6 +36,7 @@ class Job:
     max_attempts: int
     timeout_s: float | None
     hung_after_s: float | None = None  # no heartbeat for this long while running: the worker is killed, the job retried
+    start_timeout_s: float | None = None  # its worker not started by then (no node holds it): killed; see scheduler
     calibration: dict[str, Any] | None = None  # resolved calibration data ref, for methods that calibrate
     stage: str = ""  # the job group's name (or its kind)
     parent: str | None = None  # the job this one starts from (``from:``): it runs once that one succeeded
@@ -62,6 +63,7 @@ class Job:
             "max_attempts": self.max_attempts,
             "timeout_s": self.timeout_s,
             "hung_after_s": self.hung_after_s,
+            "start_timeout_s": self.start_timeout_s,
             "calibration": self.calibration,
             "stage": self.stage,
             "parent": self.parent,
@@ -193,6 +195,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         max_attempts=group.max_attempts or spec.max_attempts,
         timeout_s=group.timeout_s or spec.timeout_s,
         hung_after_s=group.hung_after_s or spec.hung_after_s,
+        start_timeout_s=group.start_timeout_s or spec.start_timeout_s,
         calibration=calibration,
         stage=stage_name(gi, group),
         parent=parent.id if parent is not None else None,

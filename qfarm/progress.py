@@ -142,6 +142,18 @@ def shown(jobs: list[JobRecord], limit: int | None) -> list[JobRecord]:
     return sorted(keep, key=lambda j: index[j.id])
 
 
+def waiting_note(sweep, now: float | None = None) -> str:
+    """Which resource shapes' workers wait for capacity (no node has room now; an autoscaler may be starting one)."""
+    import time
+
+    if not getattr(sweep, "waiting", None) or sweep.finished_at is not None:
+        return ""
+    now = time.time() if now is None else now
+    shapes = "; ".join(f"{shape} for {max(0.0, now - since):.0f} s" for shape, since in sorted(sweep.waiting.items()))
+    return (f"\nwaiting for capacity: a worker with {shapes} (no node has room for it now; an autoscaler may be "
+            "starting one, and idle workers of other shapes give theirs back)")
+
+
 def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int | None = STATUS_ROWS):
     from rich.table import Table
 
@@ -157,6 +169,7 @@ def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int |
         limits = sorted({float(j.spec.get("hung_after_s") or HEARTBEAT_TTL_S) for j in running})
         caption += (f"\na running job without a heartbeat for {', '.join(f'{x:g}' for x in limits)} s is taken as "
                     "hung: its worker is killed and the job retried (hung_after_s)")
+    caption += waiting_note(sweep)
     if len(jobs) < total:
         caption += f"\nshowing {len(jobs)} of {total} jobs, unfinished and failed first (--all shows every job)"
     table = Table(title=f"sweep {sweep.id}", caption=caption, header_style="bold")

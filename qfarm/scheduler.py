@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import handoff
-from .cluster import RAY_NAMESPACE, cluster_nodes, needs, ray_options, slots
+from .cluster import RAY_NAMESPACE, cluster_nodes, describe_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
 from .store import JobRecord, JobStatus, Store
@@ -36,6 +36,18 @@ MAX_ACTOR_START_FAILURES = 3
 HEARTBEAT_TTL_S = 60.0  # workers beat every HEARTBEAT_S (workers/actor.py)
 GONE_WORKER_S = 12.0  # two missed beats, and the worker actor named by the job no longer exists
 SLOW_REFRESH_S = 5.0  # a re-read of the sweep this slow means Redis was unreachable meanwhile
+# Pools of different resource shapes share the cluster: an idle worker gives its resources back after IDLE_REAP_S
+# (it keeps its cached model until then, for the next job of its shape), and at once when a worker of another
+# shape has waited STARVED_AFTER_S for capacity. A worker that has not started within start_timeout_s (no node
+# could hold it, and no autoscaler brought one) is killed; when none of its shape ever started, its jobs fail.
+IDLE_REAP_S = 30.0
+STARVED_AFTER_S = 2.0
+DEFAULT_START_TIMEOUT_S = 600.0  # an autoscaler may take minutes to start a GPU node
+
+
+def _shape(resources: dict) -> str:
+    """A resource shape as people read it: "GPU 2, CPU 1"."""
+    return ", ".join(f"{k} {v:g}" for k, v in needs(resources).items())
 
 
 def scheduler_name(namespace: str, sweep_id: str) -> str:
@@ -48,6 +60,7 @@ class Slot:
     name: str
     ready_ref: Any = None  # set while the actor is starting
     job_id: str | None = None  # the job handed to this worker
+    since: float = field(default_factory=time.time)  # asked for (while starting), or last went idle
 
 
 @dataclass
@@ -56,6 +69,7 @@ class Pool:
     resources: dict
     capacity: int
     preload: bool  # its jobs load models: workers import the ML stack while starting
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     slots: list[Slot] = field(default_factory=list)
     start_failures: int = 0
     last_error: str = ""
@@ -145,6 +159,7 @@ class Scheduler:
                     return
                 continue
             self._dispatch(queued)
+            self._reap()
             self._collect()
 
     def _refresh(self) -> None:
@@ -223,7 +238,7 @@ class Scheduler:
 
         try:
             ray.get(ref)
-            slot.ready_ref = None
+            slot.ready_ref, slot.since = None, time.time()
         except Exception as e:  # the actor could not be created or its __init__ raised
             pool.start_failures += 1
             pool.last_error = one_line(e, typed=False)
@@ -232,7 +247,7 @@ class Scheduler:
     def _finished(self, ref, flight: Inflight) -> None:
         import ray
 
-        flight.slot.job_id = None
+        flight.slot.job_id, flight.slot.since = None, time.time()
         try:
             ray.get(ref)
             self._reload(flight.job_id)
@@ -340,14 +355,65 @@ class Scheduler:
 
     # --- worker pools ------------------------------------------------------------------------------
 
+    def _nodes(self):
+        """The nodes alive now and those the cluster's autoscaler may start (the node types given at submit)."""
+        return cluster_nodes((self.sweep.info if self.sweep else {}).get("node_types"))
+
     def _pool(self, resources: dict) -> Pool:
         key = json.dumps(resources, sort_keys=True)
         if key not in self.pools:
             shape = [j for j in self.jobs.values() if json.dumps(j.spec.get("resources"), sort_keys=True) == key]
-            capacity = min(slots(resources, cluster_nodes()), max(1, len(shape)))
+            capacity = min(slots(resources, self._nodes()), max(1, len(shape)))
             preload = any(j.spec.get("needs_model", j.spec.get("kind") != "sleep") for j in shape)
-            self.pools[key] = Pool(key, resources, capacity, preload)
+            timeout = max((float(j.spec.get("start_timeout_s") or DEFAULT_START_TIMEOUT_S) for j in shape),
+                          default=DEFAULT_START_TIMEOUT_S)
+            self.pools[key] = Pool(key, resources, capacity, preload, timeout)
         return self.pools[key]
+
+    def _reap(self) -> None:
+        """Give resources back across shapes: kill workers that never started in time, idle workers after
+        IDLE_REAP_S or at once when another shape's worker waits for capacity; say what waits, in the sweep."""
+        now = time.time()
+        for pool in self.pools.values():
+            for slot in [s for s in pool.slots if s.ready_ref is not None and now - s.since > pool.start_timeout_s]:
+                self._start_timed_out(pool, slot)
+        waiting = {p.key: min(s.since for s in p.slots if s.ready_ref is not None)
+                   for p in self.pools.values() if any(s.ready_ref is not None for s in p.slots)}
+        starved = self._lacking({k for k, since in waiting.items() if now - since > STARVED_AFTER_S})
+        for pool in self.pools.values():
+            held = set(needs(pool.resources))
+            for slot in [s for s in pool.slots if s.ready_ref is None and s.job_id is None]:
+                helped = sorted(k for k, lack in starved.items() if k != pool.key and lack & held)
+                if helped or now - slot.since > IDLE_REAP_S:
+                    why = (f"a worker with {_shape(self.pools[helped[0]].resources)} waits for capacity" if helped
+                           else f"idle for {IDLE_REAP_S:g} s")
+                    self._kill(slot, pool)
+                    self.store.scheduler_event(self.sweep_id, "worker_reaped", worker=slot.name,
+                                               shape=_shape(pool.resources), why=why)
+        self.store.set_waiting(self.sweep_id, {_shape(self.pools[k].resources): since for k, since in waiting.items()})
+
+    def _lacking(self, keys: set[str]) -> dict[str, set[str]]:
+        """For each starved pool, the resources the cluster has too little of free now for one more of its workers:
+        an idle worker is given up for it only if it holds one of those (a GPU worker is not reaped for a shape
+        that waits on a node type with a resource nobody here has)."""
+        if not keys:
+            return {}
+        import ray
+
+        free = ray.available_resources()
+        return {k: {r for r, v in needs(self.pools[k].resources).items() if free.get(r, 0.0) < v} for k in keys}
+
+    def _start_timed_out(self, pool: Pool, slot: Slot) -> None:
+        self._kill(slot, pool)
+        self.store.scheduler_event(self.sweep_id, "worker_start_timeout", worker=slot.name,
+                                   shape=_shape(pool.resources), after_s=f"{pool.start_timeout_s:g}")
+        if any(s.ready_ref is None for s in pool.slots):
+            pool.capacity = len(pool.slots)  # the cluster holds fewer workers of this shape than it seemed to
+            return
+        pool.start_failures = MAX_ACTOR_START_FAILURES  # none of its shape ever started: its jobs fail, saying why
+        pool.last_error = (f"no worker with {_shape(pool.resources)} started within {pool.start_timeout_s:g} s "
+                           f"(start_timeout_s): no node could hold one, and none came up (the cluster has: "
+                           f"{describe_nodes(self._nodes())})")
 
     def _grow(self, pool: Pool) -> Slot | None:
         import ray
@@ -358,7 +424,7 @@ class Scheduler:
             return None
         self._worker_seq += 1
         name = f"qfarm-worker:{self.sweep_id}:{self._worker_seq}"
-        opts = ray_options(pool.resources, cluster_nodes())
+        opts = ray_options(pool.resources, self._nodes())
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
             self.namespace, name, opts["num_cpus"], pool.preload, self._secrets)
         slot = Slot(actor, name, ready_ref=actor.ready.remote())

@@ -17,7 +17,7 @@ Sample yaml::
           method: [none, bnb-int8, bnb-nf4, bnb-fp4]
 
 A job group's keys other than ``kind, name, from, eval, matrix, exclude, resources, max_attempts, timeout_s,
-hung_after_s`` are
+hung_after_s, start_timeout_s`` are
 fixed options, applied to every combination of its matrix (``- {kind: quantize, method: bnb-nf4, double_quant: true}``).
 
 Pipelines write ``stages:`` instead of ``jobs:`` (the same list): a stage with ``from: NAME`` runs one job per
@@ -132,6 +132,7 @@ class JobGroup(BaseModel):
     max_attempts: Optional[int] = Field(None, ge=1, le=100)
     timeout_s: Optional[float] = Field(None, gt=0)
     hung_after_s: Optional[float] = Field(None, ge=10, le=86_400)  # no heartbeat this long: the worker is hung
+    start_timeout_s: Optional[float] = Field(None, ge=1, le=86_400)  # a worker not started by then is killed
 
 
 class SweepSpec(Strict):
@@ -144,6 +145,7 @@ class SweepSpec(Strict):
     max_attempts: int = Field(3, ge=1, le=100)
     timeout_s: Optional[float] = Field(None, gt=0)
     hung_after_s: Optional[float] = Field(None, ge=10, le=86_400)  # default: the scheduler's HEARTBEAT_TTL_S (60)
+    start_timeout_s: Optional[float] = Field(None, ge=1, le=86_400)  # default: DEFAULT_START_TIMEOUT_S (600)
     jobs: list[JobGroup] = Field(min_length=1)
 
 

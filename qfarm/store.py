@@ -166,6 +166,7 @@ class SweepRecord:
     info: dict[str, Any] = field(default_factory=dict)
     submitted_at: float | None = None
     scheduler_beat_at: float | None = None  # its scheduler's last pass (qfarm.watchdog resumes a silent one)
+    waiting: dict[str, float] = field(default_factory=dict)  # resource shape -> since when its worker waits
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "SweepRecord":
@@ -181,6 +182,7 @@ class SweepRecord:
             info=json.loads(h.get("info") or "{}"),
             submitted_at=float(h["submitted_at"]) if h.get("submitted_at") else None,
             scheduler_beat_at=float(h["scheduler_beat_at"]) if h.get("scheduler_beat_at") else None,
+            waiting=json.loads(h.get("waiting") or "{}"),
         )
 
 
@@ -191,6 +193,7 @@ class Store:
         self.r = client
         self.keys = Keys(namespace)
         self.namespace = namespace
+        self._waiting_said: dict[str, str] = {}
         self._transition = client.register_script(_TRANSITION)
         self._ensure = client.register_script(_ENSURE_JOB)
         self._beat = client.register_script(_BEAT)
@@ -287,6 +290,18 @@ class Store:
 
     def attempts(self, job_id: str) -> list[dict]:
         return [json.loads(a) for a in self.r.lrange(self.keys.job_attempts(job_id), 0, -1)]
+
+    def scheduler_event(self, sweep_id: str, event: str, **fields: str) -> None:
+        """A scheduler decision (a worker reaped, one that never started) in the events stream beside job moves."""
+        self.r.xadd(self.keys.events(), {"sweep": sweep_id, "event": event, "at": repr(_now()), **fields},
+                    maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def set_waiting(self, sweep_id: str, waiting: dict[str, float]) -> None:
+        """The resource shapes whose workers wait for capacity, and since when (``qfarm status`` says it)."""
+        text = json.dumps(waiting, sort_keys=True)
+        if self._waiting_said.get(sweep_id) != text:  # written when it changes, not on every pass
+            self.r.hset(self.keys.sweep(sweep_id), "waiting", text)
+            self._waiting_said[sweep_id] = text
 
     def scheduler_beat(self, sweep_id: str, *, pipeline=None) -> None:
         """The sweep's scheduler is alive and passing (qfarm.watchdog resumes a sweep whose scheduler went silent)."""
