@@ -132,7 +132,8 @@ def _ray_options(f):
     f = click.option("--logical-gpus", type=click.IntRange(0, 64), envvar="QFARM_LOGICAL_GPUS", default=None,
                      help="GPU slots the local head declares when the machine has no GPU (default 2).")(f)
     return click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
-                        help="An existing Ray cluster (host:port, ray://host:10001, or auto) [env QFARM_RAY_ADDRESS]. "
+                        help="An existing Ray cluster (host:port, ray://host:10001, auto, or its dashboard http://host:8265: "
+                             "the scheduler then starts as a Ray Job, no driver here) [env QFARM_RAY_ADDRESS]. "
                              "Default: qfarm's own local Ray head, started on first use.")(f)
 
 
@@ -154,38 +155,52 @@ def _output_root_option(f):
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
            output_root: Path, cluster_config: str | None) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
-    from . import cluster, hub, scheduler, watchdog
+    from . import cluster, hub, jobs
     from .expand import load_plan
 
     loaded, plan = load_plan(spec, hub.cache_dir(output_root))
     store = _store(ctx)
-    cluster.connect(ray_address, logical_gpus, say=click.echo)
     payloads = [j.payload() for j in plan.jobs]
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
-    cluster.preflight(payloads, types)
+    if jobs.is_jobs_address(ray_address):  # outside the cluster: its dashboard's API, no Ray driver here
+        cluster.refuse_unplaceable(payloads, jobs.nodes(ray_address) + cluster.startable_nodes(types))
+    else:
+        cluster.connect(ray_address, logical_gpus, say=click.echo)
+        cluster.preflight(payloads, types)
     root = str(output_root.expanduser().resolve())
     counts = store.submit(plan.sweep_id, plan.name, payloads, source=str(spec.resolve()), output_root=root,
                           info={"raw_spec": loaded.raw, "model": loaded.spec.model, "node_types": types})
-    scheduler.start(plan.sweep_id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
-                    _worker_env(loaded.spec.model))
-    watchdog.ensure(ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root, ray_address)
+    _launch(ctx, plan.sweep_id, ray_address, root, loaded.spec.model)
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
     click.echo(f"submitted {plan.sweep_id}: {len(plan.jobs)} jobs{note}; artifacts under {root}/{plan.name}")
     _follow_or_hint(ctx, store, plan.sweep_id, wait)
 
 
+def _scheduler_alive(store, sweep_id: str, namespace: str) -> bool:
+    """Whether the sweep's scheduler lives: asked of Ray when this client is connected to it; else (a Ray Job
+    started it, from outside the cluster) whether it has passed in its sweep record lately."""
+    import time
+
+    from . import scheduler, watchdog
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return scheduler.alive(sweep_id, namespace)
+    record = store.sweep(sweep_id)
+    last = record and (record.scheduler_beat_at or record.submitted_at)
+    return bool(last) and time.time() - last < watchdog.STALE_S
+
+
 def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> None:
     """Without --wait, say how to follow the sweep; with it, follow to the end, print the table, exit 1 if a
     job did not succeed."""
-    from . import scheduler
-
     if not wait:
         click.echo(f"follow it with: qfarm status {sweep_id}   results: qfarm results {sweep_id}")
         return
     from .progress import follow
 
-    follow(store, sweep_id, alive=lambda: scheduler.alive(sweep_id, ctx.obj["namespace"]))
+    follow(store, sweep_id, alive=lambda: _scheduler_alive(store, sweep_id, ctx.obj["namespace"]))
     data, _, note = _compared(store, [sweep_id], [], None, None)
     _print_results(data, sweep_id, "table")
     if note:
@@ -239,16 +254,28 @@ def _start_scheduler(ctx: click.Context, record, ray_address: str | None, logica
                      output_root: Path) -> None:
     """Start a submitted sweep's scheduler again. Its output root is this command's (workers take no path from
     Redis), so it must be the one the sweep was submitted with: where its finished jobs' artifacts are."""
-    from . import cluster, scheduler, watchdog
+    from . import cluster, jobs
 
     root = str(output_root.expanduser().resolve())
     if record.output_root and record.output_root != root:
         raise UsageError(f"sweep {record.id} keeps its artifacts under {record.output_root}, but this command's "
                          f"output root is {root}: give --output-root {record.output_root} (or QFARM_OUTPUT_ROOT)")
-    cluster.connect(ray_address, logical_gpus, say=click.echo)
-    scheduler.start(record.id, ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root,
-                    _worker_env(record.info.get("model")))
-    watchdog.ensure(ctx.obj["redis_url_resolved"], ctx.obj["namespace"], root, ray_address)
+    if not jobs.is_jobs_address(ray_address):
+        cluster.connect(ray_address, logical_gpus, say=click.echo)
+    _launch(ctx, record.id, ray_address, root, record.info.get("model"))
+
+
+def _launch(ctx: click.Context, sweep_id: str, ray_address: str | None, root: str, model: str | None) -> None:
+    """Start the sweep's scheduler (here through Ray, or as a Ray Job on a cluster's dashboard address) and the
+    watchdog that resumes it should its head die."""
+    from . import jobs, scheduler, watchdog
+
+    url, namespace = ctx.obj["redis_url_resolved"], ctx.obj["namespace"]
+    if jobs.is_jobs_address(ray_address):
+        jobs.start_scheduler(ray_address, sweep_id, namespace, url, root, click.echo)
+    else:
+        scheduler.start(sweep_id, url, namespace, root, _worker_env(model))
+    watchdog.ensure(url, namespace, root, ray_address)
 
 
 def _worker_env(model: str | None) -> dict[str, str]:

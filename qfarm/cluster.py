@@ -34,6 +34,9 @@ LOCAL_HEAD_PORT = 6390  # not Ray's default 6379, which is Redis's port too
 def ray_env(local: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # `python` on the node is the interpreter Ray runs in (a Ray Job's entrypoint, `python -m qfarm.jobs`, is run
+    # by a shell), not whatever comes first on PATH
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     if local:
         # Keeps every Ray service of a single-node head on 127.0.0.1 (--node-ip-address alone did not).
         env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -102,9 +105,11 @@ def start_local_head(*, temp_dir: str, log_path: str, port: int | None = None, n
         raise QfarmError("the `ray` command is missing; install qfarm with its dependencies (pip install -e .)")
     port = port if port and _port_free(port) else _free_port()
     dashboard_port = dashboard_port if dashboard_port and _port_free(dashboard_port) else _free_port()
+    # the dashboard agent (it runs Ray Jobs) on a free port: at Ray's fixed default, a second Ray on the machine
+    # finds it taken, and that head then refuses every job ("No available agent to submit job")
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"]
     if num_gpus is not None:
         cmd.append(f"--num-gpus={num_gpus}")
     if num_cpus is not None:

@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from .connection import data_dir
 

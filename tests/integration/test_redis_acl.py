@@ -35,7 +35,7 @@ def teams(redis_url):
 
 
 def test_a_team_runs_sweeps_in_its_namespace_and_cannot_touch_anothers(teams, cli_env, tmp_path):
-    (user_a, ns_a, url_a), (user_b, ns_b, url_b) = teams["a"], teams["b"]
+    (_, ns_a, url_a), (user_b, ns_b, url_b) = teams["a"], teams["b"]
     spec = tmp_path / "s.yaml"
     spec.write_text(SPEC.format(name="acl-sweep"))
     env_a = dict(cli_env, QFARM_REDIS_URL=url_a, QFARM_NAMESPACE=ns_a)
