@@ -61,6 +61,7 @@ class Slot:
     ready_ref: Any = None  # set while the actor is starting
     job_id: str | None = None  # the job handed to this worker
     since: float = field(default_factory=time.time)  # asked for (while starting), or last went idle
+    created_ref: Any = None  # set until the actor exists: until then it waits for capacity (not just importing)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class Scheduler:
 
         try:
             ray.get(ref)
-            slot.ready_ref, slot.since = None, time.time()
+            slot.ready_ref, slot.created_ref, slot.since = None, None, time.time()
         except Exception as e:  # the actor could not be created or its __init__ raised
             pool.start_failures += 1
             pool.last_error = one_line(e, typed=False)
@@ -377,8 +378,9 @@ class Scheduler:
         for pool in self.pools.values():
             for slot in [s for s in pool.slots if s.ready_ref is not None and now - s.since > pool.start_timeout_s]:
                 self._start_timed_out(pool, slot)
-        waiting = {p.key: min(s.since for s in p.slots if s.ready_ref is not None)
-                   for p in self.pools.values() if any(s.ready_ref is not None for s in p.slots)}
+        uncreated = {id(s) for s in self._uncreated()}
+        waiting = {p.key: min(s.since for s in p.slots if id(s) in uncreated)
+                   for p in self.pools.values() if any(id(s) in uncreated for s in p.slots)}
         starved = self._lacking({k for k, since in waiting.items() if now - since > STARVED_AFTER_S})
         for pool in self.pools.values():
             held = set(needs(pool.resources))
@@ -391,6 +393,18 @@ class Scheduler:
                     self.store.scheduler_event(self.sweep_id, "worker_reaped", worker=slot.name,
                                                shape=_shape(pool.resources), why=why)
         self.store.set_waiting(self.sweep_id, {_shape(self.pools[k].resources): since for k, since in waiting.items()})
+
+    def _uncreated(self) -> list[Slot]:
+        """Starting workers that no node holds yet: waiting for capacity (one that exists and imports is not)."""
+        import ray
+
+        pending = [s for p in self.pools.values() for s in p.slots if s.created_ref is not None]
+        if pending:
+            done, _ = ray.wait([s.created_ref for s in pending], num_returns=len(pending), timeout=0)
+            for slot in pending:
+                if slot.created_ref in done:
+                    slot.created_ref = None
+        return [s for s in pending if s.created_ref is not None]
 
     def _lacking(self, keys: set[str]) -> dict[str, set[str]]:
         """For each starved pool, the resources the cluster has too little of free now for one more of its workers:
@@ -427,7 +441,8 @@ class Scheduler:
         opts = ray_options(pool.resources, self._nodes())
         actor = ray.remote(Worker).options(name=name, namespace=RAY_NAMESPACE, max_restarts=0, **opts).remote(
             self.namespace, name, opts["num_cpus"], pool.preload, self._secrets)
-        slot = Slot(actor, name, ready_ref=actor.ready.remote())
+        created = actor.created.remote()  # answers as soon as a node holds it; ready() then imports the ML stack
+        slot = Slot(actor, name, ready_ref=actor.ready.remote(), created_ref=created)
         pool.slots.append(slot)
         return slot
 

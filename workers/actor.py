@@ -64,6 +64,10 @@ class Worker:
     def __repr__(self) -> str:  # the Ray dashboard shows this beside the actor
         return f"Worker({self.current or 'idle'})"
 
+    def created(self) -> bool:
+        """Answers once a node holds this worker (the scheduler tells waiting for capacity from importing)."""
+        return True
+
     def ready(self) -> dict:
         """Called once by the scheduler before the first job; imports the ML stack for model jobs, so the
         few seconds torch and transformers take to import are spent while the worker starts, not in a job."""
