@@ -1,7 +1,8 @@
 """A worker's bounded cache: loaded base models, tokenized eval windows, the reference's log-probabilities.
 
 N jobs of a sweep on one base model load it once per worker, not N times. Bounds (environment):
-``QFARM_CACHE_MODELS`` base models kept (default 1), ``QFARM_REF_CACHE_MB`` for reference log-probs (default 2048).
+``QFARM_CACHE_MODELS`` base models kept (default 1), ``QFARM_REF_CACHE_MB`` for reference log-probs in total
+(default 2048; past it they are recomputed window by window, never held whole).
 """
 
 from __future__ import annotations
@@ -80,10 +81,16 @@ class Cache:
         return self.ref_numbers.get(key, make)
 
     def reference(self, key: tuple, make: Callable[[], Any]) -> tuple[Any, bool]:
-        """Reference log-probs: cached when they fit the budget, else recomputed for every job."""
+        """Reference figures, kept for the next job. ``QFARM_REF_CACHE_MB`` bounds the log-probs kept in total:
+        older entries go first, and a reference whose log-probs alone exceed it keeps none (workers.evaluate
+        recomputes them window by window)."""
         if key in self.refs.items:
             return self.refs.get(key, make)
         value = make()
-        if value.nbytes <= self.ref_budget_bytes and self.models.max_items > 0:
+        if self.models.max_items > 0:
+            while self.refs.items and sum(v.nbytes for v in self.refs.items.values()) + value.nbytes > self.ref_budget_bytes:
+                self.refs.items.popitem(last=False)
             self.refs.items[key] = value
+            while len(self.refs.items) > self.refs.max_items:
+                self.refs.items.popitem(last=False)
         return value, False

@@ -30,11 +30,18 @@ from workers.tasks import run_tasks
 
 @dataclass
 class Reference:
-    logprobs: list  # per window: float16 [seq_len - 1, vocab]
+    """The reference's figures on the evaluation windows. Its full log-probabilities ([seq_len - 1, vocab] a window,
+    float16) are kept when they fit the worker's budget (``QFARM_REF_CACHE_MB``, a total over everything kept);
+    else only what is small is kept (per-token NLL) and each window's log-probs are computed again, window by
+    window, beside the row's own (``stream``): exact either way, and never more than one window's worth in memory."""
+
+    logprobs: list | None  # per window: float16 [seq_len - 1, vocab]; None when recomputed (``stream``)
     nll: float
     tokens: int
     text_bytes: int = 0  # UTF-8 bytes of the text whose tokens are predicted (bits per byte)
     token_nll: list = field(default_factory=list)  # per window: float64 [seq_len - 1], for paired differences
+    stream: object = None  # the reference model's runner, when its log-probs are not kept
+    full_bytes: int = 0  # what keeping every window's log-probs takes
 
     @property
     def perplexity(self) -> float:
@@ -42,7 +49,19 @@ class Reference:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.logprobs)
+        return sum(t.numel() * t.element_size() for t in self.logprobs or [])
+
+    def window_logprobs(self, i: int, window):
+        """Window ``i``'s reference log-probs as float32 (rounded through float16 either way: the same numbers)."""
+        if self.logprobs is not None:
+            return self.logprobs[i].float()
+        return self.stream.logprobs(window).half().float().cpu()
+
+    @property
+    def how(self) -> str:
+        mb = self.full_bytes / 2**20
+        return (f"kept ({mb:.0f} MB)" if self.logprobs is not None else
+                f"recomputed window by window (keeping them would take {mb:.0f} MB, over QFARM_REF_CACHE_MB)")
 
 
 class PeakMemory:
@@ -175,19 +194,26 @@ def runner(model):
     return model if hasattr(model, "logprobs") else TorchRunner(model)
 
 
-def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 0) -> Reference:
-    """The reference's log-probs on the windows, checked to be sane (workers.checks) before anything uses them."""
-    lps, token_nll = [], []
+def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 0,
+                  budget_bytes: float = float("inf")) -> Reference:
+    """The reference's log-probs on the windows, checked to be sane (workers.checks) before anything uses them;
+    kept whole only when they fit ``budget_bytes`` (else recomputed window by window: ``Reference``)."""
+    lps, token_nll, full_bytes = [], [], 0
     for i, window in enumerate(wins):
         progress(f"reference log-probs {i + 1}/{len(wins)}")
         lp = model.logprobs(window)
         targets = window[1:].to(lp.device)
         token_nll.append(-lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu())
-        lps.append(lp.half().cpu())
+        full_bytes = len(wins) * lp.shape[0] * lp.shape[1] * 2  # float16
+        if lps is not None and full_bytes <= budget_bytes:
+            lps.append(lp.half().cpu())
+        else:
+            lps = None  # over the budget: nothing beyond this window is held
+        vocab_size = vocab_size or lp.shape[-1]
     nll, tokens = sum(t.sum().item() for t in token_nll), sum(t.numel() for t in token_nll)
-    ref = Reference(lps, nll, tokens, text_bytes, token_nll)
+    ref = Reference(lps, nll, tokens, text_bytes, token_nll, None if lps is not None else model, full_bytes)
     if ref.text_bytes:
-        check_reference(nll, tokens, ref.text_bytes, vocab_size or lps[0].shape[-1])
+        check_reference(nll, tokens, ref.text_bytes, vocab_size)
     return ref
 
 
@@ -204,7 +230,7 @@ def quality(model, wins, ref: Reference, progress) -> dict:
         targets = window[1:].to(lp.device)
         token_nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
         q = lp.half().float().cpu()
-        r = ref.logprobs[i].float()
+        r = ref.window_logprobs(i, window)
         nll.append(token_nll)
         if ref.token_nll:
             diff.append(token_nll - ref.token_nll[i])
@@ -226,6 +252,7 @@ def quality(model, wins, ref: Reference, progress) -> dict:
         "top1_agree_se": math.sqrt(top1 * (1 - top1) / tokens),
         "ppl_windows": len(wins),
         "ppl_tokens": tokens,
+        "ref_logprobs": ref.how,
     }
     if diff:
         d = torch.cat(diff)
@@ -347,7 +374,7 @@ def eval_windows(ctx, base):
     wins, nbytes = ctx.cache.tokens(
         key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"], bos), ctx)
     ref, hit = ctx.cache.reference(key, lambda: reference_for(runner(base.model), wins, ctx.progress, nbytes,
-                                                              len(tokenizer)))
+                                                              len(tokenizer), ctx.cache.ref_budget_bytes))
     ctx.count("reference_cache_hits" if hit else "reference_computations")
     return wins, ref
 

@@ -1,0 +1,57 @@
+"""Reference log-probs within a total budget: kept whole when they fit, else recomputed window by window beside
+each row's own: the same numbers either way, and never the whole [windows, seq, vocab] tensor in memory."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, shared_data):
+    from tests.tiny import corpus_of, make_tiny_model
+
+    corpus = corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 80)
+    folder = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(folder / "a", corpus, seed=0), make_tiny_model(folder / "b", corpus, seed=1), corpus
+
+
+def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.evaluate import TorchRunner, quality, reference_for
+
+    a, b, corpus = tiny
+    ref_model = TorchRunner(AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval())
+    other = TorchRunner(AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval())
+    ids = AutoTokenizer.from_pretrained(a)(" ".join(corpus), return_tensors="pt").input_ids[0]
+    wins = torch.stack([ids[i * 64:(i + 1) * 64] for i in range(4)])
+    quiet = lambda line: None  # noqa: E731
+    kept = reference_for(ref_model, wins, quiet)
+    streamed = reference_for(ref_model, wins, quiet, budget_bytes=kept.full_bytes - 1)
+    assert kept.logprobs is not None and kept.nbytes == kept.full_bytes == 4 * 63 * len(AutoTokenizer.from_pretrained(a)) * 2
+    assert streamed.logprobs is None and streamed.nbytes == 0 and streamed.nll == kept.nll
+    q_kept, q_streamed = quality(other, wins, kept, quiet), quality(other, wins, streamed, quiet)
+    for col in ("perplexity", "kl_div", "kl_div_se", "top1_agree", "ppl_delta_pct", "ppl_delta_pct_se"):
+        assert q_kept[col] == q_streamed[col], col
+    assert q_kept["kl_div"] > 1e-4  # two different models: a comparison that could have come out wrong
+    assert q_kept["ref_logprobs"].startswith("kept") and "recomputed window by window" in q_streamed["ref_logprobs"]
+
+
+def test_the_budget_is_a_total_over_every_reference_kept():
+    from workers.cache import Cache
+
+    cache = Cache()
+    cache.ref_budget_bytes = 100
+    big = lambda n: SimpleNamespace(nbytes=n)  # noqa: E731
+    cache.reference(("a",), lambda: big(60))
+    cache.reference(("b",), lambda: big(60))  # both would be 120 > 100: the older goes
+    assert list(cache.refs.items) == [("b",)]
+    cache.reference(("c",), lambda: big(30))
+    assert list(cache.refs.items) == [("b",), ("c",)] and sum(v.nbytes for v in cache.refs.items.values()) <= 100
+    cache.reference(("d",), lambda: big(0))  # a streamed reference keeps no log-probs: it costs nothing to keep
+    assert ("d",) in cache.refs.items and sum(v.nbytes for v in cache.refs.items.values()) <= 100
