@@ -131,6 +131,17 @@ class Gguf:
         return LlamaCppModel(str(path), n_ctx, ctx.threads)
 
 
+def where_llama_cpp_runs(on_gpu: bool, cuda_here: bool) -> str:
+    """The row's ``device`` for llama.cpp: where its layers really ran, not whether torch sees a GPU."""
+    if on_gpu:
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(0)}; llama.cpp, every layer offloaded)"
+    if cuda_here:
+        return "cpu (llama.cpp built without GPU offload: make install LLAMA_CMAKE_EXTRA=-DGGML_CUDA=on)"
+    return "cpu (llama.cpp)"
+
+
 class LlamaCppModel:
     """A GGUF file in llama.cpp, answering the harness's three questions (workers.evaluate.TorchRunner: logprobs,
     timed, greedy) with llama.cpp's own compute."""
@@ -141,12 +152,14 @@ class LlamaCppModel:
 
         self.path, self.threads, self.n_ctx = path, threads, n_ctx
         self.nbytes = Path(path).stat().st_size
+        on_gpu = torch.cuda.is_available() and llama_cpp.llama_supports_gpu_offload()
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
                                    n_threads_batch=threads, logits_all=True, verbose=False,
-                                   n_gpu_layers=-1 if torch.cuda.is_available() else 0)
+                                   n_gpu_layers=-1 if on_gpu else 0)
         self.eos = self.llm.token_eos()
         self.runtime = "llama.cpp"
-        self.extra = {"llama_cpp_threads": threads, "llama_cpp_version": llama_cpp.__version__}
+        self.extra = {"llama_cpp_threads": threads, "llama_cpp_version": llama_cpp.__version__,
+                      "device": where_llama_cpp_runs(on_gpu, torch.cuda.is_available())}
 
     def _eval(self, ids: list[int]) -> None:
         self.llm.reset()

@@ -149,6 +149,8 @@ jobs:
         assert len(files) == 1 and files[0].stat().st_size == pytest.approx(r["size_mb"] * 2**20, rel=0.01)
         assert r["ppl_windows"] == 4 and r["ref_perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
         assert r["decode_tokens_per_s"] > 0 and r["llama_cpp_threads"] == 1 and r["answers"][0]["answer"]
+        assert r["device"].startswith("cpu (llama.cpp") or r["device"].startswith("cuda (")  # where it really ran
+    assert f16["device"] == "cpu (llama.cpp)" or __import__("torch").cuda.is_available()
     # the windows line up: llama.cpp's F16 file scores like the torch float reference on the same tokens
     assert abs(f16["ppl_delta_pct"]) < 1 and f16["kl_div"] < 0.01 and f16["top1_agree"] > 0.97
     assert abs(q8["perplexity"] - f16["perplexity"]) / f16["perplexity"] < 0.01
