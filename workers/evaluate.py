@@ -217,6 +217,9 @@ def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 
     return ref
 
 
+KL_ROWS = 256  # positions compared at a time: 256 x a 128k vocabulary x 4 bytes is 131 MB a temporary
+
+
 def quality(model, wins, ref: Reference, progress) -> dict:
     """Perplexity, its change from the reference, KL and top-1 agreement on the same positions, each with its
     standard error over tokens (``<column>_se``): the paired per-token difference against the reference for
@@ -229,13 +232,15 @@ def quality(model, wins, ref: Reference, progress) -> dict:
         lp = model.logprobs(window)
         targets = window[1:].to(lp.device)
         token_nll = -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu()
-        q = lp.half().float().cpu()
         r = ref.window_logprobs(i, window)
         nll.append(token_nll)
         if ref.token_nll:
             diff.append(token_nll - ref.token_nll[i])
-        kl.append((r.exp() * (r - q)).sum(-1).double())
-        agree.append((r.argmax(-1) == q.argmax(-1)).double())
+        for rows in range(0, r.shape[0], KL_ROWS):  # a few [rows, vocab] temporaries, not a window's worth
+            q = lp[rows:rows + KL_ROWS].half().float().cpu()
+            r_part = r[rows:rows + KL_ROWS]
+            kl.append((r_part.exp() * (r_part - q)).sum(-1).double())
+            agree.append((r_part.argmax(-1) == q.argmax(-1)).double())
     nll_t, kl_t, agree_t = torch.cat(nll), torch.cat(kl), torch.cat(agree)
     tokens = nll_t.numel()
     mean_nll = nll_t.mean().item()
