@@ -91,13 +91,19 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--jobs", "show_jobs", is_flag=True, help="List every job the sweep expands to.")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Each job's memory plan from the model's config (GPU GB per device, host GB, disk GB).")
+@click.option("--plan-device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="What the plan is for: GPU workers (float16) or CPU workers (float32, all in host RAM).")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: a JSON list, one object per job, alone on stdout.")
 @click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
               help="Also check every job's resources against this Ray cluster [env QFARM_RAY_ADDRESS]. "
                    "Default: qfarm's local Ray head when it is running.")
 @click.option("--offline", is_flag=True, help="Check the file only, not against any running cluster.")
 @_cluster_config_option
 @handle_errors
-def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool, cluster_config: str | None) -> None:
+def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_json: bool, ray_address: str | None,
+             offline: bool, cluster_config: str | None) -> None:
     """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster (running, or the
     node types of its config), whether some node of it can run each job (exit 2 naming what it has, when not).
     Runs nothing."""
@@ -121,7 +127,10 @@ def validate(spec: Path, show_jobs: bool, ray_address: str | None, offline: bool
         checked = f" Resources checked against the {len(types)} node type(s) of the cluster config."
     else:
         checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
-    click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}.{checked}")
+    click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}.{checked}",
+               err=as_json)
+    if show_plan:
+        _print_plan(loaded, plan, plan_device, as_json, types)
     if show_jobs:
         for job in plan.jobs:
             opts = ", ".join(f"{k}={v}" for k, v in job.options.items())
@@ -135,6 +144,39 @@ def _ray_options(f):
                         help="An existing Ray cluster (host:port, ray://host:10001, auto, or its dashboard http://host:8265: "
                              "the scheduler then starts as a Ray Job, no driver here) [env QFARM_RAY_ADDRESS]. "
                              "Default: qfarm's own local Ray head, started on first use.")(f)
+
+
+def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]) -> None:
+    """``qfarm validate --plan``: every job's memory plan (qfarm.plan), as a table or a JSON list."""
+    import json
+
+    from . import hub, validate
+    from .plan import model_shape, plan_jobs
+
+    model = validate.model(loaded.spec.model, loaded.base_dir, validate.Collector({}), loaded.spec.revision,
+                           hub.cache_dir(None)) if loaded.spec.model else None
+    rows = plan_jobs([j.payload() for j in plan.jobs], model, device)
+    if rows is None:
+        raise UsageError(f"no memory plan: the config of {loaded.spec.model} cannot be read here (a hub model "
+                         "needs its config.json in the hub cache, or the hub in reach)")
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1))
+        return
+    shape = model_shape(model)
+    source = "a GGUF file" if model.get("kind") == "gguf" else shape.dtype
+    click.echo(f"memory plan on {device} workers ({shape.total / 1e9:.2f}B parameters, checkpoint {source}; "
+               "GB = 1e9 bytes):")
+    click.echo(f"  {'job':<14} {'label':<28} {'gpus':>4} {'GPU GB/device':>14} {'host GB':>8} {'disk GB':>8}")
+    for r in rows:
+        click.echo(f"  {r['job_id']:<14} {r['label'][:28]:<28} {r['gpus']:>4} {r['gpu_gb_per_device']:>14.1f} "
+                   f"{r['host_gb']:>8.1f} {r['disk_gb']:>8.1f}")
+    worst = max(rows, key=lambda r: r["gpu_gb_per_device"] if device == "cuda" else r["host_gb"])
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in worst["parts"]["gpu" if device == "cuda" else "host"].items())
+    click.echo(f"  largest: {worst['label']}: {parts}")
+    offered = sorted({f"{t['name']}: {t['labels'].get('qfarm-gpu-mem-gb')} GB per GPU" for t in node_types
+                      if t.get("labels", {}).get("qfarm-gpu-mem-gb")})
+    if offered:
+        click.echo(f"  the cluster's node types offer: {'; '.join(offered)}")
 
 
 def _output_root_option(f):

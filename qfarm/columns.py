@@ -76,6 +76,8 @@ TABLE: tuple[Column, ...] = (
     C("size_source", group="size", format="{}"),
     C("quant_s", unit="s", direction="min", group="size"),
     C("quant_peak_mem_mb", unit="MB", group="memory"),
+    C("plan_gpu_gb", unit="GB", group="memory"),  # the memory plan (qfarm.plan) beside what was measured
+    C("plan_host_gb", unit="GB", group="memory"),
     C("prepare_s", unit="s", group="run"),
     C("base_cache_hit", group="run", format="{}"),
     C("kernel", group="speed", format="{}"),

@@ -81,8 +81,9 @@ def check_gguf(path: Path) -> None:
             raise ValueError(f"{path}: its first header key is not a name: the file is damaged or not a GGUF")
 
 
-def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
-    """The scalar and string key/values of a GGUF file's header (arrays are skipped)."""
+def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = False) -> dict:
+    """The scalar and string key/values of a GGUF file's header (arrays are skipped; ``<key>#count`` says how many
+    items one held); with ``tensors``, ``#tensors``: each tensor's name and number of elements."""
     out: dict = {}
     with open(path, "rb") as f:
         def read(fmt: str):
@@ -118,7 +119,7 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
         version = read("I")
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is too old")
-        read("Q")  # tensor count
+        n_tensors = read("Q")
         kv_count = read("Q")
         for _ in range(min(kv_count, _MAX_KV)):
             key, vtype = string(), read("I")
@@ -126,8 +127,27 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict:
                 out[key] = read(_SCALARS[vtype])
             elif (wanted is None or key in wanted) and vtype == 8:
                 out[key] = string()
+            elif vtype == 9:
+                start = f.tell()
+                read("I")
+                out[f"{key}#count"] = read("Q")
+                f.seek(start)
+                skip(vtype)
             else:
                 skip(vtype)
+        if tensors and kv_count <= _MAX_KV and n_tensors <= MAX_TENSORS:
+            found = {}
+            for _ in range(n_tensors):
+                name, dims = string(), read("I")
+                if dims > 8:
+                    raise ValueError(f"{path}: a tensor with {dims} dimensions: the file is damaged")
+                elements = 1
+                for _ in range(dims):
+                    elements *= read("Q")
+                read("I")  # type
+                read("Q")  # offset
+                found[name] = elements
+            out["#tensors"] = found
     return out
 
 

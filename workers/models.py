@@ -202,6 +202,7 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
         size_bytes, size_source = ref_bytes, f"disk ({ref_source})"
     return {
         **hub_columns(ctx.job.get("model") or {}),
+        **plan_columns(ctx, base),
         "size_mb": size_bytes / 2**20,
         "size_source": size_source,
         "ref_size_mb": ref_bytes / 2**20,
@@ -225,3 +226,20 @@ def hub_columns(model: dict) -> dict:
 
     return {"model_revision": model.get("revision"), "model_revision_asked": model.get("revision_asked"),
             "hub_token": token_set()}
+
+
+def plan_columns(ctx, base) -> dict:
+    """The job's memory plan (qfarm.plan) for this worker's device, beside what it measured, so the estimate can be
+    judged: on a GPU ``peak_mem_mb`` is CUDA's peak (compare ``plan_gpu_gb``), on a CPU the process RSS
+    (``plan_host_gb``). Empty when the config cannot be read: a plan informs, it never fails a job."""
+    from qfarm.plan import job_plan, model_shape
+
+    model = ctx.job.get("model") or {}
+    ref = model if model.get("kind") == "gguf" and not (ctx.job.get("input") or {}).get("artifact") else \
+        {"kind": "hf_dir", "location": base.path}
+    try:
+        shape = model_shape(ref)
+        plan = job_plan(ctx.job, shape, device()) if shape else None
+    except Exception:  # noqa: BLE001 - see the docstring
+        plan = None
+    return {"plan_gpu_gb": plan["gpu_gb"], "plan_host_gb": plan["host_gb"]} if plan else {}

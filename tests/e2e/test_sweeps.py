@@ -41,6 +41,9 @@ def test_demo_sweep(cli_env, model_root, store):
     assert all(Path(r["artifact"], "config.json").is_file() for r in (nf4, int8))
     # each of the 2 worker actors loads the base model once, however many jobs it runs
     assert 1 <= store.stats(sweep)["model_loads"] <= 2
+    # the memory plan made from the config alone is within 2x of what each job measured (RSS, on a CPU worker)
+    for r in rows.values():
+        assert 0.5 < r["plan_host_gb"] * 1e9 / (r["peak_mem_mb"] * 2**20) < 2, (r["label"], r["plan_host_gb"], r["peak_mem_mb"])
 
 
 def test_wikitext_perplexity_and_csv(cli_env, model_root, shared_data, tmp_path):

@@ -1,0 +1,228 @@
+"""A memory plan per job from the model's config alone (no weights read): what it holds on its GPU(s), in host RAM
+and on disk, before anything runs (``qfarm validate --plan``).
+
+The plan estimates what qfarm's own code does today, term by term (``parts``), so that it can be judged against
+what a job measured (the row keeps ``plan_gpu_gb``/``plan_host_gb`` beside ``peak_mem_mb``):
+
+- every model job holds the worker's cached float base (the reference log-probs and every method start from it):
+  parameters × 2 bytes on a GPU (float16), × 4 on a CPU (float32);
+- the row's own model beside it: int8 or 4-bit weights (bitsandbytes: 0.5 byte + a float32 absmax per 64 weights,
+  less with double quantization), a second float copy (llm-compressor quantizes one, then evaluates the
+  decompressed artifact), the GGUF file (llama.cpp), the trainable copy (float32 for LoRA, 4-bit for QLoRA) with
+  its LoRA weights, gradients and Adam moments (16 bytes a trainable parameter) and activations (Korthikanti et
+  al.'s s·b·h·(34 + 5·a·s/h) per layer at 16 bits, doubled for qfarm's float32 training; 2·s·b·h with gradient
+  checkpointing), or the merged float32 model;
+- evaluation: one window's logits and log-softmax (float32, [seq, vocab]), the KV cache, GPTQ's Hessians (a block's
+  in² × 4 bytes);
+- host RAM: the worker process (~1.5 GB of libraries, ~3 GB with CUDA), the reference log-probs kept
+  (windows × seq × vocab × 2 bytes, at most ``QFARM_REF_CACHE_MB``), and on a CPU every term above.
+
+GB are 1e9 bytes. Parameter counts follow the config (hidden, intermediate, heads, KV heads, head_dim, vocab,
+experts, tied embeddings); tested against the published sizes of Llama-3-8B/70B, Mixtral-8x7B, Qwen2.5-7B and
+Gemma-2-9B (``tests/unit/test_plan.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+NOT_GATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "mpt", "gpt_bigcode"}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
+                   "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0,
+                   "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 2.96}
+HOST_BASE = {"cpu": 1.5 * GB, "cuda": 3.0 * GB}  # a worker process with torch and transformers imported
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    dtype: str = "float32"  # the checkpoint's, as its config declares it
+    experts: int = 1
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # a shared expert beside the routed ones (Qwen2-MoE)
+    gated: bool = True
+    positions: int = 0  # learned position embeddings (GPT-2)
+
+    def params(self) -> dict[str, int]:
+        """Parameters by tensor class."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        mats = 3 if self.gated else 2
+        attention = h * q * 2 + h * kv * 2
+        if self.experts > 1:
+            mlp = self.experts * mats * h * (self.expert_intermediate or self.intermediate) + h * self.experts
+            mlp += mats * h * self.shared_intermediate
+        else:
+            mlp = mats * h * self.intermediate
+        return {"embedding": self.vocab * h + self.positions * h, "lm_head": 0 if self.tied else self.vocab * h,
+                "attention": self.layers * attention, "mlp": self.layers * mlp,
+                "norms": self.layers * 2 * h + h}
+
+    @property
+    def total(self) -> int:
+        return sum(self.params().values())
+
+    @property
+    def linear(self) -> int:
+        """The quantized layers: attention and MLP/expert weights (embeddings, head and norms stay float)."""
+        p = self.params()
+        return p["attention"] + p["mlp"]
+
+    def block_linear_inputs(self) -> list[int]:
+        """Input sizes of one block's Linear layers (GPTQ keeps a Hessian of in² for each)."""
+        inter = self.expert_intermediate or self.intermediate
+        ins = [self.hidden] * 3 + [self.heads * self.head_dim]
+        per_expert = [self.hidden] * (2 if self.gated else 1) + [inter]
+        return ins + per_expert * max(self.experts, 1)
+
+
+def shape_of_config(cfg: dict) -> ModelShape:
+    """A HF config.json (its text part, for multimodal configs) as a ModelShape."""
+    cfg = cfg.get("text_config", cfg)
+    g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
+    hidden = int(g("hidden_size", "n_embd", "d_model"))
+    heads = int(g("num_attention_heads", "n_head"))
+    experts = int(g("num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
+    model_type = str(cfg.get("model_type", ""))
+    return ModelShape(
+        vocab=int(g("vocab_size")), hidden=hidden, layers=int(g("num_hidden_layers", "n_layer")), heads=heads,
+        kv_heads=int(g("num_key_value_heads", default=heads)), head_dim=int(g("head_dim", default=hidden // heads)),
+        intermediate=int(g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden),
+        tied=bool(cfg.get("tie_word_embeddings", True)), dtype=str(g("torch_dtype", "dtype", default="float32")),
+        experts=experts, expert_intermediate=int(g("moe_intermediate_size", default=0) or 0) if experts > 1 else 0,
+        shared_intermediate=int(g("shared_expert_intermediate_size", default=0) or 0),
+        gated=model_type not in NOT_GATED, positions=int(g("n_positions", default=0)) if model_type == "gpt2" else 0)
+
+
+def shape_of_gguf(meta: dict) -> ModelShape:
+    """A GGUF header's hyperparameters and tensor list (qfarm.modelinfo.gguf_metadata(tensors=True)) as a
+    ModelShape; whether the output head is tied is read from the tensors (no ``output.weight``)."""
+    arch = meta.get("general.architecture", "llama")
+    g = lambda k, default=None: meta.get(f"{arch}.{k}", default)  # noqa: E731
+    hidden, heads = int(g("embedding_length")), int(g("attention.head_count"))
+    vocab = int(g("vocab_size") or meta.get("tokenizer.ggml.tokens#count") or 0)
+    return ModelShape(vocab=vocab, hidden=hidden, layers=int(g("block_count")), heads=heads,
+                      kv_heads=int(g("attention.head_count_kv", heads)),
+                      head_dim=int(g("attention.key_length", hidden // heads)),
+                      intermediate=int(g("feed_forward_length")), tied="output.weight" not in meta.get("#tensors", {}),
+                      dtype="float32", experts=int(g("expert_count", 1) or 1),
+                      expert_intermediate=int(g("expert_feed_forward_length", 0) or 0))
+
+
+def model_shape(model: dict) -> ModelShape | None:
+    """The ModelShape of a resolved model reference (a folder's or a hub snapshot's config.json, a GGUF header), or
+    None where there is none to read here."""
+    from .modelinfo import gguf_metadata
+
+    try:
+        if model.get("kind") == "gguf":
+            return shape_of_gguf(gguf_metadata(Path(model["location"]) / model["gguf_file"], tensors=True))
+        folder = model.get("config_dir") or (model["location"] if model.get("kind") == "hf_dir" else None)
+        if folder:
+            return shape_of_config(json.loads((Path(folder) / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
+    """The plan of one job (its payload) on ``device`` (cuda | cpu): GB per GPU and in all, host, disk, by term."""
+    opts, kind = job.get("options") or {}, job.get("kind")
+    method = opts.get("method", kind)
+    on_gpu, P, lin = device == "cuda", shape.total, shape.linear
+    cb = 2 if on_gpu else 4  # qfarm computes in float16 on a GPU, float32 on a CPU
+    rest = P - lin
+    dev: dict[str, float] = {"cached float base": P * cb}
+    host: dict[str, float] = {"worker process": HOST_BASE[device]}
+    disk: dict[str, float] = {}
+    four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant") else 4 / 64)
+    if method == "bnb-int8":
+        dev["int8 model"] = lin * 1 + rest * cb
+        disk["artifact"] = lin + rest * 2
+    elif method in ("bnb-nf4", "bnb-fp4"):
+        dev["4-bit model"] = lin * four_bit + rest * cb
+        disk["artifact"] = lin * four_bit + rest * 2
+    elif method in ("rtn", "gptq", "awq"):
+        bits, group = opts.get("bits", 4), opts.get("group_size", 64)
+        dev["model being quantized, then its decompressed artifact"] = P * cb
+        if method == "gptq":
+            dev["GPTQ Hessians (one block)"] = sum(n * n * 4 for n in shape.block_linear_inputs())
+        per_group = 2 * (2 if not opts.get("symmetric", True) else 1) / (group if group and group > 0 else shape.hidden)
+        disk["artifact"] = lin * (bits / 8 + per_group) + rest * 2
+    elif method == "gguf":
+        file_bytes = P * BITS_PER_WEIGHT.get(opts.get("gguf_type", "Q4_K_M"), 8) / 8
+        (dev if on_gpu else host)["GGUF file in llama.cpp"] = file_bytes
+        disk["artifact"] = file_bytes
+        if (job.get("model") or {}).get("kind") != "gguf":
+            disk["F32 GGUF converted once per output root"] = P * 4
+    elif kind == "train":
+        _training(dev, disk, opts, shape, method, four_bit, rest)
+    elif kind == "merge":
+        dev["merged model (float32)"] = P * 4
+        disk["artifact"] = P * DTYPE_BYTES.get(opts.get("dtype", "float32"), 4)
+    _evaluation(dev, host, job, shape, cb)
+    if (job.get("model") or {}).get("kind") == "gguf":
+        disk.setdefault("float copy of the GGUF (once per output root)", P * 4)
+    if not on_gpu:  # a CPU worker holds everything in host RAM
+        host.update(dev)
+        dev = {}
+    gpus = max(int((job.get("resources") or {}).get("gpus") or 0), 1) if on_gpu else 0
+    gpu = sum(dev.values())
+    return {"device": device, "gpus": gpus, "gpu_gb": gpu / GB, "gpu_gb_per_device": gpu / GB / max(gpus, 1),
+            "host_gb": sum(host.values()) / GB, "disk_gb": sum(disk.values()) / GB, "params": P,
+            "parts": {"gpu": {k: v / GB for k, v in dev.items()}, "host": {k: v / GB for k, v in host.items()},
+                      "disk": {k: v / GB for k, v in disk.items()}}}
+
+
+def _training(dev: dict, disk: dict, opts: dict, shape: ModelShape, method: str, four_bit: float, rest: int) -> None:
+    r = int(opts.get("r", 8))
+    per_block = sum(r * (n_in + n_out) for n_in, n_out in (
+        (shape.hidden, shape.heads * shape.head_dim), (shape.hidden, shape.kv_heads * shape.head_dim),
+        (shape.hidden, shape.kv_heads * shape.head_dim), (shape.heads * shape.head_dim, shape.hidden),
+        (shape.hidden, shape.intermediate), (shape.hidden, shape.intermediate), (shape.intermediate, shape.hidden)))
+    lora = per_block * shape.layers  # all-linear on a Llama-shaped block (qfarm's default targets)
+    dev["trainable copy" + (" (4-bit)" if method == "qlora" else " (float32)")] = (
+        shape.linear * four_bit + rest * 4 if method == "qlora" else shape.total * 4)
+    dev["LoRA weights, gradients, Adam moments"] = lora * 16
+    s, b, h, a = int(opts.get("seq_len", 256)), int(opts.get("batch_size", 4)), shape.hidden, shape.heads
+    per_layer = s * b * h * 2 * 2 if opts.get("gradient_checkpointing") else s * b * h * (34 + 5 * a * s / h) * 2
+    dev["activations (float32)"] = per_layer * shape.layers
+    dev["logits and their gradient"] = b * s * shape.vocab * 4 * 2
+    disk["adapter"] = lora * 4
+
+
+def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int) -> None:
+    ppl = ((job.get("eval") or {}).get("perplexity")) or {}
+    seq, windows = int(ppl.get("seq_len", 512)), int(ppl.get("max_windows", 16))
+    if ppl:
+        dev["a window's logits and log-softmax (float32)"] = seq * shape.vocab * 4 * 2
+        dev["KV cache"] = 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb
+        budget = float(os.environ.get("QFARM_REF_CACHE_MB", "2048")) * 2**20
+        kept = windows * seq * shape.vocab * 2
+        host["reference log-probs kept"] = kept if kept <= budget else 0.0
+
+
+def plan_jobs(jobs: list[dict], model: dict | None, device: str) -> list[dict] | None:
+    """Every job's plan (``job_plan``) with its id, label and method; None without a readable model config."""
+    shape = model_shape(model) if model else None
+    if shape is None:
+        return None
+    out = []
+    for job in jobs:
+        if not job.get("model"):
+            continue
+        p = job_plan(job, shape, device)
+        out.append({"job_id": job["id"], "label": job["label"],
+                    "method": (job.get("options") or {}).get("method", job["kind"]), **p})
+    return out

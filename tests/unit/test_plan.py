@@ -1,0 +1,93 @@
+"""The memory planner (qfarm.plan) on the real config.json of public models, against their published sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from qfarm.plan import GB, job_plan, shape_of_config
+
+# the fields of each model's config.json that size it (as published with the weights)
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64}
+MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+QWEN25_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+GEMMA2_9B = {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+             "torch_dtype": "float32"}  # no tie_word_embeddings key: tied, as Gemma is
+
+# published parameter counts (model cards / the safetensors index totals)
+PUBLISHED = [(LLAMA3_8B, 8.03e9), (LLAMA3_70B, 70.55e9), (MIXTRAL_8X7B, 46.70e9), (QWEN25_7B, 7.62e9),
+             (GEMMA2_9B, 9.24e9)]
+
+
+@pytest.mark.parametrize("config,published", PUBLISHED, ids=["llama3-8b", "llama3-70b", "mixtral", "qwen2.5-7b",
+                                                              "gemma2-9b"])
+def test_parameter_counts_match_the_published_sizes(config, published):
+    shape = shape_of_config(config)
+    assert shape.total == pytest.approx(published, rel=0.003)
+    assert shape.linear < shape.total and shape.params()["lm_head"] == (0 if shape.tied else shape.vocab * shape.hidden)
+
+
+def job(method, kind="quantize", **options):
+    return {"id": "j000000000000", "label": method, "kind": kind, "options": {"method": method, **options},
+            "model": {"kind": "hub"}, "resources": {"gpus": 1},
+            "eval": {"perplexity": {"seq_len": 2048, "max_windows": 16}}}
+
+
+def test_a_plan_adds_up_what_a_job_holds_and_orders_the_methods_as_their_bits_do():
+    shape = shape_of_config(LLAMA3_8B)
+    plans = {m: job_plan(job(m), shape, "cuda") for m in ("none", "bnb-int8", "bnb-nf4", "gptq")}
+    ref = plans["none"]
+    assert ref["parts"]["gpu"]["cached float base"] == pytest.approx(8.03e9 * 2 / GB, rel=0.003)  # 16.1 GB
+    assert ref["gpu_gb"] == pytest.approx(sum(ref["parts"]["gpu"].values()))
+    # beside the cached base: int8 ~1 byte, nf4 ~0.56 byte a quantized weight; GPTQ a second float copy + Hessians
+    extra = {m: p["gpu_gb"] - ref["gpu_gb"] for m, p in plans.items()}
+    assert extra["bnb-nf4"] < extra["bnb-int8"] < extra["gptq"] and extra["gptq"] > 16
+    assert plans["bnb-nf4"]["disk_gb"] == pytest.approx(0.5625 * shape.linear / GB + 2 * (shape.total - shape.linear) / GB)
+    # a 128k vocabulary: 16 x 2048 windows of reference log-probs would be 8.4 GB: over the 2 GiB budget, none kept
+    assert ref["parts"]["host"]["reference log-probs kept"] == 0
+    assert job_plan(job("none"), shape, "cpu")["gpu_gb"] == 0 and job_plan(job("none"), shape, "cpu")["host_gb"] > 32
+
+
+def test_training_state_follows_rank_and_checkpointing():
+    shape = shape_of_config(LLAMA3_8B)
+    small, big = (job_plan(job("qlora", "train", r=r, seq_len=512, batch_size=1), shape, "cuda") for r in (8, 64))
+    lora = lambda p: p["parts"]["gpu"]["LoRA weights, gradients, Adam moments"]  # noqa: E731
+    assert lora(big) == pytest.approx(8 * lora(small))
+    # r=8 all-linear on Llama-3-8B: 20,971,520 trainable parameters (peft reports the same), 16 bytes each
+    assert lora(small) == pytest.approx(20_971_520 * 16 / GB)
+    ckpt = job_plan(job("qlora", "train", r=8, seq_len=512, batch_size=1, gradient_checkpointing=True), shape, "cuda")
+    assert ckpt["parts"]["gpu"]["activations (float32)"] < small["parts"]["gpu"]["activations (float32)"] / 10
+
+
+def test_validate_plan_json_from_a_folder_with_only_a_config(tmp_path):
+    """`qfarm validate --plan --json --offline` on a model folder holding nothing but config.json."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    folder = tmp_path / "llama3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**LLAMA3_8B, "architectures": ["LlamaForCausalLM"]}))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: big\nmodel: {folder}\nresources: {{gpus: 2}}\n"
+                    "eval: {perplexity: {seq_len: 2048, max_windows: 16}}\n"
+                    "jobs:\n  - kind: quantize\n    matrix: {method: [none, bnb-nf4]}\n")
+    out = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(spec), "--offline", "--plan", "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {r["method"]: r for r in json.loads(out.stdout)}
+    for r in rows.values():
+        assert {"job_id", "label", "method", "gpus", "gpu_gb", "gpu_gb_per_device", "host_gb", "disk_gb"} <= set(r)
+        assert r["gpus"] == 2 and r["gpu_gb_per_device"] == pytest.approx(r["gpu_gb"] / 2)
+    assert 16 < rows["none"]["gpu_gb"] < rows["bnb-nf4"]["gpu_gb"] < 2 * rows["none"]["gpu_gb"]
+    assert "valid" in out.stderr  # the human line goes to stderr: stdout is the JSON alone
