@@ -265,6 +265,7 @@ def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_add
     """Requeue a sweep's failed, skipped (and cancelled) jobs, attempts reset, and run them. Finished jobs stay."""
     store = _store(ctx)
     record = _find(store, sweep)
+    _same_root(record, output_root)  # before anything is requeued
     requeued = store.retry(record.id, cancelled=not failed_only)
     if not requeued:
         click.echo(f"nothing to retry in {record.id}: no {'failed or skipped' if failed_only else 'failed, skipped or cancelled'} jobs")
@@ -298,13 +299,19 @@ def _start_scheduler(ctx: click.Context, record, ray_address: str | None, logica
     Redis), so it must be the one the sweep was submitted with: where its finished jobs' artifacts are."""
     from . import cluster, jobs
 
+    root = _same_root(record, output_root)
+    if not jobs.is_jobs_address(ray_address):
+        cluster.connect(ray_address, logical_gpus, say=click.echo)
+    _launch(ctx, record.id, ray_address, root, record.info.get("model"))
+
+
+def _same_root(record, output_root: Path) -> str:
+    """This command's output root, resolved, when it is the one the sweep was submitted with (else exit 2)."""
     root = str(output_root.expanduser().resolve())
     if record.output_root and record.output_root != root:
         raise UsageError(f"sweep {record.id} keeps its artifacts under {record.output_root}, but this command's "
                          f"output root is {root}: give --output-root {record.output_root} (or QFARM_OUTPUT_ROOT)")
-    if not jobs.is_jobs_address(ray_address):
-        cluster.connect(ray_address, logical_gpus, say=click.echo)
-    _launch(ctx, record.id, ray_address, root, record.info.get("model"))
+    return root
 
 
 def _launch(ctx: click.Context, sweep_id: str, ray_address: str | None, root: str, model: str | None) -> None:
