@@ -66,7 +66,8 @@ def start_scheduler(address: str, sweep_id: str, namespace: str, redis_url: str,
         say("qfarm: the Redis URL has a secret in it: it is not sent with the Ray Job (runtime_envs are logged); "
             "the cluster's nodes must have QFARM_REDIS_URL in their environment (cluster.yaml does)", file=sys.stderr)
     package_dirs = [os.path.dirname(qfarm.__file__), os.path.dirname(workers.__file__)]
-    logging.getLogger("ray").setLevel(logging.WARNING)  # not a line per uploaded package
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # not a line per uploaded package (the SDK's
+        logging.getLogger(name).setLevel(logging.WARNING)          # own logger is set to INFO at its import)
     deadline = time.time() + AGENT_WAIT_S
     while True:
         try:
