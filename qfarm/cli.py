@@ -150,19 +150,17 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
     """``qfarm validate --plan``: every job's memory plan (qfarm.plan), as a table or a JSON list."""
     import json
 
-    from . import hub, validate
     from .plan import model_shape, plan_jobs
 
-    model = validate.model(loaded.spec.model, loaded.base_dir, validate.Collector({}), loaded.spec.revision,
-                           hub.cache_dir(None)) if loaded.spec.model else None
-    rows = plan_jobs([j.payload() for j in plan.jobs], model, device)
-    if rows is None:
+    model = plan.model  # resolved once, by validation
+    shape = model_shape(model) if model else None
+    if shape is None:
         raise UsageError(f"no memory plan: the config of {loaded.spec.model} cannot be read here (a hub model "
                          "needs its config.json in the hub cache, or the hub in reach)")
+    rows = plan_jobs([j.payload() for j in plan.jobs], shape, device)
     if as_json:
-        click.echo(json.dumps([{k: v for k, v in r.items()} for r in rows], indent=1))
+        click.echo(json.dumps(rows, indent=1))
         return
-    shape = model_shape(model)
     source = "a GGUF file" if model.get("kind") == "gguf" else shape.dtype
     click.echo(f"memory plan on {device} workers ({shape.total / 1e9:.2f}B parameters, checkpoint {source}; "
                "GB = 1e9 bytes):")

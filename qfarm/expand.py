@@ -82,6 +82,7 @@ class Plan:
     sweep_id: str
     name: str
     jobs: list[Job] = field(default_factory=list)
+    model: dict | None = None  # the sweep's model as resolved (with where a hub model's config was read: config_dir)
 
     def counts_by_kind(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -151,7 +152,7 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None) -> Plan:
     if errors.problems:
         raise SpecError(list(errors.problems.values()), loaded.source)
     sweep_id = f"{spec.name}-{digest([spec.name, sorted(jobs)], 8)}"
-    return Plan(sweep_id, spec.name, labelled(list(jobs.values())))
+    return Plan(sweep_id, spec.name, labelled(list(jobs.values())), model_ref)
 
 
 def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,

@@ -22,9 +22,9 @@ def hand(env: dict[str, str]) -> list:
     return [ray.put(dict(env))]
 
 
-def received(refs: list | tuple) -> tuple[dict[str, str], list]:
-    """(what ``hand`` gave this actor, the same handed on as this actor's own object); the hub variables among
-    it are set in this process's environment (qfarm.hub.apply_env), before anything reads them."""
+def received(refs: list | tuple) -> dict[str, str]:
+    """What ``hand`` gave this actor; the hub variables among it are set in this process's environment
+    (qfarm.hub.apply_env), before anything reads them. An actor that hands it on ``hand``s it again itself."""
     import ray
 
     from .hub import apply_env
@@ -34,4 +34,4 @@ def received(refs: list | tuple) -> tuple[dict[str, str], list]:
                            "run `qfarm resume SWEEP`")
     env = dict(ray.get(refs[0]))
     apply_env(env)
-    return env, hand(env)
+    return env

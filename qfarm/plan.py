@@ -213,11 +213,8 @@ def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int) ->
         host["reference log-probs kept"] = kept if kept <= budget else 0.0
 
 
-def plan_jobs(jobs: list[dict], model: dict | None, device: str) -> list[dict] | None:
-    """Every job's plan (``job_plan``) with its id, label and method; None without a readable model config."""
-    shape = model_shape(model) if model else None
-    if shape is None:
-        return None
+def plan_jobs(jobs: list[dict], shape: ModelShape, device: str) -> list[dict]:
+    """Every model job's plan (``job_plan``) with its id, label and method."""
     out = []
     for job in jobs:
         if not job.get("model"):

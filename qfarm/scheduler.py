@@ -94,7 +94,8 @@ class Scheduler:
 
     def __init__(self, sweep_id: str, namespace: str, secrets: list | tuple = ()):
         self.sweep_id, self.namespace = sweep_id, namespace
-        env, self._secrets = handoff.received(secrets)  # the Redis URL and hub token, handed on to its workers
+        env = handoff.received(secrets)  # the Redis URL and hub token, handed on to its workers as its own object
+        self._secrets = handoff.hand(env)
         self.output_root = env[handoff.OUTPUT_ROOT]  # the submitting command's, never a path read from Redis
         client, _ = connect_redis(env[handoff.REDIS_URL], embedded_ok=False)
         self.store = Store(client, namespace)

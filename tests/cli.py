@@ -46,6 +46,12 @@ def declared_keys() -> set[str]:
     return set(BY_NAME) | {f for m in models for f in m.model_fields}
 
 
+def files_containing(text: str, folder: Path) -> list[str]:
+    """The files below ``folder`` (a Ray session's logs, say) in which ``text`` appears: a secret must be in none."""
+    needle = text.encode()
+    return [str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
+
+
 def run_sweep(env, spec, name, key="method") -> dict:
     """Submit ``spec``, wait, and return its rows by ``key``."""
     run = qfarm(env, "submit", str(spec), "--wait", timeout=1800)

@@ -50,7 +50,7 @@ class JobContext:
 
 class Worker:
     def __init__(self, namespace: str, name: str, cpus: float = 1, preload: bool = False, secrets: list | tuple = ()):
-        env, _ = handoff.received(secrets)  # the Redis URL and the hub token (qfarm.handoff), never an argument
+        env = handoff.received(secrets)  # the Redis URL and the hub token (qfarm.handoff), never an argument
         client, _ = connect_redis(env[handoff.REDIS_URL], embedded_ok=False)
         self.output_root = env[handoff.OUTPUT_ROOT]  # where it may write: not a path read from Redis
         self.store = Store(client, namespace)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from qfarm.errors import Permanent
-from qfarm.hub import SHA, TOKEN_ENV, cache_dir
+from qfarm.hub import SHA, TOKEN_ENV, cache_dir, repo_folder
 
 # what a model job needs of a repo: config, tokenizer, weights (one format), chat template, generation config
 WANTED = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
@@ -38,7 +38,7 @@ def snapshot(model: dict, output_root: str, progress=lambda line: None) -> tuple
     if not SHA.match(sha):
         raise Permanent(f"hub model {repo} was queued without a pinned commit (an older qfarm): submit the sweep again")
     cache = cache_dir(output_root)  # QFARM_HUB_CACHE (this node's, or forwarded by submit), else <root>/_hub
-    folder = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+    folder = repo_folder(cache, repo) / "snapshots" / sha
     start = time.time()
     try:
         if (folder / "config.json").is_file() and _has_weights(folder):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qfarm.refs import bundled_model_path
-from tests.cli import qfarm, submitted_id
+from tests.cli import files_containing, qfarm, submitted_id
 
 pytestmark = pytest.mark.e2e
 
@@ -221,8 +221,3 @@ def redis_dump(store) -> str:
                  "stream": lambda k: store.r.xrange(k)}[kind](key)
         out.append(f"{key} {value}")
     return "\n".join(out)
-
-
-def files_containing(text: str, folder: Path) -> list[str]:
-    needle = text.encode()
-    return [str(p) for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
