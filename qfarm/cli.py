@@ -59,6 +59,20 @@ def _store(ctx: click.Context):
     return obj["store"]
 
 
+def _complete_sweeps(ctx: click.Context, param, incomplete: str) -> list:
+    """Shell completion of a SWEEP argument: the sweep ids and names in Redis (nothing when it does not answer)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        from .connection import quick_sweep_ids
+
+        root = ctx.find_root().params
+        found = quick_sweep_ids(root.get("redis_url"), root.get("namespace") or "qfarm")
+    except Exception:  # noqa: BLE001 - completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(s) for s in found if s.startswith(incomplete)]
+
+
 def _cluster_config_option(f):
     return click.option("--cluster-config", envvar="QFARM_CLUSTER_CONFIG", default=None, metavar="FILE",
                         help="The cluster's `ray up` config: its node types count as capacity the autoscaler may "
@@ -177,6 +191,12 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
         click.echo(f"  the cluster's node types offer: {'; '.join(offered)}")
 
 
+def _wide_option(f):
+    return click.option("--wide", is_flag=True,
+                        help="Every column, however wide the terminal (a narrow one otherwise gets the columns "
+                             "that fit, by priority; a file or a pipe always gets all).")(f)
+
+
 def _output_root_option(f):
     return click.option("--output-root", envvar="QFARM_OUTPUT_ROOT", default=OUTPUT_ROOT_DEFAULT, show_default=True,
                         type=click.Path(file_okay=False, path_type=Path),
@@ -208,13 +228,44 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
         cluster.connect(ray_address, logical_gpus, say=click.echo)
         cluster.preflight(payloads, types)
     root = str(output_root.expanduser().resolve())
+    tracking = loaded.spec.tracking.model_dump(exclude_none=True) if loaded.spec.tracking else None
+    if tracking and tracking.get("mlflow"):
+        _need_mlflow(loaded)
     counts = store.submit(plan.sweep_id, plan.name, payloads, source=str(spec.resolve()), output_root=root,
-                          info={"raw_spec": loaded.raw, "model": loaded.spec.model, "node_types": types})
+                          info={"raw_spec": loaded.raw, "model": loaded.spec.model, "node_types": types,
+                                "tracking": tracking})
     _launch(ctx, plan.sweep_id, ray_address, root, loaded.spec.model)
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
     click.echo(f"submitted {plan.sweep_id}: {len(plan.jobs)} jobs{note}; artifacts under {root}/{plan.name}")
     _follow_or_hint(ctx, store, plan.sweep_id, wait)
+
+
+def _need_mlflow(loaded) -> None:
+    """A spec that tracks in MLflow, where MLflow is not installed: said before anything is queued."""
+    import importlib.util
+
+    from .errors import Problem
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise SpecError([Problem("tracking.mlflow", "MLflow is not installed here: pip install 'qfarm[mlflow]' (on "
+                                 "the head node too: the sweep's scheduler sends the runs)",
+                                 loaded.lines.get(("tracking", "mlflow")))], loaded.source)
+
+
+def _tracking_done(store, sweep_id: str, wait_s: float = 120.0) -> None:
+    """A sweep that tracks in MLflow: wait for its scheduler's last pass (the final frontier) and say what it sent."""
+    import time
+
+    record = store.sweep(sweep_id)
+    if not ((record.info or {}).get("tracking") or {}).get("mlflow"):
+        return
+    deadline = time.time() + wait_s
+    while record.finished_at is None and time.time() < deadline:
+        time.sleep(0.5)
+        record = store.sweep(sweep_id)
+    if record.tracking_note:
+        click.echo(f"MLflow: {record.tracking_note}", err=True)
 
 
 def _scheduler_alive(store, sweep_id: str, namespace: str) -> bool:
@@ -241,6 +292,7 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
     from .progress import follow
 
     follow(store, sweep_id, alive=lambda: _scheduler_alive(store, sweep_id, ctx.obj["namespace"]))
+    _tracking_done(store, sweep_id)
     data, _, note = _compared(store, [sweep_id], [], None, None)
     _print_results(data, sweep_id, "table")
     if note:
@@ -251,7 +303,7 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
 
 
 @cli.command()
-@click.argument("sweep")
+@click.argument("sweep", shell_complete=_complete_sweeps)
 @click.option("--failed", "failed_only", is_flag=True, help="Requeue failed (and skipped) jobs only, not cancelled ones.")
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
@@ -274,7 +326,7 @@ def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_add
 
 
 @cli.command()
-@click.argument("sweep")
+@click.argument("sweep", shell_complete=_complete_sweeps)
 @click.option("--wait", is_flag=True, help="Show live progress, then print the comparison table.")
 @_ray_options
 @_output_root_option
@@ -332,33 +384,71 @@ def _worker_env(model: str | None) -> dict[str, str]:
     from . import hub
     from .refs import HUB_ID
 
+    from .tracking import forwarded_env
+
     token = hub.saved_token() if isinstance(model, str) and HUB_ID.match(model) else None
-    return hub.forwarded_env(token=token)
+    return {**hub.forwarded_env(token=token), **forwarded_env()}
 
 
 @cli.command()
-@click.argument("sweep", required=False)
+@click.argument("sweep", required=False, shell_complete=_complete_sweeps)
 @click.option("--all", "show_all", is_flag=True, help="Every job of a large sweep, not only the first 60.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON on stdout: all sweeps with their counts, or one sweep with its jobs and ETA.")
+@click.option("--watch", is_flag=True, help="With SWEEP: refresh in place until the sweep is done (Ctrl-C leaves it "
+                                            "running): every job, what the running ones do, the ETA, their Ray "
+                                            "dashboard pages.")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=1.0, show_default=True, metavar="SECONDS",
+              help="How often --watch refreshes.")
+@_wide_option
 @click.pass_context
 @handle_errors
-def status(ctx: click.Context, sweep: str | None, show_all: bool) -> None:
-    """All sweeps, or one sweep's jobs (status, attempts, duration, what each running job is doing)."""
+def status(ctx: click.Context, sweep: str | None, show_all: bool, as_json: bool, watch: bool, interval: float,
+           wide: bool) -> None:
+    """All sweeps, or one sweep's jobs (status, attempts, duration, what each running job is doing, the ETA)."""
+    import json
+
     from rich.console import Console
 
-    from .progress import STATUS_ROWS, jobs_table, sweeps_table
+    from .fit import terminal_width
+    from .progress import STATUS_ROWS, jobs_table, sweep_json, sweep_summaries, sweeps_table, watch_sweep
 
     store = _store(ctx)
-    console = Console()
     if sweep is None:
-        console.print(sweeps_table(store))
+        if watch:
+            raise UsageError("--watch follows one sweep: qfarm status SWEEP --watch")
+        if as_json:
+            click.echo(json.dumps(sweep_summaries(store), indent=1))
+            return
+        width = terminal_width(wide)
+        Console(width=width or 250).print(sweeps_table(store, width))
         return
     record = _find(store, sweep)
-    jobs = store.sweep_jobs(record.id)
-    console.print(jobs_table(record, jobs, store.stats(record.id), limit=None if show_all else STATUS_ROWS))
+    if as_json:
+        click.echo(json.dumps(sweep_json(store, record), indent=1, default=str))
+        return
+    if watch:
+        watch_sweep(store, record.id, interval, wide, limit=None if show_all else STATUS_ROWS)
+        return
+    width = terminal_width(wide)
+    table = jobs_table(record, store.sweep_jobs(record.id), store.stats(record.id),
+                       limit=None if show_all else STATUS_ROWS, width=width)
+    Console(width=width or 250).print(table)
 
 
 @cli.command()
-@click.argument("sweeps", nargs=-1, required=True, metavar="SWEEP...")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script (verbs, options and sweep names): add
+    `eval "$(qfarm completion bash)"` to ~/.bashrc (zsh: ~/.zshrc; fish: `qfarm completion fish | source`)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    click.echo(cls(cli, {}, "qfarm", "_QFARM_COMPLETE").source())
+
+
+@cli.command()
+@click.argument("sweeps", nargs=-1, required=True, metavar="SWEEP...", shell_complete=_complete_sweeps)
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json", "parquet"]), default="table",
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -369,19 +459,40 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool) -> None:
 @click.option("--columns", default=None, metavar="A,B,...", help="Only these columns, in this order.")
 @click.option("--frontier", default=None, metavar="A,B,...",
               help="Objectives of the Pareto frontier (default size_mb,perplexity,decode_tokens_per_s).")
+@_wide_option
+@click.option("--to", "to", type=click.Choice(["mlflow"]), default=None,
+              help="Send the rows to MLflow instead: an experiment per sweep, a run per job (params, metrics, loss "
+                   "history, pipeline parents). Sending again updates the runs.")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="With --to mlflow: the tracking server or store (http://HOST:5000, sqlite:///FILE.db, a folder) "
+                   "[default: MLFLOW_TRACKING_URI, else sqlite:///<the sweep's output root>/mlflow.db].")
+@click.option("--experiment", default=None, metavar="NAME",
+              help="With --to mlflow and one sweep: the experiment's name [default: the sweep id].")
+@click.option("--copy-artifacts", is_flag=True,
+              help="With --to mlflow: copy each job's artifact folder into its run (default: its path as a tag).")
 @click.pass_context
 @handle_errors
 def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path | None, where: tuple[str, ...],
-            sort: str | None, columns: str | None, frontier: str | None) -> None:
+            sort: str | None, columns: str | None, frontier: str | None, wide: bool, to: str | None,
+            tracking_uri: str | None, experiment: str | None, copy_artifacts: bool) -> None:
     """The comparison table of one or more sweeps: one row per job (failed jobs too, with their reason),
-    deltas against each sweep's reference, and the Pareto frontier marked ★."""
+    deltas against each sweep's reference, and the Pareto frontier marked ★. With --to mlflow, the same rows
+    go to an MLflow tracking store."""
     from .compare import pick_columns
 
+    if to is None and (tracking_uri or experiment or copy_artifacts):
+        raise UsageError("--tracking-uri, --experiment and --copy-artifacts go with --to mlflow")
+    if experiment and len(sweeps) > 1:
+        raise UsageError("--experiment names one sweep's experiment: give one SWEEP (each sweep is an experiment)")
     store = _store(ctx)
-    ids = [_find(store, s).id for s in sweeps]
+    records = [_find(store, s) for s in sweeps]
+    ids = [r.id for r in records]
     data, _, note = _compared(store, ids, list(where), sort, frontier)
     if note:
         click.echo(f"note: {note}", err=True)
+    if to == "mlflow":
+        _to_mlflow(store, records, data, tracking_uri, experiment, copy_artifacts)
+        return
     cols = pick_columns(data, columns)
     if fmt == "parquet":
         if output is None:
@@ -391,11 +502,11 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
         to_parquet(only(data, cols), str(output))
         click.echo(f"wrote {len(data)} rows to {output}")
         return
-    _print_results(data, ", ".join(ids), fmt, cols, output)
+    _print_results(data, ", ".join(ids), fmt, cols, output, wide)
 
 
 @cli.command()
-@click.argument("sweeps", nargs=-1, required=True, metavar="SWEEP...")
+@click.argument("sweeps", nargs=-1, required=True, metavar="SWEEP...", shell_complete=_complete_sweeps)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
               show_default=True, help="The HTML file to write (self-contained: no network needed to view it).")
 @click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -418,7 +529,7 @@ def report(ctx: click.Context, sweeps: tuple[str, ...], output: Path, png_dir: P
 
 
 @cli.command()
-@click.argument("sweep", metavar="SWEEP|JOB")
+@click.argument("sweep", metavar="SWEEP|JOB", shell_complete=_complete_sweeps)
 @click.option("--grace", type=click.FloatRange(0, 86_400), default=DEFAULT_CANCEL_GRACE_S, show_default=True,
               metavar="SECONDS", help="How long a running job has to stop by itself before its worker is killed.")
 @click.pass_context
@@ -451,6 +562,20 @@ def down() -> None:
     click.echo("stopped the local Ray head" if stop_embedded_head() else "no local Ray head of qfarm is running")
 
 
+def _to_mlflow(store, records, data: list[dict], uri: str | None, experiment: str | None, copy: bool) -> None:
+    from .tracking import Sender, resolve_uri, web_address
+
+    for record in records:
+        rows = [r for r in data if r.get("sweep_id") == record.id]
+        target = uri or resolve_uri(None, record.output_root or str(Path(OUTPUT_ROOT_DEFAULT).resolve()))
+        sender = Sender(target, record, experiment, copy, say=click.echo)
+        done = sender.send(rows, {j.id: j.spec for j in store.sweep_jobs(record.id)})
+        click.echo(f"sent {len(rows)} job(s) of {record.id} to MLflow at {target}: experiment {sender.experiment!r} "
+                   f"(id {sender.experiment_id}): {done['created']} run(s) created, {done['updated']} updated, "
+                   f"{done['unchanged']} unchanged")
+        click.echo(f"  open it: {web_address(target, sender.experiment_id)}")
+
+
 def _find(store, text: str):
     record = store.find_sweep(text)
     if record is None:
@@ -471,7 +596,7 @@ def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, f
 
 
 def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | None = None,
-                   output: Path | None = None) -> None:
+                   output: Path | None = None, wide: bool = False) -> None:
     from .results import answers_text, render, rich_table
 
     if fmt != "table":
@@ -484,15 +609,16 @@ def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | 
         return
     from rich.console import Console
 
+    from .fit import terminal_width
+
     file = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115
     try:
-        table = rich_table(data, title=f"sweep {title}", columns=columns)
-        width = max(Console().width, 160)
-        if file is not None or not sys.stdout.isatty():  # a file or a pipe: the whole table, nothing cut
-            width = max(width, Console(width=10_000).measure(table).maximum)
-        console = Console(width=width, file=file)
+        # a terminal gets the columns that fit it (--wide: all); a file or a pipe the whole table, nothing cut
+        width = None if file is not None else terminal_width(wide)
+        table = rich_table(data, title=f"sweep {title}", columns=columns, width=width)
+        console = Console(width=width or max(160, Console(width=100_000).measure(table).maximum), file=file)
         console.print(table)
-        text = answers_text(data)
+        text = answers_text(data, width=max(60, width or 100))
         if text and not columns:
             console.print(text, markup=False, highlight=False)
     finally:

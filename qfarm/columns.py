@@ -29,6 +29,7 @@ class Column:
     core: bool = False  # in every row, null when not measured (the JSON/CSV contract)
     pipeline_hidden: bool = False  # a pipeline's default table leaves it out, to make room for training columns
     echoes_option: bool = False  # the option of the same name, repeated by its producer
+    priority: float = 50  # a narrow terminal drops the default table's columns highest priority first (qfarm.fit)
 
     def text(self, value) -> str:
         return self.format.format(value)
@@ -37,27 +38,27 @@ class Column:
 C = Column
 TABLE: tuple[Column, ...] = (
     # the contract: every row has these (csv/json column order)
-    C("job_id", "job", "{}", group="run", view=1, core=True),
-    C("status", "status", "{}", group="run", view=7, core=True),
+    C("job_id", "job", "{}", group="run", view=1, priority=16, core=True),
+    C("status", "status", "{}", group="run", view=7, priority=1, core=True),
     C("method", None, "{}", group="run", core=True, echoes_option=True),
-    C("bits", "bits", "{}", group="size", view=6, core=True, pipeline_hidden=True, echoes_option=True),
-    C("size_mb", "size MB", "{:.1f}", "MB", "min", "size", view=8, core=True),
-    C("size_vs_ref", "×ref", "{:.2f}", "×", "min", "size", view=9, core=True, pipeline_hidden=True),
-    C("peak_mem_mb", "peak MB", "{:.0f}", "MB", "min", "memory", view=10, core=True),
-    C("load_s", "load s", "{:.2f}", "s", "min", "speed", view=11, core=True, pipeline_hidden=True),
-    C("perplexity", "ppl", "{:.3f}", "", "min", "quality", view=12, core=True),
-    C("ppl_delta_pct", "Δppl %", "{:+.2f}", "%", "min", "quality", view=13, core=True),
-    C("kl_div", "KL", "{:.4f}", "nats", "min", "quality", view=14, core=True),
-    C("top1_agree", "top-1", "{:.3f}", "", "max", "quality", view=15, core=True, pipeline_hidden=True),
-    C("prefill_tokens_per_s", "prefill tok/s", "{:.1f}", "tok/s", "max", "speed", view=16, core=True,
+    C("bits", "bits", "{}", group="size", view=6, priority=6, core=True, pipeline_hidden=True, echoes_option=True),
+    C("size_mb", "size MB", "{:.1f}", "MB", "min", "size", view=8, priority=3, core=True),
+    C("size_vs_ref", "×ref", "{:.2f}", "×", "min", "size", view=9, priority=14, core=True, pipeline_hidden=True),
+    C("peak_mem_mb", "peak MB", "{:.0f}", "MB", "min", "memory", view=10, priority=17, core=True),
+    C("load_s", "load s", "{:.2f}", "s", "min", "speed", view=11, priority=27, core=True, pipeline_hidden=True),
+    C("perplexity", "ppl", "{:.3f}", "", "min", "quality", view=12, priority=2, core=True),
+    C("ppl_delta_pct", "Δppl %", "{:+.2f}", "%", "min", "quality", view=13, priority=4, core=True),
+    C("kl_div", "KL", "{:.4f}", "nats", "min", "quality", view=14, priority=5, core=True),
+    C("top1_agree", "top-1", "{:.3f}", "", "max", "quality", view=15, priority=13, core=True, pipeline_hidden=True),
+    C("prefill_tokens_per_s", "prefill tok/s", "{:.1f}", "tok/s", "max", "speed", view=16, priority=19, core=True,
       pipeline_hidden=True),
-    C("decode_tokens_per_s", "decode tok/s", "{:.1f}", "tok/s", "max", "speed", view=17, core=True),
-    C("device", "device", "{}", group="run", view=26, core=True, pipeline_hidden=True),
-    C("duration_s", "time s", "{:.1f}", "s", "min", "run", view=27, core=True),
+    C("decode_tokens_per_s", "decode tok/s", "{:.1f}", "tok/s", "max", "speed", view=17, priority=7, core=True),
+    C("device", "device", "{}", group="run", view=26, priority=28, core=True, pipeline_hidden=True),
+    C("duration_s", "time s", "{:.1f}", "s", "min", "run", view=27, priority=29, core=True),
     # the farm's bookkeeping
-    C("sweep_id", "sweep", "{}", group="run", view=0),
+    C("sweep_id", "sweep", "{}", group="run", view=0, priority=0.5),
     C("kind", group="run", format="{}"),
-    C("label", "method", "{}", group="run", view=4),
+    C("label", "method", "{}", group="run", view=4, priority=0),
     C("attempts", group="run"),
     C("error", group="run", format="{}"),
     C("started_at", unit="s", group="run"),
@@ -68,6 +69,8 @@ TABLE: tuple[Column, ...] = (
     C("threads", group="run"),
     C("work_s", unit="s", group="run"),
     C("artifact", group="run", format="{}"),
+    C("model_card", group="run", format="{}"),  # the artifact folder's README.md (workers.card)
+    C("model_card_error", group="run", format="{}"),
     C("versions", group="run", format="{}"),
     # size and memory
     C("model_mem_mb", unit="MB", direction="min", group="memory"),
@@ -123,11 +126,11 @@ TABLE: tuple[Column, ...] = (
     C("prefill_tokens_per_s_p90", unit="tok/s", group="speed"),
     C("decode_tokens_per_s_p10", unit="tok/s", group="speed"),
     C("decode_tokens_per_s_p90", unit="tok/s", group="speed"),
-    C("runtime", "runtime", "{}", group="speed", view=25.5, pipeline_hidden=True),  # what produced the speeds
+    C("runtime", "runtime", "{}", group="speed", view=25.5, priority=25, pipeline_hidden=True),  # what produced the speeds
     # vLLM's engine (eval.engine: vllm; workers.serving): output tokens/s at each concurrency, TTFT, GPU memory
     C("vllm_tokens_per_s_c1", unit="tok/s", direction="max", group="vllm"),
     C("vllm_tokens_per_s_c8", unit="tok/s", direction="max", group="vllm"),
-    C("vllm_tokens_per_s_c32", "vLLM tok/s @32", "{:.0f}", "tok/s", "max", "vllm", view=17.5),
+    C("vllm_tokens_per_s_c32", "vLLM tok/s @32", "{:.0f}", "tok/s", "max", "vllm", view=17.5, priority=18),
     C("vllm_ttft_ms_p50", unit="ms", direction="min", group="vllm"),
     C("vllm_ttft_ms_p99", unit="ms", direction="min", group="vllm"),
     C("vllm_ttft_concurrency", group="vllm"),
@@ -143,40 +146,40 @@ TABLE: tuple[Column, ...] = (
     C("llama_cpp_version", group="gguf", format="{}"),
     C("llama_cpp_threads", group="gguf"),
     # pipelines: where a job sits
-    C("stage", "stage", "{}", group="pipeline", view=3),
+    C("stage", "stage", "{}", group="pipeline", view=3, priority=8),
     C("parent", group="pipeline", format="{}"),
-    C("lineage", "from", "{}", group="pipeline", view=5),
+    C("lineage", "from", "{}", group="pipeline", view=5, priority=9),
     # training
     C("r", group="train", echoes_option=True),
     C("lora_alpha", group="train", echoes_option=True),
     C("lora_dropout", group="train", echoes_option=True),
-    C("train_loss", "train loss", "{:.3f}", direction="min", group="train", view=18),
+    C("train_loss", "train loss", "{:.3f}", direction="min", group="train", view=18, priority=10),
     C("train_loss_first", group="train"),
     C("train_loss_best", group="train"),
-    C("train_s", "train s", "{:.0f}", "s", group="train", view=21),
+    C("train_s", "train s", "{:.0f}", "s", group="train", view=21, priority=21),
     C("step_s", unit="s", group="train"),
     C("train_steps", group="train"),
     C("train_examples", group="train"),
     C("train_tokens", group="train"),
     C("train_tokens_per_s", unit="tok/s", group="train"),
-    C("trainable_params", "trainable", "{:,}", group="train", view=20, pipeline_hidden=True),
+    C("trainable_params", "trainable", "{:,}", group="train", view=20, priority=20, pipeline_hidden=True),
     C("trainable_pct", unit="%", group="train"),
     C("train_peak_mem_mb", unit="MB", group="train"),
     C("adapter_mb", unit="MB", group="train"),
     C("held_out_examples", group="train"),
     C("loss_curve", group="train", format="{}"),
-    C("task_loss", "task loss", "{:.3f}", direction="min", group="train", view=19),
+    C("task_loss", "task loss", "{:.3f}", direction="min", group="train", view=19, priority=15),
     C("ref_task_loss", group="train"),
     C("task_loss_delta", group="train"),
     C("task_examples", group="train"),
     # merging
     C("onto", group="merge", format="{}", echoes_option=True),
     C("merge_s", unit="s", group="merge"),
-    C("merge_max_abs_diff", "merge Δmax", "{:.2g}", group="merge", view=22),
+    C("merge_max_abs_diff", "merge Δmax", "{:.2g}", group="merge", view=22, priority=22),
     C("merge_mean_abs_diff", group="merge"),
-    C("merge_top1_agree", "merge top-1", "{:.3f}", group="merge", view=23),
+    C("merge_top1_agree", "merge top-1", "{:.3f}", group="merge", view=23, priority=23),
     C("merge_check_tokens", group="merge"),
-    C("kernel_max_abs_diff", "kernel Δmax", "{:.2g}", group="merge", view=24),
+    C("kernel_max_abs_diff", "kernel Δmax", "{:.2g}", group="merge", view=24, priority=24),
     C("kernel_mean_abs_diff", group="merge"),
     C("kernel_top1_agree", group="merge"),
     C("kernel_check_tokens", group="merge"),
@@ -184,8 +187,8 @@ TABLE: tuple[Column, ...] = (
     # the farm's own test jobs
     C("slept_s", unit="s", group="sleep"),
     # computed when results are shown (qfarm.compare)
-    C("pareto", "front", "{}", group="computed", view=2),
-    C("ties", "within noise", "{}", group="computed", view=25),  # rows within 2 se on the sort column
+    C("pareto", "front", "{}", group="computed", view=2, priority=11),
+    C("ties", "within noise", "{}", group="computed", view=25, priority=26),  # rows within 2 se on the sort column
     C("decode_speedup", unit="×", direction="max", group="computed"),
     C("prefill_speedup", unit="×", direction="max", group="computed"),
     C("mem_vs_ref", unit="×", group="computed"),
@@ -201,6 +204,7 @@ PIPELINE_HIDDEN: frozenset[str] = frozenset(c.name for c in TABLE if c.pipeline_
 
 
 TASK_VIEW = 15.5  # where the tasks' columns go in the default table: after the perplexity figures
+TASK_PRIORITY = 12  # and how long a narrow terminal keeps them: after the frontier mark, before top-1
 
 
 def column_name(*parts: str) -> str:
@@ -229,9 +233,9 @@ def task_columns(data: Iterable[dict]) -> list[Column]:
     for i, (task, info) in enumerate(task_info(data).items()):
         way = "max" if info.get("higher_is_better", True) else "min"
         out.append(Column(info["column"], f"{task} {info.get('metric', '')}".strip(), "{:.3f}", direction=way,
-                          group="tasks", view=TASK_VIEW + i / 100))
+                          group="tasks", view=TASK_VIEW + i / 100, priority=TASK_PRIORITY + i / 100))
         out.append(Column(recovery_name(task), f"{task} rec.", "{:.3f}", "×", "max", "computed",
-                          view=TASK_VIEW + (i + 0.5) / 100))
+                          view=TASK_VIEW + (i + 0.5) / 100, priority=TASK_PRIORITY + 1 + i / 100))
     return out
 
 

@@ -53,6 +53,21 @@ def _client(url: str, retries: int = RETRIES) -> redis.Redis:
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
+def quick_sweep_ids(url: str | None, namespace: str) -> list[str]:
+    """Sweep ids and names for shell completion: one try, a short timeout, never starting a server."""
+    from .store import Store
+
+    client = redis.Redis.from_url(url or os.environ.get("QFARM_REDIS_URL") or DEFAULT_REDIS_URL,
+                                  decode_responses=True, socket_connect_timeout=0.5, socket_timeout=1)
+    store = Store(client, namespace)
+    ids = store.sweep_ids()[::-1]
+    pipe = client.pipeline(transaction=False)
+    for i in ids:
+        pipe.hget(store.keys.sweep(i), "name")
+    names = [n for n in pipe.execute() if n]
+    return list(dict.fromkeys(ids + names))
+
+
 SECRET_PARAMS = ("password", "passwd", "pass", "token", "secret", "key_password", "ssl_password")
 
 

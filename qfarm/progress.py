@@ -109,23 +109,39 @@ def _follow_live(watch: _Watch, poll_s: float) -> list[JobRecord]:
 
 
 def _ago(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+    return datetime.fromtimestamp(ts).strftime("%m-%d %H:%M") if ts else "-"
 
 
-def sweeps_table(store: Store):
-    from rich.table import Table
+COUNTED = ("succeeded", "failed", "running", "queued", "cancelled", "skipped")
 
-    table = Table(title=f"sweeps (namespace {store.namespace})", header_style="bold")
-    for col in ("sweep", "created", "jobs", "succeeded", "failed", "running", "queued", "cancelled", "skipped", "finished"):
-        table.add_column(col, justify="right" if col not in ("sweep", "created", "finished") else "left")
+
+def sweep_summaries(store: Store) -> list[dict]:
+    """Every sweep of the namespace, newest first: id, name, when, and its jobs counted by status
+    (``qfarm status --json``)."""
+    out = []
     for sid in reversed(store.sweep_ids()):
         sweep = store.sweep(sid)
         if sweep is None:
             continue
         c = Counter(store.statuses(sid))
-        table.add_row(sid, _ago(sweep.created_at), str(sum(c.values())), str(c["succeeded"]), str(c["failed"]),
-                      str(c["running"]), str(c["queued"]), str(c["cancelled"]), str(c["skipped"]),
-                      _ago(sweep.finished_at))
+        out.append({"sweep_id": sid, "name": sweep.name, "created_at": sweep.created_at,
+                    "submitted_at": sweep.submitted_at, "finished_at": sweep.finished_at,
+                    "jobs": sum(c.values()), **{s: c[s] for s in COUNTED}})
+    return out
+
+
+def sweeps_table(store: Store, width: int | None = None):
+    """All sweeps, the id whole; at ``width`` the counts that are zero in every row go first, then the dates."""
+    from .fit import Col, fit
+
+    data = sweep_summaries(store)
+    cols = [Col("sweep_id", "sweep", 0), Col("jobs", "jobs", 1, "right")]
+    cols += [Col(s, s, 2 + i, "right") for i, s in enumerate(COUNTED)
+             if width is None or any(r[s] for r in data) or s in ("succeeded", "failed")]
+    cols += [Col("created", "submitted", 10), Col("finished", "finished", 9)]
+    rows = [{**{k: str(v) for k, v in r.items()}, "created": _ago(r["submitted_at"] or r["created_at"]),
+             "finished": _ago(r["finished_at"])} for r in data]
+    table, _ = fit(cols, rows, width, title=f"sweeps (namespace {store.namespace})")
     return table
 
 
@@ -154,14 +170,34 @@ def waiting_note(sweep, now: float | None = None) -> str:
             "starting one, and idle workers of other shapes give theirs back)")
 
 
-def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int | None = STATUS_ROWS):
-    from rich.table import Table
+def job_rows(sweep, jobs: list[JobRecord], dashboard: str | None = None) -> list[dict]:
+    """One sweep's jobs as ``qfarm status SWEEP --json`` gives them."""
+    return [{"job_id": j.id, "label": j.spec.get("label"), "kind": j.spec.get("kind"), "status": j.status,
+             "attempts": j.attempts, "duration_s": j.duration_s, "worker": j.worker, "node": j.node,
+             "progress": j.progress if j.status == "running" else None, "error": j.error,
+             "dashboard": actor_link(dashboard, j.actor_id) if j.status == "running" else None} for j in jobs]
+
+
+def actor_link(dashboard: str | None, actor_id: str | None) -> str | None:
+    """The Ray dashboard's page of the worker actor running a job."""
+    if not dashboard or not actor_id:
+        return None
+    base = dashboard if "://" in dashboard else f"http://{dashboard}"
+    return f"{base.rstrip('/')}/#/actors/{actor_id}"
+
+
+def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int | None = STATUS_ROWS,
+               width: int | None = None):
+    from .eta import eta_s, say
+    from .fit import Col, fit
 
     c = _counts(jobs)
-    total, jobs = len(jobs), shown(jobs, limit)
+    total, every, jobs = len(jobs), jobs, shown(jobs, limit)
     loads = stats.get("model_loads", 0)
     caption = _summary(c, total) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
                                         if any(j.spec.get("model") for j in jobs) else "")
+    if c["running"] or c["queued"]:
+        caption += f" · {say(eta_s(every))}"
     running = [j for j in jobs if j.status == "running"]
     if running:
         from .scheduler import HEARTBEAT_TTL_S
@@ -170,13 +206,79 @@ def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int |
         caption += (f"\na running job without a heartbeat for {', '.join(f'{x:g}' for x in limits)} s is taken as "
                     "hung: its worker is killed and the job retried (hung_after_s)")
     caption += waiting_note(sweep)
+    if getattr(sweep, "tracking_note", None):
+        caption += f"\nMLflow: {sweep.tracking_note}"
     if len(jobs) < total:
         caption += f"\nshowing {len(jobs)} of {total} jobs, unfinished and failed first (--all shows every job)"
-    table = Table(title=f"sweep {sweep.id}", caption=caption, header_style="bold")
-    for col in ("job", "method", "status", "attempts", "time s", "worker", "now / note"):
-        table.add_column(col, justify="right" if col in ("attempts", "time s") else "left")
-    for j in jobs:
-        note = j.progress if j.status == "running" else (j.error or "")
-        dur = f"{j.duration_s:.1f}" if j.duration_s is not None else "-"
-        table.add_row(j.id, str(j.spec.get("label")), j.status, str(j.attempts), dur, j.worker or "-", note or "")
+    cols = [Col("label", "job", 0), Col("status", "status", 1), Col("note", "now / note", 2, fold=True, min_width=16),
+            Col("time", "time s", 3, "right"), Col("job_id", "id", 4), Col("attempts", "tries", 5, "right"),
+            Col("worker", "worker", 6)]
+    rows = [{"job_id": j.id, "label": str(j.spec.get("label")), "status": j.status, "attempts": str(j.attempts),
+             "time": f"{j.duration_s:.1f}" if j.duration_s is not None else "-", "worker": j.worker or "-",
+             "note": (j.progress if j.status == "running" else j.error) or ""} for j in jobs]
+    table, _ = fit(cols, rows, width, title=f"sweep {sweep.id}", caption=caption)
     return table
+
+
+def sweep_json(store: Store, record) -> dict:
+    """One sweep for scripts (``qfarm status SWEEP --json``): its counts, ETA (s; null while unknown) and jobs."""
+    from .eta import eta_s
+
+    jobs = store.sweep_jobs(record.id)
+    c = _counts(jobs)
+    return {"sweep_id": record.id, "name": record.name, "created_at": record.created_at,
+            "submitted_at": record.submitted_at, "finished_at": record.finished_at, "jobs_total": len(jobs),
+            "counts": {s: c[s] for s in COUNTED}, "eta_s": eta_s(jobs), "dashboard_url": record.dashboard_url,
+            "waiting": record.waiting, "jobs": job_rows(record, jobs, record.dashboard_url)}
+
+
+def running_lines(record, jobs: list[JobRecord]) -> list[str]:
+    """Per running job: its label, what it does now, for how long, and its worker's page on the Ray dashboard."""
+    out = []
+    for j in jobs:
+        if j.status != "running":
+            continue
+        link = actor_link(record.dashboard_url, j.actor_id)
+        out.append(f"{j.spec.get('label')} ({j.id}): {j.progress or 'starting'} · {j.duration_s or 0:.0f} s"
+                   + (f"\n    {link}" if link else ""))
+    return out
+
+
+def watch_sweep(store: Store, sweep_id: str, interval: float, wide: bool, limit: int | None = STATUS_ROWS) -> None:
+    """``qfarm status SWEEP --watch``: the jobs table and the running jobs' lines, redrawn in place (rich Live) on
+    a terminal until every job is finished; elsewhere (a pipe, a log) one table per change. Ctrl-C stops watching,
+    never the sweep."""
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from .fit import terminal_width
+
+    def view():
+        record = store.sweep(sweep_id)
+        jobs = store.sweep_jobs(sweep_id)
+        width = terminal_width(wide)
+        table = jobs_table(record, jobs, store.stats(sweep_id), limit=limit, width=width)
+        lines = running_lines(record, jobs)
+        done = _finished(store, sweep_id, jobs)
+        return Group(table, *[Text(x) for x in lines]), done, [(j.id, j.status, j.progress) for j in jobs]
+
+    console = Console()
+    if not console.is_terminal:
+        last = None
+        while True:
+            shown_now, done, state = view()
+            if state != last:
+                console.print(shown_now)
+                last = state
+            if done:
+                return
+            time.sleep(interval)
+    with Live(view()[0], console=console, refresh_per_second=max(1.0, 1 / interval), transient=False,
+              auto_refresh=False) as live:
+        while True:
+            shown_now, done, _ = view()
+            live.update(shown_now, refresh=True)
+            if done:
+                return
+            time.sleep(interval)

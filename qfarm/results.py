@@ -146,21 +146,26 @@ def to_markdown(data: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(data: list[dict], title: str | None = None, columns: list[str] | None = None):
-    from rich.table import Table
+def rich_table(data: list[dict], title: str | None = None, columns: list[str] | None = None,
+               width: int | None = None):
+    """The comparison table for a terminal: ``width`` None draws every column, else the default view's columns
+    are kept by priority (qfarm.columns) until the table fits, the job labels whole (qfarm.fit); columns the
+    user named with ``--columns`` are all kept."""
+    from .fit import Col, fit
 
-    cols = visible(data, columns)
-    table = Table(title=title, show_lines=False, header_style="bold")
+    tasks = {c.name: c for c in task_columns(data)}
+    left = ("job_id", "label", "status", "device", "stage", "lineage", "sweep_id", "runtime")
+    shown = visible(data, columns)
+    cols = [Col(c, header, (tasks.get(c) or column(c)).priority if not columns else 0,
+                "left" if c in left else "right") for c, header, _ in shown]
+    formats = {c: f for c, _, f in shown}
     notes = any(r.get("error") for r in data)
-    for c, header, _ in cols:
-        table.add_column(header, justify="left" if c in ("job_id", "label", "status", "device", "stage", "lineage") else "right",
-                         no_wrap=c in ("job_id", "label", "status"))
-    if notes:
-        table.add_column("note", overflow="fold", min_width=20)
+    if notes:  # why a row failed is kept longer than most figures, folded onto more lines
+        cols.append(Col("error", "note", 7.5, fold=True, min_width=20))
+    cells = [{**{c.key: cell_of(r, c.key, formats[c.key]) for c in cols if c.key in formats},
+              "error": r.get("error") or ""} for r in data]
     style = {"failed": "red", "cancelled": "yellow", "skipped": "yellow", "running": "cyan", "queued": "dim"}
-    for r in data:
-        cells = [cell_of(r, c, f) for c, _, f in cols] + ([r.get("error") or ""] if notes else [])
-        table.add_row(*cells, style=style.get(r["status"]))
+    table, _ = fit(cols, cells, width, title=title, styles=[style.get(r["status"]) for r in data])
     return table
 
 
@@ -178,7 +183,9 @@ def answers_text(data: list[dict], width: int = 100) -> str:
         out.append(f"Q: {prompt}")
         for label, answer in items:
             flat = " ".join(answer.split())
-            out.append(f"  {label:>10}: {flat[: width - 14]}{'…' if len(flat) > width - 14 else ''}")
+            head = f"  {label:>10}: "
+            room = max(20, width - len(head) - 1)
+            out.append(f"{head}{flat[:room]}{'…' if len(flat) > room else ''}")
     return "\n".join(out)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import handoff
+from .tracking import FORWARDED_ENV as TRACKING_ENV
 from .cluster import RAY_NAMESPACE, cluster_nodes, describe_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
@@ -95,7 +96,9 @@ class Scheduler:
     def __init__(self, sweep_id: str, namespace: str, secrets: list | tuple = ()):
         self.sweep_id, self.namespace = sweep_id, namespace
         env = handoff.received(secrets)  # the Redis URL and hub token, handed on to its workers as its own object
-        self._secrets = handoff.hand(env)
+        self._tracking_env = {k: v for k, v in env.items() if k in TRACKING_ENV}  # MLflow's login: this actor's only
+        self._secrets = handoff.hand({k: v for k, v in env.items() if k not in TRACKING_ENV})
+        self.tracker = None
         self.output_root = env[handoff.OUTPUT_ROOT]  # the submitting command's, never a path read from Redis
         client, _ = connect_redis(env[handoff.REDIS_URL], embedded_ok=False)
         self.store = Store(client, namespace)
@@ -124,6 +127,8 @@ class Scheduler:
 
         try:
             self.state = "running"
+            self._say_dashboard()
+            self._start_tracking()
             self._loop()
             self.state = "finished"
         except Exception:  # the loop must never die silently: say why in the sweep record
@@ -133,8 +138,32 @@ class Scheduler:
             self.store.record_scheduler_error(self.sweep_id, detail)
         finally:
             self._stop_workers()
+            if self.tracker is not None:
+                self.tracker.close()
             self.store.mark_sweep_finished(self.sweep_id)
             ray.kill(ray.get_runtime_context().current_actor)
+
+    def _start_tracking(self) -> None:
+        """A spec's ``tracking: {mlflow: ...}``: each job goes to MLflow as it finishes (qfarm.tracking)."""
+        record = self.store.sweep(self.sweep_id)
+        settings = ((record.info if record else {}).get("tracking") or {}).get("mlflow")
+        if settings:
+            from .tracking import LiveTracker
+
+            self.tracker = LiveTracker(settings, self.store, self.sweep_id, self.output_root, self._tracking_env,
+                                       lambda: list(self.jobs.values()))
+
+    def _say_dashboard(self) -> None:
+        """Where the cluster's Ray dashboard is (as the head registered it), for ``qfarm status`` to link each
+        running job's worker actor."""
+        try:
+            from ray.experimental import internal_kv
+
+            url = internal_kv._internal_kv_get("webui:url", namespace="dashboard")
+        except Exception:  # noqa: BLE001 - a link for people; a cluster without a dashboard has none
+            url = None
+        if url:
+            self.store.set_dashboard(self.sweep_id, url.decode() if isinstance(url, bytes) else str(url))
 
     def _loop(self) -> None:
         """Event-driven: wake when a worker finishes (or every POLL_S), dispatch at once.

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import Problem, SpecError, allowed, did_you_mean, format_path, line_map, line_of
 from .methods import KINDS
@@ -135,6 +135,28 @@ class JobGroup(BaseModel):
     start_timeout_s: Optional[float] = Field(None, ge=1, le=86_400)  # a worker not started by then is killed
 
 
+class MlflowSpec(Strict):
+    """``tracking: {mlflow: ...}``: each job goes to MLflow as it finishes (qfarm.tracking)."""
+
+    tracking_uri: Optional[str] = Field(None, min_length=1, max_length=500)  # default MLFLOW_TRACKING_URI, else
+    experiment: Optional[str] = Field(None, min_length=1, max_length=250)   # <output root>/mlflow.db; the sweep id
+    copy_artifacts: bool = False
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _inside(cls, value: Optional[str]) -> Optional[str]:
+        from .tracking import spec_uri_problem
+
+        problem = spec_uri_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class TrackingSpec(Strict):
+    mlflow: Optional[MlflowSpec] = None
+
+
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     model: Optional[str] = None
@@ -146,6 +168,7 @@ class SweepSpec(Strict):
     timeout_s: Optional[float] = Field(None, gt=0)
     hung_after_s: Optional[float] = Field(None, ge=10, le=86_400)  # default: the scheduler's HEARTBEAT_TTL_S (60)
     start_timeout_s: Optional[float] = Field(None, ge=1, le=86_400)  # default: DEFAULT_START_TIMEOUT_S (600)
+    tracking: Optional[TrackingSpec] = None  # results into MLflow as jobs finish
     jobs: list[JobGroup] = Field(min_length=1)
 
 

@@ -117,6 +117,7 @@ class JobRecord:
     finished_at: float | None = None
     heartbeat_at: float | None = None
     cancel_requested: bool = False
+    actor_id: str | None = None  # the Ray actor running it (its page on the Ray dashboard)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "JobRecord":
@@ -143,6 +144,7 @@ class JobRecord:
             finished_at=num("finished_at"),
             heartbeat_at=num("heartbeat_at"),
             cancel_requested=h.get("cancel") == "1",
+            actor_id=h.get("actor_id") or None,
         )
 
     @property
@@ -167,6 +169,8 @@ class SweepRecord:
     submitted_at: float | None = None
     scheduler_beat_at: float | None = None  # its scheduler's last pass (qfarm.watchdog resumes a silent one)
     waiting: dict[str, float] = field(default_factory=dict)  # resource shape -> since when its worker waits
+    dashboard_url: str | None = None  # the Ray dashboard of the cluster its scheduler runs on
+    tracking_note: str | None = None  # what its live MLflow tracking did last, or why it failed
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "SweepRecord":
@@ -183,6 +187,8 @@ class SweepRecord:
             submitted_at=float(h["submitted_at"]) if h.get("submitted_at") else None,
             scheduler_beat_at=float(h["scheduler_beat_at"]) if h.get("scheduler_beat_at") else None,
             waiting=json.loads(h.get("waiting") or "{}"),
+            dashboard_url=h.get("dashboard_url") or None,
+            tracking_note=h.get("tracking_note") or None,
         )
 
 
@@ -302,6 +308,14 @@ class Store:
         if self._waiting_said.get(sweep_id) != text:  # written when it changes, not on every pass
             self.r.hset(self.keys.sweep(sweep_id), "waiting", text)
             self._waiting_said[sweep_id] = text
+
+    def set_tracking_note(self, sweep_id: str, text: str) -> None:
+        """What the sweep's live MLflow tracking did last (qfarm.tracking), for ``qfarm status``."""
+        self.r.hset(self.keys.sweep(sweep_id), "tracking_note", text)
+
+    def set_dashboard(self, sweep_id: str, url: str) -> None:
+        """Where the Ray dashboard of the sweep's cluster is (``qfarm status`` links each running job's worker)."""
+        self.r.hset(self.keys.sweep(sweep_id), "dashboard_url", url)
 
     def scheduler_beat(self, sweep_id: str, *, pipeline=None) -> None:
         """The sweep's scheduler is alive and passing (qfarm.watchdog resumes a sweep whose scheduler went silent)."""

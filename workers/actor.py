@@ -97,7 +97,7 @@ class Worker:
         node = _node_id()
         started = time.time()
         attempt = {"started_at": started, "worker": self.name, "node": node, "pid": os.getpid()}
-        beat.start(pid=os.getpid(), node=node)
+        beat.start(pid=os.getpid(), node=node, actor_id=_actor_id())
         try:
             if job["kind"] != "sleep":
                 ctx.cache = self.cache
@@ -106,6 +106,7 @@ class Worker:
             # work_s: the job's own work; what the farm adds is (finished_at - started_at) - work_s
             result.update({"worker": self.name, "node": node, "threads": self.threads,
                            "work_s": time.time() - work_start})
+            result.update(_model_card(job, result, sweep_id, self.output_root))
             for name, n in ctx.stats.items():
                 self.store.incr_stat(sweep_id, name, n)
             ok = self.store.finish(job["id"], attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)
@@ -126,6 +127,19 @@ class Worker:
             self.jobs_run += 1
             if ctx.cache is not None:
                 gc.collect()  # free a model job's tensors now (costs ~25 ms: only where there is memory to free)
+
+
+def _model_card(job: dict, result: dict, sweep_id: str, output_root: str) -> dict:
+    """The job's artifact folder gets its model card (workers.card); a card that cannot be written is said in the
+    row, and never fails the job."""
+    if not result.get("artifact"):
+        return {}
+    try:
+        from workers.card import write_card
+
+        return {"model_card": write_card(job, result, sweep_id, output_root)}
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        return {"model_card": None, "model_card_error": one_line(e)}
 
 
 WORKER_ENTRY = re.compile(r"^workers(\.[a-z_][a-z0-9_]*)+:[a-z_][a-z0-9_]*$")
@@ -184,6 +198,15 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _actor_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() or ""
+    except Exception:
+        return ""
 
 
 def _node_id() -> str:

@@ -19,8 +19,9 @@ from pathlib import Path
 from qfarm.errors import Permanent
 from qfarm.hub import SHA, TOKEN_ENV, cache_dir, repo_folder
 
-# what a model job needs of a repo: config, tokenizer, weights (one format), chat template, generation config
-WANTED = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+# what a model job needs of a repo: config, tokenizer, weights (one format), chat template, generation config, and
+# the model card (its license goes into the cards of what qfarm makes of it: workers.card)
+WANTED = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*", "README.md"]  # its card: the license
 SKIPPED = ["original/*", "onnx/*", "openvino/*", "coreml/*", "*.gguf", "*.onnx", "*.onnx_data", "*.msgpack",
            "*.h5", "*.ot", "*.tflite", "*.mlmodel"]
 

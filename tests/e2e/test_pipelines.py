@@ -26,6 +26,7 @@ def test_tiny_pipeline_train_merge_quantize_with_a_failing_branch(cli_env, share
     data = tmp_path / "guanaco200.jsonl"
     data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:200]))
     tiny = make_tiny_model(tmp_path / "tiny", corpus_of(data))
+    (Path(tiny) / "README.md").write_text("---\nlicense: mit\n---\n# a tiny model\n")  # its license: carried over
     spec = tmp_path / "tiny-pipe.yaml"
     spec.write_text(f"""\
 name: tiny-pipe
@@ -92,6 +93,45 @@ stages:
     report = qfarm(cli_env, "report", "tiny-pipe", "-o", str(tmp_path / "report.html"))
     assert report.returncode == 0, report.stderr
     assert "Training loss" in (tmp_path / "report.html").read_text()  # the train job's loss curve is plotted
+
+    # every artifact folder carries a model card the hub's own parser reads: license from the source's card,
+    # what was done, the row's figures
+    from huggingface_hub import ModelCard
+
+    made = [r for r in rows if r["status"] == "succeeded"]
+    assert len(made) == 5 and all(r["model_card"] == str(Path(r["artifact"], "README.md")) for r in made)
+    cards = {r["job_id"]: ModelCard.load(r["model_card"]) for r in made}
+    for r in made:
+        meta = cards[r["job_id"]].data.to_dict()
+        assert meta["license"] == "mit" and meta["qfarm"]["job_id"] == r["job_id"] and "qfarm" in meta["tags"]
+        assert meta["qfarm"]["versions"]["torch"] == r["versions"]["torch"]
+        assert f"{r['perplexity']:.3f}" in cards[r["job_id"]].text
+    assert cards[ft["job_id"]].data.library_name == "peft" and cards[ft["job_id"]].data.training["r"] == 4
+    for r in deploy:
+        meta = cards[r["job_id"]].data.to_dict()
+        assert meta["quantization"] == {"method": "rtn", "bits": 8, "group_size": 32}
+        assert f"from {r['lineage']}" in cards[r["job_id"]].text
+
+    # into MLflow: the loss curve as a metric history, the pipeline as parent and child runs
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sent = qfarm(cli_env, "results", "tiny-pipe", "--to", "mlflow", "--tracking-uri", uri)
+    assert sent.returncode == 0 and "7 run(s) created" in sent.stdout, sent.stdout + sent.stderr
+    c = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in c.search_experiments() if e.name.startswith("tiny-pipe-")]
+    runs = {r.data.tags["qfarm.job_id"]: r for r in c.search_runs([experiment.experiment_id])}
+    history = c.get_metric_history(runs[ft["job_id"]].info.run_id, "train_loss_curve")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
+        [(step, pytest.approx(loss)) for step, loss in ft["loss_curve"]]
+    for r in rows:
+        parent = r["parent"]
+        assert runs[r["job_id"]].data.tags.get("mlflow.parentRunId") == (runs[parent].info.run_id if parent else None)
+    assert runs[ft["job_id"]].data.params["r"] == "4" and runs[ft["job_id"]].data.params["method"] == "qlora"
+    assert runs[deploy[0]["job_id"]].data.metrics["perplexity"] == pytest.approx(deploy[0]["perplexity"])
+    assert runs[skipped["job_id"]].info.status == "KILLED" and runs[broken["job_id"]].info.status == "FAILED"
+    assert runs[ft["job_id"]].data.tags["qfarm.artifact"] == ft["artifact"]  # the path, not a copy
+    assert not c.list_artifacts(runs[ft["job_id"]].info.run_id)
 
 
 def test_smollm2_qlora_on_guanaco_then_merge(cli_env, model_root, shared_data, tmp_path):

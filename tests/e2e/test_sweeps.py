@@ -120,6 +120,14 @@ jobs:
     assert gptq["calib_samples"] == 32 and gptq["calib_tokens"] == 32 * 256 and gptq["calib_source"] == "tokenized"
     assert rows[("rtn", 4)]["calib_samples"] is None and rows[("awq", 4)]["calib_samples"] == 4
     assert store.stats(sweep)["calibration_tokenizations"] == 2  # one per calibration set (gptq's, awq's)
+    # each saved checkpoint is ready to publish: a model card naming the bundled model's origin and its license
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(Path(gptq["artifact"], "README.md"))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert card.data.base_model_relation == "quantized" and card.data.quantization["group_size"] == 64
+    assert f"| perplexity | {gptq['perplexity']:.3f} ± {gptq['perplexity_se']:.2g}" in card.text
+    assert "wiki.test.raw" in card.text and ref["model_card"] is None  # the reference saved nothing
 
 
 def test_gguf_files_are_made_and_evaluated_inside_llama_cpp(cli_env, model_root, shared_data, tmp_path, store, ray_head):
