@@ -7,12 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit down clean chromium llama-cpp-tools
+.PHONY: install demo test unit down clean chromium tmux llama-cpp-tools
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[ml,eval,report,test]"
+	$(BIN)/pip install -q -e ".[ml,eval,report,mlflow,test]"
 	# llama-cpp-python compiles llama.cpp (minutes; pip caches the wheel): portable (no -march=native), all cores
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $(LLAMA_CMAKE_EXTRA)" \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[gguf]"
@@ -39,14 +39,19 @@ demo: $(STAMP)
 	$(BIN)/qfarm validate jobs/demo.yaml
 	$(BIN)/qfarm submit jobs/demo.yaml --wait
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium tmux
 	$(BIN)/python -m pytest -ra
 
-# The report test looks at the HTML report in a real headless browser: Debian's chromium.
+# The report and MLflow tests look at pages in a real headless browser: Debian's chromium.
 chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { echo "installing chromium (Debian) for the report test"; apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# `qfarm status --watch` is tested in a real 80-column terminal: tmux.
+tmux:
+	@command -v tmux >/dev/null || { echo "installing tmux (Debian) for the terminal test"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; }
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -ra tests/unit
