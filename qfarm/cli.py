@@ -460,14 +460,16 @@ def completion(shell: str) -> None:
 @click.option("--frontier", default=None, metavar="A,B,...",
               help="Objectives of the Pareto frontier (default size_mb,perplexity,decode_tokens_per_s).")
 @_wide_option
-@click.option("--to", "to", type=click.Choice(["mlflow"]), default=None,
+@click.option("--to", "to", type=click.Choice(["mlflow", "wandb"]), default=None,
               help="Send the rows to MLflow instead: an experiment per sweep, a run per job (params, metrics, loss "
-                   "history, pipeline parents). Sending again updates the runs.")
+                   "history, pipeline parents; sending again updates the runs); or to W&B: offline runs under "
+                   "<output root>/wandb for `wandb sync` (WANDB_MODE=online: straight to your W&B).")
 @click.option("--tracking-uri", default=None, metavar="URI",
               help="With --to mlflow: the tracking server or store (http://HOST:5000, sqlite:///FILE.db, a folder) "
                    "[default: MLFLOW_TRACKING_URI, else sqlite:///<the sweep's output root>/mlflow.db].")
 @click.option("--experiment", default=None, metavar="NAME",
-              help="With --to mlflow and one sweep: the experiment's name [default: the sweep id].")
+              help="With --to mlflow and one sweep: the experiment's name [default: the sweep id]; with --to wandb: "
+                   "the W&B project [default: qfarm].")
 @click.option("--copy-artifacts", is_flag=True,
               help="With --to mlflow: copy each job's artifact folder into its run (default: its path as a tag).")
 @click.pass_context
@@ -482,7 +484,9 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
 
     if to is None and (tracking_uri or experiment or copy_artifacts):
         raise UsageError("--tracking-uri, --experiment and --copy-artifacts go with --to mlflow")
-    if experiment and len(sweeps) > 1:
+    if to == "wandb" and (tracking_uri or copy_artifacts):
+        raise UsageError("--tracking-uri and --copy-artifacts are MLflow's: W&B runs go under <output root>/wandb")
+    if experiment and len(sweeps) > 1 and to == "mlflow":
         raise UsageError("--experiment names one sweep's experiment: give one SWEEP (each sweep is an experiment)")
     store = _store(ctx)
     records = [_find(store, s) for s in sweeps]
@@ -492,6 +496,15 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
         click.echo(f"note: {note}", err=True)
     if to == "mlflow":
         _to_mlflow(store, records, data, tracking_uri, experiment, copy_artifacts)
+        return
+    if to == "wandb":
+        from .tracking import to_wandb
+
+        for record in records:
+            root = record.output_root or str(Path(OUTPUT_ROOT_DEFAULT).resolve())
+            to_wandb(record, [r for r in data if r.get("sweep_id") == record.id],
+                     {j.id: j.spec for j in store.sweep_jobs(record.id)}, experiment, str(Path(root) / "wandb"),
+                     say=click.echo)
         return
     cols = pick_columns(data, columns)
     if fmt == "parquet":

@@ -323,3 +323,38 @@ class LiveTracker:
         self._stop.set()
         self._thread.join(timeout_s)
         self.send(final=True)
+
+
+def to_wandb(record, rows: list[dict], jobs_by_id: dict[str, dict], project: str | None, directory: str,
+             say: Callable[[str], None] = lambda line: None) -> list[str]:
+    """Each row as a Weights & Biases run: offline (its files under ``directory``, for ``wandb sync``) unless the
+    environment sets WANDB_MODE=online with a login. The sweep is the runs' group, the kind their job type, the
+    options their config (with the parent job, W&B having no parent runs), every numeric column their summary,
+    a training job's loss curve their history. Returns the run folders written."""
+    try:
+        import wandb
+    except ImportError:
+        raise QfarmError("sending results to W&B needs wandb: pip install 'qfarm[wandb]' (or pip install wandb)") from None
+    mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    folders = []
+    for row in rows:
+        job = jobs_by_id.get(row["job_id"]) or {}
+        config = params_of(row, job.get("options") or {})
+        config.update({"job_id": row["job_id"], "sweep_id": record.id, "parent_job": row.get("parent") or "",
+                       "artifact": row.get("artifact") or ""})
+        run = wandb.init(mode=mode, dir=directory, project=project or "qfarm", group=record.id,
+                         job_type=str(row.get("kind") or "job"), name=str(row.get("label") or row["job_id"]),
+                         id=f"{record.id}-{row['job_id']}", config=config, notes=row.get("error") or None,
+                         tags=[t for t in ("qfarm", row.get("kind"), row.get("method"), row.get("status")) if t],
+                         reinit="create_new", settings=wandb.Settings(console="off", save_code=False,
+                                                                        x_disable_stats=True))
+        for step, loss in loss_points(row.get("loss_curve")):
+            run.log({"train_loss_curve": loss}, step=step)
+        run.summary.update(metrics_of(row))
+        folders.append(str(Path(run.dir).parent))
+        run.finish(exit_code=0 if row.get("status") == "succeeded" else 1)
+    say(f"wrote {len(folders)} W&B run(s) ({mode}) under {directory}"
+        + (f": upload them with `wandb sync {directory}/wandb/offline-run-*`" if mode == "offline" else ""))
+    return folders

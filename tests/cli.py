@@ -57,3 +57,49 @@ def run_sweep(env, spec, name, key="method") -> dict:
     run = qfarm(env, "submit", str(spec), "--wait", timeout=1800)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return {r[key]: r for r in results(env, name)}
+
+
+def wandb_runs(folder: Path) -> dict[str, dict]:
+    """The offline W&B runs under ``folder`` read back from their own files (``run-*.wandb``: W&B's record log,
+    LevelDB's format of 32 KiB blocks, each record a protobuf ``Record``), by job id: name, group, job type, tags,
+    config, summary, history rows and exit code."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def records(raw: bytes):
+        pos, buf = 7, b""  # after the file header (":W&B", magic, version)
+        while pos + 7 <= len(raw):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+            data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0:
+                break
+            buf = data if kind in (1, 2) else buf + data
+            if kind in (1, 4):
+                yield buf
+
+    def key(item) -> str:
+        return item.key or ".".join(item.nested_key)
+
+    out = {}
+    for path in Path(folder).rglob("run-*.wandb"):
+        run = {"summary": {}, "history": [], "config": {}}
+        for data in records(path.read_bytes()):
+            rec = pb.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type,
+                           tags=list(rec.run.tags), project=rec.run.project, notes=rec.run.notes)
+                run["config"].update({key(i): json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "summary":
+                run["summary"].update({key(i): json.loads(i.value_json) for i in rec.summary.update})
+            elif kind == "history":
+                run["history"].append({key(i): json.loads(i.value_json) for i in rec.history.item})
+            elif kind == "exit":
+                run["exit_code"] = rec.exit.exit_code
+        out[run["config"]["job_id"]] = run
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import qfarm, results
+from tests.cli import qfarm, results, wandb_runs
 from tests.tiny import corpus_of, make_tiny_model
 
 pytestmark = pytest.mark.e2e
@@ -132,6 +132,20 @@ stages:
     assert runs[skipped["job_id"]].info.status == "KILLED" and runs[broken["job_id"]].info.status == "FAILED"
     assert runs[ft["job_id"]].data.tags["qfarm.artifact"] == ft["artifact"]  # the path, not a copy
     assert not c.list_artifacts(runs[ft["job_id"]].info.run_id)
+
+    # and W&B, offline: the runs' own files, read back
+    wb = qfarm(cli_env, "results", "tiny-pipe", "--to", "wandb", "--experiment", "tiny")
+    assert wb.returncode == 0 and "wrote 7 W&B run(s) (offline)" in wb.stdout, wb.stdout + wb.stderr
+    wruns = wandb_runs(Path(cli_env["QFARM_OUTPUT_ROOT"]) / "wandb")
+    assert set(wruns) == set(by_id)
+    w = wruns[ft["job_id"]]
+    assert w["name"] == ft["label"] and w["job_type"] == "train" and w["project"] == "tiny" and w["exit_code"] == 0
+    assert w["group"] == ft["sweep_id"] and w["config"]["r"] == "4"
+    assert [(h["_step"], h["train_loss_curve"]) for h in w["history"]] == [(s_, pytest.approx(l_)) for s_, l_ in
+                                                                          ft["loss_curve"]]
+    assert w["summary"]["task_loss"] == pytest.approx(ft["task_loss"])
+    assert wruns[deploy[0]["job_id"]]["config"]["parent_job"] == deploy[0]["parent"]
+    assert wruns[broken["job_id"]]["exit_code"] == 1 and "no_such_field" in wruns[broken["job_id"]]["notes"]
 
 
 def test_smollm2_qlora_on_guanaco_then_merge(cli_env, model_root, shared_data, tmp_path):
