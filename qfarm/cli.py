@@ -176,15 +176,27 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
         click.echo(json.dumps(rows, indent=1))
         return
     source = "a GGUF file" if model.get("kind") == "gguf" else shape.dtype
+    from rich.console import Console
+
+    from .fit import Col, fit, terminal_width
+
     click.echo(f"memory plan on {device} workers ({shape.total / 1e9:.2f}B parameters, checkpoint {source}; "
                "GB = 1e9 bytes):")
-    click.echo(f"  {'job':<14} {'label':<28} {'gpus':>4} {'GPU GB/device':>14} {'host GB':>8} {'disk GB':>8}")
-    for r in rows:
-        click.echo(f"  {r['job_id']:<14} {r['label'][:28]:<28} {r['gpus']:>4} {r['gpu_gb_per_device']:>14.1f} "
-                   f"{r['host_gb']:>8.1f} {r['disk_gb']:>8.1f}")
+    cols = [Col("label", "job", 0), Col("gpu", "GPU GB/device", 1, "right"), Col("host", "host GB", 2, "right"),
+            Col("gpus", "gpus", 3, "right"), Col("disk", "disk GB", 4, "right"), Col("job_id", "id", 5)]
+    cells = [{"label": r["label"], "gpu": f"{r['gpu_gb_per_device']:.1f}", "host": f"{r['host_gb']:.1f}",
+              "gpus": str(r["gpus"]), "disk": f"{r['disk_gb']:.1f}", "job_id": r["job_id"]} for r in rows]
+    width = terminal_width(False)
+    table, _ = fit(cols, cells, width)
+    Console(width=width or 250).print(table)
     worst = max(rows, key=lambda r: r["gpu_gb_per_device"] if device == "cuda" else r["host_gb"])
     parts = ", ".join(f"{k} {v:.1f}" for k, v in worst["parts"]["gpu" if device == "cuda" else "host"].items())
-    click.echo(f"  largest: {worst['label']}: {parts}")
+    line = f"  largest: {worst['label']}: {parts}"
+    if width:
+        import textwrap
+
+        line = textwrap.fill(line, width, subsequent_indent="    ")
+    click.echo(line)
     offered = sorted({f"{t['name']}: {t['labels'].get('qfarm-gpu-mem-gb')} GB per GPU" for t in node_types
                       if t.get("labels", {}).get("qfarm-gpu-mem-gb")})
     if offered:
