@@ -588,17 +588,17 @@ def down() -> None:
 
 
 def _to_mlflow(store, records, data: list[dict], uri: str | None, experiment: str | None, copy: bool) -> None:
-    from .tracking import Sender, resolve_uri, web_address
+    from .tracking import Sender, resolve_uri, shown, web_address
 
     for record in records:
         rows = [r for r in data if r.get("sweep_id") == record.id]
         target = uri or resolve_uri(None, record.output_root or str(Path(OUTPUT_ROOT_DEFAULT).resolve()))
         sender = Sender(target, record, experiment, copy, say=click.echo)
         done = sender.send(rows, {j.id: j.spec for j in store.sweep_jobs(record.id)})
-        click.echo(f"sent {len(rows)} job(s) of {record.id} to MLflow at {target}: experiment {sender.experiment!r} "
+        click.echo(f"sent {len(rows)} job(s) of {record.id} to MLflow at {shown(target)}: experiment {sender.experiment!r} "
                    f"(id {sender.experiment_id}): {done['created']} run(s) created, {done['updated']} updated, "
                    f"{done['unchanged']} unchanged")
-        click.echo(f"  open it: {web_address(target, sender.experiment_id)}")
+        click.echo(f"  open it: {web_address(shown(target), sender.experiment_id)}")
 
 
 def _find(store, text: str):

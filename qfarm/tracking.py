@@ -67,6 +67,15 @@ def resolve_uri(uri: str | None, output_root: str, env=None) -> str:
     return uri
 
 
+def shown(uri: str) -> str:
+    """A tracking URI fit for a message, Redis or a log: a server's user-info and secret-looking query values as ***."""
+    if urlsplit(uri).scheme.lower() not in ("http", "https"):
+        return uri
+    from .connection import _redact
+
+    return _redact(uri)
+
+
 def _mlflow():
     try:
         import mlflow  # noqa: F401
@@ -139,6 +148,9 @@ class Sender:
     def __init__(self, tracking_uri: str, record, experiment: str | None = None, copy_artifacts: bool = False,
                  say: Callable[[str], None] = lambda line: None):
         client_cls = _mlflow()
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines on creating a store's tables
         self.uri, self.record, self.copy, self.say = tracking_uri, record, copy_artifacts, say
         self.client = client_cls(tracking_uri=tracking_uri)
         name = experiment or record.id
@@ -251,7 +263,8 @@ def web_address(uri: str, experiment_id: str) -> str:
 # MLflow's own settings that a tracking server's login needs: they reach the scheduler from the submitting shell
 # through Ray's object store (qfarm.handoff), like HF_TOKEN, never Redis or a log; its workers do not get them.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+                 "DATABRICKS_HOST", "DATABRICKS_TOKEN", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
 TRACK_S = 2.0
 
 
@@ -271,10 +284,14 @@ class LiveTracker:
 
         self.settings, self.store, self.sweep_id, self.jobs = settings, store, sweep_id, jobs
         os.environ.update({k: v for k, v in env.items() if k in FORWARDED_ENV})
+        # a tracking server that is away costs seconds, not MLflow's default minutes of retries, per pass
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = resolve_uri(settings.get("tracking_uri"), output_root)
         self.sent: dict[str, float | None] = {}
         self.sender: Sender | None = None
         self._said = ""
+        self._lock = threading.Lock()  # the thread's pass and close()'s last one never overlap
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="qfarm-tracking", daemon=True)
         self._thread.start()
@@ -284,6 +301,10 @@ class LiveTracker:
             self.send()
 
     def send(self, final: bool = False) -> None:
+        with self._lock:
+            self._send(final)
+
+    def _send(self, final: bool) -> None:
         from .compare import compare_noted
         from .results import rows
 
@@ -303,12 +324,12 @@ class LiveTracker:
             for j in jobs:
                 if j.id in fresh:
                     self.sent[j.id] = j.finished_at
-            self._say(f"sent {len(self.sent)} job(s) to MLflow at {self.uri}, experiment "
-                      f"{self.sender.experiment!r}: {web_address(self.uri, self.sender.experiment_id)}")
+            self._say(f"sent {len(self.sent)} job(s) to MLflow at {shown(self.uri)}, experiment "
+                      f"{self.sender.experiment!r}: {web_address(shown(self.uri), self.sender.experiment_id)}")
         except Exception as e:  # noqa: BLE001 - see the class docstring
             from .errors import one_line
 
-            self._say(f"MLflow tracking failed: {one_line(e)}", failed=True)
+            self._say(f"MLflow tracking failed: {one_line(e)}".replace(self.uri, shown(self.uri)), failed=True)
 
     def _say(self, text: str, failed: bool = False) -> None:
         if text == self._said:

@@ -101,10 +101,11 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
         "quantization": quant if kind == "quantize" else None,
         "training": {k: opts.get(k) for k in ("r", "lora_alpha", "lora_dropout", "learning_rate", "max_steps",
                                                "quantize_base") if opts.get(k) is not None} if kind == "train" else None,
-        "qfarm": {"sweep_id": sweep_id, "job_id": job.get("id"), "label": job.get("label"),
-                  "source": (job.get("model") or {}).get("key"),
-                  "lineage": job.get("lineage") or None, "model_revision": result.get("model_revision"),
-                  "versions": result.get("versions") or {}},
+        "qfarm": {k: v for k, v in {
+            "sweep_id": sweep_id, "job_id": job.get("id"), "label": job.get("label"),
+            "source": source_name(job.get("model") or {}), "lineage": job.get("lineage") or None,
+            "model_revision": result.get("model_revision"), "versions": result.get("versions") or None}.items()
+            if v is not None},
     }
     meta = {k: v for k, v in meta.items() if v not in (None, {}, [])}
     ev = job.get("eval") or {}
@@ -139,11 +140,30 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
            "compared token by token with the unquantized reference; ± is one standard error.",
            f"- speed: {speed.get('prompt_tokens', '?')}-token prompt, {speed.get('new_tokens', '?')} new tokens, "
            f"median of {speed.get('runs', '?')} runs, batch 1.",
+           *([f"- made from the GGUF file `{(job.get('model') or {}).get('gguf_file')}`, dequantized to float "
+              "(the reference is that float model)."] if (job.get("model") or {}).get("kind") == "gguf" else []),
            f"- made by qfarm, sweep `{sweep_id}`, job `{job.get('id')}`"
            + (f" (from {' → '.join(job.get('lineage'))})" if job.get("lineage") else "") + "."]
     body = (f"\n# {job.get('label') or job.get('id')}\n\n{what.get(kind, base)}.\n\n## Measured\n\n{table}\n\n"
             "## How it was measured\n\n" + "\n".join(how) + "\n")
     return meta, body
+
+
+def source_name(model: dict) -> str | None:
+    """The source model as a card may publish it: a hub id at its commit, or a local file's or folder's name (never
+    the path on this machine) with its content fingerprint."""
+    kind = model.get("kind")
+    if kind == "hub":
+        return f"hub:{model.get('location')}@{model.get('revision')}"
+    if kind == "gguf":
+        name = model.get("gguf_file")
+    elif kind == "hf_dir":
+        name = Path(str(model.get("location") or "")).name
+    else:
+        return None
+    key = str(model.get("key") or "")
+    fp = model.get("fingerprint") or (key.rsplit("@", 1)[1] if "@" in key else None)
+    return f"{kind}:{name}" + (f"@{fp}" if fp else "")
 
 
 def _dataset_name(ds) -> str:

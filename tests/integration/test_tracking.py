@@ -148,6 +148,30 @@ def mlflow_ui_page(uri: str, experiment_id: str, tmp_path: Path) -> str:
         server.wait(30)
 
 
+def test_a_tracking_server_that_is_away_fails_no_job(cli_env, tmp_path, store):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = spec(tmp_path, f"""\
+        tracking:
+          mlflow: {{tracking_uri: "http://user:pw-77@127.0.0.1:{port}"}}
+        jobs:
+          - {{kind: sleep, seconds: 0.2, matrix: {{index: [0, 1]}}}}
+    """, name="away")
+    out = qfarm(cli_env, "submit", path, "--wait")
+    assert out.returncode == 0, out.stderr[-2000:]
+    sweep = submitted_id(out.stdout)
+    assert all(j.status == "succeeded" for j in store.sweep_jobs(sweep))
+    note = store.sweep(sweep).tracking_note
+    assert note.startswith("MLflow tracking failed") and "pw-77" not in note and "pw-77" not in out.stderr
+    status = qfarm(cli_env, "status", sweep, "--wide")
+    assert "MLflow: MLflow tracking failed" in status.stdout
+    events = store.r.xrange(store.keys.events())
+    assert any(e.get("event") == "tracking_failed" and e.get("sweep") == sweep for _, e in events)
+
+
 def test_tracking_settings_are_checked_before_anything_runs(cli_env, tmp_path):
     for uri, said in (("/var/lib/mlflow.db", "absolute paths are given on the command line"),
                       ("sqlite:///../../escape.db", "without '..'"), ("ftp://host/x", "scheme 'ftp' is not allowed")):

@@ -183,5 +183,18 @@ def test_model_card_metadata_and_figures():
     assert meta["qfarm"]["versions"] == {"torch": "2.13.0"} and "gptq" in meta["tags"] and "4-bit" in meta["tags"]
     assert "| perplexity | 15.100 ± 0.7 (reference 14.600) |" in body
     assert "8 windows of 512 tokens" in body and "bundled:python-docs" in body
+    local = {"kind": "gguf", "location": "/home/alice/models", "gguf_file": "m.Q4_1.gguf",
+             "key": "gguf:/home/alice/models#m.Q4_1.gguf@fc8ebd769d2a"}
+    meta3, body3 = card_text(dict(job_, model=local), result, {}, "s-1")
+    assert meta3["qfarm"]["source"] == "gguf:m.Q4_1.gguf@fc8ebd769d2a"  # a card never names this machine's paths
+    assert "/home/alice" not in body3 + str(meta3) and "dequantized to float" in body3
     meta2, _ = card_text(dict(job_, kind="train", options={"method": "lora", "r": 8}), {}, {}, "s-1")
     assert "base_model" not in meta2 and meta2["library_name"] == "peft" and meta2["training"] == {"r": 8}
+
+
+def test_a_tracking_server_login_never_reaches_a_message():
+    from qfarm.tracking import shown
+
+    assert shown("https://alice:pw-123@mlflow.example:5000/") == "https://***@mlflow.example:5000/"
+    assert "tok-9" not in shown("http://h:5000/?token=tok-9")
+    assert shown("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"  # a local store's path is kept as it is
