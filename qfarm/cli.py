@@ -132,12 +132,13 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
     address = None if offline else (ray_address or (cluster.local_head_state() or {}).get("address"))
     named = f" and {len(types)} node type(s) its autoscaler may start" if types else ""
+    shape = _shape(plan)
     if address:
         cluster.connect(address)
-        cluster.preflight([j.payload() for j in plan.jobs], types)
+        cluster.preflight([j.payload() for j in plan.jobs], types, shape)
         checked = f" Resources checked against the Ray cluster at {address}{named}."
     elif types:
-        cluster.refuse_unplaceable([j.payload() for j in plan.jobs], cluster.startable_nodes(types))
+        cluster.refuse_unplaceable([j.payload() for j in plan.jobs], cluster.startable_nodes(types), shape)
         checked = f" Resources checked against the {len(types)} node type(s) of the cluster config."
     else:
         checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
@@ -158,6 +159,13 @@ def _ray_options(f):
                         help="An existing Ray cluster (host:port, ray://host:10001, auto, or its dashboard http://host:8265: "
                              "the scheduler then starts as a Ray Job, no driver here) [env QFARM_RAY_ADDRESS]. "
                              "Default: qfarm's own local Ray head, started on first use.")(f)
+
+
+def _shape(plan):
+    """The model's shape for the memory plan (its config or GGUF header), or None where it cannot be read here."""
+    from .plan import model_shape
+
+    return model_shape(plan.model) if plan.model else None
 
 
 def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]) -> None:
@@ -234,11 +242,12 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     store = _store(ctx)
     payloads = [j.payload() for j in plan.jobs]
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
+    shape = _shape(plan)
     if jobs.is_jobs_address(ray_address):  # outside the cluster: its dashboard's API, no Ray driver here
-        cluster.refuse_unplaceable(payloads, jobs.nodes(ray_address) + cluster.startable_nodes(types))
+        cluster.refuse_unplaceable(payloads, jobs.nodes(ray_address) + cluster.startable_nodes(types), shape)
     else:
         cluster.connect(ray_address, logical_gpus, say=click.echo)
-        cluster.preflight(payloads, types)
+        cluster.preflight(payloads, types, shape)
     root = str(output_root.expanduser().resolve())
     tracking = loaded.spec.tracking.model_dump(exclude_none=True) if loaded.spec.tracking else None
     if tracking and tracking.get("mlflow"):

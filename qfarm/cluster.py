@@ -469,14 +469,23 @@ def cuda_refusal(jobs: list[dict], nodes: list[Node]) -> str | None:
             "(--ray-address), or use engine: native")
 
 
-def preflight(jobs: list[dict], node_types: list[dict] | None = None) -> None:
+def preflight(jobs: list[dict], node_types: list[dict] | None = None, shape=None) -> None:
     """Refuse jobs no node of the connected cluster could ever run (Ray would leave them waiting forever): no node
-    alive now, and no node type the autoscaler may start (``node_types``)."""
-    refuse_unplaceable(jobs, cluster_nodes(node_types))
+    alive now, and no node type the autoscaler may start (``node_types``); with the model's ``shape``, also the jobs
+    whose memory plan fits none of its GPUs (qfarm.plan.place)."""
+    refuse_unplaceable(jobs, cluster_nodes(node_types), shape)
 
 
-def refuse_unplaceable(jobs: list[dict], nodes: list[Node]) -> None:
-    """UsageError naming the jobs none of ``nodes`` (alive, or startable by the autoscaler) can hold."""
+def refuse_unplaceable(jobs: list[dict], nodes: list[Node], shape=None) -> None:
+    """UsageError naming the jobs none of ``nodes`` (alive, or startable by the autoscaler) can hold. With the
+    model's ``shape`` (qfarm.plan), each GPU job that names no ``min_gpu_mem_gb`` first gets its memory plan's as
+    one, on a cluster whose GPUs say their memory."""
+    from .plan import place
+
+    refused = place(jobs, shape, [n.gpu_mem_gb for n in nodes if n.cuda and n.resources.get("GPU", 0) > 0
+                                  and n.gpu_mem_gb])
+    if refused:
+        raise UsageError("\n".join(refused))
     bad: dict[str, list[str]] = {}
     for job in jobs:
         res = job["resources"]

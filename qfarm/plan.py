@@ -223,3 +223,41 @@ def plan_jobs(jobs: list[dict], shape: ModelShape, device: str) -> list[dict]:
         out.append({"job_id": job["id"], "label": job["label"],
                     "method": (job.get("options") or {}).get("method", job["kind"]), **p})
     return out
+
+
+PLAN_FIXES = ("a 4-bit method (bnb-nf4, gptq/awq 4-bit)", "a shorter eval.perplexity.seq_len or fewer max_windows",
+              "a train job's smaller seq_len/batch_size or gradient_checkpointing: true",
+              "a node type with bigger GPUs (resources.min_gpu_mem_gb names one)")
+
+
+def place(jobs: list[dict], shape: ModelShape | None, gpu_sizes: list[float]) -> list[str]:
+    """The memory plan as each GPU job's placement requirement: a job that names no ``min_gpu_mem_gb`` gets the
+    smallest GPU size among ``gpu_sizes`` (the cluster's, GB) that holds its plan, so it is placed only where it
+    fits (and jobs group onto few worker shapes). Returns why the jobs no size holds cannot run (empty: all fit).
+
+    A job loads onto one GPU today, whatever its ``gpus:`` (spreading a model over a job's GPUs is not built), so
+    the figure held against one GPU is the job's whole ``gpu_gb``. Nothing happens without GPU sizes (a machine of
+    logical GPU slots, a cluster whose GPUs say no memory) or without a shape (a config that cannot be read here).
+    """
+    sizes = sorted({float(s) for s in gpu_sizes if s})
+    if shape is None or not sizes:
+        return []
+    refused = []
+    for job in jobs:
+        res = job.get("resources") or {}
+        if not job.get("model") or not res.get("gpus") or res.get("min_gpu_mem_gb"):
+            continue
+        p = job_plan(job, shape, "cuda")
+        fits = [s for s in sizes if s >= p["gpu_gb"]]
+        if fits:
+            job["resources"] = res = dict(res)  # its own: jobs of one group may share one resources dict
+            res["min_gpu_mem_gb"] = fits[0]
+            res["min_gpu_mem_gb_source"] = "plan"
+            continue
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in p["parts"]["gpu"].items())
+        refused.append(f"  {job['label']} ({job['id']}): {p['gpu_gb']:.1f} GB on one GPU ({parts})")
+    if not refused:
+        return []
+    return (["by their memory plan these jobs fit no GPU of this cluster (the largest has "
+             f"{sizes[-1]:g} GB):"] + refused
+            + [f"give them room: {'; '.join(PLAN_FIXES)}. `qfarm validate SPEC --plan` shows every job's plan"])

@@ -91,3 +91,48 @@ def test_validate_plan_json_from_a_folder_with_only_a_config(tmp_path):
         assert r["gpus"] == 2 and r["gpu_gb_per_device"] == pytest.approx(r["gpu_gb"] / 2)
     assert 16 < rows["none"]["gpu_gb"] < rows["bnb-nf4"]["gpu_gb"] < 2 * rows["none"]["gpu_gb"]
     assert "valid" in out.stderr  # the human line goes to stderr: stdout is the JSON alone
+
+
+def test_the_plan_places_gpu_jobs_and_refuses_what_fits_no_gpu():
+    from qfarm.plan import place
+
+    shape = shape_of_config(LLAMA3_8B)
+    shared = {"gpus": 1}  # one group's jobs share one resources dict
+    jobs = [dict(job(m, "quantize"), id=f"j{i}", label=m, resources=shared) for i, m in
+            enumerate(("none", "bnb-nf4", "gptq"))]
+    assert place([dict(j) for j in jobs], shape, []) == []  # logical GPU slots say no memory: nothing to hold
+    assert place([dict(j) for j in jobs], None, [24]) == []  # no config to plan from
+    placed = [dict(j) for j in jobs]
+    assert place(placed, shape, [24.0, 80.0, 48.0]) == []
+    sizes = [j["resources"]["min_gpu_mem_gb"] for j in placed]
+    assert sizes == [24.0, 48.0, 48.0]  # the smallest GPU that holds each plan: 18.4, 24.5, 35.7 GB
+    assert shared == {"gpus": 1} and placed[0]["resources"]["min_gpu_mem_gb_source"] == "plan"
+    said = place([dict(j) for j in jobs], shape, [24.0])
+    assert said[0].endswith("(the largest has 24 GB):") and len(said) == 4  # nf4 and gptq refused, then the fixes
+    assert "gptq (j2): 35.7 GB on one GPU (cached float base 16.1" in said[2] and "4-bit method" in said[3]
+    mine = [dict(jobs[2], resources={"gpus": 1, "min_gpu_mem_gb": 80})]  # the spec's own choice stands
+    assert place(mine, shape, [24.0]) == [] and mine[0]["resources"]["min_gpu_mem_gb"] == 80
+
+
+def test_validate_refuses_a_job_whose_plan_fits_no_gpu_of_the_cluster_config(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    folder = tmp_path / "llama3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**LLAMA3_8B, "architectures": ["LlamaForCausalLM"]}))
+    config = tmp_path / "cluster.yaml"
+    config.write_text("head_node_type: head\navailable_node_types:\n  head: {resources: {CPU: 4}}\n"
+                      "  a10g: {resources: {CPU: 8, GPU: 1}, labels: {qfarm-gpu-mem-gb: '24'}, max_workers: 2}\n")
+    spec = tmp_path / "s.yaml"
+    for methods, code in (("[none]", 0), ("[none, gptq]", 2)):
+        spec.write_text(f"name: big\nmodel: {folder}\neval: {{perplexity: {{seq_len: 2048, max_windows: 16}}}}\n"
+                        f"jobs:\n  - kind: quantize\n    matrix: {{method: {methods}}}\n")
+        out = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(spec), "--offline", "--cluster-config",
+                              str(config)], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert out.returncode == code, out.stderr
+    assert "fit no GPU of this cluster (the largest has 24 GB)" in out.stderr and "gptq (j" in out.stderr
+    assert "4-bit method" in out.stderr and "Traceback" not in out.stderr
