@@ -24,14 +24,20 @@ class Loaded:
 
 
 class _LRU:
-    def __init__(self, max_items: int):
+    def __init__(self, max_items: int, evict_first: bool = False, on_evict: Callable[[], None] = lambda: None):
         self.max_items = max_items
         self.items: OrderedDict = OrderedDict()
+        # models: what goes is dropped *before* the new one is made, so two never sit in memory at once
+        self.evict_first, self.on_evict = evict_first, on_evict
 
     def get(self, key, make: Callable[[], Any]) -> tuple[Any, bool]:
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key], True
+        if self.evict_first and self.items and len(self.items) >= max(self.max_items, 1):
+            while self.items and len(self.items) >= max(self.max_items, 1):
+                self.items.popitem(last=False)
+            self.on_evict()
         value = make()
         if self.max_items > 0:  # 0 turns the cache off (for benchmarks): every job loads afresh
             self.items[key] = value
@@ -43,9 +49,20 @@ class _LRU:
         self.items.clear()
 
 
+def _free() -> None:
+    """Give an evicted model's memory back now: to the process (gc) and, on a GPU, to CUDA's pool."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Cache:
     def __init__(self):
-        self.models = _LRU(int(os.environ.get("QFARM_CACHE_MODELS", "1")))
+        self.models = _LRU(int(os.environ.get("QFARM_CACHE_MODELS", "1")), evict_first=True, on_evict=_free)
         self.windows = _LRU(4)
         self.refs = _LRU(2)
         self.ref_numbers = _LRU(8)
