@@ -94,8 +94,9 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
     \b
       qfarm validate jobs/demo.yaml
       qfarm submit jobs/demo.yaml --wait
-      qfarm status [SWEEP]
+      qfarm status [SWEEP] [--watch] [--json]
       qfarm results SWEEP --format table|md|csv|json
+      qfarm results SWEEP --to mlflow|wandb
       qfarm cancel SWEEP
     """
     ctx.ensure_object(dict)
