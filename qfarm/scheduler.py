@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import handoff
-from .tracking import FORWARDED_ENV as TRACKING_ENV
 from .cluster import RAY_NAMESPACE, cluster_nodes, describe_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
 from .store import JobRecord, JobStatus, Store
+from .tracking import FORWARDED_ENV as TRACKING_ENV
 
 log = logging.getLogger("qfarm.scheduler")
 POLL_S = 0.25  # longest sleep between passes when nothing finishes
@@ -147,11 +147,15 @@ class Scheduler:
         """A spec's ``tracking: {mlflow: ...}``: each job goes to MLflow as it finishes (qfarm.tracking)."""
         record = self.store.sweep(self.sweep_id)
         settings = ((record.info if record else {}).get("tracking") or {}).get("mlflow")
-        if settings:
+        if not settings:
+            return
+        try:
             from .tracking import LiveTracker
 
             self.tracker = LiveTracker(settings, self.store, self.sweep_id, self.output_root, self._tracking_env,
                                        lambda: list(self.jobs.values()))
+        except Exception as e:  # noqa: BLE001 - tracking never stops a sweep: it is said, and the jobs run
+            self.store.set_tracking_note(self.sweep_id, f"MLflow tracking could not start: {one_line(e)}")
 
     def _say_dashboard(self) -> None:
         """Where the cluster's Ray dashboard is (as the head registered it), for ``qfarm status`` to link each
