@@ -72,11 +72,12 @@ def _gguf_metadata(path: str | None) -> dict:
         return {}
 
 
-def _fmt(value, spec: str, se=None) -> str:
+def _fmt(value, spec: str, se=None, unit: str = "") -> str:
+    """A figure, its standard error, then its unit: "+27.14 ± 1.5 %"."""
     if value is None:
         return "–"
-    text = spec.format(value)
-    return f"{text} ± {se:.2g}" if isinstance(se, (int, float)) and se else text
+    text = spec.format(value) + (f" ± {se:.2g}" if isinstance(se, (int, float)) and se else "")
+    return f"{text} {unit}" if unit else text
 
 
 def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dict, str]:
@@ -119,8 +120,8 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
                                                                      "reference checkpoint)" if result.get("size_vs_ref") else "")),
         ("perplexity", _fmt(result.get("perplexity"), "{:.3f}", result.get("perplexity_se"))
          + (f" (reference {result['ref_perplexity']:.3f})" if result.get("ref_perplexity") else "")),
-        ("Δ perplexity vs reference", _fmt(result.get("ppl_delta_pct"), "{:+.2f} %", result.get("ppl_delta_pct_se"))),
-        ("KL divergence vs reference", _fmt(result.get("kl_div"), "{:.4f} nats/token", result.get("kl_div_se"))),
+        ("Δ perplexity vs reference", _fmt(result.get("ppl_delta_pct"), "{:+.2f}", result.get("ppl_delta_pct_se"), "%")),
+        ("KL divergence vs reference", _fmt(result.get("kl_div"), "{:.4f}", result.get("kl_div_se"), "nats/token")),
         ("top-1 agreement vs reference", _fmt(result.get("top1_agree"), "{:.3f}", result.get("top1_agree_se"))),
         ("decode speed", _fmt(result.get("decode_tokens_per_s"), "{:.1f} tokens/s")
          + (f" ({result.get('runtime') or 'runtime not recorded'}, {result.get('device') or 'device not recorded'})")),
