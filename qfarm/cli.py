@@ -185,9 +185,7 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
         click.echo(json.dumps(rows, indent=1))
         return
     source = "a GGUF file" if model.get("kind") == "gguf" else shape.dtype
-    from rich.console import Console
-
-    from .fit import Col, fit, terminal_width
+    from .fit import Col, fit, show, terminal_width
 
     click.echo(f"memory plan on {device} workers ({shape.total / 1e9:.2f}B parameters, checkpoint {source}; "
                "GB = 1e9 bytes):")
@@ -197,7 +195,7 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
               "gpus": str(r["gpus"]), "disk": f"{r['disk_gb']:.1f}", "job_id": r["job_id"]} for r in rows]
     width = terminal_width(False)
     table, _ = fit(cols, cells, width)
-    Console(width=width or 250).print(table)
+    show(table, width)
     worst = max(rows, key=lambda r: r["gpu_gb_per_device"] if device == "cuda" else r["host_gb"])
     parts = ", ".join(f"{k} {v:.1f}" for k, v in worst["parts"]["gpu" if device == "cuda" else "host"].items())
     line = f"  largest: {worst['label']}: {parts}"
@@ -430,9 +428,7 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool, as_json: bool,
     """All sweeps, or one sweep's jobs (status, attempts, duration, what each running job is doing, the ETA)."""
     import json
 
-    from rich.console import Console
-
-    from .fit import terminal_width
+    from .fit import show, terminal_width
     from .progress import STATUS_ROWS, jobs_table, sweep_json, sweep_summaries, sweeps_table, watch_sweep
 
     store = _store(ctx)
@@ -443,7 +439,7 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool, as_json: bool,
             click.echo(json.dumps(sweep_summaries(store), indent=1))
             return
         width = terminal_width(wide)
-        Console(width=width or 250).print(sweeps_table(store, width))
+        show(sweeps_table(store, width), width)
         return
     record = _find(store, sweep)
     if as_json:
@@ -455,7 +451,7 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool, as_json: bool,
     width = terminal_width(wide)
     table = jobs_table(record, store.sweep_jobs(record.id), store.stats(record.id),
                        limit=None if show_all else STATUS_ROWS, width=width)
-    Console(width=width or 250).print(table)
+    show(table, width)
 
 
 @cli.command()
@@ -523,9 +519,8 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
         from .tracking import to_wandb
 
         for record in records:
-            root = record.output_root or str(Path(OUTPUT_ROOT_DEFAULT).resolve())
             to_wandb(record, [r for r in data if r.get("sweep_id") == record.id],
-                     {j.id: j.spec for j in store.sweep_jobs(record.id)}, experiment, str(Path(root) / "wandb"),
+                     {j.id: j.spec for j in store.sweep_jobs(record.id)}, experiment, str(Path(_root_of(record)) / "wandb"),
                      say=click.echo)
         return
     cols = pick_columns(data, columns)
@@ -597,12 +592,17 @@ def down() -> None:
     click.echo("stopped the local Ray head" if stop_embedded_head() else "no local Ray head of qfarm is running")
 
 
+def _root_of(record) -> str:
+    """Where a sweep keeps its artifacts (and, by default, its MLflow store and W&B runs)."""
+    return record.output_root or str(Path(OUTPUT_ROOT_DEFAULT).resolve())
+
+
 def _to_mlflow(store, records, data: list[dict], uri: str | None, experiment: str | None, copy: bool) -> None:
     from .tracking import Sender, resolve_uri, shown, web_address
 
     for record in records:
         rows = [r for r in data if r.get("sweep_id") == record.id]
-        target = uri or resolve_uri(None, record.output_root or str(Path(OUTPUT_ROOT_DEFAULT).resolve()))
+        target = uri or resolve_uri(None, _root_of(record))
         sender = Sender(target, record, experiment, copy, say=click.echo)
         done = sender.send(rows, {j.id: j.spec for j in store.sweep_jobs(record.id)})
         click.echo(f"sent {len(rows)} job(s) of {record.id} to MLflow at {shown(target)}: experiment {sender.experiment!r} "

@@ -73,6 +73,13 @@ def _build(cols: list[Col], rows: list[dict[str, Any]], title: str | None, capti
     return table
 
 
+def show(table, width: int | None) -> None:
+    """Print a table fitted to ``width`` (None: at its own width, nothing wrapped that need not be)."""
+    from rich.console import Console
+
+    Console(width=width or 250).print(table)
+
+
 def terminal_width(wide: bool) -> int | None:
     """The width to fit tables to: None (everything) with ``--wide`` or when stdout is not a terminal (a file or
     a pipe gets the whole table), else the terminal's (COLUMNS when set)."""

@@ -170,7 +170,7 @@ def waiting_note(sweep, now: float | None = None) -> str:
             "starting one, and idle workers of other shapes give theirs back)")
 
 
-def job_rows(sweep, jobs: list[JobRecord], dashboard: str | None = None) -> list[dict]:
+def job_rows(jobs: list[JobRecord], dashboard: str | None = None) -> list[dict]:
     """One sweep's jobs as ``qfarm status SWEEP --json`` gives them."""
     return [{"job_id": j.id, "label": j.spec.get("label"), "kind": j.spec.get("kind"), "status": j.status,
              "attempts": j.attempts, "duration_s": j.duration_s, "worker": j.worker, "node": j.node,
@@ -229,7 +229,7 @@ def sweep_json(store: Store, record) -> dict:
     return {"sweep_id": record.id, "name": record.name, "created_at": record.created_at,
             "submitted_at": record.submitted_at, "finished_at": record.finished_at, "jobs_total": len(jobs),
             "counts": {s: c[s] for s in COUNTED}, "eta_s": eta_s(jobs), "dashboard_url": record.dashboard_url,
-            "waiting": record.waiting, "jobs": job_rows(record, jobs, record.dashboard_url)}
+            "waiting": record.waiting, "jobs": job_rows(jobs, record.dashboard_url)}
 
 
 def running_lines(record, jobs: list[JobRecord]) -> list[str]:

@@ -185,12 +185,10 @@ class Sender:
     def send(self, rows: list[dict], jobs_by_id: dict[str, Any]) -> dict[str, int]:
         """Each row as a run (parents first, so a child can name its parent's run). Counts what was done."""
         done = {"created": 0, "updated": 0, "unchanged": 0}
-        by_id = {r["job_id"]: r for r in rows}
         order = sorted(rows, key=lambda r: len((jobs_by_id.get(r["job_id"]) or {}).get("lineage") or []))
         for row in order:
             job = jobs_by_id.get(row["job_id"]) or {}
-            parent = job.get("parent")
-            parent_run = self.runs.get(parent) if parent in by_id or parent in self.runs else None
+            parent_run = self.runs.get(job.get("parent"))
             done[self._one(row, job, parent_run.info.run_id if parent_run else None)] += 1
         return done
 

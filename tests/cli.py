@@ -46,6 +46,19 @@ def declared_keys() -> set[str]:
     return set(BY_NAME) | {f for m in models for f in m.model_fields}
 
 
+def redis_dump(store) -> str:
+    """Every value under the test's namespace, as text."""
+    out = []
+    for key in store.r.scan_iter(match=store.keys.pattern()):
+        kind = store.r.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        value = {"string": store.r.get, "hash": store.r.hgetall, "list": lambda k: store.r.lrange(k, 0, -1),
+                 "set": store.r.smembers, "zset": lambda k: store.r.zrange(k, 0, -1),
+                 "stream": lambda k: store.r.xrange(k)}[kind](key)
+        out.append(f"{key} {value}")
+    return "\n".join(out)
+
+
 def files_containing(text: str, folder: Path) -> list[str]:
     """The files below ``folder`` (a Ray session's logs, say) in which ``text`` appears: a secret must be in none."""
     needle = text.encode()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qfarm.refs import bundled_model_path
-from tests.cli import files_containing, qfarm, submitted_id
+from tests.cli import files_containing, qfarm, redis_dump, submitted_id
 
 pytestmark = pytest.mark.e2e
 
@@ -218,14 +218,3 @@ def lay_out_hub_cache(folder: Path, cache: Path, repo: str) -> str:
     return commit
 
 
-def redis_dump(store) -> str:
-    """Every value under the test's namespace, as text."""
-    out = []
-    for key in store.r.scan_iter(match=store.keys.pattern()):
-        kind = store.r.type(key)
-        kind = kind.decode() if isinstance(kind, bytes) else kind
-        value = {"string": store.r.get, "hash": store.r.hgetall, "list": lambda k: store.r.lrange(k, 0, -1),
-                 "set": store.r.smembers, "zset": lambda k: store.r.zrange(k, 0, -1),
-                 "stream": lambda k: store.r.xrange(k)}[kind](key)
-        out.append(f"{key} {value}")
-    return "\n".join(out)
