@@ -2,6 +2,7 @@
 
     python bench/model.py reuse     # the same 4-job sweep with the worker cache on, then off (QFARM_CACHE_MODELS=0)
     python bench/model.py direct    # one bnb-nf4 quantize+evaluate job through qfarm vs the same calls in-process
+    python bench/model.py plan      # the memory plan against the measured peak, one job of each kind
     python bench/model.py all
 
 Small evaluation (4 windows x 256 tokens, no speed test, no prompts) so it finishes in minutes on 2 CPU cores.
@@ -130,9 +131,49 @@ def _direct_in_fresh_process(payload: dict) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def bench_plan(root: Path) -> None:
+    """The memory plan (qfarm.plan, from the config alone) against each job kind's measured peak, on CPU workers:
+    the plan's host GB beside the worker's peak RSS (which the plan models: library, cached base, own model)."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "guanaco_llama2_1k" / "train.jsonl"
+    path = root / "plan.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: plan
+        model: bundled:smollm2-135m
+        {EVAL}
+        stages:
+          - {{name: q, kind: quantize, matrix: {{method: [none, bnb-int8, bnb-nf4, rtn, gguf]}}}}
+          - {{name: gptq, kind: quantize, method: gptq, calibration: {{dataset: bundled:python-docs, samples: 16, seq_len: 256}}}}
+          - name: ft
+            kind: train
+            matrix: {{method: [lora, qlora]}}
+            dataset: {{path: {data}, text_field: text, eval_samples: 8}}
+            max_steps: 4
+            batch_size: 2
+            seq_len: 128
+          - {{name: merge, kind: merge, from: ft}}
+    """))
+    print("plan: planned host memory against measured peak RSS, one job of each kind (CPU workers)")
+    with namespace() as store, head_with({}) as head:
+        sid, _ = run_sweep(store, head, path)
+        jobs = sorted(store.sweep_jobs(sid), key=lambda j: (j.kind, j.label))
+    ratios = []
+    for j in jobs:
+        r = j.result or {}
+        if r.get("plan_host_gb") is None or not r.get("peak_mem_mb"):
+            line(f"{j.kind} {j.label}", "no plan/peak", j.status)
+            continue
+        measured = r["peak_mem_mb"] * 2**20 / 1e9
+        ratios.append(r["plan_host_gb"] / measured)
+        line(f"{j.kind} {j.label}", f"plan {r['plan_host_gb']:.2f} GB", f"measured {measured:.2f} GB, "
+             f"plan / measured {ratios[-1]:.2f}")
+    if ratios:
+        line("plan / measured over every kind", f"{min(ratios):.2f} - {max(ratios):.2f}", "target 0.5 - 2",
+             all(0.5 <= x <= 2 for x in ratios))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["reuse", "direct", "all"])
+    parser.add_argument("what", choices=["reuse", "direct", "plan", "all"])
     args = parser.parse_args()
     os.environ.setdefault("QFARM_REDIS_URL", REDIS_URL)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,6 +183,8 @@ def main() -> None:
             bench_reuse(root)
         if args.what in ("direct", "all"):
             bench_direct(root)
+        if args.what in ("plan", "all"):
+            bench_plan(root)
 
 
 if __name__ == "__main__":

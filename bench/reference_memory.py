@@ -1,6 +1,7 @@
 """Memory of the reference's log-probs at a big model's evaluation size: seq_len 2048 x 16 windows with a 128k
 vocabulary (Llama-3's 128,256), kept whole (the old way, and today's when they fit QFARM_REF_CACHE_MB) against
-recomputed window by window (workers.evaluate.Reference, past the budget). The model is a stand-in that returns
+written once to disk and read back a window at a time (past the budget, where workers have an output root), and
+recomputed window by window (workers.evaluate.Reference). The model is a stand-in that returns
 log-softmaxed random logits of that shape: the memory is the harness's, whatever the model.
 
     python bench/reference_memory.py [--windows 16] [--seq-len 2048] [--vocab 128256]
@@ -64,14 +65,22 @@ def one(a) -> None:
 
     import torch
 
-    from workers.evaluate import quality, reference_for
+    import tempfile
+
+    from workers.evaluate import quality, reference_for, spilled_reference
 
     torch.set_num_threads(2)
     wins = torch.arange(a.windows).unsqueeze(1) * 7 + torch.zeros(a.windows, a.seq_len, dtype=torch.long)
     ref, variant, quiet = Stand(a.vocab), Stand(a.vocab, 0.3), (lambda line: None)
     budget = float("inf") if a.path == "kept" else 0.0
+    tmp = Path(tempfile.mkdtemp(prefix="qfarm-refs-"))
+    made = (lambda: spilled_reference(ref, wins, quiet, 0, tmp / "r")) if a.path == "on disk" else \
+        (lambda: reference_for(ref, wins, quiet, budget_bytes=budget))
     t0 = time.time()
-    mb, q = peak_rss_mb(lambda: quality(variant, wins, reference_for(ref, wins, quiet, budget_bytes=budget), quiet))
+    mb, q = peak_rss_mb(lambda: quality(variant, wins, made(), quiet))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({"mb": mb, "s": time.time() - t0, "kl": q["kl_div"], "top1": q["top1_agree"],
                       "ppl": q["perplexity"]}))
 
@@ -84,22 +93,24 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=128_256)
-    ap.add_argument("--path", choices=["kept", "recomputed"], help=argparse.SUPPRESS)
+    ap.add_argument("--path", choices=["kept", "recomputed", "on disk"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.path:
         return one(a)
     full_mb = a.windows * (a.seq_len - 1) * a.vocab * 2 / 2**20
     print(f"{a.windows} windows x {a.seq_len} tokens, vocab {a.vocab}: the log-probs kept whole are {full_mb:,.0f} MB")
     got = {}
-    for path in ("recomputed", "kept"):  # each in a fresh process: an allocator warmed by the other would hide it
+    for path in ("recomputed", "on disk", "kept"):  # each in a fresh process: an allocator warmed by the other would hide it
         out = subprocess.run([sys.executable, __file__, "--path", path, "--windows", str(a.windows), "--seq-len",
                               str(a.seq_len), "--vocab", str(a.vocab)], capture_output=True, text=True, check=True)
         got[path] = json.loads(out.stdout.strip().splitlines()[-1])
         r = got[path]
         print(f"  {path:<11} peak +{r['mb']:>9,.0f} MB  {r['s']:6.1f} s  KL {r['kl']:.6f}  top-1 {r['top1']:.4f}")
-    same = all(got["kept"][k] == got["recomputed"][k] for k in ("kl", "top1", "ppl"))
+    same = all(got["kept"][k] == got[p][k] for k in ("kl", "top1", "ppl") for p in ("recomputed", "on disk"))
     print(f"  kept / recomputed: {got['kept']['mb'] / max(got['recomputed']['mb'], 1):.1f}x the memory, "
-          f"{got['recomputed']['s'] / got['kept']['s']:.2f}x the time; the same numbers: {same}")
+          f"{got['recomputed']['s'] / got['kept']['s']:.2f}x the time; kept / on disk: "
+          f"{got['kept']['mb'] / max(got['on disk']['mb'], 1):.1f}x the memory, "
+          f"{got['on disk']['s'] / got['kept']['s']:.2f}x the time; the same numbers: {same}")
 
 
 if __name__ == "__main__":

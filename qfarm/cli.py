@@ -235,7 +235,7 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
            output_root: Path, cluster_config: str | None) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
     from . import cluster, hub, jobs
-    from .expand import load_plan
+    from .expand import expand, load_plan
 
     loaded, plan = load_plan(spec, hub.cache_dir(output_root))
     store = _store(ctx)
@@ -243,10 +243,14 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
     shape = _shape(plan)
     if jobs.is_jobs_address(ray_address):  # outside the cluster: its dashboard's API, no Ray driver here
-        cluster.refuse_unplaceable(payloads, jobs.nodes(ray_address) + cluster.startable_nodes(types), shape)
+        nodes = jobs.nodes(ray_address) + cluster.startable_nodes(types)
     else:
         cluster.connect(ray_address, logical_gpus, say=click.echo)
-        cluster.preflight(payloads, types, shape)
+        nodes = cluster.cluster_nodes(types)
+    if not cluster.has_cuda(nodes):  # logical GPU slots: the jobs compute on CPUs, and their ids say so
+        plan = expand(loaded, hub.cache_dir(output_root), cuda=False)
+        payloads = [j.payload() for j in plan.jobs]
+    cluster.refuse_unplaceable(payloads, nodes, shape)
     root = str(output_root.expanduser().resolve())
     tracking = loaded.spec.tracking.model_dump(exclude_none=True) if loaded.spec.tracking else None
     if tracking and tracking.get("mlflow"):

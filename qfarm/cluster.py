@@ -458,10 +458,16 @@ def describe_nodes(nodes: list[Node]) -> str:
     return "; ".join(parts) or "no alive nodes"
 
 
+def has_cuda(nodes: list[Node]) -> bool:
+    """Whether any of ``nodes`` has CUDA GPUs (Ray names their accelerator type, or a label says their memory),
+    not just logical GPU slots."""
+    return any(n.cuda and n.resources.get("GPU", 0) > 0 for n in nodes)
+
+
 def cuda_refusal(jobs: list[dict], nodes: list[Node]) -> str | None:
     """Why jobs that need real CUDA GPUs (``eval.engine: vllm``) cannot run on these nodes, or None."""
     labels = sorted({j["label"] for j in jobs if (j.get("eval") or {}).get("engine") == "vllm"})
-    if not labels or any(n.cuda and n.resources.get("GPU", 0) > 0 for n in nodes):
+    if not labels or has_cuda(nodes):
         return None
     return (f"eval.engine: vllm runs on CUDA GPUs only, and no node of this cluster has one (its GPU slots, if any, "
             f"are logical: Ray names no accelerator type); {len(labels)} job(s) ({', '.join(labels[:5])}) would "

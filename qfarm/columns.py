@@ -81,6 +81,11 @@ TABLE: tuple[Column, ...] = (
     C("quant_peak_mem_mb", unit="MB", group="memory"),
     C("plan_gpu_gb", unit="GB", group="memory"),  # the memory plan (qfarm.plan) beside what was measured
     C("plan_host_gb", unit="GB", group="memory"),
+    C("run_dtype", group="memory", format="{}"),  # what the row's model computed in (the checkpoint's on a GPU)
+    C("device_map", group="memory", format="{}"),  # where its weights were: cpu, cuda:0, spread over N GPUs, offload
+    C("offload_gb", unit="GB", group="memory"),  # weights offloaded to host RAM (the job's GPUs could not hold them)
+    C("gpus_used", group="memory"),
+    C("base_during_job", group="memory", format="{}"),  # the cached base while the job's own model ran: parked/dropped/kept
     C("prepare_s", unit="s", group="run"),
     C("base_cache_hit", group="run", format="{}"),
     C("kernel", group="speed", format="{}"),

@@ -116,8 +116,10 @@ def load_plan(path: str | Path, hub_cache: Path | None = None) -> tuple[LoadedSp
         raise renamed(err, loaded.groups_key) from None
 
 
-def expand(loaded: LoadedSpec, hub_cache: Path | None = None) -> Plan:
-    """Expand every job group's matrix, validate each combination, and return the sweep's jobs."""
+def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True) -> Plan:
+    """Expand every job group's matrix, validate each combination, and return the sweep's jobs. ``cuda``: whether
+    the cluster's GPUs are CUDA devices (False: logical GPU slots, every job computes on a CPU), which enters the
+    ids of the jobs that ask for GPUs."""
     spec, errors = loaded.spec, Collector(loaded.lines)
     model_ref = eval_spec = None
     if any(KINDS[g.kind].needs_model for g in spec.jobs):
@@ -141,7 +143,7 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None) -> Plan:
                 continue
             refs = checks(gi, group, options, sources)
             for parent in parents:
-                job = _job(spec, gi, group, options, model_ref, group_eval, refs, parent)
+                job = _job(spec, gi, group, options, model_ref, group_eval, refs, parent, cuda)
                 if job.id not in jobs:
                     jobs[job.id] = job
                     mine.append(job)
@@ -155,8 +157,12 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None) -> Plan:
     return Plan(sweep_id, spec.name, labelled(list(jobs.values())), model_ref)
 
 
+# what a job computes on, by the device class its resources ask for (workers.models.compute_dtype)
+COMPUTE = {"gpu": "cuda, the checkpoint's dtype", "cpu": "cpu, float32"}
+
+
 def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,
-         refs: dict[str, dict | None], parent: Job | None = None) -> Job:
+         refs: dict[str, dict | None], parent: Job | None = None, cuda: bool = True) -> Job:
     kind = KINDS[group.kind]
     opts = options.model_dump()
     calibration, data = refs.get("calibration"), refs.get("data")
@@ -173,6 +179,8 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         "model": model_ref["key"] if kind.needs_model and model_ref else None,
         "eval": _eval_identity(eval_spec) if kind.needs_model else None,
     }
+    if kind.needs_model:  # a CPU row is never reused for a GPU run: device class and dtype rule are in the id
+        identity["compute"] = COMPUTE["gpu" if cuda and (group.resources or spec.resources).gpus else "cpu"]
     if parent is not None:
         identity["from"] = parent.id
     job_id = "j" + digest(identity, 12)

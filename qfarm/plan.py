@@ -1,21 +1,24 @@
 """A memory plan per job from the model's config alone (no weights read): what it holds on its GPU(s), in host RAM
 and on disk, before anything runs (``qfarm validate --plan``).
 
-The plan estimates what qfarm's own code does today, term by term (``parts``), so that it can be judged against
-what a job measured (the row keeps ``plan_gpu_gb``/``plan_host_gb`` beside ``peak_mem_mb``):
+The plan estimates what qfarm's own code does, term by term (``parts``), so that it can be judged against what a
+job measured (the row keeps ``plan_gpu_gb``/``plan_host_gb`` beside ``peak_mem_mb``):
 
-- every model job holds the worker's cached float base (the reference log-probs and every method start from it):
-  parameters × 2 bytes on a GPU (float16), × 4 on a CPU (float32);
-- the row's own model beside it: int8 or 4-bit weights (bitsandbytes: 0.5 byte + a float32 absmax per 64 weights,
-  less with double quantization), a second float copy (llm-compressor quantizes one, then evaluates the
-  decompressed artifact), the GGUF file (llama.cpp), the trainable copy (float32 for LoRA, 4-bit for QLoRA) with
-  its LoRA weights, gradients and Adam moments (16 bytes a trainable parameter) and activations (Korthikanti et
-  al.'s s·b·h·(34 + 5·a·s/h) per layer at 16 bits, doubled for qfarm's float32 training; 2·s·b·h with gradient
-  checkpointing), or the merged float32 model;
-- evaluation: one window's logits and log-softmax (float32, [seq, vocab]), the KV cache, GPTQ's Hessians (a block's
-  in² × 4 bytes);
-- host RAM: the worker process (~1.5 GB of libraries, ~3 GB with CUDA), the reference log-probs kept
-  (windows × seq × vocab × 2 bytes, at most ``QFARM_REF_CACHE_MB``), and on a CPU every term above.
+- weights at the compute dtype: the checkpoint's own on a GPU (bfloat16/float16; a GGUF's float copy in bfloat16),
+  float32 on a CPU (workers.models.compute_dtype);
+- on a GPU a job has two phases and peaks at the larger: the reference (the worker's cached float base evaluated
+  on the windows), then the job's own model (int8 or 4-bit weights: bitsandbytes' 0.5 byte + a float32 absmax per
+  64 weights, less with double quantization; llm-compressor's decompressed artifact, the copy it quantizes staying
+  in host RAM and onloaded a decoder layer at a time; the GGUF file in llama.cpp; the trainable copy with its LoRA
+  weights, gradients and Adam moments (16 bytes a trainable parameter) and activations (Korthikanti et al.'s
+  s·b·h·(34 + 5·a·s/h) per layer at 16 bits, 2·s·b·h with gradient checkpointing); a merged model), the base
+  parked in host RAM meanwhile (over several GPUs: dropped, and loaded again by the next job that needs it);
+- with ``resources.gpus: N`` weights, KV cache and activations spread over the N GPUs (``gpu_gb_per_device``),
+  a window's logits, GPTQ's Hessians (a block's in² × 4 bytes) and the training logits sit on one;
+- evaluation: one window's logits and log-softmax (float32, [seq, vocab]) and the KV cache;
+- host RAM: the worker process (~1.5 GB of libraries, ~3 GB with CUDA), the reference log-probs kept (windows ×
+  seq × vocab × 2 bytes while that fits ``QFARM_REF_CACHE_MB``; past it they are on disk, written once per output
+  root), and on a CPU every term above at once (a CPU worker has nothing to park).
 
 GB are 1e9 bytes. Parameter counts follow the config (hidden, intermediate, heads, KV heads, head_dim, vocab,
 experts, tied embeddings); tested against the published sizes of Llama-3-8B/70B, Mixtral-8x7B, Qwen2.5-7B and
@@ -54,6 +57,7 @@ class ModelShape:
     shared_intermediate: int = 0  # a shared expert beside the routed ones (Qwen2-MoE)
     gated: bool = True
     positions: int = 0  # learned position embeddings (GPT-2)
+    from_gguf: bool = False  # read from a GGUF header: workers compute with its float copy
 
     def params(self) -> dict[str, int]:
         """Parameters by tensor class."""
@@ -116,7 +120,7 @@ def shape_of_gguf(meta: dict) -> ModelShape:
                       kv_heads=int(g("attention.head_count_kv", heads)),
                       head_dim=int(g("attention.key_length", hidden // heads)),
                       intermediate=int(g("feed_forward_length")), tied="output.weight" not in meta.get("#tensors", {}),
-                      dtype="float32", experts=int(g("expert_count", 1) or 1),
+                      dtype="float32", experts=int(g("expert_count", 1) or 1), from_gguf=True,
                       expert_intermediate=int(g("expert_feed_forward_length", 0) or 0))
 
 
@@ -136,73 +140,109 @@ def model_shape(model: dict) -> ModelShape | None:
     return None
 
 
+UNSPREAD = ("a window's logits and log-softmax (float32)", "GPTQ Hessians (one block)", "logits and their gradient")
+
+
+def compute_bytes(shape: ModelShape, device: str) -> int:
+    """Bytes a weight takes as qfarm computes with it: the checkpoint's own dtype on a GPU (bfloat16/float16; a
+    GGUF source's float copy is float32 and computes in bfloat16 there), float32 on a CPU."""
+    if device != "cuda":
+        return 4
+    return DTYPE_BYTES.get(shape.dtype, 4) if shape.dtype != "float32" or not shape.from_gguf else 2
+
+
 def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
-    """The plan of one job (its payload) on ``device`` (cuda | cpu): GB per GPU and in all, host, disk, by term."""
+    """The plan of one job (its payload) on ``device`` (cuda | cpu): GB per GPU and in all, host, disk, by term.
+
+    On a GPU a job has two phases and its peak is the larger: the reference (the cached float base on the GPU,
+    evaluated on the windows; its log-probs kept in host RAM or written to disk), then the job's own model, with the base
+    parked in host RAM meanwhile. llm-compressor methods quantize a copy in host RAM that their sequential pipeline
+    onloads a decoder layer at a time. Weights, KV cache and activations spread over the job's GPUs; a window's
+    logits and GPTQ's Hessians sit on one. On a CPU everything is host RAM, held at once (nothing to park)."""
     opts, kind = job.get("options") or {}, job.get("kind")
     method = opts.get("method", kind)
     on_gpu, P, lin = device == "cuda", shape.total, shape.linear
-    cb = 2 if on_gpu else 4  # qfarm computes in float16 on a GPU, float32 on a CPU
+    cb = compute_bytes(shape, device)
     rest = P - lin
-    dev: dict[str, float] = {"cached float base": P * cb}
+    ref: dict[str, float] = {"cached float base": P * cb}
+    own: dict[str, float] = {}
     host: dict[str, float] = {"worker process": HOST_BASE[device]}
     disk: dict[str, float] = {}
     four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant") else 4 / 64)
     if method == "bnb-int8":
-        dev["int8 model"] = lin * 1 + rest * cb
+        own["int8 model"] = lin * 1 + rest * cb
         disk["artifact"] = lin + rest * 2
     elif method in ("bnb-nf4", "bnb-fp4"):
-        dev["4-bit model"] = lin * four_bit + rest * cb
+        own["4-bit model"] = lin * four_bit + rest * cb
         disk["artifact"] = lin * four_bit + rest * 2
     elif method in ("rtn", "gptq", "awq"):
         bits, group = opts.get("bits", 4), opts.get("group_size", 64)
-        dev["model being quantized, then its decompressed artifact"] = P * cb
+        if on_gpu:
+            host["model being quantized (onloaded a layer at a time)"] = P * cb
+            own["decompressed artifact"] = P * cb
+        else:
+            own["model being quantized, then its decompressed artifact"] = P * cb
         if method == "gptq":
-            dev["GPTQ Hessians (one block)"] = sum(n * n * 4 for n in shape.block_linear_inputs())
+            own["GPTQ Hessians (one block)"] = sum(n * n * 4 for n in shape.block_linear_inputs())
         per_group = 2 * (2 if not opts.get("symmetric", True) else 1) / (group if group and group > 0 else shape.hidden)
         disk["artifact"] = lin * (bits / 8 + per_group) + rest * 2
     elif method == "gguf":
         file_bytes = P * BITS_PER_WEIGHT.get(opts.get("gguf_type", "Q4_K_M"), 8) / 8
-        (dev if on_gpu else host)["GGUF file in llama.cpp"] = file_bytes
+        (own if on_gpu else host)["GGUF file in llama.cpp"] = file_bytes
         disk["artifact"] = file_bytes
         if (job.get("model") or {}).get("kind") != "gguf":
-            disk["F32 GGUF converted once per output root"] = P * 4
+            disk["GGUF at the source dtype, converted once per output root"] = P * (2 if shape.dtype != "float32" else 4)
     elif kind == "train":
-        _training(dev, disk, opts, shape, method, four_bit, rest)
+        _training(own, disk, opts, shape, method, four_bit, rest, cb)
     elif kind == "merge":
-        dev["merged model (float32)"] = P * 4
+        own["merged model"] = P * cb
         disk["artifact"] = P * DTYPE_BYTES.get(opts.get("dtype", "float32"), 4)
-    _evaluation(dev, host, job, shape, cb)
+    _evaluation(ref, host, job, shape, cb, disk)
+    if own:
+        _evaluation(own, {}, job, shape, cb)
     if (job.get("model") or {}).get("kind") == "gguf":
         disk.setdefault("float copy of the GGUF (once per output root)", P * 4)
-    if not on_gpu:  # a CPU worker holds everything in host RAM
-        host.update(dev)
-        dev = {}
     gpus = max(int((job.get("resources") or {}).get("gpus") or 0), 1) if on_gpu else 0
-    gpu = sum(dev.values())
-    return {"device": device, "gpus": gpus, "gpu_gb": gpu / GB, "gpu_gb_per_device": gpu / GB / max(gpus, 1),
-            "host_gb": sum(host.values()) / GB, "disk_gb": sum(disk.values()) / GB, "params": P,
+    if not on_gpu:  # a CPU worker holds everything in host RAM, at once
+        host.update({**ref, **own})
+        dev, phase, phases = {}, "host", {}
+    else:
+        if own and gpus == 1:  # over several GPUs it is dropped instead (and loaded again by the next job)
+            host["float base, parked in host RAM"] = P * cb
+        per_device = lambda terms: sum(v if k in UNSPREAD else v / gpus for k, v in terms.items())  # noqa: E731
+        dev, phase = (own, "own model") if own and per_device(own) >= per_device(ref) else (ref, "reference")
+        phases = {"reference": per_device(ref) / GB, **({"own model": per_device(own) / GB} if own else {})}
+    gpu_per_device = sum(v if k in UNSPREAD else v / max(gpus, 1) for k, v in dev.items())
+    return {"device": device, "gpus": gpus, "gpu_gb": sum(dev.values()) / GB, "gpu_gb_per_device": gpu_per_device / GB,
+            "host_gb": sum(host.values()) / GB, "disk_gb": sum(disk.values()) / GB, "params": P, "peak_phase": phase,
+            "phases_gb_per_device": phases, "dtype_bytes": cb,
+            "parts_by_phase": {} if not on_gpu else {"reference": {k: v / GB for k, v in ref.items()},
+                                                     **({"own model": {k: v / GB for k, v in own.items()}} if own else {})},
             "parts": {"gpu": {k: v / GB for k, v in dev.items()}, "host": {k: v / GB for k, v in host.items()},
                       "disk": {k: v / GB for k, v in disk.items()}}}
 
 
-def _training(dev: dict, disk: dict, opts: dict, shape: ModelShape, method: str, four_bit: float, rest: int) -> None:
+def _training(dev: dict, disk: dict, opts: dict, shape: ModelShape, method: str, four_bit: float, rest: int,
+              cb: int) -> None:
     r = int(opts.get("r", 8))
     per_block = sum(r * (n_in + n_out) for n_in, n_out in (
         (shape.hidden, shape.heads * shape.head_dim), (shape.hidden, shape.kv_heads * shape.head_dim),
         (shape.hidden, shape.kv_heads * shape.head_dim), (shape.heads * shape.head_dim, shape.hidden),
         (shape.hidden, shape.intermediate), (shape.hidden, shape.intermediate), (shape.intermediate, shape.hidden)))
     lora = per_block * shape.layers  # all-linear on a Llama-shaped block (qfarm's default targets)
-    dev["trainable copy" + (" (4-bit)" if method == "qlora" else " (float32)")] = (
-        shape.linear * four_bit + rest * 4 if method == "qlora" else shape.total * 4)
+    dev["trainable copy" + (" (4-bit)" if method == "qlora" else "")] = (
+        shape.linear * four_bit + rest * cb if method == "qlora" else shape.total * cb)
     dev["LoRA weights, gradients, Adam moments"] = lora * 16
     s, b, h, a = int(opts.get("seq_len", 256)), int(opts.get("batch_size", 4)), shape.hidden, shape.heads
-    per_layer = s * b * h * 2 * 2 if opts.get("gradient_checkpointing") else s * b * h * (34 + 5 * a * s / h) * 2
-    dev["activations (float32)"] = per_layer * shape.layers
+    # at 16 bits; LoRA computes in the base's dtype, QLoRA in its compute_dtype (float32 unless the spec says)
+    act = cb / 2 if method == "lora" else DTYPE_BYTES.get(opts.get("compute_dtype", "float32"), 4) / 2
+    per_layer = s * b * h * 2 if opts.get("gradient_checkpointing") else s * b * h * (34 + 5 * a * s / h)
+    dev["activations"] = per_layer * act * shape.layers
     dev["logits and their gradient"] = b * s * shape.vocab * 4 * 2
     disk["adapter"] = lora * 4
 
 
-def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int) -> None:
+def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int, disk: dict | None = None) -> None:
     ppl = ((job.get("eval") or {}).get("perplexity")) or {}
     seq, windows = int(ppl.get("seq_len", 512)), int(ppl.get("max_windows", 16))
     if ppl:
@@ -210,7 +250,10 @@ def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int) ->
         dev["KV cache"] = 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb
         budget = float(os.environ.get("QFARM_REF_CACHE_MB", "2048")) * 2**20
         kept = windows * seq * shape.vocab * 2
-        host["reference log-probs kept"] = kept if kept <= budget else 0.0
+        if kept <= budget:
+            host["reference log-probs kept"] = kept
+        elif disk is not None:  # past the budget: written once under the output root, read a window at a time
+            disk["reference log-probs (once per output root)"] = kept
 
 
 def plan_jobs(jobs: list[dict], shape: ModelShape, device: str) -> list[dict]:
@@ -225,18 +268,16 @@ def plan_jobs(jobs: list[dict], shape: ModelShape, device: str) -> list[dict]:
     return out
 
 
-PLAN_FIXES = ("a 4-bit method (bnb-nf4, gptq/awq 4-bit)", "a shorter eval.perplexity.seq_len or fewer max_windows",
+PLAN_FIXES = ("more resources.gpus (the model spreads over them)", "a 4-bit method (bnb-nf4, gptq/awq 4-bit)", "a shorter eval.perplexity.seq_len or fewer max_windows",
               "a train job's smaller seq_len/batch_size or gradient_checkpointing: true",
               "a node type with bigger GPUs (resources.min_gpu_mem_gb names one)")
 
 
 def place(jobs: list[dict], shape: ModelShape | None, gpu_sizes: list[float]) -> list[str]:
     """The memory plan as each GPU job's placement requirement: a job that names no ``min_gpu_mem_gb`` gets the
-    smallest GPU size among ``gpu_sizes`` (the cluster's, GB) that holds its plan, so it is placed only where it
-    fits (and jobs group onto few worker shapes). Returns why the jobs no size holds cannot run (empty: all fit).
-
-    A job loads onto one GPU today, whatever its ``gpus:`` (spreading a model over a job's GPUs is not built), so
-    the figure held against one GPU is the job's whole ``gpu_gb``. Nothing happens without GPU sizes (a machine of
+    smallest GPU size among ``gpu_sizes`` (the cluster's, GB) that holds its plan's figure per device (a job's
+    model spreads over its ``gpus:``), so it is placed only where it fits (and jobs group onto few worker shapes).
+    Returns why the jobs no size holds cannot run (empty: all fit). Nothing happens without GPU sizes (a machine of
     logical GPU slots, a cluster whose GPUs say no memory) or without a shape (a config that cannot be read here).
     """
     sizes = sorted({float(s) for s in gpu_sizes if s})
@@ -248,16 +289,57 @@ def place(jobs: list[dict], shape: ModelShape | None, gpu_sizes: list[float]) ->
         if not job.get("model") or not res.get("gpus") or res.get("min_gpu_mem_gb"):
             continue
         p = job_plan(job, shape, "cuda")
-        fits = [s for s in sizes if s >= p["gpu_gb"]]
+        fits = [s for s in sizes if s >= p["gpu_gb_per_device"]]
         if fits:
             job["resources"] = res = dict(res)  # its own: jobs of one group may share one resources dict
             res["min_gpu_mem_gb"] = fits[0]
             res["min_gpu_mem_gb_source"] = "plan"
             continue
         parts = ", ".join(f"{k} {v:.1f}" for k, v in p["parts"]["gpu"].items())
-        refused.append(f"  {job['label']} ({job['id']}): {p['gpu_gb']:.1f} GB on one GPU ({parts})")
+        on = "one GPU" if p["gpus"] == 1 else f"each of its {p['gpus']} GPUs"
+        refused.append(f"  {job['label']} ({job['id']}): {p['gpu_gb_per_device']:.1f} GB on {on} ({parts})")
     if not refused:
         return []
     return (["by their memory plan these jobs fit no GPU of this cluster (the largest has "
              f"{sizes[-1]:g} GB):"] + refused
             + [f"give them room: {'; '.join(PLAN_FIXES)}. `qfarm validate SPEC --plan` shows every job's plan"])
+
+
+HEADROOM = 0.92  # of a device's free memory given to weights: CUDA's context, allocator slack, fragmentation
+
+
+class NoRoom(ValueError):
+    """A model that neither the job's GPUs nor the host can hold."""
+
+
+def layout(weight_bytes: float, reserve_bytes: float, gpu_free: list[float], host_free: float) -> dict:
+    """Where a model's weights go on a worker, from its weight bytes, the working set each GPU keeps free for the
+    forward (``reserve_bytes``: a window's logits, KV cache, activations: the plan's terms that are not weights),
+    each of the job's GPUs' free bytes and the host's: the ``from_pretrained`` arguments and what the row says.
+
+    - no GPU: everything on the CPU;
+    - one GPU that holds it: ``device_map={"": "cuda:0"}`` (no dispatch hooks: the fastest forward);
+    - else spread over the job's GPUs: ``device_map="auto"`` with ``max_memory`` per GPU (free × HEADROOM less the
+      reserve), transformers balancing the layers over them;
+    - past the GPUs' room, the rest offloaded to host RAM (``max_memory["cpu"]``), said in ``offload_gb``;
+    - past that too: :class:`NoRoom`, with the figures.
+    """
+    if not gpu_free:
+        return {"device_map": {"": "cpu"}, "max_memory": None, "gpus_used": 0, "offload_gb": 0.0, "where": "cpu"}
+    room = [max(free * HEADROOM - reserve_bytes, 0.0) for free in gpu_free]
+    if len(room) == 1 and weight_bytes <= room[0]:
+        return {"device_map": {"": "cuda:0"}, "max_memory": None, "gpus_used": 1, "offload_gb": 0.0, "where": "cuda:0"}
+    max_memory: dict = {i: int(r) for i, r in enumerate(room)}
+    over = weight_bytes - sum(room)
+    n = len(room)
+    if over <= 0:
+        return {"device_map": "auto", "max_memory": max_memory, "gpus_used": n, "offload_gb": 0.0,
+                "where": f"spread over {n} GPUs" if n > 1 else "cuda:0"}
+    host_room = host_free * HEADROOM
+    if over > host_room:
+        raise NoRoom(f"{weight_bytes / GB:.1f} GB of weights: the job's {n} GPU(s) hold {sum(room) / GB:.1f} GB after "
+                     f"{reserve_bytes / GB:.1f} GB each for the forward, and host RAM {host_room / GB:.1f} GB more; "
+                     f"give the job more `resources.gpus`, bigger GPUs, or a 4-bit method")
+    max_memory["cpu"] = int(host_room)
+    return {"device_map": "auto", "max_memory": max_memory, "gpus_used": n, "offload_gb": over / GB,
+            "where": f"{n} GPU(s) + {over / GB:.1f} GB offloaded to host RAM"}

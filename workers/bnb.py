@@ -113,17 +113,24 @@ def unpacked(model):
     return model
 
 
+def quantized_bytes(path: str, options: dict) -> float:
+    """The weight bytes of ``path`` quantized as ``options`` say: 1 byte an int8 weight, ~0.56 a 4-bit one."""
+    from workers.models import weight_bytes
+
+    return weight_bytes(path, 1.0 if options["method"] == "bnb-int8" else 0.5625)
+
+
 class BitsAndBytes:
     def quantize(self, ctx, base) -> str:
-        import torch
         from transformers import AutoModelForCausalLM
 
-        from workers.models import device
+        from workers.models import compute_dtype, placement
 
         out = ctx.output_dir
         shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
+        where, _ = placement(base.path, nbytes=quantized_bytes(base.path, ctx.options))
         model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=config(ctx.options),
-                                                     dtype=torch.float32, device_map={"": device()})
+                                                     dtype=compute_dtype(base.path), **where)
         model.save_pretrained(out)
         base.tokenizer.save_pretrained(out)
         del model
@@ -133,9 +140,11 @@ class BitsAndBytes:
     def load(self, ctx, artifact, base):
         from transformers import AutoModelForCausalLM
 
-        from workers.models import device
+        from workers.models import placement
 
-        model = AutoModelForCausalLM.from_pretrained(artifact, device_map={"": device()})
+        where, said = placement(artifact, nbytes=quantized_bytes(artifact, ctx.options))
+        model = AutoModelForCausalLM.from_pretrained(artifact, **where)
         model.eval()
+        ctx.extra.update(said)
         use_cpu_kernel(model)
         return model

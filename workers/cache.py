@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
@@ -21,6 +21,8 @@ class Loaded:
     load_s: float
     path: str
     conventions: dict  # BOS convention and tokenizer check (workers.checks.conventions)
+    where: dict = field(default_factory=dict)  # where its weights were placed (workers.models.placement)
+    parked: bool = False  # moved to host RAM while a job's own model has the GPU
 
 
 class _LRU:
@@ -77,15 +79,42 @@ class Cache:
             self.refs.clear()  # reference log-probs belong to the model being evicted or replaced
             self.ref_numbers.clear()
             start = time.time()
-            model, tokenizer = load_float(path)
+            where: dict = {}
+            model, tokenizer = load_float(path, where)
             self.model_loads += 1
             ctx.count("model_loads")
-            return Loaded(model, tokenizer, time.time() - start, path, conventions(path, tokenizer))
+            return Loaded(model, tokenizer, time.time() - start, path, conventions(path, tokenizer), where)
 
         loaded, hit = self.models.get(path, make)
         if hit:
             ctx.count("model_cache_hits")
+            if loaded.parked:  # back from host RAM: seconds, not a load from disk
+                from workers.models import device
+
+                loaded.model.to(device())
+                loaded.parked = False
+                ctx.count("model_unparks")
         return loaded, hit
+
+    def park(self, loaded: Loaded, on_gpu: bool) -> str:
+        """Give the GPU back while a job's own model needs it (the plan's second phase): a base on one GPU moves
+        to host RAM (back on the next ``base()``), one spread over several GPUs or offloaded is dropped (accelerate's
+        dispatch does not move as a whole). Only on a GPU, and only once the reference's figures are kept: what the
+        job does next must not need the base. Returns what it did: ``parked``, ``dropped`` or ``kept``."""
+        if not on_gpu or loaded.parked:
+            return "kept"
+        spread = len({str(d) for d in (getattr(loaded.model, "hf_device_map", None) or {}).values()}) > 1
+        if spread:
+            for key, value in list(self.models.items.items()):
+                if value is loaded:
+                    del self.models.items[key]
+            loaded.model = None
+            _free()
+            return "dropped"
+        loaded.model.to("cpu")
+        loaded.parked = True
+        _free()
+        return "parked"
 
     def tokens(self, key: tuple, make: Callable[[], Any], ctx, what: str = "eval_data") -> Any:
         """Tokenized text (eval windows, calibration samples), counted as ``<what>_tokenizations`` or ``_cache_hits``."""

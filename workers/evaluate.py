@@ -20,28 +20,36 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from workers.checks import check_reference
 from workers.data import windows_and_bytes
 from workers.data import held_out, load_text
+from workers.files import build_once
 from workers.tasks import run_tasks
 
 
 @dataclass
 class Reference:
     """The reference's figures on the evaluation windows. Its full log-probabilities ([seq_len - 1, vocab] a window,
-    float16) are kept when they fit the worker's budget (``QFARM_REF_CACHE_MB``, a total over everything kept);
-    else only what is small is kept (per-token NLL) and each window's log-probs are computed again, window by
-    window, beside the row's own (``stream``): exact either way, and never more than one window's worth in memory."""
+    float16) are kept in memory when they fit the worker's budget (``QFARM_REF_CACHE_MB``, a total over everything
+    kept). Past it they are written once under the output root (``disk``: a folder of one float16 file per window,
+    shared by every worker that evaluates against the same reference) and read back a window at a time: the same
+    numbers, host RAM for one window, and the base model no longer needed while a row is evaluated. Called
+    without an output root (``reference_for`` alone, past its budget), each window's log-probs are computed again
+    beside the row's own (``stream``). Exact every way, never more than one window's worth in memory past the
+    budget."""
 
-    logprobs: list | None  # per window: float16 [seq_len - 1, vocab]; None when recomputed (``stream``)
+    logprobs: list | None  # per window: float16 [seq_len - 1, vocab]; None when not kept in memory
     nll: float
     tokens: int
     text_bytes: int = 0  # UTF-8 bytes of the text whose tokens are predicted (bits per byte)
     token_nll: list = field(default_factory=list)  # per window: float64 [seq_len - 1], for paired differences
-    stream: object = None  # the reference model's runner, when its log-probs are not kept
+    stream: object = None  # the reference model's runner, when its log-probs are recomputed
     full_bytes: int = 0  # what keeping every window's log-probs takes
+    disk: Path | None = None  # the folder holding them, when written under the output root
+    made_here: bool = True  # False: read from what another worker (or an earlier sweep) wrote
 
     @property
     def perplexity(self) -> float:
@@ -52,16 +60,25 @@ class Reference:
         return sum(t.numel() * t.element_size() for t in self.logprobs or [])
 
     def window_logprobs(self, i: int, window):
-        """Window ``i``'s reference log-probs as float32 (rounded through float16 either way: the same numbers)."""
+        """Window ``i``'s reference log-probs as float32 (rounded through float16 every way: the same numbers)."""
+        import numpy as np
+        import torch
+
         if self.logprobs is not None:
             return self.logprobs[i].float()
+        if self.disk is not None:
+            return torch.from_numpy(np.load(self.disk / f"w{i:05d}.npy", mmap_mode="r").astype(np.float32))
         return self.stream.logprobs(window).half().float().cpu()
 
     @property
     def how(self) -> str:
         mb = self.full_bytes / 2**20
-        return (f"kept ({mb:.0f} MB)" if self.logprobs is not None else
-                f"recomputed window by window (keeping them would take {mb:.0f} MB, over QFARM_REF_CACHE_MB)")
+        if self.logprobs is not None:
+            return f"kept ({mb:.0f} MB)"
+        if self.disk is not None:
+            return (f"on disk ({mb:.0f} MB, over QFARM_REF_CACHE_MB: read a window at a time; "
+                    f"{'written by this worker' if self.made_here else 'shared: written by another worker'})")
+        return f"recomputed window by window (keeping them would take {mb:.0f} MB, over QFARM_REF_CACHE_MB)"
 
 
 class PeakMemory:
@@ -217,6 +234,40 @@ def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 
     return ref
 
 
+def spilled_reference(model, wins, progress, text_bytes: int, target: Path) -> Reference:
+    """The reference's log-probs on the windows written once to ``target`` (a folder under the output root: one
+    float16 ``.npy`` a window, and the per-token NLL), by whichever worker gets there first while the others wait
+    on its lock (workers.files.build_once), then read back a window at a time (``Reference.disk``)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        nlls, shape = [], None
+        for i, window in enumerate(wins):
+            progress(f"reference log-probs {i + 1}/{len(wins)} (to disk, shared)")
+            lp = model.logprobs(window)
+            targets = window[1:].to(lp.device)
+            nlls.append(-lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double().cpu().numpy())
+            np.save(tmp / f"w{i:05d}.npy", lp.half().cpu().numpy())
+            shape = list(lp.shape)
+            del lp
+        np.save(tmp / "token_nll.npy", np.stack(nlls))
+        (tmp / "meta.json").write_text(json.dumps({"windows": len(wins), "shape": shape}))
+
+    made = build_once(target, write)
+    meta = json.loads((target / "meta.json").read_text())
+    token_nll = [torch.from_numpy(row.copy()) for row in np.load(target / "token_nll.npy")]
+    nll, tokens = sum(t.sum().item() for t in token_nll), sum(t.numel() for t in token_nll)
+    rows, vocab = meta["shape"]
+    ref = Reference(None, nll, tokens, text_bytes, token_nll, None, meta["windows"] * rows * vocab * 2, target, made)
+    if text_bytes:
+        check_reference(nll, tokens, text_bytes, vocab)
+    return ref
+
+
 KL_ROWS = 256  # positions compared at a time: 256 x a 128k vocabulary x 4 bytes is 131 MB a temporary
 
 
@@ -343,6 +394,34 @@ def task_loss(model, examples: list[list[int]], progress, what: str = "task loss
     return nll / max(tokens, 1)
 
 
+def reference_first(ctx, base) -> str:
+    """On a GPU, before a job builds its own model: the reference's figures made now (log-probs on the windows,
+    task loss), then the base parked in host RAM (workers.cache.Cache.park) so that the job's model has the GPU,
+    never the two at once. Not when the reference log-probs are recomputed window by window (the base is needed
+    beside the row's model) or the cache keeps nothing. Returns what was done with the base
+    (the row's ``base_during_job``)."""
+    from workers.models import device
+
+    if device() == "cpu":
+        return "kept"
+    wins, ref = eval_windows(ctx, base)
+    if (ref is not None and ref.stream is not None) or ctx.cache.models.max_items == 0:
+        return "kept"
+    _reference_task_loss(ctx, base)
+    return ctx.cache.park(base, on_gpu=True)
+
+
+def _reference_task_loss(ctx, base) -> float | None:
+    te = ctx.job.get("task_eval")
+    if not te:
+        return None
+    key = (te["dataset"]["key"], te.get("format"), te["eval_samples"], te["seq_len"], base.path)
+    examples = ctx.cache.tokens(key, lambda: held_out(te, base.tokenizer), ctx, "task_data")
+    ref, _ = ctx.cache.reference_number(("task_loss",) + key,
+                                        lambda: task_loss(runner(base.model), examples, ctx.progress, "reference task loss"))
+    return ref
+
+
 def task_metrics(ctx, model, base) -> dict:
     """task_loss of ``model`` and of ``base`` on the held-out examples of the job's train ancestor."""
     te = ctx.job.get("task_eval")
@@ -351,8 +430,7 @@ def task_metrics(ctx, model, base) -> dict:
     key = (te["dataset"]["key"], te.get("format"), te["eval_samples"], te["seq_len"], base.path)
     examples = ctx.cache.tokens(key, lambda: held_out(te, base.tokenizer), ctx, "task_data")
     loss = task_loss(runner(model), examples, ctx.progress)
-    ref, _ = ctx.cache.reference_number(("task_loss",) + key,
-                                        lambda: task_loss(runner(base.model), examples, ctx.progress, "reference task loss"))
+    ref = _reference_task_loss(ctx, base)
     return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
 
 
@@ -378,10 +456,25 @@ def eval_windows(ctx, base):
     key = (ds["key"], base.path, ppl["seq_len"], ppl["max_windows"])
     wins, nbytes = ctx.cache.tokens(
         key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"], bos), ctx)
-    ref, hit = ctx.cache.reference(key, lambda: reference_for(runner(base.model), wins, ctx.progress, nbytes,
-                                                              len(tokenizer), ctx.cache.ref_budget_bytes))
-    ctx.count("reference_cache_hits" if hit else "reference_computations")
+    ref, hit = ctx.cache.reference(key, lambda: _reference(ctx, base, wins, nbytes, key))
+    ctx.count("reference_cache_hits" if hit else "reference_computations" if ref.made_here else "reference_shared")
     return wins, ref
+
+
+def _reference(ctx, base, wins, nbytes: int, key: tuple) -> Reference:
+    """In memory while the log-probs fit the budget; past it, on disk under the output root (shared)."""
+    import hashlib
+
+    from workers.files import keyed
+
+    vocab = int(base.model.get_output_embeddings().weight.shape[0])
+    if len(wins) * (wins.shape[1] - 1) * vocab * 2 <= ctx.cache.ref_budget_bytes:
+        return reference_for(runner(base.model), wins, ctx.progress, nbytes, len(base.tokenizer),
+                             ctx.cache.ref_budget_bytes)
+    param = next(base.model.parameters())
+    tokens = hashlib.sha256(wins.numpy().tobytes()).hexdigest()  # the very windows, whatever made them
+    target = keyed(ctx.output_root, "_refs", repr((key, tokens, str(param.device.type), str(param.dtype))))
+    return spilled_reference(runner(base.model), wins, ctx.progress, nbytes, target)
 
 
 def evaluate(ctx, model, base) -> dict:

@@ -5,7 +5,7 @@ What is measured is the GGUF file a user deploys to llama.cpp or Ollama, not a d
 - Source: a GGUF model (the bundled SmolLM2 is a Q4_1 GGUF) is quantized straight from its file with
   ``llama_model_quantize(allow_requantize=True)``: llama.cpp dequantizes each tensor and quantizes it again,
   which is what it would do with the float folder dequantized from the same file. A Hugging Face folder
-  (a hub model, a merged fine-tune) is converted to an F32 GGUF first by llama.cpp's
+  (a hub model, a merged fine-tune) is converted first, at its own dtype (BF16, F16 or F32), by llama.cpp's
   ``convert_hf_to_gguf.py`` (``make llama-cpp-tools`` unpacks it from the llama-cpp-python sdist of the
   installed version; ``QFARM_LLAMA_CPP_DIR`` names another llama.cpp checkout), once per output root. The
   converter asks transformers to trust a model's own code; qfarm runs it with that refused
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from workers.files import build_once, keyed
+from workers.models import checkpoint_dtype
 from workers.tasks import TASK_CONTEXT
 
 # llama.cpp file type name -> llama_cpp constant. The names a spec may use are qfarm.methods.GGUF_TYPES.
@@ -58,6 +59,9 @@ def converter() -> Path | None:
     return None
 
 
+SOURCE_OUTTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
 def source_gguf(ctx, base) -> str:
     """A GGUF file of the base model for llama.cpp to quantize: the model's own GGUF, or one converted once."""
     model = ctx.job["model"]
@@ -67,14 +71,15 @@ def source_gguf(ctx, base) -> str:
     if script is None:
         raise RuntimeError("converting a Hugging Face model to GGUF needs llama.cpp's convert_hf_to_gguf.py: "
                            "run `make llama-cpp-tools`, or set QFARM_LLAMA_CPP_DIR to a llama.cpp checkout")
-    target = keyed(ctx.output_root, "_models", f"{model['key']}|{script}", ".f32.gguf")
+    outtype = SOURCE_OUTTYPE.get(checkpoint_dtype(base.path), "f32")  # its own dtype: 70B in bf16 is 141 GB, not 282
+    target = keyed(ctx.output_root, "_models", f"{model['key']}|{script}|{outtype}", f".{outtype}.gguf")
 
     def convert(tmp: Path) -> None:
         ctx.progress("converting the HF model to GGUF (llama.cpp convert_hf_to_gguf.py)")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
         # transformers may not run the model folder's own code meanwhile (workers.no_remote_code)
         run = subprocess.run([sys.executable, "-m", "workers.no_remote_code", str(script), base.path,
-                              "--outfile", str(tmp), "--outtype", "f32"], env=env, capture_output=True, text=True)
+                              "--outfile", str(tmp), "--outtype", outtype], env=env, capture_output=True, text=True)
         if run.returncode != 0:
             tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail[0]}")
@@ -153,13 +158,17 @@ class LlamaCppModel:
         self.path, self.threads, self.n_ctx = path, threads, n_ctx
         self.nbytes = Path(path).stat().st_size
         on_gpu = torch.cuda.is_available() and llama_cpp.llama_supports_gpu_offload()
+        gpus = torch.cuda.device_count() if on_gpu else 0
+        # over the job's GPUs (Ray's CUDA_VISIBLE_DEVICES), split evenly by layers
+        split = {"tensor_split": [1.0] * gpus} if gpus > 1 else {}
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
                                    n_threads_batch=threads, logits_all=True, verbose=False,
-                                   n_gpu_layers=-1 if on_gpu else 0)
+                                   n_gpu_layers=-1 if on_gpu else 0, **split)
         self.eos = self.llm.token_eos()
         self.runtime = "llama.cpp"
         self.extra = {"llama_cpp_threads": threads, "llama_cpp_version": llama_cpp.__version__,
-                      "device": where_llama_cpp_runs(on_gpu, torch.cuda.is_available())}
+                      "device": where_llama_cpp_runs(on_gpu, torch.cuda.is_available()),
+                      "device_map": f"llama.cpp over {gpus} GPUs" if gpus > 1 else "cuda:0" if gpus else "cpu"}
 
     def _eval(self, ids: list[int]) -> None:
         self.llm.reset()

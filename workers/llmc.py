@@ -147,8 +147,10 @@ class LLMCompressor:
 
         options, out = ctx.options, ctx.output_dir
         shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
-        # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference)
-        model, tokenizer = load_float(base.path)
+        # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference). In host
+        # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
+        # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
+        model, tokenizer = load_float(base.path, host=True)
         kwargs = {}
         if options["method"] != "rtn":
             ctx.progress("tokenizing calibration data")
@@ -169,5 +171,7 @@ class LLMCompressor:
     def load(self, ctx, artifact, base):
         from workers.models import load_float
 
-        model, _ = load_float(artifact)
+        where: dict = {}
+        model, _ = load_float(artifact, where)
+        ctx.extra.update(where)
         return model

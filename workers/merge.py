@@ -25,10 +25,13 @@ from pathlib import Path
 
 from workers.bnb import kernel_of, unpacked
 from workers.data import held_out
-from workers.evaluate import PeakMemory, evaluate
+from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.files import inside
-from workers.models import device, dir_bytes, prepared_base, shared_columns, start
+from workers.models import compute_dtype, dir_bytes, placement, prepared_base, shared_columns, start
 from workers.train import load_trainable_base
+
+
+FLOAT32 = "float32"  # the merge and its check: both sides in float32 arithmetic, whatever the device
 
 
 def logits_of(model, examples: list[list[int]]) -> list:
@@ -60,7 +63,7 @@ def check(base_path: str, adapter: str, parent_options: dict, merged, examples: 
     from peft import PeftModel
 
     def trained(fused: bool | None = None):
-        model = PeftModel.from_pretrained(load_trainable_base(base_path, parent_options, fused), adapter)
+        model = PeftModel.from_pretrained(load_trainable_base(base_path, parent_options, fused, FLOAT32), adapter)
         return model.eval()
 
     model = trained()
@@ -81,11 +84,11 @@ def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str):
     from peft import PeftModel
 
     if onto == "dequantized":
-        model = load_trainable_base(base_path, parent_options)  # the 4-bit base, as trained on
+        model = load_trainable_base(base_path, parent_options, dtype=FLOAT32)  # the 4-bit base, as trained on
         model = unpacked(model).dequantize()
         model = model.to(torch.float32)
     else:
-        model = load_trainable_base(base_path, {**parent_options, "method": "lora"})  # the float base
+        model = load_trainable_base(base_path, {**parent_options, "method": "lora"}, dtype=FLOAT32)  # the float base
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
@@ -100,6 +103,7 @@ def run(ctx) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
+        ctx.extra["base_during_job"] = reference_first(ctx, base)
         ctx.progress(f"merging the adapter (onto: {opts['onto']})")
         t0 = time.time()
         merged = merged_model(base.path, adapter, parent["options"], opts["onto"])
@@ -117,8 +121,9 @@ def run(ctx) -> dict:
         del merged
         ctx.progress("loading the merged model")
         t0 = time.time()
-        dtype = torch.float32 if device() == "cpu" else torch.float16
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map={"": device()})
+        where, said = placement(str(target))
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=compute_dtype(str(target)), **where)
+        ctx.extra.update(said)
         model.eval()
         load_s = time.time() - t0
         metrics = evaluate(ctx, model, base)
@@ -130,6 +135,7 @@ def run(ctx) -> dict:
         **shared_columns(ctx, base, size_bytes=dir_bytes(str(target)), size_source="disk", model=model, peak_mb=mem.mb,
                          prepare_s=prepare_s, cached=cached, artifact=str(target)),
         "load_s": load_s,
+        **ctx.extra,
         **metrics,
     }
     del model

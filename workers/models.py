@@ -143,15 +143,101 @@ def device_label() -> str:
     return "cpu"
 
 
-def load_float(path: str):
-    """The float model and tokenizer from an HF folder or hub id, on this worker's device."""
+def checkpoint_dtype(path: str) -> str:
+    """The dtype a model folder's config declares (``torch_dtype``/``dtype``); a GGUF's float copy says
+    ``gguf`` (float32 on disk, a quantized file at heart)."""
+    import json
+
+    folder = Path(path)
+    if (folder / "QFARM_SOURCE.txt").is_file():
+        return "gguf"
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    return str(cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype") or text.get("dtype") or "float32")
+
+
+def compute_dtype(path: str):
+    """What a model computes in here: the checkpoint's own dtype on a GPU (bfloat16 where the GPU has it, else
+    float32: a bfloat16 model overflows in float16; a GGUF's float copy in bfloat16), float32 on a CPU (its
+    bfloat16 kernels are native on AVX-512-BF16/AMX only, and rows of one sweep must not differ by machine)."""
     import torch
+
+    if device() == "cpu":
+        return torch.float32
+    declared = checkpoint_dtype(path)
+    if declared in ("bfloat16", "gguf"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.float16 if declared == "float16" else torch.float32
+
+
+def placement(path: str, *, nbytes: float | None = None, reserve_bytes: float = 0.0) -> tuple[dict, dict]:
+    """(``from_pretrained`` arguments placing a model's weights on this worker, the row's columns saying where).
+
+    On one GPU that holds it, the whole model on ``cuda:0``; else over the job's GPUs (Ray gives the actor its
+    ``resources.gpus``: ``CUDA_VISIBLE_DEVICES``) with ``max_memory`` from their free memory, offloading to host RAM
+    only when they cannot hold it (qfarm.plan.layout). ``nbytes``, its weights, defaults to the config's parameters at the
+    compute dtype; ``reserve_bytes`` is kept free on each GPU for the forward (the plan's working set)."""
+    import psutil
+    import torch
+
+    from qfarm.plan import layout
+
+    if device() == "cpu":
+        return {"device_map": {"": "cpu"}}, {"device_map": "cpu"}
+    if nbytes is None:
+        nbytes = weight_bytes(path)
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    cap = os.environ.get("QFARM_GPU_MEM_GB")  # the most of each GPU a job may take (a GPU shared with others)
+    if cap:
+        free = [min(f, float(cap) * 1e9) for f in free]
+    plan = layout(nbytes, reserve_bytes, free, psutil.virtual_memory().available)
+    kwargs = {"device_map": plan["device_map"]}
+    if plan["max_memory"]:
+        kwargs["max_memory"] = plan["max_memory"]
+    return kwargs, {"device_map": plan["where"], "offload_gb": plan["offload_gb"], "gpus_used": plan["gpus_used"]}
+
+
+def weight_bytes(path: str, linear_bytes: float | None = None, dtype=None) -> float:
+    """A model's weight bytes from its config: every parameter at ``dtype`` (default the compute dtype), or its
+    Linear layers at ``linear_bytes`` a weight (a bitsandbytes model) and the rest at ``dtype``; 0 unknown."""
+    import torch
+
+    from qfarm.plan import model_shape
+
+    shape = model_shape({"kind": "hf_dir", "location": path})
+    if shape is None:
+        return 0.0
+    size = torch.empty((), dtype=dtype or compute_dtype(path)).element_size()
+    if linear_bytes is None:
+        return float(shape.total * size)
+    return shape.linear * linear_bytes + (shape.total - shape.linear) * size
+
+
+def load_float(path: str, where: dict | None = None, host: bool = False):
+    """The float model and tokenizer from an HF folder or hub id, on this worker's device(s), in the compute dtype
+    (``compute_dtype``); ``host``: in host RAM whatever the device (llm-compressor onloads it a layer at a time).
+    ``where``, when given, receives the placement's columns."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.float32 if device() == "cpu" else torch.float16
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device()})
+    kwargs, said = ({"device_map": {"": "cpu"}}, {"device_map": "cpu"}) if host else placement(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(path), **kwargs)
     model.eval()
+    if where is not None:
+        where.update(said)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def dtype_name(model) -> str:
+    """The dtype a torch model's float weights compute in (``float32``, ``bfloat16``), for the ``dtype`` column."""
+    import torch
+
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return str(p.dtype).replace("torch.", "")
+    return str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
 
 
 def tensor_bytes(model) -> int:
@@ -213,6 +299,8 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
         "prepare_s": prepare_s,
         "base_cache_hit": cached,
         "device": device_label(),
+        "run_dtype": dtype_name(model) if hasattr(model, "parameters") else None,
+        **({"device_map": base.where.get("device_map")} if model is base.model and base.where else {}),
         "artifact": artifact,
         "versions": versions(),
     }

@@ -15,7 +15,7 @@ import time
 from typing import Any, Protocol
 
 from workers.actor import entry_point
-from workers.evaluate import PeakMemory, evaluate
+from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.models import dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
 
@@ -35,6 +35,8 @@ def run(ctx) -> dict:
     impl = method_impl(ctx.job)
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx, from_input=True)
+        if name != "none":  # the reference itself evaluates the base where it is
+            ctx.extra["base_during_job"] = reference_first(ctx, base)
         ctx.progress(f"quantizing ({name})")
         t0 = time.time()
         with PeakMemory() as quant_mem:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from workers.bnb import use_cpu_kernel
 from workers.data import encode, examples, split_examples
-from workers.evaluate import PeakMemory, evaluate
+from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.models import device, dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
 
@@ -40,18 +40,27 @@ def bnb_config(options: dict):
                               bnb_4bit_compute_dtype=getattr(torch, options.get("compute_dtype", "float32")))
 
 
-def load_trainable_base(path: str, options: dict, fused_cpu_kernel: bool | None = None):
-    """A fresh copy of the base to put adapters on (the worker's cached base stays untouched): float for LoRA,
-    bitsandbytes 4-bit for QLoRA, its CPU kernel chosen by ``workers.bnb.use_cpu_kernel``."""
-    import torch
+def load_trainable_base(path: str, options: dict, fused_cpu_kernel: bool | None = None, dtype=None):
+    """A fresh copy of the base to put adapters on (the worker's cached base stays untouched): float for LoRA
+    (in the compute dtype: the checkpoint's on a GPU, float32 on a CPU; ``dtype`` forces one, as a merge's
+    float32 check does), bitsandbytes 4-bit for QLoRA, its CPU kernel chosen by ``workers.bnb.use_cpu_kernel``.
+    Placed over the job's GPUs like every model (``workers.models.placement``)."""
     from transformers import AutoModelForCausalLM
 
+    from workers.bnb import quantized_bytes
+    from workers.models import compute_dtype, placement, weight_bytes
+
+    import torch
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or compute_dtype(path)
     if options["method"] == "qlora":
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(options),
-                                                     dtype=torch.float32, device_map={"": device()})
+        where, _ = placement(path, nbytes=quantized_bytes(path, {"method": "bnb-nf4"}))
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(options), dtype=dtype,
+                                                     **where)
         use_cpu_kernel(model, fused_cpu_kernel)
         return model
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device()})
+    where, _ = placement(path, nbytes=weight_bytes(path, dtype=dtype))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **where)
 
 
 class _Batches:
@@ -82,6 +91,7 @@ def run(ctx) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
+        ctx.extra["base_during_job"] = reference_first(ctx, base)
         run = setup(ctx, base)
         ctx.progress("training")
         with PeakMemory() as train_mem:
@@ -94,7 +104,7 @@ def run(ctx) -> dict:
     result = {**row(run, train_s, train_mem.mb, adapter),
               **shared_columns(ctx, base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,
                                peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=str(adapter)),
-              **metrics}
+              **ctx.extra, **metrics}
     del run
     return result
 

@@ -101,3 +101,74 @@ jobs:
         assert 0 < r["vllm_tokens_per_s_c1"] < r["vllm_tokens_per_s_c32"]  # batching raises throughput
         assert 0 < r["vllm_ttft_ms_p50"] <= r["vllm_ttft_ms_p99"] and r["vllm_gpu_mem_mb"] > 0
     assert rows["bnb-nf4"]["vllm_skipped"] and rows["bnb-nf4"]["vllm_tokens_per_s_c1"] is None
+
+
+def _random_llama(folder, corpus, layers: int = 40, hidden: int = 2560):
+    """A randomly initialised Llama of ~2.8B parameters in bfloat16, built from a config (no hub): what a user's
+    bf16 checkpoint looks like to qfarm, at a size where memory matters."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.tiny import make_tiny_model
+
+    make_tiny_model(folder, corpus)  # its tokenizer (and a tiny model, replaced below)
+    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=6912, num_hidden_layers=layers,
+                         num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=2048,
+                         torch_dtype="bfloat16", tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    return folder
+
+
+def test_a_3b_bf16_model_runs_in_its_dtype_and_its_memory_is_planned(cli_env, shared_data, tmp_path):
+    """bnb-nf4, RTN and GPTQ of a ~3B bfloat16 Llama on the GPU: computed in bfloat16, the base parked while each
+    job's own model runs, and the measured peak within 2x of the plan (the plan says what it expects per job)."""
+    from tests.tiny import corpus_of
+
+    folder = _random_llama(tmp_path / "llama3b", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 300))
+    spec = tmp_path / "big.yaml"
+    spec.write_text(f"""\
+name: gpu-3b
+model: {folder}
+eval:
+  perplexity: {{dataset: {shared_data}/wikitext2/wiki.test.raw, seq_len: 512, max_windows: 4}}
+jobs:
+  - kind: quantize
+    matrix: {{method: [none, bnb-nf4, rtn]}}
+  - {{kind: quantize, method: gptq, calibration: {{dataset: {shared_data}/wikitext2/wiki.test.raw, samples: 16, seq_len: 256}}}}
+""")
+    rows = run_sweep(cli_env, spec, "gpu-3b")
+    assert all(r["status"] == "succeeded" and r["device"].startswith("cuda") for r in rows.values())
+    assert {r["run_dtype"] for r in rows.values() if r["method"] != "bnb-nf4"} == {"bfloat16"}
+    for label, r in rows.items():
+        measured_gb = r["peak_mem_mb"] * 2**20 / 1e9
+        print(f"{label}: plan {r['plan_gpu_gb']:.2f} GB, measured {measured_gb:.2f} GB")  # the note's numbers
+        assert 0.5 < r["plan_gpu_gb"] / measured_gb < 2, label
+        if label != "none":
+            assert r["base_during_job"] == "parked", label
+
+
+def test_a_model_over_one_gpus_room_is_offloaded_and_says_so(shared_data, tmp_path, monkeypatch):
+    """A job whose weights do not fit its GPU's room (capped here with QFARM_GPU_MEM_GB) is placed partly in host
+    RAM, says how much, and still computes the same logits as on the GPU alone."""
+    from tests.tiny import corpus_of
+    from workers.models import load_float
+
+    folder = _random_llama(tmp_path / "llama3b", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 300))
+    where: dict = {}
+    monkeypatch.setenv("QFARM_GPU_MEM_GB", "4")  # 5.5 GB of bfloat16 weights, 4 GB of room
+    model, tok = load_float(str(folder), where)
+    assert where["offload_gb"] > 1 and "offloaded to host RAM" in where["device_map"]
+    assert "cpu" in set(map(str, model.hf_device_map.values()))
+    ids = torch.tensor([tok("the cat sat on the mat").input_ids], device="cuda")
+    with torch.inference_mode():
+        offloaded = model(ids).logits.float().cpu()
+    del model
+    torch.cuda.empty_cache()
+    monkeypatch.delenv("QFARM_GPU_MEM_GB")
+    whole, _ = load_float(str(folder), where)
+    assert where["device_map"] == "cuda:0"
+    with torch.inference_mode():
+        assert torch.allclose(whole(ids).logits.float().cpu(), offloaded, atol=1e-2)

@@ -1,5 +1,6 @@
-"""Reference log-probs within a total budget: kept whole when they fit, else recomputed window by window beside
-each row's own: the same numbers either way, and never the whole [windows, seq, vocab] tensor in memory."""
+"""Reference log-probs within a total budget: kept whole when they fit; past it written once under the output root
+and read back a window at a time (shared by the workers), or recomputed window by window beside each row's own: the
+same numbers every way, and never the whole [windows, seq, vocab] tensor in memory."""
 
 from __future__ import annotations
 
@@ -42,6 +43,41 @@ def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
     assert q_kept["ref_logprobs"].startswith("kept") and "recomputed window by window" in q_streamed["ref_logprobs"]
 
 
+def test_past_the_budget_they_are_written_once_and_every_worker_reads_the_same_numbers(tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.evaluate import TorchRunner, quality, reference_for, spilled_reference
+
+    class Counted(TorchRunner):
+        forwards = 0
+
+        def logprobs(self, window):
+            Counted.forwards += 1
+            return super().logprobs(window)
+
+    a, b, corpus = tiny
+    ref_model = Counted(AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval())
+    other = TorchRunner(AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval())
+    ids = AutoTokenizer.from_pretrained(a)(" ".join(corpus), return_tensors="pt").input_ids[0]
+    wins = torch.stack([ids[i * 64:(i + 1) * 64] for i in range(4)])
+    quiet = lambda line: None  # noqa: E731
+    kept = reference_for(ref_model, wins, quiet)
+    Counted.forwards = 0
+    first = spilled_reference(ref_model, wins, quiet, 0, tmp_path / "_refs" / "r")
+    assert Counted.forwards == 4 and first.made_here and first.nbytes == 0  # nothing of it held in memory
+    second = spilled_reference(ref_model, wins, quiet, 0, tmp_path / "_refs" / "r")  # another worker, later
+    assert Counted.forwards == 4 and not second.made_here  # read, not computed again
+    assert second.nll == kept.nll and second.full_bytes == kept.full_bytes
+    q_kept = quality(other, wins, kept, quiet)
+    for ref in (first, second):
+        q = quality(other, wins, ref, quiet)
+        for col in ("perplexity", "kl_div", "kl_div_se", "top1_agree", "ppl_delta_pct", "ppl_delta_pct_se"):
+            assert q[col] == q_kept[col], col
+    assert "on disk" in quality(other, wins, second, quiet)["ref_logprobs"] and "another worker" in second.how
+    assert quality(ref_model, wins, second, quiet)["kl_div"] == 0  # the reference against itself, read back
+
+
 def test_the_budget_is_a_total_over_every_reference_kept():
     from workers.cache import Cache
 
@@ -53,5 +89,5 @@ def test_the_budget_is_a_total_over_every_reference_kept():
     assert list(cache.refs.items) == [("b",)]
     cache.reference(("c",), lambda: big(30))
     assert list(cache.refs.items) == [("b",), ("c",)] and sum(v.nbytes for v in cache.refs.items.values()) <= 100
-    cache.reference(("d",), lambda: big(0))  # a streamed reference keeps no log-probs: it costs nothing to keep
+    cache.reference(("d",), lambda: big(0))  # one on disk or streamed keeps no log-probs: it costs nothing to keep
     assert ("d",) in cache.refs.items and sum(v.nbytes for v in cache.refs.items.values()) <= 100

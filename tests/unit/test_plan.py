@@ -45,26 +45,85 @@ def test_a_plan_adds_up_what_a_job_holds_and_orders_the_methods_as_their_bits_do
     shape = shape_of_config(LLAMA3_8B)
     plans = {m: job_plan(job(m), shape, "cuda") for m in ("none", "bnb-int8", "bnb-nf4", "gptq")}
     ref = plans["none"]
+    # the reference phase: the float base at the checkpoint's own dtype (bfloat16: 2 bytes) and one window
     assert ref["parts"]["gpu"]["cached float base"] == pytest.approx(8.03e9 * 2 / GB, rel=0.003)  # 16.1 GB
-    assert ref["gpu_gb"] == pytest.approx(sum(ref["parts"]["gpu"].values()))
-    # beside the cached base: int8 ~1 byte, nf4 ~0.56 byte a quantized weight; GPTQ a second float copy + Hessians
-    extra = {m: p["gpu_gb"] - ref["gpu_gb"] for m, p in plans.items()}
-    assert extra["bnb-nf4"] < extra["bnb-int8"] < extra["gptq"] and extra["gptq"] > 16
-    assert plans["bnb-nf4"]["disk_gb"] == pytest.approx(0.5625 * shape.linear / GB + 2 * (shape.total - shape.linear) / GB)
-    # a 128k vocabulary: 16 x 2048 windows of reference log-probs would be 8.4 GB: over the 2 GiB budget, none kept
-    assert ref["parts"]["host"]["reference log-probs kept"] == 0
-    assert job_plan(job("none"), shape, "cpu")["gpu_gb"] == 0 and job_plan(job("none"), shape, "cpu")["host_gb"] > 32
+    assert ref["gpu_gb"] == pytest.approx(sum(ref["parts"]["gpu"].values())) and ref["peak_phase"] == "reference"
+    # the job's own model, with the base parked in host RAM: int8 ~1 byte, nf4 ~0.56 byte a quantized weight,
+    # GPTQ the decompressed artifact + Hessians; its peak is the larger phase, never the two models at once
+    own = {m: p["phases_gb_per_device"].get("own model", 0) for m, p in plans.items()}
+    assert own["none"] == 0 and own["bnb-nf4"] < own["bnb-int8"] < ref["gpu_gb"] < own["gptq"]
+    for m, p in plans.items():
+        assert p["gpu_gb"] == pytest.approx(max(p["phases_gb_per_device"].values()))
+        assert ("float base, parked in host RAM" in p["parts"]["host"]) == (m != "none")
+    assert plans["gptq"]["parts"]["host"]["model being quantized (onloaded a layer at a time)"] == pytest.approx(16.06, rel=0.003)
+    assert plans["gptq"]["gpu_gb"] < 16.1 + 16.1  # never the cached base and a second float copy on the GPU
+    assert plans["bnb-nf4"]["parts"]["disk"]["artifact"] == pytest.approx(
+        0.5625 * shape.linear / GB + 2 * (shape.total - shape.linear) / GB)
+    # a 128k vocabulary: 16 x 2048 windows of reference log-probs would be 8.4 GB: over the 2 GiB budget, they are
+    # on disk (once per output root), not in host RAM
+    assert "reference log-probs kept" not in ref["parts"]["host"]
+    assert ref["parts"]["disk"]["reference log-probs (once per output root)"] == pytest.approx(16 * 2048 * 128256 * 2 / GB)
+    cpu = job_plan(job("none"), shape, "cpu")
+    assert cpu["gpu_gb"] == 0 and cpu["host_gb"] > 32 and cpu["dtype_bytes"] == 4  # float32 on a CPU
+    fp32 = shape_of_config(GEMMA2_9B)  # a float32 checkpoint computes in float32 on a GPU too
+    assert job_plan(job("none"), fp32, "cuda")["parts"]["gpu"]["cached float base"] == pytest.approx(9.24e9 * 4 / GB, rel=0.003)
+
+
+def test_a_job_over_n_gpus_spreads_its_weights_not_its_logits():
+    shape = shape_of_config(LLAMA3_70B)
+    one, four = (job_plan(dict(job("none"), resources={"gpus": n}), shape, "cuda") for n in (1, 4))
+    logits = one["parts"]["gpu"]["a window's logits and log-softmax (float32)"]
+    assert one["gpu_gb_per_device"] == pytest.approx(one["gpu_gb"])
+    assert four["gpu_gb"] == pytest.approx(one["gpu_gb"])
+    assert four["gpu_gb_per_device"] == pytest.approx((one["gpu_gb"] - logits) / 4 + logits)
+    assert 36 < four["gpu_gb_per_device"] < 40  # 70B in bfloat16 over 4 GPUs: 35.3 GB of weights each, + a window
+
+
+@pytest.mark.parametrize("weights,reserve,gpus,host,expect", [
+    (10, 1, [], 64, {"device_map": {"": "cpu"}, "max_memory": None, "gpus_used": 0, "offload_gb": 0.0}),
+    (10, 1, [24], 64, {"device_map": {"": "cuda:0"}, "max_memory": None, "gpus_used": 1, "offload_gb": 0.0}),
+    # 24 x 0.92 - 1 = 21.08 GB a GPU: 30 GB goes over two, transformers balancing it
+    (30, 1, [24, 24], 64, {"device_map": "auto", "max_memory": {0: 21.08e9, 1: 21.08e9}, "gpus_used": 2,
+                            "offload_gb": 0.0}),
+    # one GPU that cannot hold it: the rest (30 - 21.08 GB) in host RAM, said in the row
+    (30, 1, [24], 64, {"device_map": "auto", "max_memory": {0: 21.08e9, "cpu": 58.88e9}, "gpus_used": 1,
+                       "offload_gb": 8.92}),
+    # GPUs of different free memory each get their own room
+    (40, 2, [80, 24], 64, {"device_map": "auto", "max_memory": {0: 71.6e9, 1: 20.08e9}, "gpus_used": 2,
+                           "offload_gb": 0.0}),
+])
+def test_device_map_and_max_memory_from_the_plan(weights, reserve, gpus, host, expect):
+    from qfarm.plan import layout
+
+    got = layout(weights * GB, reserve * GB, [g * GB for g in gpus], host * GB)
+    assert got["device_map"] == expect["device_map"] and got["gpus_used"] == expect["gpus_used"]
+    assert got["offload_gb"] == pytest.approx(expect["offload_gb"], abs=1e-6)
+    if expect["max_memory"] is None:
+        assert got["max_memory"] is None
+    else:
+        assert got["max_memory"].keys() == expect["max_memory"].keys()
+        for k, v in expect["max_memory"].items():
+            assert got["max_memory"][k] == pytest.approx(v, rel=1e-6)
+    assert ("offloaded" in got["where"]) == (expect["offload_gb"] > 0)
+
+
+def test_a_model_no_gpu_nor_the_host_can_hold_is_refused_with_its_figures():
+    from qfarm.plan import NoRoom, layout
+
+    with pytest.raises(NoRoom, match=r"141.0 GB of weights: the job's 1 GPU\(s\) hold 72.6 GB"):
+        layout(141e9, 1e9, [80e9], 32e9)
 
 
 def test_training_state_follows_rank_and_checkpointing():
     shape = shape_of_config(LLAMA3_8B)
     small, big = (job_plan(job("qlora", "train", r=r, seq_len=512, batch_size=1), shape, "cuda") for r in (8, 64))
-    lora = lambda p: p["parts"]["gpu"]["LoRA weights, gradients, Adam moments"]  # noqa: E731
+    lora = lambda p: p["parts_by_phase"]["own model"]["LoRA weights, gradients, Adam moments"]  # noqa: E731
     assert lora(big) == pytest.approx(8 * lora(small))
     # r=8 all-linear on Llama-3-8B: 20,971,520 trainable parameters (peft reports the same), 16 bytes each
     assert lora(small) == pytest.approx(20_971_520 * 16 / GB)
     ckpt = job_plan(job("qlora", "train", r=8, seq_len=512, batch_size=1, gradient_checkpointing=True), shape, "cuda")
-    assert ckpt["parts"]["gpu"]["activations (float32)"] < small["parts"]["gpu"]["activations (float32)"] / 10
+    act = lambda p: p["parts_by_phase"]["own model"]["activations"]  # noqa: E731
+    assert act(ckpt) < act(small) / 10
 
 
 def test_validate_plan_json_from_a_folder_with_only_a_config(tmp_path):
@@ -88,8 +147,9 @@ def test_validate_plan_json_from_a_folder_with_only_a_config(tmp_path):
     rows = {r["method"]: r for r in json.loads(out.stdout)}
     for r in rows.values():
         assert {"job_id", "label", "method", "gpus", "gpu_gb", "gpu_gb_per_device", "host_gb", "disk_gb"} <= set(r)
-        assert r["gpus"] == 2 and r["gpu_gb_per_device"] == pytest.approx(r["gpu_gb"] / 2)
-    assert 16 < rows["none"]["gpu_gb"] < rows["bnb-nf4"]["gpu_gb"] < 2 * rows["none"]["gpu_gb"]
+        logits = r["parts"]["gpu"]["a window's logits and log-softmax (float32)"]
+        assert r["gpus"] == 2 and r["gpu_gb_per_device"] == pytest.approx((r["gpu_gb"] - logits) / 2 + logits)
+    assert 16 < rows["none"]["gpu_gb"] < 19 and rows["bnb-nf4"]["phases_gb_per_device"]["own model"] < 6
     assert "valid" in out.stderr  # the human line goes to stderr: stdout is the JSON alone
 
 
@@ -103,15 +163,18 @@ def test_the_plan_places_gpu_jobs_and_refuses_what_fits_no_gpu():
     assert place([dict(j) for j in jobs], shape, []) == []  # logical GPU slots say no memory: nothing to hold
     assert place([dict(j) for j in jobs], None, [24]) == []  # no config to plan from
     placed = [dict(j) for j in jobs]
-    assert place(placed, shape, [24.0, 80.0, 48.0]) == []
+    assert place(placed, shape, [80.0, 16.0, 24.0]) == []
     sizes = [j["resources"]["min_gpu_mem_gb"] for j in placed]
-    assert sizes == [24.0, 48.0, 48.0]  # the smallest GPU that holds each plan: 18.4, 24.5, 35.7 GB
+    assert sizes == [24.0, 24.0, 24.0]  # the smallest GPU that holds each plan: 18.4, 18.4, 19.7 GB
     assert shared == {"gpus": 1} and placed[0]["resources"]["min_gpu_mem_gb_source"] == "plan"
-    said = place([dict(j) for j in jobs], shape, [24.0])
-    assert said[0].endswith("(the largest has 24 GB):") and len(said) == 4  # nf4 and gptq refused, then the fixes
-    assert "gptq (j2): 35.7 GB on one GPU (cached float base 16.1" in said[2] and "4-bit method" in said[3]
+    said = place([dict(j) for j in jobs], shape, [16.0])
+    assert said[0].endswith("(the largest has 16 GB):") and len(said) == 5  # all three refused, then the fixes
+    assert "gptq (j2): 19.7 GB on one GPU (decompressed artifact 16.1" in said[3] and "4-bit method" in said[4]
+    assert "more resources.gpus" in said[4]
+    two = [dict(jobs[0], resources={"gpus": 2})]  # over two GPUs: 8.0 GB of weights each + a window's logits
+    assert place(two, shape, [16.0]) == [] and two[0]["resources"]["min_gpu_mem_gb"] == 16.0
     mine = [dict(jobs[2], resources={"gpus": 1, "min_gpu_mem_gb": 80})]  # the spec's own choice stands
-    assert place(mine, shape, [24.0]) == [] and mine[0]["resources"]["min_gpu_mem_gb"] == 80
+    assert place(mine, shape, [16.0]) == [] and mine[0]["resources"]["min_gpu_mem_gb"] == 80
 
 
 def test_validate_refuses_a_job_whose_plan_fits_no_gpu_of_the_cluster_config(tmp_path):
@@ -126,13 +189,13 @@ def test_validate_refuses_a_job_whose_plan_fits_no_gpu_of_the_cluster_config(tmp
     (folder / "config.json").write_text(json.dumps({**LLAMA3_8B, "architectures": ["LlamaForCausalLM"]}))
     config = tmp_path / "cluster.yaml"
     config.write_text("head_node_type: head\navailable_node_types:\n  head: {resources: {CPU: 4}}\n"
-                      "  a10g: {resources: {CPU: 8, GPU: 1}, labels: {qfarm-gpu-mem-gb: '24'}, max_workers: 2}\n")
+                      "  t4: {resources: {CPU: 8, GPU: 2}, labels: {qfarm-gpu-mem-gb: '16'}, max_workers: 2}\n")
     spec = tmp_path / "s.yaml"
-    for methods, code in (("[none]", 0), ("[none, gptq]", 2)):
+    for gpus, code in ((2, 0), (1, 2)):  # 18.4 GB on one 16 GB GPU; 10.3 GB on each of two
         spec.write_text(f"name: big\nmodel: {folder}\neval: {{perplexity: {{seq_len: 2048, max_windows: 16}}}}\n"
-                        f"jobs:\n  - kind: quantize\n    matrix: {{method: {methods}}}\n")
+                        f"resources: {{gpus: {gpus}}}\njobs:\n  - kind: quantize\n    matrix: {{method: [none, gptq]}}\n")
         out = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(spec), "--offline", "--cluster-config",
                               str(config)], capture_output=True, text=True, cwd=REPO, timeout=300)
         assert out.returncode == code, out.stderr
-    assert "fit no GPU of this cluster (the largest has 24 GB)" in out.stderr and "gptq (j" in out.stderr
+    assert "fit no GPU of this cluster (the largest has 16 GB)" in out.stderr and "gptq (j" in out.stderr
     assert "4-bit method" in out.stderr and "Traceback" not in out.stderr
