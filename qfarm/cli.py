@@ -454,7 +454,7 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool, as_json: bool,
         return
     width = terminal_width(wide)
     table = jobs_table(record, store.sweep_jobs(record.id), store.stats(record.id),
-                       limit=None if show_all else STATUS_ROWS, width=width)
+                       limit=None if show_all else STATUS_ROWS, width=width, history=store.durations())
     show(table, width)
 
 

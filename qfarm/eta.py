@@ -1,44 +1,138 @@
-"""How long a sweep has left: each unfinished job's expected duration from the finished jobs of the same kind and
-method (their mean; the mean of every finished job when none is alike, nothing when none has finished), what a
-running job has already spent taken off, spread over the slots the sweep runs on. Pure: reads job records only.
+"""How long jobs take, before they run: the order a scheduler dispatches them in, and how long a sweep has left.
+
+Each job's expected duration comes from, in order:
+
+1. the finished jobs of the same sweep with the same work shape (``work_shape``: kind, method, model, the
+   evaluation's size, calibration and training length: what decides the time, not what decides the quality, so
+   the points of a bits × group-size grid share one), their mean;
+2. the history of earlier sweeps in Redis, keyed by the same shape (``Store.record_duration``): content-addressed,
+   so the second sweep on a model knows its GPTQ jobs take minutes before the first one finishes;
+3. else a prior: the method's relative cost (the registry's ``Method.cost``) × the tokens it evaluates, calibrates on and
+   trains on, scaled by what the finished jobs took against their own prior (nothing finished: unitless, good for
+   the order, not for an ETA).
+
+Dispatch is longest-first, and on a pipeline by the longest remaining path (``ranks``: a job's own expected time
+plus its longest chain of descendants), so the critical path starts first and short rows fill the gaps. Pure:
+reads job specs, records and the history only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from statistics import mean
+from statistics import mean, median
 from typing import Iterable
 
 from .store import TERMINAL, JobRecord
 
+# options that change a job's quality, not its time: jobs differing only in these share their history
+QUALITY_ONLY = {"bits", "group_size", "symmetric", "damp", "act_order", "lora_alpha", "lora_dropout", "learning_rate",
+                "threshold", "compute_dtype", "double_quant", "seed", "dtype", "onto", "n_grid", "index"}
 
-def _shape(job: JobRecord) -> tuple:
-    spec = job.spec or {}
-    return (spec.get("kind"), (spec.get("options") or {}).get("method"))
+
+def work_shape(spec: dict) -> str:
+    """The key of what decides a job's duration (its history across sweeps)."""
+    opts = {k: v for k, v in (spec.get("options") or {}).items() if k not in QUALITY_ONLY}
+    ident = [spec.get("kind"), opts, (spec.get("model") or {}).get("key"), spec.get("eval"),
+             (spec.get("resources") or {}).get("gpus")]
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def expected(jobs: Iterable[JobRecord]) -> dict[str, float]:
-    """Each unfinished job's expected total run time (s), by job id; absent where nothing finished to go by."""
-    jobs = list(jobs)
-    done = [j for j in jobs if j.status == "succeeded" and j.duration_s is not None]
-    if not done:
-        return {}
-    by_shape: dict[tuple, list[float]] = {}
+def prior_units(spec: dict) -> float:
+    """A job's cost in the prior's units: its method's relative cost (the registry's ``cost``) × the tokens it
+    evaluates, calibrates on (at a quarter: no evaluation per token) and trains on (three passes a token); a sleep
+    job's seconds."""
+    from .methods import KINDS
+
+    opts, kind = spec.get("options") or {}, KINDS.get(spec.get("kind"))
+    if kind is None:
+        return 1.0
+    if kind.name == "sleep":
+        return float(opts.get("seconds") or 0.0)
+    method = kind.method(opts.get("method"))
+    cost = method.cost if method is not None else kind.cost
+    ev = spec.get("eval") or {}
+    ppl = ev.get("perplexity") or {}
+    tokens = (ppl.get("seq_len") or 512) * (ppl.get("max_windows") or 8) + 2000 * len(ev.get("tasks") or [])
+    cal = opts.get("calibration") or {}
+    calib = (cal.get("samples") or 0) * (cal.get("seq_len") or 0) if method and method.name in ("gptq", "awq") else 0
+    train = (opts.get("max_steps") or 0) * (opts.get("batch_size") or 1) * (opts.get("seq_len") or 0) * 3
+    return cost * (tokens + calib / 4 + train)
+
+
+def _took(job: JobRecord) -> float | None:
+    return job.duration_s if job.status == "succeeded" and job.duration_s is not None else None
+
+
+def expected(jobs: Iterable[JobRecord], history: dict[str, float] | None = None,
+             unitless: bool = False) -> dict[str, float]:
+    """Each unfinished job's expected total run time (s), by job id. Without anything finished or remembered to
+    scale the prior by, absent (``unitless``: the prior's units instead, enough to order jobs by)."""
+    jobs, history = list(jobs), history or {}
+    done = [j for j in jobs if _took(j) is not None]
+    alike: dict[str, list[float]] = {}
     for j in done:
-        by_shape.setdefault(_shape(j), []).append(j.duration_s)
-    overall = mean(j.duration_s for j in done)
-    return {j.id: mean(by_shape.get(_shape(j)) or [overall]) for j in jobs if j.status in ("queued", "running")}
+        alike.setdefault(work_shape(j.spec or {}), []).append(_took(j))
+    ratios = [_took(j) / prior_units(j.spec or {}) for j in done if prior_units(j.spec or {}) > 0]
+    ratios += [history[work_shape(j.spec or {})] / prior_units(j.spec or {}) for j in jobs
+               if work_shape(j.spec or {}) in history and prior_units(j.spec or {}) > 0]
+    scale = median(ratios) if ratios else (1.0 if unitless else None)
+    out = {}
+    for j in jobs:
+        if j.status not in ("queued", "running"):
+            continue
+        shape = work_shape(j.spec or {})
+        if shape in alike:
+            out[j.id] = mean(alike[shape])
+        elif shape in history:
+            out[j.id] = history[shape]
+        elif scale is not None:
+            out[j.id] = prior_units(j.spec or {}) * scale
+    return out
 
 
-def eta_s(jobs: Iterable[JobRecord], now: float | None = None) -> float | None:
+def ranks(jobs: Iterable[JobRecord], history: dict[str, float] | None = None) -> dict[str, float]:
+    """Each unfinished job's dispatch priority: its expected time plus the longest chain of unfinished jobs that
+    come from it (the critical path through it). Higher first."""
+    jobs = list(jobs)
+    guess = expected(jobs, history, unitless=True)
+    children: dict[str, list[str]] = {}
+    for j in jobs:
+        parent = (j.spec or {}).get("parent")
+        if parent:
+            children.setdefault(parent, []).append(j.id)
+    memo: dict[str, float] = {}
+
+    def rank(job_id: str, depth: int = 0) -> float:
+        if job_id not in memo:
+            below = [rank(c, depth + 1) for c in children.get(job_id, []) if depth < 64]
+            memo[job_id] = guess.get(job_id, 0.0) + max(below, default=0.0)
+        return memo[job_id]
+
+    return {j.id: rank(j.id) for j in jobs if j.id in guess}
+
+
+def dispatch_order(queued: list[JobRecord], jobs: Iterable[JobRecord], history: dict[str, float] | None = None,
+                   how: str = "longest") -> list[JobRecord]:
+    """``queued`` in the order to dispatch them: ``longest`` remaining path first (ties in file order), or
+    ``file`` order (``QFARM_DISPATCH=file``, for comparison)."""
+    if how == "file":
+        return list(queued)
+    r = ranks(jobs, history)
+    return sorted(queued, key=lambda j: -r.get(j.id, 0.0))  # sorted is stable: file order among equals
+
+
+def eta_s(jobs: Iterable[JobRecord], now: float | None = None, history: dict[str, float] | None = None) -> float | None:
     """Seconds until the sweep should be done: the remaining work over the slots (the workers running its jobs
-    now, at least one; or those that ran them). 0 when nothing is left; None when nothing finished yet."""
+    now, at least one; or those that ran them), never less than its longest remaining job. 0 when nothing is
+    left; None when there is nothing to scale the estimates by (no job finished, no history)."""
     jobs = list(jobs)
     left = [j for j in jobs if j.status not in TERMINAL]
     if not left:
         return 0.0
-    guess = expected(jobs)
-    if not guess:
+    guess = expected(jobs, history)
+    if not guess or any(j.id not in guess for j in left):
         return None
     now = time.time() if now is None else now
 

@@ -42,6 +42,10 @@ class Keys:
         """List of JSON objects, one per attempt."""
         return f"{self.namespace}:job:{job_id}:attempts"
 
+    def durations(self) -> str:
+        """Hash: how long jobs of each work shape took (qfarm.eta.work_shape), ``<shape>:n`` and ``<shape>:sum``."""
+        return f"{self.namespace}:durations"
+
     def events(self) -> str:
         """Stream of state transitions (capped)."""
         return f"{self.namespace}:events"

@@ -233,6 +233,9 @@ class Method:
     # the kinds of weight layer it quantizes (qfarm.modelinfo: Linear, Conv1D, experts); a model with others
     # is refused for it at validate time, since they would silently stay in float. None: every kind
     quantizes: Optional[frozenset[str]] = None
+    # relative time of a job of this method per token it evaluates, calibrates or trains on: the order jobs are
+    # dispatched in before any of their shape has run (qfarm.eta). Measured on the bundled model, 2 CPU cores
+    cost: float = 2.0
 
 
 BNB_LAYERS = frozenset({"Linear", "Conv1D"})  # measured: transformers' bnb replaces GPT-2's Conv1D, not fused experts
@@ -242,26 +245,31 @@ LLMC_LAYERS = frozenset({"Linear", "experts"})  # measured: llm-compressor unfus
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True),
-        Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS),
-        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS),
-        Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS),
+        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True, cost=1.0),
+        Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
+               cost=1.6),
+        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
+               cost=1.4),
+        Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
+               cost=1.4),
         Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor", vllm=True,
                quantizes=LLMC_LAYERS),
         Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True,
-               quantizes=LLMC_LAYERS),
+               quantizes=LLMC_LAYERS, cost=8.0),
         Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True,
-               quantizes=LLMC_LAYERS),
+               quantizes=LLMC_LAYERS, cost=12.0),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.gguf:Gguf",
-               nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type"))),
+               nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type")), cost=1.5),
     ]
 }
 
 TRAIN_METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("lora", LoraOptions, "LoRA adapters on the float base (peft)", nominal_bits=lambda options: None),
-        Method("qlora", QloraOptions, "LoRA adapters on a bitsandbytes 4-bit base", nominal_bits=lambda options: 4),
+        Method("lora", LoraOptions, "LoRA adapters on the float base (peft)", nominal_bits=lambda options: None,
+               cost=1.0),
+        Method("qlora", QloraOptions, "LoRA adapters on a bitsandbytes 4-bit base", nominal_bits=lambda options: 4,
+               cost=1.5),
     ]
 }
 
@@ -281,6 +289,7 @@ class Kind:
     parents: frozenset[str] = frozenset()  # kinds whose jobs a stage of this kind may come ``from``
     options: Optional[type[Options]] = None
     methods: Optional[dict[str, Method]] = None
+    cost: float = 2.0  # as Method.cost, for a kind without methods
 
     def method(self, name: object) -> Optional[Method]:
         return (self.methods or {}).get(name) if isinstance(name, str) else None
@@ -310,7 +319,7 @@ KINDS: dict[str, Kind] = {
         Kind("train", "workers.train:run", "train LoRA / QLoRA adapters and evaluate the adapter model",
              needs_model=True, methods=TRAIN_METHODS),
         Kind("merge", "workers.merge:run", "merge a train job's adapter into a base, check it, evaluate it",
-             needs_model=True, parents=frozenset({"train"}), options=MergeOptions),
+             needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0),
         Kind("sleep", "workers.sleep:run", "sleep: tests and benchmarks of the farm itself",
              needs_model=False, parents=frozenset({"sleep"}), options=SleepOptions),
     ]

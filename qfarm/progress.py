@@ -187,7 +187,7 @@ def actor_link(dashboard: str | None, actor_id: str | None) -> str | None:
 
 
 def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int | None = STATUS_ROWS,
-               width: int | None = None):
+               width: int | None = None, history: dict[str, float] | None = None):
     from .eta import eta_s, say
     from .fit import Col, fit
 
@@ -197,7 +197,7 @@ def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int |
     caption = _summary(c, total) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
                                         if any(j.spec.get("model") for j in jobs) else "")
     if c["running"] or c["queued"]:
-        caption += f" · {say(eta_s(every))}"
+        caption += f" · {say(eta_s(every, history=history))}"
     running = [j for j in jobs if j.status == "running"]
     if running:
         from .scheduler import HEARTBEAT_TTL_S
@@ -228,7 +228,8 @@ def sweep_json(store: Store, record) -> dict:
     c = _counts(jobs)
     return {"sweep_id": record.id, "name": record.name, "created_at": record.created_at,
             "submitted_at": record.submitted_at, "finished_at": record.finished_at, "jobs_total": len(jobs),
-            "counts": {s: c[s] for s in COUNTED}, "eta_s": eta_s(jobs), "dashboard_url": record.dashboard_url,
+            "counts": {s: c[s] for s in COUNTED}, "eta_s": eta_s(jobs, history=store.durations()),
+            "dashboard_url": record.dashboard_url,
             "waiting": record.waiting, "jobs": job_rows(jobs, record.dashboard_url)}
 
 
@@ -258,7 +259,7 @@ def watch_sweep(store: Store, sweep_id: str, interval: float, wide: bool, limit:
         record = store.sweep(sweep_id)
         jobs = store.sweep_jobs(sweep_id)
         width = terminal_width(wide)
-        table = jobs_table(record, jobs, store.stats(sweep_id), limit=limit, width=width)
+        table = jobs_table(record, jobs, store.stats(sweep_id), limit=limit, width=width, history=store.durations())
         lines = running_lines(record, jobs)
         done = _finished(store, sweep_id, jobs)
         return Group(table, *[Text(x) for x in lines]), done, [(j.id, j.status, j.progress) for j in jobs]

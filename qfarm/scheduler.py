@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -24,6 +25,7 @@ from . import handoff
 from .cluster import RAY_NAMESPACE, cluster_nodes, describe_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
+from .eta import dispatch_order, work_shape
 from .store import JobRecord, JobStatus, Store
 from .tracking import FORWARDED_ENV as TRACKING_ENV
 
@@ -42,6 +44,7 @@ SLOW_REFRESH_S = 5.0  # a re-read of the sweep this slow means Redis was unreach
 # shape has waited STARVED_AFTER_S for capacity. A worker that has not started within start_timeout_s (no node
 # could hold it, and no autoscaler brought one) is killed; when none of its shape ever started, its jobs fail.
 IDLE_REAP_S = 30.0
+DISPATCH = os.environ.get("QFARM_DISPATCH", "longest")  # longest remaining path first; "file": the spec's order
 STARVED_AFTER_S = 2.0
 DEFAULT_START_TIMEOUT_S = 600.0  # an autoscaler may take minutes to start a GPU node
 
@@ -105,6 +108,7 @@ class Scheduler:
         self.pools: dict[str, Pool] = {}
         self.inflight: dict[Any, Inflight] = {}
         self.jobs: dict[str, JobRecord] = {}
+        self.history: dict[str, float] = {}  # mean duration by work shape, from earlier jobs (qfarm.eta)
         self.sweep = None
         self._refreshed = 0.0
         self._watching_since = time.time()  # hung workers are judged on heartbeats seen since then
@@ -201,6 +205,7 @@ class Scheduler:
         started = time.time()
         self.sweep = self.store.sweep(self.sweep_id)
         self.jobs = {j.id: j for j in self.store.sweep_jobs(self.sweep_id)}
+        self.history = self.store.durations()
         if self.sweep is not None:  # (a deleted sweep's record is not made again by a beat)
             self.store.scheduler_beat(self.sweep_id)
         self._refreshed = time.time()
@@ -217,7 +222,7 @@ class Scheduler:
     def _dispatch(self, queued: list[JobRecord]) -> None:
         output_root, sweep_name = self.output_root, self.sweep.name
         handed = {f.job_id for f in self.inflight.values()}
-        for job in queued:
+        for job in dispatch_order(queued, self.jobs.values(), self.history, DISPATCH):
             if job.id in handed:
                 continue
             inputs = self._inputs(job)
@@ -285,7 +290,10 @@ class Scheduler:
         flight.slot.job_id, flight.slot.since = None, time.time()
         try:
             ray.get(ref)
-            self._reload(flight.job_id)
+            job = self._reload(flight.job_id)
+            if job is not None and job.status == JobStatus.SUCCEEDED.value and job.attempt_id == flight.attempt_id \
+                    and job.duration_s is not None:  # this attempt's: what the next sweep's estimates go by
+                self.store.record_duration(work_shape(job.spec or {}), job.duration_s)
             return  # the worker wrote the job's result (or its failure) itself, or found it taken
         except ray.exceptions.RayActorError as e:
             reason = f"worker process died ({one_line(e, typed=False)})"
@@ -296,10 +304,11 @@ class Scheduler:
         self._attempt_failed(flight, reason)
         self._reload(flight.job_id)
 
-    def _reload(self, job_id: str) -> None:
+    def _reload(self, job_id: str) -> JobRecord | None:
         job = self.store.job(job_id)
         if job is not None:
             self.jobs[job_id] = job
+        return job
 
     def _attempt_failed(self, flight: Inflight, reason: str, retry: bool = True) -> None:
         self.store.fail_attempt(flight.job_id, flight.attempt_id, error=reason, retryable=retry,

@@ -12,6 +12,7 @@ Job statuses: queued -> running -> succeeded | failed | cancelled; running -> qu
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -247,6 +248,28 @@ class Store:
                 self._ensure(keys=[self.keys.job(job["id"])], args=[json.dumps(fields), repr(now)], client=pipe)
             outcomes += pipe.execute()
         return outcomes
+
+    def record_duration(self, shape: str, seconds: float) -> None:
+        """One more finished job of this work shape took ``seconds`` (the history qfarm.eta estimates from)."""
+        if not (isinstance(shape, str) and re.fullmatch(r"[0-9a-f]{16}", shape)) or not 0 <= seconds < 1e7:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrbyfloat(self.keys.durations(), f"{shape}:sum", float(seconds))
+        pipe.hincrby(self.keys.durations(), f"{shape}:n", 1)
+        pipe.execute()
+
+    def durations(self) -> dict[str, float]:
+        """The mean duration (s) of every work shape finished so far, in this namespace."""
+        raw = self.r.hgetall(self.keys.durations())
+        out = {}
+        for field, value in raw.items():
+            shape, _, what = field.rpartition(":")
+            if what == "sum" and raw.get(f"{shape}:n"):
+                try:
+                    out[shape] = float(value) / max(int(raw[f"{shape}:n"]), 1)
+                except ValueError:
+                    continue  # not a number: nothing from Redis is trusted to be what it says
+        return out
 
     def sweep(self, sweep_id: str) -> SweepRecord | None:
         h = self.r.hgetall(self.keys.sweep(sweep_id))

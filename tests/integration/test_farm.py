@@ -320,3 +320,44 @@ def running_job(store, sweep: str, timeout_s: float):
             return victim
         time.sleep(0.2)
     raise AssertionError(f"no job of {sweep} was running within {timeout_s:g} s")
+
+
+def test_longest_remaining_path_starts_first_and_the_next_sweep_knows_its_durations(cli_env, tmp_path, store):
+    """One slot (a job of 2 GPUs on the 2-GPU head): jobs start by the longest remaining path, the spec's order
+    aside; the durations go to Redis by work shape, and a later sweep of the same shapes has an ETA before any
+    of its jobs finishes."""
+    import json
+
+    path = spec(tmp_path, """\
+        resources: {gpus: 2}
+        stages:
+          - {name: short, kind: sleep, seconds: 0.5, index: 0}
+          - {name: long, kind: sleep, seconds: 2.0, index: 1}
+          - {name: mid, kind: sleep, seconds: 1.0, index: 2}
+          - {name: head, kind: sleep, seconds: 0.3, index: 3}
+          - {name: tail, kind: sleep, from: head, seconds: 2.5, index: 4}
+    """, name="order")
+    out = qfarm(cli_env, "submit", path, "--wait")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = sorted(results(cli_env, "order"), key=lambda r: r["started_at"])
+    # head leads the longest chain (0.3 + 2.5 s): first; its tail, once ready, outranks the rest; then by length
+    assert [r["stage"] for r in rows] == ["head", "tail", "long", "mid", "short"]
+    assert max_overlap(rows) == 1
+    history = store.durations()
+    assert len(history) == 5 and all(v > 0.3 for v in history.values())
+    again = spec(tmp_path, """\
+        resources: {gpus: 2}
+        jobs:
+          - {kind: sleep, seconds: 2.0, index: 7}
+          - {kind: sleep, seconds: 1.0, index: 8}
+    """, name="again")  # new jobs (other indices), the shapes of two above
+    out = qfarm(cli_env, "submit", again)
+    assert out.returncode == 0, out.stdout + out.stderr
+    status = json.loads(qfarm(cli_env, "status", "again", "--json").stdout)
+    if status["counts"]["succeeded"] == 0:  # nothing finished yet: the estimate can only come from the history
+        assert status["eta_s"] is not None and status["eta_s"] > 0.5
+    sweep = store.find_sweep("again")
+    deadline = time.time() + 120
+    while time.time() < deadline and any(j.status in ("queued", "running") for j in store.sweep_jobs(sweep.id)):
+        time.sleep(0.5)
+    assert [j.status for j in store.sweep_jobs(sweep.id)] == ["succeeded"] * 2

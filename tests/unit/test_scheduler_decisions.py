@@ -94,3 +94,35 @@ def test_a_worker_is_hung_when_its_heartbeat_stops_but_not_while_redis_was_away(
     assert hung(frozen, NOW, 120) is None  # the sweep's own hung_after_s
     assert hung(frozen, NOW, 60, watching_since=NOW - 30) is None  # Redis came back 30 s ago: no verdict yet
     assert hung(job(started_at=NOW - 70), NOW, 60).startswith("worker hung: no heartbeat for 70 s")  # never beat
+
+
+def _job(i, kind, parent=None, **options):
+    from qfarm.store import JobRecord
+
+    spec = {"kind": kind, "options": options, "parent": parent,
+            "eval": {"perplexity": {"seq_len": 512, "max_windows": 8}}}
+    return JobRecord(id=f"j{i}", status="queued", spec=spec)
+
+
+def test_dispatch_is_longest_first_and_by_critical_path_on_a_pipeline():
+    from qfarm.eta import dispatch_order, ranks, work_shape
+
+    cal = {"samples": 16, "seq_len": 256}
+    jobs = [_job(0, "quantize", method="none"), _job(1, "quantize", method="bnb-nf4"),
+            _job(2, "train", method="lora", max_steps=20, batch_size=4, seq_len=128),
+            _job(3, "merge", parent="j2"), _job(4, "quantize", parent="j3", method="gptq", calibration=cal),
+            _job(5, "quantize", method="awq", calibration=cal), _job(6, "quantize", method="gguf")]
+    order = [j.id for j in dispatch_order(jobs, jobs)]
+    # the train job leads a chain (train -> merge -> gptq) longer than the single longest job (awq): first
+    assert order == ["j2", "j5", "j3", "j4", "j6", "j1", "j0"]
+    r = ranks(jobs)
+    assert r["j2"] == pytest.approx(r["j3"] + 1.0 * (4096 + 20 * 4 * 128 * 3))  # its own time + the chain below
+    assert [j.id for j in dispatch_order(jobs, jobs, how="file")] == [f"j{i}" for i in range(7)]
+    # what a shape took in earlier sweeps replaces its prior (and scales the others' priors by the same measure):
+    # here awq took 100 s and gptq 2,000 s on this cluster, against the prior's 3:2: awq goes last
+    seen = {work_shape(jobs[5].spec): 100.0, work_shape(jobs[4].spec): 2000.0}
+    assert [j.id for j in dispatch_order(jobs, jobs, seen)] == ["j2", "j3", "j4", "j6", "j1", "j0", "j5"]
+    assert ranks(jobs, seen)["j5"] == 100.0 and ranks(jobs, seen)["j4"] == 2000.0
+    # equal jobs keep the spec's order
+    same = [_job(i, "quantize", method="rtn", bits=b) for i, b in enumerate((4, 8, 3))]
+    assert [j.id for j in dispatch_order(same, same)] == ["j0", "j1", "j2"]

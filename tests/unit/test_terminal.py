@@ -117,8 +117,8 @@ def test_jobs_table_keeps_label_and_status_and_says_the_eta():
     assert "ETA" in text and "running" in text
 
 
-def test_eta_from_finished_jobs_of_the_same_kind_and_method():
-    from qfarm.eta import eta_s, expected, say
+def test_eta_from_finished_jobs_of_the_same_shape_else_history_else_the_scaled_prior():
+    from qfarm.eta import eta_s, expected, prior_units, say, work_shape
 
     def rec(i, status, method, started=None, finished=None, worker=None):
         return JobRecord(id=f"j{i}", status=status, spec={"kind": "quantize", "options": {"method": method}},
@@ -128,12 +128,18 @@ def test_eta_from_finished_jobs_of_the_same_kind_and_method():
             rec(3, "running", "gptq", 1000, None, "w1"), rec(4, "queued", "gptq"), rec(5, "queued", "rtn"),
             rec(6, "queued", "awq")]
     guess = expected(jobs)
-    assert guess == {"j3": 100, "j4": 100, "j5": 10, "j6": 55}  # awq: none finished, the mean of all
-    # at t=1040: j3 has 60 s left; + 100 + 10 + 55 queued = 225 s of work over 1 running slot
-    assert eta_s(jobs, now=1040) == pytest.approx(225)
-    jobs[4] = rec(5, "running", "rtn", 1030, None, "w2")  # two running: 60 + 100 + 0 + 55 over 2 slots
-    assert eta_s(jobs, now=1040) == pytest.approx((60 + 100 + 55) / 2)
+    # awq: none finished, nothing remembered: its prior (the registry's cost 12 x 4096 tokens) scaled by the median
+    # of what the finished jobs took against theirs (gptq 100 s for 8 x 4096, rtn 10 s for 2 x 4096)
+    awq = prior_units(jobs[5].spec) * (100 / (8 * 4096) + 10 / (2 * 4096)) / 2
+    assert guess == {"j3": 100, "j4": 100, "j5": 10, "j6": pytest.approx(awq)} and 100 < awq < 110
+    # at t=1040: j3 has 60 s left; + 100 + 10 + awq queued, over 1 running slot
+    assert eta_s(jobs, now=1040) == pytest.approx(60 + 100 + 10 + awq)
+    jobs[4] = rec(5, "running", "rtn", 1030, None, "w2")  # two running: 60 + 100 + 0 + awq over 2 slots
+    assert eta_s(jobs, now=1040) == pytest.approx((60 + 100 + awq) / 2)
+    # an earlier sweep's awq of the same shape took 300 s: the history wins over the prior
+    assert expected(jobs, {work_shape(jobs[5].spec): 300.0})["j6"] == 300
     assert eta_s([rec(1, "queued", "gptq")]) is None and eta_s([rec(1, "succeeded", "gptq", 0, 1)]) == 0
+    assert eta_s([rec(1, "queued", "gptq")], history={work_shape(rec(1, "queued", "gptq").spec): 42.0}) == 42
     assert say(None).startswith("ETA unknown") and say(0) == "done" and say(125) == "ETA 2 min 05 s"
 
 
