@@ -78,6 +78,11 @@ def bench_reuse(root: Path) -> None:
             loads = store.stats(sid).get("model_loads", 0)
             totals[label] = sum(j.finished_at - j.started_at for j in jobs)
             line(f"base-model loads / jobs ({label})", f"{loads} / {len(jobs)}")
+            stats = store.stats(sid)
+            made, read = stats.get("reference_computations", 0), stats.get("reference_shared", 0)
+            workers = len({j.worker for j in jobs})
+            line(f"reference computed / read from disk ({label})", f"{made} / {read}",
+                 f"on {workers} workers: reference forwards = {made} x the windows (goal: once a sweep)", made == 1)
             line(f"sum of job times ({label})", f"{totals[label]:.1f} s", f"makespan {wall:.1f} s wall")
             extra = [(j.finished_at - j.started_at) - j.result["work_s"] for j in jobs]
             share = statistics.median(e / (j.finished_at - j.started_at) for e, j in zip(extra, jobs))

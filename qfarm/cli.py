@@ -173,7 +173,7 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
     """``qfarm validate --plan``: every job's memory plan (qfarm.plan), as a table or a JSON list."""
     import json
 
-    from .plan import model_shape, plan_jobs
+    from .plan import UNSPREAD, model_shape, plan_jobs
 
     model = plan.model  # resolved once, by validation
     shape = model_shape(model) if model else None
@@ -197,8 +197,11 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
     table, _ = fit(cols, cells, width)
     show(table, width)
     worst = max(rows, key=lambda r: r["gpu_gb_per_device"] if device == "cuda" else r["host_gb"])
-    parts = ", ".join(f"{k} {v:.1f}" for k, v in worst["parts"]["gpu" if device == "cuda" else "host"].items())
-    line = f"  largest: {worst['label']}: {parts}"
+    n = worst["gpus"] if device == "cuda" else 1
+    terms = worst["parts"]["gpu" if device == "cuda" else "host"].items()
+    parts = ", ".join(f"{k} {v:.1f}" if n <= 1 or k in UNSPREAD else f"{k} {v:.1f} ({v / n:.1f} a GPU)" for k, v in terms)
+    phase = f" ({worst['peak_phase']} phase)" if device == "cuda" else ""
+    line = f"  largest: {worst['label']}{phase}: {parts}"
     if width:
         import textwrap
 

@@ -106,6 +106,7 @@ TABLE: tuple[Column, ...] = (
     C("bits_per_byte", unit="bits/byte", direction="min", group="quality"),  # tokenizer-independent
     C("ref_bits_per_byte", unit="bits/byte", group="quality"),
     C("tokens_per_byte", group="quality"),
+    C("ref_cache", group="quality", format="{}"),  # the reference: computed by this job, shared (read), memory (cached)
     C("ref_logprobs", group="quality", format="{}"),  # kept whole, or recomputed window by window (the budget)
     # checks of the reference's inputs (workers.checks, workers.reference)
     C("ppl_bos", group="checks", format="{}"),

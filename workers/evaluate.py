@@ -234,10 +234,11 @@ def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 
     return ref
 
 
-def spilled_reference(model, wins, progress, text_bytes: int, target: Path) -> Reference:
+def spilled_reference(model, wins, progress, text_bytes: int, target: Path, in_memory: bool = False) -> Reference:
     """The reference's log-probs on the windows written once to ``target`` (a folder under the output root: one
     float16 ``.npy`` a window, and the per-token NLL), by whichever worker gets there first while the others wait
-    on its lock (workers.files.build_once), then read back a window at a time (``Reference.disk``)."""
+    on its lock (workers.files.build_once), then read back a window at a time (``Reference.disk``), or whole
+    (``in_memory``: they fit the worker's budget). The same float16 numbers every way."""
     import json
 
     import numpy as np
@@ -257,12 +258,14 @@ def spilled_reference(model, wins, progress, text_bytes: int, target: Path) -> R
         np.save(tmp / "token_nll.npy", np.stack(nlls))
         (tmp / "meta.json").write_text(json.dumps({"windows": len(wins), "shape": shape}))
 
-    made = build_once(target, write)
+    made = build_once(target, write, lambda: progress("waiting for the reference log-probs another worker is making"))
     meta = json.loads((target / "meta.json").read_text())
     token_nll = [torch.from_numpy(row.copy()) for row in np.load(target / "token_nll.npy")]
     nll, tokens = sum(t.sum().item() for t in token_nll), sum(t.numel() for t in token_nll)
     rows, vocab = meta["shape"]
-    ref = Reference(None, nll, tokens, text_bytes, token_nll, None, meta["windows"] * rows * vocab * 2, target, made)
+    kept = [torch.from_numpy(np.load(target / f"w{i:05d}.npy")) for i in range(meta["windows"])] if in_memory else None
+    ref = Reference(kept, nll, tokens, text_bytes, token_nll, None, meta["windows"] * rows * vocab * 2,
+                    None if in_memory else target, made)
     if text_bytes:
         check_reference(nll, tokens, text_bytes, vocab)
     return ref
@@ -457,24 +460,26 @@ def eval_windows(ctx, base):
     wins, nbytes = ctx.cache.tokens(
         key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"], bos), ctx)
     ref, hit = ctx.cache.reference(key, lambda: _reference(ctx, base, wins, nbytes, key))
-    ctx.count("reference_cache_hits" if hit else "reference_computations" if ref.made_here else "reference_shared")
+    source = "memory" if hit else "computed" if ref.made_here else "shared"
+    ctx.count({"memory": "reference_cache_hits", "computed": "reference_computations",
+               "shared": "reference_shared"}[source])
+    ctx.extra.setdefault("ref_cache", source)  # the first time this job asked: a job primes it before it evaluates
     return wins, ref
 
 
 def _reference(ctx, base, wins, nbytes: int, key: tuple) -> Reference:
-    """In memory while the log-probs fit the budget; past it, on disk under the output root (shared)."""
+    """Made once per output root and sweep (whichever worker gets there first; the others read it), kept in this
+    worker's memory while the log-probs fit its budget, else read from disk a window at a time."""
     import hashlib
 
     from workers.files import keyed
 
     vocab = int(base.model.get_output_embeddings().weight.shape[0])
-    if len(wins) * (wins.shape[1] - 1) * vocab * 2 <= ctx.cache.ref_budget_bytes:
-        return reference_for(runner(base.model), wins, ctx.progress, nbytes, len(base.tokenizer),
-                             ctx.cache.ref_budget_bytes)
+    fits = len(wins) * (wins.shape[1] - 1) * vocab * 2 <= ctx.cache.ref_budget_bytes
     param = next(base.model.parameters())
     tokens = hashlib.sha256(wins.numpy().tobytes()).hexdigest()  # the very windows, whatever made them
     target = keyed(ctx.output_root, "_refs", repr((key, tokens, str(param.device.type), str(param.dtype))))
-    return spilled_reference(runner(base.model), wins, ctx.progress, nbytes, target)
+    return spilled_reference(runner(base.model), wins, ctx.progress, nbytes, target, in_memory=fits)
 
 
 def evaluate(ctx, model, base) -> dict:

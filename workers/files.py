@@ -17,15 +17,20 @@ def keyed(output_root: str, folder: str, key: str, suffix: str = "") -> Path:
     return Path(output_root) / folder / (hashlib.sha256(key.encode()).hexdigest()[:16] + suffix)
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> bool:
+def build_once(target: Path, build: Callable[[Path], None], waiting: Callable[[], None] = lambda: None) -> bool:
     """Make ``target`` (a file or a folder) once: ``build(tmp)`` writes a temporary path that is renamed into
     place, so a reader never sees half of it; a lock makes workers on one node build it once and the others
-    wait for it. True when this call built it, False when it was there already."""
+    wait for it (``waiting()`` is called first, to say so). True when this call built it, False when it was
+    there already."""
     if target.exists():
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{target}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return False
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")

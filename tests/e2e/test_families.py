@@ -45,6 +45,9 @@ stages:
     assert all(r["status"] == "succeeded" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
     ref = rows["none"]
     assert ref["kl_div"] == 0.0 and math.isfinite(ref["perplexity"]) and 0 < ref["bits_per_byte"] < 8
+    # every row compares with the same reference, computed once for the sweep whatever worker ran the job
+    sources = [r["ref_cache"] for r in rows.values()]
+    assert sources.count("computed") == 1 and set(sources) <= {"computed", "shared", "memory"}, sources
     for m in methods:  # quantized for real: the logits moved, and the artifact on disk is smaller
         label = next(k for k in rows if k.startswith(m))
         assert rows[label]["kl_div"] > 1e-6 and rows[label]["size_mb"] < ref["size_mb"], rows[label]
