@@ -174,6 +174,7 @@ TABLE: tuple[Column, ...] = (
     C("adapter_mb", unit="MB", group="train"),
     C("held_out_examples", group="train"),
     C("loss_curve", group="train", format="{}"),
+    C("resumed_from", group="train"),  # the checkpoint step a retried attempt resumed from (None: from step 0)
     C("task_loss", "task loss", "{:.3f}", direction="min", group="train", view=19, priority=15),
     C("ref_task_loss", group="train"),
     C("task_loss_delta", group="train"),

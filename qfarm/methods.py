@@ -190,6 +190,9 @@ class LoraOptions(Options):
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
     gradient_checkpointing: bool = False
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    # a checkpoint (adapter, optimizer, scheduler, RNG) every N steps under the job's folder: a retried attempt
+    # of the job resumes from the last complete one (resumed_from) instead of step 0. 0: none
+    save_steps: int = Field(50, ge=0, le=10_000_000)
 
 
 class QloraOptions(LoraOptions):

@@ -88,15 +88,23 @@ def run(ctx) -> dict:
     """setup -> train -> save -> evaluate -> row."""
     start(ctx)
     out = Path(ctx.output_dir)
-    shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
+    resume = last_checkpoint(out / "trainer") if ctx.options.get("save_steps") else None
+    clean(out, keep=resume)  # a retried attempt starts clean, but for the checkpoint it resumes from
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
         ctx.extra["base_during_job"] = reference_first(ctx, base)
         run = setup(ctx, base)
-        ctx.progress("training")
+        if resume is not None:
+            run.resumed_from = int(resume.name.split("-")[1])
+            run.curve[:] = [[e["step"], float(e["loss"])] for e in
+                            json.loads((resume / "trainer_state.json").read_text()).get("log_history", [])
+                            if "loss" in e and e.get("step", 0) <= run.resumed_from]
+            ctx.progress(f"resuming training at step {run.resumed_from} (the last checkpoint of an earlier attempt)")
+        else:
+            ctx.progress("training")
         with PeakMemory() as train_mem:
             t0 = time.time()
-            run.trainer.train()
+            run.trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
             train_s = time.time() - t0
         adapter = save(run, base, out)
         run.model.eval()
@@ -107,6 +115,30 @@ def run(ctx) -> dict:
               **ctx.extra, **metrics}
     del run
     return result
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The Trainer checkpoint of the highest step under ``folder`` that is complete (its trainer state, written
+    after the adapter, optimizer and scheduler, is there): what a retried attempt resumes from; None if none."""
+    steps = []
+    for ckpt in folder.glob("checkpoint-*"):
+        step = ckpt.name.split("-", 1)[1]
+        if step.isdigit() and (ckpt / "trainer_state.json").is_file() and (ckpt / "optimizer.pt").is_file():
+            steps.append((int(step), ckpt))
+    return max(steps)[1] if steps else None
+
+
+def clean(out: Path, keep: Path | None) -> None:
+    """The job's folder emptied, but for the checkpoint ``keep`` (and the Trainer folder holding it)."""
+    if keep is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in list(out.iterdir()) if out.is_dir() else []:
+        if child != keep.parent:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    for ckpt in keep.parent.iterdir():
+        if ckpt != keep:
+            shutil.rmtree(ckpt, ignore_errors=True) if ckpt.is_dir() else ckpt.unlink(missing_ok=True)
 
 
 @dataclass
@@ -123,6 +155,7 @@ class _Run:
     total: int
     curve: list = field(default_factory=list)  # [step, loss] every logged step
     max_steps: list = field(default_factory=lambda: [0])
+    resumed_from: int | None = None  # the step an earlier attempt's checkpoint had reached
 
 
 def peft_targets(names: list[str]):
@@ -161,7 +194,9 @@ def setup(ctx, base) -> _Run:
         output_dir=str(Path(ctx.output_dir) / "trainer"), per_device_train_batch_size=opts["batch_size"],
         gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["learning_rate"],
         max_steps=opts["max_steps"] or -1, num_train_epochs=opts["epochs"], warmup_steps=opts["warmup_steps"],
-        logging_steps=1, save_strategy="no", report_to=[], seed=opts["seed"], data_seed=opts["seed"],
+        logging_steps=1, report_to=[], seed=opts["seed"], data_seed=opts["seed"],
+        save_strategy="steps" if opts.get("save_steps") else "no", save_steps=opts.get("save_steps") or 500,
+        save_total_limit=2,  # the last two: one is complete even if the attempt died while writing the other
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
         use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
     )
@@ -221,6 +256,7 @@ def row(run: _Run, train_s: float, train_peak_mb: float, adapter: Path) -> dict:
         "train_loss_first": losses[0] if losses else None,
         "train_loss_best": min(losses) if losses else None,
         "loss_curve": run.curve,
+        "resumed_from": run.resumed_from,
         "train_peak_mem_mb": train_peak_mb,
         "adapter_mb": dir_bytes(str(adapter)) / 2**20,
     }
