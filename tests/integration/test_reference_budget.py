@@ -20,18 +20,39 @@ def tiny(tmp_path_factory, shared_data):
     return make_tiny_model(folder / "a", corpus, seed=0), make_tiny_model(folder / "b", corpus, seed=1), corpus
 
 
-def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
+def _runners(tiny):
+    """(the reference model, another model, 4 windows of 64 tokens): each model counts its forward passes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.evaluate import TorchRunner, quality, reference_for
+    from workers.evaluate import TorchRunner
+
+    class Counted(TorchRunner):
+        def __init__(self, model):
+            super().__init__(model)
+            self.forwards = 0
+
+        def logprobs(self, window):
+            self.forwards += 1
+            return super().logprobs(window)
 
     a, b, corpus = tiny
-    ref_model = TorchRunner(AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval())
-    other = TorchRunner(AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval())
+    ref_model, other = (Counted(AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval()) for m in (a, b))
     ids = AutoTokenizer.from_pretrained(a)(" ".join(corpus), return_tensors="pt").input_ids[0]
-    wins = torch.stack([ids[i * 64:(i + 1) * 64] for i in range(4)])
-    quiet = lambda line: None  # noqa: E731
+    return ref_model, other, torch.stack([ids[i * 64:(i + 1) * 64] for i in range(4)])
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
+    from transformers import AutoTokenizer
+
+    from workers.evaluate import quality, reference_for
+
+    ref_model, other, wins = _runners(tiny)
+    a = tiny[0]
     kept = reference_for(ref_model, wins, quiet)
     streamed = reference_for(ref_model, wins, quiet, budget_bytes=kept.full_bytes - 1)
     assert kept.logprobs is not None and kept.nbytes == kept.full_bytes == 4 * 63 * len(AutoTokenizer.from_pretrained(a)) * 2
@@ -44,33 +65,20 @@ def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
 
 
 def test_past_the_budget_they_are_written_once_and_every_worker_reads_the_same_numbers(tiny, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from workers.evaluate import quality, reference_for, spilled_reference
 
-    from workers.evaluate import TorchRunner, quality, reference_for, spilled_reference
-
-    class Counted(TorchRunner):
-        forwards = 0
-
-        def logprobs(self, window):
-            Counted.forwards += 1
-            return super().logprobs(window)
-
-    a, b, corpus = tiny
-    ref_model = Counted(AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32).eval())
-    other = TorchRunner(AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32).eval())
-    ids = AutoTokenizer.from_pretrained(a)(" ".join(corpus), return_tensors="pt").input_ids[0]
-    wins = torch.stack([ids[i * 64:(i + 1) * 64] for i in range(4)])
-    quiet = lambda line: None  # noqa: E731
+    ref_model, other, wins = _runners(tiny)
     kept = reference_for(ref_model, wins, quiet)
-    Counted.forwards = 0
+    ref_model.forwards = 0
     first = spilled_reference(ref_model, wins, quiet, 0, tmp_path / "_refs" / "r")
-    assert Counted.forwards == 4 and first.made_here and first.nbytes == 0  # nothing of it held in memory
+    assert ref_model.forwards == 4 and first.made_here and first.nbytes == 0  # nothing of it held in memory
     second = spilled_reference(ref_model, wins, quiet, 0, tmp_path / "_refs" / "r")  # another worker, later
-    assert Counted.forwards == 4 and not second.made_here  # read, not computed again
+    assert ref_model.forwards == 4 and not second.made_here  # read, not computed again
+    whole = spilled_reference(ref_model, wins, quiet, 0, tmp_path / "_refs" / "r", in_memory=True)  # within budget
+    assert ref_model.forwards == 4 and whole.nbytes == kept.nbytes and whole.disk is None
     assert second.nll == kept.nll and second.full_bytes == kept.full_bytes
     q_kept = quality(other, wins, kept, quiet)
-    for ref in (first, second):
+    for ref in (first, second, whole):
         q = quality(other, wins, ref, quiet)
         for col in ("perplexity", "kl_div", "kl_div_se", "top1_agree", "ppl_delta_pct", "ppl_delta_pct_se"):
             assert q[col] == q_kept[col], col
