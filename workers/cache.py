@@ -105,16 +105,21 @@ class Cache:
             return "kept"
         spread = len({str(d) for d in (getattr(loaded.model, "hf_device_map", None) or {}).values()}) > 1
         if spread:
-            for key, value in list(self.models.items.items()):
-                if value is loaded:
-                    del self.models.items[key]
-            loaded.model = None
-            _free()
-            return "dropped"
+            return self.drop(loaded)
         loaded.model.to("cpu")
         loaded.parked = True
         _free()
         return "parked"
+
+    def drop(self, loaded: Loaded) -> str:
+        """Drop a cached base now (its memory back to the process, or CUDA's pool): the next job that needs it loads
+        it again. For a host-RAM budget, or a model that does not move as a whole."""
+        for key, value in list(self.models.items.items()):
+            if value is loaded:
+                del self.models.items[key]
+        loaded.model = None
+        _free()
+        return "dropped"
 
     def tokens(self, key: tuple, make: Callable[[], Any], ctx, what: str = "eval_data") -> Any:
         """Tokenized text (eval windows, calibration samples), counted as ``<what>_tokenizations`` or ``_cache_hits``."""

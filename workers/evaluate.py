@@ -398,20 +398,26 @@ def task_loss(model, examples: list[list[int]], progress, what: str = "task loss
 
 
 def reference_first(ctx, base) -> str:
-    """On a GPU, before a job builds its own model: the reference's figures made now (log-probs on the windows,
-    task loss), then the base parked in host RAM (workers.cache.Cache.park) so that the job's model has the GPU,
-    never the two at once. Not when the reference log-probs are recomputed window by window (the base is needed
-    beside the row's model) or the cache keeps nothing. Returns what was done with the base
-    (the row's ``base_during_job``)."""
-    from workers.models import device
+    """Before a job builds its own model: the reference's figures made now (log-probs on the windows, task loss),
+    then the base given back so that the job's model has the room, never the two at once: on a GPU parked in host
+    RAM (workers.cache.Cache.park); on a CPU worker whose host-RAM budget (``QFARM_HOST_MEM_GB``) the job's plan
+    exceeds, dropped (loaded again by the next job that needs it). Not when the reference log-probs are
+    recomputed window by window (the base is needed beside the row's model) or the cache keeps nothing. Returns
+    what was done with the base (the row's ``base_during_job``)."""
+    import os
 
-    if device() == "cpu":
+    from workers.models import device, plan_columns
+
+    on_gpu = device() != "cpu"
+    budget = os.environ.get("QFARM_HOST_MEM_GB")
+    over = bool(budget) and (plan_columns(ctx, base).get("plan_host_gb") or 0) > float(budget)
+    if not on_gpu and not over:
         return "kept"
     wins, ref = eval_windows(ctx, base)
     if (ref is not None and ref.stream is not None) or ctx.cache.models.max_items == 0:
         return "kept"
     _reference_task_loss(ctx, base)
-    return ctx.cache.park(base, on_gpu=True)
+    return ctx.cache.park(base, on_gpu=True) if on_gpu else ctx.cache.drop(base)
 
 
 def _reference_task_loss(ctx, base) -> float | None:
