@@ -160,16 +160,16 @@ def bench_plan(root: Path) -> None:
     print("plan: planned host memory against measured peak RSS, one job of each kind (CPU workers)")
     with namespace() as store, head_with({}) as head:
         sid, _ = run_sweep(store, head, path)
-        jobs = sorted(store.sweep_jobs(sid), key=lambda j: (j.kind, j.label))
+        jobs = sorted(store.sweep_jobs(sid), key=lambda j: (j.spec["kind"], j.spec["label"]))
     ratios = []
     for j in jobs:
         r = j.result or {}
         if r.get("plan_host_gb") is None or not r.get("peak_mem_mb"):
-            line(f"{j.kind} {j.label}", "no plan/peak", j.status)
+            line(f"{j.spec['kind']} {j.spec['label']}", "no plan/peak", j.status)
             continue
         measured = r["peak_mem_mb"] * 2**20 / 1e9
         ratios.append(r["plan_host_gb"] / measured)
-        line(f"{j.kind} {j.label}", f"plan {r['plan_host_gb']:.2f} GB", f"measured {measured:.2f} GB, "
+        line(f"{j.spec['kind']} {j.spec['label']}", f"plan {r['plan_host_gb']:.2f} GB", f"measured {measured:.2f} GB, "
              f"plan / measured {ratios[-1]:.2f}")
     if ratios:
         line("plan / measured over every kind", f"{min(ratios):.2f} - {max(ratios):.2f}", "target 0.5 - 2",

@@ -109,7 +109,8 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
 @click.option("--plan", "show_plan", is_flag=True,
               help="Each job's memory plan from the model's config (GPU GB per device, host GB, disk GB).")
 @click.option("--plan-device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="What the plan is for: GPU workers (float16) or CPU workers (float32, all in host RAM).")
+              help="What the plan is for: GPU workers (the checkpoint's dtype) or CPU workers (float32, all in "
+                   "host RAM); with --plan the sweep's ids are those jobs on such workers get.")
 @click.option("--json", "as_json", is_flag=True, help="With --plan: a JSON list, one object per job, alone on stdout.")
 @click.option("--ray-address", envvar="QFARM_RAY_ADDRESS", default=None, metavar="ADDR",
               help="Also check every job's resources against this Ray cluster [env QFARM_RAY_ADDRESS]. "
@@ -123,7 +124,7 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     node types of its config), whether some node of it can run each job (exit 2 naming what it has, when not).
     Runs nothing."""
     from . import cluster, hub
-    from .expand import load_plan
+    from .expand import expand, load_plan
 
     loaded, plan = load_plan(spec, hub.cache_dir(None))
     kinds = ", ".join(f"{n} {k}" for k, n in plan.counts_by_kind().items())
@@ -136,6 +137,13 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     shape = _shape(plan)
     if address:
         cluster.connect(address)
+    # the ids submit will give: CPU ids where the jobs would compute on CPUs (qfarm.expand.COMPUTE)
+    # (with --plan: the ids of the workers planned for)
+    cuda = plan_device == "cuda" if show_plan else cluster.has_cuda(cluster.cluster_nodes(types)) if address else \
+        cluster.has_cuda(cluster.startable_nodes(types)) if types else cluster.cuda_gpu_count() > 0
+    if not cuda:
+        plan = expand(loaded, hub.cache_dir(None), cuda=False)
+    if address:
         cluster.preflight([j.payload() for j in plan.jobs], types, shape)
         checked = f" Resources checked against the Ray cluster at {address}{named}."
     elif types:
