@@ -155,8 +155,10 @@ class LLMCompressor:
         if options["method"] != "rtn":
             ctx.progress("tokenizing calibration data")
             data = calibration_dataset(ctx, base)
+            # in qfarm's order: llm-compressor would shuffle them with the process's global RNG, so the same job
+            # gave other numbers depending on what its worker ran before (GPTQ's error feedback is order-sensitive)
             kwargs = {"dataset": data, "num_calibration_samples": len(data),
-                      "max_seq_length": ctx.job["calibration"]["seq_len"]}
+                      "max_seq_length": ctx.job["calibration"]["seq_len"], "shuffle_calibration_samples": False}
             _no_pinning_without_cuda()
         step = "quantizing" if options["method"] == "rtn" else "calibrating and quantizing"
         what = f"{options['method']} {options['bits']}-bit: {step}"
