@@ -36,9 +36,10 @@ def test_a_killed_head_is_healed_and_the_sweep_finishes_with_no_command_typed(cl
     env = dict(cli_env, QFARM_RAY_TEMP_DIR=temp_dir, QFARM_WATCH="1", QFARM_WATCH_STALE_S=str(STALE), QFARM_WATCH_POLL_S="1")
     env.pop("QFARM_RAY_ADDRESS")  # qfarm's own local head, as a user without a cluster has
     spec = tmp_path / "naps.yaml"
-    spec.write_text("name: head-loss\nresources: {gpus: 1}\njobs:\n"
-                    "  - {kind: sleep, seconds: 1, matrix: {index: [0]}}\n"
-                    "  - {kind: sleep, seconds: 10, matrix: {index: [1, 2]}}\n")
+    # the short job first whatever the dispatch order (longest first): the long ones come from it
+    spec.write_text("name: head-loss\nresources: {gpus: 1}\nstages:\n"
+                    "  - {name: first, kind: sleep, seconds: 1, matrix: {index: [0]}}\n"
+                    "  - {name: then, kind: sleep, from: first, seconds: 10, matrix: {index: [1, 2]}}\n")
     try:
         out = qfarm(env, "submit", str(spec))
         assert out.returncode == 0, out.stdout + out.stderr
