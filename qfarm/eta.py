@@ -70,25 +70,25 @@ def expected(jobs: Iterable[JobRecord], history: dict[str, float] | None = None,
     """Each unfinished job's expected total run time (s), by job id. Without anything finished or remembered to
     scale the prior by, absent (``unitless``: the prior's units instead, enough to order jobs by)."""
     jobs, history = list(jobs), history or {}
+    shape = {j.id: work_shape(j.spec or {}) for j in jobs}  # each job's once: this runs on every dispatch pass
+    units = {j.id: prior_units(j.spec or {}) for j in jobs}
     done = [j for j in jobs if _took(j) is not None]
     alike: dict[str, list[float]] = {}
     for j in done:
-        alike.setdefault(work_shape(j.spec or {}), []).append(_took(j))
-    ratios = [_took(j) / prior_units(j.spec or {}) for j in done if prior_units(j.spec or {}) > 0]
-    ratios += [history[work_shape(j.spec or {})] / prior_units(j.spec or {}) for j in jobs
-               if work_shape(j.spec or {}) in history and prior_units(j.spec or {}) > 0]
+        alike.setdefault(shape[j.id], []).append(_took(j))
+    ratios = [_took(j) / units[j.id] for j in done if units[j.id] > 0]
+    ratios += [history[shape[j.id]] / units[j.id] for j in jobs if shape[j.id] in history and units[j.id] > 0]
     scale = median(ratios) if ratios else (1.0 if unitless else None)
     out = {}
     for j in jobs:
         if j.status not in ("queued", "running"):
             continue
-        shape = work_shape(j.spec or {})
-        if shape in alike:
-            out[j.id] = mean(alike[shape])
-        elif shape in history:
-            out[j.id] = history[shape]
+        if shape[j.id] in alike:
+            out[j.id] = mean(alike[shape[j.id]])
+        elif shape[j.id] in history:
+            out[j.id] = history[shape[j.id]]
         elif scale is not None:
-            out[j.id] = prior_units(j.spec or {}) * scale
+            out[j.id] = units[j.id] * scale
     return out
 
 

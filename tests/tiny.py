@@ -60,3 +60,11 @@ def make_tiny_model(folder: Path, corpus: list[str], seed: int = 0, bos: bool = 
 def corpus_of(jsonl: Path, n: int = 300, field: str = "text") -> list[str]:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()[:n] if line.strip()]
     return [str(r[field]) for r in rows]
+
+
+def guanaco_rows(shared_data: Path, folder: Path, n: int) -> Path:
+    """The first ``n`` rows of ../shared/data's guanaco-llama2-1k as a .jsonl under ``folder``: a small real dataset
+    for training and evaluation in tests."""
+    data = folder / "guanaco.jsonl"
+    data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:n]))
+    return data

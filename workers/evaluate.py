@@ -420,7 +420,9 @@ def reference_first(ctx, base) -> str:
     return ctx.cache.park(base, on_gpu=True) if on_gpu else ctx.cache.drop(base)
 
 
-def _reference_task_loss(ctx, base) -> float | None:
+def _reference_task_loss(ctx, base) -> tuple[list, float] | None:
+    """(the held-out examples of the job's train ancestor, the reference's task loss on them), both cached; None
+    without a train ancestor."""
     te = ctx.job.get("task_eval")
     if not te:
         return None
@@ -428,18 +430,16 @@ def _reference_task_loss(ctx, base) -> float | None:
     examples = ctx.cache.tokens(key, lambda: held_out(te, base.tokenizer), ctx, "task_data")
     ref, _ = ctx.cache.reference_number(("task_loss",) + key,
                                         lambda: task_loss(runner(base.model), examples, ctx.progress, "reference task loss"))
-    return ref
+    return examples, ref
 
 
 def task_metrics(ctx, model, base) -> dict:
     """task_loss of ``model`` and of ``base`` on the held-out examples of the job's train ancestor."""
-    te = ctx.job.get("task_eval")
-    if not te:
+    found = _reference_task_loss(ctx, base)
+    if found is None:
         return {}
-    key = (te["dataset"]["key"], te.get("format"), te["eval_samples"], te["seq_len"], base.path)
-    examples = ctx.cache.tokens(key, lambda: held_out(te, base.tokenizer), ctx, "task_data")
+    examples, ref = found
     loss = task_loss(runner(model), examples, ctx.progress)
-    ref = _reference_task_loss(ctx, base)
     return {"task_loss": loss, "ref_task_loss": ref, "task_loss_delta": loss - ref, "task_examples": len(examples)}
 
 

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from tests.cli import qfarm, results
-from tests.tiny import FAMILIES, corpus_of, make_tiny_model
+from tests.tiny import FAMILIES, corpus_of, guanaco_rows, make_tiny_model
 
 pytestmark = pytest.mark.e2e
 
@@ -23,8 +23,7 @@ DROPOUT = {"mixtral": 0.0}
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_small_sweep_on_a_tiny_model_of_each_family(cli_env, shared_data, tmp_path, family):
-    data = tmp_path / "guanaco.jsonl"
-    data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:120]))
+    data = guanaco_rows(shared_data, tmp_path, 120)
     model = make_tiny_model(tmp_path / family, corpus_of(data), seed=1, family=family)
     methods = QUANTIZERS.get(family, ["bnb-nf4", "rtn"])
     stages = "".join(f"  - {{name: {m}, kind: quantize, method: {m}{', group_size: 32' if m == 'rtn' else ''}}}\n"

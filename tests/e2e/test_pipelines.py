@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import qfarm, results, wandb_runs
-from tests.tiny import corpus_of, make_tiny_model
+from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
 
 pytestmark = pytest.mark.e2e
 
@@ -23,8 +23,7 @@ def by_stage(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def test_tiny_pipeline_train_merge_quantize_with_a_failing_branch(cli_env, shared_data, tmp_path):
-    data = tmp_path / "guanaco200.jsonl"
-    data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:200]))
+    data = guanaco_rows(shared_data, tmp_path, 200)
     tiny = make_tiny_model(tmp_path / "tiny", corpus_of(data))
     (Path(tiny) / "README.md").write_text("---\nlicense: mit\n---\n# a tiny model\n")  # its license: carried over
     spec = tmp_path / "tiny-pipe.yaml"

@@ -12,15 +12,14 @@ import time
 import pytest
 
 from tests.cli import qfarm, results
-from tests.tiny import corpus_of, make_tiny_model
+from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
 
 pytestmark = pytest.mark.e2e
 
 
 def test_a_killed_train_job_resumes_from_its_checkpoint_with_the_uninterrupted_loss_curve(cli_env, shared_data,
                                                                                            tmp_path, store):
-    data = tmp_path / "guanaco.jsonl"
-    data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:200]))
+    data = guanaco_rows(shared_data, tmp_path, 200)
     model = make_tiny_model(tmp_path / "tiny", corpus_of(data), seed=3)
     spec = tmp_path / "resume.yaml"
     spec.write_text(f"""\

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests.cli import qfarm, results
-from tests.tiny import corpus_of, make_tiny_model
+from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -18,8 +18,7 @@ def test_a_sweep_on_one_worker_under_a_host_budget_drops_the_base_and_keeps_its_
                                                                                            tmp_path, store):
     from qfarm.cluster import start_local_head, stop_local_head
 
-    data = tmp_path / "guanaco.jsonl"
-    data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:120]))
+    data = guanaco_rows(shared_data, tmp_path, 120)
     model = make_tiny_model(tmp_path / "tiny", corpus_of(data), seed=2)
     spec = tmp_path / "budget.yaml"
     spec.write_text(f"""\
