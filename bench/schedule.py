@@ -39,10 +39,10 @@ def run(store, head, spec: Path, root: Path) -> str:
 def bound(jobs) -> tuple[float, float, float]:
     """(makespan, critical path, Σ job time / slots) of a finished sweep, from its own job times."""
     took = {j.id: j.finished_at - j.started_at for j in jobs}
-    parent = {j.id: (j.spec or {}).get("parent") for j in jobs}
+    before = {j.id: [(j.spec or {}).get("parent")] + list((j.spec or {}).get("needs") or []) for j in jobs}
 
     def path(job_id):
-        return took[job_id] + (path(parent[job_id]) if parent[job_id] in took else 0.0)
+        return took[job_id] + max((path(p) for p in before[job_id] if p in took), default=0.0)
 
     makespan = max(j.finished_at for j in jobs) - min(j.started_at for j in jobs)
     return makespan, max(path(j) for j in took), sum(took.values()) / SLOTS

@@ -94,6 +94,10 @@ TABLE: tuple[Column, ...] = (
     C("calib_tokens", group="calibration"),
     C("calib_source", group="calibration", format="{}"),
     C("calib_overlap_tokens", group="calibration"),
+    C("calib_capture", group="calibration", format="{}"),  # the calibrate job a shared GPTQ job solved from
+    C("capture", group="calibration", format="{}", echoes_option=True),  # what a calibrate job captured (hessian)
+    C("capture_layers", group="calibration"),  # decoder layers it wrote
+    C("capture_s", unit="s", direction="min", group="calibration"),  # its pass over the calibration data
     # quality: standard errors over tokens (shown as ± beside the figure)
     C("perplexity_se", group="quality"),
     C("ppl_delta_pct_se", unit="%", group="quality"),
@@ -174,7 +178,9 @@ TABLE: tuple[Column, ...] = (
     C("adapter_mb", unit="MB", group="train"),
     C("held_out_examples", group="train"),
     C("loss_curve", group="train", format="{}"),
-    C("resumed_from", group="train"),  # the checkpoint step a retried attempt resumed from (None: from step 0)
+    # where a retried attempt resumed (None: from the start): the checkpoint step of a train job, the number of
+    # layers of a shared GPTQ job that an earlier attempt had solved
+    C("resumed_from", group="train"),
     C("task_loss", "task loss", "{:.3f}", direction="min", group="train", view=19, priority=15),
     C("ref_task_loss", group="train"),
     C("task_loss_delta", group="train"),

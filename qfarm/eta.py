@@ -54,9 +54,12 @@ def prior_units(spec: dict) -> float:
     cost = method.cost if method is not None else kind.cost
     ev = spec.get("eval") or {}
     ppl = ev.get("perplexity") or {}
-    tokens = (ppl.get("seq_len") or 512) * (ppl.get("max_windows") or 8) + 2000 * len(ev.get("tasks") or [])
+    tokens = (ppl.get("seq_len") or 512) * (ppl.get("max_windows") or 8) + 2000 * len(ev.get("tasks") or []) \
+        if kind.name != "calibrate" else 0
     cal = opts.get("calibration") or {}
-    calib = (cal.get("samples") or 0) * (cal.get("seq_len") or 0) if method and method.name in ("gptq", "awq") else 0
+    # a GPTQ job that shares a capture only solves: the calibration tokens are the capture job's
+    calibrates = kind.name == "calibrate" or (method and method.name in ("gptq", "awq") and not cal.get("share"))
+    calib = (cal.get("samples") or 0) * (cal.get("seq_len") or 0) if calibrates else 0
     train = (opts.get("max_steps") or 0) * (opts.get("batch_size") or 1) * (opts.get("seq_len") or 0) * 3
     return cost * (tokens + calib / 4 + train)
 
@@ -99,9 +102,10 @@ def ranks(jobs: Iterable[JobRecord], history: dict[str, float] | None = None) ->
     guess = expected(jobs, history, unitless=True)
     children: dict[str, list[str]] = {}
     for j in jobs:
-        parent = (j.spec or {}).get("parent")
-        if parent:
-            children.setdefault(parent, []).append(j.id)
+        spec = j.spec or {}
+        for parent in [spec.get("parent")] + list(spec.get("needs") or []):
+            if parent:
+                children.setdefault(parent, []).append(j.id)
     memo: dict[str, float] = {}
 
     def rank(job_id: str, depth: int = 0) -> float:

@@ -48,6 +48,7 @@ class Job:
     impl: str | None = None  # the method's implementation ("module:Class"), for kinds whose methods have one
     bits: int | None = None  # the nominal bits of the weights (the ``bits`` column)
     axes: tuple[str, ...] = ()  # the option keys its group's matrix varies: always in its label
+    needs: tuple[str, ...] = ()  # jobs that must succeed before it runs, whose output it reads (a shared capture)
 
     def payload(self) -> dict[str, Any]:
         """The JSON-safe description stored in Redis and handed to a worker."""
@@ -74,6 +75,7 @@ class Job:
             "needs_model": self.needs_model,
             "impl": self.impl,
             "bits": self.bits,
+            "needs": list(self.needs),
         }
 
 
@@ -144,6 +146,10 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True)
             refs = checks(gi, group, options, sources)
             for parent in parents:
                 job = _job(spec, gi, group, options, model_ref, group_eval, refs, parent, cuda)
+                capture = _capture(job, cuda)
+                if capture is not None:  # before the jobs that need it: labelled() reads parents first
+                    jobs.setdefault(capture.id, capture)
+                    job = replace(job, needs=(capture.id,))
                 if job.id not in jobs:
                     jobs[job.id] = job
                     mine.append(job)
@@ -216,6 +222,21 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         bits=method.nominal_bits(opts) if method is not None else opts.get("bits"),
         axes=tuple(k for k in axes(group)[0] if k != "method"),
     )
+
+
+def _capture(job: Job, cuda: bool) -> Job | None:
+    """The ``calibrate`` job a GPTQ job with ``calibration.share`` needs: one per model (or parent artifact),
+    calibration data and device class, so every such job of the sweep solves from the same capture. Its id
+    holds neither the quantization options nor the evaluation: they do not change what it captures."""
+    cal = job.options.get("calibration") or {}
+    if job.kind != "quantize" or job.options.get("method") != "gptq" or not cal.get("share"):
+        return None
+    kind = KINDS["calibrate"]
+    opts = {"capture": "hessian", "calibration": {k: v for k, v in cal.items() if k != "share"}}
+    identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (job.model or {}).get("key"),
+                "compute": COMPUTE["gpu" if cuda and job.resources.get("gpus") else "cpu"], "from": job.parent}
+    return replace(job, id="j" + digest(identity, 12), kind=kind.name, label=kind.name, options=opts, eval=None,
+                   task_eval=None, worker=kind.worker, impl=None, bits=None, axes=(), needs=())
 
 
 def _vllm_eval(ev: dict, kind: str, method) -> dict:

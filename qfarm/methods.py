@@ -65,6 +65,15 @@ def _group_size(value: int) -> int:
     return value
 
 
+class GptqCalibration(Calibration):
+    """GPTQ's calibration, and whether it is shared. ``share: true``: one ``calibrate`` job per model and data
+    captures every layer's Hessian from the float model's activations, and each GPTQ job of the sweep on that model
+    and data only solves from it (and resumes from its last solved layer when retried). ``false``: each job runs
+    llm-compressor's sequential pipeline, where a layer's inputs come from the already-quantized layers before it."""
+
+    share: bool = False
+
+
 class RtnOptions(Options):
     """Round-to-nearest integer weights (no calibration): the baseline every GPTQ/AWQ paper reports."""
 
@@ -85,7 +94,7 @@ class GptqOptions(Options):
     act_order: bool = False
     symmetric: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
-    calibration: Calibration = Calibration()
+    calibration: GptqCalibration = GptqCalibration()
 
 
 class AwqOptions(Options):
@@ -214,6 +223,15 @@ class MergeOptions(Options):
     check_samples: int = Field(4, ge=1, le=1_000)
 
 
+class CaptureOptions(Options):
+    """What a ``calibrate`` job captures: for GPTQ, each Linear's input Hessian (2/n·XᵀX over the calibration
+    tokens) with every layer fed the float model's activations. Made by qfarm.expand for GPTQ jobs whose
+    ``calibration.share`` is true, never written in a spec."""
+
+    capture: Literal["hessian"] = "hessian"
+    calibration: Calibration
+
+
 class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
@@ -293,6 +311,7 @@ class Kind:
     options: Optional[type[Options]] = None
     methods: Optional[dict[str, Method]] = None
     cost: float = 2.0  # as Method.cost, for a kind without methods
+    internal: bool = False  # made by qfarm.expand for other jobs (a shared calibration), never named in a spec
 
     def method(self, name: object) -> Optional[Method]:
         return (self.methods or {}).get(name) if isinstance(name, str) else None
@@ -323,7 +342,11 @@ KINDS: dict[str, Kind] = {
              needs_model=True, methods=TRAIN_METHODS),
         Kind("merge", "workers.merge:run", "merge a train job's adapter into a base, check it, evaluate it",
              needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0),
+        Kind("calibrate", "workers.calibrate:run", "capture what GPTQ needs of the calibration data, once for the jobs "
+             "that share it", needs_model=True, options=CaptureOptions, cost=4.0, internal=True),
         Kind("sleep", "workers.sleep:run", "sleep: tests and benchmarks of the farm itself",
              needs_model=False, parents=frozenset({"sleep"}), options=SleepOptions),
     ]
 }
+
+USER_KINDS: dict[str, Kind] = {name: k for name, k in KINDS.items() if not k.internal}  # what a spec may name

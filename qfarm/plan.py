@@ -192,6 +192,12 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
         disk["artifact"] = file_bytes
         if (job.get("model") or {}).get("kind") != "gguf":
             disk["GGUF at the source dtype, converted once per output root"] = P * (2 if shape.dtype != "float32" else 4)
+    elif kind == "calibrate":  # a float copy runs the calibration data; no reference, no evaluation
+        ref.clear()
+        (host if on_gpu else own)["float copy being calibrated (onloaded a layer at a time)"] = P * cb
+        block = sum(n * n * 4 for n in shape.block_linear_inputs())
+        own["GPTQ Hessians (one block)"] = block
+        disk["GPTQ Hessians of every layer (the capture)"] = block * shape.layers
     elif kind == "train":
         _training(own, disk, opts, shape, method, four_bit, rest, cb)
     elif kind == "merge":

@@ -244,16 +244,25 @@ class Scheduler:
             self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, job.spec.get("timeout_s"))
 
     def _inputs(self, job: JobRecord) -> dict | None:
-        """What a job that comes ``from`` another needs of it: {} for a job without a parent; None while the parent
-        has not finished (the job waits), or when it did not succeed (the job is marked skipped, with why)."""
-        parent_id = job.spec.get("parent")
-        parent = (self.jobs.get(parent_id) or self.store.job(parent_id)) if parent_id else None
-        decision, value = readiness(parent_id, parent)
-        if decision == "skip":
-            self.store.skip_if_queued(job.id, value[:500])
-            self._reload(job.id)
-            return None
-        return value
+        """What a job that comes ``from`` another needs of it: {} for a job without a parent, with the artifacts of
+        the jobs it ``needs`` under "needs"; None while one of them has not finished (the job waits), or when one
+        did not succeed (the job is marked skipped, with why)."""
+        inputs: dict = {}
+        needs = [d for d in job.spec.get("needs") or [] if isinstance(d, str)]  # e.g. the capture a GPTQ job shares
+        for dep_id in [job.spec.get("parent")] + needs:
+            dep = (self.jobs.get(dep_id) or self.store.job(dep_id)) if dep_id else None
+            decision, value = readiness(dep_id, dep)
+            if decision == "skip":
+                self.store.skip_if_queued(job.id, value[:500])
+                self._reload(job.id)
+                return None
+            if decision == "wait":
+                return None
+            if dep_id in needs:
+                inputs.setdefault("needs", {})[dep_id] = value.get("artifact")
+            else:
+                inputs.update(value)
+        return inputs
 
     def _collect(self) -> None:
         import ray

@@ -39,7 +39,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import Problem, SpecError, allowed, did_you_mean, format_path, line_map, line_of
-from .methods import KINDS
+from .methods import USER_KINDS as KINDS
 
 MAX_SPEC_BYTES = 1_000_000
 

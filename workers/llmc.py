@@ -32,8 +32,10 @@ Sample yaml::
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+from pathlib import Path
 
 # Before llm-compressor is imported: its INFO logs and progress bars would fill the Ray worker logs.
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
@@ -129,6 +131,16 @@ def _layer_progress(model, say):
             h.remove()
 
 
+def _empty_but(folder: Path, keep: Path | None) -> None:
+    """``folder`` emptied (or removed), but for ``keep``."""
+    if keep is None or not folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        if child != keep:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
 def _no_pinning_without_cuda() -> None:
     import torch
 
@@ -139,6 +151,144 @@ def _no_pinning_without_cuda() -> None:
     IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
+# --- shared calibration: one capture of every layer's Hessian, then a solve per job -----------------------------
+
+CAPTURE = "hessians"  # the capture's folder under its job's folder: one safetensors file per decoder layer
+SOLVED = "solved_layers"  # a shared GPTQ job's solved layers, under its folder until its artifact is saved
+Q_PARAMS = ("weight", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
+
+
+@functools.cache
+def _shared_modifiers():
+    """llm-compressor's GPTQModifier, split in two at the Hessian (classes made on first use: importing
+    llm-compressor is heavy, and only workers do it).
+
+    ``Capture`` runs the sequential pipeline on the float model without quantizing anything: at the end of each
+    decoder layer it writes the layer's Hessians (summed 2·xxᵀ and sample counts, as llm-compressor accumulates them)
+    to ``layer_NNNN.safetensors`` and frees them, so one layer's Hessians are in memory at a time.
+    ``Solve`` runs on the data-free pipeline: it reads the capture a layer at a time into the state GPTQModifier
+    would have accumulated and lets the library's own ``compress_module_list`` solve it; each solved layer's
+    quantized weights and qparams are written under ``progress`` first, and a retried attempt loads those instead of
+    solving them again."""
+    import torch
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from pydantic import PrivateAttr
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    class Capture(GPTQModifier):
+        _folder: str = PrivateAttr("")
+        _layers: int = PrivateAttr(0)
+
+        def compress_modules(self):
+            if not self._num_samples:
+                return
+            tensors = {}
+            for module in list(self._num_samples):
+                name = self._module_names[module]
+                tensors[name] = self._hessians.pop(module).to("cpu").contiguous()
+                tensors[f"{name}.num_samples"] = self._num_samples.pop(module).to("cpu").reshape(1)
+            target = Path(self._folder) / f"layer_{self._layers:04d}.safetensors"
+            save_file(tensors, str(target.with_suffix(".tmp")))
+            os.replace(target.with_suffix(".tmp"), target)
+            self._layers += 1
+
+    class Solve(GPTQModifier):
+        requires_calibration_data: bool = False  # llm-compressor then picks its data-free pipeline
+        _capture: str = PrivateAttr("")
+        _progress: str = PrivateAttr("")
+        _say: object = PrivateAttr(None)
+        _resumed: int = PrivateAttr(0)
+
+        def compress_modules(self):
+            from compressed_tensors.utils import update_offload_parameter
+
+            by_name = {name: module for module, name in self._module_names.items()}
+            files = sorted(Path(self._capture).glob("layer_*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"the calibration capture {self._capture} holds no layer")
+            progress = Path(self._progress)
+            progress.mkdir(parents=True, exist_ok=True)
+            for i, file in enumerate(files):
+                done = progress / file.name
+                with safe_open(str(file), "pt") as f:
+                    names = [k for k in f.keys() if not k.endswith(".num_samples")]
+                    missing = [n for n in names if n not in by_name]
+                    if missing:
+                        raise ValueError(f"the calibration capture does not match this model: no module {missing[0]}")
+                    modules = [by_name[n] for n in names]
+                    if done.is_file():  # solved by an earlier attempt of this job
+                        with safe_open(str(done), "pt") as g:
+                            for key in g.keys():
+                                name, attr = key.rsplit(":", 1)
+                                update_offload_parameter(by_name[name], attr, g.get_tensor(key))
+                        self._resumed += 1
+                    else:
+                        for n, module in zip(names, modules):
+                            self._hessians[module] = f.get_tensor(n).to(module.weight.device)
+                            self._num_samples[module] = f.get_tensor(f"{n}.num_samples").reshape(()).to(
+                                module.weight.device)
+                        self.compress_module_list(modules)
+                        out = {f"{n}:{attr}": getattr(m, attr).detach().to("cpu").contiguous()
+                               for n, m in zip(names, modules) for attr in Q_PARAMS
+                               if isinstance(getattr(m, attr, None), torch.Tensor)}
+                        save_file(out, str(done.with_suffix(".tmp")))
+                        os.replace(done.with_suffix(".tmp"), done)
+                if self._say is not None:
+                    self._say(i + 1, len(files), self._resumed)
+
+    return Capture, Solve
+
+
+def capture_hessians(ctx, model, data, folder: Path) -> int:
+    """Write each decoder layer's GPTQ Hessians of ``model`` (float, changed in place: use a copy) on the
+    calibration ``data`` under ``folder``; every layer sees the float model's activations. Returns the layers written."""
+    from llmcompressor import oneshot
+
+    Capture, _ = _shared_modifiers()
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args({"bits": 8, "group_size": -1})}}
+    capture = Capture(config_groups=groups, ignore=["lm_head"])
+    capture._folder = str(folder)
+    _no_pinning_without_cuda()
+    with _layer_progress(model, lambda i, n: ctx.progress(f"capturing GPTQ Hessians, layer {i}/{n}")):
+        # propagate_error=False: no second pass per layer, the next layer takes the float outputs of this one
+        oneshot(model=model, recipe=[capture], dataset=data, num_calibration_samples=len(data),
+                max_seq_length=ctx.job["calibration"]["seq_len"], shuffle_calibration_samples=False,
+                propagate_error=False)
+    return capture._layers
+
+
+def solve_shared(ctx, model, options: dict, capture: str, progress: Path) -> int:
+    """GPTQ on ``model`` from a capture's Hessians (qfarm.expand's ``calibrate`` job); returns the layers an
+    earlier attempt had solved (loaded from ``progress``, not solved again)."""
+    from llmcompressor import oneshot
+
+    _, Solve = _shared_modifiers()
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(options)}}
+    solve = Solve(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"])
+    solve._capture, solve._progress = capture, str(progress)
+    what = f"gptq {options['bits']}-bit: solving from the shared capture"
+    solve._say = lambda i, n, resumed: ctx.progress(
+        f"{what}, layer {i}/{n}" + (f" ({resumed} solved by an earlier attempt)" if resumed else ""))
+    oneshot(model=model, recipe=[solve])
+    return solve._resumed
+
+
+def capture_of(ctx) -> str | None:
+    """The folder of the capture a shared GPTQ job solves from (the artifact of the job it needs), inside the output
+    root; None for a job that calibrates itself."""
+    needs = (ctx.job.get("input") or {}).get("needs") or {}
+    if not (ctx.options.get("calibration") or {}).get("share"):
+        return None
+    from workers.files import inside
+
+    artifacts = [a for a in needs.values() if isinstance(a, str)]
+    if len(artifacts) != 1:
+        raise ValueError("a GPTQ job with calibration.share needs exactly one calibrate job's capture")
+    return str(Path(inside(ctx.output_root, artifacts[0])) / CAPTURE)
+
+
 class LLMCompressor:
     def quantize(self, ctx, base) -> str:
         from llmcompressor import oneshot
@@ -146,11 +296,21 @@ class LLMCompressor:
         from workers.models import load_float
 
         options, out = ctx.options, ctx.output_dir
-        shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
+        capture = capture_of(ctx)
+        solved = Path(out) / SOLVED
+        _empty_but(Path(out), solved if capture else None)  # a retried attempt starts clean, but for solved layers
         # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference). In host
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
         model, tokenizer = load_float(base.path, host=True)
+        if capture:
+            ctx.extra.update({"calib_source": "shared capture", "resumed_from": None,
+                              "calib_capture": Path(capture).parent.name})
+            resumed = solve_shared(ctx, model, options, capture, solved)
+            ctx.extra["resumed_from"] = resumed or None  # layers an earlier attempt had solved
+            self._save(model, tokenizer, out)
+            shutil.rmtree(solved, ignore_errors=True)
+            return out
         kwargs = {}
         if options["method"] != "rtn":
             ctx.progress("tokenizing calibration data")
@@ -165,10 +325,13 @@ class LLMCompressor:
         ctx.progress(what)
         with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
             oneshot(model=model, recipe=recipe(options), **kwargs)
+        self._save(model, tokenizer, out)
+        return out
+
+    @staticmethod
+    def _save(model, tokenizer, out: str) -> None:
         model.save_pretrained(out, save_compressed=True)
         tokenizer.save_pretrained(out)
-        del model
-        return out
 
     def load(self, ctx, artifact, base):
         from workers.models import load_float

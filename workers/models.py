@@ -59,14 +59,19 @@ def prepared_base(ctx, from_input: bool = False):
     """(the job's base model from the worker's cache, seconds spent preparing its folder, cache hit).
 
     The sweep's model; or, ``from_input``, the artifact of the job it comes from (a merged model to quantize)."""
+    path, prepare_s = base_path(ctx, from_input)
+    base, cached = ctx.cache.base(path, ctx)
+    return base, prepare_s, cached
+
+
+def base_path(ctx, from_input: bool = False) -> tuple[str, float]:
+    """(the folder of the job's base model, seconds spent preparing it): the sweep's model, or, ``from_input``, the
+    artifact of the job it comes from."""
     ctx.progress("preparing the base model")
     artifact = (ctx.job.get("input") or {}).get("artifact") if from_input else None
     if artifact:
-        path, prepare_s = inside(ctx.output_root, artifact), 0.0
-    else:
-        path, prepare_s = base_dir(ctx.job["model"], ctx.output_root, ctx.progress)
-    base, cached = ctx.cache.base(path, ctx)
-    return base, prepare_s, cached
+        return inside(ctx.output_root, artifact), 0.0
+    return base_dir(ctx.job["model"], ctx.output_root, ctx.progress)
 
 
 def versions() -> dict:

@@ -131,7 +131,7 @@ def test_calibration_size_changes_the_job_id_and_labels_show_varied_options(tmp_
     assert [j.label for j in a.jobs] == ["gptq g=32 act_order=false", "gptq g=32 act_order=true",
                                          "gptq g=64 act_order=false", "gptq g=64 act_order=true"]
     assert a.jobs[0].options["calibration"] == {"dataset": "bundled:python-docs", "text_field": "text",
-                                                "samples": 8, "seq_len": 512}
+                                                "samples": 8, "seq_len": 512, "share": False}
 
 
 # --- reading a model's shape without ML libraries -------------------------------------------------

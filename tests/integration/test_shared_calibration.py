@@ -1,0 +1,101 @@
+"""Shared GPTQ calibration (issue 20), in one process on a tiny random Llama: a capture of each layer's Hessians
+solved by llm-compressor's own GPTQ gives the weights llm-compressor's one-shot GPTQ gives with float activations
+(``propagate_error=False``), not those of its sequential mode; a solve whose earlier attempt had solved some layers
+loads those and solves only the rest, to the same weights."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True, "dampening_frac": 0.01}
+
+
+def _quantized(model) -> dict:
+    return {f"{name}.{attr}": getattr(m, attr).detach().clone() for name, m in model.named_modules()
+            for attr in ("weight", "weight_scale", "weight_zero_point") if hasattr(m, "weight_scale")}
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data, tmp_path_factory):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("shared")
+    data = guanaco_rows(shared_data, tmp, 120)
+    folder = make_tiny_model(tmp / "tiny", corpus_of(data), seed=5)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(" ".join(corpus_of(data, 200)), return_tensors="pt").input_ids[0]
+    windows = ids[: 8 * 32].reshape(8, 32)
+    dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    return SimpleNamespace(folder=str(folder), data=dataset, tmp=tmp)
+
+
+def _ctx(said: list | None = None):
+    return SimpleNamespace(progress=(said.append if said is not None else (lambda line: None)),
+                           job={"calibration": {"seq_len": 32}})
+
+
+def _fresh(tiny):
+    from workers.models import load_float
+
+    return load_float(tiny.folder, host=True)[0]
+
+
+def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activations(tiny):
+    from llmcompressor import oneshot
+
+    from workers.llmc import capture_hessians, recipe, solve_shared
+
+    capture = tiny.tmp / "capture"
+    layers = capture_hessians(_ctx(), _fresh(tiny), tiny.data, capture)
+    assert layers == 2 and len(list(capture.glob("layer_*.safetensors"))) == 2
+
+    said: list[str] = []
+    shared = _fresh(tiny)
+    assert solve_shared(_ctx(said), shared, OPTIONS, str(capture), tiny.tmp / "solved") == 0
+    assert said[-1].endswith("layer 2/2")
+    mine = _quantized(shared)
+    assert len(mine) == 2 * 7 * 3  # 7 Linear a layer, lm_head left in float
+
+    def oneshot_gptq(propagate_error: bool) -> dict:
+        model = _fresh(tiny)
+        oneshot(model=model, recipe=recipe(OPTIONS), dataset=tiny.data, num_calibration_samples=len(tiny.data),
+                max_seq_length=32, shuffle_calibration_samples=False, propagate_error=propagate_error)
+        return _quantized(model)
+
+    float_acts, sequential = oneshot_gptq(False), oneshot_gptq(True)
+    for key, value in mine.items():
+        assert value.to(float_acts[key].dtype) == pytest.approx(float_acts[key], abs=1e-5), key
+    # what makes the two modes differ: the second layer's inputs come from the quantized first layer
+    changed = [k for k in mine if ".layers.1." in k and k.endswith(".weight")
+               and not (mine[k] - sequential[k]).abs().max() < 1e-6]
+    assert changed, "sequential GPTQ gave the second layer the weights of the shared solve"
+
+
+def test_a_retried_solve_loads_the_layers_an_earlier_attempt_solved_and_solves_the_rest(tiny):
+    from workers.llmc import capture_hessians, solve_shared
+
+    capture = tiny.tmp / "capture2"
+    capture_hessians(_ctx(), _fresh(tiny), tiny.data, capture)
+    whole = _fresh(tiny)
+    progress = tiny.tmp / "progress"
+    assert solve_shared(_ctx(), whole, OPTIONS, str(capture), progress) == 0
+    solved = sorted(progress.glob("layer_*.safetensors"))
+    assert [p.name for p in solved] == ["layer_0000.safetensors", "layer_0001.safetensors"]
+    solved[1].unlink()  # the attempt died solving the second layer
+    said: list[str] = []
+    retried = _fresh(tiny)
+    assert solve_shared(_ctx(said), retried, OPTIONS, str(capture), progress) == 1
+    assert said == ["gptq 4-bit: solving from the shared capture, layer 1/2 (1 solved by an earlier attempt)",
+                    "gptq 4-bit: solving from the shared capture, layer 2/2 (1 solved by an earlier attempt)"]
+    expected, got = _quantized(whole), _quantized(retried)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert bool((got[key] == expected[key]).all()), key
