@@ -11,7 +11,9 @@ Weight-only integer quantization with explicit ``config_groups`` (the presets us
 divide SmolLM2's 576 inputs). ``lm_head`` stays full precision, as llm-compressor's examples do.
 
 - ``rtn``: QuantizationModifier alone (no calibration: scales from the weights' min/max).
-- ``gptq``: GPTQModifier over the sweep's calibration samples, layer by layer.
+- ``gptq``: GPTQModifier over the sweep's calibration samples, layer by layer, through llm-compressor's sequential
+  loop with a checkpoint per layer (a retried attempt replays the solved layers instead of solving them again); or,
+  with ``calibration.share``, solved from a ``calibrate`` job's capture of every layer's Hessian (workers.calibrate).
 - ``awq``: AWQModifier (scale search on calibration activations) followed by QuantizationModifier.
 
 On CPU, llm-compressor's AWQ pins calibration activations in page-locked memory, which needs a CUDA device
@@ -170,11 +172,9 @@ def _shared_modifiers():
     would have accumulated and lets the library's own ``compress_module_list`` solve it; each solved layer's
     quantized weights and qparams are written under ``progress`` first, and a retried attempt loads those instead of
     solving them again."""
-    import torch
     from llmcompressor.modifiers.quantization import GPTQModifier
     from pydantic import PrivateAttr
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     class Capture(GPTQModifier):
         _folder: str = PrivateAttr("")
@@ -188,9 +188,7 @@ def _shared_modifiers():
                 name = self._module_names[module]
                 tensors[name] = self._hessians.pop(module).to("cpu").contiguous()
                 tensors[f"{name}.num_samples"] = self._num_samples.pop(module).to("cpu").reshape(1)
-            target = Path(self._folder) / f"layer_{self._layers:04d}.safetensors"
-            save_file(tensors, str(target.with_suffix(".tmp")))
-            os.replace(target.with_suffix(".tmp"), target)
+            _save_atomic(tensors, Path(self._folder) / f"layer_{self._layers:04d}.safetensors")
             self._layers += 1
 
     class Solve(GPTQModifier):
@@ -201,8 +199,6 @@ def _shared_modifiers():
         _resumed: int = PrivateAttr(0)
 
         def compress_modules(self):
-            from compressed_tensors.utils import update_offload_parameter
-
             by_name = {name: module for module, name in self._module_names.items()}
             files = sorted(Path(self._capture).glob("layer_*.safetensors"))
             if not files:
@@ -218,10 +214,7 @@ def _shared_modifiers():
                         raise ValueError(f"the calibration capture does not match this model: no module {missing[0]}")
                     modules = [by_name[n] for n in names]
                     if done.is_file():  # solved by an earlier attempt of this job
-                        with safe_open(str(done), "pt") as g:
-                            for key in g.keys():
-                                name, attr = key.rsplit(":", 1)
-                                update_offload_parameter(by_name[name], attr, g.get_tensor(key))
+                        _load_layer_state(by_name.__getitem__, done)
                         self._resumed += 1
                     else:
                         for n, module in zip(names, modules):
@@ -229,15 +222,120 @@ def _shared_modifiers():
                             self._num_samples[module] = f.get_tensor(f"{n}.num_samples").reshape(()).to(
                                 module.weight.device)
                         self.compress_module_list(modules)
-                        out = {f"{n}:{attr}": getattr(m, attr).detach().to("cpu").contiguous()
-                               for n, m in zip(names, modules) for attr in Q_PARAMS
-                               if isinstance(getattr(m, attr, None), torch.Tensor)}
-                        save_file(out, str(done.with_suffix(".tmp")))
-                        os.replace(done.with_suffix(".tmp"), done)
+                        _save_atomic(_layer_state(modules, self._module_names), done)
                 if self._say is not None:
                     self._say(i + 1, len(files), self._resumed)
 
     return Capture, Solve
+
+
+_RESUME: dict = {}  # the folder and progress callback of the GPTQ job running llm-compressor's pipeline in this process
+
+
+def _layer_state(modules, names: dict) -> dict:
+    """The quantized weights and qparams of the quantized Linears among ``modules`` (all GPTQ changes), by
+    ``<module name>:<attribute>``, on the CPU."""
+    import torch
+
+    return {f"{names[m]}:{attr}": getattr(m, attr).detach().to("cpu").contiguous()
+            for m in modules if m in names and getattr(m, "quantization_scheme", None) is not None
+            for attr in Q_PARAMS if isinstance(getattr(m, attr, None), torch.Tensor)}
+
+
+def _load_layer_state(module_of, file: Path) -> None:
+    """Puts back what ``_layer_state`` wrote to ``file``; ``module_of``: a module's name -> the module."""
+    from compressed_tensors.utils import update_offload_parameter
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        for key in f.keys():
+            name, attr = key.rsplit(":", 1)
+            update_offload_parameter(module_of(name), attr, f.get_tensor(key))
+
+
+def _save_atomic(tensors: dict, target: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(target.with_suffix(".tmp")))
+    os.replace(target.with_suffix(".tmp"), target)
+
+
+@functools.cache
+def _resumable_pipeline() -> str:
+    """Registers llm-compressor's sequential pipeline (0.14's loop: calibrate a subgraph, solve it, propagate its
+    quantized outputs) with a checkpoint after each subgraph: the quantized Linears' weights and qparams, written
+    under ``_RESUME["folder"]`` once the subgraph is solved. A retried attempt loads each subgraph written before and
+    only propagates through it (one forward pass, no Hessian, no solve), so the next subgraph's inputs are the ones
+    the first attempt had. For GPTQ (its state is those tensors); returns the pipeline's name."""
+    import torch
+    from compressed_tensors.offload import disable_offloading, set_onload_device
+    from llmcompressor.core import LifecycleCallbacks, active_session
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    from llmcompressor.pipelines.registry import CalibrationPipeline
+    from llmcompressor.pipelines.sequential.helpers import trace_subgraphs
+    from llmcompressor.utils.dev import get_main_device
+    from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+    @CalibrationPipeline.register("qfarm_resumable")
+    class Resumable(CalibrationPipeline):
+        @staticmethod
+        def __call__(model, dataloader, dataset_args):
+            folder, say = Path(_RESUME["folder"]), _RESUME.get("say") or (lambda i, n, resumed: None)
+            folder.mkdir(parents=True, exist_ok=True)
+            session = active_session()
+            onload = get_main_device()
+            set_onload_device(model, onload)
+            targets = infer_sequential_targets(model, dataset_args.sequential_targets)
+            subgraphs = trace_subgraphs(model, next(iter(dataloader)), targets, dataset_args.tracing_ignore,
+                                        dataset_args.sequential_targets_per_subgraph)
+            names = {m: n for n, m in model.named_modules()}
+            LifecycleCallbacks.calibration_start()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(calibration_forward_context(model))
+                stack.enter_context(DisableQuantization(model))
+                activations = IntermediatesCache.from_dataloader(
+                    dataloader, onload, torch.device(dataset_args.sequential_offload_device))
+                session.state.loss_masks, session.state.sequential_prefetch = None, False
+                for index, subgraph in enumerate(subgraphs):
+                    done = folder / f"subgraph_{index:04d}.safetensors"
+                    with disable_offloading():
+                        if done.is_file():  # solved by an earlier attempt of this job
+                            _load_layer_state(model.get_submodule, done)
+                            _RESUME["resumed"] = _RESUME.get("resumed", 0) + 1
+                        else:
+                            for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
+                                session.state.current_batch_idx = batch
+                                subgraph.forward(model, **inputs)
+                            LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
+                            _save_atomic(_layer_state(subgraph.submodules(model), names), done)
+                        say(index + 1, len(subgraphs), _RESUME.get("resumed", 0))
+                        with HooksMixin.disable_hooks():  # the quantized outputs, the next subgraph's inputs
+                            for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
+                                output = subgraph.forward(model, **inputs)
+                                if index < len(subgraphs) - 1:
+                                    activations.update(batch, output)
+                                    activations.delete(batch, subgraph.consumed_names)
+                LifecycleCallbacks.calibration_end()
+
+    return "qfarm_resumable"
+
+
+def sequential_gptq(ctx, model, options: dict, data, progress: Path, say=None) -> int:
+    """GPTQ through llm-compressor with its sequential pipeline, resumable per subgraph (``_resumable_pipeline``)
+    from ``progress``; returns the subgraphs an earlier attempt had solved."""
+    from llmcompressor import oneshot
+
+    _RESUME.clear()
+    _RESUME.update(folder=str(progress), say=say)
+    try:
+        oneshot(model=model, recipe=recipe(options), dataset=data, num_calibration_samples=len(data),
+                max_seq_length=ctx.job["calibration"]["seq_len"], shuffle_calibration_samples=False,
+                pipeline=_resumable_pipeline())
+        return _RESUME.get("resumed", 0)
+    finally:
+        _RESUME.clear()
 
 
 def capture_hessians(ctx, model, data, folder: Path) -> int:
@@ -298,16 +396,23 @@ class LLMCompressor:
         options, out = ctx.options, ctx.output_dir
         capture = capture_of(ctx)
         solved = Path(out) / SOLVED
-        _empty_but(Path(out), solved if capture else None)  # a retried attempt starts clean, but for solved layers
+        _empty_but(Path(out), solved if options["method"] == "gptq" else None)  # a retry keeps the solved layers
         # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference). In host
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
         model, tokenizer = load_float(base.path, host=True)
-        if capture:
-            ctx.extra.update({"calib_source": "shared capture", "resumed_from": None,
-                              "calib_capture": Path(capture).parent.name})
-            resumed = solve_shared(ctx, model, options, capture, solved)
-            ctx.extra["resumed_from"] = resumed or None  # layers an earlier attempt had solved
+        if options["method"] == "gptq":  # resumable per layer: a retry keeps what an earlier attempt solved
+            if capture:
+                ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
+                resumed = solve_shared(ctx, model, options, capture, solved)
+            else:  # llm-compressor's sequential GPTQ
+                ctx.progress("tokenizing calibration data")
+                data = calibration_dataset(ctx, base)
+                _no_pinning_without_cuda()
+                what = f"gptq {options['bits']}-bit: calibrating and quantizing"
+                resumed = sequential_gptq(ctx, model, options, data, solved, lambda i, n, r: ctx.progress(
+                    f"{what}, subgraph {i}/{n}" + (f" ({r} solved by an earlier attempt)" if r else "")))
+            ctx.extra["resumed_from"] = resumed or None  # layers (subgraphs) an earlier attempt had solved
             self._save(model, tokenizer, out)
             shutil.rmtree(solved, ignore_errors=True)
             return out

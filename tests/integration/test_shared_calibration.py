@@ -1,7 +1,8 @@
-"""Shared GPTQ calibration (issue 20), in one process on a tiny random Llama: a capture of each layer's Hessians
+"""Shared and resumable GPTQ (issue 20), in one process on a tiny random Llama: a capture of each layer's Hessians
 solved by llm-compressor's own GPTQ gives the weights llm-compressor's one-shot GPTQ gives with float activations
 (``propagate_error=False``), not those of its sequential mode; a solve whose earlier attempt had solved some layers
-loads those and solves only the rest, to the same weights."""
+loads those and solves only the rest, to the same weights; qfarm's checkpointing sequential pipeline gives the
+weights of llm-compressor's own, and a retry of it replays the solved layers to the same weights."""
 
 from __future__ import annotations
 
@@ -48,10 +49,20 @@ def _fresh(tiny):
     return load_float(tiny.folder, host=True)[0]
 
 
-def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activations(tiny):
+def _oneshot_gptq(tiny, propagate_error: bool) -> dict:
+    """llm-compressor's own one-shot GPTQ of the tiny model, its sequential pipeline as shipped."""
     from llmcompressor import oneshot
 
-    from workers.llmc import capture_hessians, recipe, solve_shared
+    from workers.llmc import recipe
+
+    model = _fresh(tiny)
+    oneshot(model=model, recipe=recipe(OPTIONS), dataset=tiny.data, num_calibration_samples=len(tiny.data),
+            max_seq_length=32, shuffle_calibration_samples=False, propagate_error=propagate_error)
+    return _quantized(model)
+
+
+def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activations(tiny):
+    from workers.llmc import capture_hessians, solve_shared
 
     capture = tiny.tmp / "capture"
     layers = capture_hessians(_ctx(), _fresh(tiny), tiny.data, capture)
@@ -64,13 +75,7 @@ def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activatio
     mine = _quantized(shared)
     assert len(mine) == 2 * 7 * 3  # 7 Linear a layer, lm_head left in float
 
-    def oneshot_gptq(propagate_error: bool) -> dict:
-        model = _fresh(tiny)
-        oneshot(model=model, recipe=recipe(OPTIONS), dataset=tiny.data, num_calibration_samples=len(tiny.data),
-                max_seq_length=32, shuffle_calibration_samples=False, propagate_error=propagate_error)
-        return _quantized(model)
-
-    float_acts, sequential = oneshot_gptq(False), oneshot_gptq(True)
+    float_acts, sequential = _oneshot_gptq(tiny, False), _oneshot_gptq(tiny, True)
     for key, value in mine.items():
         assert value.to(float_acts[key].dtype) == pytest.approx(float_acts[key], abs=1e-5), key
     # what makes the two modes differ: the second layer's inputs come from the quantized first layer
@@ -99,3 +104,31 @@ def test_a_retried_solve_loads_the_layers_an_earlier_attempt_solved_and_solves_t
     assert got.keys() == expected.keys()
     for key in expected:
         assert bool((got[key] == expected[key]).all()), key
+
+
+def test_sequential_gptq_checkpoints_each_layer_and_a_retry_replays_the_solved_ones(tiny):
+    from safetensors import safe_open
+
+    from workers.llmc import sequential_gptq
+
+    progress, said = tiny.tmp / "sequential", []
+    first = _fresh(tiny)
+    ctx = SimpleNamespace(progress=None, job={"calibration": {"seq_len": 32}})
+    assert sequential_gptq(ctx, first, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == 0
+    library = _oneshot_gptq(tiny, True)
+    whole = _quantized(first)
+    assert whole.keys() == library.keys()
+    for key in whole:
+        assert whole[key].to(library[key].dtype) == pytest.approx(library[key], abs=1e-5), key
+    files = sorted(progress.glob("subgraph_*.safetensors"))
+    assert len(files) == said[-1][1] >= 2 and [r for _, _, r in said] == [0] * len(files)
+    layers = [f for f in files if any(".layers." in k for k in safe_open(str(f), "pt").keys())]
+    assert len(layers) == 2  # one subgraph per decoder layer holds its quantized Linears
+    layers[-1].unlink()  # the attempt died in the last decoder layer
+    said.clear()
+    retried = _fresh(tiny)
+    assert sequential_gptq(ctx, retried, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == \
+        len(files) - 1
+    got = _quantized(retried)
+    for key in whole:
+        assert bool((got[key] == whole[key]).all()), key

@@ -134,6 +134,47 @@ def test_calibration_size_changes_the_job_id_and_labels_show_varied_options(tmp_
                                                 "samples": 8, "seq_len": 512, "share": False}
 
 
+def test_gptq_jobs_that_share_calibration_need_one_capture_per_model_and_data(tmp_path):
+    from qfarm.eta import ranks
+    from qfarm.store import JobRecord
+
+    spec = HEAD + """\
+      - kind: quantize
+        method: gptq
+        calibration: {samples: 8, share: true}
+        matrix: {bits: [4, 8], group_size: [32, 64]}
+      - {kind: quantize, method: gptq, calibration: {samples: 16, share: true}}
+      - {kind: quantize, method: gptq, calibration: {samples: 8}}
+      - {kind: quantize, method: awq, calibration: {samples: 8}}
+    """
+    _, plan = load_plan(write(tmp_path, spec))
+    captures = [j for j in plan.jobs if j.kind == "calibrate"]
+    assert len(captures) == 2  # one per calibration set; none for the unshared GPTQ job nor for AWQ
+    by_samples = {c.options["calibration"]["samples"]: c for c in captures}
+    assert by_samples[8].options == {"capture": "hessian", "calibration": {
+        "dataset": "bundled:python-docs", "text_field": "text", "samples": 8, "seq_len": 512}}
+    assert by_samples[8].eval is None and by_samples[8].worker == "workers.calibrate:run"
+    gptq = [j for j in plan.jobs if j.options.get("method") == "gptq"]
+    needs = {j.id: j.needs for j in gptq}
+    assert sorted(n for n in needs.values()) == sorted([(by_samples[8].id,)] * 4 + [(by_samples[16].id,), ()])
+    order = [j.id for j in plan.jobs]
+    assert all(order.index(n) < order.index(i) for i, ns in needs.items() for n in ns)  # captures come first
+    assert all(j.payload()["needs"] == list(j.needs) for j in plan.jobs)
+    # the capture's id does not move with the options it does not capture for, nor with the evaluation
+    with_eval = HEAD.replace("    jobs:\n", "    eval: {perplexity: {dataset: bundled:python-docs, max_windows: 3}}\n    jobs:\n")
+    _, other = load_plan(write(tmp_path, with_eval + """\
+      - {kind: quantize, method: gptq, bits: 3, calibration: {samples: 8, share: true}}
+    """, "other.yaml"))
+    assert [j.id for j in other.jobs if j.kind == "calibrate"] == [by_samples[8].id]
+    # the capture is dispatched before every job that needs it: its rank holds theirs
+    records = [JobRecord(id=j.id, status="queued", spec=j.payload()) for j in plan.jobs]
+    r = ranks(records)
+    assert all(r[by_samples[8].id] > r[i] for i, ns in needs.items() if ns == (by_samples[8].id,))
+    # a spec may not name the internal kind
+    (msg,) = problems(write(tmp_path, HEAD + "      - {kind: calibrate}\n", "bad.yaml"))
+    assert "unknown job kind 'calibrate'" in msg
+
+
 # --- reading a model's shape without ML libraries -------------------------------------------------
 
 
