@@ -120,7 +120,7 @@ def _gptq(store):
 def bench_kill() -> None:
     print("kill: one GPTQ 4-bit g64 job killed at ~50 % of its layers and retried, vs uninterrupted")
     for share in (False, True):
-        mode = "shared (resumes per layer)" if share else "sequential (restarts)"
+        mode = "shared (solves the rest)" if share else "sequential (replays solved layers)"
         times = {}
         for kill in (False, True):
             with tempfile.TemporaryDirectory() as tmp, namespace() as store, head_with({}, gpus=2) as head:

@@ -51,6 +51,12 @@ jobs:
     # the same 4-bit g32 point, shared or not: the two calibrations differ only past the first layer's inputs
     assert by[(4, 32)]["kl_div"] == pytest.approx(own["kl_div"], rel=0.5)
 
+    # the capture's row sits in the table and the report like any other (no quality figures of its own)
+    table = qfarm(cli_env, "results", "share")
+    assert table.returncode == 0 and "calibrate" in table.stdout, table.stderr
+    report = qfarm(cli_env, "report", "share", "--output", str(tmp_path / "share.html"))
+    assert report.returncode == 0 and "calibrate" in (tmp_path / "share.html").read_text(), report.stderr
+
     again = qfarm(cli_env, "submit", str(spec), "--wait")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert len(store.sweep_jobs(sweep)) == len(rows) == 7  # reused: no job added, none run again
