@@ -349,4 +349,8 @@ KINDS: dict[str, Kind] = {
     ]
 }
 
-USER_KINDS: dict[str, Kind] = {name: k for name, k in KINDS.items() if not k.internal}  # what a spec may name
+
+def user_kinds() -> dict[str, Kind]:
+    """The kinds a spec may name: every kind of ``KINDS`` but the internal ones (read at each call, so a kind added
+    to the registry is one)."""
+    return {name: k for name, k in KINDS.items() if not k.internal}

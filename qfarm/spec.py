@@ -39,7 +39,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import Problem, SpecError, allowed, did_you_mean, format_path, line_map, line_of
-from .methods import USER_KINDS as KINDS
+from .methods import user_kinds
 
 MAX_SPEC_BYTES = 1_000_000
 
@@ -112,8 +112,9 @@ class Resources(Strict):
 
 
 def _known_kind(value: str) -> str:
-    if value not in KINDS:
-        raise ValueError(f"unknown job kind {value!r}.{did_you_mean(value, KINDS)} Allowed: {allowed(KINDS)}")
+    kinds = user_kinds()
+    if value not in kinds:
+        raise ValueError(f"unknown job kind {value!r}.{did_you_mean(value, kinds)} Allowed: {allowed(kinds)}")
     return value
 
 
@@ -122,7 +123,7 @@ class JobGroup(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    kind: Annotated[str, AfterValidator(_known_kind)]  # a kind of the registry (qfarm.methods.KINDS)
+    kind: Annotated[str, AfterValidator(_known_kind)]  # a kind of the registry a spec may name (qfarm.methods)
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     from_: Optional[str] = Field(None, alias="from")  # the name of an earlier stage: one job per job of it
     eval: Optional[EvalSpec] = None  # this stage's own evaluation, instead of the sweep's
@@ -360,11 +361,12 @@ def load_spec(path: str | Path) -> LoadedSpec:
     raw, lines, groups_key = as_jobs(raw, lines)
     jobs = raw.get("jobs")
     for i, group in enumerate(jobs if isinstance(jobs, list) else []):
-        if isinstance(group, dict) and "kind" in group and group["kind"] not in tuple(KINDS):
+        kinds = user_kinds()
+        if isinstance(group, dict) and "kind" in group and group["kind"] not in tuple(kinds):
             problems.append(
                 Problem(
                     f"jobs[{i}].kind",
-                    f"unknown job kind {group['kind']!r}.{did_you_mean(group['kind'], KINDS)} Allowed: {allowed(KINDS)}",
+                    f"unknown job kind {group['kind']!r}.{did_you_mean(group['kind'], kinds)} Allowed: {allowed(kinds)}",
                     line_of(lines, ("jobs", i, "kind")),
                 )
             )
