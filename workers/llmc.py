@@ -133,6 +133,14 @@ def _layer_progress(model, say):
             h.remove()
 
 
+def _calibration_args(ctx, data) -> dict:
+    """oneshot's arguments for the job's calibration samples. In qfarm's order: llm-compressor would shuffle them
+    with the process's global RNG, so the same job gave other numbers depending on what its worker ran before
+    (GPTQ's error feedback is order-sensitive)."""
+    return {"dataset": data, "num_calibration_samples": len(data), "max_seq_length": ctx.job["calibration"]["seq_len"],
+            "shuffle_calibration_samples": False}
+
+
 def _empty_but(folder: Path, keep: Path | None) -> None:
     """``folder`` emptied (or removed), but for ``keep``."""
     if keep is None or not folder.is_dir():
@@ -330,9 +338,7 @@ def sequential_gptq(ctx, model, options: dict, data, progress: Path, say=None) -
     _RESUME.clear()
     _RESUME.update(folder=str(progress), say=say)
     try:
-        oneshot(model=model, recipe=recipe(options), dataset=data, num_calibration_samples=len(data),
-                max_seq_length=ctx.job["calibration"]["seq_len"], shuffle_calibration_samples=False,
-                pipeline=_resumable_pipeline())
+        oneshot(model=model, recipe=recipe(options), pipeline=_resumable_pipeline(), **_calibration_args(ctx, data))
         return _RESUME.get("resumed", 0)
     finally:
         _RESUME.clear()
@@ -351,9 +357,7 @@ def capture_hessians(ctx, model, data, folder: Path) -> int:
     _no_pinning_without_cuda()
     with _layer_progress(model, lambda i, n: ctx.progress(f"capturing GPTQ Hessians, layer {i}/{n}")):
         # propagate_error=False: no second pass per layer, the next layer takes the float outputs of this one
-        oneshot(model=model, recipe=[capture], dataset=data, num_calibration_samples=len(data),
-                max_seq_length=ctx.job["calibration"]["seq_len"], shuffle_calibration_samples=False,
-                propagate_error=False)
+        oneshot(model=model, recipe=[capture], propagate_error=False, **_calibration_args(ctx, data))
     return capture._layers
 
 
@@ -420,10 +424,7 @@ class LLMCompressor:
         if options["method"] != "rtn":
             ctx.progress("tokenizing calibration data")
             data = calibration_dataset(ctx, base)
-            # in qfarm's order: llm-compressor would shuffle them with the process's global RNG, so the same job
-            # gave other numbers depending on what its worker ran before (GPTQ's error feedback is order-sensitive)
-            kwargs = {"dataset": data, "num_calibration_samples": len(data),
-                      "max_seq_length": ctx.job["calibration"]["seq_len"], "shuffle_calibration_samples": False}
+            kwargs = _calibration_args(ctx, data)
             _no_pinning_without_cuda()
         step = "quantizing" if options["method"] == "rtn" else "calibrating and quantizing"
         what = f"{options['method']} {options['bits']}-bit: {step}"
