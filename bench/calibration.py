@@ -3,13 +3,14 @@
 every timing).
 
     python bench/calibration.py grid   # 12-point GPTQ grid: independent vs shared calibration, wall time and quality
-    python bench/calibration.py kill   # a GPTQ job killed at ~50 % of its layers and retried, against uninterrupted
+    python bench/calibration.py kill [--modes gptq,gptq-shared,awq]
+                                       # a GPTQ (AWQ) job killed at ~50 % of its layers and retried, vs uninterrupted
 
 grid: bits 2/3/4/8 × group 32/64/-1, 32 calibration samples × 256 tokens, perplexity on 4 × 256 tokens. Prints each
 mode's wall time (submit to the last row) and their ratio (goal >= 3), then each point's perplexity, KL and top-1 in
 both modes side by side.
-kill: for each mode (sequential: the job calibrates itself; shared: it solves from a capture), the GPTQ 4-bit job's
-worker is killed with -9 once its progress passes half of its layers; the retried attempt's time plus the killed
+kill: for each mode (gptq: sequential, the job calibrates itself; gptq-shared: it solves from a capture; awq: the
+sequential AWQ 4-bit g64 job), the 4-bit job's worker is killed with -9 once its progress passes half of its layers; the retried attempt's time plus the killed
 one's, over the time of the same job uninterrupted (goal <= 1.2), beside what restarting from layer 0 would cost
 (the killed time plus an uninterrupted run).
 """
@@ -49,14 +50,15 @@ jobs:
 """
 
 
-def kill_spec(share: bool) -> str:
-    return f"""name: gptq-kill
+def kill_spec(method: str, share: bool) -> str:
+    calibration = CALIB % str(share).lower() if method == "gptq" else CALIB.replace(", share: %s", "")
+    return f"""name: {method}-kill
 model: bundled:smollm2-135m
 {EVAL}
 resources: {{gpus: 1}}
 max_attempts: 2
 jobs:
-  - {{kind: quantize, method: gptq, bits: 4, group_size: 64, calibration: {CALIB % str(share).lower()}}}
+  - {{kind: quantize, method: {method}, bits: 4, group_size: 64, calibration: {calibration}}}
 """
 
 
@@ -112,29 +114,33 @@ def bench_grid() -> None:
               f"{b.get('top1_agree', float('nan')):>11.3f}")
 
 
-def _gptq(store):
+def _quantizer(store, method: str):
     sid = store.sweep_ids()[-1]
-    return next(j for j in store.sweep_jobs(sid) if (j.spec.get("options") or {}).get("method") == "gptq")
+    return next(j for j in store.sweep_jobs(sid) if (j.spec.get("options") or {}).get("method") == method)
 
 
-def bench_kill() -> None:
-    print("kill: one GPTQ 4-bit g64 job killed at ~50 % of its layers and retried, vs uninterrupted")
-    for share in (False, True):
-        mode = "shared (solves the rest)" if share else "sequential (replays solved layers)"
+KILL_MODES = {"gptq": ("gptq", False, "gptq sequential (replays solved layers)"),
+              "gptq-shared": ("gptq", True, "gptq shared (solves the rest)"),
+              "awq": ("awq", False, "awq sequential (replays smoothed layers)")}
+
+
+def bench_kill(modes: list[str]) -> None:
+    print("kill: one 4-bit g64 job killed at ~50 % of its layers and retried, vs uninterrupted")
+    for method, share, mode in (KILL_MODES[m] for m in modes):
         times = {}
         for kill in (False, True):
             with tempfile.TemporaryDirectory() as tmp, namespace() as store, head_with({}, gpus=2) as head:
                 root = Path(tmp)
                 prepare(root)
                 spec = root / "kill.yaml"
-                spec.write_text(kill_spec(share))
+                spec.write_text(kill_spec(method, share))
                 env = env_for(store, head, root)
                 cli(env, "submit", str(spec))
                 killed_after = 0.0
                 if kill:
                     deadline = time.time() + 1800
                     while time.time() < deadline:
-                        job = _gptq(store)
+                        job = _quantizer(store, method)
                         m = re.search(r"(?:layer|subgraph) (\d+)/(\d+)", job.progress or "")
                         if job.status == "running" and job.pid and m and int(m.group(1)) > int(m.group(2)) // 2:
                             killed_after = time.time() - job.started_at
@@ -143,9 +149,9 @@ def bench_kill() -> None:
                         if job.status not in ("queued", "running"):
                             raise SystemExit(f"the job ended before it was killed: {job.status} {job.error}")
                         time.sleep(0.05)
-                while _gptq(store).status in ("queued", "running"):
+                while _quantizer(store, method).status in ("queued", "running"):
                     time.sleep(0.5)
-                job = _gptq(store)
+                job = _quantizer(store, method)
                 if job.status != "succeeded":
                     raise SystemExit(f"{mode}: {job.status} {job.error}")
                 times[kill] = killed_after + (job.finished_at - job.started_at)
@@ -163,8 +169,12 @@ def bench_kill() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["grid", "kill"])
+    ap.add_argument("--modes", default=",".join(KILL_MODES), help=f"kill: some of {', '.join(KILL_MODES)}")
     a = ap.parse_args()
-    {"grid": bench_grid, "kill": bench_kill}[a.what]()
+    modes = a.modes.split(",")
+    if not set(modes) <= set(KILL_MODES):
+        ap.error(f"--modes: one or more of {', '.join(KILL_MODES)}, comma-separated")
+    bench_grid() if a.what == "grid" else bench_kill(modes)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,25 @@ def _layer_state(modules, names: dict) -> dict:
             for attr in Q_PARAMS if isinstance(getattr(m, attr, None), torch.Tensor)}
 
 
+def _module_state(modules, names: dict) -> dict:
+    """Every direct parameter of ``modules`` by ``<module name>:<name>``, on the CPU: what a sequential epoch end
+    of GPTQ or AWQ (with the quantization that follows it) may have changed in them."""
+    return {f"{names[m]}:{attr}": p.detach().to("cpu").contiguous()
+            for m in dict.fromkeys(modules) if m in names for attr, p in m.named_parameters(recurse=False)}
+
+
+def _smoothed_now(session) -> list:
+    """The smooth and balance layers of the AWQ mappings the coming sequential epoch end will smooth (those whose
+    activations the subgraph just cached: llm-compressor's own test in ``_apply_smoothing``); none without AWQ."""
+    modules = []
+    for modifier in session.lifecycle.recipe.modifiers:
+        stats = getattr(modifier, "_smooth_activation_stats", None)
+        for mapping in getattr(modifier, "_resolved_mappings", None) or []:
+            if stats is not None and mapping.smooth_name in stats:
+                modules += [mapping.smooth_layer, *mapping.balance_layers]
+    return modules
+
+
 def _load_layer_state(module_of, file: Path) -> None:
     """Puts back what ``_layer_state`` wrote to ``file``; ``module_of``: a module's name -> the module."""
     from compressed_tensors.utils import update_offload_parameter
@@ -271,10 +290,12 @@ def _save_atomic(tensors: dict, target: Path) -> None:
 @functools.cache
 def _resumable_pipeline() -> str:
     """Registers llm-compressor's sequential pipeline (0.14's loop: calibrate a subgraph, solve it, propagate its
-    quantized outputs) with a checkpoint after each subgraph: the quantized Linears' weights and qparams, written
-    under ``_RESUME["folder"]`` once the subgraph is solved. A retried attempt loads each subgraph written before and
-    only propagates through it (one forward pass, no Hessian, no solve), so the next subgraph's inputs are the ones
-    the first attempt had. For GPTQ (its state is those tensors); returns the pipeline's name."""
+    quantized outputs) with a checkpoint after each subgraph: every parameter of the modules the subgraph's epoch
+    end changed (its own modules: GPTQ's quantized weights, qparams; AWQ's smoothed weights and norms, and the
+    smooth and balance layers of each AWQ mapping smoothed then, wherever they lie), written under
+    ``_RESUME["folder"]`` once the subgraph is done. A retried attempt loads each subgraph written before, in order,
+    and only propagates through it (one forward pass, no hooks, no solve, no grid search), so the next subgraph's
+    inputs are the ones the first attempt had. Returns the pipeline's name."""
     import torch
     from compressed_tensors.offload import disable_offloading, set_onload_device
     from llmcompressor.core import LifecycleCallbacks, active_session
@@ -316,8 +337,9 @@ def _resumable_pipeline() -> str:
                             for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
                                 session.state.current_batch_idx = batch
                                 subgraph.forward(model, **inputs)
+                            touched = list(subgraph.submodules(model)) + _smoothed_now(session)
                             LifecycleCallbacks.sequential_epoch_end(subgraph.submodules(model))
-                            _save_atomic(_layer_state(subgraph.submodules(model), names), done)
+                            _save_atomic(_module_state(touched, names), done)
                         say(index + 1, len(subgraphs), _RESUME.get("resumed", 0))
                         with HooksMixin.disable_hooks():  # the quantized outputs, the next subgraph's inputs
                             for batch, inputs in enumerate(activations.iter(subgraph.input_names)):
@@ -330,9 +352,9 @@ def _resumable_pipeline() -> str:
     return "qfarm_resumable"
 
 
-def sequential_gptq(ctx, model, options: dict, data, progress: Path, say=None) -> int:
-    """GPTQ through llm-compressor with its sequential pipeline, resumable per subgraph (``_resumable_pipeline``)
-    from ``progress``; returns the subgraphs an earlier attempt had solved."""
+def sequential(ctx, model, options: dict, data, progress: Path, say=None) -> int:
+    """GPTQ or AWQ through llm-compressor with its sequential pipeline, resumable per subgraph
+    (``_resumable_pipeline``) from ``progress``; returns the subgraphs an earlier attempt had done."""
     from llmcompressor import oneshot
 
     _RESUME.clear()
@@ -400,38 +422,31 @@ class LLMCompressor:
         options, out = ctx.options, ctx.output_dir
         capture = capture_of(ctx)
         solved = Path(out) / SOLVED
-        _empty_but(Path(out), solved if options["method"] == "gptq" else None)  # a retry keeps the solved layers
+        resumable = options["method"] in ("gptq", "awq")
+        _empty_but(Path(out), solved if resumable else None)  # a retry keeps what an earlier attempt solved
         # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference). In host
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
         model, tokenizer = load_float(base.path, host=True)
-        if options["method"] == "gptq":  # resumable per layer: a retry keeps what an earlier attempt solved
-            if capture:
-                ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
-                resumed = solve_shared(ctx, model, options, capture, solved)
-            else:  # llm-compressor's sequential GPTQ
-                ctx.progress("tokenizing calibration data")
-                data = calibration_dataset(ctx, base)
-                _no_pinning_without_cuda()
-                what = f"gptq {options['bits']}-bit: calibrating and quantizing"
-                resumed = sequential_gptq(ctx, model, options, data, solved, lambda i, n, r: ctx.progress(
-                    f"{what}, subgraph {i}/{n}" + (f" ({r} solved by an earlier attempt)" if r else "")))
-            ctx.extra["resumed_from"] = resumed or None  # layers (subgraphs) an earlier attempt had solved
-            self._save(model, tokenizer, out)
-            shutil.rmtree(solved, ignore_errors=True)
-            return out
-        kwargs = {}
-        if options["method"] != "rtn":
+        if capture:
+            ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
+            resumed = solve_shared(ctx, model, options, capture, solved)
+        elif resumable:  # llm-compressor's sequential pipeline, checkpointed per subgraph (decoder layer)
             ctx.progress("tokenizing calibration data")
             data = calibration_dataset(ctx, base)
-            kwargs = _calibration_args(ctx, data)
             _no_pinning_without_cuda()
-        step = "quantizing" if options["method"] == "rtn" else "calibrating and quantizing"
-        what = f"{options['method']} {options['bits']}-bit: {step}"
-        ctx.progress(what)
-        with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
-            oneshot(model=model, recipe=recipe(options), **kwargs)
+            what = f"{options['method']} {options['bits']}-bit: calibrating and quantizing"
+            resumed = sequential(ctx, model, options, data, solved, lambda i, n, r: ctx.progress(
+                f"{what}, subgraph {i}/{n}" + (f" ({r} done by an earlier attempt)" if r else "")))
+        else:  # RTN: data-free
+            what = f"rtn {options['bits']}-bit: quantizing"
+            ctx.progress(what)
+            with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
+                oneshot(model=model, recipe=recipe(options))
+        if resumable:
+            ctx.extra["resumed_from"] = resumed or None  # layers (subgraphs) an earlier attempt had done
         self._save(model, tokenizer, out)
+        shutil.rmtree(solved, ignore_errors=True)
         return out
 
     @staticmethod

@@ -2,7 +2,8 @@
 solved by llm-compressor's own GPTQ gives the weights llm-compressor's one-shot GPTQ gives with float activations
 (``propagate_error=False``), not those of its sequential mode; a solve whose earlier attempt had solved some layers
 loads those and solves only the rest, to the same weights; qfarm's checkpointing sequential pipeline gives the
-weights of llm-compressor's own, and a retry of it replays the solved layers to the same weights."""
+weights of llm-compressor's own, for GPTQ and for AWQ, and a retry of it replays the solved layers to the same
+weights (AWQ's smoothed norms included)."""
 
 from __future__ import annotations
 
@@ -49,16 +50,24 @@ def _fresh(tiny):
     return load_float(tiny.folder, host=True)[0]
 
 
-def _oneshot_gptq(tiny, propagate_error: bool) -> dict:
-    """llm-compressor's own one-shot GPTQ of the tiny model, its sequential pipeline as shipped."""
+def _params(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _oneshot(tiny, propagate_error: bool, options=OPTIONS):
+    """llm-compressor's own one-shot of the tiny model, its sequential pipeline as shipped; the model."""
     from llmcompressor import oneshot
 
     from workers.llmc import recipe
 
     model = _fresh(tiny)
-    oneshot(model=model, recipe=recipe(OPTIONS), dataset=tiny.data, num_calibration_samples=len(tiny.data),
+    oneshot(model=model, recipe=recipe(options), dataset=tiny.data, num_calibration_samples=len(tiny.data),
             max_seq_length=32, shuffle_calibration_samples=False, propagate_error=propagate_error)
-    return _quantized(model)
+    return model
+
+
+def _oneshot_gptq(tiny, propagate_error: bool) -> dict:
+    return _quantized(_oneshot(tiny, propagate_error))
 
 
 def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activations(tiny):
@@ -109,12 +118,12 @@ def test_a_retried_solve_loads_the_layers_an_earlier_attempt_solved_and_solves_t
 def test_sequential_gptq_checkpoints_each_layer_and_a_retry_replays_the_solved_ones(tiny):
     from safetensors import safe_open
 
-    from workers.llmc import sequential_gptq
+    from workers.llmc import sequential
 
     progress, said = tiny.tmp / "sequential", []
     first = _fresh(tiny)
     ctx = SimpleNamespace(progress=None, job={"calibration": {"seq_len": 32}})
-    assert sequential_gptq(ctx, first, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == 0
+    assert sequential(ctx, first, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == 0
     library = _oneshot_gptq(tiny, True)
     whole = _quantized(first)
     assert whole.keys() == library.keys()
@@ -127,8 +136,39 @@ def test_sequential_gptq_checkpoints_each_layer_and_a_retry_replays_the_solved_o
     layers[-1].unlink()  # the attempt died in the last decoder layer
     said.clear()
     retried = _fresh(tiny)
-    assert sequential_gptq(ctx, retried, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == \
+    assert sequential(ctx, retried, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == \
         len(files) - 1
     got = _quantized(retried)
+    for key in whole:
+        assert bool((got[key] == whole[key]).all()), key
+
+
+def test_sequential_awq_checkpoints_each_layer_with_its_smoothed_norms_and_a_retry_replays_them(tiny):
+    from safetensors import safe_open
+
+    from workers.llmc import sequential
+
+    options = {"method": "awq", "bits": 4, "group_size": 32, "symmetric": False, "duo_scaling": True, "n_grid": 4}
+    progress, said = tiny.tmp / "awq", []
+    ctx = SimpleNamespace(progress=None, job={"calibration": {"seq_len": 32}})
+    first = _fresh(tiny)
+    assert sequential(ctx, first, options, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == 0
+    whole, library, float_ = _params(first), _params(_oneshot(tiny, True, options)), _params(_fresh(tiny))
+    assert whole.keys() == library.keys()
+    for key in whole:
+        assert whole[key].to(library[key].dtype) == pytest.approx(library[key], abs=1e-5), key
+    norms = [k for k in whole if "layernorm" in k]
+    assert norms and any(not bool((whole[k] == float_[k]).all()) for k in norms)  # AWQ smoothed them
+    files = sorted(progress.glob("subgraph_*.safetensors"))
+    assert len(files) == said[-1][1] >= 2
+    layers = [f for f in files if any(".layers." in k for k in safe_open(str(f), "pt").keys())]
+    assert len(layers) == 2 and all(any("layernorm" in k for k in safe_open(str(f), "pt").keys()) for f in layers)
+    layers[-1].unlink()  # the attempt died in the last decoder layer
+    said.clear()
+    retried = _fresh(tiny)
+    assert sequential(ctx, retried, options, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == \
+        len(files) - 1
+    assert [r for _, _, r in said][-1] == len(files) - 1
+    got = _params(retried)
     for key in whole:
         assert bool((got[key] == whole[key]).all()), key

@@ -261,3 +261,22 @@ def test_gguf_types_are_checked_with_a_did_you_mean_and_label_the_jobs(tmp_path)
     assert [j.label for j in plan.jobs] == ["gguf F16", "gguf Q4_K_M"]
     _, plan = load_plan(write(tmp_path, HEAD + "      - {kind: quantize, method: gguf}\n"))
     assert plan.jobs[0].options == {"method": "gguf", "gguf_type": "Q4_K_M"}
+
+
+def test_a_resumable_checkpoint_takes_the_awq_layers_smoothed_at_that_epoch_end_wherever_they_lie():
+    """What ``workers.llmc._smoothed_now`` adds to a subgraph's checkpoint: the smooth and balance layers of the AWQ
+    mappings whose activations are cached (about to be smoothed), not those of mappings done or still to come, and
+    nothing from a modifier without mappings (GPTQ, the quantization modifier)."""
+    from types import SimpleNamespace as NS
+
+    from workers.llmc import _smoothed_now
+
+    def mapping(smooth):
+        return NS(smooth_name=smooth, smooth_layer=f"{smooth}.norm", balance_layers=[f"{smooth}.q", f"{smooth}.k"])
+
+    awq = NS(_resolved_mappings=[mapping("l0"), mapping("l1"), mapping("l2")],
+             _smooth_activation_stats={"l1": [0, 1], "l2": [0, 1]})
+    session = NS(lifecycle=NS(recipe=NS(modifiers=[NS(), awq, NS(_resolved_mappings=None)])))
+    assert _smoothed_now(session) == ["l1.norm", "l1.q", "l1.k", "l2.norm", "l2.q", "l2.k"]
+    awq._smooth_activation_stats.clear()
+    assert _smoothed_now(session) == []
