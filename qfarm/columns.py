@@ -151,6 +151,8 @@ TABLE: tuple[Column, ...] = (
     C("vllm_skipped", group="vllm", format="{}"),  # why a row of an engine: vllm sweep was not served by vLLM
     # GGUF / llama.cpp
     C("gguf_tensor_types", group="gguf", format="{}"),
+    # an evaluate job's checkpoint as read from it: float, compressed-tensors, bitsandbytes, gptq, awq, gguf Q4_K_M
+    C("checkpoint_format", group="run", format="{}"),
     C("bits_per_weight", group="gguf"),
     C("gguf_source", group="gguf", format="{}"),
     C("llama_cpp_version", group="gguf", format="{}"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import validate
 from .errors import SpecError
-from .methods import KINDS, Options
+from .methods import KINDS, SCHEMES, UNSET_NOT_IDENTITY, Options
 from .spec import JobGroup, LoadedSpec, SweepSpec, load_spec, renamed
 from .validate import Collector, axes, stage_name
 
@@ -41,7 +41,7 @@ class Job:
     stage: str = ""  # the job group's name (or its kind)
     parent: str | None = None  # the job this one starts from (``from:``): it runs once that one succeeded
     lineage: tuple[str, ...] = ()  # labels of its ancestors, oldest first
-    data: dict[str, Any] | None = None  # a train job's resolved dataset ref
+    data: dict[str, Any] | None = None  # a train job's resolved dataset ref; an evaluate job's checkpoint ref
     task_eval: dict[str, Any] | None = None  # held-out examples of a train job: its task_loss, and its descendants'
     worker: str = ""  # the kind's worker entry point ("module:function"): workers never read the registry
     needs_model: bool = False  # its worker loads a model: the scheduler has such workers import the ML stack early
@@ -170,18 +170,19 @@ COMPUTE = {"gpu": "cuda, the checkpoint's dtype", "cpu": "cpu, float32"}
 def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,
          refs: dict[str, dict | None], parent: Job | None = None, cuda: bool = True) -> Job:
     kind = KINDS[group.kind]
-    opts = options.model_dump()
+    opts = {k: v for k, v in options.model_dump().items() if not (v is None and k in UNSET_NOT_IDENTITY)}
     calibration, data = refs.get("calibration"), refs.get("data")
     if calibration is not None:
         opts["calibration"]["dataset"] = calibration["key"]  # the identity of the data, not how it was spelled
-    if data is not None:
+    if data is not None and "dataset" in opts:
         opts["dataset"]["path"] = data["key"]
+    ident = {**opts, "checkpoint": data["key"]} if data is not None and "checkpoint" in opts else opts
     if group.kind == "merge" and parent is not None and parent.options.get("method") != "qlora":
         opts["onto"] = "base"  # a LoRA adapter was trained on the float base: "dequantized" is that same base
     identity = {
         "v": SPEC_VERSION,
         "kind": group.kind,
-        "options": opts,
+        "options": ident,  # an evaluated checkpoint by its content, as spelled in the row
         "model": model_ref["key"] if kind.needs_model and model_ref else None,
         "eval": _eval_identity(eval_spec) if kind.needs_model else None,
     }
@@ -250,8 +251,9 @@ def _vllm_eval(ev: dict, kind: str, method) -> dict:
 
 # --- labels ---------------------------------------------------------------------------------------
 
-_SHORT = {"group_size": "g", "act_order": "act_order", "gguf_type": "", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # "": the value alone (gguf Q4_K_M)
+_SHORT = {"group_size": "g", "act_order": "act_order", "gguf_type": "", "scheme": "", "checkpoint": "", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # "": the value alone (gguf Q4_K_M)
 _UNLABELLED = ("method",)
+_ALWAYS = ("scheme", "checkpoint")  # in the label whenever set: what the row is
 
 
 def labelled(jobs: list[Job]) -> list[Job]:
@@ -267,7 +269,9 @@ def labelled(jobs: list[Job]) -> list[Job]:
     out: dict[str, Job] = {}
     for j in jobs:
         values = seen[(j.kind, j.options.get("method"))]
-        shown = [k for k in flat[j.id] if k not in _UNLABELLED and (len(values[k]) > 1 or k in j.axes)]
+        implied = _implied_by_scheme(j.options.get("scheme"))
+        shown = [k for k in flat[j.id] if k not in _UNLABELLED and k not in implied
+                 and (len(values[k]) > 1 or k in j.axes or (k in _ALWAYS and flat[j.id][k] is not None))]
         label = " ".join([j.options.get("method") or j.kind] + [_part(k, flat[j.id][k]) for k in shown])
         if j.kind == "sleep":
             label = f"sleep[{j.options['index']}]"
@@ -275,6 +279,15 @@ def labelled(jobs: list[Job]) -> list[Job]:
         lineage = parent.lineage + (parent.label,) if parent is not None else ()
         out[j.id] = replace(j, label=label, lineage=lineage)
     return list(out.values())
+
+
+def _implied_by_scheme(scheme: Any) -> tuple[str, ...]:
+    """The options a preset scheme sets, which its label does not repeat (``gptq W8A8``, ``rtn FP8_DYNAMIC``,
+    ``gptq W4A16_ASYM g=32``)."""
+    preset = SCHEMES.get(scheme) if isinstance(scheme, str) else None
+    if preset is None:
+        return ()
+    return ("bits", "symmetric") if preset["grouped"] else ("bits", "symmetric", "group_size")
 
 
 def _flat(options: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import allowed, did_you_mean
 
@@ -74,27 +74,104 @@ class GptqCalibration(Calibration):
     share: bool = False
 
 
-class RtnOptions(Options):
-    """Round-to-nearest integer weights (no calibration): the baseline every GPTQ/AWQ paper reports."""
+# llm-compressor's preset schemes (compressed-tensors' PRESET_SCHEMES) a job may name as ``scheme``: its weights'
+# bits, symmetry, whether they keep ``group_size`` (else one scale per output channel: the preset's own), and what
+# its activations become at inference (None: weight-only, A16). The grouped presets take the job's group_size
+# (default 64), not the presets' 128, which does not divide many models' layers (SmolLM2's 576).
+SCHEMES: dict[str, dict] = {
+    "W4A16": {"bits": 4, "symmetric": True, "grouped": True, "activations": None},
+    "W4A16_ASYM": {"bits": 4, "symmetric": False, "grouped": True, "activations": None},
+    "W8A16": {"bits": 8, "symmetric": True, "grouped": True, "activations": None},
+    "W8A8": {"bits": 8, "symmetric": True, "grouped": False, "activations": "int8, per token, dynamic"},
+    "FP8_DYNAMIC": {"bits": 8, "symmetric": True, "grouped": False, "activations": "fp8, per token, dynamic",
+                    "float": True},
+}
 
+
+# options added after sweeps were submitted without them: left out of a job's identity while unset (None), so
+# those sweeps' jobs keep their ids (qfarm.expand)
+UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength"})
+
+
+class SchemeOptions(Options):
+    """Options with an optional llm-compressor preset ``scheme`` (``SCHEMES``): the scheme fills in ``bits``,
+    ``symmetric`` and, for a per-channel scheme, ``group_size: -1``; one of them given as well must agree with it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_scheme(cls, data):
+        scheme = SCHEMES.get(data.get("scheme")) if isinstance(data, dict) else None
+        if scheme is None:
+            return data
+        implied = {"bits": scheme["bits"], "symmetric": scheme["symmetric"]}
+        if not scheme["grouped"]:
+            implied["group_size"] = -1
+        return {**implied, **data}
+
+    @field_validator("bits", "symmetric", "group_size", check_fields=False)
+    @classmethod
+    def _agrees_with_scheme(cls, value, info: ValidationInfo):
+        name = info.data.get("scheme")
+        scheme = SCHEMES.get(name) if isinstance(name, str) else None
+        if scheme is None:
+            return value
+        if info.field_name == "group_size":
+            if not scheme["grouped"] and value != -1:
+                raise ValueError(f"scheme {name} has one scale per output channel: leave group_size out (or -1)")
+        elif value != scheme[info.field_name]:
+            raise ValueError(f"scheme {name} sets {info.field_name} to {scheme[info.field_name]}: leave "
+                             f"{info.field_name} out, or drop the scheme")
+        return value
+
+
+Scheme = Optional[Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8_DYNAMIC"]]
+
+
+class RtnOptions(SchemeOptions):
+    """Round-to-nearest integer weights (no calibration): the baseline every GPTQ/AWQ paper reports. ``scheme``:
+    one of llm-compressor's presets instead of bits/symmetric (W4A16, W4A16_ASYM, W8A16; W8A8 int8 weights and
+    dynamic per-token int8 activations; FP8_DYNAMIC fp8 weights per channel and dynamic per-token fp8
+    activations)."""
+
+    scheme: Scheme = None
     method: Literal["rtn"]
     bits: Literal[2, 3, 4, 8] = 4
     group_size: GroupSize = 64
     symmetric: bool = True
 
 
-class GptqOptions(Options):
+class GptqOptions(SchemeOptions):
     """GPTQ (llm-compressor's GPTQModifier): integer weights chosen layer by layer to minimise the output error
     on calibration data. ``act_order`` processes columns by activation size (compressed-tensors' ``weight``
-    ordering: better accuracy, no extra inference cost)."""
+    ordering: better accuracy, no extra inference cost). ``scheme``: one of llm-compressor's integer presets
+    instead of bits/symmetric; W8A8 (int8 weights per channel, dynamic per-token int8 activations) runs
+    SmoothQuant (``smoothing_strength``) before GPTQ, as llm-compressor's W8A8 recipe does."""
 
+    scheme: Optional[Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8"]] = None
     method: Literal["gptq"]
     bits: Literal[2, 3, 4, 8] = 4
     group_size: GroupSize = 64
     act_order: bool = False
     symmetric: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
+    smoothing_strength: Optional[float] = Field(None, gt=0.0, lt=1.0)  # W8A8's SmoothQuant; None: 0.8
     calibration: GptqCalibration = GptqCalibration()
+
+    @field_validator("smoothing_strength")
+    @classmethod
+    def _smoothing_with_w8a8(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("scheme") != "W8A8":
+            raise ValueError("smoothing_strength is SmoothQuant's, which runs for scheme: W8A8 only")
+        return value
+
+    @field_validator("calibration")
+    @classmethod
+    def _share_weight_only(cls, value, info: ValidationInfo):
+        scheme = SCHEMES.get(info.data.get("scheme") or "")
+        if value.share and scheme and scheme["activations"]:
+            raise ValueError(f"share: a shared capture holds float activations' Hessians, but scheme "
+                             f"{info.data['scheme']} smooths and quantizes activations first: set share: false")
+        return value
 
 
 class AwqOptions(Options):
@@ -232,6 +309,15 @@ class CaptureOptions(Options):
     calibration: Calibration
 
 
+class EvaluateOptions(Options):
+    """An existing checkpoint, evaluated against the sweep's reference like any row (a published quant beside your
+    own): a local Hugging Face folder (float, compressed-tensors, bitsandbytes; GPTQ/AWQ-format ones need
+    GPTQModel), a ``.gguf`` file (run in llama.cpp) or a hub id, resolved as ``model:`` is. Its vocabulary must be
+    the reference's: KL and top-1 compare the same tokens."""
+
+    checkpoint: str = Field(min_length=1)
+
+
 class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
@@ -344,6 +430,8 @@ KINDS: dict[str, Kind] = {
              needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0),
         Kind("calibrate", "workers.calibrate:run", "capture what GPTQ needs of the calibration data, once for the jobs "
              "that share it", needs_model=True, options=CaptureOptions, cost=4.0, internal=True),
+        Kind("evaluate", "workers.checkpoint:run", "evaluate an existing checkpoint (a published quant, a model made "
+             "elsewhere) against the sweep's reference", needs_model=True, options=EvaluateOptions, cost=1.0),
         Kind("sleep", "workers.sleep:run", "sleep: tests and benchmarks of the farm itself",
              needs_model=False, parents=frozenset({"sleep"}), options=SleepOptions),
     ]

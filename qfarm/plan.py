@@ -198,6 +198,8 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
         block = sum(n * n * 4 for n in shape.block_linear_inputs())
         own["GPTQ Hessians (one block)"] = block
         disk["GPTQ Hessians of every layer (the capture)"] = block * shape.layers
+    elif kind == "evaluate":  # its format is read where it runs: at most a dense copy, the folder or file on disk
+        own["the checkpoint as loaded (at most a dense copy)"] = P * cb
     elif kind == "train":
         _training(own, disk, opts, shape, method, four_bit, rest, cb)
     elif kind == "merge":

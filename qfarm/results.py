@@ -37,7 +37,9 @@ def row(job: JobRecord) -> dict[str, Any]:
         "parent": job.spec.get("parent"),
         "lineage": " → ".join(job.spec.get("lineage") or []) or None,
         "method": options.get("method", result.get("method")),
-        "bits": options.get("bits", job.spec.get("bits", result.get("bits"))),
+        # as asked (the option, the method's nominal bits), else as the worker read them (an evaluated checkpoint's)
+        "bits": next((b for b in (options.get("bits"), job.spec.get("bits"), result.get("bits")) if b is not None),
+                     None),
         "sweep_id": job.sweep_id,
         "attempts": job.attempts,
         "error": job.error,

@@ -276,6 +276,9 @@ class MethodChecks:
                                 sources.get("calibration", ("jobs", gi)) + ("dataset",))
             if ref is not None:
                 out["calibration"] = {**ref, "samples": calibration.samples, "seq_len": calibration.seq_len}
+        checkpoint = getattr(opts, "checkpoint", None)
+        if checkpoint is not None:
+            out["data"] = self._checkpoint(checkpoint, sources.get("checkpoint", ("jobs", gi)))
         data = getattr(opts, "dataset", None)
         if data is not None:
             out["data"] = self._dataset(data.path, data.text_field, sources.get("dataset", ("jobs", gi)) + ("path",))
@@ -285,6 +288,20 @@ class MethodChecks:
             if ALL_LINEAR in targets and getattr(opts, "lora_dropout", 0):
                 self._check_expert_dropout(sources.get("lora_dropout", ("jobs", gi)))
         return out
+
+    def _checkpoint(self, text: str, loc: tuple) -> dict | None:
+        """An ``evaluate`` job's checkpoint, resolved by the rules of ``model:`` (None, with the problem added)."""
+        try:
+            ref = resolve_model(text, self.base_dir)
+        except RefError as e:
+            self.errors.add(loc, f"checkpoint: {e}".replace("checkpoint: model ", "checkpoint "))
+            return None
+        if self.model_ref and ref.key == self.model_ref.get("key"):
+            self.errors.add(loc, f"checkpoint {text!r} is the sweep's model itself: the reference row "
+                                 "(quantize, method: none) already evaluates it")
+            return None
+        return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key,
+                "name": text, **({"revision": ref.revision} if ref.kind == "hub" else {})}
 
     def _check_expert_dropout(self, loc: tuple) -> None:
         """peft's all-linear includes a MoE model's fused expert weights, as parameters it cannot train with

@@ -445,13 +445,19 @@ def task_metrics(ctx, model, base) -> dict:
 
 def runtime_of(model) -> str:
     """What computes a torch model's forward: ``transformers-bnb`` (bitsandbytes layers), ``transformers-dense``,
-    or ``transformers-dense (decompressed)`` for a compressed checkpoint loaded back as dense weights."""
+    or ``transformers-dense (decompressed compressed-tensors)`` for a compressed checkpoint loaded back as dense
+    weights, saying so when its activations are quantized too (simulated: quality real, speed not)."""
     from workers.bnb import four_bit_layers
 
     if four_bit_layers(model) or any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
         return "transformers-bnb"
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum: its value, compressed-tensors
+    acts = {f"{getattr(a.type, 'value', a.type)}{a.num_bits}" for m in model.modules()
+            for a in [getattr(getattr(m, "quantization_scheme", None), "input_activations", None)] if a is not None}
+    if acts:  # W8A8 / FP8_DYNAMIC: compressed-tensors quantizes each Linear's input in float, no int8/fp8 kernel
+        return f"transformers-dense (decompressed {method}; {'/'.join(sorted(acts))} activations simulated in float)"
     return f"transformers-dense (decompressed {method})" if method else "transformers-dense"
 
 

@@ -126,14 +126,18 @@ class Gguf:
         return str(out)
 
     def load(self, ctx, artifact, base):
-        ev = ctx.job.get("eval") or {}
-        need = max((ev.get("perplexity") or {}).get("seq_len", 0),
-                   sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
-                   (ctx.job.get("task_eval") or {}).get("seq_len", 0),
-                   TASK_CONTEXT if ev.get("tasks") else 0)
-        n_ctx = need + ev.get("max_new_tokens", 32) + 256
         path = next(Path(artifact).glob("*.gguf"))
-        return LlamaCppModel(str(path), n_ctx, ctx.threads)
+        return LlamaCppModel(str(path), context_for(ctx), ctx.threads)
+
+
+def context_for(ctx) -> int:
+    """The llama.cpp context a job's evaluation needs: its longest window, prompt + generation, or task."""
+    ev = ctx.job.get("eval") or {}
+    need = max((ev.get("perplexity") or {}).get("seq_len", 0),
+               sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
+               (ctx.job.get("task_eval") or {}).get("seq_len", 0),
+               TASK_CONTEXT if ev.get("tasks") else 0)
+    return need + ev.get("max_new_tokens", 32) + 256
 
 
 def where_llama_cpp_runs(on_gpu: bool, cuda_here: bool) -> str:

@@ -45,8 +45,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def weight_args(options: dict) -> dict:
-    """compressed-tensors QuantizationArgs for the job's weights."""
-    args = {"num_bits": options["bits"], "type": "int", "symmetric": bool(options.get("symmetric", True))}
+    """compressed-tensors QuantizationArgs for the job's weights (bits, symmetric and group size: a ``scheme``
+    has filled them in, qfarm.methods.SchemeOptions; FP8_DYNAMIC's are floats)."""
+    kind = "float" if options.get("scheme") == "FP8_DYNAMIC" else "int"
+    args = {"num_bits": options["bits"], "type": kind, "symmetric": bool(options.get("symmetric", True))}
     group = options.get("group_size", 64)
     args.update({"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group})
     if options.get("act_order"):
@@ -54,13 +56,34 @@ def weight_args(options: dict) -> dict:
     return args
 
 
+def activation_args(options: dict) -> dict | None:
+    """compressed-tensors QuantizationArgs for the inputs of the job's Linears: a W8A8 / FP8_DYNAMIC scheme's
+    dynamic per-token int8 / fp8 (as compressed-tensors' presets); None for a weight-only job."""
+    scheme = options.get("scheme")
+    if scheme not in ("W8A8", "FP8_DYNAMIC"):
+        return None
+    return {"num_bits": 8, "type": "float" if scheme == "FP8_DYNAMIC" else "int", "strategy": "token",
+            "symmetric": True, "dynamic": True}
+
+
+SMOOTHING_STRENGTH = 0.8  # llm-compressor's W8A8 example's, when a W8A8 GPTQ job does not set smoothing_strength
+
+
 def recipe(options: dict) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(options)}}
+    group = {"targets": ["Linear"], "weights": weight_args(options)}
+    if activation_args(options) is not None:
+        group["input_activations"] = activation_args(options)
+    groups = {"group_0": group}
     method = options["method"]
     if method == "gptq":
-        return [GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"])]
+        gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"])
+        if options.get("scheme") != "W8A8":
+            return [gptq]
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        return [SmoothQuantModifier(smoothing_strength=options.get("smoothing_strength") or SMOOTHING_STRENGTH), gptq]
     quantize = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     if method == "rtn":
         return [quantize]
@@ -258,12 +281,16 @@ def _module_state(modules, names: dict) -> dict:
 
 
 def _smoothed_now(session) -> list:
-    """The smooth and balance layers of the AWQ mappings the coming sequential epoch end will smooth (those whose
-    activations the subgraph just cached: llm-compressor's own test in ``_apply_smoothing``); none without AWQ."""
+    """The smooth and balance layers of the mappings the coming sequential epoch end will smooth (those whose
+    activations the subgraph just cached: llm-compressor's own test in each modifier's ``_apply_smoothing``), for
+    AWQ (``_resolved_mappings``, ``_smooth_activation_stats``) and SmoothQuant (``resolved_mappings_``,
+    ``scales_``); none for a modifier without mappings."""
     modules = []
     for modifier in session.lifecycle.recipe.modifiers:
         stats = getattr(modifier, "_smooth_activation_stats", None)
-        for mapping in getattr(modifier, "_resolved_mappings", None) or []:
+        stats = getattr(modifier, "scales_", None) if stats is None else stats
+        mappings = getattr(modifier, "_resolved_mappings", None) or getattr(modifier, "resolved_mappings_", None)
+        for mapping in mappings or []:
             if stats is not None and mapping.smooth_name in stats:
                 modules += [mapping.smooth_layer, *mapping.balance_layers]
     return modules

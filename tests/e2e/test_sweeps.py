@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,21 @@ jobs:
     assert {r["runtime"] for r in (f16, q8, q4)} == {"llama.cpp"} and rows["bnb-nf4"]["runtime"] == "transformers-bnb"
     assert ref["runtime"] == "transformers-dense" and ref["perplexity_se"] > 0 and ref["ppl_delta_pct_se"] == 0
     assert q4["kl_div_se"] > 0 and q4["ppl_delta_pct_se"] > 0
+
+    # The Q4_K_M file as a published quant: `kind: evaluate` of that file, in a sweep of its own, reads its type from
+    # the file and lands on the figures of the row that made it
+    published = tmp_path / "published-q4_k_m.gguf"
+    shutil.copy(next(Path(q4["artifact"]).glob("*.gguf")), published)
+    evaluate = tmp_path / "evaluate.yaml"
+    evaluate.write_text(spec.read_text().replace("e2e-gguf", "e2e-gguf-evaluate").split("jobs:")[0]
+                        + f"jobs:\n  - {{kind: quantize, method: none}}\n  - {{kind: evaluate, checkpoint: {published}}}\n")
+    out = qfarm(env, "submit", str(evaluate), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    pub = {r["label"]: r for r in json.loads(qfarm(env, "results", "e2e-gguf-evaluate", "--format", "json").stdout)}
+    pub = pub["evaluate published-q4_k_m.gguf"]
+    assert pub["status"] == "succeeded" and pub["checkpoint_format"] == "gguf Q4_K_M" and pub["bits"] == 4
+    assert pub["runtime"] == "llama.cpp" and pub["perplexity"] == pytest.approx(q4["perplexity"], rel=1e-4)
+    assert pub["kl_div"] == pytest.approx(q4["kl_div"], rel=1e-3) and pub["size_mb"] == pytest.approx(q4["size_mb"])
 
     # A hub model, as users have them: pinned to a commit at submit (offline here: the cache's refs/main), downloaded
     # into the shared cache (here laid out already, as huggingface_hub writes it), its snapshot folder converted

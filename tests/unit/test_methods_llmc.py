@@ -263,10 +263,10 @@ def test_gguf_types_are_checked_with_a_did_you_mean_and_label_the_jobs(tmp_path)
     assert plan.jobs[0].options == {"method": "gguf", "gguf_type": "Q4_K_M"}
 
 
-def test_a_resumable_checkpoint_takes_the_awq_layers_smoothed_at_that_epoch_end_wherever_they_lie():
+def test_a_resumable_checkpoint_takes_the_layers_smoothed_at_that_epoch_end_wherever_they_lie():
     """What ``workers.llmc._smoothed_now`` adds to a subgraph's checkpoint: the smooth and balance layers of the AWQ
-    mappings whose activations are cached (about to be smoothed), not those of mappings done or still to come, and
-    nothing from a modifier without mappings (GPTQ, the quantization modifier)."""
+    and SmoothQuant mappings whose activations are cached (about to be smoothed), not those of mappings done or still
+    to come, and nothing from a modifier without mappings (GPTQ, the quantization modifier)."""
     from types import SimpleNamespace as NS
 
     from workers.llmc import _smoothed_now
@@ -280,3 +280,42 @@ def test_a_resumable_checkpoint_takes_the_awq_layers_smoothed_at_that_epoch_end_
     assert _smoothed_now(session) == ["l1.norm", "l1.q", "l1.k", "l2.norm", "l2.q", "l2.k"]
     awq._smooth_activation_stats.clear()
     assert _smoothed_now(session) == []
+    smoothquant = NS(resolved_mappings_=[mapping("s0"), mapping("s1")], scales_={"s0": object()})
+    session.lifecycle.recipe.modifiers.append(smoothquant)
+    assert _smoothed_now(session) == ["s0.norm", "s0.q", "s0.k"]
+
+
+def test_a_scheme_fills_in_bits_and_scales_and_what_contradicts_it_is_refused_where_it_is_written(tmp_path):
+    path = write(tmp_path, HEAD + """\
+      - {kind: quantize, method: none}
+      - kind: quantize
+        calibration: {samples: 8, seq_len: 128}
+        matrix: {method: [gptq], scheme: [W8A8, W4A16_ASYM, null]}
+      - {kind: quantize, method: rtn, scheme: FP8_DYNAMIC}
+    """)
+    _, plan = load_plan(path)
+    by = {j.label: j.options for j in plan.jobs}
+    assert by["gptq W8A8"]["bits"] == 8 and by["gptq W8A8"]["group_size"] == -1 and by["gptq W8A8"]["symmetric"]
+    assert by["gptq W4A16_ASYM g=64"]["bits"] == 4 and by["gptq W4A16_ASYM g=64"]["group_size"] == 64
+    assert by["gptq W4A16_ASYM g=64"]["symmetric"] is False
+    assert "scheme" not in by["gptq 4b g=64 symmetric=true"]  # unset: not in the options, nor in the job's id
+    assert by["rtn FP8_DYNAMIC"]["scheme"] == "FP8_DYNAMIC" and by["rtn FP8_DYNAMIC"]["bits"] == 8
+
+    bad = write(tmp_path, HEAD + """\
+      - {kind: quantize, method: gptq, scheme: W8A8, bits: 4}
+      - {kind: quantize, method: gptq, scheme: W8A8, group_size: 64}
+      - {kind: quantize, method: gptq, scheme: FP8_DYNAMIC}
+      - {kind: quantize, method: gptq, scheme: W8A8, calibration: {share: true}}
+      - {kind: quantize, method: gptq, smoothing_strength: 0.5}
+      - {kind: quantize, method: awq, scheme: W8A8}
+    """, name="bad.yaml")
+    msgs = problems(bad)
+    assert f"{bad}:4: jobs[0].bits: method gptq: bits: scheme W8A8 sets bits to 8: leave bits out, or drop the " \
+           "scheme (got 4)" in msgs
+    assert any(m.startswith(f"{bad}:5: jobs[1].group_size:") and "one scale per output channel" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:6: jobs[2].scheme:") and "'FP8_DYNAMIC' is not allowed. Allowed: 'W4A16', 'W4A16_ASYM', 'W8A16' or 'W8A8'" in m
+               for m in msgs)
+    assert any(m.startswith(f"{bad}:7: jobs[3].calibration:") and "set share: false" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:8: jobs[4].smoothing_strength:") and "scheme: W8A8 only" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:9: jobs[5].scheme: option 'scheme' does not apply to method awq") for m in msgs)
+    assert len(msgs) == 6

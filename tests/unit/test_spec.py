@@ -107,7 +107,7 @@ def test_every_error_at_once_with_path_line_and_did_you_mean(tmp_path):
         f"{path}:2: model: unknown bundled model 'smollm2-135n'. Did you mean 'smollm2-135m'? Allowed: bundled:smollm2-135m",
         f"{path}:4: eval.speeed: unknown key 'speeed'. Did you mean 'speed'? Allowed: perplexity, speed, prompts, max_new_tokens, tasks, task_paths, engine, vllm",
         f"{path}:8: jobs[0].matrix.method[1]: unknown method 'bnb-nf5'. Did you mean 'bnb-nf4'? Allowed: none, bnb-int8, bnb-nf4, bnb-fp4, rtn, gptq, awq, gguf",
-        f"{path}:9: jobs[1].kind: unknown job kind 'quantise'. Did you mean 'quantize'? Allowed: quantize, train, merge, sleep",
+        f"{path}:9: jobs[1].kind: unknown job kind 'quantise'. Did you mean 'quantize'? Allowed: quantize, train, merge, evaluate, sleep",
     ]
 
 
