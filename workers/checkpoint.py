@@ -165,7 +165,7 @@ def same_vocabulary(model, tokenizer, size: int, where: str) -> None:
             from transformers import AutoTokenizer
 
             own = AutoTokenizer.from_pretrained(where)
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, TypeError):  # no tokenizer of its own: its size decides
             own = None
         if own is not None and own.get_vocab() != tokenizer.get_vocab():
             raise Permanent(f"the checkpoint's tokenizer ({where}) is not the reference's: its vocabulary differs "
