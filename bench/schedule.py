@@ -2,7 +2,7 @@
 (qfarm.eta.dispatch_order), on 2 logical GPU slots, each run in a fresh namespace (no duration history: the
 prior alone orders the first sweep on a cluster) and its own output root.
 
-    python bench/schedule.py [--specs jobs/seed_004_methods.yaml,jobs/seed_003_pipeline.yaml]
+    python bench/schedule.py [--specs jobs/seed_004_methods.yaml,jobs/seed_003_pipeline.yaml] [--orders file,longest]
 
 Prints per sweep and order: the makespan (first start to last finish), its lower bound max(critical path,
 Σ job time / slots) from the run's own job times, and their ratio (goal <= 1.10 longest-first); then against the
@@ -68,11 +68,14 @@ def bound(jobs) -> tuple[float, float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--specs", default="jobs/seed_004_methods.yaml,jobs/seed_003_pipeline.yaml")
+    ap.add_argument("--orders", default="file,longest", help="some of file, longest (comma-separated)")
     a = ap.parse_args()
+    if not set(a.orders.split(",")) <= {"file", "longest"}:
+        ap.error("--orders: file, longest or both, comma-separated")
     for name in a.specs.split(","):
         spec = (REPO / name).resolve()
         print(f"{name}: {SLOTS} slots")
-        for how in ("file", "longest"):
+        for how in a.orders.split(","):
             with tempfile.TemporaryDirectory() as tmp, namespace() as store, \
                     head_with({"QFARM_DISPATCH": how}, gpus=SLOTS) as head:
                 t0 = time.time()
