@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from qfarm.errors import Permanent
+from qfarm.methods import GGUF_TYPES
 from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.models import dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
@@ -75,7 +76,7 @@ def load_checkpoint(ctx, ref: dict):
         path = str(Path(ref["location"]) / ref["gguf_file"])
         model = LlamaCppModel(path, context_for(ctx), ctx.threads)
         kind = gguf_file_type(path)
-        return model, path, {"checkpoint_format": f"gguf {kind}" if kind else "gguf", "bits": _gguf_bits(kind)}
+        return model, path, {"checkpoint_format": f"gguf {kind}" if kind else "gguf", "bits": GGUF_TYPES.get(kind)}
     location = ref["location"]
     kwargs = {"revision": ref["revision"]} if ref.get("kind") == "hub" and ref.get("revision") else {}
     qc = _quantization_config(location, kwargs)
@@ -91,12 +92,10 @@ def load_checkpoint(ctx, ref: dict):
 
     from workers.models import compute_dtype, placement
 
-    if method is None or method == "compressed-tensors":  # float, or decompressed to dense weights
-        where, said = placement(location)
-        dtype = {"dtype": compute_dtype(location)}
-    else:  # bitsandbytes, gptq, awq, ...: the checkpoint's own layers, placed like the job's device
-        where, said = placement(location)
-        dtype = {}
+    where, said = placement(location)
+    # float, or compressed-tensors decompressed to dense weights: in the compute dtype; bitsandbytes, gptq, awq, ...:
+    # the checkpoint's own layers as they are
+    dtype = {"dtype": compute_dtype(location)} if method in (None, "compressed-tensors") else {}
     model = AutoModelForCausalLM.from_pretrained(location, **where, **dtype, **kwargs)
     model.eval()
     ctx.extra.update(said)
@@ -134,24 +133,20 @@ def _hf_bits(qc: dict | None) -> int | None:
 
 def gguf_file_type(path: str) -> str | None:
     """llama.cpp's name of the file's type (Q4_K_M, Q8_0, ...) from its ``general.file_type``, or None."""
-    from qfarm.methods import GGUF_TYPES
     from qfarm.modelinfo import gguf_metadata
+    from workers.gguf import ftype
 
     try:
         value = gguf_metadata(Path(path)).get("general.file_type")
     except (OSError, ValueError):
         return None
-    import llama_cpp
-
-    names = {getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{n}", None): n for n in GGUF_TYPES}
-    names.update({llama_cpp.LLAMA_FTYPE_ALL_F32: "F32"})
-    return names.get(value)
-
-
-def _gguf_bits(kind: str | None) -> int | None:
-    from qfarm.methods import GGUF_TYPES
-
-    return GGUF_TYPES.get(kind) if kind else None
+    for name in GGUF_TYPES:
+        try:
+            if ftype(name) == value:
+                return name
+        except ValueError:  # a type this llama.cpp does not have
+            continue
+    return None
 
 
 def same_vocabulary(model, tokenizer, size: int, where: str) -> None:

@@ -73,8 +73,9 @@ def recipe(options: dict) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     group = {"targets": ["Linear"], "weights": weight_args(options)}
-    if activation_args(options) is not None:
-        group["input_activations"] = activation_args(options)
+    activations = activation_args(options)
+    if activations is not None:
+        group["input_activations"] = activations
     groups = {"group_0": group}
     method = options["method"]
     if method == "gptq":
