@@ -152,7 +152,8 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True)
                     job = replace(job, needs=(capture.id,))
                 if job.id not in jobs:
                     jobs[job.id] = job
-                    mine.append(job)
+                if all(j.id != job.id for j in mine):  # a job an earlier stage has too still feeds this stage's children
+                    mine.append(jobs[job.id])
             if len(jobs) > MAX_JOBS:
                 errors.add(("jobs", gi), f"the sweep expands to more than {MAX_JOBS} jobs; split it")
                 raise SpecError(list(errors.problems.values()), loaded.source)

@@ -170,3 +170,20 @@ def test_sleep_stages_chain_without_a_model(folder):
     a = [j for j in plan.jobs if j.stage == "a"]
     b = [j for j in plan.jobs if j.stage == "b"]
     assert len(a) == 2 and sorted(j.parent for j in b) == sorted(j.id for j in a)
+
+
+def test_a_stage_whose_jobs_an_earlier_stage_has_too_still_feeds_its_children(folder):
+    # "again" is "finetune" spelled twice: one job, not two; merge comes from it either way (it used to get none)
+    plan = plan_of(folder, """\
+        name: pipe
+        model: tiny
+        stages:
+          - {name: finetune, kind: train, method: lora, dataset: {path: train.jsonl, format: "{q}", eval_samples: 8}}
+          - {name: again, kind: train, method: lora, dataset: {path: train.jsonl, format: "{q}", eval_samples: 8}}
+          - {name: merge, kind: merge, from: again}
+        """)
+    kinds = [j.kind for j in plan.jobs]
+    assert kinds == ["train", "merge"], kinds
+    (train,) = [j for j in plan.jobs if j.kind == "train"]
+    (merge,) = [j for j in plan.jobs if j.kind == "merge"]
+    assert merge.parent == train.id
