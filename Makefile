@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[ml,eval,report,mlflow,wandb,test]"
+	$(BIN)/pip install -q -e ".[ml,gptqmodel,eval,report,mlflow,wandb,test]"
 	# llama-cpp-python compiles llama.cpp (minutes; pip caches the wheel): portable (no -march=native), all cores
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $(LLAMA_CMAKE_EXTRA)" \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[gguf]"

@@ -153,6 +153,12 @@ TABLE: tuple[Column, ...] = (
     C("gguf_tensor_types", group="gguf", format="{}"),
     # an evaluate job's checkpoint as read from it: float, compressed-tensors, bitsandbytes, gptq, awq, gguf Q4_K_M
     C("checkpoint_format", group="run", format="{}"),
+    # the library that quantized a gptq/awq row (llm-compressor, gptqmodel) and its version
+    C("backend", group="size", format="{}", echoes_option=True),
+    C("backend_version", group="size", format="{}"),
+    C("quant_dtype", group="size", format="{}"),  # what quantization computed in, when not the compute dtype
+    C("train_kernel", group="train", format="{}"),  # what computed a LoRA's quantized base while it trained
+    C("train_dtype", group="train", format="{}"),  # ... and in which dtype (bfloat16 for GPTQModel's torch kernel)
     C("bits_per_weight", group="gguf"),
     C("gguf_source", group="gguf", format="{}"),
     C("llama_cpp_version", group="gguf", format="{}"),

@@ -145,6 +145,9 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True)
                 continue
             refs = checks(gi, group, options, sources)
             for parent in parents:
+                if group.kind == "train" and parent is not None and not validate.train_parent(
+                        gi, options.model_dump(), parent.options, errors):
+                    break
                 job = _job(spec, gi, group, options, model_ref, group_eval, refs, parent, cuda)
                 capture = _capture(job, cuda)
                 if capture is not None:  # before the jobs that need it: labelled() reads parents first
@@ -220,7 +223,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         task_eval=task_eval if kind.needs_model else None,
         worker=kind.worker,
         needs_model=kind.needs_model,
-        impl=method.worker if method is not None else None,
+        impl=method.impl(opts) if method is not None else None,
         bits=method.nominal_bits(opts) if method is not None else opts.get("bits"),
         axes=tuple(k for k in axes(group)[0] if k != "method"),
     )
@@ -252,7 +255,7 @@ def _vllm_eval(ev: dict, kind: str, method) -> dict:
 
 # --- labels ---------------------------------------------------------------------------------------
 
-_SHORT = {"group_size": "g", "act_order": "act_order", "gguf_type": "", "scheme": "", "checkpoint": "", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # "": the value alone (gguf Q4_K_M)
+_SHORT = {"backend": "", "group_size": "g", "act_order": "act_order", "gguf_type": "", "scheme": "", "checkpoint": "", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # "": the value alone (gguf Q4_K_M)
 _UNLABELLED = ("method",)
 _ALWAYS = ("scheme", "checkpoint")  # in the label whenever set: what the row is
 

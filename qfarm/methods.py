@@ -90,10 +90,46 @@ SCHEMES: dict[str, dict] = {
 
 # options added after sweeps were submitted without them: left out of a job's identity while unset (None), so
 # those sweeps' jobs keep their ids (qfarm.expand)
-UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength"})
+UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend"})
+
+# The libraries that quantize ``gptq`` and ``awq`` jobs. llm-compressor (the default: installed with qfarm[ml])
+# writes compressed-tensors, which runs dense on a CPU; GPTQModel (qfarm[gptqmodel]) writes the AutoGPTQ/AutoAWQ
+# layout and runs it on its int4 kernels. ``backend`` unset is llm-compressor.
+BACKENDS = ("llm-compressor", "gptqmodel")
+Backend = Optional[Literal["llm-compressor", "gptqmodel"]]
 
 
-class SchemeOptions(Options):
+class BackendOptions(Options):
+    """Options of a method that more than one library implements (``backend``): what the chosen one cannot do is
+    refused at its YAML line, never silently dropped."""
+
+    @field_validator("backend", check_fields=False)
+    @classmethod
+    def _backend_scheme(cls, value, info: ValidationInfo):
+        scheme = SCHEMES.get(info.data.get("scheme") or "")
+        if value == "gptqmodel" and scheme and (scheme["activations"] or scheme.get("float")):
+            raise ValueError(f"backend gptqmodel quantizes weights only: scheme {info.data['scheme']} is "
+                             "llm-compressor's (drop backend, or use bits/group_size)")
+        return value
+
+    @field_validator("calibration", check_fields=False)
+    @classmethod
+    def _backend_share(cls, value, info: ValidationInfo):
+        if info.data.get("backend") == "gptqmodel" and getattr(value, "share", False):
+            raise ValueError("share is llm-compressor's shared Hessian capture: with backend gptqmodel set "
+                             "share: false")
+        return value
+
+    @field_validator("duo_scaling", "n_grid", check_fields=False)
+    @classmethod
+    def _llmcompressor_only(cls, value, info: ValidationInfo):
+        if info.data.get("backend") == "gptqmodel":
+            raise ValueError(f"{info.field_name} is llm-compressor's AWQ option; GPTQModel's AWQ has no such "
+                             "setting (drop it, or drop backend: gptqmodel)")
+        return value
+
+
+class SchemeOptions(BackendOptions):
     """Options with an optional llm-compressor preset ``scheme`` (``SCHEMES``): the scheme fills in ``bits``,
     ``symmetric`` and, for a per-channel scheme, ``group_size: -1``; one of them given as well must agree with it."""
 
@@ -149,6 +185,7 @@ class GptqOptions(SchemeOptions):
 
     scheme: Optional[Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8"]] = None
     method: Literal["gptq"]
+    backend: Backend = None
     bits: Literal[2, 3, 4, 8] = 4
     group_size: GroupSize = 64
     act_order: bool = False
@@ -174,11 +211,12 @@ class GptqOptions(SchemeOptions):
         return value
 
 
-class AwqOptions(Options):
+class AwqOptions(BackendOptions):
     """AWQ (llm-compressor's AWQModifier + weight quantization): per-channel scales searched on calibration
     activations protect salient weights before rounding. Asymmetric (with zero points) by default."""
 
     method: Literal["awq"]
+    backend: Backend = None
     bits: Literal[3, 4, 8] = 4
     group_size: GroupSize = 64
     symmetric: bool = False
@@ -258,8 +296,9 @@ class TrainData(Options):
 
 
 class LoraOptions(Options):
-    """LoRA on the float base model (peft, transformers' Trainer). ``max_steps`` bounds the run; without it the
-    job trains ``epochs`` passes over the training examples."""
+    """LoRA on the float base model (peft, transformers' Trainer); with ``from:`` a gptq/awq stage of backend
+    gptqmodel, on that quantized model (peft's GPTQ support: the int4 layers stay frozen, the adapters train in
+    float). ``max_steps`` bounds the run; without it the job trains ``epochs`` passes over the training examples."""
 
     method: Literal["lora"]
     r: int = Field(8, ge=1, le=4_096)
@@ -343,8 +382,15 @@ class Method:
     # relative time of a job of this method per token it evaluates, calibrates or trains on: the order jobs are
     # dispatched in before any of their shape has run (qfarm.eta). Measured on the bundled model, 2 CPU cores
     cost: float = 2.0
+    # other libraries that implement it, by the ``backend`` option's value: "module:Class" as ``worker``
+    backends: Optional[dict[str, str]] = None
+
+    def impl(self, options: dict) -> Optional[str]:
+        """The implementation a job with these options runs: its ``backend``'s, else ``worker``."""
+        return (self.backends or {}).get(options.get("backend"), self.worker)
 
 
+GPTQMODEL = {"gptqmodel": "workers.gptqmodel:GPTQModelBackend"}
 BNB_LAYERS = frozenset({"Linear", "Conv1D"})  # measured: transformers' bnb replaces GPT-2's Conv1D, not fused experts
 LLMC_LAYERS = frozenset({"Linear", "experts"})  # measured: llm-compressor unfuses MoE experts, skips Conv1D
 
@@ -361,10 +407,10 @@ METHODS: dict[str, Method] = {
                cost=1.4),
         Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor", vllm=True,
                quantizes=LLMC_LAYERS),
-        Method("gptq", GptqOptions, "GPTQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True,
-               quantizes=LLMC_LAYERS, cost=8.0),
-        Method("awq", AwqOptions, "AWQ (llm-compressor), calibrated", "workers.llmc:LLMCompressor", vllm=True,
-               quantizes=LLMC_LAYERS, cost=12.0),
+        Method("gptq", GptqOptions, "GPTQ (llm-compressor; backend: gptqmodel for GPTQModel), calibrated",
+               "workers.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=8.0, backends=GPTQMODEL),
+        Method("awq", AwqOptions, "AWQ (llm-compressor; backend: gptqmodel for GPTQModel), calibrated",
+               "workers.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=12.0, backends=GPTQMODEL),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.gguf:Gguf",
                nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type")), cost=1.5),
     ]
@@ -425,7 +471,7 @@ KINDS: dict[str, Kind] = {
         Kind("quantize", "workers.quantize:run", "quantize the model (or a merged one) and evaluate it",
              needs_model=True, parents=frozenset({"merge"}), methods=METHODS),
         Kind("train", "workers.train:run", "train LoRA / QLoRA adapters and evaluate the adapter model",
-             needs_model=True, methods=TRAIN_METHODS),
+             needs_model=True, parents=frozenset({"quantize"}), methods=TRAIN_METHODS),
         Kind("merge", "workers.merge:run", "merge a train job's adapter into a base, check it, evaluate it",
              needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0),
         Kind("calibrate", "workers.calibrate:run", "capture what GPTQ needs of the calibration data, once for the jobs "

@@ -93,6 +93,28 @@ def parent_stage(gi: int, group: JobGroup, spec: SweepSpec, errors: Collector) -
     return group.from_
 
 
+# the quantized checkpoints a LoRA trains on (peft's GPTQ support through GPTQModel's layers)
+TRAINABLE_QUANTIZED = ("gptq", "awq")
+
+
+def train_parent(gi: int, options: dict, parent: dict, errors: Collector) -> bool:
+    """Whether a train job may start from this quantize job (the problem added when not): LoRA on a GPTQ/AWQ
+    checkpoint in GPTQModel's layout, which peft trains through GPTQModel's torch kernel."""
+    method, backend = parent.get("method"), parent.get("backend")
+    if options.get("method") != "lora":
+        errors.add(("jobs", gi, "method"), f"a {options.get('method')} job loads its own 4-bit base; only lora trains "
+                                           "on a quantized stage's model (from: a gptq/awq stage, backend gptqmodel)")
+        return False
+    if method not in TRAINABLE_QUANTIZED or backend != "gptqmodel":
+        what = f"{method} (backend {backend or 'llm-compressor'})" if method in TRAINABLE_QUANTIZED else method
+        errors.add(("jobs", gi, "from"), f"LoRA trains on a quantized base through GPTQModel's layers: from must name "
+                                         f"a gptq or awq stage with backend: gptqmodel, not {what} (an "
+                                         "llm-compressor checkpoint loads as dense float weights here; for LoRA on "
+                                         "bitsandbytes 4-bit use method: qlora without from)")
+        return False
+    return True
+
+
 def model(text: str, base_dir: Path, errors: Collector, revision: str | None = None,
           hub_cache: Path | None = None) -> dict | None:
     """The sweep's model reference, resolved (None, with the problem added, when it does not resolve). A hub

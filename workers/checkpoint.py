@@ -81,13 +81,12 @@ def load_checkpoint(ctx, ref: dict):
     kwargs = {"revision": ref["revision"]} if ref.get("kind") == "hub" and ref.get("revision") else {}
     qc = _quantization_config(location, kwargs)
     method = qc.get("quant_method") if qc else None
-    if method in ("gptq", "awq"):
-        import importlib.util
+    if method in ("gptq", "awq"):  # AutoGPTQ/AutoAWQ layout: on GPTQModel's kernels
+        from workers.gptqmodel import load_quantized, require
 
-        if importlib.util.find_spec("gptqmodel") is None:
-            raise Permanent(f"checkpoint {ref.get('name')} is a {method.upper()} checkpoint (AutoGPTQ/AutoAWQ layout), "
-                            "which runs on GPTQModel's kernels: GPTQModel is not installed on this worker "
-                            "(pip install gptqmodel optimum)")
+        require(f"checkpoint {ref.get('name')}, a {method.upper()} checkpoint (AutoGPTQ/AutoAWQ layout),")
+        model = load_quantized(location, **kwargs)
+        return model, location, {"checkpoint_format": method, "bits": _hf_bits(qc)}
     from transformers import AutoModelForCausalLM
 
     from workers.models import compute_dtype, placement

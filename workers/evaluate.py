@@ -444,11 +444,16 @@ def task_metrics(ctx, model, base) -> dict:
 
 
 def runtime_of(model) -> str:
-    """What computes a torch model's forward: ``transformers-bnb`` (bitsandbytes layers), ``transformers-dense``,
+    """What computes a torch model's forward: ``gptqmodel-<kernel>`` (GPTQModel's quantized layers, e.g.
+    ``gptqmodel-torch-fused``), ``transformers-bnb`` (bitsandbytes layers), ``transformers-dense``,
     or ``transformers-dense (decompressed compressed-tensors)`` for a compressed checkpoint loaded back as dense
     weights, saying so when its activations are quantized too (simulated: quality real, speed not)."""
     from workers.bnb import four_bit_layers
+    from workers.gptqmodel import kernels
 
+    gptq_kernels = kernels(model)
+    if gptq_kernels:  # GPTQModel's int4 kernels (TorchFused / Marlin / ...), or its dequantizing torch fallback
+        return "/".join(gptq_kernels)
     if four_bit_layers(model) or any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
         return "transformers-bnb"
     qc = getattr(getattr(model, "config", None), "quantization_config", None)

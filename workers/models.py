@@ -79,7 +79,7 @@ def versions() -> dict:
 
     out = {}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes", "llmcompressor", "compressed-tensors",
-                "llama_cpp_python"):
+                "llama_cpp_python", "gptqmodel", "optimum"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

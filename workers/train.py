@@ -108,6 +108,14 @@ def run(ctx) -> dict:
             train_s = time.time() - t0
         adapter = save(run, base, out)
         run.model.eval()
+        quantized = quantized_base(ctx)
+        if quantized:  # trained through the torch kernel; evaluated as served: GPTQModel's default kernel + adapter
+            from peft import PeftModel
+
+            from workers.gptqmodel import load_quantized
+
+            run.trainer = None
+            run.model = PeftModel.from_pretrained(load_quantized(quantized), str(adapter)).eval()
         metrics = evaluate(ctx, run.model, base)
     result = {**row(run, train_s, train_mem.mb, adapter),
               **shared_columns(ctx, base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,
@@ -156,11 +164,28 @@ class _Run:
     curve: list = field(default_factory=list)  # [step, loss] every logged step
     max_steps: list = field(default_factory=lambda: [0])
     resumed_from: int | None = None  # the step an earlier attempt's checkpoint had reached
+    base_bits: int | None = None  # the quantized base's bits (LoRA on a GPTQ/AWQ stage's model)
 
 
-def peft_targets(names: list[str]):
-    """``[all-linear]`` (the default) is peft's own string for every Linear/Conv1D layer but the output head."""
-    return "all-linear" if list(names) == ["all-linear"] else list(names)
+def peft_targets(names: list[str], model=None):
+    """``[all-linear]`` (the default) is peft's own string for every Linear/Conv1D layer but the output head; on a
+    GPTQModel base (whose quantized layers are not Linears) it is the names of those layers."""
+    if list(names) != ["all-linear"]:
+        return list(names)
+    quantized = sorted({name.rsplit(".", 1)[-1] for name, m in (model.named_modules() if model is not None else [])
+                        if type(m).__module__.startswith("gptqmodel.") and hasattr(m, "qweight")})
+    return quantized or "all-linear"
+
+
+def quantized_base(ctx) -> str | None:
+    """The GPTQ/AWQ checkpoint (GPTQModel layout) a LoRA job trains on: the artifact of the quantize job it comes
+    from, inside the output root; None for a job on the sweep's float model."""
+    parent = (ctx.job.get("input") or {})
+    if parent.get("kind") != "quantize" or not parent.get("artifact"):
+        return None
+    from workers.files import inside
+
+    return inside(ctx.output_root, parent["artifact"])
 
 
 def setup(ctx, base) -> _Run:
@@ -176,16 +201,24 @@ def setup(ctx, base) -> _Run:
     train_texts, held = split_examples(texts, ds["eval_samples"], ds.get("max_samples"))
     features = [{"input_ids": encode(base.tokenizer, t, opts["seq_len"])} for t in train_texts]
 
-    ctx.progress(f"loading the base for {opts['method']}")
+    quantized = quantized_base(ctx)
+    ctx.progress(f"loading the base for {opts['method']}" + (" (GPTQModel, torch kernel)" if quantized else ""))
     torch.manual_seed(opts["seed"])
-    model = load_trainable_base(base.path, opts)
+    if quantized:
+        from workers.gptqmodel import kernels, load_quantized
+
+        model = load_quantized(quantized, training=True)
+        ctx.extra["train_kernel"] = "/".join(kernels(model))
+        ctx.extra["train_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    else:
+        model = load_trainable_base(base.path, opts)
     if opts["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts["gradient_checkpointing"])
     elif opts["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
-                      target_modules=peft_targets(opts["target_modules"]), bias="none", task_type="CAUSAL_LM")
+                      target_modules=peft_targets(opts["target_modules"], model), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     tok = base.tokenizer
@@ -200,7 +233,8 @@ def setup(ctx, base) -> _Run:
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
         use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
     )
-    run = _Run(opts, model, None, collate, len(features), len(held), trainable, total)
+    run = _Run(opts, model, None, collate, len(features), len(held), trainable, total,
+               base_bits=((ctx.job.get("input") or {}).get("options") or {}).get("bits") if quantized else None)
     run.trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
                           callbacks=[_progress_callback(ctx, run)])
     return run
@@ -239,7 +273,7 @@ def row(run: _Run, train_s: float, train_peak_mb: float, adapter: Path) -> dict:
     tokens = run.collate.tokens
     return {
         "method": opts["method"],
-        "bits": 4 if opts["method"] == "qlora" else None,
+        "bits": 4 if opts["method"] == "qlora" else run.base_bits,
         "r": opts["r"],
         "lora_alpha": opts["lora_alpha"],
         "lora_dropout": opts["lora_dropout"],

@@ -78,4 +78,4 @@ def test_cluster_yaml_is_a_launcher_config():
     assert "~/.qfarm/redis-url" in config["file_mounts"]  # the Redis URL comes from a file outside the YAML
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
     assert any("GGML_CUDA=on" in c for c in config["worker_setup_commands"])  # llama.cpp on the GPU nodes
-    assert "llama-cpp-tools" in (REPO / "Makefile").read_text() and "[ml,eval,report,mlflow,wandb,test]" in (REPO / "Makefile").read_text()
+    assert "llama-cpp-tools" in (REPO / "Makefile").read_text() and "[ml,gptqmodel,eval,report,mlflow,wandb,test]" in (REPO / "Makefile").read_text()

@@ -68,7 +68,7 @@ def test_act_order_is_a_gptq_option_only(tmp_path):
     """)
     msgs = problems(path)
     assert any("jobs[0].matrix.act_order[0]: option 'act_order' does not apply to method awq" in m
-               and "Its options: bits, group_size, symmetric, duo_scaling, n_grid, calibration" in m for m in msgs)
+               and "Its options: backend, bits, group_size, symmetric, duo_scaling, n_grid, calibration" in m for m in msgs)
     assert any("jobs[1].act_order: method gptq: act_order: input should be a valid boolean" in m for m in msgs)
     assert len(msgs) == 2
 
@@ -319,3 +319,47 @@ def test_a_scheme_fills_in_bits_and_scales_and_what_contradicts_it_is_refused_wh
     assert any(m.startswith(f"{bad}:8: jobs[4].smoothing_strength:") and "scheme: W8A8 only" in m for m in msgs)
     assert any(m.startswith(f"{bad}:9: jobs[5].scheme: option 'scheme' does not apply to method awq") for m in msgs)
     assert len(msgs) == 6
+
+
+def test_a_backend_picks_the_implementation_keeps_old_ids_and_refuses_what_gptqmodel_cannot_do(tmp_path):
+    plain = write(tmp_path, HEAD + """\
+      - {kind: quantize, method: gptq}
+    """, name="plain.yaml")
+    _, before = load_plan(plain)
+    path = write(tmp_path, HEAD + """\
+      - {kind: quantize, method: gptq}
+      - kind: quantize
+        method: gptq
+        matrix: {backend: [llm-compressor, gptqmodel]}
+      - {kind: quantize, method: awq, backend: gptqmodel}
+    """)
+    _, plan = load_plan(path)
+    by = {j.label: j for j in plan.jobs}
+    assert set(by) == {"gptq", "gptq llm-compressor", "gptq gptqmodel", "awq"}, set(by)
+    assert by["gptq gptqmodel"].impl == by["awq"].impl == "workers.gptqmodel:GPTQModelBackend"
+    assert by["gptq llm-compressor"].impl == by["gptq"].impl == "workers.llmc:LLMCompressor"
+    # backend unset: the job id it had before the option existed (a resubmit reruns nothing)
+    assert by["gptq"].id == before.jobs[0].id and "backend" not in by["gptq"].options
+    assert by["gptq llm-compressor"].id != by["gptq"].id  # said explicitly: another job (the label differs too)
+
+    bad = write(tmp_path, HEAD + """\
+      - {kind: quantize, method: gptq, backend: gptqmodel, scheme: W8A8}
+      - {kind: quantize, method: awq, backend: gptqmodel, duo_scaling: false}
+      - {kind: quantize, method: gptq, backend: gptqmodel, calibration: {share: true}}
+      - {kind: quantize, method: gptq, backend: autogptq}
+      - {kind: quantize, method: bnb-nf4, backend: gptqmodel}
+      - {name: q, kind: quantize, method: gptq}
+      - {kind: train, from: q, method: lora, dataset: {path: bundled:python-docs}}
+      - {name: g, kind: quantize, method: gptq, backend: gptqmodel}
+      - {kind: train, from: g, method: qlora, dataset: {path: bundled:python-docs}}
+    """, name="bad.yaml")
+    msgs = problems(bad)
+    assert any(m.startswith(f"{bad}:4: jobs[0].backend:") and "quantizes weights only: scheme W8A8" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:5: jobs[1].duo_scaling:") and "llm-compressor's AWQ option" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:6: jobs[2].calibration:") and "set share: false" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:7: jobs[3].backend:") and "Allowed: 'llm-compressor' or 'gptqmodel'" in m
+               for m in msgs)
+    assert any(m.startswith(f"{bad}:8: jobs[4].backend: option 'backend' does not apply to method bnb-nf4") for m in msgs)
+    assert any(m.startswith(f"{bad}:10: jobs[6].from:") and "not gptq (backend llm-compressor)" in m for m in msgs)
+    assert any(m.startswith(f"{bad}:12: jobs[8].method:") and "only lora trains on a quantized stage" in m for m in msgs)
+    assert len(msgs) == 7, msgs
