@@ -181,7 +181,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
     if data is not None and "dataset" in opts:
         opts["dataset"]["path"] = data["key"]
     ident = {**opts, "checkpoint": data["key"]} if data is not None and "checkpoint" in opts else opts
-    if group.kind == "merge" and parent is not None and parent.options.get("method") != "qlora":
+    if group.kind == "merge" and parent is not None and parent.options.get("method") != "qlora" and parent.parent is None:
         opts["onto"] = "base"  # a LoRA adapter was trained on the float base: "dequantized" is that same base
     identity = {
         "v": SPEC_VERSION,

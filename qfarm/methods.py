@@ -330,8 +330,9 @@ class QloraOptions(LoraOptions):
 
 
 class MergeOptions(Options):
-    """Merge a train job's adapter into a base: ``base`` (the float model it started from) or ``dequantized``
-    (the 4-bit base a QLoRA adapter was trained on, dequantized: what the adapter actually learned against).
+    """Merge a train job's adapter into a base: ``base`` (the sweep's float model) or ``dequantized`` (the 4-bit
+    base a QLoRA adapter, or a LoRA trained from a GPTQ/AWQ stage, was trained on, dequantized: what the adapter
+    actually learned against). The merged model is float: never merged into int4 weights.
     The merged model's logits are compared with the adapter model's on ``check_samples`` held-out examples."""
 
     onto: Literal["base", "dequantized"] = "base"

@@ -550,8 +550,11 @@ def readiness(parent_id: str | None, parent: JobRecord | None) -> tuple[str, Any
         return "ready", {}
     if parent is not None and parent.status == JobStatus.SUCCEEDED.value:
         result = parent.result or {}
-        return "ready", {"id": parent.id, "kind": parent.spec.get("kind"), "label": parent.spec.get("label"),
-                         "options": parent.spec.get("options"), "artifact": result.get("artifact")}
+        inputs = {"id": parent.id, "kind": parent.spec.get("kind"), "label": parent.spec.get("label"),
+                  "options": parent.spec.get("options"), "artifact": result.get("artifact")}
+        if result.get("quantized_base"):  # an adapter trained on a quantized stage's model: a merge needs that base
+            inputs["quantized_base"] = result["quantized_base"]
+        return "ready", inputs
     if parent is not None and parent.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
         return "wait", None
     if parent is None:

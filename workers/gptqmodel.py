@@ -148,6 +148,48 @@ def load_quantized(path: str, training: bool = False, **kwargs):
     return model
 
 
+def dequantized(path: str):
+    """A GPTQ/AWQ checkpoint as a float32 transformers model whose Linears hold its quantized weights dequantized
+    exactly ((q - zero) · scale in float32, from GPTQModel's own unpacking with the float16 scales widened first):
+    what a LoRA trained on it is merged into."""
+    import torch
+    from gptqmodel import BACKEND, GPTQModel
+
+    model = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
+    for name, module in list(model.named_modules()):
+        if not (type(module).__module__.startswith("gptqmodel.") and hasattr(module, "dequantize_weight")):
+            continue
+        probe = torch.randn(4, module.in_features, generator=torch.Generator().manual_seed(0)).half()
+        with torch.no_grad():
+            seen = module(probe).float() - (module.bias.float() if module.bias is not None else 0)
+        module.scales = module.scales.float()
+        weight = module.dequantize_weight().float()  # [in, out] for GPTQModel's kernels; square ones tell by a probe
+        if weight.shape != (module.out_features, module.in_features) or (
+                weight.shape[0] == weight.shape[1]
+                and (probe.float() @ weight - seen).abs().max() < (probe.float() @ weight.t() - seen).abs().max()):
+            weight = weight.t()
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        dense.weight.data = weight.contiguous()
+        if module.bias is not None:
+            dense.bias.data = module.bias.detach().float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    model = model.to(torch.float32)
+    # loaded in float16 for the kernel: the float tensors (embeddings, norms, head, biases) as the checkpoint stores them
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key in state and state[key].is_floating_point():
+                    state[key].copy_(f.get_tensor(key).float())
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # a float model now: saved as one
+    model.is_quantized = False
+    return model
+
+
 class GPTQModelBackend:
     def quantize(self, ctx, base) -> str:
         import torch

@@ -1,8 +1,9 @@
 """The ``merge`` job kind: a train job's adapter merged into a base, checked, saved, reloaded and evaluated.
 
-``onto: base`` merges into the float model the sweep started from. ``onto: dequantized`` (QLoRA) merges into
-the 4-bit base the adapter was trained on, dequantized to float: the weights the adapter actually learned
-against. Before saving, the merged model's logits are compared with the adapter model's (the model as trained:
+``onto: base`` merges into the float model the sweep started from. ``onto: dequantized`` (QLoRA, or LoRA trained
+``from:`` a GPTQ/AWQ stage) merges into the 4-bit base the adapter was trained on, dequantized to float: the weights
+the adapter actually learned against. Nothing is merged into int4 weights (the update would mostly round away): a
+merged model is float, and a ``quantize`` stage from the merge re-quantizes it (dequantize -> merge -> requantize). Before saving, the merged model's logits are compared with the adapter model's (the model as trained:
 base, 4-bit for QLoRA, plus the unmerged adapter) on held-out examples: ``merge_max_abs_diff``,
 ``merge_mean_abs_diff`` and ``merge_top1_agree`` say how faithful the merge is. For QLoRA, merging onto the float
 base is not exact (the adapter corrected 4-bit weights that are not there), onto the dequantized base it is.
@@ -57,10 +58,20 @@ def logits_diff(a: list, b: list, prefix: str = "merge") -> dict:
             f"{prefix}_top1_agree": agree / max(tokens, 1), f"{prefix}_check_tokens": tokens}
 
 
-def check(base_path: str, adapter: str, parent_options: dict, merged, examples: list[list[int]]) -> dict:
+def check(base_path: str, adapter: str, parent_options: dict, merged, examples: list[list[int]],
+          quantized: str | None = None) -> dict:
     """The merged model against the adapter model as trained, in the same float32 arithmetic; for a QLoRA
-    adapter, also bitsandbytes' default CPU kernel against that float32 path (``kernel_*``)."""
+    adapter, also bitsandbytes' default CPU kernel against that float32 path (``kernel_*``). For an adapter trained
+    on a GPTQ/AWQ checkpoint (``quantized``), the adapter model is that checkpoint on GPTQModel's kernel + adapter."""
     from peft import PeftModel
+
+    if quantized:
+        from workers.gptqmodel import load_quantized
+
+        model = PeftModel.from_pretrained(load_quantized(quantized), adapter).eval()
+        out = logits_diff(logits_of(model, examples), logits_of(merged, examples))
+        del model
+        return out
 
     def trained(fused: bool | None = None):
         model = PeftModel.from_pretrained(load_trainable_base(base_path, parent_options, fused, FLOAT32), adapter)
@@ -78,12 +89,17 @@ def check(base_path: str, adapter: str, parent_options: dict, merged, examples: 
     return out
 
 
-def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str):
-    """The adapter merged into the chosen base, as a float model."""
+def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str, quantized: str | None = None):
+    """The adapter merged into the chosen base, as a float model. ``quantized``: the GPTQ/AWQ checkpoint the adapter
+    was trained on (merging into its int4 weights would round the update away: it is dequantized first)."""
     import torch
     from peft import PeftModel
 
-    if onto == "dequantized":
+    if quantized and onto == "dequantized":
+        from workers.gptqmodel import dequantized
+
+        model = dequantized(quantized)
+    elif onto == "dequantized":
         model = load_trainable_base(base_path, parent_options, dtype=FLOAT32)  # the 4-bit base, as trained on
         model = unpacked(model).dequantize()
         model = model.to(torch.float32)
@@ -106,13 +122,14 @@ def run(ctx) -> dict:
         ctx.extra["base_during_job"] = reference_first(ctx, base)
         ctx.progress(f"merging the adapter (onto: {opts['onto']})")
         t0 = time.time()
-        merged = merged_model(base.path, adapter, parent["options"], opts["onto"])
+        quantized = inside(ctx.output_root, parent["quantized_base"]) if parent.get("quantized_base") else None
+        merged = merged_model(base.path, adapter, parent["options"], opts["onto"], quantized)
         merge_s = time.time() - t0
 
         ctx.progress("checking the merge against the adapter model")
         merged.eval()
         examples = held_out(ctx.job["task_eval"], base.tokenizer)[: opts["check_samples"]]
-        checked = check(base.path, adapter, parent["options"], merged, examples)
+        checked = check(base.path, adapter, parent["options"], merged, examples, quantized)
 
         ctx.progress("saving the merged model")
         target = out / "merged"

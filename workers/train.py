@@ -116,6 +116,7 @@ def run(ctx) -> dict:
 
             run.trainer = None
             run.model = PeftModel.from_pretrained(load_quantized(quantized), str(adapter)).eval()
+            ctx.extra["quantized_base"] = quantized  # what a merge of this adapter dequantizes (onto: dequantized)
         metrics = evaluate(ctx, run.model, base)
     result = {**row(run, train_s, train_mem.mb, adapter),
               **shared_columns(ctx, base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,

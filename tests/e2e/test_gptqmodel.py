@@ -81,6 +81,7 @@ stages:
     batch_size: 4
     seq_len: 64
     learning_rate: 3.0e-3
+  - {{name: merge, kind: merge, from: finetune, onto: [base, dequantized]}}
 """)
     out = qfarm(cli_env, "validate", str(spec))
     # LoRA trains on GPTQModel's model only: the llm-compressor parent is refused at its from: line
@@ -102,6 +103,7 @@ stages:
     else:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # the gq stage's job is the quant stage's gptqmodel job (same options): one row, which still feeds finetune
+    merges = {rows.pop(k)["onto"]: r for k, r in list(rows.items()) if r["kind"] == "merge"}
     assert set(rows) == {"none", "gptq llm-compressor", "gptq gptqmodel", "lora"} | (
         {"awq"} if family == "llama" else set()), set(rows)
     assert all(r["status"] == "succeeded" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
@@ -127,7 +129,7 @@ stages:
     # the checkpoint read by hand gives the kernel's logits: the format is AutoGPTQ's, the figures are its model's
     from transformers import AutoModelForCausalLM
 
-    from workers.gptqmodel import load_quantized
+    from workers.gptqmodel import dequantized, load_quantized
 
     ids = torch.arange(4, 68).reshape(1, 64)
     with torch.no_grad():
@@ -137,6 +139,10 @@ stages:
     # the int4 kernel's own rounding (~2e-3 here) is far below what quantizing moved the logits (~6e-2)
     off, moved = (by_hand - kernel).abs().max().item(), (float_ - kernel).abs().max().item()
     assert off < 0.1 * moved, (off, moved)
+    # what a merge onto: dequantized merges into is that same model, exactly
+    with torch.no_grad():
+        merge_base = dequantized(gm["artifact"])(ids).logits
+    assert (merge_base - by_hand).abs().max().item() < 1e-5
     # LoRA on the GPTQ model: trained through GPTQModel's torch kernel, the loss fell, the adapter reloads on the
     # default kernel (what was evaluated) and moved the model away from its quantized base
     assert lora["train_kernel"] == "gptqmodel-torch" and lora["runtime"].startswith("gptqmodel-"), lora
@@ -144,7 +150,15 @@ stages:
     assert lora["train_loss"] < lora["train_loss_first"], lora["loss_curve"]
     assert lora["trainable_params"] > 0 and (Path(lora["artifact"]) / "adapter_config.json").is_file()
     assert lora["task_loss"] is not None and math.isfinite(lora["task_loss"])
-    # the GPTQ checkpoint, copied elsewhere as a published quant is, evaluated by a second sweep: the same figures
+    # merged into the dequantized GPTQ weights, the model is the adapter model as trained (but for the int4 kernel's
+    # own rounding); merged into the float model it was never trained on, it is not. Both saved as float models
+    assert set(merges) == {"base", "dequantized"}
+    assert merges["dequantized"]["merge_max_abs_diff"] < 0.25 * merges["base"]["merge_max_abs_diff"], merges
+    assert merges["dequantized"]["merge_top1_agree"] >= merges["base"]["merge_top1_agree"]
+    for merged in merges.values():
+        config = json.loads((Path(merged["artifact"]) / "config.json").read_text())
+        assert "quantization_config" not in config and merged["status"] == "succeeded"
+        # the GPTQ checkpoint, copied elsewhere as a published quant is, evaluated by a second sweep: the same figures
     published = tmp_path / "published-gptq"
     shutil.copytree(gm["artifact"], published)
     second = tmp_path / "evaluate.yaml"
