@@ -39,12 +39,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def version() -> str | None:
-    import importlib.metadata as md
+    from workers.models import package_version
 
-    try:
-        return md.version("gptqmodel")
-    except md.PackageNotFoundError:
-        return None
+    return package_version("gptqmodel")
 
 
 def require(what: str) -> None:
@@ -195,7 +192,7 @@ class GPTQModelBackend:
         import torch
         from gptqmodel import BACKEND, GPTQModel
 
-        from workers.llmc import calibration_dataset
+        from workers.llmc import _layer_progress, calibration_dataset
         from workers.models import compute_dtype, device
 
         require(f"backend gptqmodel ({ctx.options['method']})")
@@ -220,8 +217,10 @@ class GPTQModelBackend:
         if options["method"] == "awq":
             check_awq_shapes(model.model)
         # calibration_sort=None: the samples in qfarm's order (GPTQModel sorts them by length by default)
+        what = f"{options['method']} {options['bits']}-bit (GPTQModel): calibrating and quantizing"
         try:
-            model.quantize(samples, batch_size=1, calibration_sort=None, **pack)
+            with _layer_progress(model.model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
+                model.quantize(samples, batch_size=1, calibration_sort=None, **pack)
         except Exception as e:
             raise failed(f"GPTQModel {options['method']}", e) from e
         ctx.progress("saving the GPTQModel checkpoint")

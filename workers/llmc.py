@@ -44,15 +44,6 @@ os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def _version() -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version("llmcompressor")
-    except md.PackageNotFoundError:
-        return None
-
-
 def weight_args(options: dict) -> dict:
     """compressed-tensors QuantizationArgs for the job's weights (bits, symmetric and group size: a ``scheme``
     has filled them in, qfarm.methods.SchemeOptions; FP8_DYNAMIC's are floats)."""
@@ -454,7 +445,7 @@ class LLMCompressor:
     def quantize(self, ctx, base) -> str:
         from llmcompressor import oneshot
 
-        from workers.models import load_float
+        from workers.models import load_float, package_version
 
         options, out = ctx.options, ctx.output_dir
         capture = capture_of(ctx)
@@ -484,7 +475,7 @@ class LLMCompressor:
             ctx.extra["resumed_from"] = resumed or None  # layers (subgraphs) an earlier attempt had done
         self._save(model, tokenizer, out)
         shutil.rmtree(solved, ignore_errors=True)
-        ctx.extra.update(backend="llm-compressor", backend_version=_version())
+        ctx.extra.update(backend="llm-compressor", backend_version=package_version("llmcompressor"))
         return out
 
     @staticmethod

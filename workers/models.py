@@ -74,17 +74,20 @@ def base_path(ctx, from_input: bool = False) -> tuple[str, float]:
     return base_dir(ctx.job["model"], ctx.output_root, ctx.progress)
 
 
-def versions() -> dict:
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
     import importlib.metadata as md
 
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "llmcompressor", "compressed-tensors",
-                "llama_cpp_python", "gptqmodel", "optimum"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    found = {pkg: package_version(pkg) for pkg in ("torch", "transformers", "peft", "bitsandbytes", "llmcompressor",
+                                                   "compressed-tensors", "llama_cpp_python", "gptqmodel", "optimum")}
+    return {pkg: v for pkg, v in found.items() if v is not None}
 
 
 def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple[str, float]:
