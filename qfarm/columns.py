@@ -159,6 +159,7 @@ TABLE: tuple[Column, ...] = (
     C("quant_dtype", group="size", format="{}"),  # what quantization computed in, when not the compute dtype
     C("train_kernel", group="train", format="{}"),  # what computed a LoRA's quantized base while it trained
     C("quantized_base", group="train", format="{}"),  # the GPTQ/AWQ checkpoint a LoRA trained on
+    C("base_task_loss", unit="nats", group="train"),  # ... and its task loss without the adapter: where training started
     C("train_dtype", group="train", format="{}"),  # ... and in which dtype (bfloat16 for GPTQModel's torch kernel)
     C("bits_per_weight", group="gguf"),
     C("gguf_source", group="gguf", format="{}"),

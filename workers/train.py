@@ -1,7 +1,9 @@
 """The ``train`` job kind: LoRA or QLoRA (peft) with transformers' Trainer, then the evaluation harness.
 
-``lora`` trains adapters on the float base; ``qlora`` on the base loaded in bitsandbytes 4-bit (NF4, double
-quantization). The adapter is saved under ``<output_dir>/adapter`` (peft's own format, with the tokenizer) and is
+``lora`` trains adapters on the float base, or, ``from:`` a gptq/awq stage of backend gptqmodel, on that
+checkpoint's frozen int4 layers (peft's GPTQ support, through GPTQModel's torch kernel: float16/bfloat16 only, so
+bfloat16 on a CPU), evaluated afterwards on GPTQModel's default int4 kernel with the adapter (``base_task_loss``: the
+quantized model without it); ``qlora`` on the base loaded in bitsandbytes 4-bit (NF4, double quantization). The adapter is saved under ``<output_dir>/adapter`` (peft's own format, with the tokenizer) and is
 the job's artifact, which a ``merge`` job reads. What is evaluated is the model as trained: base (4-bit for
 QLoRA) plus adapter, unmerged, i.e. the "train and infer on bitsandbytes" way of serving a QLoRA model.
 
@@ -118,6 +120,11 @@ def run(ctx) -> dict:
             run.model = PeftModel.from_pretrained(load_quantized(quantized), str(adapter)).eval()
             ctx.extra["quantized_base"] = quantized  # what a merge of this adapter dequantizes (onto: dequantized)
         metrics = evaluate(ctx, run.model, base)
+        if quantized and "task_loss" in metrics:  # where the adapter started: the quantized model without it
+            from workers.evaluate import task_metrics
+
+            with run.model.disable_adapter():
+                ctx.extra["base_task_loss"] = task_metrics(ctx, run.model, base)["task_loss"]
     result = {**row(run, train_s, train_mem.mb, adapter),
               **shared_columns(ctx, base, size_bytes=tensor_bytes(run.model), size_source="memory", model=run.model,
                                peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=str(adapter)),

@@ -150,6 +150,8 @@ stages:
     assert lora["train_loss"] < lora["train_loss_first"], lora["loss_curve"]
     assert lora["trainable_params"] > 0 and (Path(lora["artifact"]) / "adapter_config.json").is_file()
     assert lora["task_loss"] is not None and math.isfinite(lora["task_loss"])
+    # where it started: the GPTQ model without the adapter, on the same held-out examples; training moved it
+    assert math.isfinite(lora["base_task_loss"]) and lora["base_task_loss"] != lora["task_loss"]
     # merged into the dequantized GPTQ weights, the model is the adapter model as trained (but for the int4 kernel's
     # own rounding); merged into the float model it was never trained on, it is not. Both saved as float models
     assert set(merges) == {"base", "dequantized"}

@@ -172,3 +172,35 @@ def test_a_model_over_one_gpus_room_is_offloaded_and_says_so(shared_data, tmp_pa
     assert where["device_map"] == "cuda:0"
     with torch.inference_mode():
         assert torch.allclose(whole(ids).logits.float().cpu(), offloaded, atol=1e-2)
+
+
+def test_gptqmodel_rows_decode_on_a_cuda_int4_kernel_and_lora_trains_on_them(cli_env, shared_data, tmp_path):
+    """GPTQModel on a GPU: the GPTQ/AWQ rows run on a CUDA int4 kernel (Marlin/Exllama, named in `runtime`), decode
+    beside the dense fp16/bf16 reference on the same model, and a LoRA trains on the GPTQ model."""
+    data = shared_data / "guanaco_llama2_1k" / "train.jsonl"
+    spec = tmp_path / "gpu-gptqmodel.yaml"
+    spec.write_text(f"""\
+name: gpu-gptqmodel
+model: bundled:smollm2-135m
+eval:
+  perplexity: {{seq_len: 256, max_windows: 4}}
+  speed: {{prompt_tokens: 64, new_tokens: 64, runs: 3}}
+stages:
+  - {{kind: quantize, method: none}}
+  - name: q
+    kind: quantize
+    backend: gptqmodel
+    calibration: {{samples: 32, seq_len: 256}}
+    matrix: {{method: [gptq, awq]}}
+  - {{kind: train, from: q, method: lora, dataset: {{path: {data}, eval_samples: 16}}, max_steps: 10, seq_len: 128}}
+""")
+    rows = run_sweep(cli_env, spec, "gpu-gptqmodel")
+    assert all(r["status"] == "succeeded" and r["device"].startswith("cuda") for r in rows.values()), rows
+    for label in ("gptq", "awq"):
+        row = rows[label]
+        assert row["runtime"].startswith("gptqmodel-") and "torch" not in row["runtime"], row["runtime"]
+        assert 0 < row["kl_div"] < 1.0 and row["decode_tokens_per_s"] > 0
+        print(f"{label}: {row['runtime']} decode {row['decode_tokens_per_s']:.1f} tok/s vs dense "
+              f"{rows['none']['decode_tokens_per_s']:.1f} ({row['decode_tokens_per_s'] / rows['none']['decode_tokens_per_s']:.2f}×)")
+    (lora,) = [r for r in rows.values() if r["kind"] == "train"]
+    assert lora["train_loss"] < lora["train_loss_first"] and lora["train_kernel"] == "gptqmodel-torch"

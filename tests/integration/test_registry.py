@@ -50,3 +50,22 @@ def test_a_payload_naming_a_module_outside_workers_is_refused():
     for bad in ("os:system", "workers.sleep:run;import os", "subprocess:run", "", None):
         with pytest.raises(Permanent):
             entry_point(bad, "worker")
+
+
+def test_every_method_and_backend_of_the_registry_names_a_class_its_workers_can_import():
+    """A typo in a registry string would surface only when a job of it ran: every one resolves here, and each
+    quantizer has the Protocol's two calls."""
+    from qfarm.methods import KINDS
+    from workers.actor import entry_point
+
+    names = set()
+    for kind in KINDS.values():
+        assert callable(entry_point(kind.worker, "worker")), kind.name
+        for method in (kind.methods or {}).values():
+            for impl in [method.worker, *(method.backends or {}).values()]:
+                if impl is None:
+                    continue
+                cls = entry_point(impl, "method")
+                assert callable(getattr(cls, "quantize", None)) and callable(getattr(cls, "load", None)), impl
+                names.add(impl)
+    assert "workers.gptqmodel:GPTQModelBackend" in names and "workers.llmc:LLMCompressor" in names
