@@ -131,7 +131,7 @@ jobs:
     assert gm["status"] == "succeeded" and gm["runtime"] == "gptqmodel-torch-fused" and gm["calib_tokens"] == 32 * 256
     assert gm["kl_div"] < rows[("rtn", 4)]["kl_div"] and gm["perplexity"] < rows[("rtn", 4)]["perplexity"]
     assert abs(gm["kl_div"] - gptq["kl_div"]) < 0.5 * gptq["kl_div"], (gm["kl_div"], gptq["kl_div"])
-    assert gm["size_mb"] < gptq["size_mb"]  # int32-packed embeddings stay float in both; GPTQModel's file is smaller
+    assert gm["size_mb"] < ref["model_mem_mb"] / 2  # 4-bit Linears packed; embeddings and head stay float
     # each saved checkpoint is ready to publish: a model card naming the bundled model's origin and its license
     from huggingface_hub import ModelCard
 
