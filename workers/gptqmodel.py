@@ -122,8 +122,14 @@ def kernel_name(cls: type) -> str:
 
 def kernels(model) -> list[str]:
     """The GPTQModel kernels computing ``model``'s quantized layers (none for a model without them)."""
-    return sorted({kernel_name(type(m)) for m in model.modules() if type(m).__module__.startswith("gptqmodel.")
-                   and hasattr(m, "qweight")})
+    import torch
+
+    found = {kernel_name(type(m)) for m in model.modules() if type(m).__module__.startswith("gptqmodel.")
+             and hasattr(m, "qweight")}
+    dtype = getattr(model, "dtype", torch.float32)
+    if found and dtype != torch.float32:  # a kernel that computes in half precision says so (the rows' is float32)
+        found = {f"{k} ({str(dtype).replace('torch.', '')})" for k in found}
+    return sorted(found)
 
 
 def load_quantized(path: str, training: bool = False, **kwargs):
@@ -139,7 +145,13 @@ def load_quantized(path: str, training: bool = False, **kwargs):
     backend, dtype = (BACKEND.TORCH if training else BACKEND.AUTO), compute_dtype(path)
     if training and dtype == torch.float32:  # the torch kernel computes in float16/bfloat16 only
         dtype = torch.bfloat16
-    wrapper = GPTQModel.load(path, backend=backend, device=device(), dtype=dtype, **kwargs)
+    try:
+        wrapper = GPTQModel.load(path, backend=backend, device=device(), dtype=dtype, **kwargs)
+    except (ValueError, NotImplementedError) as e:
+        # no GPTQModel kernel computes these bits in float32 (3-bit: only its float16/bfloat16 torch kernels)
+        if dtype != torch.float32 or "dtype" not in str(e) and "quant linear" not in str(e).lower():
+            raise
+        wrapper = GPTQModel.load(path, backend=backend, device=device(), dtype=torch.bfloat16, **kwargs)
     model = wrapper.model
     model.eval()
     return model

@@ -72,6 +72,7 @@ stages:
     calibration: {{dataset: {data}, samples: 16, seq_len: 64}}
     matrix: {{backend: [llm-compressor, gptqmodel]}}
   - {{kind: quantize, method: awq, backend: gptqmodel, calibration: {{dataset: {data}, samples: 16, seq_len: 64}}}}
+  - {{kind: quantize, method: gptq, backend: gptqmodel, bits: 3, calibration: {{dataset: {data}, samples: 16, seq_len: 64}}}}
   - name: finetune
     kind: train
     from: quant
@@ -85,7 +86,7 @@ stages:
 """)
     out = qfarm(cli_env, "validate", str(spec))
     # LoRA trains on GPTQModel's model only: the llm-compressor parent is refused at its from: line
-    assert out.returncode == 2 and "backends.yaml:14: stages[3].from" in out.stdout + out.stderr, out.stdout
+    assert out.returncode == 2 and "backends.yaml:15: stages[4].from" in out.stdout + out.stderr, out.stdout
     assert "backend: gptqmodel, not gptq (backend llm-compressor)" in out.stdout + out.stderr
     spec.write_text(spec.read_text().replace("""  - name: finetune
     kind: train
@@ -104,7 +105,11 @@ stages:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # the gq stage's job is the quant stage's gptqmodel job (same options): one row, which still feeds finetune
     merges = {rows.pop(k)["onto"]: r for k, r in list(rows.items()) if r["kind"] == "merge"}
-    assert set(rows) == {"none", "gptq llm-compressor", "gptq gptqmodel", "lora"} | (
+    three = rows.pop("gptq gptqmodel 3b")
+    # no GPTQModel kernel computes 3-bit in float32: it runs on the torch kernel in bfloat16, and the row says so
+    assert three["status"] == "succeeded" and three["runtime"] == "gptqmodel-torch (bfloat16)", three
+    assert three["bits"] == 3 and 0 < three["kl_div"] < 1.0
+    assert set(rows) == {"none", "gptq llm-compressor 4b", "gptq gptqmodel 4b", "lora"} | (
         {"awq"} if family == "llama" else set()), set(rows)
     assert all(r["status"] == "succeeded" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
     by = {(r["method"], r["backend"], r["kind"]): r for r in rows.values()}
@@ -145,8 +150,8 @@ stages:
     assert (merge_base - by_hand).abs().max().item() < 1e-5
     # LoRA on the GPTQ model: trained through GPTQModel's torch kernel, the loss fell, the adapter reloads on the
     # default kernel (what was evaluated) and moved the model away from its quantized base
-    assert lora["train_kernel"] == "gptqmodel-torch" and lora["runtime"].startswith("gptqmodel-"), lora
-    assert lora["bits"] == 4 and lora["lineage"] == "gptq gptqmodel" and lora["train_dtype"] in ("bfloat16", "float16")
+    assert lora["train_kernel"] == "gptqmodel-torch (bfloat16)" and lora["runtime"].startswith("gptqmodel-"), lora
+    assert lora["bits"] == 4 and lora["lineage"] == "gptq gptqmodel 4b" and lora["train_dtype"] in ("bfloat16", "float16")
     assert lora["train_loss"] < lora["train_loss_first"], lora["loss_curve"]
     assert lora["trainable_params"] > 0 and (Path(lora["artifact"]) / "adapter_config.json").is_file()
     assert lora["task_loss"] is not None and math.isfinite(lora["task_loss"])

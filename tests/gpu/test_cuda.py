@@ -203,4 +203,4 @@ stages:
         print(f"{label}: {row['runtime']} decode {row['decode_tokens_per_s']:.1f} tok/s vs dense "
               f"{rows['none']['decode_tokens_per_s']:.1f} ({row['decode_tokens_per_s'] / rows['none']['decode_tokens_per_s']:.2f}×)")
     (lora,) = [r for r in rows.values() if r["kind"] == "train"]
-    assert lora["train_loss"] < lora["train_loss_first"] and lora["train_kernel"] == "gptqmodel-torch"
+    assert lora["train_loss"] < lora["train_loss_first"] and lora["train_kernel"].startswith("gptqmodel-torch")
