@@ -42,7 +42,8 @@ SLOW_REFRESH_S = 5.0  # a re-read of the sweep this slow means Redis was unreach
 # Pools of different resource shapes share the cluster: an idle worker gives its resources back after IDLE_REAP_S
 # (it keeps its cached model until then, for the next job of its shape), and at once when a worker of another
 # shape has waited STARVED_AFTER_S for capacity. A worker that has not started within start_timeout_s (no node
-# could hold it, and no autoscaler brought one) is killed; when none of its shape ever started, its jobs fail.
+# could hold it, and no autoscaler brought one) is killed; when none of its shape ever started, its jobs fail. One
+# that an alive node could hold but whose room other work holds (another sweep on the cluster) keeps waiting.
 IDLE_REAP_S = 30.0
 DISPATCH = os.environ.get("QFARM_DISPATCH", "longest")  # longest remaining path first; "file": the spec's order
 STARVED_AFTER_S = 2.0
@@ -470,6 +471,13 @@ class Scheduler:
         return {k: {r for r, v in needs(self.pools[k].resources).items() if free.get(r, 0.0) < v} for k in keys}
 
     def _start_timed_out(self, pool: Pool, slot: Slot) -> None:
+        if slot.created_ref is not None and slots(pool.resources, [n for n in self._nodes() if not n.node_type]):
+            # no node holds it yet although an alive one could: its room is taken by other work (another sweep's
+            # workers on the same cluster). That is a queue, not a cluster that cannot run it: keep waiting
+            slot.since = time.time()
+            self.store.scheduler_event(self.sweep_id, "worker_waits_for_capacity", worker=slot.name,
+                                       shape=_shape(pool.resources), after_s=f"{pool.start_timeout_s:g}")
+            return
         self._kill(slot, pool)
         self.store.scheduler_event(self.sweep_id, "worker_start_timeout", worker=slot.name,
                                    shape=_shape(pool.resources), after_s=f"{pool.start_timeout_s:g}")

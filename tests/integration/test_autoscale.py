@@ -141,3 +141,30 @@ def test_shapes_share_the_cluster_and_a_worker_that_never_starts_is_given_up(cli
     for r in rows:  # each child started after its parent finished
         if r.get("parent"):
             assert r["started_at"] >= by_id[r["parent"]]["finished_at"]
+
+
+def test_a_sweep_waits_for_room_another_sweep_holds_instead_of_failing_at_start_timeout(cli_env, tmp_path, store):
+    """Two sweeps on one cluster of 2 GPU slots: the first holds both for longer than the second's start_timeout_s.
+    The second's worker is not failed as "no node could hold one" (a node can: it is busy); it waits, says so in
+    the events, and runs when the room frees."""
+    hog = tmp_path / "hog.yaml"
+    hog.write_text("name: hog\njobs:\n"
+                   "  - {kind: sleep, seconds: 8, resources: {gpus: 1}, matrix: {index: [0, 1]}}\n")
+    patient = tmp_path / "patient.yaml"
+    patient.write_text("name: patient\njobs:\n"
+                       "  - {kind: sleep, seconds: 0.2, start_timeout_s: 2, resources: {gpus: 1}}\n")
+    assert qfarm(cli_env, "submit", str(hog)).returncode == 0
+    deadline = time.time() + 120
+    while not any(r["status"] == "running" for r in results(cli_env, "hog")) and time.time() < deadline:
+        time.sleep(0.5)
+    out = qfarm(cli_env, "submit", str(patient), "--wait", timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    while any(r["status"] in ("queued", "running") for r in results(cli_env, "hog")) and time.time() < deadline:
+        time.sleep(0.5)
+    hogs, (mine,) = results(cli_env, "hog"), results(cli_env, "patient")
+    assert [r["status"] for r in hogs] == ["succeeded"] * 2 and mine["status"] == "succeeded", (hogs, mine)
+    assert mine["started_at"] >= min(r["finished_at"] for r in hogs)  # it ran once the room was free
+    sweep = store.find_sweep("patient").id
+    events = [f for _, f in store.r.xrange(store.keys.events()) if f.get("sweep") == sweep]
+    assert any(e.get("event") == "worker_waits_for_capacity" for e in events), events
+    assert not any(e.get("event") == "worker_start_timeout" for e in events), events
