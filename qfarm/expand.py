@@ -257,7 +257,7 @@ def _vllm_eval(ev: dict, kind: str, method) -> dict:
 
 _SHORT = {"backend": "", "group_size": "g", "act_order": "act_order", "gguf_type": "", "scheme": "", "checkpoint": "", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # "": the value alone (gguf Q4_K_M)
 _UNLABELLED = ("method",)
-_ALWAYS = ("scheme", "checkpoint")  # in the label whenever set: what the row is
+_ALWAYS = ("scheme", "checkpoint", "backend")  # in the label whenever set: what the row is
 
 
 def labelled(jobs: list[Job]) -> list[Job]:

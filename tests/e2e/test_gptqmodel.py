@@ -98,7 +98,7 @@ stages:
     assert not (Path.cwd() / "logs").exists()  # GPTQModel's pass logs went to the job's scratch folder, not here
     rows = {r["label"]: r for r in results(cli_env, f"backends-{family}")}
     if family == "qwen2":  # its k/v projections are 32 wide: GPTQModel's AWQ cannot clip them, and says so
-        awq_row = rows.pop("awq")
+        awq_row = rows.pop("awq gptqmodel")
         assert out.returncode == 1 and awq_row["status"] == "failed" and awq_row["attempts"] == 1, awq_row
         assert "output size to be a multiple of 64; model.layers.0.self_attn.k_proj has 32" in awq_row["error"]
     else:
@@ -110,7 +110,7 @@ stages:
     assert three["status"] == "succeeded" and three["runtime"] == "gptqmodel-torch (bfloat16)", three
     assert three["bits"] == 3 and 0 < three["kl_div"] < 1.0
     assert set(rows) == {"none", "gptq llm-compressor 4b", "gptq gptqmodel 4b", "lora"} | (
-        {"awq"} if family == "llama" else set()), set(rows)
+        {"awq gptqmodel"} if family == "llama" else set()), set(rows)
     assert all(r["status"] == "succeeded" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
     by = {(r["method"], r["backend"], r["kind"]): r for r in rows.values()}
     llmc, gm = by[("gptq", "llm-compressor", "quantize")], by[("gptq", "gptqmodel", "quantize")]
