@@ -128,6 +128,13 @@ def model(text: str, base_dir: Path, errors: Collector, revision: str | None = N
         errors.add(("revision",), f"revision pins a hub model (org/name) to a branch, tag or commit; {text!r} is "
                                   f"a local {'GGUF file' if ref.kind == 'gguf' else 'folder'}: remove revision")
         return None
+    quantized = _int4_checkpoint(Path(ref.location)) if ref.kind == "hf_dir" else None
+    if quantized:
+        errors.add(("model",), f"{text!r} is a {quantized.upper()} checkpoint (AutoGPTQ/AutoAWQ layout): the sweep's "
+                               "model is the float reference every row is compared with. Put its float model here and "
+                               f"the checkpoint in a `kind: evaluate` job, or quantize with `method: {quantized}, "
+                               "backend: gptqmodel` and train LoRA `from:` that stage")
+        return None
     out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
     if ref.kind == "hub":
         out.update(revision=ref.revision, revision_asked=revision or hub.DEFAULT_REVISION)
@@ -135,6 +142,18 @@ def model(text: str, base_dir: Path, errors: Collector, revision: str | None = N
         if folder is not None:  # its architecture is read from there (modelinfo.shape_of); not part of a job
             out["config_dir"] = str(folder)
     return out
+
+
+def _int4_checkpoint(folder: Path) -> str | None:
+    """``gptq``/``awq`` when the folder's config.json declares that quantization (AutoGPTQ/AutoAWQ layout)."""
+    import json
+
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method if method in TRAINABLE_QUANTIZED else None
 
 
 def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tuple = ("eval",)) -> dict:

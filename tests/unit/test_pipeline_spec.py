@@ -187,3 +187,17 @@ def test_a_stage_whose_jobs_an_earlier_stage_has_too_still_feeds_its_children(fo
     (train,) = [j for j in plan.jobs if j.kind == "train"]
     (merge,) = [j for j in plan.jobs if j.kind == "merge"]
     assert merge.parent == train.id
+
+
+def test_a_gptq_checkpoint_as_the_sweeps_model_is_refused_with_where_it_goes_instead(folder):
+    config = json.loads((folder / "tiny" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64}
+    (folder / "tiny" / "config.json").write_text(json.dumps(config))
+    msgs = errors_of(folder, """\
+        name: q
+        model: tiny
+        stages:
+          - {name: finetune, kind: train, method: lora, dataset: {path: train.jsonl, format: "{q}", eval_samples: 8}}
+        """)
+    assert len(msgs) == 1 and "model" in msgs[0] and "is a GPTQ checkpoint" in msgs[0], msgs
+    assert "kind: evaluate" in msgs[0] and "backend: gptqmodel" in msgs[0]
