@@ -95,7 +95,6 @@ UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend"})
 # The libraries that quantize ``gptq`` and ``awq`` jobs. llm-compressor (the default: installed with qfarm[ml])
 # writes compressed-tensors, which runs dense on a CPU; GPTQModel (qfarm[gptqmodel]) writes the AutoGPTQ/AutoAWQ
 # layout and runs it on its int4 kernels. ``backend`` unset is llm-compressor.
-BACKENDS = ("llm-compressor", "gptqmodel")
 Backend = Optional[Literal["llm-compressor", "gptqmodel"]]
 
 

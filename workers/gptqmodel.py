@@ -120,12 +120,17 @@ def kernel_name(cls: type) -> str:
     return "gptqmodel-" + re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()
 
 
+def quantized_layers(model) -> list[tuple[str, object]]:
+    """(name, module) of ``model``'s GPTQModel quantized layers (its QuantLinear kernels, whichever they are)."""
+    return [(name, m) for name, m in model.named_modules()
+            if type(m).__module__.startswith("gptqmodel.") and hasattr(m, "qweight")]
+
+
 def kernels(model) -> list[str]:
     """The GPTQModel kernels computing ``model``'s quantized layers (none for a model without them)."""
     import torch
 
-    found = {kernel_name(type(m)) for m in model.modules() if type(m).__module__.startswith("gptqmodel.")
-             and hasattr(m, "qweight")}
+    found = {kernel_name(type(m)) for _, m in quantized_layers(model)}
     dtype = getattr(model, "dtype", torch.float32)
     if found and dtype != torch.float32:  # a kernel that computes in half precision says so (the rows' is float32)
         found = {f"{k} ({str(dtype).replace('torch.', '')})" for k in found}
@@ -165,9 +170,7 @@ def dequantized(path: str):
     from gptqmodel import BACKEND, GPTQModel
 
     model = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
-    for name, module in list(model.named_modules()):
-        if not (type(module).__module__.startswith("gptqmodel.") and hasattr(module, "dequantize_weight")):
-            continue
+    for name, module in quantized_layers(model):
         probe = torch.randn(4, module.in_features, generator=torch.Generator().manual_seed(0)).half()
         with torch.no_grad():
             seen = module(probe).float() - (module.bias.float() if module.bias is not None else 0)

@@ -110,7 +110,7 @@ def run(ctx) -> dict:
             train_s = time.time() - t0
         adapter = save(run, base, out)
         run.model.eval()
-        quantized = quantized_base(ctx)
+        quantized = run.quantized
         if quantized:  # trained through the torch kernel; evaluated as served: GPTQModel's default kernel + adapter
             from peft import PeftModel
 
@@ -173,6 +173,7 @@ class _Run:
     max_steps: list = field(default_factory=lambda: [0])
     resumed_from: int | None = None  # the step an earlier attempt's checkpoint had reached
     base_bits: int | None = None  # the quantized base's bits (LoRA on a GPTQ/AWQ stage's model)
+    quantized: str | None = None  # that stage's checkpoint (quantized_base)
 
 
 def peft_targets(names: list[str], model=None):
@@ -180,9 +181,11 @@ def peft_targets(names: list[str], model=None):
     GPTQModel base (whose quantized layers are not Linears) it is the names of those layers."""
     if list(names) != ["all-linear"]:
         return list(names)
-    quantized = sorted({name.rsplit(".", 1)[-1] for name, m in (model.named_modules() if model is not None else [])
-                        if type(m).__module__.startswith("gptqmodel.") and hasattr(m, "qweight")})
-    return quantized or "all-linear"
+    if model is None:
+        return "all-linear"
+    from workers.gptqmodel import quantized_layers
+
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in quantized_layers(model)}) or "all-linear"
 
 
 def quantized_base(ctx) -> str | None:
@@ -242,7 +245,8 @@ def setup(ctx, base) -> _Run:
         use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
     )
     run = _Run(opts, model, None, collate, len(features), len(held), trainable, total,
-               base_bits=((ctx.job.get("input") or {}).get("options") or {}).get("bits") if quantized else None)
+               base_bits=((ctx.job.get("input") or {}).get("options") or {}).get("bits") if quantized else None,
+               quantized=quantized)
     run.trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
                           callbacks=[_progress_callback(ctx, run)])
     return run
