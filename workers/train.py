@@ -2,8 +2,9 @@
 
 ``lora`` trains adapters on the float base, or, ``from:`` a gptq/awq stage of backend gptqmodel, on that
 checkpoint's frozen int4 layers (peft's GPTQ support, through GPTQModel's torch kernel: float16/bfloat16 only, so
-bfloat16 on a CPU), evaluated afterwards on GPTQModel's default int4 kernel with the adapter (``base_task_loss``: the
-quantized model without it); ``qlora`` on the base loaded in bitsandbytes 4-bit (NF4, double quantization). The adapter is saved under ``<output_dir>/adapter`` (peft's own format, with the tokenizer) and is
+bfloat16 on a CPU), evaluated afterwards on GPTQModel's default int4 kernel with the adapter; ``qlora`` on the base loaded in
+bitsandbytes 4-bit (NF4, double quantization). On a 4-bit base ``base_task_loss`` is that 4-bit model's task loss
+without the adapter: where training started. The adapter is saved under ``<output_dir>/adapter`` (peft's own format, with the tokenizer) and is
 the job's artifact, which a ``merge`` job reads. What is evaluated is the model as trained: base (4-bit for
 QLoRA) plus adapter, unmerged, i.e. the "train and infer on bitsandbytes" way of serving a QLoRA model.
 
@@ -120,7 +121,9 @@ def run(ctx) -> dict:
             run.model = PeftModel.from_pretrained(load_quantized(quantized), str(adapter)).eval()
             ctx.extra["quantized_base"] = quantized  # what a merge of this adapter dequantizes (onto: dequantized)
         metrics = evaluate(ctx, run.model, base)
-        if quantized and "task_loss" in metrics:  # where the adapter started: the quantized model without it
+        if (quantized or run.opts["method"] == "qlora") and "task_loss" in metrics:
+            # where the adapter started: the 4-bit model (GPTQ, or QLoRA's NF4) without it; for a LoRA on the float
+            # base that is ref_task_loss already
             from workers.evaluate import task_metrics
 
             with run.model.disable_adapter():

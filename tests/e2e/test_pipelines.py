@@ -61,6 +61,8 @@ stages:
     assert ft["train_steps"] == 8 and len(ft["loss_curve"]) == 8 and ft["step_s"] > 0
     assert ft["train_loss"] < ft["train_loss_first"]
     assert ft["task_loss"] < ft["ref_task_loss"]  # it learned something that holds on held-out examples
+    # where it started: the NF4 model without the adapter, not the float base
+    assert ft["task_loss"] < ft["base_task_loss"] != ft["ref_task_loss"]
     adapter = Path(ft["artifact"])
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
@@ -178,6 +180,7 @@ stages:
     per_block = 8 * (2 * (576 + 576) + 2 * (576 + 192) + 2 * (576 + 1536) + (1536 + 576))
     assert ft["trainable_params"] == 30 * per_block
     assert ft["task_loss"] < ft["ref_task_loss"]  # held-out guanaco loss goes down after 6 steps
+    assert ft["task_loss"] < ft["base_task_loss"] and ft["base_task_loss"] > ft["ref_task_loss"]  # NF4 lost some
     assert ft["train_loss_best"] < ft["train_loss_first"]
     assert ft["kl_div"] > 0 and math.isfinite(ft["perplexity"])
     # like with like (both float32 arithmetic): exact on every CPU
