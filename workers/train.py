@@ -2,11 +2,12 @@
 
 ``lora`` trains adapters on the float base, or, ``from:`` a gptq/awq stage of backend gptqmodel, on that
 checkpoint's frozen int4 layers (peft's GPTQ support, through GPTQModel's torch kernel: float16/bfloat16 only, so
-bfloat16 on a CPU), evaluated afterwards on GPTQModel's default int4 kernel with the adapter; ``qlora`` on the base loaded in
-bitsandbytes 4-bit (NF4, double quantization). On a 4-bit base ``base_task_loss`` is that 4-bit model's task loss
-without the adapter: where training started. The adapter is saved under ``<output_dir>/adapter`` (peft's own format, with the tokenizer) and is
-the job's artifact, which a ``merge`` job reads. What is evaluated is the model as trained: base (4-bit for
-QLoRA) plus adapter, unmerged, i.e. the "train and infer on bitsandbytes" way of serving a QLoRA model.
+bfloat16 on a CPU), evaluated afterwards on GPTQModel's default int4 kernel with the adapter; ``qlora`` on the
+base loaded in bitsandbytes 4-bit (NF4, double quantization). On a quantized base ``base_task_loss`` is that
+model's task loss without the adapter: where training started. The adapter is saved under ``<output_dir>/adapter``
+(peft's own format, with the tokenizer) and is the job's artifact, which a ``merge`` job reads. What is evaluated
+is the model as trained: base (4-bit for QLoRA) plus adapter, unmerged, i.e. the "train and infer on
+bitsandbytes" way of serving a QLoRA model.
 
 Sample yaml::
 
@@ -121,8 +122,8 @@ def run(ctx) -> dict:
             run.model = PeftModel.from_pretrained(load_quantized(quantized), str(adapter)).eval()
             ctx.extra["quantized_base"] = quantized  # what a merge of this adapter dequantizes (onto: dequantized)
         metrics = evaluate(ctx, run.model, base)
-        if (quantized or run.opts["method"] == "qlora") and "task_loss" in metrics:
-            # where the adapter started: the 4-bit model (GPTQ, or QLoRA's NF4) without it; for a LoRA on the float
+        if run.base_bits is not None and "task_loss" in metrics:
+            # where the adapter started: the quantized model (GPTQ/AWQ, QLoRA's NF4) without it; for a LoRA on the float
             # base that is ref_task_loss already
             from workers.evaluate import task_metrics
 
@@ -175,7 +176,7 @@ class _Run:
     curve: list = field(default_factory=list)  # [step, loss] every logged step
     max_steps: list = field(default_factory=lambda: [0])
     resumed_from: int | None = None  # the step an earlier attempt's checkpoint had reached
-    base_bits: int | None = None  # the quantized base's bits (LoRA on a GPTQ/AWQ stage's model)
+    base_bits: int | None = None  # the quantized base's bits: QLoRA's NF4 (4) or a GPTQ/AWQ stage's; None: float
     quantized: str | None = None  # that stage's checkpoint (quantized_base)
 
 
@@ -248,7 +249,8 @@ def setup(ctx, base) -> _Run:
         use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
     )
     run = _Run(opts, model, None, collate, len(features), len(held), trainable, total,
-               base_bits=((ctx.job.get("input") or {}).get("options") or {}).get("bits") if quantized else None,
+               base_bits=4 if opts["method"] == "qlora" else
+               ((ctx.job.get("input") or {}).get("options") or {}).get("bits") if quantized else None,
                quantized=quantized)
     run.trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
                           callbacks=[_progress_callback(ctx, run)])
@@ -288,7 +290,7 @@ def row(run: _Run, train_s: float, train_peak_mb: float, adapter: Path) -> dict:
     tokens = run.collate.tokens
     return {
         "method": opts["method"],
-        "bits": 4 if opts["method"] == "qlora" else run.base_bits,
+        "bits": run.base_bits,
         "r": opts["r"],
         "lora_alpha": opts["lora_alpha"],
         "lora_dropout": opts["lora_dropout"],

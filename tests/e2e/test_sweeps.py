@@ -125,8 +125,8 @@ jobs:
     assert rows[("rtn", 4)]["calib_samples"] is None and rows[("awq", 4)]["calib_samples"] == 4
     # one tokenization per calibration set: of the two jobs on the same samples (llm-compressor's and GPTQModel's
     # GPTQ) one tokenized them, the other read its file or its worker's memory; awq's set was tokenized once
-    assert sorted([gptq["calib_source"], gm["calib_source"]])[1] == "tokenized", (gptq, gm)
-    assert sorted([gptq["calib_source"], gm["calib_source"]])[0] in ("disk", "memory"), (gptq, gm)
+    read, tokenized = sorted([gptq["calib_source"], gm["calib_source"]])
+    assert tokenized == "tokenized" and read in ("disk", "memory"), (gptq, gm)
     assert rows[("awq", 4)]["calib_source"] == "tokenized"
     # the counter counts each worker's misses: a worker that read the other's file counts one too
     assert store.stats(sweep)["calibration_tokenizations"] == 2 + (gptq["worker"] != gm["worker"])
