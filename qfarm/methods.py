@@ -177,8 +177,9 @@ class RtnOptions(SchemeOptions):
 
 class GptqOptions(SchemeOptions):
     """GPTQ (llm-compressor's GPTQModifier): integer weights chosen layer by layer to minimise the output error
-    on calibration data. ``act_order`` processes columns by activation size (compressed-tensors' ``weight``
-    ordering: better accuracy, no extra inference cost). ``scheme``: one of llm-compressor's integer presets
+    on calibration data. ``act_order`` (default true) processes columns by activation size: compressed-tensors'
+    ``weight`` ordering on llm-compressor (its GPTQModifier's own default; better accuracy, no extra inference
+    cost), ``desc_act`` on GPTQModel; false solves the columns in their stored order on both. ``scheme``: one of llm-compressor's integer presets
     instead of bits/symmetric; W8A8 (int8 weights per channel, dynamic per-token int8 activations) runs
     SmoothQuant (``smoothing_strength``) before GPTQ, as llm-compressor's W8A8 recipe does."""
 
@@ -187,7 +188,7 @@ class GptqOptions(SchemeOptions):
     backend: Backend = None
     bits: Literal[2, 3, 4, 8] = 4
     group_size: GroupSize = 64
-    act_order: bool = False
+    act_order: bool = True
     symmetric: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
     smoothing_strength: Optional[float] = Field(None, gt=0.0, lt=1.0)  # W8A8's SmoothQuant; None: 0.8
@@ -384,6 +385,11 @@ class Method:
     cost: float = 2.0
     # other libraries that implement it, by the ``backend`` option's value: "module:Class" as ``worker``
     backends: Optional[dict[str, str]] = None
+    # whether a job of it saves an artifact (the reference does not), and which of its options, by path
+    # (``calibration.samples``), change what it evaluates but not its artifact: every other option must make
+    # another artifact (weights or its own config), which tests/integration/test_every_option.py tries
+    writes_artifact: bool = True
+    not_in_artifact: frozenset[str] = frozenset()
 
     def impl(self, options: dict) -> Optional[str]:
         """The implementation a job with these options runs: its ``backend``'s, else ``worker``."""
@@ -398,7 +404,8 @@ LLMC_LAYERS = frozenset({"Linear", "experts"})  # measured: llm-compressor unfus
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True, cost=1.0),
+        Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True, cost=1.0,
+               writes_artifact=False),
         Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
                cost=1.6),
         Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,

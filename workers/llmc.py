@@ -51,9 +51,15 @@ def weight_args(options: dict) -> dict:
     args = {"num_bits": options["bits"], "type": kind, "symmetric": bool(options.get("symmetric", True))}
     group = options.get("group_size", 64)
     args.update({"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group})
-    if options.get("act_order"):
-        args["actorder"] = "weight"  # "group" was removed from compressed-tensors; "weight" is its replacement
     return args
+
+
+def actorder(options: dict) -> str | None:
+    """GPTQModifier's ``actorder`` for the job's ``act_order``, given both ways: ``weight`` (columns by activation
+    size, groups kept in order: no g_idx, no inference cost; "group" was removed from compressed-tensors) or None
+    (stored order). Left unset, llm-compressor 0.14 orders by activation whatever the row says (its default is
+    "static", an alias of "weight"): every act_order false row before this fix was an act_order true model."""
+    return "weight" if options.get("act_order", True) else None
 
 
 def activation_args(options: dict) -> dict | None:
@@ -79,7 +85,8 @@ def recipe(options: dict) -> list:
     groups = {"group_0": group}
     method = options["method"]
     if method == "gptq":
-        gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"])
+        gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"],
+                            actorder=actorder(options))
         if options.get("scheme") != "W8A8":
             return [gptq]
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
@@ -418,7 +425,8 @@ def solve_shared(ctx, model, options: dict, capture: str, progress: Path) -> int
 
     _, Solve = _shared_modifiers()
     groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(options)}}
-    solve = Solve(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"])
+    solve = Solve(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"],
+                  actorder=actorder(options))
     solve._capture, solve._progress = capture, str(progress)
     what = f"gptq {options['bits']}-bit: solving from the shared capture"
     solve._say = lambda i, n, resumed: ctx.progress(

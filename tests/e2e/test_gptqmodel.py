@@ -69,10 +69,11 @@ stages:
   - name: quant
     kind: quantize
     method: gptq
+    act_order: false  # the hand-written unpacker reads groups in stored order (no g_idx permutation)
     calibration: {{dataset: {data}, samples: 16, seq_len: 64}}
     matrix: {{backend: [llm-compressor, gptqmodel]}}
   - {{kind: quantize, method: awq, backend: gptqmodel, calibration: {{dataset: {data}, samples: 16, seq_len: 64}}}}
-  - {{kind: quantize, method: gptq, backend: gptqmodel, bits: 3, calibration: {{dataset: {data}, samples: 16, seq_len: 64}}}}
+  - {{kind: quantize, method: gptq, act_order: false, backend: gptqmodel, bits: 3, calibration: {{dataset: {data}, samples: 16, seq_len: 64}}}}
   - name: finetune
     kind: train
     from: quant
@@ -86,11 +87,11 @@ stages:
 """)
     out = qfarm(cli_env, "validate", str(spec))
     # LoRA trains on GPTQModel's model only: the llm-compressor parent is refused at its from: line
-    assert out.returncode == 2 and "backends.yaml:15: stages[4].from" in out.stdout + out.stderr, out.stdout
+    assert out.returncode == 2 and "backends.yaml:16: stages[4].from" in out.stdout + out.stderr, out.stdout
     assert "backend: gptqmodel, not gptq (backend llm-compressor)" in out.stdout + out.stderr
     spec.write_text(spec.read_text().replace("""  - name: finetune
     kind: train
-    from: quant""", """  - {name: gq, kind: quantize, method: gptq, backend: gptqmodel, calibration: {dataset: DATA, samples: 16, seq_len: 64}}
+    from: quant""", """  - {name: gq, kind: quantize, method: gptq, act_order: false, backend: gptqmodel, calibration: {dataset: DATA, samples: 16, seq_len: 64}}
   - name: finetune
     kind: train
     from: gq""".replace("DATA", str(data))))
