@@ -79,6 +79,12 @@ TABLE: tuple[Column, ...] = (
     C("size_source", group="size", format="{}"),
     C("quant_s", unit="s", direction="min", group="size"),
     C("quant_peak_mem_mb", unit="MB", group="memory"),
+    # the artifact read back (workers.artifacts): what its own metadata says it is (checked against the row's
+    # options before it is evaluated), the dtype its unquantized tensors are stored in (the source checkpoint's),
+    # and its parameters as the architecture counts them (never more than the reference's)
+    C("artifact_config", group="size", format="{}"),
+    C("stored_dtype", group="size", format="{}"),
+    C("artifact_params", group="size"),
     C("plan_gpu_gb", unit="GB", group="memory"),  # the memory plan (qfarm.plan) beside what was measured
     C("plan_host_gb", unit="GB", group="memory"),
     C("run_dtype", group="memory", format="{}"),  # what the row's model computed in (the checkpoint's on a GPU)

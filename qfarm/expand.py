@@ -20,7 +20,8 @@ from .spec import JobGroup, LoadedSpec, SweepSpec, load_spec, renamed
 from .validate import Collector, axes, stage_name
 
 MAX_JOBS = 100_000
-SPEC_VERSION = 1  # bump when a change to evaluation makes old results incomparable
+SPEC_VERSION = 2  # bump when a change to evaluation makes old results incomparable (2: artifacts stored in the
+# source dtype and checked against their rows, act_order applied on llm-compressor)
 
 
 @dataclass(frozen=True)

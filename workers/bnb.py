@@ -140,10 +140,11 @@ class BitsAndBytes:
     def load(self, ctx, artifact, base):
         from transformers import AutoModelForCausalLM
 
-        from workers.models import placement
+        from workers.models import compute_dtype, placement
 
         where, said = placement(artifact, nbytes=quantized_bytes(artifact, ctx.options))
-        model = AutoModelForCausalLM.from_pretrained(artifact, **where)
+        # in this worker's compute dtype, as every row: the artifact stores its float tensors in the source's dtype
+        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=compute_dtype(artifact), **where)
         model.eval()
         ctx.extra.update(said)
         use_cpu_kernel(model)

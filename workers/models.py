@@ -101,7 +101,7 @@ def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple
         from workers.hub import snapshot
 
         return snapshot(model, output_root, progress)
-    target = keyed(output_root, "_models", model["key"])
+    target = keyed(output_root, "_models", f"{model['key']}|{FLOAT_COPY_VERSION}")
     start = time.time()
     built = build_once(target, lambda tmp: _materialize_gguf(model["location"], model["gguf_file"], tmp))
     if not (target / CHECKS_FILE).is_file():  # made by an older qfarm: check it now
@@ -109,6 +109,9 @@ def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple
 
         _write_checks(target, f"{model['location']}/{model['gguf_file']}", AutoTokenizer.from_pretrained(target))
     return str(target), time.time() - start if built else 0.0
+
+
+FLOAT_COPY_VERSION = 2  # 2: a GGUF without output.weight gives a float copy with tied embeddings (1 stored them twice)
 
 
 def _write_checks(folder: Path, gguf_path: str, tokenizer) -> None:
@@ -132,9 +135,34 @@ def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
     # A GGUF-loaded model keeps its gguf quantizer, which refuses to save; drop it (BACKENDS.md).
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
+    if not _has_output_weight(f"{folder}/{gguf_file}"):  # llama.cpp's tied embeddings: one matrix, as the file has
+        tie_embeddings(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "QFARM_SOURCE.txt").write_text(f"dequantized to float32 from {folder}/{gguf_file}\n")
+
+
+def _has_output_weight(gguf_path: str) -> bool:
+    from gguf import GGUFReader
+
+    return any(t.name == "output.weight" for t in GGUFReader(gguf_path).tensors)
+
+
+def tie_embeddings(model) -> None:
+    """The model's output head made the input embedding itself (one tensor, saved once), and its config saying so:
+    transformers' GGUF loader gives some families (Qwen2) an untied copy of a file's single embedding matrix."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is embed.weight:
+        model.config.tie_word_embeddings = True
+        return
+    if head.weight.shape != embed.weight.shape:
+        raise ValueError(f"cannot tie an output head of shape {tuple(head.weight.shape)} to embeddings of "
+                         f"{tuple(embed.weight.shape)}")
+    model.config.tie_word_embeddings = True
+    text = getattr(model.config, "get_text_config", lambda: None)()
+    if text is not None and text is not model.config:
+        text.tie_word_embeddings = True
+    head.weight = embed.weight
 
 
 def device() -> str:

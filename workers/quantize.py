@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from workers import artifacts
 from workers.actor import entry_point
 from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.models import dir_bytes, prepared_base, shared_columns, start, tensor_bytes
@@ -42,10 +43,14 @@ def run(ctx) -> dict:
         with PeakMemory() as quant_mem:
             artifact = impl.quantize(ctx, base)
         quant_s = time.time() - t0
+        if artifact is not None:  # stored as deployed, and saying what the row says, before anything is measured
+            ctx.extra.update(artifacts.finish(ctx, base, artifact))
         ctx.progress("loading the artifact")
         t0 = time.time()
         model = impl.load(ctx, artifact, base)
         load_s = base.load_s if artifact is None else time.time() - t0
+        if artifact is not None:
+            ctx.extra.update(artifacts.check_parameters(model, base.model))
         metrics = evaluate(ctx, model, base)
     in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)  # llama.cpp models say their own size
     result = {
