@@ -257,28 +257,32 @@ def finish(ctx, base, artifact: str) -> dict:
 # --- 4. counted --------------------------------------------------------------------------------------------------
 
 def logical_parameters(model) -> int:
-    """The parameters a model holds as its architecture counts them: a quantized linear layer (bitsandbytes,
-    GPTQModel's kernels) as in_features × out_features (+ bias) whatever its packing; tensors shared by two
-    modules (tied embeddings) once."""
+    """The parameters a model holds as its architecture counts them: a linear layer (dense, bitsandbytes, fp8,
+    GPTQModel's kernels, compressed-tensors) as in_features × out_features (+ bias) whatever its packing, its scales
+    and zero points not counted; a tensor two modules share (tied embeddings) once."""
     import torch
 
     seen: set[int] = set()
     total = 0
+
+    def once(t) -> int:
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
+            return 0
+        seen.add(id(t))
+        return t.numel()
+
     for module in model.modules():
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        dense = isinstance(module, torch.nn.Linear) and weight is not None and weight.dtype.is_floating_point
-        packed = not dense and isinstance(getattr(module, "in_features", None), int) and \
-            isinstance(getattr(module, "out_features", None), int)
-        if packed and not list(module.children()):
-            if id(module) not in seen:
-                seen.add(id(module))
-                bias = getattr(module, "bias", None)
-                total += module.in_features * module.out_features + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+        features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if all(isinstance(f, int) for f in features) and not list(module.children()):
+            weight = module._parameters.get("weight")
+            if weight is None or id(weight) not in seen:  # a tied head is its embedding's weight, counted there
+                total += features[0] * features[1]
+                if weight is not None:
+                    seen.add(id(weight))
+            total += once(getattr(module, "bias", None))
             continue
         for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
+            total += once(p)
     return total
 
 
