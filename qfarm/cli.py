@@ -73,6 +73,15 @@ def _complete_sweeps(ctx: click.Context, param, incomplete: str) -> list:
     return [CompletionItem(s) for s in found if s.startswith(incomplete)]
 
 
+MAX_JOBS = 10_000  # qfarm.expand's default, not imported here: `qfarm --help` loads no spec machinery
+
+
+def _max_jobs_option(f):
+    return click.option("--max-jobs", type=click.IntRange(1, 10_000_000), default=MAX_JOBS, show_default=True,
+                        metavar="N", help="Refuse a sweep that could make more jobs than this (counted from its "
+                                          "matrices before anything is expanded).")(f)
+
+
 def _cluster_config_option(f):
     return click.option("--cluster-config", envvar="QFARM_CLUSTER_CONFIG", default=None, metavar="FILE",
                         help="The cluster's `ray up` config: its node types count as capacity the autoscaler may "
@@ -117,16 +126,17 @@ def cli(ctx: click.Context, redis_url: str | None, namespace: str) -> None:
                    "Default: qfarm's local Ray head when it is running.")
 @click.option("--offline", is_flag=True, help="Check the file only, not against any running cluster.")
 @_cluster_config_option
+@_max_jobs_option
 @handle_errors
 def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_json: bool, ray_address: str | None,
-             offline: bool, cluster_config: str | None) -> None:
+             offline: bool, cluster_config: str | None, max_jobs: int) -> None:
     """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster (running, or the
     node types of its config), whether some node of it can run each job (exit 2 naming what it has, when not).
     Runs nothing."""
     from . import cluster, hub
     from .expand import expand, load_plan
 
-    loaded, plan = load_plan(spec, hub.cache_dir(None))
+    loaded, plan = load_plan(spec, hub.cache_dir(None), max_jobs)
     kinds = ", ".join(f"{n} {k}" for k, n in plan.counts_by_kind().items())
     labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
     what = f" ({', '.join(labels)})" if labels else ""
@@ -142,7 +152,7 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     cuda = plan_device == "cuda" if show_plan else cluster.has_cuda(cluster.cluster_nodes(types)) if address else \
         cluster.has_cuda(cluster.startable_nodes(types)) if types else cluster.cuda_gpu_count() > 0
     if not cuda:
-        plan = expand(loaded, hub.cache_dir(None), cuda=False)
+        plan = expand(loaded, hub.cache_dir(None), cuda=False, max_jobs=max_jobs)
     if address:
         cluster.preflight([j.payload() for j in plan.jobs], types, shape)
         checked = f" Resources checked against the Ray cluster at {address}{named}."
@@ -240,15 +250,16 @@ def _output_root_option(f):
 @_ray_options
 @_output_root_option
 @_cluster_config_option
+@_max_jobs_option
 @click.pass_context
 @handle_errors
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
-           output_root: Path, cluster_config: str | None) -> None:
+           output_root: Path, cluster_config: str | None, max_jobs: int) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
     from . import cluster, hub, jobs
     from .expand import expand, load_plan
 
-    loaded, plan = load_plan(spec, hub.cache_dir(output_root))
+    loaded, plan = load_plan(spec, hub.cache_dir(output_root), max_jobs)
     store = _store(ctx)
     payloads = [j.payload() for j in plan.jobs]
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
@@ -259,7 +270,7 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
         cluster.connect(ray_address, logical_gpus, say=click.echo)
         nodes = cluster.cluster_nodes(types)
     if not cluster.has_cuda(nodes):  # logical GPU slots: the jobs compute on CPUs, and their ids say so
-        plan = expand(loaded, hub.cache_dir(output_root), cuda=False)
+        plan = expand(loaded, hub.cache_dir(output_root), cuda=False, max_jobs=max_jobs)
         payloads = [j.payload() for j in plan.jobs]
     cluster.refuse_unplaceable(payloads, nodes, shape)
     root = str(output_root.expanduser().resolve())

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from .errors import QfarmError
+from .errors import QfarmError, UsageError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 INSTALL_HINT = (
@@ -96,7 +96,12 @@ def connect_redis(url: str | None, *, embedded_ok: bool = True, say=print) -> tu
     configured = url or os.environ.get("QFARM_REDIS_URL")
     target = configured or DEFAULT_REDIS_URL
     try:
-        _client(target, retries=0).ping()  # say at once when nothing answers; retries are for outages later
+        probe = _client(target, retries=0)
+    except ValueError as e:  # redis-py's parse of the URL
+        raise UsageError(f"not a Redis URL: {_redact(target)} ({e}); e.g. redis://HOST:6379/0, "
+                         "rediss://:PASSWORD@HOST:6380/0 or unix:///path/redis.sock") from None
+    try:
+        probe.ping()  # say at once when nothing answers; retries are for outages later
         return _client(target), target
     except redis.AuthenticationError as e:
         raise QfarmError(f"Redis at {_redact(target)} refused the password: {e}") from None

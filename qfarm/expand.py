@@ -19,7 +19,7 @@ from .methods import KINDS, SCHEMES, UNSET_NOT_IDENTITY, Options
 from .spec import JobGroup, LoadedSpec, SweepSpec, load_spec, renamed
 from .validate import Collector, axes, stage_name
 
-MAX_JOBS = 100_000
+MAX_JOBS = 10_000  # per sweep, by default; qfarm validate/submit --max-jobs raises it
 SPEC_VERSION = 2  # bump when a change to evaluation makes old results incomparable (2: artifacts stored in the
 # source dtype and checked against their rows, act_order applied on llm-compressor)
 
@@ -99,27 +99,28 @@ def digest(obj: Any, n: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def load_plan(path: str | Path, hub_cache: Path | None = None) -> tuple[LoadedSpec, Plan]:
+def load_plan(path: str | Path, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS) -> tuple[LoadedSpec, Plan]:
     """Load, validate and expand a spec file. Every problem, schema or semantic, is raised together. A hub
-    model's revision is resolved looking in ``hub_cache`` (qfarm.hub.cache_dir) when the hub is out of reach."""
+    model's revision is resolved looking in ``hub_cache`` (qfarm.hub.cache_dir) when the hub is out of reach.
+    A sweep that could make more than ``max_jobs`` jobs is refused before any is made."""
     try:
         loaded = load_spec(path)
     except SpecError as err:
         if err.raw is None:
             raise
         errors = Collector(err.lines)
-        validate.semantic_checks(err.raw, err.base_dir, errors, hub_cache)
+        validate.semantic_checks(err.raw, err.base_dir, errors, hub_cache, max_jobs)
         extra = renamed(SpecError(list(errors.problems.values())), err.groups_key).problems
         known = {(p.path, p.message) for p in err.problems}
         extra = [p for p in extra if (p.path, p.message) not in known and p.path not in {q.path for q in err.problems}]
         raise SpecError(err.problems + extra, err.source) from None
     try:
-        return loaded, expand(loaded, hub_cache)
+        return loaded, expand(loaded, hub_cache, max_jobs=max_jobs)
     except SpecError as err:
         raise renamed(err, loaded.groups_key) from None
 
 
-def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True) -> Plan:
+def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True, max_jobs: int = MAX_JOBS) -> Plan:
     """Expand every job group's matrix, validate each combination, and return the sweep's jobs. ``cuda``: whether
     the cluster's GPUs are CUDA devices (False: logical GPU slots, every job computes on a CPU), which enters the
     ids of the jobs that ask for GPUs."""
@@ -131,6 +132,8 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True)
         else:
             model_ref = validate.model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
         eval_spec = validate.evaluation(spec.eval, loaded.base_dir, errors)
+    if not validate.job_bound(list(enumerate(spec.jobs)), errors, max_jobs):  # before any combination is made
+        raise SpecError(list(errors.problems.values()), loaded.source)
     jobs: dict[str, Job] = {}
     checks = validate.MethodChecks(model_ref, loaded.base_dir, errors)
     stages: dict[str, list[Job]] = {}  # stage name -> its jobs, for the stages that come from it
@@ -158,8 +161,9 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True)
                     jobs[job.id] = job
                 if all(j.id != job.id for j in mine):  # a job an earlier stage has too still feeds this stage's children
                     mine.append(jobs[job.id])
-            if len(jobs) > MAX_JOBS:
-                errors.add(("jobs", gi), f"the sweep expands to more than {MAX_JOBS} jobs; split it")
+            if len(jobs) > max_jobs:  # shared captures come on top of the bound
+                errors.add(("jobs", gi), f"the sweep expands to more than {max_jobs:,} jobs; split it, or raise "
+                                         "the limit with --max-jobs")
                 raise SpecError(list(errors.problems.values()), loaded.source)
         stages[stage_name(gi, group)] = mine
     if errors.problems:

@@ -208,17 +208,56 @@ def renamed(err: SpecError, key: str) -> SpecError:
 
 MAX_SPEC_NODES = 100_000  # scalars, lists and mappings in one spec
 MAX_SCALAR_CHARS = 100_000  # one value
+MAX_DEPTH = 64  # lists and mappings inside each other (a real spec nests about 6 deep)
+
+
+def _check_flow_depth(text: str, source: str) -> None:
+    """Refuse flow collections (``[[[...``, ``{{{...``) nested deeper than MAX_DEPTH before YAML's parser sees them:
+    PyYAML's scanner keeps a possible key per open bracket and walks them all at every token, so 20,000 of them
+    cost it a minute before its first event. A linear pass over the text, skipping quoted strings and comments."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return
+    depth, line, quote, comment, prev = 0, 1, None, False, "\n"
+    for ch in text:
+        if ch == "\n":
+            line, comment = line + 1, False
+        elif comment:
+            pass
+        elif quote is not None:
+            if ch == quote and prev != "\\":
+                quote = None
+        elif ch in "\"'" and prev in " \t\n[{,:":
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError([Problem("", f"invalid YAML: nested too deeply (more than {MAX_DEPTH} lists or "
+                                             "mappings inside each other)", line)], source)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        prev = ch
 
 
 def _check_events(text: str, source: str) -> None:
     """Refuse what a spec never needs and an attacker would use: YAML aliases (``*name``, a few hundred bytes of
-    them expand to billions of values), more than MAX_SPEC_NODES values, a value over MAX_SCALAR_CHARS."""
-    nodes = 0
+    them expand to billions of values), more than MAX_SPEC_NODES values, nesting deeper than MAX_DEPTH, a value
+    over MAX_SCALAR_CHARS. Enforced event by event, while parsing: nothing past the first excess is read."""
+    _check_flow_depth(text, source)
+    nodes = depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         line = event.start_mark.line + 1 if event.start_mark else None
         if isinstance(event, yaml.AliasEvent):
             raise SpecError([Problem("", f"YAML aliases (*{event.anchor}) are not allowed in a spec: write the value "
                                          "out, or use a matrix", line)], source)
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError([Problem("", f"invalid YAML: nested too deeply (more than {MAX_DEPTH} lists or "
+                                             "mappings inside each other)", line)], source)
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
         if isinstance(event, (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             nodes += 1
             if nodes > MAX_SPEC_NODES:

@@ -292,6 +292,11 @@ class Store:
             rec = self.sweep(sid)
             if rec and rec.name == text:
                 return rec
+        if prefixed:  # the start of several ids, and no sweep's name
+            from .errors import UsageError
+
+            shown = ", ".join(prefixed[:5]) + (f" and {len(prefixed) - 5} more" if len(prefixed) > 5 else "")
+            raise UsageError(f"{text!r} is the start of {len(prefixed)} sweep ids ({shown}): give more of one")
         return None
 
     def job_ids(self, sweep_id: str) -> list[str]:

@@ -152,6 +152,11 @@ class Sender:
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines on creating a store's tables
         self.uri, self.record, self.copy, self.say = tracking_uri, record, copy_artifacts, say
+        if urlsplit(tracking_uri).scheme.lower() == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE") is None:
+            # MLflow 3 refuses its folder store (maintenance mode upstream) unless asked: the user asked for a folder
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+            say("MLflow's folder store is in maintenance mode upstream: qfarm opted in (MLFLOW_ALLOW_FILE_STORE=true); "
+                "sqlite:///FILE.db is the local store MLflow supports")
         self.client = client_cls(tracking_uri=tracking_uri)
         name = experiment or record.id
         found = self.client.get_experiment_by_name(name)

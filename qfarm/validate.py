@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ class Collector:
         self.problems.setdefault((problem.path, problem.message), problem)
 
 
-def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Path | None = None) -> None:
+def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Path | None = None,
+                    max_jobs: int = 10_000) -> None:
     """What expansion would say about the parts of a spec that passed the schema, when others did not."""
     groups = []
     for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
@@ -55,11 +57,35 @@ def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Pat
     except ValidationError:
         pass
     checks = MethodChecks(model_ref, base_dir, errors)
+    if not job_bound(groups, errors, max_jobs):
+        return
     for gi, group in groups:
         for combo, sources in combinations(gi, group, errors):
             opts = options(gi, group, combo, sources, errors)
             if opts is not None:
                 checks(gi, group, opts, sources)
+
+
+def job_bound(groups: list[tuple[int, JobGroup]], errors: Collector, max_jobs: int) -> bool:
+    """Whether the sweep can make at most ``max_jobs`` jobs, known from its matrices' lengths before anything is
+    expanded: each stage makes at most the product of its matrix lists, times its ``from`` stage's jobs (excludes
+    and repeats only lower it). False, with the problem at the stage that passes the limit, when it cannot."""
+    made: dict[str, int] = {}
+    total = 0
+    for gi, group in groups:
+        matrix, _ = axes(group)
+        sizes = {k: len(v) for k, v in matrix.items() if isinstance(v, list)}
+        n = math.prod(sizes.values()) * (made.get(group.from_, 1) if group.from_ else 1)
+        made[stage_name(gi, group)] = n
+        total += n
+        if total > max_jobs:
+            parts = " × ".join(f"{k} {v}" for k, v in sizes.items()) or "1"
+            parent = f" × {made.get(group.from_, 1):,} jobs of stage {group.from_!r}" if group.from_ else ""
+            where = ("jobs", gi, "matrix") if group.matrix else ("jobs", gi)
+            errors.add(where, f"the sweep would make up to {total:,} jobs (this stage: {parts}{parent}); at most "
+                              f"{max_jobs:,} per sweep: split it, or raise the limit with --max-jobs")
+            return False
+    return True
 
 
 def stage_name(gi: int, group: JobGroup) -> str:

@@ -80,6 +80,16 @@ def test_find_sweep_by_id_prefix_and_name(store):
     assert store.find_sweep("other") is None
 
 
+def test_the_start_of_two_sweep_ids_is_a_usage_error_naming_both(store):
+    from qfarm.errors import UsageError
+
+    store.submit("demo-aaaa1111", "demo", jobs(1), source="x", output_root="/o")
+    store.submit("demo-aabb2222", "demo", jobs(1), source="y", output_root="/o")
+    with pytest.raises(UsageError, match=r"'demo-aa' is the start of 2 sweep ids \(demo-aaaa1111, demo-aabb2222\)"):
+        store.find_sweep("demo-aa")
+    assert store.find_sweep("demo-aab").id == "demo-aabb2222" and store.find_sweep("demo").id == "demo-aabb2222"
+
+
 def test_a_name_means_the_most_recently_submitted_sweep_of_that_name(store):
     store.submit("demo-aaaa", "demo", jobs(1), source="x", output_root="/o")
     store.submit("demo-bbbb", "demo", jobs(1), source="y", output_root="/o")

@@ -103,6 +103,15 @@ def test_a_tracked_spec_sends_each_job_to_mlflow_as_it_finishes(cli_env, tmp_pat
     assert len(now) == len(jobs) and now[failed.id].info.status == "FAILED" and now[failed.id].info.run_id != before
     assert c2.get_run(before).info.lifecycle_stage == "deleted"
 
+    # a folder, as the README offers: MLflow 3 refuses its folder store unless asked; qfarm asks, and says so
+    folder = tmp_path / "mlruns-folder"
+    env = {k: v for k, v in cli_env.items() if k != "MLFLOW_ALLOW_FILE_STORE"}
+    to_folder = qfarm(env, "results", sweep, "--to", "mlflow", "--tracking-uri", folder.as_uri())
+    assert to_folder.returncode == 0 and "internal error" not in to_folder.stderr, to_folder.stderr
+    assert "opted in (MLFLOW_ALLOW_FILE_STORE=true)" in to_folder.stdout
+    assert f"{len(jobs)} run(s) created" in to_folder.stdout, to_folder.stdout
+    assert len(list(folder.glob("*/*/meta.yaml"))) == len(jobs)  # MLflow's folder layout: experiment/run/meta.yaml
+
 
 def mlflow_ui_page(uri: str, experiment_id: str, tmp_path: Path) -> str:
     """The experiment's runs page as MLflow's own UI (`mlflow ui`) draws it in a real headless browser: its DOM once

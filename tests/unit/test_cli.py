@@ -79,3 +79,10 @@ def test_cluster_yaml_is_a_launcher_config():
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
     assert any("GGML_CUDA=on" in c for c in config["worker_setup_commands"])  # llama.cpp on the GPU nodes
     assert "llama-cpp-tools" in (REPO / "Makefile").read_text() and "[ml,gptqmodel,eval,report,mlflow,wandb,test]" in (REPO / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://127.0.0.1:6379/0", "redis//127.0.0.1"])
+def test_a_redis_url_that_is_not_one_is_a_usage_error_not_an_internal_one(url):
+    out = CliRunner().invoke(cli, ["--redis-url", url, "status"], obj={})
+    assert out.exit_code == 2, out.output
+    assert "not a Redis URL" in out.output and "internal error" not in out.output and "redis://HOST:6379/0" in out.output

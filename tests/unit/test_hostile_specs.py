@@ -96,3 +96,103 @@ def test_yaml_structure_fuzz_exits_0_or_2_quickly(tmp_path_factory, body):
     code, out = validate(spec)
     assert code in (0, 2), out
     assert "Traceback" not in out
+
+
+class _Budget:
+    """Counts the tokens PyYAML's scanner fetches while a spec is read (its work, not seconds): a refusal must come
+    before the parser walks what it refuses."""
+
+    def __init__(self, monkeypatch):
+        import yaml.scanner
+
+        self.fetched = 0
+        real = yaml.scanner.Scanner.fetch_more_tokens
+
+        def counted(scanner):
+            self.fetched += 1
+            return real(scanner)
+
+        monkeypatch.setattr(yaml.scanner.Scanner, "fetch_more_tokens", counted)
+
+
+@pytest.mark.parametrize("opening,closing", [("[", "]"), ("{a: ", "}")])
+def test_deep_flow_nesting_is_refused_before_the_parser_walks_it(tmp_path, monkeypatch, opening, closing):
+    """20,000 nested brackets cost PyYAML's scanner a minute (a possible key per open bracket, all walked at every
+    token): refused from a linear pass over the text, the scanner never started."""
+    spec = tmp_path / "deep.yaml"
+    spec.write_text("name: d\nmodel: bundled:smollm2-135m\neval: {prompts: " + opening * 20_000 + "x"
+                    + closing * 20_000 + "}\njobs: [{kind: sleep}]\n")
+    budget = _Budget(monkeypatch)
+    code, out = validate(spec)
+    assert code == 2 and f"{spec}:3: invalid YAML: nested too deeply (more than 64 lists or mappings" in out, out
+    assert budget.fetched == 0
+
+
+def test_deep_block_nesting_is_refused_while_parsing(tmp_path, monkeypatch):
+    spec = tmp_path / "block.yaml"
+    spec.write_text("name: b\njobs:\n" + "".join("  " * i + "-\n" for i in range(1, 500)))
+    budget = _Budget(monkeypatch)
+    code, out = validate(spec)
+    assert code == 2 and "nested too deeply" in out and f"{spec}:66:" in out, out
+    assert budget.fetched < 200  # stopped at the 65th level, not after the 500th
+
+
+def test_a_million_job_matrix_is_refused_from_its_lengths_before_expansion(tmp_path, monkeypatch):
+    import qfarm.validate
+
+    def never(*args, **kwargs):
+        raise AssertionError("a combination was made: the bound must be checked first")
+
+    monkeypatch.setattr(qfarm.validate, "combinations", never)
+    spec = tmp_path / "million.yaml"
+    spec.write_text("name: m\njobs:\n  - kind: sleep\n    matrix:\n"
+                    f"      index: [{', '.join(map(str, range(1000)))}]\n"
+                    f"      seconds: [{', '.join(str(i / 1000) for i in range(1000))}]\n")
+    code, out = validate(spec)
+    assert code == 2 and f"{spec}:4: jobs[0].matrix: the sweep would make up to 1,000,000 jobs (this stage: index " \
+                         "1000 × seconds 1000); at most 10,000 per sweep" in out, out
+    assert "--max-jobs" in out
+
+
+def test_stages_multiply_the_bound_and_max_jobs_raises_it(tmp_path):
+    spec = tmp_path / "stages.yaml"
+    spec.write_text("name: s\njobs:\n  - {name: a, kind: sleep, matrix: {index: [0, 1, 2]}}\n"
+                    "  - {name: b, kind: sleep, from: a, matrix: {seconds: [0, 0.5, 1, 2]}}\n")
+    out = CliRunner().invoke(cli, ["validate", "--offline", "--max-jobs", "14", str(spec)], obj={})
+    assert out.exit_code == 2 and "up to 15 jobs (this stage: seconds 4 × 3 jobs of stage 'a'); at most 14" in out.output
+    out = CliRunner().invoke(cli, ["validate", "--offline", "--max-jobs", "15", str(spec)], obj={})
+    assert out.exit_code == 0 and "15 jobs" in out.output, out.output
+
+
+@settings(max_examples=60, deadline=None)
+@given(depth=st.integers(1, 5_000), brackets=st.text(alphabet="[{", min_size=1, max_size=3),
+       alias=st.booleans(), rows=st.sampled_from([1, 5, 3_000]), cols=st.sampled_from([1, 7, 4_000]))
+def test_nested_aliased_and_huge_specs_fuzz_exit_2_within_a_token_budget(tmp_path_factory, depth, brackets, alias,
+                                                                        rows, cols):
+    """Generated hostile specs (nesting of any depth in flow style, an alias, a matrix of rows × cols jobs): each
+    exits 0 or 2 with no traceback, and the scanner's work stays within a budget that does not grow with the
+    nesting (a fixed multiple of the limits), so none can cost what 20,000 brackets once did."""
+    import yaml.scanner
+
+    fetched = [0]
+    real = yaml.scanner.Scanner.fetch_more_tokens
+
+    def counted(scanner):
+        fetched[0] += 1
+        return real(scanner)
+
+    opens = "".join(brackets[i % len(brackets)] for i in range(depth))
+    nest = "".join("[" if c == "[" else "{k: " for c in opens) + "v" + "".join("]" if c == "[" else "}" for c in reversed(opens))
+    spec = tmp_path_factory.mktemp("hostile") / "s.yaml"
+    spec.write_text("name: h\n" + ("anchor: &a [1]\n" if alias else "") + f"eval: {{prompts: {nest}}}\n"
+                    + ("copy: *a\n" if alias else "") + "jobs:\n  - kind: sleep\n    matrix:\n"
+                    f"      index: [{', '.join(map(str, range(rows)))}]\n"
+                    f"      seconds: [{', '.join(map(str, range(cols)))}]\n")
+    yaml.scanner.Scanner.fetch_more_tokens = counted
+    try:
+        code, out = validate(spec)
+    finally:
+        yaml.scanner.Scanner.fetch_more_tokens = real
+    assert code in (0, 2) and "Traceback" not in out, out
+    assert code == 2 or (depth == 1 and brackets[0] == "[" and not alias and rows * cols <= 10_000), out
+    assert fetched[0] <= 8 * (rows + cols) + 16 * 64 + 200, fetched[0]  # ~6 tokens a list value; nesting capped
