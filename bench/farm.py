@@ -158,7 +158,7 @@ def bench_scale(args) -> None:
     with namespace() as store, tempfile.TemporaryDirectory() as tmp:
         spec = sleep_spec(Path(tmp), "scale", args.scale_jobs, 1.0)
         t0 = time.time()
-        loaded, plan = load_plan(spec)
+        loaded, plan = load_plan(spec, max_jobs=max(args.scale_jobs, 10_000))
         t1 = time.time()
         store.submit(plan.sweep_id, plan.name, [j.payload() for j in plan.jobs], source=str(spec), output_root=tmp)
         t2 = time.time()
