@@ -246,3 +246,39 @@ def test_an_artifact_is_stored_as_its_source_whatever_the_job_computed_in(farm, 
         assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names, names
         assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
         assert row["artifact_params"] == sum(p.numel() for p in model.parameters())  # tied: counted once
+
+
+def test_a_gguf_without_an_output_tensor_gives_a_float_copy_that_stores_its_embedding_once(farm, tmp_path):
+    """llama.cpp ties a model's head to its embedding by leaving output.weight out of the file; transformers' GGUF
+    loader gives some families (Qwen2) an untied copy. The float copy made from such a file ties them again, so
+    every artifact made from it stores one matrix (workers.models.tie_embeddings)."""
+    import numpy as np
+    import torch
+    from gguf import GGUFWriter
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from workers.models import _has_output_weight, tie_embeddings
+
+    for name, tensors in (("tied", ["token_embd.weight"]), ("untied", ["token_embd.weight", "output.weight"])):
+        writer = GGUFWriter(str(tmp_path / f"{name}.gguf"), "qwen2")
+        for t in tensors:
+            writer.add_tensor(t, np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    assert not _has_output_weight(str(tmp_path / "tied.gguf")) and _has_output_weight(str(tmp_path / "untied.gguf"))
+
+    folder = make_tiny_model(tmp_path / "qwen2", corpus_of(farm["data"]), seed=1, family="qwen2")  # untied
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    head = model.get_output_embeddings().weight.detach().clone()
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    tie_embeddings(model)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert not torch.equal(head, model.get_output_embeddings().weight)  # the head is now the embedding itself
+    model.save_pretrained(tmp_path / "copy")
+    names = [k for f in (tmp_path / "copy").glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")
+    assert again.config.tie_word_embeddings and again.get_output_embeddings().weight is again.get_input_embeddings().weight
