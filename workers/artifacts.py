@@ -91,9 +91,9 @@ def store_as_source(folder: str, dtype: str) -> int:
     config = Path(folder) / "config.json"
     if config.is_file():
         cfg = json.loads(config.read_text())
-        for key in ("dtype", "torch_dtype"):
-            if key in cfg or key == "dtype":
-                cfg[key] = dtype
+        cfg["dtype"] = dtype
+        if "torch_dtype" in cfg:  # the older name, where a library still writes it
+            cfg["torch_dtype"] = dtype
         config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return changed
 
@@ -105,9 +105,9 @@ def stored_dtype(folder: str) -> str | None:
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
-                if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
-                    return str(f.get_slice(name).get_dtype()).lower().replace("bf16", "bfloat16").replace(
-                        "f32", "float32").replace("f16", "float16")
+                if name.endswith(("embed_tokens.weight", "wte.weight")):
+                    stored = str(f.get_slice(name).get_dtype())  # safetensors' names: BF16, F16, F32
+                    return FLOAT_NAMES.get(stored.upper(), stored.lower())
     return None
 
 

@@ -100,39 +100,44 @@ def test_yaml_structure_fuzz_exits_0_or_2_quickly(tmp_path_factory, body):
 
 class _Budget:
     """Counts the tokens PyYAML's scanner fetches while a spec is read (its work, not seconds): a refusal must come
-    before the parser walks what it refuses."""
+    before the parser walks what it refuses. A context manager (hypothesis tests cannot take monkeypatch)."""
 
-    def __init__(self, monkeypatch):
+    def __enter__(self):
         import yaml.scanner
 
-        self.fetched = 0
-        real = yaml.scanner.Scanner.fetch_more_tokens
+        self.fetched, self._real = 0, yaml.scanner.Scanner.fetch_more_tokens
 
         def counted(scanner):
             self.fetched += 1
-            return real(scanner)
+            return self._real(scanner)
 
-        monkeypatch.setattr(yaml.scanner.Scanner, "fetch_more_tokens", counted)
+        yaml.scanner.Scanner.fetch_more_tokens = counted
+        return self
+
+    def __exit__(self, *exc):
+        import yaml.scanner
+
+        yaml.scanner.Scanner.fetch_more_tokens = self._real
 
 
 @pytest.mark.parametrize("opening,closing", [("[", "]"), ("{a: ", "}")])
-def test_deep_flow_nesting_is_refused_before_the_parser_walks_it(tmp_path, monkeypatch, opening, closing):
+def test_deep_flow_nesting_is_refused_before_the_parser_walks_it(tmp_path, opening, closing):
     """20,000 nested brackets cost PyYAML's scanner a minute (a possible key per open bracket, all walked at every
     token): refused from a linear pass over the text, the scanner never started."""
     spec = tmp_path / "deep.yaml"
     spec.write_text("name: d\nmodel: bundled:smollm2-135m\neval: {prompts: " + opening * 20_000 + "x"
                     + closing * 20_000 + "}\njobs: [{kind: sleep}]\n")
-    budget = _Budget(monkeypatch)
-    code, out = validate(spec)
+    with _Budget() as budget:
+        code, out = validate(spec)
     assert code == 2 and f"{spec}:3: invalid YAML: nested too deeply (more than 64 lists or mappings" in out, out
     assert budget.fetched == 0
 
 
-def test_deep_block_nesting_is_refused_while_parsing(tmp_path, monkeypatch):
+def test_deep_block_nesting_is_refused_while_parsing(tmp_path):
     spec = tmp_path / "block.yaml"
     spec.write_text("name: b\njobs:\n" + "".join("  " * i + "-\n" for i in range(1, 500)))
-    budget = _Budget(monkeypatch)
-    code, out = validate(spec)
+    with _Budget() as budget:
+        code, out = validate(spec)
     assert code == 2 and "nested too deeply" in out and f"{spec}:66:" in out, out
     assert budget.fetched < 200  # stopped at the 65th level, not after the 500th
 
@@ -172,15 +177,6 @@ def test_nested_aliased_and_huge_specs_fuzz_exit_2_within_a_token_budget(tmp_pat
     """Generated hostile specs (nesting of any depth in flow style, an alias, a matrix of rows × cols jobs): each
     exits 0 or 2 with no traceback, and the scanner's work stays within a budget that does not grow with the
     nesting (a fixed multiple of the limits), so none can cost what 20,000 brackets once did."""
-    import yaml.scanner
-
-    fetched = [0]
-    real = yaml.scanner.Scanner.fetch_more_tokens
-
-    def counted(scanner):
-        fetched[0] += 1
-        return real(scanner)
-
     opens = "".join(brackets[i % len(brackets)] for i in range(depth))
     nest = "".join("[" if c == "[" else "{k: " for c in opens) + "v" + "".join("]" if c == "[" else "}" for c in reversed(opens))
     spec = tmp_path_factory.mktemp("hostile") / "s.yaml"
@@ -188,11 +184,8 @@ def test_nested_aliased_and_huge_specs_fuzz_exit_2_within_a_token_budget(tmp_pat
                     + ("copy: *a\n" if alias else "") + "jobs:\n  - kind: sleep\n    matrix:\n"
                     f"      index: [{', '.join(map(str, range(rows)))}]\n"
                     f"      seconds: [{', '.join(map(str, range(cols)))}]\n")
-    yaml.scanner.Scanner.fetch_more_tokens = counted
-    try:
+    with _Budget() as budget:
         code, out = validate(spec)
-    finally:
-        yaml.scanner.Scanner.fetch_more_tokens = real
     assert code in (0, 2) and "Traceback" not in out, out
     assert code == 2 or (depth == 1 and brackets[0] == "[" and not alias and rows * cols <= 10_000), out
-    assert fetched[0] <= 8 * (rows + cols) + 16 * 64 + 200, fetched[0]  # ~6 tokens a list value; nesting capped
+    assert budget.fetched <= 8 * (rows + cols) + 16 * 64 + 200, budget.fetched  # ~6 tokens a list value; nesting capped
