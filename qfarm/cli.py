@@ -73,7 +73,7 @@ def _complete_sweeps(ctx: click.Context, param, incomplete: str) -> list:
     return [CompletionItem(s) for s in found if s.startswith(incomplete)]
 
 
-MAX_JOBS = 10_000  # qfarm.expand's default, not imported here: `qfarm --help` loads no spec machinery
+MAX_JOBS = 10_000  # qfarm.validate's default, not imported here: `qfarm --help` loads no spec machinery
 
 
 def _max_jobs_option(f):

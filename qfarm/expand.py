@@ -17,9 +17,8 @@ from . import validate
 from .errors import SpecError
 from .methods import KINDS, SCHEMES, UNSET_NOT_IDENTITY, Options
 from .spec import JobGroup, LoadedSpec, SweepSpec, load_spec, renamed
-from .validate import Collector, axes, stage_name
+from .validate import MAX_JOBS, Collector, axes, stage_name
 
-MAX_JOBS = 10_000  # per sweep, by default; qfarm validate/submit --max-jobs raises it
 SPEC_VERSION = 2  # bump when a change to evaluation makes old results incomparable (2: artifacts stored in the
 # source dtype and checked against their rows, act_order applied on llm-compressor)
 

@@ -39,8 +39,11 @@ class Collector:
         self.problems.setdefault((problem.path, problem.message), problem)
 
 
+MAX_JOBS = 10_000  # a sweep's jobs, by default (qfarm validate/submit --max-jobs raises it)
+
+
 def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Path | None = None,
-                    max_jobs: int = 10_000) -> None:
+                    max_jobs: int = MAX_JOBS) -> None:
     """What expansion would say about the parts of a spec that passed the schema, when others did not."""
     groups = []
     for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
@@ -75,12 +78,13 @@ def job_bound(groups: list[tuple[int, JobGroup]], errors: Collector, max_jobs: i
     for gi, group in groups:
         matrix, _ = axes(group)
         sizes = {k: len(v) for k, v in matrix.items() if isinstance(v, list)}
-        n = math.prod(sizes.values()) * (made.get(group.from_, 1) if group.from_ else 1)
+        parent_jobs = made.get(group.from_, 1) if group.from_ else 1
+        n = math.prod(sizes.values()) * parent_jobs
         made[stage_name(gi, group)] = n
         total += n
         if total > max_jobs:
             parts = " × ".join(f"{k} {v}" for k, v in sizes.items()) or "1"
-            parent = f" × {made.get(group.from_, 1):,} jobs of stage {group.from_!r}" if group.from_ else ""
+            parent = f" × {parent_jobs:,} jobs of stage {group.from_!r}" if group.from_ else ""
             where = ("jobs", gi, "matrix") if group.matrix else ("jobs", gi)
             errors.add(where, f"the sweep would make up to {total:,} jobs (this stage: {parts}{parent}); at most "
                               f"{max_jobs:,} per sweep: split it, or raise the limit with --max-jobs")

@@ -86,3 +86,11 @@ def test_a_redis_url_that_is_not_one_is_a_usage_error_not_an_internal_one(url):
     out = CliRunner().invoke(cli, ["--redis-url", url, "status"], obj={})
     assert out.exit_code == 2, out.output
     assert "not a Redis URL" in out.output and "internal error" not in out.output and "redis://HOST:6379/0" in out.output
+
+
+def test_the_clis_job_limit_is_validates():
+    """The CLI keeps its own copy of the default (importing qfarm.validate would load pydantic for `--help`)."""
+    import qfarm.cli
+    import qfarm.validate
+
+    assert qfarm.cli.MAX_JOBS == qfarm.validate.MAX_JOBS
