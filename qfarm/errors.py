@@ -95,8 +95,34 @@ def allowed(choices: Iterable[object]) -> str:
     return ", ".join(str(c) for c in choices)
 
 
+# The optional libraries a job may need, by top-level module, and the extra that installs each (pyproject.toml).
+# `make demo` installs only the `demo` extra: a job that needs another one says which, instead of a bare
+# "No module named ...".
+EXTRAS = {"llmcompressor": "ml", "compressed_tensors": "ml", "peft": "ml", "llama_cpp": "gguf",
+          "gptqmodel": "gptqmodel", "optimum": "gptqmodel", "lm_eval": "eval", "mlflow": "mlflow",
+          "wandb": "wandb", "matplotlib": "report", "pyarrow": "report", "vllm": "vllm (pip install vllm)"}
+
+
+def missing_extra(e: BaseException) -> str | None:
+    """For a ModuleNotFoundError of an optional library: what to install, as a user would say it."""
+    if not isinstance(e, ModuleNotFoundError) or not e.name:
+        return None
+    top = e.name.split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    if " " in extra:
+        return f"{top} is not installed on this worker: {extra.split(' ', 1)[1].strip('()')}"
+    return (f"{top} is not installed on this worker: pip install 'qfarm[{extra}]' there (`make install` installs "
+            f"every extra; `make demo` only the demo's)")
+
+
 def one_line(e: BaseException, typed: bool = True) -> str:
-    """An exception as the one-line reason a result row shows: its first non-empty line, at most 300 chars."""
+    """An exception as the one-line reason a result row shows: its first non-empty line, at most 300 chars.
+    A missing optional library says which extra installs it."""
+    hint = missing_extra(e)
+    if hint:
+        return hint[:300]
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     text = lines[0] if lines else ""
     if typed:

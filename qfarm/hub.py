@@ -70,6 +70,14 @@ def resolve(repo: str, revision: str | None, cache: Path) -> str:
     except ImportError:
         raise HubError(f"pinning hub model {repo}@{revision} to a commit needs huggingface_hub "
                        "(pip install huggingface_hub), or give revision: a 40-hex commit sha") from None
+    ref = repo_folder(cache, repo) / "refs" / revision
+    if not reachable():  # the cache's ref, at once, instead of ~23 s of retries before the same answer
+        sha = ref.read_text().strip() if ref.is_file() else ""
+        if SHA.match(sha):
+            return sha
+        raise HubError(f"cannot pin hub model {repo}@{revision} to a commit: the hub is out of reach and the cache "
+                       f"has no {ref}. Give revision: a 40-hex commit sha, or download the model into the cache "
+                       f"first (hf download {repo} --revision {revision} --cache-dir {cache})")
     try:
         resolved = HfApi().resolve_revision(repo, revision=revision, cache_dir=str(cache))
     except errors.GatedRepoError:
@@ -80,7 +88,6 @@ def resolve(repo: str, revision: str | None, cache: Path) -> str:
     except errors.RevisionNotFoundError:
         raise HubError(f"hub model {repo} has no revision {revision!r} (a branch, tag or commit)", "revision") from None
     except (errors.RevisionResolutionError, OSError) as e:
-        ref = repo_folder(cache, repo) / "refs" / revision
         raise HubError(f"cannot pin hub model {repo}@{revision} to a commit: the hub is out of reach "
                        f"({_reason(e)}) and the cache has no {ref}. Give revision: a 40-hex commit sha, or "
                        f"download the model into the cache first (hf download {repo} --revision {revision} "
@@ -106,12 +113,32 @@ def snapshot(cache: Path, repo: str, sha: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint answers a TCP connection within ``timeout`` (and HF_HUB_OFFLINE is not set):
+    validation asks before fetching a config, since huggingface_hub backs off and retries for ~23 s on a machine
+    with no network before it gives up."""
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def config_folder(cache: Path, repo: str, sha: str) -> Path | None:
     """A folder holding the model's config.json at ``sha``, for reading its architecture at validate time: the
     cached snapshot, or config.json alone fetched into the cache (a few KB). None where neither is possible."""
     found = snapshot(cache, repo, sha)
     if found is not None:
         return found
+    if not reachable():
+        return None  # offline: huggingface_hub would retry for ~23 s before saying so
     try:
         from huggingface_hub import hf_hub_download
 

@@ -106,3 +106,23 @@ def test_workers_get_the_token_through_the_runtime_env_only():
     assert hub.forwarded_env(env, token="hf_saved")["HF_TOKEN"] == "hf_secret"  # the environment's wins
     assert str(hub.cache_dir("/out", {})) == "/out/_hub"
     assert str(hub.cache_dir("/out", {"QFARM_HUB_CACHE": "/shared/hf"})) == "/shared/hf"
+
+
+def test_an_unreachable_hub_is_known_at_once_not_after_retries(tmp_path, monkeypatch):
+    """No network and no HF_HUB_OFFLINE: pinning reads the cache's ref, validation reads no config, and neither
+    waits for huggingface_hub's ~23 s of retries (a closed local port stands for the unreachable hub)."""
+    import huggingface_hub
+
+    def no_call(*a, **k):
+        raise AssertionError("huggingface_hub was asked although the hub is out of reach")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_call)
+    monkeypatch.setattr(huggingface_hub.HfApi, "resolve_revision", no_call)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert not hub.reachable()
+    cached_repo(tmp_path, refs={"main": SHA_B})
+    assert hub.resolve("acme/tiny", "main", tmp_path) == SHA_B
+    with pytest.raises(hub.HubError, match="out of reach and the cache has no"):
+        hub.resolve("acme/other", "main", tmp_path)
+    assert hub.config_folder(tmp_path, "acme/other", SHA_A) is None

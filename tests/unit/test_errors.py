@@ -1,0 +1,27 @@
+"""A job that needs a library its worker lacks says which extra installs it (`make demo` installs one extra)."""
+
+from __future__ import annotations
+
+import tomllib
+
+from qfarm.errors import EXTRAS, one_line, retryable
+from tests.conftest import REPO
+
+
+def test_a_missing_optional_library_names_the_extra_that_installs_it():
+    e = ModuleNotFoundError("No module named 'llmcompressor'", name="llmcompressor.modifiers")
+    line = one_line(e)
+    assert line.startswith("llmcompressor is not installed on this worker: pip install 'qfarm[ml]'"), line
+    assert not retryable(e)  # the same worker would fail again
+    gguf = one_line(ModuleNotFoundError("No module named 'llama_cpp'", name="llama_cpp"))
+    assert "qfarm[gguf]" in gguf
+    # any other missing module is reported as it is
+    other = one_line(ModuleNotFoundError("No module named 'foo'", name="foo"))
+    assert other == "ModuleNotFoundError: No module named 'foo'"
+
+
+def test_every_extra_named_is_one_pyproject_defines():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = {v for v in EXTRAS.values() if " " not in v}
+    assert named <= set(extras), named - set(extras)
+    assert "demo" in extras and "qfarm[demo]" in extras["ml"]  # make demo installs the demo extra alone
