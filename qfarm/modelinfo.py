@@ -179,24 +179,31 @@ def module_tree(model_json: str) -> dict | None:
     if model.get("kind") not in ("hf_dir", "gguf"):
         return None  # a hub id whose config could not be fetched (qfarm.hub.config_folder)
     key = _tree_key(model)  # what the tree depends on: a folder's config.json, a GGUF file's content
-    path = cache_dir() / f"{key}.json"
-    try:
-        if not key:
-            raise OSError("no key")
-        tree = json.loads(path.read_text())
-    except (OSError, ValueError):
-        try:
-            out = subprocess.run([sys.executable, "-m", "workers.architecture", json.dumps(model)],
-                                 capture_output=True, text=True, timeout=TREE_TIMEOUT_S)
-            tree = json.loads(out.stdout.strip().splitlines()[-1])
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            return None
-        if key:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(tree))
-            os.replace(tmp, path)
+    tree = _cached_run("workers.architecture", model, cache_dir() / f"{key}.json" if key else None, TREE_TIMEOUT_S)
     return None if not isinstance(tree, dict) or "error" in tree or not tree.get("linears") else tree
+
+
+def _cached_run(module: str, model: dict, path: Path | None, timeout: float, keep=lambda found: True):
+    """``python -m MODULE MODEL_JSON``'s last line of output, as JSON, kept at ``path`` (when ``keep`` says so)
+    and read from there next time. None where it cannot be run or says nothing readable."""
+    try:
+        if path is None:
+            raise OSError("not kept")
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        out = subprocess.run([sys.executable, "-m", module, json.dumps(model)], capture_output=True, text=True,
+                             timeout=timeout)
+        found = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    if path is not None and keep(found):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, path)
+    return found
 
 
 def shape_from_tree(tree: dict) -> Shape:
