@@ -47,8 +47,10 @@ demo: $(DEMO_STAMP)
 	$(BIN)/qfarm validate jobs/demo.yaml
 	$(BIN)/qfarm submit jobs/demo.yaml --wait
 
+# Two pytest workers: one runs the e2e tier (CPU-bound real-model sweeps, in order), the other the integration and
+# unit tiers, which mostly wait (heartbeats, timeouts, Ray starts). `pytest` alone runs everything serially.
 test: $(STAMP) chromium tmux
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra -n 2 --dist loadgroup
 
 # The report and MLflow tests look at pages in a real headless browser: Debian's chromium.
 chromium:

@@ -91,3 +91,20 @@ def shared_data() -> Path:
         pytest.fail(f"the e2e tests read real data from {SHARED_DATA} (../shared/data beside the repo); it is missing",
                     pytrace=False)
     return SHARED_DATA
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under `pytest -n 2 --dist loadgroup` (what `make test` runs) the e2e tier is one unit of work: one worker
+    runs it in order, with one output root and one float copy of the bundled model, while the other worker runs
+    the integration and unit tiers, whose time is mostly spent waiting (heartbeats, timeouts, Ray starts).
+    A scheduler of our own, since xdist 3.8's `xdist_group` marks do not group under pytest 9.2 (it renames node
+    ids through an attribute pytest no longer reads)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TierScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
+
+    return TierScheduling(config, log)

@@ -64,6 +64,7 @@ jobs:
         assert 0 <= r["qfarm_wikinext_acc"] <= 1 and 0 < r["qfarm_wikinext_acc_se"] < 0.1
         assert r["qfarm_wikinext_acc_norm"] is not None and r["qfarm_nextword_exact_match"] is not None
     assert gguf["runtime"] == "llama.cpp" and ref["runtime"] == "transformers-dense"
+    assert ref["decode_tokens_per_s"] is None and gguf["decode_tokens_per_s"] is None  # speed: null turns it off
     assert ref["qfarm_wikinext_recovery"] == pytest.approx(1.0)
     # a 135M model picks the next sentence of a WikiText article above chance (0.25, by 2 se) and often
     # writes the next word of a sentence ...
