@@ -206,6 +206,62 @@ def _cached_run(module: str, model: dict, path: Path | None, timeout: float, kee
     return found
 
 
+def vocabulary(model: dict) -> tuple[int | None, dict | None]:
+    """A model's vocabulary as its jobs read it, without loading it: the number of tokens its logits have (a GGUF's
+    token list, llama.cpp's n_vocab; a folder's config.json vocab_size, or its text_config's) and, for a folder
+    with a tokenizer.json, its model vocabulary (token -> id). (None, None) where neither can be read plainly."""
+    try:
+        if model.get("kind") == "gguf":
+            meta = gguf_metadata(Path(model["location"]) / model["gguf_file"], {"tokenizer.ggml.tokens"})
+            n = meta.get("tokenizer.ggml.tokens#count")
+            return (n if isinstance(n, int) and n > 0 else None), None
+        if model.get("kind") != "hf_dir":
+            return None, None
+        folder = Path(model["location"])
+        config = json.loads((folder / "config.json").read_text())
+        n = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        tokens = None
+        if (folder / "tokenizer.json").is_file() and (folder / "tokenizer.json").stat().st_size < MAX_TOKENIZER_BYTES:
+            tokens = json.loads((folder / "tokenizer.json").read_text()).get("model", {}).get("vocab")
+        return (n if isinstance(n, int) and n > 0 else None), (tokens if isinstance(tokens, dict) and tokens else None)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None, None
+
+
+MAX_TOKENIZER_BYTES = 64 * 2**20
+
+
+def vocabulary_clash(checkpoint: dict, reference: dict) -> str | None:
+    """Why an ``evaluate`` job would refuse ``checkpoint`` against ``reference`` (workers.checkpoint.same_vocabulary),
+    said where it can be read without loading either: other token counts, or other tokenizer vocabularies."""
+    (n_ck, v_ck), (n_ref, v_ref) = vocabulary(checkpoint), vocabulary(reference)
+    if n_ck and n_ref and n_ck != n_ref:
+        return f"it has {n_ck} tokens, the sweep's model {n_ref}"
+    if v_ck is not None and v_ref is not None and v_ck != v_ref:
+        other = sum(1 for t, i in v_ck.items() if v_ref.get(t) != i)
+        return f"its tokenizer's vocabulary differs from the sweep's model's ({other} of {len(v_ck)} tokens)"
+    return None
+
+
+PROBE_VERSION = 1  # bump when workers.checks.gguf_conventions changes what it refuses
+
+
+def gguf_tokenizer(model: dict) -> dict | None:
+    """A GGUF model's tokenizer check (``workers.checks.probe``, in a subprocess: the CLI imports no ML library),
+    kept on disk by the file's content key: ``{"refused": why}`` where every job would refuse the file, its
+    conventions where it agrees, None where it cannot run here (no transformers). A check that was skipped
+    (no llama-cpp-python here) or failed to run is not kept: the next validate tries again."""
+    if model.get("kind") != "gguf" or not model.get("key"):
+        return None
+    key = hashlib.sha256(f"{model['key']}|{PROBE_VERSION}".encode()).hexdigest()[:24]
+    found = _cached_run("workers.checks", model, cache_dir().parent / "checks" / f"tok-{key}.json", PROBE_TIMEOUT_S,
+                        keep=lambda f: "refused" in f or str(f.get("tokenizer_check", "")).startswith("agrees"))
+    return found if isinstance(found, dict) and "error" not in found else None
+
+
+PROBE_TIMEOUT_S = 120
+
+
 def shape_from_tree(tree: dict) -> Shape:
     """The quantizable layers of a module tree: every weight layer but the output head."""
     layers = {k: v for k, v in tree["linears"].items() if k != tree.get("lm_head")}

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from .columns import column, option_clashes
 from .errors import Problem, allowed, did_you_mean, format_path, line_of
 from .methods import ALL_LINEAR, KINDS, METHODS, Options
-from .modelinfo import shape_of
+from .modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
 from . import hub, lmtasks
 from .refs import RefError, fingerprint, resolve_dataset, resolve_model
 from .spec import EvalSpec, JobGroup, SweepSpec, describe
@@ -166,6 +166,10 @@ def model(text: str, base_dir: Path, errors: Collector, revision: str | None = N
                                "backend: gptqmodel` and train LoRA `from:` that stage")
         return None
     out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
+    refused = (gguf_tokenizer(out) or {}).get("refused") if ref.kind == "gguf" else None
+    if refused:  # what every job would say first, minutes after submit: said here, once (kept by the file's content)
+        errors.add(("model",), f"{refused} (the check every job makes first, run here)")
+        return None
     if ref.kind == "hub":
         out.update(revision=ref.revision, revision_asked=revision or hub.DEFAULT_REVISION)
         folder = hub.config_folder(hub_cache or hub.cache_dir(None), ref.location, ref.revision)
@@ -371,8 +375,14 @@ class MethodChecks:
             self.errors.add(loc, f"checkpoint {text!r} is the sweep's model itself: the reference row "
                                  "(quantize, method: none) already evaluates it")
             return None
-        return {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key,
-                "name": text, **({"revision": ref.revision} if ref.kind == "hub" else {})}
+        out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key,
+               "name": text, **({"revision": ref.revision} if ref.kind == "hub" else {})}
+        clash = vocabulary_clash(out, self.model_ref) if self.model_ref else None
+        if clash:  # what the job would refuse after loading both: said here, from the files' headers
+            self.errors.add(loc, f"checkpoint {text!r} is not in the sweep's model's vocabulary: {clash} (KL and top-1 "
+                                 "agreement would compare different tokens). Evaluate it in a sweep on its own base model")
+            return None
+        return out
 
     def _check_expert_dropout(self, loc: tuple) -> None:
         """peft's all-linear includes a MoE model's fused expert weights, as parameters it cannot train with

@@ -10,6 +10,8 @@
   reference that fails either fails its jobs with the reason; nothing is published.
 
 The conventions of a GGUF-derived float folder are written beside it (``QFARM_CHECKS.json``) when it is made.
+The tokenizer check also runs at `qfarm validate` (``python -m workers.checks MODEL_JSON``, through
+``qfarm.modelinfo.gguf_tokenizer``): a file every job would refuse is refused there, once, with its YAML line.
 """
 
 from __future__ import annotations
@@ -89,3 +91,25 @@ def check_reference(nll: float, tokens: int, text_bytes: int, vocab_size: int, w
                         f"of text, worse than a uniform guess over bytes ({MAX_BITS_PER_BYTE:g}): the tokenizer, the "
                         "BOS convention or the weights are wrong for this model. No numbers were published")
     return {"bits_per_byte": bits_per_byte, "tokens_per_byte": tokens_per_byte}
+
+
+def probe(model: dict) -> dict:
+    """The tokenizer check a job makes first (``gguf_conventions`` on the tokenizer transformers rebuilds from the
+    file), for ``qfarm validate``: its conventions, or ``{"refused": why}`` where every job would refuse the file."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model["location"], gguf_file=model["gguf_file"])
+    try:
+        return gguf_conventions(f"{model['location']}/{model['gguf_file']}", tokenizer)
+    except Permanent as e:
+        return {"refused": str(e)}
+
+
+if __name__ == "__main__":  # python -m workers.checks MODEL_JSON: one JSON line (qfarm.modelinfo.gguf_tokenizer)
+    import sys
+
+    try:
+        found = probe(json.loads(sys.argv[1]))
+    except Exception as e:  # noqa: BLE001 - whatever stops the probe here is for the jobs to report
+        found = {"error": f"{type(e).__name__}: {e}"[:300]}
+    print(json.dumps(found))

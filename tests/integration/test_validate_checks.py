@@ -1,0 +1,93 @@
+"""Checks every job would fail on, made once at `qfarm validate` (issue 36): a GGUF whose tokenizer transformers
+rebuilds differently from llama.cpp, and an `evaluate` checkpoint in another vocabulary, are refused there with
+their YAML line, exit 2; the GGUF check is kept on disk by the file's content, so the next validate is instant.
+The jobs keep their own checks as a second line (the vocabulary one is tested here directly)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.cli import qfarm
+from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
+
+
+def gguf_with_pre_tokenizer(out, pre: str):
+    """The bundled SmolLM2 GGUF with one header value changed: ``tokenizer.ggml.pre``, the pre-tokenizer llama.cpp
+    splits text with. transformers rebuilds the same tokenizer whatever it says, so for some values the two
+    disagree (the class of Gemma 3's GGUF: a file whose tokenizer is not the one transformers rebuilds)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from qfarm.refs import bundled_model_path
+
+    reader = gguf.GGUFReader(str(bundled_model_path("smollm2-135m")), "r")
+    writer = gguf.GGUFWriter(str(out), arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents(),
+                             endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {"tokenizer.ggml.pre": MetadataDetails(gguf.GGUFValueType.STRING, pre)}, [])
+    return out
+
+
+@pytest.fixture
+def env(tmp_path):
+    """The CLI's environment with a cache of its own (XDG_CACHE_HOME: ~/.cache/qfarm/checks moves with it)."""
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), QFARM_OUTPUT_ROOT=str(tmp_path / "out"))
+
+
+def spec(tmp_path, model: str, name: str = "probe") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nmodel: {model}\njobs:\n  - {{kind: quantize, method: bnb-nf4}}\n")
+    return str(path)
+
+
+def test_a_gguf_whose_tokenizer_every_job_would_refuse_is_refused_at_validate_once(tmp_path, env):
+    bad = gguf_with_pre_tokenizer(tmp_path / "smollm2-pre-qwen2.gguf", "qwen2")
+    out = qfarm(env, "validate", "--offline", spec(tmp_path, str(bad)))
+    said = out.stdout + out.stderr
+    assert out.returncode == 2, said
+    assert "probe.yaml:2: model: the tokenizer transformers rebuilt from smollm2-pre-qwen2.gguf disagrees with the " \
+           "file's own (llama.cpp)" in said and "(the check every job makes first, run here)" in said
+    kept = list((tmp_path / "cache" / "qfarm" / "checks").glob("tok-*.json"))
+    assert len(kept) == 1 and "refused" in json.loads(kept[0].read_text())
+    # the next validate reads the verdict from the cache instead of running the probe: plant another verdict under
+    # the same key and it is the one shown (no subprocess would say this)
+    kept[0].write_text(json.dumps({"refused": "the verdict kept for this file's content"}))
+    again = qfarm(env, "validate", "--offline", spec(tmp_path, str(bad)))
+    assert again.returncode == 2 and "the verdict kept for this file's content" in again.stdout + again.stderr
+
+    # the bundled GGUF agrees with llama.cpp: validated, and its verdict kept too
+    good = qfarm(env, "validate", "--offline", spec(tmp_path, "bundled:smollm2-135m", "good"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    verdicts = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "qfarm" / "checks").glob("tok-*.json")]
+    assert any(v.get("tokenizer_check", "").startswith("agrees with llama.cpp") for v in verdicts), verdicts
+
+
+def test_a_checkpoint_in_another_vocabulary_is_refused_at_validate_and_by_its_job(tmp_path, env, shared_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qfarm.errors import Permanent
+    from workers.checkpoint import same_vocabulary
+
+    data = guanaco_rows(shared_data, tmp_path, 120)
+    model = make_tiny_model(tmp_path / "tiny", corpus_of(data), seed=4)
+    other = make_tiny_model(tmp_path / "other-vocab", corpus_of(data)[60:], seed=4)
+    path = tmp_path / "evaluate.yaml"
+    path.write_text(f"name: evaluate\nmodel: {model}\njobs:\n  - {{kind: quantize, method: none}}\n"
+                    f"  - {{kind: evaluate, checkpoint: {other}}}\n  - {{kind: evaluate, checkpoint: {model}-copy}}\n")
+    import shutil
+
+    shutil.copytree(model, f"{model}-copy")
+    out = qfarm(env, "validate", "--offline", str(path))
+    said = out.stdout + out.stderr
+    assert out.returncode == 2 and said.count("is not in the sweep's model's vocabulary") == 1, said
+    assert "evaluate.yaml:5: jobs[1].checkpoint: checkpoint" in said and "vocabulary differs" in said, said
+
+    # the job's own check (the second line), on the same two folders
+    reference = AutoTokenizer.from_pretrained(model)
+    loaded = AutoModelForCausalLM.from_pretrained(other)
+    with pytest.raises(Permanent, match="vocabulary differs"):
+        same_vocabulary(loaded, reference, loaded.config.vocab_size, str(other))
+    same_vocabulary(AutoModelForCausalLM.from_pretrained(f"{model}-copy"), reference, loaded.config.vocab_size,
+                    f"{model}-copy")
