@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import QfarmError, SpecError, UsageError
+from .errors import QfarmError, SpecError, UsageError, missing_extra
 from .keys import DEFAULT_CANCEL_GRACE_S, DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
 
 
@@ -40,6 +40,9 @@ def handle_errors(fn):
         except Exception as e:  # a bug of ours: say so in one line; QFARM_DEBUG=1 shows the traceback
             if os.environ.get("QFARM_DEBUG"):
                 raise
+            if missing_extra(e):  # an optional library this command needs (`make demo` installs one extra)
+                _err(f"error: {missing_extra(e, here=True)}")
+                sys.exit(1)
             _err(f"internal error: {type(e).__name__}: {e} (set QFARM_DEBUG=1 for the traceback)")
             sys.exit(1)
 

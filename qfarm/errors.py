@@ -103,18 +103,20 @@ EXTRAS = {"llmcompressor": "ml", "compressed_tensors": "ml", "peft": "ml", "llam
           "wandb": "wandb", "matplotlib": "report", "pyarrow": "report", "vllm": "vllm (pip install vllm)"}
 
 
-def missing_extra(e: BaseException) -> str | None:
-    """For a ModuleNotFoundError of an optional library: what to install, as a user would say it."""
+def missing_extra(e: BaseException, here: bool = False) -> str | None:
+    """For a ModuleNotFoundError of an optional library: what to install, as a user would say it (``here``: for
+    the command the user typed, else for the worker that ran a job)."""
     if not isinstance(e, ModuleNotFoundError) or not e.name:
         return None
     top = e.name.split(".")[0]
     extra = EXTRAS.get(top)
     if extra is None:
         return None
+    where, there = ("here", "") if here else ("on this worker", " there")
     if " " in extra:
-        return f"{top} is not installed on this worker: {extra.split(' ', 1)[1].strip('()')}"
-    return (f"{top} is not installed on this worker: pip install 'qfarm[{extra}]' there (`make install` installs "
-            f"every extra; `make demo` only the demo's)")
+        return f"{top} is not installed {where}: {extra.split(' ', 1)[1].strip('()')}"
+    return (f"{top} is not installed {where}: pip install 'qfarm[{extra}]'{there} (`make install` installs every "
+            f"extra; `make demo` only the demo's)")
 
 
 def one_line(e: BaseException, typed: bool = True) -> str:

@@ -124,7 +124,7 @@ def to_parquet(data: list[dict], path: str) -> None:
     except ImportError:
         from .errors import QfarmError
 
-        raise QfarmError("--format parquet needs pyarrow: pip install pyarrow (it comes with qfarm's ml extra)") from None
+        raise QfarmError("--format parquet needs pyarrow: pip install 'qfarm[report]' (`make install` installs it; `make demo` does not)") from None
     keys = list(dict.fromkeys(k for r in data for k in r)) or COLUMNS
     flat = [{k: json.dumps(r.get(k)) if isinstance(r.get(k), (list, dict)) else r.get(k) for k in keys} for r in data]
     columns = {}

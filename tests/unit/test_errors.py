@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tomllib
 
+import pytest
+
 from qfarm.errors import EXTRAS, one_line, retryable
 from tests.conftest import REPO
 
@@ -25,3 +27,35 @@ def test_every_extra_named_is_one_pyproject_defines():
     named = {v for v in EXTRAS.values() if " " not in v}
     assert named <= set(extras), named - set(extras)
     assert "demo" in extras and "qfarm[demo]" in extras["ml"]  # make demo installs the demo extra alone
+
+
+def test_a_command_that_needs_a_missing_extra_says_which_instead_of_an_internal_error(capsys, monkeypatch):
+    """After `make demo` (the demo extra alone), `qfarm report` imports matplotlib: the user is told what to install."""
+    from qfarm.cli import handle_errors
+
+    monkeypatch.delenv("QFARM_DEBUG", raising=False)
+
+    def report():
+        import sys
+
+        saved = sys.modules.get("matplotlib")
+        sys.modules["matplotlib"] = None  # type: ignore[assignment] - what an absent package looks like to import
+        try:
+            import matplotlib  # noqa: F401
+        finally:
+            sys.modules.pop("matplotlib")
+            if saved is not None:
+                sys.modules["matplotlib"] = saved
+
+    with pytest.raises(SystemExit) as exit_:
+        handle_errors(report)()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "internal error" not in err
+    assert err.startswith("error: matplotlib is not installed here: pip install 'qfarm[report]' (`make install`"), err
+
+    def bug():
+        raise ModuleNotFoundError("No module named 'qfarm_nonexistent'", name="qfarm_nonexistent")
+
+    with pytest.raises(SystemExit):
+        handle_errors(bug)()
+    assert capsys.readouterr().err.startswith("internal error: ModuleNotFoundError")  # ours: still said as a bug
