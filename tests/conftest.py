@@ -5,6 +5,9 @@ A missing service is an error, never a skip: CI must fail loudly when Redis is n
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
 import shutil
 import uuid
@@ -94,17 +97,30 @@ def shared_data() -> Path:
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Under `pytest -n 2 --dist loadgroup` (what `make test` runs) the e2e tier is one unit of work: one worker
-    runs it in order, with one output root and one float copy of the bundled model, while the other worker runs
-    the integration and unit tiers, whose time is mostly spent waiting (heartbeats, timeouts, Ray starts).
-    A scheduler of our own, since xdist 3.8's `xdist_group` marks do not group under pytest 9.2 (it renames node
-    ids through an attribute pytest no longer reads)."""
+    """Under `pytest -n 2 --dist loadgroup` (what `make test` runs) the tests on the bundled model (those that take
+    the e2e tier's ``model_root``) are one unit of work: one worker runs them in order, with one output root, so
+    the bundled GGUF is dequantized and its references computed once. Every other test goes to whichever worker is
+    free: the integration tier mostly waits (heartbeats, timeouts, Ray starts), which leaves room for the tiny-model
+    e2e tests beside the bundled ones. A scheduler of our own, since xdist 3.8's `xdist_group` marks do not group
+    under pytest 9.2 (it renames node ids through an attribute pytest no longer reads)."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class TierScheduling(LoadScopeScheduling):
+    class BundledModelScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "e2e" if nodeid.startswith("tests/e2e/") else nodeid
+            return "bundled-model" if takes(nodeid, "model_root") else nodeid
 
-    return TierScheduling(config, log)
+    return BundledModelScheduling(config, log)
+
+
+@functools.lru_cache(maxsize=None)
+def takes(nodeid: str, fixture: str) -> bool:
+    """Whether the test function ``nodeid`` names asks for ``fixture`` (read from its signature: the scheduler runs
+    in pytest's controller, which collects nothing under xdist)."""
+    path, _, name = nodeid.partition("::")
+    if not path.endswith(".py") or not name:
+        return False
+    module = importlib.import_module(path[:-3].replace("/", "."))
+    function = getattr(module, name.split("[")[0], None)
+    return callable(function) and fixture in inspect.signature(function).parameters

@@ -161,6 +161,13 @@ jobs:
     assert q4["perplexity"] > q8["perplexity"] and (q4["perplexity"] - f16["perplexity"]) / f16["perplexity"] < 0.2
     assert f16["size_mb"] > q8["size_mb"] > q4["size_mb"] and (f16["bits"], q8["bits"], q4["bits"]) == (16, 8, 4)
     assert "Q4_K" in q4["gguf_tensor_types"] and 4 < q4["bits_per_weight"] < 8  # fallbacks for 576-wide rows
+    # the reference proves its inputs (workers/checks.py): the bundled GGUF's tokenizer as transformers rebuilds it
+    # agrees with llama.cpp's, it adds no BOS, and its float copy reproduces the GGUF running in llama.cpp on the
+    # same windows
+    assert ref["tokenizer_check"].startswith("agrees with llama.cpp on a ") and ref["ppl_bos"] is False
+    assert ref["source_kl"] < 0.02 and ref["source_top1_agree"] > 0.9
+    assert abs(ref["source_perplexity"] - ref["perplexity"]) / ref["perplexity"] < 0.05
+    assert math.isclose(ref["bits_per_byte"], ref["ref_bits_per_byte"]) and 0.5 < ref["bits_per_byte"] < 3
     nf4 = rows["bnb-nf4"]
     assert nf4["ref_perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
     # WikiText-2 windows of 256 tokens: 255 scored each; bitsandbytes NF4 on the same windows is worse
