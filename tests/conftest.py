@@ -21,7 +21,13 @@ REDIS_URL = os.environ.get("QFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # every test cluster is on loopback (qfarm.cluster.loopback_auth)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two pytest workers share the cores: each process computes on one thread (as every qfarm worker does), or
+    # OpenMP's spinning threads in one test (lm_eval's own CLI, in-process quantization) starve the other's
+    # (the lm-eval test took 402 s beside the integration tier with the default threads, 193 s alone)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")  # every test cluster is on loopback (qfarm.cluster.loopback_auth)
 
 
 @pytest.fixture(scope="session")
