@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import QfarmError, SpecError, UsageError, missing_extra
+from .errors import QfarmError, SpecError, UsageError, missing_extra, one_line
 from .keys import DEFAULT_CANCEL_GRACE_S, DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
 
 
@@ -43,6 +43,9 @@ def handle_errors(fn):
             if missing_extra(e):  # an optional library this command needs (`make demo` installs one extra)
                 _err(f"error: {missing_extra(e, here=True)}")
                 sys.exit(1)
+            if isinstance(e, OSError) and e.filename:  # a path the user gave: one to write that cannot be, ...
+                _err(f"error: {e.strerror or type(e).__name__}: {e.filename}")
+                sys.exit(2)
             _err(f"internal error: {type(e).__name__}: {e} (set QFARM_DEBUG=1 for the traceback)")
             sys.exit(1)
 
@@ -627,13 +630,21 @@ def _root_of(record) -> str:
 
 
 def _to_mlflow(store, records, data: list[dict], uri: str | None, experiment: str | None, copy: bool) -> None:
-    from .tracking import Sender, resolve_uri, shown, web_address
+    from .tracking import Sender, cli_uri_problem, resolve_uri, shown, web_address
 
+    problem = cli_uri_problem(uri) if uri else None
+    if problem:
+        raise UsageError(f"--tracking-uri {uri!r}: {problem}")
     for record in records:
         rows = [r for r in data if r.get("sweep_id") == record.id]
         target = uri or resolve_uri(None, _root_of(record))
-        sender = Sender(target, record, experiment, copy, say=click.echo)
-        done = sender.send(rows, {j.id: j.spec for j in store.sweep_jobs(record.id)})
+        try:
+            sender = Sender(target, record, experiment, copy, say=click.echo)
+            done = sender.send(rows, {j.id: j.spec for j in store.sweep_jobs(record.id)})
+        except Exception as e:  # noqa: BLE001 - MLflow's own refusal (a store it cannot open, a server that says no)
+            if not type(e).__module__.startswith("mlflow"):
+                raise
+            raise QfarmError(f"MLflow at {shown(target)} refused the runs: {one_line(e)}") from None
         click.echo(f"sent {len(rows)} job(s) of {record.id} to MLflow at {shown(target)}: experiment {sender.experiment!r} "
                    f"(id {sender.experiment_id}): {done['created']} run(s) created, {done['updated']} updated, "
                    f"{done['unchanged']} unchanged")

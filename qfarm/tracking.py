@@ -48,6 +48,18 @@ def spec_uri_problem(uri: str) -> str | None:
     return None
 
 
+CLI_SCHEMES = ("", "file", "http", "https", "databricks", "sqlite", "postgresql", "mysql", "mssql")
+
+
+def cli_uri_problem(uri: str) -> str | None:
+    """Why ``--tracking-uri`` cannot name an MLflow store (None: it can): the schemes MLflow 3 stores runs in."""
+    scheme = urlsplit(uri).scheme.lower()
+    if len(scheme) == 1 or scheme in CLI_SCHEMES:  # a Windows drive letter is a path
+        return None
+    return (f"scheme {scheme!r} is not one MLflow stores runs in: a folder, sqlite:///FILE.db, http(s)://HOST, "
+            "databricks, or a database URL (postgresql://, mysql://, mssql://)")
+
+
 def resolve_uri(uri: str | None, output_root: str, env=None) -> str:
     """The tracking URI to use: ``uri`` (a relative local store resolved under the output root), else the
     environment's MLFLOW_TRACKING_URI, else a SQLite store at ``<output root>/mlflow.db``."""

@@ -59,3 +59,25 @@ def test_a_command_that_needs_a_missing_extra_says_which_instead_of_an_internal_
     with pytest.raises(SystemExit):
         handle_errors(bug)()
     assert capsys.readouterr().err.startswith("internal error: ModuleNotFoundError")  # ours: still said as a bug
+
+
+def test_a_path_that_cannot_be_written_is_a_user_error_not_an_internal_one(capsys, monkeypatch):
+    """`qfarm report SWEEP -o /no/such/dir/r.html`, `results --format csv -o ...`: the path and why, exit 2."""
+    from pathlib import Path
+
+    from qfarm.cli import handle_errors
+
+    monkeypatch.delenv("QFARM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        handle_errors(lambda: Path("/proc/no-such-dir/report.html").write_text("x"))()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: No such file or directory: /proc/no-such-dir"), err
+
+
+def test_a_tracking_uri_mlflow_cannot_store_runs_in_is_refused_before_mlflow_is_asked():
+    from qfarm.tracking import cli_uri_problem
+
+    assert "scheme 'weird' is not one MLflow stores runs in" in cli_uri_problem("weird://x")
+    for fine in ("mlruns", "/abs/folder", "file:/abs/folder", "sqlite:///m.db", "http://127.0.0.1:5000",
+                 "postgresql://u@h/db", "C:\\runs"):
+        assert cli_uri_problem(fine) is None, fine
