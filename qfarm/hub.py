@@ -71,13 +71,17 @@ def resolve(repo: str, revision: str | None, cache: Path) -> str:
         raise HubError(f"pinning hub model {repo}@{revision} to a commit needs huggingface_hub "
                        "(pip install huggingface_hub), or give revision: a 40-hex commit sha") from None
     ref = repo_folder(cache, repo) / "refs" / revision
+
+    def out_of_reach(why: str) -> HubError:
+        return HubError(f"cannot pin hub model {repo}@{revision} to a commit: the hub is out of reach{why} and the "
+                        f"cache has no {ref}. Give revision: a 40-hex commit sha, or download the model into the cache "
+                        f"first (hf download {repo} --revision {revision} --cache-dir {cache})")
+
     if not reachable():  # the cache's ref, at once, instead of ~23 s of retries before the same answer
         sha = ref.read_text().strip() if ref.is_file() else ""
         if SHA.match(sha):
             return sha
-        raise HubError(f"cannot pin hub model {repo}@{revision} to a commit: the hub is out of reach and the cache "
-                       f"has no {ref}. Give revision: a 40-hex commit sha, or download the model into the cache "
-                       f"first (hf download {repo} --revision {revision} --cache-dir {cache})")
+        raise out_of_reach("")
     try:
         resolved = HfApi().resolve_revision(repo, revision=revision, cache_dir=str(cache))
     except errors.GatedRepoError:
@@ -88,10 +92,7 @@ def resolve(repo: str, revision: str | None, cache: Path) -> str:
     except errors.RevisionNotFoundError:
         raise HubError(f"hub model {repo} has no revision {revision!r} (a branch, tag or commit)", "revision") from None
     except (errors.RevisionResolutionError, OSError) as e:
-        raise HubError(f"cannot pin hub model {repo}@{revision} to a commit: the hub is out of reach "
-                       f"({_reason(e)}) and the cache has no {ref}. Give revision: a 40-hex commit sha, or "
-                       f"download the model into the cache first (hf download {repo} --revision {revision} "
-                       f"--cache-dir {cache})") from None
+        raise out_of_reach(f" ({_reason(e)})") from None
     sha = getattr(resolved, "resolved", None) or str(resolved)
     if not SHA.match(sha):
         raise HubError(f"hub model {repo}@{revision} resolved to {sha!r}, which is not a commit sha")

@@ -206,18 +206,27 @@ def _cached_run(module: str, model: dict, path: Path | None, timeout: float, kee
     return found
 
 
+MAX_TOKENIZER_BYTES = 64 * 2**20
+
+
 def vocabulary(model: dict) -> tuple[int | None, dict | None]:
     """A model's vocabulary as its jobs read it, without loading it: the number of tokens its logits have (a GGUF's
     token list, llama.cpp's n_vocab; a folder's config.json vocab_size, or its text_config's) and, for a folder
-    with a tokenizer.json, its model vocabulary (token -> id). (None, None) where neither can be read plainly."""
+    with a tokenizer.json, its model vocabulary (token -> id). (None, None) where neither can be read plainly.
+    Read once per file in a validate (a sweep's reference is compared with every checkpoint of its matrix)."""
+    return _vocabulary(model.get("kind"), model.get("location"), model.get("gguf_file"))
+
+
+@functools.lru_cache(maxsize=16)
+def _vocabulary(kind: str | None, location: str | None, gguf_file: str | None) -> tuple[int | None, dict | None]:
     try:
-        if model.get("kind") == "gguf":
-            meta = gguf_metadata(Path(model["location"]) / model["gguf_file"], {"tokenizer.ggml.tokens"})
+        if kind == "gguf":
+            meta = gguf_metadata(Path(location) / gguf_file, {"tokenizer.ggml.tokens"})
             n = meta.get("tokenizer.ggml.tokens#count")
             return (n if isinstance(n, int) and n > 0 else None), None
-        if model.get("kind") != "hf_dir":
+        if kind != "hf_dir":
             return None, None
-        folder = Path(model["location"])
+        folder = Path(location)
         config = json.loads((folder / "config.json").read_text())
         n = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         tokens = None
@@ -226,9 +235,6 @@ def vocabulary(model: dict) -> tuple[int | None, dict | None]:
         return (n if isinstance(n, int) and n > 0 else None), (tokens if isinstance(tokens, dict) and tokens else None)
     except (OSError, ValueError, AttributeError, TypeError):
         return None, None
-
-
-MAX_TOKENIZER_BYTES = 64 * 2**20
 
 
 def vocabulary_clash(checkpoint: dict, reference: dict) -> str | None:
@@ -244,6 +250,7 @@ def vocabulary_clash(checkpoint: dict, reference: dict) -> str | None:
 
 
 PROBE_VERSION = 1  # bump when workers.checks.gguf_conventions changes what it refuses
+PROBE_TIMEOUT_S = 120
 
 
 def gguf_tokenizer(model: dict) -> dict | None:
@@ -257,9 +264,6 @@ def gguf_tokenizer(model: dict) -> dict | None:
     found = _cached_run("workers.checks", model, cache_dir().parent / "checks" / f"tok-{key}.json", PROBE_TIMEOUT_S,
                         keep=lambda f: "refused" in f or str(f.get("tokenizer_check", "")).startswith("agrees"))
     return found if isinstance(found, dict) and "error" not in found else None
-
-
-PROBE_TIMEOUT_S = 120
 
 
 def shape_from_tree(tree: dict) -> Shape:
