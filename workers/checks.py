@@ -95,14 +95,66 @@ def check_reference(nll: float, tokens: int, text_bytes: int, vocab_size: int, w
 
 def probe(model: dict) -> dict:
     """The tokenizer check a job makes first (``gguf_conventions`` on the tokenizer transformers rebuilds from the
-    file), for ``qfarm validate``: its conventions, or ``{"refused": why}`` where every job would refuse the file."""
-    from transformers import AutoTokenizer
+    file), for ``qfarm validate``: its conventions, or ``{"refused": why}`` where every job would refuse the file.
+    The tokenizer is rebuilt the light way where it can be (``rebuilt_backend``: a second, not ten), else as a job
+    does (AutoTokenizer, which loads transformers' model stack and parses the whole header with gguf-py)."""
+    path = f"{model['location']}/{model['gguf_file']}"
+    tokenizer = rebuilt_backend(path)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model["location"], gguf_file=model["gguf_file"])
+        tokenizer = AutoTokenizer.from_pretrained(model["location"], gguf_file=model["gguf_file"])
     try:
-        return gguf_conventions(f"{model['location']}/{model['gguf_file']}", tokenizer)
+        return gguf_conventions(path, tokenizer)
     except Permanent as e:
         return {"refused": str(e)}
+
+
+# general.architecture -> transformers' model_type where they differ (transformers' load_gguf_checkpoint); the
+# first four are renamed in the file's string values too, as transformers does
+_RENAMED = {"qwen2moe": "qwen2_moe", "gpt_oss": "gpt_oss", "gpt-oss": "gpt_oss", "qwen3moe": "qwen3_moe",
+            "minimax-m2": "minimax_m2"}
+_MODEL_TYPES = {**_RENAMED, "gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen35": "qwen3_5_text"}
+
+
+class _Backend:
+    """A ``tokenizers.Tokenizer`` called as a transformers tokenizer is (``tok(text, add_special_tokens=...)``)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self.backend.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def rebuilt_backend(gguf_path: str):
+    """The backend tokenizer transformers builds from a GGUF file (``convert_gguf_tokenizer`` on the vocabulary
+    section, renamed by its own ``GGUF_TOKENIZER_MAPPING``), read with qfarm's header reader instead of loading
+    transformers' model stack. No transformers tokenizer class changes its backend's pre-tokenizer or normalizer
+    after building it (tests/integration/test_validate_checks.py compares the ids with AutoTokenizer's). None
+    where this file's family has no converter or its header does not read so: the caller goes the long way."""
+    from qfarm.modelinfo import gguf_metadata
+    from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    keys = {f"tokenizer.{k}" for section in GGUF_TOKENIZER_MAPPING.values() for k in section}
+    try:
+        meta = gguf_metadata(Path(gguf_path), keys | {"general.architecture", "general.name"},
+                             arrays=frozenset(k for k in keys if k.endswith(("tokens", "scores", "token_type", "merges"))))
+    except (OSError, ValueError):
+        return None
+    arch, name = str(meta.get("general.architecture", "")), str(meta.get("general.name", "")).lower()
+    model_type = _MODEL_TYPES.get(arch, arch)
+    if model_type not in GGUF_TO_FAST_CONVERTERS or "llama" in arch and "mistral" in name:
+        return None  # t5, and a Mistral transformers renames by its name: the long way
+    renames = GGUF_TOKENIZER_MAPPING["tokenizer"]
+    section = {renames[k[len("tokenizer."):]]: v for k, v in meta.items() if k[len("tokenizer."):] in renames}
+    if arch in _RENAMED:
+        section = {k: v.replace(arch, model_type) if isinstance(v, str) else v for k, v in section.items()}
+    try:
+        backend, _ = convert_gguf_tokenizer(model_type, section)
+    except Exception:  # noqa: BLE001 - a vocabulary the light way cannot convert: the long way says why
+        return None
+    return _Backend(backend)
 
 
 if __name__ == "__main__":  # python -m workers.checks MODEL_JSON: one JSON line (qfarm.modelinfo.gguf_tokenizer)

@@ -91,3 +91,23 @@ def test_a_checkpoint_in_another_vocabulary_is_refused_at_validate_and_by_its_jo
         same_vocabulary(loaded, reference, loaded.config.vocab_size, str(other))
     same_vocabulary(AutoModelForCausalLM.from_pretrained(f"{model}-copy"), reference, loaded.config.vocab_size,
                     f"{model}-copy")
+
+
+@pytest.mark.parametrize("pre", [None, "qwen2", "llama-bpe"])
+def test_validate_s_light_tokenizer_gives_the_ids_a_job_s_autotokenizer_gives(tmp_path, shared_data, pre):
+    """`qfarm validate` rebuilds a GGUF's tokenizer without transformers' model stack (workers.checks.rebuilt_backend,
+    ~1 s instead of ~10): it must be the tokenizer a job builds (AutoTokenizer), id for id, on the probe and on
+    real text, or validate would pass files that jobs refuse, or refuse files that jobs take."""
+    from transformers import AutoTokenizer
+
+    from qfarm.refs import bundled_model_path
+    from workers.checks import PROBE, rebuilt_backend
+
+    path = bundled_model_path("smollm2-135m") if pre is None else gguf_with_pre_tokenizer(tmp_path / "v.gguf", pre)
+    light = rebuilt_backend(str(path))
+    assert light is not None, "the bundled family (llama, BPE) goes the light way"
+    job = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = (shared_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:20_000]
+    for sample in (PROBE, text):
+        ids = light(sample, add_special_tokens=False)["input_ids"]
+        assert len(ids) > 50 and ids == job(sample, add_special_tokens=False)["input_ids"]
