@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 
 import pytest
@@ -81,3 +82,36 @@ def test_a_tracking_uri_mlflow_cannot_store_runs_in_is_refused_before_mlflow_is_
     for fine in ("mlruns", "/abs/folder", "file:/abs/folder", "sqlite:///m.db", "http://127.0.0.1:5000",
                  "postgresql://u@h/db", "C:\\runs"):
         assert cli_uri_problem(fine) is None, fine
+
+
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.0 400 Bad Request\r\n\r\n", b""])
+def test_a_server_that_answers_but_is_not_redis_is_one_line_and_exit_1(answer):
+    """`--redis-url` at a port where something else listens (an SSH banner, an HTTP refusal, a server that hangs up):
+    the user reads what answered there, exit 1 (an unreachable service), never "internal error"."""
+    import socket
+    import threading
+
+    from tests.cli import qfarm
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        out = qfarm(dict(os.environ, QFARM_REDIS_URL=f"redis://127.0.0.1:{port}/0"), "status", timeout=120)
+    finally:
+        server.close()
+    said = (out.stdout + out.stderr).strip()
+    assert out.returncode == 1, said
+    assert said.startswith("error: ") and len(said.splitlines()) == 1, said
+    assert "internal error" not in said and "Traceback" not in said and f"127.0.0.1:{port}" in said
