@@ -7,13 +7,13 @@ resources no node has).
 from __future__ import annotations
 
 import functools
-import os
 import re
 import sys
 from pathlib import Path
 
 import click
 
+from . import settings
 from .errors import QfarmError, SpecError, UsageError, missing_extra, one_line
 from .keys import DEFAULT_CANCEL_GRACE_S, DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
 
@@ -38,7 +38,7 @@ def handle_errors(fn):
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug of ours: say so in one line; QFARM_DEBUG=1 shows the traceback
-            if os.environ.get("QFARM_DEBUG"):
+            if settings.get("QFARM_DEBUG"):
                 raise
             if missing_extra(e):  # an optional library this command needs (`make demo` installs one extra)
                 _err(f"error: {missing_extra(e, here=True)}")
@@ -332,7 +332,7 @@ def _scheduler_alive(store, sweep_id: str, namespace: str) -> bool:
         return scheduler.alive(sweep_id, namespace)
     record = store.sweep(sweep_id)
     last = record and (record.scheduler_beat_at or record.submitted_at)
-    return bool(last) and time.time() - last < watchdog.STALE_S
+    return bool(last) and time.time() - last < watchdog.stale_s()
 
 
 def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .connection import data_dir
 from .errors import QfarmError, UsageError
 
@@ -234,7 +235,7 @@ def _start_embedded_head(logical_gpus: int | None, say) -> str:
     gpus = cuda_gpu_count()
     num_gpus = None if gpus else (logical_gpus if logical_gpus is not None else DEFAULT_LOGICAL_GPUS)
     folder = data_dir()
-    temp_dir = os.environ.get("QFARM_RAY_TEMP_DIR") or f"/tmp/qfarm-ray-{os.getuid()}"
+    temp_dir = settings.get("QFARM_RAY_TEMP_DIR") or f"/tmp/qfarm-ray-{os.getuid()}"
     what = f"{gpus} GPU(s)" if gpus else f"{num_gpus} logical GPU slot(s), no CUDA GPU found"
     say(f"qfarm: starting a local Ray head on 127.0.0.1 ({what}); `qfarm down` stops it", file=sys.stderr)
     t0 = time.time()

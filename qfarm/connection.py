@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from . import settings
 from .errors import QfarmError, UsageError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -28,7 +29,7 @@ INSTALL_HINT = (
 
 def data_dir() -> Path:
     """Where qfarm keeps its embedded services' state (XDG data dir)."""
-    base = os.environ.get("QFARM_HOME") or os.path.join(
+    base = settings.get("QFARM_HOME") or os.path.join(
         os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "qfarm"
     )
     path = Path(base)

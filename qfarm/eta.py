@@ -24,16 +24,27 @@ import time
 from statistics import mean, median
 from typing import Iterable
 
+from .spec import PerplexitySpec
 from .store import TERMINAL, JobRecord
 
-# options that change a job's quality, not its time: jobs differing only in these share their history
-QUALITY_ONLY = {"bits", "group_size", "symmetric", "damp", "act_order", "lora_alpha", "lora_dropout", "learning_rate",
-                "threshold", "compute_dtype", "double_quant", "seed", "dtype", "onto", "n_grid", "index"}
+PERPLEXITY = {name: f.default for name, f in PerplexitySpec.model_fields.items()}  # the spec's defaults, not a copy
+def quality_only(spec: dict) -> frozenset[str]:
+    """The job's options that change its quality, not its time: those its options model marks ``QUALITY_ONLY``
+    (qfarm.methods), so jobs differing only in them share their history."""
+    from .methods import KINDS
+
+    kind = KINDS.get(spec.get("kind"))
+    try:
+        model, _, _ = kind.options_for(spec.get("options") or {}) if kind is not None else (None, None, None)
+    except LookupError:
+        return frozenset()
+    return model.quality_only() if model is not None else frozenset()
 
 
 def work_shape(spec: dict) -> str:
     """The key of what decides a job's duration (its history across sweeps)."""
-    opts = {k: v for k, v in (spec.get("options") or {}).items() if k not in QUALITY_ONLY}
+    skip = quality_only(spec)
+    opts = {k: v for k, v in (spec.get("options") or {}).items() if k not in skip}
     ident = [spec.get("kind"), opts, (spec.get("model") or {}).get("key"), spec.get("eval"),
              (spec.get("resources") or {}).get("gpus")]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -54,11 +65,13 @@ def prior_units(spec: dict) -> float:
     cost = method.cost if method is not None else kind.cost
     ev = spec.get("eval") or {}
     ppl = ev.get("perplexity") or {}
-    tokens = (ppl.get("seq_len") or 512) * (ppl.get("max_windows") or 8) + 2000 * len(ev.get("tasks") or []) \
+    tokens = (ppl.get("seq_len") or PERPLEXITY["seq_len"]) * (ppl.get("max_windows") or PERPLEXITY["max_windows"]) \
+        + 2000 * len(ev.get("tasks") or []) \
         if kind.name != "calibrate" else 0
     cal = opts.get("calibration") or {}
     # a GPTQ job that shares a capture only solves: the calibration tokens are the capture job's
-    calibrates = kind.name == "calibrate" or (method and method.name in ("gptq", "awq") and not cal.get("share"))
+    calibrates = kind.name == "calibrate" or (method is not None and method.calibrates
+                                              and not (method.captures and cal.get("share")))
     calib = (cal.get("samples") or 0) * (cal.get("seq_len") or 0) if calibrates else 0
     train = (opts.get("max_steps") or 0) * (opts.get("batch_size") or 1) * (opts.get("seq_len") or 0) * 3
     return cost * (tokens + calib / 4 + train)

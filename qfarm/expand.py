@@ -238,7 +238,8 @@ def _capture(job: Job, cuda: bool) -> Job | None:
     calibration data and device class, so every such job of the sweep solves from the same capture. Its id
     holds neither the quantization options nor the evaluation: they do not change what it captures."""
     cal = job.options.get("calibration") or {}
-    if job.kind != "quantize" or job.options.get("method") != "gptq" or not cal.get("share"):
+    method = KINDS[job.kind].method(job.options.get("method"))
+    if method is None or not method.captures or not cal.get("share"):
         return None
     kind = KINDS["calibrate"]
     opts = {"capture": "hessian", "calibration": {k: v for k, v in cal.items() if k != "share"}}

@@ -8,6 +8,7 @@ expansion, the scheduler's DAG rules and the job payload (hence the worker's dis
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional
 
@@ -16,34 +17,49 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from .errors import allowed, did_you_mean
 
 
+# marks an option that changes a job's quality, not its time (``Field(..., json_schema_extra=QUALITY_ONLY)``):
+# jobs differing only in such options share their timing history (qfarm.eta.work_shape)
+QUALITY_ONLY = {"quality_only": True}
+
+
 class Options(BaseModel):
     """Base of every job's options after matrix expansion: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def quality_only(cls) -> frozenset[str]:
+        """The options marked ``QUALITY_ONLY``."""
+        return _quality_only(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _quality_only(model: type[Options]) -> frozenset[str]:
+    return frozenset(name for name, f in model.model_fields.items() if (f.json_schema_extra or {}).get("quality_only"))
 
 
 class NoneOptions(Options):
     """The reference: the base model as loaded, unquantized. Every KL and delta is measured against it."""
 
     method: Literal["none"]
-    bits: Optional[Literal[16, 32]] = None
+    bits: Optional[Literal[16, 32]] = Field(None, json_schema_extra=QUALITY_ONLY)
 
 
 class BnbInt8Options(Options):
     """bitsandbytes LLM.int8(): 8-bit weights, outlier features (above ``threshold``) kept in 16-bit."""
 
     method: Literal["bnb-int8"]
-    bits: Literal[8] = 8
-    threshold: float = Field(6.0, ge=0.0, le=1000.0)
+    bits: Literal[8] = Field(8, json_schema_extra=QUALITY_ONLY)
+    threshold: float = Field(6.0, ge=0.0, le=1000.0, json_schema_extra=QUALITY_ONLY)
 
 
 class Bnb4bitOptions(Options):
     """bitsandbytes 4-bit (NF4 or FP4) weights, optional double quantization of the scales."""
 
     method: Literal["bnb-nf4", "bnb-fp4"]
-    bits: Literal[4] = 4
-    double_quant: bool = False
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    bits: Literal[4] = Field(4, json_schema_extra=QUALITY_ONLY)
+    double_quant: bool = Field(False, json_schema_extra=QUALITY_ONLY)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", json_schema_extra=QUALITY_ONLY)
 
 
 class Calibration(Options):
@@ -170,9 +186,9 @@ class RtnOptions(SchemeOptions):
 
     scheme: Scheme = None
     method: Literal["rtn"]
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: GroupSize = 64
-    symmetric: bool = True
+    bits: Literal[2, 3, 4, 8] = Field(4, json_schema_extra=QUALITY_ONLY)
+    group_size: GroupSize = Field(64, json_schema_extra=QUALITY_ONLY)
+    symmetric: bool = Field(True, json_schema_extra=QUALITY_ONLY)
 
 
 class GptqOptions(SchemeOptions):
@@ -186,11 +202,11 @@ class GptqOptions(SchemeOptions):
     scheme: Optional[Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8"]] = None
     method: Literal["gptq"]
     backend: Backend = None
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: GroupSize = 64
-    act_order: bool = True
-    symmetric: bool = True
-    dampening_frac: float = Field(0.01, gt=0.0, le=1.0)
+    bits: Literal[2, 3, 4, 8] = Field(4, json_schema_extra=QUALITY_ONLY)
+    group_size: GroupSize = Field(64, json_schema_extra=QUALITY_ONLY)
+    act_order: bool = Field(True, json_schema_extra=QUALITY_ONLY)
+    symmetric: bool = Field(True, json_schema_extra=QUALITY_ONLY)
+    dampening_frac: float = Field(0.01, gt=0.0, le=1.0, json_schema_extra=QUALITY_ONLY)
     smoothing_strength: Optional[float] = Field(None, gt=0.0, lt=1.0)  # W8A8's SmoothQuant; None: 0.8
     calibration: GptqCalibration = GptqCalibration()
 
@@ -217,11 +233,11 @@ class AwqOptions(BackendOptions):
 
     method: Literal["awq"]
     backend: Backend = None
-    bits: Literal[3, 4, 8] = 4
-    group_size: GroupSize = 64
-    symmetric: bool = False
+    bits: Literal[3, 4, 8] = Field(4, json_schema_extra=QUALITY_ONLY)
+    group_size: GroupSize = Field(64, json_schema_extra=QUALITY_ONLY)
+    symmetric: bool = Field(False, json_schema_extra=QUALITY_ONLY)
     duo_scaling: bool = True
-    n_grid: int = Field(20, ge=1, le=1_000)
+    n_grid: int = Field(20, ge=1, le=1_000, json_schema_extra=QUALITY_ONLY)
     calibration: Calibration = Calibration()
 
 
@@ -302,19 +318,19 @@ class LoraOptions(Options):
 
     method: Literal["lora"]
     r: int = Field(8, ge=1, le=4_096)
-    lora_alpha: float = Field(16, gt=0, le=100_000)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_alpha: float = Field(16, gt=0, le=100_000, json_schema_extra=QUALITY_ONLY)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, json_schema_extra=QUALITY_ONLY)
     target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] = Field([ALL_LINEAR], min_length=1)
     dataset: TrainData
     max_steps: Optional[int] = Field(None, ge=1, le=10_000_000)
     epochs: float = Field(1.0, gt=0, le=1_000)
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, json_schema_extra=QUALITY_ONLY)
     batch_size: int = Field(4, ge=1, le=4_096)
     grad_accum: int = Field(1, ge=1, le=4_096)
     seq_len: int = Field(256, ge=8, le=32_768)  # examples are truncated to this many tokens
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
     gradient_checkpointing: bool = False
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, json_schema_extra=QUALITY_ONLY)
     # a checkpoint (adapter, optimizer, scheduler, RNG) every N steps under the job's folder: a retried attempt
     # of the job resumes from the last complete one (resumed_from) instead of step 0. 0: none
     save_steps: int = Field(50, ge=0, le=10_000_000)
@@ -325,8 +341,8 @@ class QloraOptions(LoraOptions):
 
     method: Literal["qlora"]
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    double_quant: bool = Field(True, json_schema_extra=QUALITY_ONLY)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", json_schema_extra=QUALITY_ONLY)
 
 
 class MergeOptions(Options):
@@ -335,8 +351,8 @@ class MergeOptions(Options):
     actually learned against). The merged model is float: never merged into int4 weights.
     The merged model's logits are compared with the adapter model's on ``check_samples`` held-out examples."""
 
-    onto: Literal["base", "dequantized"] = "base"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    onto: Literal["base", "dequantized"] = Field("base", json_schema_extra=QUALITY_ONLY)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", json_schema_extra=QUALITY_ONLY)
     check_samples: int = Field(4, ge=1, le=1_000)
 
 
@@ -362,7 +378,7 @@ class SleepOptions(Options):
     """A job that sleeps: for tests and benchmarks of the farm itself. Needs no model."""
 
     seconds: float = Field(1.0, ge=0.0, le=86_400.0)
-    index: int = 0
+    index: int = Field(0, json_schema_extra=QUALITY_ONLY)
     fail: bool = False
     busy: bool = False  # never reports progress, so a cancel cannot stop it cooperatively (tests of the kill)
 
@@ -390,6 +406,17 @@ class Method:
     # another artifact (weights or its own config), which tests/integration/test_every_option.py tries
     writes_artifact: bool = True
     not_in_artifact: frozenset[str] = frozenset()
+    # the memory plan's terms for a job of it: a key of qfarm.plan.PLAN_TERMS (tests/unit/test_plan.py holds every
+    # entry to one), so a new method gets its own plan or says which existing one it shares
+    plan: str = "none"
+    # it runs calibration data through the model (its time counts those tokens: qfarm.eta), and with ``captures``
+    # a ``calibration.share: true`` job of it solves from one shared ``calibrate`` job's capture (qfarm.expand)
+    calibrates: bool = False
+    captures: bool = False
+    # the ``backend`` values whose checkpoints of it a LoRA can train on (peft through GPTQModel's layers), and the
+    # ``quant_method`` a checkpoint of it declares in its config.json (a folder refused as a sweep's float model)
+    trains_on: frozenset[str] = frozenset()
+    library: str = "transformers"  # the model card's library_name for what its jobs make
 
     def impl(self, options: dict) -> Optional[str]:
         """The implementation a job with these options runs: its ``backend``'s, else ``worker``."""
@@ -405,21 +432,24 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("none", NoneOptions, "the unquantized reference", "workers.reference:Reference", vllm=True, cost=1.0,
-               writes_artifact=False),
+               writes_artifact=False, plan="reference"),
         Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
-               cost=1.6),
-        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
-               cost=1.4),
+               cost=1.6, plan="bnb-int8"),
+        Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.bnb:BitsAndBytes",
+               quantizes=BNB_LAYERS, cost=1.4, plan="bnb-4bit"),
         Method("bnb-fp4", Bnb4bitOptions, "bitsandbytes 4-bit float", "workers.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
-               cost=1.4),
-        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor", vllm=True,
-               quantizes=LLMC_LAYERS),
+               cost=1.4, plan="bnb-4bit"),
+        Method("rtn", RtnOptions, "round-to-nearest integer weights (llm-compressor)", "workers.llmc:LLMCompressor",
+               vllm=True, quantizes=LLMC_LAYERS, plan="llm-compressor"),
         Method("gptq", GptqOptions, "GPTQ (llm-compressor; backend: gptqmodel for GPTQModel), calibrated",
-               "workers.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=8.0, backends=GPTQMODEL),
+               "workers.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=8.0, backends=GPTQMODEL,
+               plan="llm-compressor+hessians", calibrates=True, captures=True, trains_on=frozenset({"gptqmodel"})),
         Method("awq", AwqOptions, "AWQ (llm-compressor; backend: gptqmodel for GPTQModel), calibrated",
-               "workers.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=12.0, backends=GPTQMODEL),
+               "workers.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=12.0, backends=GPTQMODEL,
+               plan="llm-compressor", calibrates=True, trains_on=frozenset({"gptqmodel"})),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.gguf:Gguf",
-               nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type")), cost=1.5),
+               nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type")), cost=1.5, plan="gguf",
+               library="gguf"),
     ]
 }
 
@@ -427,11 +457,17 @@ TRAIN_METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("lora", LoraOptions, "LoRA adapters on the float base (peft)", nominal_bits=lambda options: None,
-               cost=1.0),
+               cost=1.0, plan="lora", library="peft"),
         Method("qlora", QloraOptions, "LoRA adapters on a bitsandbytes 4-bit base", nominal_bits=lambda options: 4,
-               cost=1.5),
+               cost=1.5, plan="qlora", library="peft"),
     ]
 }
+
+
+def trainable_quantized() -> dict[str, frozenset[str]]:
+    """The quantize methods whose checkpoints a LoRA can train on, with the backends that make such checkpoints
+    (read at each call, so a method added to the registry is one)."""
+    return {name: m.trains_on for name, m in METHODS.items() if m.trains_on}
 
 
 @dataclass(frozen=True)
@@ -451,6 +487,7 @@ class Kind:
     methods: Optional[dict[str, Method]] = None
     cost: float = 2.0  # as Method.cost, for a kind without methods
     internal: bool = False  # made by qfarm.expand for other jobs (a shared calibration), never named in a spec
+    plan: str = "none"  # as Method.plan, for a kind without methods
 
     def method(self, name: object) -> Optional[Method]:
         return (self.methods or {}).get(name) if isinstance(name, str) else None
@@ -480,11 +517,12 @@ KINDS: dict[str, Kind] = {
         Kind("train", "workers.train:run", "train LoRA / QLoRA adapters and evaluate the adapter model",
              needs_model=True, parents=frozenset({"quantize"}), methods=TRAIN_METHODS),
         Kind("merge", "workers.merge:run", "merge a train job's adapter into a base, check it, evaluate it",
-             needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0),
+             needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0, plan="merge"),
         Kind("calibrate", "workers.calibrate:run", "capture what GPTQ needs of the calibration data, once for the jobs "
-             "that share it", needs_model=True, options=CaptureOptions, cost=4.0, internal=True),
+             "that share it", needs_model=True, options=CaptureOptions, cost=4.0, internal=True, plan="calibrate"),
         Kind("evaluate", "workers.checkpoint:run", "evaluate an existing checkpoint (a published quant, a model made "
-             "elsewhere) against the sweep's reference", needs_model=True, options=EvaluateOptions, cost=1.0),
+             "elsewhere) against the sweep's reference", needs_model=True, options=EvaluateOptions, cost=1.0,
+             plan="evaluate"),
         Kind("sleep", "workers.sleep:run", "sleep: tests and benchmarks of the farm itself",
              needs_model=False, parents=frozenset({"sleep"}), options=SleepOptions),
     ]

@@ -28,9 +28,11 @@ Gemma-2-9B (``tests/unit/test_plan.py``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import settings
+from .spec import PerplexitySpec
 
 GB = 1e9
 NOT_GATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "mpt", "gpt_bigcode"}
@@ -161,50 +163,16 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
     logits and GPTQ's Hessians sit on one. On a CPU everything is host RAM, held at once (nothing to park)."""
     opts, kind = job.get("options") or {}, job.get("kind")
     method = opts.get("method", kind)
-    on_gpu, P, lin = device == "cuda", shape.total, shape.linear
+    on_gpu, P = device == "cuda", shape.total
     cb = compute_bytes(shape, device)
-    rest = P - lin
     ref: dict[str, float] = {"cached float base": P * cb}
     own: dict[str, float] = {}
     host: dict[str, float] = {"worker process": HOST_BASE[device]}
     disk: dict[str, float] = {}
     four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant") else 4 / 64)
-    if method == "bnb-int8":
-        own["int8 model"] = lin * 1 + rest * cb
-        disk["artifact"] = lin + rest * 2
-    elif method in ("bnb-nf4", "bnb-fp4"):
-        own["4-bit model"] = lin * four_bit + rest * cb
-        disk["artifact"] = lin * four_bit + rest * 2
-    elif method in ("rtn", "gptq", "awq"):
-        bits, group = opts.get("bits", 4), opts.get("group_size", 64)
-        if on_gpu:
-            host["model being quantized (onloaded a layer at a time)"] = P * cb
-            own["decompressed artifact"] = P * cb
-        else:
-            own["model being quantized, then its decompressed artifact"] = P * cb
-        if method == "gptq":
-            own["GPTQ Hessians (one block)"] = sum(n * n * 4 for n in shape.block_linear_inputs())
-        per_group = 2 * (2 if not opts.get("symmetric", True) else 1) / (group if group and group > 0 else shape.hidden)
-        disk["artifact"] = lin * (bits / 8 + per_group) + rest * 2
-    elif method == "gguf":
-        file_bytes = P * BITS_PER_WEIGHT.get(opts.get("gguf_type", "Q4_K_M"), 8) / 8
-        (own if on_gpu else host)["GGUF file in llama.cpp"] = file_bytes
-        disk["artifact"] = file_bytes
-        if (job.get("model") or {}).get("kind") != "gguf":
-            disk["GGUF at the source dtype, converted once per output root"] = P * (2 if shape.dtype != "float32" else 4)
-    elif kind == "calibrate":  # a float copy runs the calibration data; no reference, no evaluation
-        ref.clear()
-        (host if on_gpu else own)["float copy being calibrated (onloaded a layer at a time)"] = P * cb
-        block = sum(n * n * 4 for n in shape.block_linear_inputs())
-        own["GPTQ Hessians (one block)"] = block
-        disk["GPTQ Hessians of every layer (the capture)"] = block * shape.layers
-    elif kind == "evaluate":  # its format is read where it runs: at most a dense copy, the folder or file on disk
-        own["the checkpoint as loaded (at most a dense copy)"] = P * cb
-    elif kind == "train":
-        _training(own, disk, opts, shape, method, four_bit, rest, cb)
-    elif kind == "merge":
-        own["merged model"] = P * cb
-        disk["artifact"] = P * DTYPE_BYTES.get(opts.get("dtype", "float32"), 4)
+    terms = Terms(ref, own, host, disk, opts, shape, cb, on_gpu, (job.get("model") or {}).get("kind") == "gguf",
+                  four_bit)
+    PLAN_TERMS[plan_key(kind, method)](terms)
     _evaluation(ref, host, job, shape, cb, disk)
     if own:
         _evaluation(own, {}, job, shape, cb)
@@ -230,8 +198,94 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
                       "disk": {k: v / GB for k, v in disk.items()}}}
 
 
-def _training(dev: dict, disk: dict, opts: dict, shape: ModelShape, method: str, four_bit: float, rest: int,
-              cb: int) -> None:
+@dataclass
+class Terms:
+    """What a job holds, by phase and place (``job_plan``), and what its plan terms are computed from."""
+
+    ref: dict
+    own: dict
+    host: dict
+    disk: dict
+    opts: dict
+    shape: ModelShape
+    cb: int  # bytes of a weight at the compute dtype
+    on_gpu: bool
+    gguf_source: bool  # the sweep's model is a GGUF file
+    four_bit: float  # bytes of a bitsandbytes 4-bit weight, its scales included
+
+    @property
+    def rest(self) -> int:
+        return self.shape.total - self.shape.linear
+
+
+def plan_key(kind: str | None, method: str | None) -> str:
+    """The memory plan's terms a job gets: its method's (the registry's ``Method.plan``), else its kind's
+    (``Kind.plan``). KeyError for a kind the registry does not have."""
+    from .methods import KINDS
+
+    entry = KINDS[kind]
+    found = entry.method(method)
+    return found.plan if found is not None else entry.plan
+
+
+def _reference(t: Terms) -> None:
+    """The float model as loaded: the reference phase alone (no model of its own)."""
+
+
+def _bnb_int8(t: Terms) -> None:
+    t.own["int8 model"] = t.shape.linear * 1 + t.rest * t.cb
+    t.disk["artifact"] = t.shape.linear + t.rest * 2
+
+
+def _bnb_4bit(t: Terms) -> None:
+    t.own["4-bit model"] = t.shape.linear * t.four_bit + t.rest * t.cb
+    t.disk["artifact"] = t.shape.linear * t.four_bit + t.rest * 2
+
+
+def _llm_compressor(t: Terms, hessians: bool = False) -> None:
+    P, bits, group = t.shape.total, t.opts.get("bits", 4), t.opts.get("group_size", 64)
+    if t.on_gpu:
+        t.host["model being quantized (onloaded a layer at a time)"] = P * t.cb
+        t.own["decompressed artifact"] = P * t.cb
+    else:
+        t.own["model being quantized, then its decompressed artifact"] = P * t.cb
+    if hessians:
+        t.own["GPTQ Hessians (one block)"] = sum(n * n * 4 for n in t.shape.block_linear_inputs())
+    per_group = 2 * (2 if not t.opts.get("symmetric", True) else 1) / (group if group and group > 0 else t.shape.hidden)
+    t.disk["artifact"] = t.shape.linear * (bits / 8 + per_group) + t.rest * 2
+
+
+def _gguf(t: Terms) -> None:
+    P = t.shape.total
+    file_bytes = P * BITS_PER_WEIGHT.get(t.opts.get("gguf_type", "Q4_K_M"), 8) / 8
+    (t.own if t.on_gpu else t.host)["GGUF file in llama.cpp"] = file_bytes
+    t.disk["artifact"] = file_bytes
+    if not t.gguf_source:
+        t.disk["GGUF at the source dtype, converted once per output root"] = P * (2 if t.shape.dtype != "float32" else 4)
+
+
+def _calibrate(t: Terms) -> None:
+    """A float copy runs the calibration data; no reference, no evaluation."""
+    t.ref.clear()
+    (t.host if t.on_gpu else t.own)["float copy being calibrated (onloaded a layer at a time)"] = t.shape.total * t.cb
+    block = sum(n * n * 4 for n in t.shape.block_linear_inputs())
+    t.own["GPTQ Hessians (one block)"] = block
+    t.disk["GPTQ Hessians of every layer (the capture)"] = block * t.shape.layers
+
+
+def _evaluate(t: Terms) -> None:
+    """Its format is read where it runs: at most a dense copy, the folder or file on disk."""
+    t.own["the checkpoint as loaded (at most a dense copy)"] = t.shape.total * t.cb
+
+
+def _merge(t: Terms) -> None:
+    t.own["merged model"] = t.shape.total * t.cb
+    t.disk["artifact"] = t.shape.total * DTYPE_BYTES.get(t.opts.get("dtype", "float32"), 4)
+
+
+def _training(t: Terms, four_bit_base: bool = False) -> None:
+    dev, disk, opts, shape, four_bit, rest, cb = t.own, t.disk, t.opts, t.shape, t.four_bit, t.rest, t.cb
+    method = "qlora" if four_bit_base else "lora"
     r = int(opts.get("r", 8))
     per_block = sum(r * (n_in + n_out) for n_in, n_out in (
         (shape.hidden, shape.heads * shape.head_dim), (shape.hidden, shape.kv_heads * shape.head_dim),
@@ -250,13 +304,23 @@ def _training(dev: dict, disk: dict, opts: dict, shape: ModelShape, method: str,
     disk["adapter"] = lora * 4
 
 
+# the memory plan's terms by the registry's ``Method.plan`` / ``Kind.plan``: a method names one of these (or adds
+# its own here); tests/unit/test_plan.py holds every registry entry to a key of this table
+PLAN_TERMS = {
+    "reference": _reference, "bnb-int8": _bnb_int8, "bnb-4bit": _bnb_4bit, "llm-compressor": _llm_compressor,
+    "llm-compressor+hessians": lambda t: _llm_compressor(t, hessians=True), "gguf": _gguf, "lora": _training,
+    "qlora": lambda t: _training(t, four_bit_base=True), "calibrate": _calibrate, "evaluate": _evaluate,
+    "merge": _merge, "none": _reference,
+}
+
+
 def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int, disk: dict | None = None) -> None:
     ppl = ((job.get("eval") or {}).get("perplexity")) or {}
-    seq, windows = int(ppl.get("seq_len", 512)), int(ppl.get("max_windows", 16))
+    seq, windows = (int(ppl.get(k, PerplexitySpec.model_fields[k].default)) for k in ("seq_len", "max_windows"))
     if ppl:
         dev["a window's logits and log-softmax (float32)"] = seq * shape.vocab * 4 * 2
         dev["KV cache"] = 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb
-        budget = float(os.environ.get("QFARM_REF_CACHE_MB", "2048")) * 2**20
+        budget = settings.number("QFARM_REF_CACHE_MB") * 2**20
         kept = windows * seq * shape.vocab * 2
         if kept <= budget:
             host["reference log-probs kept"] = kept

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import traceback
@@ -21,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import handoff
+from . import handoff, settings
 from .cluster import RAY_NAMESPACE, cluster_nodes, describe_nodes, needs, ray_options, slots
 from .connection import connect_redis
 from .errors import one_line
@@ -45,7 +44,6 @@ SLOW_REFRESH_S = 5.0  # a re-read of the sweep this slow means Redis was unreach
 # could hold it, and no autoscaler brought one) is killed; when none of its shape ever started, its jobs fail. One
 # that an alive node could hold but whose room other work holds (another sweep on the cluster) keeps waiting.
 IDLE_REAP_S = 30.0
-DISPATCH = os.environ.get("QFARM_DISPATCH", "longest")  # longest remaining path first; "file": the spec's order
 STARVED_AFTER_S = 2.0
 DEFAULT_START_TIMEOUT_S = 600.0  # an autoscaler may take minutes to start a GPU node
 
@@ -223,7 +221,7 @@ class Scheduler:
     def _dispatch(self, queued: list[JobRecord]) -> None:
         output_root, sweep_name = self.output_root, self.sweep.name
         handed = {f.job_id for f in self.inflight.values()}
-        for job in dispatch_order(queued, self.jobs.values(), self.history, DISPATCH):
+        for job in dispatch_order(queued, self.jobs.values(), self.history, settings.get("QFARM_DISPATCH")):
             if job.id in handed:
                 continue
             inputs = self._inputs(job)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .columns import column, option_clashes
 from .errors import Problem, allowed, did_you_mean, format_path, line_of
-from .methods import ALL_LINEAR, KINDS, METHODS, Options
+from .methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
 from .modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
 from . import hub, lmtasks
 from .refs import RefError, fingerprint, resolve_dataset, resolve_model
@@ -123,8 +123,6 @@ def parent_stage(gi: int, group: JobGroup, spec: SweepSpec, errors: Collector) -
     return group.from_
 
 
-# the quantized checkpoints a LoRA trains on (peft's GPTQ support through GPTQModel's layers)
-TRAINABLE_QUANTIZED = ("gptq", "awq")
 
 
 def train_parent(gi: int, options: dict, parent: dict, errors: Collector) -> bool:
@@ -135,8 +133,9 @@ def train_parent(gi: int, options: dict, parent: dict, errors: Collector) -> boo
         errors.add(("jobs", gi, "method"), f"a {options.get('method')} job loads its own 4-bit base; only lora trains "
                                            "on a quantized stage's model (from: a gptq/awq stage, backend gptqmodel)")
         return False
-    if method not in TRAINABLE_QUANTIZED or backend != "gptqmodel":
-        what = f"{method} (backend {backend or 'llm-compressor'})" if method in TRAINABLE_QUANTIZED else method
+    trainable = trainable_quantized()
+    if backend not in trainable.get(method, ()):
+        what = f"{method} (backend {backend or 'llm-compressor'})" if method in trainable else method
         errors.add(("jobs", gi, "from"), f"LoRA trains on a quantized base through GPTQModel's layers: from must name "
                                          f"a gptq or awq stage with backend: gptqmodel, not {what} (an "
                                          "llm-compressor checkpoint loads as dense float weights here; for LoRA on "
@@ -187,7 +186,7 @@ def _int4_checkpoint(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    return method if method in TRAINABLE_QUANTIZED else None
+    return method if method in trainable_quantized() else None
 
 
 def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tuple = ("eval",)) -> dict:

@@ -26,10 +26,15 @@ import subprocess
 import sys
 import time
 
+from . import settings
 from .connection import data_dir
 
-POLL_S = float(os.environ.get("QFARM_WATCH_POLL_S", 5))
-STALE_S = float(os.environ.get("QFARM_WATCH_STALE_S", 30))  # a scheduler passes every second (scheduler.REFRESH_S)
+
+def stale_s() -> float:
+    """Seconds of scheduler silence before a sweep is resumed (a scheduler passes every second)."""
+    return settings.number("QFARM_WATCH_STALE_S")
+
+
 RETRY_S = 60.0
 IDLE_EXIT_S = 300.0
 ENV = ("QFARM_REDIS_URL", "QFARM_NAMESPACE", "QFARM_OUTPUT_ROOT", "QFARM_RAY_ADDRESS")
@@ -42,7 +47,7 @@ def _key(redis_url: str, namespace: str, output_root: str) -> str:
 def ensure(redis_url: str, namespace: str, output_root: str, ray_address: str | None) -> None:
     """Start the watchdog of (Redis, namespace, output root) in the background, unless one runs already (it
     holds a lock: a second one exits at once) or ``QFARM_WATCH=0``."""
-    if os.environ.get("QFARM_WATCH", "1") == "0":
+    if settings.get("QFARM_WATCH") == "0":
         return
     key = _key(redis_url, namespace, output_root)
     env = dict(os.environ, QFARM_REDIS_URL=redis_url, QFARM_NAMESPACE=namespace, QFARM_OUTPUT_ROOT=output_root,
@@ -103,10 +108,10 @@ def run() -> None:
                 return
             for sweep in live:
                 silent_s = now - (sweep.scheduler_beat_at or sweep.submitted_at or sweep.created_at)
-                if silent_s > STALE_S and now - resumed_at.get(sweep.id, 0) > RETRY_S:
+                if silent_s > stale_s() and now - resumed_at.get(sweep.id, 0) > RETRY_S:
                     resumed_at[sweep.id] = now
                     _resume(sweep.id, silent_s)
-            time.sleep(POLL_S)
+            time.sleep(settings.number("QFARM_WATCH_POLL_S"))
     finally:
         if pidfile.is_file() and pidfile.read_text() == str(os.getpid()):
             pidfile.unlink(missing_ok=True)

@@ -7,11 +7,12 @@ N jobs of a sweep on one base model load it once per worker, not N times. Bounds
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from qfarm import settings
 
 
 @dataclass
@@ -64,11 +65,11 @@ def _free() -> None:
 
 class Cache:
     def __init__(self):
-        self.models = _LRU(int(os.environ.get("QFARM_CACHE_MODELS", "1")), evict_first=True, on_evict=_free)
+        self.models = _LRU(int(settings.number("QFARM_CACHE_MODELS")), evict_first=True, on_evict=_free)
         self.windows = _LRU(4)
         self.refs = _LRU(2)
         self.ref_numbers = _LRU(8)
-        self.ref_budget_bytes = int(float(os.environ.get("QFARM_REF_CACHE_MB", "2048")) * 2**20)
+        self.ref_budget_bytes = int(settings.number("QFARM_REF_CACHE_MB") * 2**20)
         self.model_loads = 0
 
     def base(self, path: str, ctx) -> tuple[Loaded, bool]:

@@ -16,7 +16,6 @@ CARD = "README.md"
 
 # what the job made of its base model, in the hub's own words (base_model_relation)
 RELATION = {"quantize": "quantized", "train": "adapter", "merge": "merge"}
-LIBRARY = {"gguf": "gguf", "bnb": "transformers", "train": "peft"}
 
 
 def source_info(model: dict, output_root: str) -> dict[str, Any]:
@@ -80,6 +79,15 @@ def _fmt(value, spec: str, se=None, unit: str = "") -> str:
     return f"{text} {unit}" if unit else text
 
 
+def library(kind: str | None, method: str | None) -> str:
+    """The card's ``library_name``: the registry's ``Method.library`` of the job's method (transformers for a
+    kind without methods: a merged model, a checkpoint evaluated)."""
+    from qfarm.methods import KINDS
+
+    found = KINDS[kind].method(method) if kind in KINDS else None
+    return found.library if found is not None else "transformers"
+
+
 def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dict, str]:
     """(the card's metadata, its markdown body) for one job's artifact."""
     opts = dict(job.get("options") or {})
@@ -96,7 +104,7 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
     meta: dict[str, Any] = {
         "base_model": source.get("base_model"),
         "base_model_relation": RELATION.get(kind) if source.get("base_model") else None,
-        "library_name": LIBRARY.get("train" if kind == "train" else family, "transformers"),
+        "library_name": library(kind, method),
         "license": source.get("license"),
         "tags": tags,
         "quantization": quant if kind == "quantize" else None,

@@ -404,12 +404,11 @@ def reference_first(ctx, base) -> str:
     exceeds, dropped (loaded again by the next job that needs it). Not when the reference log-probs are
     recomputed window by window (the base is needed beside the row's model) or the cache keeps nothing. Returns
     what was done with the base (the row's ``base_during_job``)."""
-    import os
-
+    from qfarm import settings
     from workers.models import device, plan_columns
 
     on_gpu = device() != "cpu"
-    budget = os.environ.get("QFARM_HOST_MEM_GB")
+    budget = settings.get("QFARM_HOST_MEM_GB")
     over = bool(budget) and (plan_columns(ctx, base).get("plan_host_gb") or 0) > float(budget)
     if not on_gpu and not over:
         return "kept"

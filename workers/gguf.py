@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from qfarm import settings
 from workers.files import build_once, keyed
 from workers.models import checkpoint_dtype
 from workers.tasks import TASK_CONTEXT
@@ -53,7 +54,7 @@ def ftype(name: str) -> int:
 
 def converter() -> Path | None:
     """llama.cpp's convert_hf_to_gguf.py: QFARM_LLAMA_CPP_DIR, else the copy `make llama-cpp-tools` unpacked."""
-    for folder in (os.environ.get("QFARM_LLAMA_CPP_DIR"), Path(sys.prefix) / "share" / "qfarm" / "llama.cpp"):
+    for folder in (settings.get("QFARM_LLAMA_CPP_DIR"), Path(sys.prefix) / "share" / "qfarm" / "llama.cpp"):
         if folder and (Path(folder) / "convert_hf_to_gguf.py").is_file():
             return Path(folder) / "convert_hf_to_gguf.py"
     return None

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from qfarm import settings
 from qfarm.refs import confirm
 from workers.checks import CHECKS_FILE, gguf_conventions
 from workers.files import build_once, inside, job_dir, keyed
@@ -226,7 +227,7 @@ def placement(path: str, *, nbytes: float | None = None, reserve_bytes: float = 
     if nbytes is None:
         nbytes = weight_bytes(path)
     free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
-    cap = os.environ.get("QFARM_GPU_MEM_GB")  # the most of each GPU a job may take (a GPU shared with others)
+    cap = settings.get("QFARM_GPU_MEM_GB")
     if cap:
         free = [min(f, float(cap) * 1e9) for f in free]
     plan = layout(nbytes, reserve_bytes, free, psutil.virtual_memory().available)

@@ -69,3 +69,68 @@ def test_every_method_and_backend_of_the_registry_names_a_class_its_workers_can_
                 assert callable(getattr(cls, "quantize", None)) and callable(getattr(cls, "load", None)), impl
                 names.add(impl)
     assert "workers.gptqmodel:GPTQModelBackend" in names and "workers.llmc:LLMCompressor" in names
+
+
+def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
+    """A method added to the registry (and nothing else: its worker here is an existing one) validates and
+    expands, gets the memory plan it names, is ordered and timed by its own cost, shares timing history across the
+    options it marks quality-only, and is a row of the table with its bits."""
+    from typing import Literal
+
+    from pydantic import Field
+
+    from qfarm import eta, methods
+    from qfarm.expand import load_plan
+    from qfarm.modelinfo import shape_of
+    from qfarm.plan import model_shape, plan_jobs
+    from qfarm.results import row
+    from qfarm.store import JobRecord
+
+    class ToyOptions(methods.Options):
+        method: Literal["toy"]
+        bits: int = Field(4, ge=2, le=8, json_schema_extra=methods.QUALITY_ONLY)
+        group_size: int = 64
+        sharpness: float = Field(0.5, json_schema_extra=methods.QUALITY_ONLY)
+
+    toy = methods.Method("toy", ToyOptions, "a toy method", "workers.llmc:LLMCompressor", cost=30.0,
+                         plan="llm-compressor", library="toylib")
+    monkeypatch.setitem(methods.METHODS, "toy", toy)
+    spec = tmp_path / "toy.yaml"
+    spec.write_text("name: toy\nmodel: bundled:smollm2-135m\neval: {perplexity: {seq_len: 128, max_windows: 2}}\n"
+                    "jobs:\n  - {kind: quantize, method: none}\n"
+                    "  - {kind: quantize, method: toy, matrix: {bits: [4, 8]}}\n")
+    _, plan = load_plan(spec)
+    payloads = [j.payload() for j in plan.jobs]
+    assert [p["label"] for p in payloads] == ["none", "toy 4b", "toy 8b"]
+    assert [p["impl"] for p in payloads[1:]] == ["workers.llmc:LLMCompressor"] * 2
+
+    shape = model_shape(payloads[0]["model"])
+    plans = {p["label"]: p for p in plan_jobs(payloads, shape, "cuda")}
+    assert "decompressed artifact" in plans["toy 4b"]["parts"]["gpu"]  # llm-compressor's terms, as named
+    assert plans["toy 8b"]["disk_gb"] > plans["toy 4b"]["disk_gb"] > 0
+
+    records = [JobRecord(p["id"], "queued", p, sweep_id=plan.sweep_id) for p in payloads]
+    sharper = {**payloads[1], "options": {**payloads[1]["options"], "sharpness": 0.9}}
+    assert eta.work_shape(sharper) == eta.work_shape(payloads[1])  # quality-only, as its field is marked
+    bigger = {**payloads[1], "options": {**payloads[1]["options"], "group_size": 128}}
+    assert eta.work_shape(bigger) != eta.work_shape(payloads[1])
+    assert eta.prior_units(payloads[1]) == 30.0 * eta.prior_units(payloads[0])  # its cost against the reference's 1
+    assert [j.spec["label"] for j in eta.dispatch_order(records, records)][-1] == "none"
+
+    done = JobRecord(payloads[2]["id"], "succeeded", payloads[2], result={"ppl": 12.5}, sweep_id=plan.sweep_id)
+    assert {k: row(done)[k] for k in ("method", "bits", "group_size", "ppl")} == {
+        "method": "toy", "bits": 8, "group_size": 64, "ppl": 12.5}
+    from workers.card import library
+
+    assert library("quantize", "toy") == "toylib" and shape_of(payloads[0]["model"]) is not None
+
+
+def test_every_registry_entry_names_a_memory_plan_there_is():
+    from qfarm.methods import KINDS
+    from qfarm.plan import PLAN_TERMS
+
+    for kind in KINDS.values():
+        assert kind.plan in PLAN_TERMS, kind.name
+        for method in (kind.methods or {}).values():
+            assert method.plan in PLAN_TERMS, method.name
+    assert KINDS["quantize"].method("gptq").plan != KINDS["quantize"].method("none").plan

@@ -126,3 +126,17 @@ def test_dispatch_is_longest_first_and_by_critical_path_on_a_pipeline():
     # equal jobs keep the spec's order
     same = [_job(i, "quantize", method="rtn", bits=b) for i, b in enumerate((4, 8, 3))]
     assert [j.id for j in dispatch_order(same, same)] == ["j0", "j1", "j2"]
+
+
+def test_gptq_jobs_that_differ_only_in_quality_options_share_their_timing_history():
+    """eta keyed history on an option list that named "damp" while the option is dampening_frac: each dampening
+    value had a history of its own. Quality-only options are marked on their fields now (qfarm.methods)."""
+    from qfarm.eta import work_shape
+
+    def gptq(**opts):
+        return {"kind": "quantize", "options": {"method": "gptq", "bits": 4, "group_size": 64, **opts},
+                "model": {"key": "m"}, "eval": {"perplexity": {"seq_len": 512}}}
+
+    assert work_shape(gptq(dampening_frac=0.01)) == work_shape(gptq(dampening_frac=0.1)) \
+        == work_shape(gptq(bits=8, act_order=False, dampening_frac=0.05))
+    assert work_shape(gptq(calibration={"samples": 64})) != work_shape(gptq(calibration={"samples": 128}))

@@ -128,9 +128,10 @@ def test_eta_from_finished_jobs_of_the_same_shape_else_history_else_the_scaled_p
             rec(3, "running", "gptq", 1000, None, "w1"), rec(4, "queued", "gptq"), rec(5, "queued", "rtn"),
             rec(6, "queued", "awq")]
     guess = expected(jobs)
-    # awq: none finished, nothing remembered: its prior (the registry's cost 12 x 4096 tokens) scaled by the median
-    # of what the finished jobs took against theirs (gptq 100 s for 8 x 4096, rtn 10 s for 2 x 4096)
-    awq = prior_units(jobs[5].spec) * (100 / (8 * 4096) + 10 / (2 * 4096)) / 2
+    # awq: none finished, nothing remembered: its prior (the registry's cost 12 x 8192 tokens: the spec's default
+    # 16 windows of 512) scaled by the median of what the finished jobs took against theirs (gptq 100 s for
+    # 8 x 8192, rtn 10 s for 2 x 8192)
+    awq = prior_units(jobs[5].spec) * (100 / (8 * 8192) + 10 / (2 * 8192)) / 2
     assert guess == {"j3": 100, "j4": 100, "j5": 10, "j6": pytest.approx(awq)} and 100 < awq < 110
     # at t=1040: j3 has 60 s left; + 100 + 10 + awq queued, over 1 running slot
     assert eta_s(jobs, now=1040) == pytest.approx(60 + 100 + 10 + awq)
