@@ -243,10 +243,16 @@ class AwqOptions(BackendOptions):
 
 # llama.cpp file types a `gguf` job may produce, with the nominal bits of their weights (a K-quant mixes types;
 # the job records the bits per weight of the file it wrote). Checked against the installed llama.cpp in a test.
-GGUF_TYPES: dict[str, int] = {
-    "F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8, "Q6_K": 6, "Q5_K_M": 5, "Q5_K_S": 5, "Q5_1": 5, "Q5_0": 5,
-    "Q4_K_M": 4, "Q4_K_S": 4, "Q4_1": 4, "Q4_0": 4, "Q3_K_L": 3, "Q3_K_M": 3, "Q3_K_S": 3, "Q2_K": 2,
+# llama.cpp's file types a spec may name: (the ``bits`` column's nominal bits, the bits a weight takes in the
+# file on average, scales included, as llama.cpp's quantize reports them: the memory plan's file size)
+GGUF_FORMATS: dict[str, tuple[int, float]] = {
+    "F32": (32, 32), "F16": (16, 16), "BF16": (16, 16), "Q8_0": (8, 8.5), "Q6_K": (6, 6.56), "Q5_K_M": (5, 5.69),
+    "Q5_K_S": (5, 5.54), "Q5_1": (5, 6.0), "Q5_0": (5, 5.5), "Q4_K_M": (4, 4.85), "Q4_K_S": (4, 4.58),
+    "Q4_1": (4, 5.0), "Q4_0": (4, 4.5), "Q3_K_L": (3, 4.27), "Q3_K_M": (3, 3.91), "Q3_K_S": (3, 3.5),
+    "Q2_K": (2, 2.96),
 }
+GGUF_TYPES: dict[str, int] = {name: bits for name, (bits, _) in GGUF_FORMATS.items()}
+GGUF_BITS_PER_WEIGHT: dict[str, float] = {name: bpw for name, (_, bpw) in GGUF_FORMATS.items()}
 
 
 def _gguf_type(value: str) -> str:

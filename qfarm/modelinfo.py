@@ -299,24 +299,9 @@ def shape_of(model: dict) -> Shape | None:
                                   sort_keys=True))
     if tree is not None:
         return shape_from_tree(tree)
-    try:
-        if model["kind"] == "gguf":
-            meta = gguf_metadata(Path(model["location"]) / model["gguf_file"])
-            arch = meta.get("general.architecture", "llama")
-            get = lambda k: meta.get(f"{arch}.{k}")
-            hidden, heads = get("embedding_length"), get("attention.head_count")
-            if not (hidden and heads and get("feed_forward_length") and get("block_count")):
-                return None
-            head_dim = get("attention.key_length") or hidden // heads
-            return _llama_like(hidden, get("feed_forward_length"), heads, head_dim, get("block_count"))
-        if model["kind"] == "hf_dir":
-            cfg = json.loads((Path(model["location"]) / "config.json").read_text())
-            cfg = cfg.get("text_config", cfg)
-            hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
-            if not (hidden and heads and cfg.get("intermediate_size") and cfg.get("num_hidden_layers")):
-                return None
-            head_dim = cfg.get("head_dim") or hidden // heads
-            return _llama_like(hidden, cfg["intermediate_size"], heads, head_dim, cfg["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
+    from .plan import model_shape  # the one reader of a config's (or GGUF header's) numbers
+
+    numbers = model_shape(model)
+    if numbers is None or not (numbers.hidden and numbers.heads and numbers.intermediate and numbers.layers):
         return None
-    return None
+    return _llama_like(numbers.hidden, numbers.intermediate, numbers.heads, numbers.head_dim, numbers.layers)

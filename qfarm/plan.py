@@ -32,14 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import settings
+from .methods import GGUF_BITS_PER_WEIGHT
 from .spec import PerplexitySpec
 
 GB = 1e9
 NOT_GATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "mpt", "gpt_bigcode"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
-                   "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q4_1": 5.0,
-                   "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 2.96}
 HOST_BASE = {"cpu": 1.5 * GB, "cuda": 3.0 * GB}  # a worker process with torch and transformers imported
 
 
@@ -94,7 +92,7 @@ class ModelShape:
 
 
 def shape_of_config(cfg: dict) -> ModelShape:
-    """A HF config.json (its text part, for multimodal configs) as a ModelShape."""
+    """A HF config.json (its text part, for multimodal configs) as a ModelShape (vocab 0 where it names none)."""
     cfg = cfg.get("text_config", cfg)
     g = lambda *keys, default=None: next((cfg[k] for k in keys if cfg.get(k) is not None), default)  # noqa: E731
     hidden = int(g("hidden_size", "n_embd", "d_model"))
@@ -102,7 +100,7 @@ def shape_of_config(cfg: dict) -> ModelShape:
     experts = int(g("num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
     model_type = str(cfg.get("model_type", ""))
     return ModelShape(
-        vocab=int(g("vocab_size")), hidden=hidden, layers=int(g("num_hidden_layers", "n_layer")), heads=heads,
+        vocab=int(g("vocab_size", default=0)), hidden=hidden, layers=int(g("num_hidden_layers", "n_layer")), heads=heads,
         kv_heads=int(g("num_key_value_heads", default=heads)), head_dim=int(g("head_dim", default=hidden // heads)),
         intermediate=int(g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden),
         tied=bool(cfg.get("tie_word_embeddings", True)), dtype=str(g("torch_dtype", "dtype", default="float32")),
@@ -257,7 +255,7 @@ def _llm_compressor(t: Terms, hessians: bool = False) -> None:
 
 def _gguf(t: Terms) -> None:
     P = t.shape.total
-    file_bytes = P * BITS_PER_WEIGHT.get(t.opts.get("gguf_type", "Q4_K_M"), 8) / 8
+    file_bytes = P * GGUF_BITS_PER_WEIGHT.get(t.opts.get("gguf_type", "Q4_K_M"), 8) / 8
     (t.own if t.on_gpu else t.host)["GGUF file in llama.cpp"] = file_bytes
     t.disk["artifact"] = file_bytes
     if not t.gguf_source:
