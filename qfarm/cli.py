@@ -140,25 +140,25 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     node types of its config), whether some node of it can run each job (exit 2 naming what it has, when not).
     Runs nothing."""
     from . import cluster, hub
-    from .expand import expand, load_plan
+    from .expand import build, load_valid
 
-    loaded, plan = load_plan(spec, hub.cache_dir(None), max_jobs)
-    kinds = ", ".join(f"{n} {k}" for k, n in plan.counts_by_kind().items())
-    labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
-    what = f" ({', '.join(labels)})" if labels else ""
-    model = f" on {loaded.spec.model}" if loaded.spec.model else ""
+    valid = load_valid(spec, hub.cache_dir(None), max_jobs)
+    loaded = valid.loaded
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
     address = None if offline else (ray_address or (cluster.local_head_state() or {}).get("address"))
     named = f" and {len(types)} node type(s) its autoscaler may start" if types else ""
-    shape = _shape(plan)
+    shape = _shape(valid)
     if address:
         cluster.connect(address)
     # the ids submit will give: CPU ids where the jobs would compute on CPUs (qfarm.expand.COMPUTE)
     # (with --plan: the ids of the workers planned for)
     cuda = plan_device == "cuda" if show_plan else cluster.has_cuda(cluster.cluster_nodes(types)) if address else \
         cluster.has_cuda(cluster.startable_nodes(types)) if types else cluster.cuda_gpu_count() > 0
-    if not cuda:
-        plan = expand(loaded, hub.cache_dir(None), cuda=False, max_jobs=max_jobs)
+    plan = build(valid, cuda, max_jobs)
+    kinds = ", ".join(f"{n} {k}" for k, n in plan.counts_by_kind().items())
+    labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
+    what = f" ({', '.join(labels)})" if labels else ""
+    model = f" on {loaded.spec.model}" if loaded.spec.model else ""
     if address:
         cluster.preflight([j.payload() for j in plan.jobs], types, shape)
         checked = f" Resources checked against the Ray cluster at {address}{named}."
@@ -186,11 +186,12 @@ def _ray_options(f):
                              "Default: qfarm's own local Ray head, started on first use.")(f)
 
 
-def _shape(plan):
-    """The model's shape for the memory plan (its config or GGUF header), or None where it cannot be read here."""
+def _shape(sweep):
+    """The model's shape for the memory plan (its config or GGUF header), or None where it cannot be read here;
+    ``sweep``: a ValidSweep or a Plan (both carry the resolved model)."""
     from .plan import model_shape
 
-    return model_shape(plan.model) if plan.model else None
+    return model_shape(sweep.model) if sweep.model else None
 
 
 def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]) -> None:
@@ -263,21 +264,21 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
            output_root: Path, cluster_config: str | None, max_jobs: int) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
     from . import cluster, hub, jobs
-    from .expand import expand, load_plan
+    from .expand import build, load_valid
 
-    loaded, plan = load_plan(spec, hub.cache_dir(output_root), max_jobs)
+    valid = load_valid(spec, hub.cache_dir(output_root), max_jobs)
+    loaded = valid.loaded
     store = _store(ctx)
-    payloads = [j.payload() for j in plan.jobs]
     types = [t.as_dict() for t in cluster.read_node_types(cluster_config)]
-    shape = _shape(plan)
+    shape = _shape(valid)
     if jobs.is_jobs_address(ray_address):  # outside the cluster: its dashboard's API, no Ray driver here
         nodes = jobs.nodes(ray_address) + cluster.startable_nodes(types)
     else:
         cluster.connect(ray_address, logical_gpus, say=click.echo)
         nodes = cluster.cluster_nodes(types)
-    if not cluster.has_cuda(nodes):  # logical GPU slots: the jobs compute on CPUs, and their ids say so
-        plan = expand(loaded, hub.cache_dir(output_root), cuda=False, max_jobs=max_jobs)
-        payloads = [j.payload() for j in plan.jobs]
+    # built once, for the device class found: on logical GPU slots the jobs compute on CPUs, and their ids say so
+    plan = build(valid, cluster.has_cuda(nodes), max_jobs)
+    payloads = [j.payload() for j in plan.jobs]
     cluster.refuse_unplaceable(payloads, nodes, shape)
     root = str(output_root.expanduser().resolve())
     tracking = loaded.spec.tracking.model_dump(exclude_none=True) if loaded.spec.tracking else None

@@ -98,10 +98,19 @@ def digest(obj: Any, n: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def load_plan(path: str | Path, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS) -> tuple[LoadedSpec, Plan]:
-    """Load, validate and expand a spec file. Every problem, schema or semantic, is raised together. A hub
-    model's revision is resolved looking in ``hub_cache`` (qfarm.hub.cache_dir) when the hub is out of reach.
-    A sweep that could make more than ``max_jobs`` jobs is refused before any is made."""
+def load_plan(path: str | Path, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS,
+              cuda: bool = True) -> tuple[LoadedSpec, Plan]:
+    """Load, validate and expand a spec file (``load_valid`` then ``build``). Every problem, schema or semantic,
+    is raised together."""
+    valid = load_valid(path, hub_cache, max_jobs)
+    return valid.loaded, build(valid, cuda, max_jobs)
+
+
+def load_valid(path: str | Path, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS) -> validate.ValidSweep:
+    """Load and validate a spec file: the typed sweep (every job's options validated, its data resolved), or a
+    SpecError with every problem, schema or semantic. A hub model's revision is resolved looking in ``hub_cache``
+    (qfarm.hub.cache_dir) when the hub is out of reach. A sweep that could make more than ``max_jobs`` jobs is
+    refused before any combination is made."""
     try:
         loaded = load_spec(path)
     except SpecError as err:
@@ -114,44 +123,31 @@ def load_plan(path: str | Path, hub_cache: Path | None = None, max_jobs: int = M
         extra = [p for p in extra if (p.path, p.message) not in known and p.path not in {q.path for q in err.problems}]
         raise SpecError(err.problems + extra, err.source) from None
     try:
-        return loaded, expand(loaded, hub_cache, max_jobs=max_jobs)
+        return validate.sweep(loaded, hub_cache, max_jobs)
     except SpecError as err:
         raise renamed(err, loaded.groups_key) from None
 
 
 def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True, max_jobs: int = MAX_JOBS) -> Plan:
-    """Expand every job group's matrix, validate each combination, and return the sweep's jobs. ``cuda``: whether
+    """Validate a loaded spec and build its jobs (``validate.sweep`` then ``build``)."""
+    return build(validate.sweep(loaded, hub_cache, max_jobs), cuda, max_jobs)
+
+
+def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOBS) -> Plan:
+    """The sweep's jobs, from a sweep that passed validation: every matrix combination of every stage, once per
+    job of the stage it comes ``from``, with the shared captures the GPTQ jobs need before them. ``cuda``: whether
     the cluster's GPUs are CUDA devices (False: logical GPU slots, every job computes on a CPU), which enters the
-    ids of the jobs that ask for GPUs."""
-    spec, errors = loaded.spec, Collector(loaded.lines)
-    model_ref = eval_spec = None
-    if any(KINDS[g.kind].needs_model for g in spec.jobs):
-        if spec.model is None:
-            errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
-        else:
-            model_ref = validate.model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
-        eval_spec = validate.evaluation(spec.eval, loaded.base_dir, errors)
-    if not validate.job_bound(list(enumerate(spec.jobs)), errors, max_jobs):  # before any combination is made
-        raise SpecError(list(errors.problems.values()), loaded.source)
+    ids of the jobs that ask for GPUs. Nothing is checked here but the bound on the jobs made."""
+    spec, loaded = valid.loaded.spec, valid.loaded
     jobs: dict[str, Job] = {}
-    checks = validate.MethodChecks(model_ref, loaded.base_dir, errors)
     stages: dict[str, list[Job]] = {}  # stage name -> its jobs, for the stages that come from it
-    for gi, group in enumerate(spec.jobs):
-        parent_stage = validate.parent_stage(gi, group, spec, errors)
-        parents = [None] if parent_stage is None else stages.get(parent_stage, []) if parent_stage else []
-        group_eval = validate.evaluation(group.eval, loaded.base_dir, errors, ("jobs", gi, "eval")) if group.eval is not None else eval_spec
-        validate.vllm_engine(group_eval, group.resources or spec.resources, gi, group.eval is not None, errors)
+    for stage in valid.stages:
+        gi, group = stage.gi, stage.group
+        parents = [None] if stage.parent is None else stages.get(stage.parent, [])
         mine: list[Job] = []
-        for combo, sources in validate.combinations(gi, group, errors):
-            options = validate.options(gi, group, combo, sources, errors)
-            if options is None:
-                continue
-            refs = checks(gi, group, options, sources)
+        for options, refs in stage.combos:
             for parent in parents:
-                if group.kind == "train" and parent is not None and not validate.train_parent(
-                        gi, options.model_dump(), parent.options, errors):
-                    break
-                job = _job(spec, gi, group, options, model_ref, group_eval, refs, parent, cuda)
+                job = _job(spec, gi, group, options, valid.model, stage.eval, refs, parent, cuda)
                 capture = _capture(job, cuda)
                 if capture is not None:  # before the jobs that need it: labelled() reads parents first
                     jobs.setdefault(capture.id, capture)
@@ -161,14 +157,13 @@ def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True,
                 if all(j.id != job.id for j in mine):  # a job an earlier stage has too still feeds this stage's children
                     mine.append(jobs[job.id])
             if len(jobs) > max_jobs:  # shared captures come on top of the bound
+                errors = Collector(loaded.lines)
                 errors.add(("jobs", gi), f"the sweep expands to more than {max_jobs:,} jobs; split it, or raise "
                                          "the limit with --max-jobs")
-                raise SpecError(list(errors.problems.values()), loaded.source)
+                raise renamed(SpecError(list(errors.problems.values()), loaded.source), loaded.groups_key)
         stages[stage_name(gi, group)] = mine
-    if errors.problems:
-        raise SpecError(list(errors.problems.values()), loaded.source)
     sweep_id = f"{spec.name}-{digest([spec.name, sorted(jobs)], 8)}"
-    return Plan(sweep_id, spec.name, labelled(list(jobs.values())), model_ref)
+    return Plan(sweep_id, spec.name, labelled(list(jobs.values())), valid.model)
 
 
 # what a job computes on, by the device class its resources ask for (workers.models.compute_dtype)

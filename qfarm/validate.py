@@ -11,18 +11,19 @@ import functools
 import itertools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from .columns import column, option_clashes
-from .errors import Problem, allowed, did_you_mean, format_path, line_of
+from .errors import Problem, SpecError, allowed, did_you_mean, format_path, line_of
 from .methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
 from .modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
 from . import hub, lmtasks
 from .refs import RefError, fingerprint, resolve_dataset, resolve_model
-from .spec import EvalSpec, JobGroup, SweepSpec, describe
+from .spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe
 
 AXIS_KEYS = frozenset({"onto"})  # a stage-level list of these is an axis: `onto: [base, dequantized]`, one job each
 
@@ -42,9 +43,79 @@ class Collector:
 MAX_JOBS = 10_000  # a sweep's jobs, by default (qfarm validate/submit --max-jobs raises it)
 
 
+@dataclass(frozen=True)
+class ValidStage:
+    """One job group of a sweep that passed validation: where its jobs come ``from`` (a stage name, or None for
+    the sweep's model), its evaluation as resolved, and each matrix combination's validated options with the data
+    it names resolved (``calibration``, ``data``)."""
+
+    gi: int
+    group: JobGroup
+    parent: str | None
+    eval: dict | None
+    combos: tuple[tuple[Options, dict], ...]
+
+
+@dataclass(frozen=True)
+class ValidSweep:
+    """A spec that passed every check: what ``qfarm.expand.build`` makes jobs from, checking nothing again."""
+
+    loaded: LoadedSpec
+    model: dict | None  # the sweep's model, resolved (None when no job needs one)
+    stages: tuple[ValidStage, ...]
+
+
+def sweep(loaded: LoadedSpec, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS) -> ValidSweep:
+    """Every check of a loaded spec (its model, evaluation, each stage's ``from``, each matrix combination's
+    options against the registry, the model's layers and the filesystem, a train stage against the stage it
+    trains on), each made once: the typed sweep, or a SpecError with every problem."""
+    spec, errors = loaded.spec, Collector(loaded.lines)
+    model_ref = eval_spec = None
+    if any(KINDS[g.kind].needs_model for g in spec.jobs):
+        if spec.model is None:
+            errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
+        else:
+            model_ref = model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
+        eval_spec = evaluation(spec.eval, loaded.base_dir, errors)
+    if not job_bound(list(enumerate(spec.jobs)), errors, max_jobs):  # before any combination is made
+        raise SpecError(list(errors.problems.values()), loaded.source)
+    stages = _stages(list(enumerate(spec.jobs)), spec, model_ref, eval_spec, loaded.base_dir, errors)
+    if errors.problems:
+        raise SpecError(list(errors.problems.values()), loaded.source)
+    return ValidSweep(loaded, model_ref, tuple(stages))
+
+
+def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_ref: dict | None,
+            eval_spec: dict | None, base_dir: Path, errors: Collector) -> list[ValidStage]:
+    """Each group's checks (``sweep``); with no ``spec`` (its schema failed elsewhere) the checks that need only
+    the group itself."""
+    checks = MethodChecks(model_ref, base_dir, errors)
+    out: dict[str, ValidStage] = {}
+    for gi, group in groups:
+        parent = parent_stage(gi, group, spec, errors) if spec is not None else None
+        group_eval = eval_spec
+        if spec is not None:
+            group_eval = evaluation(group.eval, base_dir, errors, ("jobs", gi, "eval")) if group.eval is not None \
+                else eval_spec
+            vllm_engine(group_eval, group.resources or spec.resources, gi, group.eval is not None, errors)
+        parents = out[parent].combos if parent and parent in out else ()
+        combos = []
+        for combo, sources in combinations(gi, group, errors):
+            opts = options(gi, group, combo, sources, errors)
+            if opts is None:
+                continue
+            refs = checks(gi, group, opts, sources)
+            if group.kind == "train" and any(not train_parent(gi, opts.model_dump(), p.model_dump(), errors)
+                                             for p, _ in parents):
+                continue
+            combos.append((opts, refs))
+        out[stage_name(gi, group)] = ValidStage(gi, group, parent or None, group_eval, tuple(combos))
+    return list(out.values())
+
+
 def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Path | None = None,
                     max_jobs: int = MAX_JOBS) -> None:
-    """What expansion would say about the parts of a spec that passed the schema, when others did not."""
+    """What ``sweep`` would say about the parts of a spec that passed the schema, when others did not."""
     groups = []
     for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
         try:
@@ -59,14 +130,8 @@ def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Pat
         evaluation(EvalSpec.model_validate(raw.get("eval") or {}), base_dir, errors)
     except ValidationError:
         pass
-    checks = MethodChecks(model_ref, base_dir, errors)
-    if not job_bound(groups, errors, max_jobs):
-        return
-    for gi, group in groups:
-        for combo, sources in combinations(gi, group, errors):
-            opts = options(gi, group, combo, sources, errors)
-            if opts is not None:
-                checks(gi, group, opts, sources)
+    if job_bound(groups, errors, max_jobs):
+        _stages(groups, None, model_ref, None, base_dir, errors)
 
 
 def job_bound(groups: list[tuple[int, JobGroup]], errors: Collector, max_jobs: int) -> bool:
