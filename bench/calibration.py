@@ -10,7 +10,8 @@ grid: bits 2/3/4/8 × group 32/64/-1, 32 calibration samples × 256 tokens, perp
 mode's wall time (submit to the last row) and their ratio (goal >= 3), then each point's perplexity, KL and top-1 in
 both modes side by side.
 kill: for each mode (gptq: sequential, the job calibrates itself; gptq-shared: it solves from a capture; awq: the
-sequential AWQ 4-bit g64 job), the 4-bit job's worker is killed with -9 once its progress passes half of its layers; the retried attempt's time plus the killed
+sequential AWQ 4-bit g64 job), the 4-bit job's worker is killed with -9 once its progress passes half of its layers;
+the retried attempt's time plus the killed
 one's, over the time of the same job uninterrupted (goal <= 1.2), beside what restarting from layer 0 would cost
 (the killed time plus an uninterrupted run).
 """

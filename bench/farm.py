@@ -150,9 +150,10 @@ def bench_makespan(args) -> None:
 
 
 def bench_scale(args) -> None:
+    from rich.console import Console
+
     from qfarm.expand import load_plan
     from qfarm.progress import jobs_table, sweeps_table
-    from rich.console import Console
 
     print(f"scale: a {args.scale_jobs}-job sweep (sleep jobs; validate + expand + record, no run)")
     with namespace() as store, tempfile.TemporaryDirectory() as tmp:

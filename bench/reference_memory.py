@@ -62,10 +62,9 @@ def peak_rss_mb(fn) -> tuple[float, object]:
 def one(a) -> None:
     """One path in this (fresh) process: its peak and its numbers, as one JSON line."""
     import json
+    import tempfile
 
     import torch
-
-    import tempfile
 
     from workers.evaluate import quality, reference_for, spilled_reference
 

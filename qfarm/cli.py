@@ -15,7 +15,8 @@ import click
 
 from . import settings
 from .errors import QfarmError, SpecError, UsageError, missing_extra, one_line
-from .keys import DEFAULT_CANCEL_GRACE_S, DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
+from .keys import DEFAULT_CANCEL_GRACE_S
+from .keys import DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
 
 
 def _err(text: str) -> None:
@@ -371,7 +372,8 @@ def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_add
     _same_root(record, output_root)  # before anything is requeued
     requeued = store.retry(record.id, cancelled=not failed_only)
     if not requeued:
-        click.echo(f"nothing to retry in {record.id}: no {'failed or skipped' if failed_only else 'failed, skipped or cancelled'} jobs")
+        which = "failed or skipped" if failed_only else "failed, skipped or cancelled"
+        click.echo(f"nothing to retry in {record.id}: no {which} jobs")
         return
     _start_scheduler(ctx, record, ray_address, logical_gpus, output_root)
     click.echo(f"requeued {len(requeued)} job(s) of {record.id}")
@@ -436,7 +438,6 @@ def _worker_env(model: str | None) -> dict[str, str]:
     the hub cache."""
     from . import hub
     from .refs import HUB_ID
-
     from .tracking import forwarded_env
 
     token = hub.saved_token() if isinstance(model, str) and HUB_ID.match(model) else None

@@ -255,7 +255,9 @@ def _vllm_eval(ev: dict, kind: str, method) -> dict:
 
 # --- labels ---------------------------------------------------------------------------------------
 
-_SHORT = {"backend": "", "group_size": "g", "act_order": "act_order", "gguf_type": "", "scheme": "", "checkpoint": "", "lora_alpha": "alpha", "lora_dropout": "dropout"}  # "": the value alone (gguf Q4_K_M)
+# "": the value alone (gguf Q4_K_M)
+_SHORT = {"backend": "", "group_size": "g", "act_order": "act_order", "gguf_type": "", "scheme": "", "checkpoint": "",
+          "lora_alpha": "alpha", "lora_dropout": "dropout"}
 _UNLABELLED = ("method",)
 _ALWAYS = ("scheme", "checkpoint", "backend")  # in the label whenever set: what the row is
 

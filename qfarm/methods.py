@@ -16,7 +16,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from .errors import allowed, did_you_mean
 
-
 # marks an option that changes a job's quality, not its time (``Field(..., json_schema_extra=QUALITY_ONLY)``):
 # jobs differing only in such options share their timing history (qfarm.eta.work_shape)
 QUALITY_ONLY = {"quality_only": True}
@@ -195,7 +194,8 @@ class GptqOptions(SchemeOptions):
     """GPTQ (llm-compressor's GPTQModifier): integer weights chosen layer by layer to minimise the output error
     on calibration data. ``act_order`` (default true) processes columns by activation size: compressed-tensors'
     ``weight`` ordering on llm-compressor (its GPTQModifier's own default; better accuracy, no extra inference
-    cost), ``desc_act`` on GPTQModel; false solves the columns in their stored order on both. ``scheme``: one of llm-compressor's integer presets
+    cost), ``desc_act`` on GPTQModel; false solves the columns in their stored order on both. ``scheme``: one of
+    llm-compressor's integer presets
     instead of bits/symmetric; W8A8 (int8 weights per channel, dynamic per-token int8 activations) runs
     SmoothQuant (``smoothing_strength``) before GPTQ, as llm-compressor's W8A8 recipe does."""
 

@@ -338,7 +338,8 @@ def plan_jobs(jobs: list[dict], shape: ModelShape, device: str) -> list[dict]:
     return out
 
 
-PLAN_FIXES = ("more resources.gpus (the model spreads over them)", "a 4-bit method (bnb-nf4, gptq/awq 4-bit)", "a shorter eval.perplexity.seq_len or fewer max_windows",
+PLAN_FIXES = ("more resources.gpus (the model spreads over them)", "a 4-bit method (bnb-nf4, gptq/awq 4-bit)",
+              "a shorter eval.perplexity.seq_len or fewer max_windows",
               "a train job's smaller seq_len/batch_size or gradient_checkpointing: true",
               "a node type with bigger GPUs (resources.min_gpu_mem_gb names one)")
 

@@ -27,7 +27,8 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
 .meta{color:#57606a} table{border-collapse:collapse;margin:.5em 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #d0d7de;padding:.25em .55em;text-align:right;vertical-align:top}
-th{background:#f6f8fa} td.l,th.l{text-align:left} tr.failed td{background:#ffebe9} tr.skipped td,tr.cancelled td{background:#fff8c5}
+th{background:#f6f8fa} td.l,th.l{text-align:left} tr.failed td{background:#ffebe9}
+tr.skipped td,tr.cancelled td{background:#fff8c5}
 tr.front td.front{color:#d62728;font-weight:bold} figure{margin:1em 0} figure svg{max-width:100%;height:auto}
 pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:12px} .answers td{max-width:28em;text-align:left}
 """

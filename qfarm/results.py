@@ -78,7 +78,8 @@ def cell_of(row: dict, name: str, fmt: str) -> str:
 def visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[str, str, str]]:
     """(name, header, format) of the columns asked for, or of the default view without the ones empty in every
     row (e.g. speed on sleep jobs), the sweep column only for rows of several sweeps, the frontier column only
-    once computed, each lm-eval task's main metric and recovery, and (a pipeline) without the columns that make room for its training and merge columns."""
+    once computed, each lm-eval task's main metric and recovery, and (a pipeline) without the columns that make room for
+    its training and merge columns."""
     tasks = {c.name: c for c in task_columns(data)}
     if columns:
         return [(c, (tasks.get(c) or column(c)).header or c, (tasks.get(c) or column(c)).format) for c in columns]
@@ -124,7 +125,8 @@ def to_parquet(data: list[dict], path: str) -> None:
     except ImportError:
         from .errors import QfarmError
 
-        raise QfarmError("--format parquet needs pyarrow: pip install 'qfarm[report]' (`make install` installs it; `make demo` does not)") from None
+        raise QfarmError("--format parquet needs pyarrow: pip install 'qfarm[report]' (`make install` installs it; "
+                         "`make demo` does not)") from None
     keys = list(dict.fromkeys(k for r in data for k in r)) or COLUMNS
     flat = [{k: json.dumps(r.get(k)) if isinstance(r.get(k), (list, dict)) else r.get(k) for k in keys} for r in data]
     columns = {}

@@ -371,7 +371,8 @@ def describe(e: dict, model: type[BaseModel], loc: tuple) -> str:
         expected = e.get("ctx", {}).get("expected", "")
         return f"{value!r} is not allowed.{did_you_mean(value, _literals(expected))} Allowed: {expected}"
     if kind == "string_pattern_mismatch":
-        return f"{value!r} is not a valid name: use letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit"
+        return (f"{value!r} is not a valid name: use letters, digits, '.', '_' and '-', at most 64, starting with a "
+                "letter or digit")
     msg = e["msg"].removeprefix("Value error, ")
     return f"{msg[0].lower()}{msg[1:]} (got {_short(value)})" if value is not None else msg
 

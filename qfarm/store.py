@@ -70,7 +70,8 @@ if not cur then
 end
 if cur == 'failed' or cur == 'cancelled' or cur == 'skipped' then
   redis.call('HSET', KEYS[1], 'status', 'queued', 'attempts', 0, 'queued_at', ARGV[2], 'spec', cjson.decode(ARGV[1])['spec'])
-  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress', 'cancel', 'cancel_grace_s')
+  redis.call('HDEL', KEYS[1], 'error', 'error_detail', 'result', 'finished_at', 'started_at', 'attempt_id', 'progress',
+             'cancel', 'cancel_grace_s')
   return 'requeued'
 end
 return cur
@@ -262,8 +263,8 @@ class Store:
         """The mean duration (s) of every work shape finished so far, in this namespace."""
         raw = self.r.hgetall(self.keys.durations())
         out = {}
-        for field, value in raw.items():
-            shape, _, what = field.rpartition(":")
+        for key, value in raw.items():
+            shape, _, what = key.rpartition(":")
             if what == "sum" and raw.get(f"{shape}:n"):
                 try:
                     out[shape] = float(value) / max(int(raw[f"{shape}:n"]), 1)

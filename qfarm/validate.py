@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import hub, lmtasks
 from .columns import column, option_clashes
 from .errors import Problem, SpecError, allowed, did_you_mean, format_path, line_of
 from .methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
 from .modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
-from . import hub, lmtasks
 from .refs import RefError, fingerprint, resolve_dataset, resolve_model
 from .spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe
 
@@ -262,7 +262,8 @@ def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tupl
     if ppl is not None:
         try:
             ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
-            ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
+            ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field,
+                                           "key": ref.key}
         except RefError as e:
             errors.add(loc + ("perplexity", "dataset"), str(e))
     folders = []

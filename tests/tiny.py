@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "phi3", "mixtral")
 
 

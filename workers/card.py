@@ -124,8 +124,8 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
     what = {"quantize": f"{base} quantized with `{method}`" + (f" ({quant.get('bits')}-bit)" if quant.get("bits") else ""),
             "train": f"a LoRA adapter trained on {base}", "merge": f"{base} with a LoRA adapter merged in"}
     rows = [
-        ("size on disk", _fmt(result.get("size_mb"), "{:.1f} MB") + (f" (× {result['size_vs_ref']:.2f} of the "
-                                                                     "reference checkpoint)" if result.get("size_vs_ref") else "")),
+        ("size on disk", _fmt(result.get("size_mb"), "{:.1f} MB")
+         + (f" (× {result['size_vs_ref']:.2f} of the reference checkpoint)" if result.get("size_vs_ref") else "")),
         ("perplexity", _fmt(result.get("perplexity"), "{:.3f}", result.get("perplexity_se"))
          + (f" (reference {result['ref_perplexity']:.3f})" if result.get("ref_perplexity") else "")),
         ("Δ perplexity vs reference", _fmt(result.get("ppl_delta_pct"), "{:+.2f}", result.get("ppl_delta_pct_se"), "%")),

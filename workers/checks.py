@@ -133,8 +133,9 @@ def rebuilt_backend(gguf_path: str):
     transformers' model stack. No transformers tokenizer class changes its backend's pre-tokenizer or normalizer
     after building it (tests/integration/test_validate_checks.py compares the ids with AutoTokenizer's). None
     where this file's family has no converter or its header does not read so: the caller goes the long way."""
-    from qfarm.modelinfo import gguf_metadata
     from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    from qfarm.modelinfo import gguf_metadata
 
     keys = {f"tokenizer.{k}" for section in GGUF_TOKENIZER_MAPPING.values() for k in section}
     try:

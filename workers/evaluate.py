@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from workers.checks import check_reference
-from workers.data import windows_and_bytes
-from workers.data import held_out, load_text
+from workers.data import held_out, load_text, windows_and_bytes
 from workers.files import build_once
 from workers.tasks import run_tasks
 

@@ -141,11 +141,10 @@ def load_quantized(path: str, training: bool = False, **kwargs):
     """A GPTQ/AWQ checkpoint as a transformers model on GPTQModel's kernels, in this worker's compute dtype, on its
     device. ``training``: on GPTQModel's plain torch kernel, the one peft trains LoRA through (the fused and
     Marlin kernels have no backward), which computes in bfloat16 where the compute dtype is float32 (a CPU)."""
+    import torch
     from gptqmodel import BACKEND, GPTQModel
 
     from workers.models import compute_dtype, device
-
-    import torch
 
     backend, dtype = (BACKEND.TORCH if training else BACKEND.AUTO), compute_dtype(path)
     if training and dtype == torch.float32:  # the torch kernel computes in float16/bfloat16 only

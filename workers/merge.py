@@ -3,7 +3,8 @@
 ``onto: base`` merges into the float model the sweep started from. ``onto: dequantized`` (QLoRA, or LoRA trained
 ``from:`` a GPTQ/AWQ stage) merges into the 4-bit base the adapter was trained on, dequantized to float: the weights
 the adapter actually learned against. Nothing is merged into int4 weights (the update would mostly round away): a
-merged model is float, and a ``quantize`` stage from the merge re-quantizes it (dequantize -> merge -> requantize). Before saving, the merged model's logits are compared with the adapter model's (the model as trained:
+merged model is float, and a ``quantize`` stage from the merge re-quantizes it (dequantize -> merge -> requantize).
+Before saving, the merged model's logits are compared with the adapter model's (the model as trained:
 base, 4-bit for QLoRA, plus the unmerged adapter) on held-out examples: ``merge_max_abs_diff``,
 ``merge_mean_abs_diff`` and ``merge_top1_agree`` say how faithful the merge is. For QLoRA, merging onto the float
 base is not exact (the adapter corrected 4-bit weights that are not there), onto the dequantized base it is.
@@ -30,7 +31,6 @@ from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.files import inside
 from workers.models import compute_dtype, dir_bytes, placement, prepared_base, shared_columns, start
 from workers.train import load_trainable_base
-
 
 FLOAT32 = "float32"  # the merge and its check: both sides in float32 arithmetic, whatever the device
 

@@ -27,8 +27,14 @@ def forbid_remote_code() -> None:
     """Replace ``get_class_from_dynamic_module`` wherever transformers bound it (its auto classes import it by
     name), before and after importing them."""
     import transformers.dynamic_module_utils as dynamic
-    from transformers.models.auto import (auto_factory, configuration_auto, feature_extraction_auto,  # noqa: F401
-                                          image_processing_auto, processing_auto, tokenization_auto)
+    from transformers.models.auto import (  # noqa: F401
+        auto_factory,
+        configuration_auto,
+        feature_extraction_auto,
+        image_processing_auto,
+        processing_auto,
+        tokenization_auto,
+    )
 
     dynamic.get_class_from_dynamic_module = _refuse
     for name, module in list(sys.modules.items()):

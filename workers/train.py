@@ -49,12 +49,11 @@ def load_trainable_base(path: str, options: dict, fused_cpu_kernel: bool | None 
     (in the compute dtype: the checkpoint's on a GPU, float32 on a CPU; ``dtype`` forces one, as a merge's
     float32 check does), bitsandbytes 4-bit for QLoRA, its CPU kernel chosen by ``workers.bnb.use_cpu_kernel``.
     Placed over the job's GPUs like every model (``workers.models.placement``)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from workers.bnb import quantized_bytes
     from workers.models import compute_dtype, placement, weight_bytes
-
-    import torch
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or compute_dtype(path)
     if options["method"] == "qlora":

@@ -4,8 +4,6 @@ its finished jobs untouched and the jobs that were running retried."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import time
