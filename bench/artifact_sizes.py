@@ -42,6 +42,7 @@ def qwen2_tied(folder: Path) -> Path:
 def run(model: str, method: str, dtype, root: Path) -> dict:
     import workers.models
     from qfarm.expand import load_plan
+    from qfarm.job import Job
     from workers.actor import JobContext, entry_point
     from workers.cache import Cache
 
@@ -55,7 +56,7 @@ def run(model: str, method: str, dtype, root: Path) -> dict:
     workers.models.compute_dtype = lambda path: dtype
     try:
         sweep = f"sizes-{str(dtype).replace('torch.', '')}"  # one folder per compute dtype: both artifacts kept
-        ctx = JobContext({**job.payload(), "input": {}}, "a1", sweep, str(root / sweep / job.id), str(root),
+        ctx = JobContext(Job.from_payload(job.payload()), "a1", sweep, str(root / sweep / job.id), str(root),
                          Cache(), 2, lambda line: None)
         return entry_point(job.worker, "worker")(ctx)
     finally:

@@ -124,7 +124,8 @@ def _direct_in_fresh_process(payload: dict) -> float:
         from workers.models import preload
         preload()  # what a worker does in ready(), before its first job
         payload = json.loads(sys.stdin.read())
-        ctx = JobContext(payload, "direct", "direct", payload["output_dir"], payload["output_root"], Cache(), 1,
+        from qfarm.job import Job
+        ctx = JobContext(Job.from_payload(payload), "direct", "direct", payload["output_dir"], payload["output_root"], Cache(), 1,
                          lambda line: None)
         t0 = time.time()
         workers.quantize.run(ctx)

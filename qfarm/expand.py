@@ -15,68 +15,13 @@ from typing import Any
 
 from . import validate
 from .errors import SpecError
+from .job import Job
 from .methods import KINDS, SCHEMES, UNSET_NOT_IDENTITY, Options
 from .spec import JobGroup, LoadedSpec, SweepSpec, load_spec, renamed
 from .validate import MAX_JOBS, Collector, axes, stage_name
 
 SPEC_VERSION = 2  # bump when a change to evaluation makes old results incomparable (2: artifacts stored in the
 # source dtype and checked against their rows, act_order applied on llm-compressor)
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    kind: str
-    group: int
-    label: str
-    options: dict[str, Any]
-    model: dict[str, Any] | None
-    eval: dict[str, Any] | None
-    resources: dict[str, Any]
-    max_attempts: int
-    timeout_s: float | None
-    hung_after_s: float | None = None  # no heartbeat for this long while running: the worker is killed, the job retried
-    start_timeout_s: float | None = None  # its worker not started by then (no node holds it): killed; see scheduler
-    calibration: dict[str, Any] | None = None  # resolved calibration data ref, for methods that calibrate
-    stage: str = ""  # the job group's name (or its kind)
-    parent: str | None = None  # the job this one starts from (``from:``): it runs once that one succeeded
-    lineage: tuple[str, ...] = ()  # labels of its ancestors, oldest first
-    data: dict[str, Any] | None = None  # a train job's resolved dataset ref; an evaluate job's checkpoint ref
-    task_eval: dict[str, Any] | None = None  # held-out examples of a train job: its task_loss, and its descendants'
-    worker: str = ""  # the kind's worker entry point ("module:function"): workers never read the registry
-    needs_model: bool = False  # its worker loads a model: the scheduler has such workers import the ML stack early
-    impl: str | None = None  # the method's implementation ("module:Class"), for kinds whose methods have one
-    bits: int | None = None  # the nominal bits of the weights (the ``bits`` column)
-    axes: tuple[str, ...] = ()  # the option keys its group's matrix varies: always in its label
-    needs: tuple[str, ...] = ()  # jobs that must succeed before it runs, whose output it reads (a shared capture)
-
-    def payload(self) -> dict[str, Any]:
-        """The JSON-safe description stored in Redis and handed to a worker."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "group": self.group,
-            "label": self.label,
-            "options": self.options,
-            "model": self.model,
-            "eval": self.eval,
-            "resources": self.resources,
-            "max_attempts": self.max_attempts,
-            "timeout_s": self.timeout_s,
-            "hung_after_s": self.hung_after_s,
-            "start_timeout_s": self.start_timeout_s,
-            "calibration": self.calibration,
-            "stage": self.stage,
-            "parent": self.parent,
-            "lineage": list(self.lineage),
-            "data": self.data,
-            "task_eval": self.task_eval,
-            "worker": self.worker,
-            "needs_model": self.needs_model,
-            "impl": self.impl,
-            "bits": self.bits,
-            "needs": list(self.needs),
-        }
 
 
 @dataclass(frozen=True)

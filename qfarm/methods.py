@@ -21,6 +21,12 @@ from .errors import allowed, did_you_mean
 QUALITY_ONLY = {"quality_only": True}
 
 
+def stored(info: ValidationInfo) -> bool:
+    """Whether options are being read back from a job record (``qfarm.job``), every default written out: checks
+    of what a user may write together (an option given with a backend that lacks it) do not apply to defaults."""
+    return bool(info.context and info.context.get("stored"))
+
+
 class Options(BaseModel):
     """Base of every job's options after matrix expansion: unknown keys are errors."""
 
@@ -137,7 +143,7 @@ class BackendOptions(Options):
     @field_validator("duo_scaling", "n_grid", check_fields=False)
     @classmethod
     def _llmcompressor_only(cls, value, info: ValidationInfo):
-        if info.data.get("backend") == "gptqmodel":
+        if info.data.get("backend") == "gptqmodel" and not stored(info):
             raise ValueError(f"{info.field_name} is llm-compressor's AWQ option; GPTQModel's AWQ has no such "
                              "setting (drop it, or drop backend: gptqmodel)")
         return value

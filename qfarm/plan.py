@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import settings
+from .job import option_view
 from .methods import GGUF_BITS_PER_WEIGHT
 from .spec import PerplexitySpec
 
@@ -159,15 +160,16 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
     parked in host RAM meanwhile. llm-compressor methods quantize a copy in host RAM that their sequential pipeline
     onloads a decoder layer at a time. Weights, KV cache and activations spread over the job's GPUs; a window's
     logits and GPTQ's Hessians sit on one. On a CPU everything is host RAM, held at once (nothing to park)."""
-    opts, kind = job.get("options") or {}, job.get("kind")
-    method = opts.get("method", kind)
+    kind = job.get("kind")
+    opts = option_view(kind, job.get("options") or {})  # every default from the options model, none here
+    method = opts.method or kind
     on_gpu, P = device == "cuda", shape.total
     cb = compute_bytes(shape, device)
     ref: dict[str, float] = {"cached float base": P * cb}
     own: dict[str, float] = {}
     host: dict[str, float] = {"worker process": HOST_BASE[device]}
     disk: dict[str, float] = {}
-    four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.get("double_quant") else 4 / 64)
+    four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.double_quant else 4 / 64)
     terms = Terms(ref, own, host, disk, opts, shape, cb, on_gpu, (job.get("model") or {}).get("kind") == "gguf",
                   four_bit)
     PLAN_TERMS[plan_key(kind, method)](terms)
@@ -204,7 +206,7 @@ class Terms:
     own: dict
     host: dict
     disk: dict
-    opts: dict
+    opts: object  # the job's options, every default filled in (qfarm.job.option_view)
     shape: ModelShape
     cb: int  # bytes of a weight at the compute dtype
     on_gpu: bool
@@ -241,7 +243,7 @@ def _bnb_4bit(t: Terms) -> None:
 
 
 def _llm_compressor(t: Terms, hessians: bool = False) -> None:
-    P, bits, group = t.shape.total, t.opts.get("bits", 4), t.opts.get("group_size", 64)
+    P, bits, group = t.shape.total, t.opts.bits, t.opts.group_size
     if t.on_gpu:
         t.host["model being quantized (onloaded a layer at a time)"] = P * t.cb
         t.own["decompressed artifact"] = P * t.cb
@@ -249,13 +251,13 @@ def _llm_compressor(t: Terms, hessians: bool = False) -> None:
         t.own["model being quantized, then its decompressed artifact"] = P * t.cb
     if hessians:
         t.own["GPTQ Hessians (one block)"] = sum(n * n * 4 for n in t.shape.block_linear_inputs())
-    per_group = 2 * (2 if not t.opts.get("symmetric", True) else 1) / (group if group and group > 0 else t.shape.hidden)
+    per_group = 2 * (2 if not t.opts.symmetric else 1) / (group if group and group > 0 else t.shape.hidden)
     t.disk["artifact"] = t.shape.linear * (bits / 8 + per_group) + t.rest * 2
 
 
 def _gguf(t: Terms) -> None:
     P = t.shape.total
-    file_bytes = P * GGUF_BITS_PER_WEIGHT.get(t.opts.get("gguf_type", "Q4_K_M"), 8) / 8
+    file_bytes = P * GGUF_BITS_PER_WEIGHT.get(t.opts.gguf_type, 8) / 8
     (t.own if t.on_gpu else t.host)["GGUF file in llama.cpp"] = file_bytes
     t.disk["artifact"] = file_bytes
     if not t.gguf_source:
@@ -278,13 +280,13 @@ def _evaluate(t: Terms) -> None:
 
 def _merge(t: Terms) -> None:
     t.own["merged model"] = t.shape.total * t.cb
-    t.disk["artifact"] = t.shape.total * DTYPE_BYTES.get(t.opts.get("dtype", "float32"), 4)
+    t.disk["artifact"] = t.shape.total * DTYPE_BYTES.get(t.opts.dtype, 4)
 
 
 def _training(t: Terms, four_bit_base: bool = False) -> None:
     dev, disk, opts, shape, four_bit, rest, cb = t.own, t.disk, t.opts, t.shape, t.four_bit, t.rest, t.cb
     method = "qlora" if four_bit_base else "lora"
-    r = int(opts.get("r", 8))
+    r = int(opts.r)
     per_block = sum(r * (n_in + n_out) for n_in, n_out in (
         (shape.hidden, shape.heads * shape.head_dim), (shape.hidden, shape.kv_heads * shape.head_dim),
         (shape.hidden, shape.kv_heads * shape.head_dim), (shape.heads * shape.head_dim, shape.hidden),
@@ -293,10 +295,10 @@ def _training(t: Terms, four_bit_base: bool = False) -> None:
     dev["trainable copy" + (" (4-bit)" if method == "qlora" else "")] = (
         shape.linear * four_bit + rest * cb if method == "qlora" else shape.total * cb)
     dev["LoRA weights, gradients, Adam moments"] = lora * 16
-    s, b, h, a = int(opts.get("seq_len", 256)), int(opts.get("batch_size", 4)), shape.hidden, shape.heads
+    s, b, h, a = int(opts.seq_len), int(opts.batch_size), shape.hidden, shape.heads
     # at 16 bits; LoRA computes in the base's dtype, QLoRA in its compute_dtype (float32 unless the spec says)
-    act = cb / 2 if method == "lora" else DTYPE_BYTES.get(opts.get("compute_dtype", "float32"), 4) / 2
-    per_layer = s * b * h * 2 if opts.get("gradient_checkpointing") else s * b * h * (34 + 5 * a * s / h)
+    act = cb / 2 if method == "lora" else DTYPE_BYTES.get(opts.compute_dtype, 4) / 2
+    per_layer = s * b * h * 2 if opts.gradient_checkpointing else s * b * h * (34 + 5 * a * s / h)
     dev["activations"] = per_layer * act * shape.layers
     dev["logits and their gradient"] = b * s * shape.vocab * 4 * 2
     disk["adapter"] = lora * 4

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from qfarm import handoff
 from qfarm.connection import connect_redis
 from qfarm.errors import Permanent, one_line, retryable
+from qfarm.job import Job
 from qfarm.store import JobStatus, Store
 
 HEARTBEAT_S = 5.0
@@ -27,9 +28,10 @@ HEARTBEAT_S = 5.0
 
 @dataclass
 class JobContext:
-    """What a job-kind module gets: its spec, where to write, a progress line, and the worker's cache."""
+    """What a job-kind module gets: its job (typed: ``qfarm.job.Job``, its options in ``opts``), where to write,
+    a progress line, and the worker's cache."""
 
-    job: dict[str, Any]
+    job: Job
     attempt_id: str
     sweep_id: str
     output_dir: str
@@ -41,8 +43,9 @@ class JobContext:
     extra: dict[str, Any] = field(default_factory=dict)  # result columns a method adds (e.g. calibration size)
 
     @property
-    def options(self) -> dict[str, Any]:
-        return self.job["options"]
+    def opts(self):
+        """The job's options, typed (the options model of its kind or method, every default applied there)."""
+        return self.job.opts
 
     def count(self, name: str, by: int = 1) -> None:
         self.stats[name] = self.stats.get(name, 0) + by
@@ -92,21 +95,23 @@ class Worker:
             return {"status": "not-claimed"}
         self.current = f"{job['id']} {job.get('label', '')}"
         beat = _Heartbeat(self.store, job["id"], attempt_id)
-        ctx = JobContext(job, attempt_id, sweep_id, job["output_dir"], self.output_root, None, self.threads,
-                         beat.progress)
+        ctx = None
         node = _node_id()
         started = time.time()
         attempt = {"started_at": started, "worker": self.name, "node": node, "pid": os.getpid()}
         beat.start(pid=os.getpid(), node=node, actor_id=_actor_id())
         try:
-            if job["kind"] != "sleep":
+            spec = Job.from_payload(job)  # typed, its options validated again: nothing from Redis is trusted
+            ctx = JobContext(spec, attempt_id, sweep_id, spec.output_dir, self.output_root, None, self.threads,
+                             beat.progress)
+            if spec.kind != "sleep":
                 ctx.cache = self.cache
             work_start = time.time()
             result = _run_kind(ctx)
             # work_s: the job's own work; what the farm adds is (finished_at - started_at) - work_s
             result.update({"worker": self.name, "node": node, "threads": self.threads,
                            "work_s": time.time() - work_start})
-            result.update(_model_card(job, result, sweep_id, self.output_root))
+            result.update(_model_card(spec, result, sweep_id, self.output_root))
             for name, n in ctx.stats.items():
                 self.store.incr_stat(sweep_id, name, n)
             ok = self.store.finish(job["id"], attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)
@@ -125,11 +130,11 @@ class Worker:
             beat.stop()
             self.current = None
             self.jobs_run += 1
-            if ctx.cache is not None:
+            if ctx is not None and ctx.cache is not None:
                 gc.collect()  # free a model job's tensors now (costs ~25 ms: only where there is memory to free)
 
 
-def _model_card(job: dict, result: dict, sweep_id: str, output_root: str) -> dict:
+def _model_card(job: Job, result: dict, sweep_id: str, output_root: str) -> dict:
     """The job's artifact folder gets its model card (workers.card); a card that cannot be written is said in the
     row, and never fails the job."""
     if not result.get("artifact"):
@@ -148,7 +153,7 @@ WORKER_ENTRY = re.compile(r"^workers(\.[a-z_][a-z0-9_]*)+:[a-z_][a-z0-9_]*$")
 def _run_kind(ctx: JobContext) -> dict:
     """Call the job's worker entry point, as its payload names it (``workers.quantize:run``): the registry
     (``qfarm.methods.KINDS``) resolved it at submit time. Only functions under ``workers`` are ever imported."""
-    return entry_point(ctx.job.get("worker"), "worker")(ctx)
+    return entry_point(ctx.job.worker, "worker")(ctx)
 
 
 def entry_point(name: str | None, what: str):

@@ -38,13 +38,13 @@ FORMAT_FIXED = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", 
 
 # --- 1. stored as deployed -------------------------------------------------------------------------------------
 
-def source_dtype(job: dict, base_path: str) -> str:
+def source_dtype(job, base_path: str) -> str:
     """The dtype a user's checkpoint of this job's base stores its float tensors in: the sweep's GGUF's float
     tensors (bfloat16 when it has none: a quantized file), else the base folder's declared dtype."""
     from workers.models import checkpoint_dtype
 
-    model = job.get("model") or {}
-    if model.get("kind") == "gguf" and not (job.get("input") or {}).get("artifact"):
+    model = job.model or {}
+    if model.get("kind") == "gguf" and not job.input.artifact:
         return gguf_float_dtype(str(Path(model["location"]) / model["gguf_file"]))
     declared = checkpoint_dtype(base_path)
     return declared if declared in ("float32", "float16", "bfloat16") else DEFAULT_STORAGE
@@ -179,53 +179,53 @@ def _describe_gguf(path: str) -> dict:
 
 # --- 3. checked against the row --------------------------------------------------------------------------------
 
-def claims(options: dict, impl: str | None) -> list[tuple[str, object, str, object]]:
-    """What the artifact's metadata must say for a row with these options: (option, its value in the row, the
-    metadata's key, the value that key must have). Options the metadata does not record (dampening of
+def claims(opts, impl: str | None) -> list[tuple[str, object, str, object]]:
+    """What the artifact's metadata must say for a row with these (typed) options: (option, its value in the row,
+    the metadata's key, the value that key must have). Options the metadata does not record (dampening of
     llm-compressor's GPTQ, AWQ's grid) are not here: tests/integration/test_every_option.py shows they move the
     weights."""
-    method = options.get("method")
+    method = opts.method
     if method in ("rtn", "gptq", "awq") and impl and "gptqmodel" in impl:
-        out = [("method", method, "format", method), ("bits", options["bits"], "bits", options["bits"]),
-               ("group_size", options["group_size"], "group_size", options["group_size"])]
+        out = [("method", method, "format", method), ("bits", opts.bits, "bits", opts.bits),
+               ("group_size", opts.group_size, "group_size", opts.group_size)]
         if method == "awq":  # AutoAWQ's layout says zero_point where GPTQ's says sym
-            out.append(("symmetric", options["symmetric"], "zero_point", not options["symmetric"]))
+            out.append(("symmetric", opts.symmetric, "zero_point", not opts.symmetric))
         else:
-            out.append(("symmetric", options["symmetric"], "sym", options["symmetric"]))
+            out.append(("symmetric", opts.symmetric, "sym", opts.symmetric))
         if method == "gptq":
-            out += [("act_order", options["act_order"], "desc_act", options["act_order"]),
-                    ("dampening_frac", options["dampening_frac"], "damp_percent", options["dampening_frac"])]
+            out += [("act_order", opts.act_order, "desc_act", opts.act_order),
+                    ("dampening_frac", opts.dampening_frac, "damp_percent", opts.dampening_frac)]
         return out
     if method in ("rtn", "gptq", "awq"):
-        scheme = options.get("scheme")
+        scheme = getattr(opts, "scheme", None)  # AWQ has none
         act = {"W8A8": "int8 token dynamic", "FP8_DYNAMIC": "float8 token dynamic"}.get(scheme)
         out = [("method", method, "format", "compressed-tensors"),
-               ("bits", options["bits"], "bits", options["bits"]),
-               ("group_size", options["group_size"], "group_size", options["group_size"]),
-               ("symmetric", options["symmetric"], "symmetric", options["symmetric"]),
+               ("bits", opts.bits, "bits", opts.bits),
+               ("group_size", opts.group_size, "group_size", opts.group_size),
+               ("symmetric", opts.symmetric, "symmetric", opts.symmetric),
                ("scheme", scheme, "type", "float" if scheme == "FP8_DYNAMIC" else "int"),
                ("scheme", scheme, "input_activations", act)]
         if method == "gptq":
-            out.append(("act_order", options["act_order"], "actorder", "weight" if options["act_order"] else None))
+            out.append(("act_order", opts.act_order, "actorder", "weight" if opts.act_order else None))
         else:
             out.append(("method", method, "actorder", None))
         return out
     if method == "bnb-int8":
         return [("method", method, "load_in_8bit", True),
-                ("threshold", options["threshold"], "llm_int8_threshold", options["threshold"])]
+                ("threshold", opts.threshold, "llm_int8_threshold", opts.threshold)]
     if method in ("bnb-nf4", "bnb-fp4"):
         return [("method", method, "bnb_4bit_quant_type", method.removeprefix("bnb-")),
-                ("double_quant", options["double_quant"], "bnb_4bit_use_double_quant", options["double_quant"]),
-                ("compute_dtype", options["compute_dtype"], "bnb_4bit_compute_dtype", options["compute_dtype"])]
+                ("double_quant", opts.double_quant, "bnb_4bit_use_double_quant", opts.double_quant),
+                ("compute_dtype", opts.compute_dtype, "bnb_4bit_compute_dtype", opts.compute_dtype)]
     if method == "gguf":
-        name = options["gguf_type"]
+        name = opts.gguf_type
         return [("gguf_type", name, "file_type", ("ALL_" if name == "F32" else "MOSTLY_") + name)]
     return []
 
 
-def check(options: dict, impl: str | None, described: dict) -> None:
+def check(opts, impl: str | None, described: dict) -> None:
     """Raises Permanent naming the first option whose value the artifact's metadata contradicts (or does not hold)."""
-    for option, value, key, expected in claims(options, impl):
+    for option, value, key, expected in claims(opts, impl):
         found = described.get(key, "nothing")
         if not _same(found, expected):
             raise Permanent(f"the artifact is not what its row says: the row says {option} {_text(value)}, the "
@@ -250,7 +250,7 @@ def finish(ctx, base, artifact: str) -> dict:
         ctx.progress(f"storing the artifact's unquantized tensors in {dtype}")
         store_as_source(artifact, dtype)
     described = describe(artifact)
-    check(ctx.options, ctx.job.get("impl"), described)
+    check(ctx.opts, ctx.job.impl, described)
     return {"artifact_config": described, "stored_dtype": stored_dtype(artifact)}
 
 

@@ -28,18 +28,18 @@ import gc
 import shutil
 
 
-def config(options: dict):
+def config(opts):
+    """transformers' BitsAndBytesConfig for a job's typed options (qfarm.methods: BnbInt8Options, Bnb4bitOptions)."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    method = options["method"]
-    if method == "bnb-int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options.get("threshold", 6.0))
+    if opts.method == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=opts.threshold)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4" if method == "bnb-nf4" else "fp4",
-        bnb_4bit_use_double_quant=bool(options.get("double_quant")),
-        bnb_4bit_compute_dtype=getattr(torch, options.get("compute_dtype", "float32")),
+        bnb_4bit_quant_type="nf4" if opts.method == "bnb-nf4" else "fp4",
+        bnb_4bit_use_double_quant=opts.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, opts.compute_dtype),
     )
 
 
@@ -113,11 +113,11 @@ def unpacked(model):
     return model
 
 
-def quantized_bytes(path: str, options: dict) -> float:
-    """The weight bytes of ``path`` quantized as ``options`` say: 1 byte an int8 weight, ~0.56 a 4-bit one."""
+def quantized_bytes(path: str, int8: bool = False) -> float:
+    """The weight bytes of ``path`` quantized by bitsandbytes: 1 byte an int8 weight, ~0.56 a 4-bit one."""
     from workers.models import weight_bytes
 
-    return weight_bytes(path, 1.0 if options["method"] == "bnb-int8" else 0.5625)
+    return weight_bytes(path, 1.0 if int8 else 0.5625)
 
 
 class BitsAndBytes:
@@ -128,8 +128,8 @@ class BitsAndBytes:
 
         out = ctx.output_dir
         shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
-        where, _ = placement(base.path, nbytes=quantized_bytes(base.path, ctx.options))
-        model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=config(ctx.options),
+        where, _ = placement(base.path, nbytes=quantized_bytes(base.path, ctx.opts.method == "bnb-int8"))
+        model = AutoModelForCausalLM.from_pretrained(base.path, quantization_config=config(ctx.opts),
                                                      dtype=compute_dtype(base.path), **where)
         model.save_pretrained(out)
         base.tokenizer.save_pretrained(out)
@@ -142,7 +142,7 @@ class BitsAndBytes:
 
         from workers.models import compute_dtype, placement
 
-        where, said = placement(artifact, nbytes=quantized_bytes(artifact, ctx.options))
+        where, said = placement(artifact, nbytes=quantized_bytes(artifact, ctx.opts.method == "bnb-int8"))
         # in this worker's compute dtype, as every row: the artifact stores its float tensors in the source's dtype
         model = AutoModelForCausalLM.from_pretrained(artifact, dtype=compute_dtype(artifact), **where)
         model.eval()

@@ -37,7 +37,7 @@ def run(ctx) -> dict:
         del model
     return {
         "method": "calibrate",
-        "capture": ctx.options.get("capture"),
+        "capture": ctx.opts.capture,
         "capture_layers": layers,
         "capture_s": capture_s,
         "load_s": load_s,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qfarm.job import Job
+
 CARD = "README.md"
 
 # what the job made of its base model, in the hub's own words (base_model_relation)
@@ -88,12 +90,13 @@ def library(kind: str | None, method: str | None) -> str:
     return found.library if found is not None else "transformers"
 
 
-def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dict, str]:
-    """(the card's metadata, its markdown body) for one job's artifact."""
-    opts = dict(job.get("options") or {})
-    kind = job.get("kind")
-    method = opts.get("method") or result.get("method")
-    quant = {k: v for k, v in {"method": method, "bits": job.get("bits", opts.get("bits")),
+def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict, str]:
+    """(the card's metadata, its markdown body) for one job's artifact. The options it shows are those the job's
+    method has, as stored (the card names whichever of them it knows)."""
+    opts = job.options
+    kind = job.kind
+    method = job.method or result.get("method")
+    quant = {k: v for k, v in {"method": method, "bits": job.bits,
                                "group_size": opts.get("group_size"), "scheme": opts.get("scheme"),
                                "gguf_type": opts.get("gguf_type"), "act_order": opts.get("act_order")}.items()
              if v is not None}
@@ -111,13 +114,13 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
         "training": {k: opts.get(k) for k in ("r", "lora_alpha", "lora_dropout", "learning_rate", "max_steps",
                                                "quantize_base") if opts.get(k) is not None} if kind == "train" else None,
         "qfarm": {k: v for k, v in {
-            "sweep_id": sweep_id, "job_id": job.get("id"), "label": job.get("label"),
-            "source": source_name(job.get("model") or {}), "lineage": job.get("lineage") or None,
+            "sweep_id": sweep_id, "job_id": job.id, "label": job.label,
+            "source": source_name(job.model or {}), "lineage": list(job.lineage) or None,
             "model_revision": result.get("model_revision"), "versions": result.get("versions") or None}.items()
             if v is not None},
     }
     meta = {k: v for k, v in meta.items() if v not in (None, {}, [])}
-    ev = job.get("eval") or {}
+    ev = job.eval or {}
     ppl = ev.get("perplexity") or {}
     speed = ev.get("speed") or {}
     base = source.get("base_model") or source.get("name") or "the source model"
@@ -149,11 +152,11 @@ def card_text(job: dict, result: dict, source: dict, sweep_id: str) -> tuple[dic
            "compared token by token with the unquantized reference; ± is one standard error.",
            f"- speed: {speed.get('prompt_tokens', '?')}-token prompt, {speed.get('new_tokens', '?')} new tokens, "
            f"median of {speed.get('runs', '?')} runs, batch 1.",
-           *([f"- made from the GGUF file `{(job.get('model') or {}).get('gguf_file')}`, dequantized to float "
-              "(the reference is that float model)."] if (job.get("model") or {}).get("kind") == "gguf" else []),
-           f"- made by qfarm, sweep `{sweep_id}`, job `{job.get('id')}`"
-           + (f" (from {' → '.join(job.get('lineage'))})" if job.get("lineage") else "") + "."]
-    body = (f"\n# {job.get('label') or job.get('id')}\n\n{what.get(kind, base)}.\n\n## Measured\n\n{table}\n\n"
+           *([f"- made from the GGUF file `{(job.model or {}).get('gguf_file')}`, dequantized to float "
+              "(the reference is that float model)."] if (job.model or {}).get("kind") == "gguf" else []),
+           f"- made by qfarm, sweep `{sweep_id}`, job `{job.id}`"
+           + (f" (from {' → '.join(job.lineage)})" if job.lineage else "") + "."]
+    body = (f"\n# {job.label or job.id}\n\n{what.get(kind, base)}.\n\n## Measured\n\n{table}\n\n"
             "## How it was measured\n\n" + "\n".join(how) + "\n")
     return meta, body
 
@@ -181,7 +184,7 @@ def _dataset_name(ds) -> str:
     return str(ds or "?")
 
 
-def write_card(job: dict, result: dict, sweep_id: str, output_root: str) -> str | None:
+def write_card(job: Job, result: dict, sweep_id: str, output_root: str) -> str | None:
     """Write README.md into the job's artifact folder (when it saved one inside the output root); its path."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -193,7 +196,7 @@ def write_card(job: dict, result: dict, sweep_id: str, output_root: str) -> str 
     folder = Path(inside(output_root, artifact))
     if not folder.is_dir():
         return None
-    meta, body = card_text(job, result, source_info(job.get("model") or {}, output_root), sweep_id)
+    meta, body = card_text(job, result, source_info(job.model or {}, output_root), sweep_id)
     card = ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n{body}")
     path = folder / CARD
     card.save(str(path))

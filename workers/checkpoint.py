@@ -34,7 +34,7 @@ def run(ctx) -> dict:
     from qfarm.refs import confirm
 
     start(ctx)
-    ref = ctx.job.get("data") or {}
+    ref = ctx.job.data or {}
     confirm(ref, "checkpoint")
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
@@ -61,7 +61,7 @@ def run(ctx) -> dict:
     }
     if size is None:  # a hub model's files are in the hub cache, not a folder of ours: its size in memory
         result.update(size_mb=in_memory / 2**20, size_source="memory")
-    ev = ctx.job.get("eval") or {}
+    ev = ctx.job.eval or {}
     if ev.get("vllm_skipped"):  # eval.engine: vllm serves the sweep's own checkpoints, not these (yet)
         result["vllm_skipped"] = ev["vllm_skipped"]
     return result

@@ -421,7 +421,7 @@ def reference_first(ctx, base) -> str:
 def _reference_task_loss(ctx, base) -> tuple[list, float] | None:
     """(the held-out examples of the job's train ancestor, the reference's task loss on them), both cached; None
     without a train ancestor."""
-    te = ctx.job.get("task_eval")
+    te = ctx.job.task_eval
     if not te:
         return None
     key = (te["dataset"]["key"], te.get("format"), te["eval_samples"], te["seq_len"], base.path)
@@ -467,7 +467,7 @@ def runtime_of(model) -> str:
 def eval_windows(ctx, base):
     """(the perplexity windows, the reference's checked log-probs on them), from the worker's cache when there.
     The windows follow the model's BOS convention; None, None without ``eval.perplexity``."""
-    ppl = (ctx.job["eval"] or {}).get("perplexity")
+    ppl = (ctx.job.eval or {}).get("perplexity")
     if not ppl:
         return None, None
     ds, tokenizer, bos = ppl["dataset"], base.tokenizer, base.conventions.get("bos_id")
@@ -501,7 +501,7 @@ def evaluate(ctx, model, base) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
     from workers.bnb import kernel_of
 
-    ev = ctx.job["eval"] or {}
+    ev = ctx.job.eval or {}
     tokenizer = base.tokenizer
     metrics: dict = {"kernel": kernel_of(model), "runtime": runtime_of(model)} if hasattr(model, "modules") else {}
     loaded, model = model, runner(model)

@@ -65,7 +65,7 @@ SOURCE_OUTTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
 def source_gguf(ctx, base) -> str:
     """A GGUF file of the base model for llama.cpp to quantize: the model's own GGUF, or one converted once."""
-    model = ctx.job["model"]
+    model = ctx.job.model
     if model["kind"] == "gguf":
         return str(Path(model["location"]) / model["gguf_file"])
     script = converter()
@@ -107,7 +107,7 @@ class Gguf:
 
         import llama_cpp
 
-        name = ctx.options["gguf_type"]
+        name = ctx.opts.gguf_type
         out = Path(ctx.output_dir)
         shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
         out.mkdir(parents=True)
@@ -123,7 +123,7 @@ class Gguf:
             raise RuntimeError(f"llama_model_quantize to {name} failed (return code {rc})")
         counts, weights = tensor_types(str(target))
         ctx.extra.update({"gguf_tensor_types": counts, "bits_per_weight": target.stat().st_size * 8 / weights,
-                          "gguf_source": "gguf" if ctx.job["model"]["kind"] == "gguf" else "converted"})
+                          "gguf_source": "gguf" if ctx.job.model["kind"] == "gguf" else "converted"})
         return str(out)
 
     def load(self, ctx, artifact, base):
@@ -133,10 +133,10 @@ class Gguf:
 
 def context_for(ctx) -> int:
     """The llama.cpp context a job's evaluation needs: its longest window, prompt + generation, or task."""
-    ev = ctx.job.get("eval") or {}
+    ev = ctx.job.eval or {}
     need = max((ev.get("perplexity") or {}).get("seq_len", 0),
                sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
-               (ctx.job.get("task_eval") or {}).get("seq_len", 0),
+               (ctx.job.task_eval or {}).get("seq_len", 0),
                TASK_CONTEXT if ev.get("tasks") else 0)
     return need + ev.get("max_new_tokens", 32) + 256
 

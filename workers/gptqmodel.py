@@ -99,18 +99,17 @@ def failed(what: str, e: Exception) -> Exception:
     return kind(f"{what} failed: {type(e).__name__}{': ' + str(e) if str(e) else ''}{where}")
 
 
-def quantize_config(options: dict, offload: Path):
-    """GPTQModel's QuantizeConfig for a gptq/awq job's options (``offload``: its scratch folder, inside the job's)."""
+def quantize_config(opts, offload: Path):
+    """GPTQModel's QuantizeConfig for a gptq/awq job's typed options (``offload``: its scratch folder, inside the
+    job's)."""
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization import METHOD
 
-    common = dict(bits=options["bits"], group_size=options["group_size"], sym=bool(options.get("symmetric", True)),
-                  offload_to_disk=True, offload_to_disk_path=str(offload))
-    if options["method"] == "awq":
+    common = dict(bits=opts.bits, group_size=opts.group_size, sym=opts.symmetric, offload_to_disk=True,
+                  offload_to_disk_path=str(offload))
+    if opts.method == "awq":
         return QuantizeConfig(method=METHOD.AWQ, **common)
-    act_order = bool(options.get("act_order"))
-    return QuantizeConfig(desc_act=act_order, act_group_aware=False, damp_percent=options["dampening_frac"],
-                          **common)
+    return QuantizeConfig(desc_act=opts.act_order, act_group_aware=False, damp_percent=opts.dampening_frac, **common)
 
 
 def kernel_name(cls: type) -> str:
@@ -209,34 +208,34 @@ class GPTQModelBackend:
         from workers.llmc import _layer_progress, calibration_dataset
         from workers.models import compute_dtype, device
 
-        require(f"backend gptqmodel ({ctx.options['method']})")
-        options, out = ctx.options, Path(ctx.output_dir)
+        require(f"backend gptqmodel ({ctx.opts.method})")
+        opts, out = ctx.opts, Path(ctx.output_dir)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         ctx.progress("tokenizing calibration data")
         data = calibration_dataset(ctx, base)
         samples = [{"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]} for row in data]
         offload = out / "offload"
-        qc = quantize_config(options, offload)
-        ctx.progress(f"{options['method']} {options['bits']}-bit (GPTQModel): calibrating and quantizing")
+        qc = quantize_config(opts, offload)
+        what = f"{opts.method} {opts.bits}-bit (GPTQModel): calibrating and quantizing"
+        ctx.progress(what)
         torch.manual_seed(0)
         dtype, pack = compute_dtype(base.path), {}
-        if options["method"] == "awq" and device() == "cpu":
+        if opts.method == "awq" and device() == "cpu":
             # GPTQModel packs AWQ for its torch kernel on a CPU (GEMM needs CUDA), which takes float16/bfloat16 only
             dtype, pack = torch.bfloat16, {"backend": BACKEND.AWQ_TORCH}
             ctx.extra["quant_dtype"] = "bfloat16"
         _no_process_abort()
         _logs_in(offload / "logs")
         model = GPTQModel.load(base.path, qc, device=device(), dtype=dtype)
-        if options["method"] == "awq":
+        if opts.method == "awq":
             check_awq_shapes(model.model)
         # calibration_sort=None: the samples in qfarm's order (GPTQModel sorts them by length by default)
-        what = f"{options['method']} {options['bits']}-bit (GPTQModel): calibrating and quantizing"
         try:
             with _layer_progress(model.model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
                 model.quantize(samples, batch_size=1, calibration_sort=None, **pack)
         except Exception as e:
-            raise failed(f"GPTQModel {options['method']}", e) from e
+            raise failed(f"GPTQModel {opts.method}", e) from e
         ctx.progress("saving the GPTQModel checkpoint")
         model.save(str(out))
         base.tokenizer.save_pretrained(str(out))

@@ -39,33 +39,40 @@ import os
 import shutil
 from pathlib import Path
 
+from qfarm.methods import GptqOptions
+
 # Before llm-compressor is imported: its INFO logs and progress bars would fill the Ray worker logs.
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def weight_args(options: dict) -> dict:
-    """compressed-tensors QuantizationArgs for the job's weights (bits, symmetric and group size: a ``scheme``
-    has filled them in, qfarm.methods.SchemeOptions; FP8_DYNAMIC's are floats)."""
-    kind = "float" if options.get("scheme") == "FP8_DYNAMIC" else "int"
-    args = {"num_bits": options["bits"], "type": kind, "symmetric": bool(options.get("symmetric", True))}
-    group = options.get("group_size", 64)
+def weight_args(opts) -> dict:
+    """compressed-tensors QuantizationArgs for the job's weights (its typed options: bits, symmetric and group
+    size; a ``scheme`` has filled them in, qfarm.methods.SchemeOptions; FP8_DYNAMIC's are floats)."""
+    kind = "float" if _scheme(opts) == "FP8_DYNAMIC" else "int"
+    args = {"num_bits": opts.bits, "type": kind, "symmetric": opts.symmetric}
+    group = opts.group_size
     args.update({"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group})
     return args
 
 
-def actorder(options: dict) -> str | None:
+def _scheme(opts) -> str | None:
+    """The preset ``scheme`` of an rtn/gptq job (AWQ's options have none)."""
+    return getattr(opts, "scheme", None)
+
+
+def actorder(opts) -> str | None:
     """GPTQModifier's ``actorder`` for the job's ``act_order``, given both ways: ``weight`` (columns by activation
     size, groups kept in order: no g_idx, no inference cost; "group" was removed from compressed-tensors) or None
     (stored order). Left unset, llm-compressor 0.14 orders by activation whatever the row says (its default is
     "static", an alias of "weight"): every act_order false row before this fix was an act_order true model."""
-    return "weight" if options.get("act_order", True) else None
+    return "weight" if opts.act_order else None
 
 
-def activation_args(options: dict) -> dict | None:
+def activation_args(opts) -> dict | None:
     """compressed-tensors QuantizationArgs for the inputs of the job's Linears: a W8A8 / FP8_DYNAMIC scheme's
     dynamic per-token int8 / fp8 (as compressed-tensors' presets); None for a weight-only job."""
-    scheme = options.get("scheme")
+    scheme = _scheme(opts)
     if scheme not in ("W8A8", "FP8_DYNAMIC"):
         return None
     return {"num_bits": 8, "type": "float" if scheme == "FP8_DYNAMIC" else "int", "strategy": "token",
@@ -75,29 +82,29 @@ def activation_args(options: dict) -> dict | None:
 SMOOTHING_STRENGTH = 0.8  # llm-compressor's W8A8 example's, when a W8A8 GPTQ job does not set smoothing_strength
 
 
-def recipe(options: dict) -> list:
+def recipe(opts) -> list:
+    """llm-compressor's recipe for an rtn/gptq/awq job's typed options."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    group = {"targets": ["Linear"], "weights": weight_args(options)}
-    activations = activation_args(options)
+    group = {"targets": ["Linear"], "weights": weight_args(opts)}
+    activations = activation_args(opts)
     if activations is not None:
         group["input_activations"] = activations
     groups = {"group_0": group}
-    method = options["method"]
-    if method == "gptq":
-        gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"],
-                            actorder=actorder(options))
-        if options.get("scheme") != "W8A8":
+    if opts.method == "gptq":
+        gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=opts.dampening_frac,
+                            actorder=actorder(opts))
+        if opts.scheme != "W8A8":
             return [gptq]
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-        return [SmoothQuantModifier(smoothing_strength=options.get("smoothing_strength") or SMOOTHING_STRENGTH), gptq]
+        return [SmoothQuantModifier(smoothing_strength=opts.smoothing_strength or SMOOTHING_STRENGTH), gptq]
     quantize = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
-    if method == "rtn":
+    if opts.method == "rtn":
         return [quantize]
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    return [AWQModifier(duo_scaling=options["duo_scaling"], n_grid=options["n_grid"]), quantize]
+    return [AWQModifier(duo_scaling=opts.duo_scaling, n_grid=opts.n_grid), quantize]
 
 
 def calibration_dataset(ctx, base):
@@ -112,7 +119,7 @@ def calibration_dataset(ctx, base):
 
     from workers.data import calibration_windows, load_text, shared_tokens
 
-    cal = ctx.job["calibration"]
+    cal = ctx.job.calibration
     key = (cal["key"], base.path, cal["seq_len"], cal["samples"])
     source = "memory"
 
@@ -127,7 +134,7 @@ def calibration_dataset(ctx, base):
     data, total = ctx.cache.tokens(key, make, ctx, what="calibration")
     samples, seq_len = len(data), cal["seq_len"]
     ctx.extra.update({"calib_samples": samples, "calib_tokens": samples * seq_len, "calib_source": source,
-                      "calib_overlap_tokens": _overlap(ctx.job.get("eval"), cal, total, samples * seq_len)})
+                      "calib_overlap_tokens": _overlap(ctx.job.eval, cal, total, samples * seq_len)})
     return data
 
 
@@ -168,7 +175,7 @@ def _calibration_args(ctx, data) -> dict:
     """oneshot's arguments for the job's calibration samples. In qfarm's order: llm-compressor would shuffle them
     with the process's global RNG, so the same job gave other numbers depending on what its worker ran before
     (GPTQ's error feedback is order-sensitive)."""
-    return {"dataset": data, "num_calibration_samples": len(data), "max_seq_length": ctx.job["calibration"]["seq_len"],
+    return {"dataset": data, "num_calibration_samples": len(data), "max_seq_length": ctx.job.calibration["seq_len"],
             "shuffle_calibration_samples": False}
 
 
@@ -387,15 +394,16 @@ def _resumable_pipeline() -> str:
     return "qfarm_resumable"
 
 
-def sequential(ctx, model, options: dict, data, progress: Path, say=None) -> int:
+def sequential(ctx, model, opts, data, progress: Path, say=None) -> int:
     """GPTQ or AWQ through llm-compressor with its sequential pipeline, resumable per subgraph
     (``_resumable_pipeline``) from ``progress``; returns the subgraphs an earlier attempt had done."""
     from llmcompressor import oneshot
 
     _RESUME.clear()
     _RESUME.update(folder=str(progress), say=say)
+    _no_pinning_without_cuda()  # here, not only in the worker's quantize: whoever runs the pipeline needs it
     try:
-        oneshot(model=model, recipe=recipe(options), pipeline=_resumable_pipeline(), **_calibration_args(ctx, data))
+        oneshot(model=model, recipe=recipe(opts), pipeline=_resumable_pipeline(), **_calibration_args(ctx, data))
         return _RESUME.get("resumed", 0)
     finally:
         _RESUME.clear()
@@ -408,7 +416,7 @@ def capture_hessians(ctx, model, data, folder: Path) -> int:
 
     Capture, _ = _shared_modifiers()
     folder.mkdir(parents=True, exist_ok=True)
-    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args({"bits": 8, "group_size": -1})}}
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(GptqOptions(method="gptq", bits=8, group_size=-1))}}
     capture = Capture(config_groups=groups, ignore=["lm_head"])
     capture._folder = str(folder)
     _no_pinning_without_cuda()
@@ -418,17 +426,17 @@ def capture_hessians(ctx, model, data, folder: Path) -> int:
     return capture._layers
 
 
-def solve_shared(ctx, model, options: dict, capture: str, progress: Path) -> int:
+def solve_shared(ctx, model, opts, capture: str, progress: Path) -> int:
     """GPTQ on ``model`` from a capture's Hessians (qfarm.expand's ``calibrate`` job); returns the layers an
     earlier attempt had solved (loaded from ``progress``, not solved again)."""
     from llmcompressor import oneshot
 
     _, Solve = _shared_modifiers()
-    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(options)}}
-    solve = Solve(config_groups=groups, ignore=["lm_head"], dampening_frac=options["dampening_frac"],
-                  actorder=actorder(options))
+    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(opts)}}
+    solve = Solve(config_groups=groups, ignore=["lm_head"], dampening_frac=opts.dampening_frac,
+                  actorder=actorder(opts))
     solve._capture, solve._progress = capture, str(progress)
-    what = f"gptq {options['bits']}-bit: solving from the shared capture"
+    what = f"gptq {opts.bits}-bit: solving from the shared capture"
     solve._say = lambda i, n, resumed: ctx.progress(
         f"{what}, layer {i}/{n}" + (f" ({resumed} solved by an earlier attempt)" if resumed else ""))
     oneshot(model=model, recipe=[solve])
@@ -438,8 +446,9 @@ def solve_shared(ctx, model, options: dict, capture: str, progress: Path) -> int
 def capture_of(ctx) -> str | None:
     """The folder of the capture a shared GPTQ job solves from (the artifact of the job it needs), inside the output
     root; None for a job that calibrates itself."""
-    needs = (ctx.job.get("input") or {}).get("needs") or {}
-    if not (ctx.options.get("calibration") or {}).get("share"):
+    needs = ctx.job.input.needs
+    calibration = getattr(ctx.opts, "calibration", None)
+    if not getattr(calibration, "share", False):
         return None
     from workers.files import inside
 
@@ -455,10 +464,10 @@ class LLMCompressor:
 
         from workers.models import load_float, package_version
 
-        options, out = ctx.options, ctx.output_dir
+        opts, out = ctx.opts, ctx.output_dir
         capture = capture_of(ctx)
         solved = Path(out) / SOLVED
-        resumable = options["method"] in ("gptq", "awq")
+        resumable = opts.method in ("gptq", "awq")
         _empty_but(Path(out), solved if resumable else None)  # a retry keeps what an earlier attempt solved
         # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference). In host
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
@@ -466,19 +475,18 @@ class LLMCompressor:
         model, tokenizer = load_float(base.path, host=True)
         if capture:
             ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
-            resumed = solve_shared(ctx, model, options, capture, solved)
+            resumed = solve_shared(ctx, model, opts, capture, solved)
         elif resumable:  # llm-compressor's sequential pipeline, checkpointed per subgraph (decoder layer)
             ctx.progress("tokenizing calibration data")
             data = calibration_dataset(ctx, base)
-            _no_pinning_without_cuda()
-            what = f"{options['method']} {options['bits']}-bit: calibrating and quantizing"
-            resumed = sequential(ctx, model, options, data, solved, lambda i, n, r: ctx.progress(
+            what = f"{opts.method} {opts.bits}-bit: calibrating and quantizing"
+            resumed = sequential(ctx, model, opts, data, solved, lambda i, n, r: ctx.progress(
                 f"{what}, subgraph {i}/{n}" + (f" ({r} done by an earlier attempt)" if r else "")))
         else:  # RTN: data-free
-            what = f"rtn {options['bits']}-bit: quantizing"
+            what = f"rtn {opts.bits}-bit: quantizing"
             ctx.progress(what)
             with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
-                oneshot(model=model, recipe=recipe(options))
+                oneshot(model=model, recipe=recipe(opts))
         if resumable:
             ctx.extra["resumed_from"] = resumed or None  # layers (subgraphs) an earlier attempt had done
         self._save(model, tokenizer, out)

@@ -58,11 +58,12 @@ def logits_diff(a: list, b: list, prefix: str = "merge") -> dict:
             f"{prefix}_top1_agree": agree / max(tokens, 1), f"{prefix}_check_tokens": tokens}
 
 
-def check(base_path: str, adapter: str, parent_options: dict, merged, examples: list[list[int]],
+def check(base_path: str, adapter: str, trained_with, merged, examples: list[list[int]],
           quantized: str | None = None) -> dict:
     """The merged model against the adapter model as trained, in the same float32 arithmetic; for a QLoRA
     adapter, also bitsandbytes' default CPU kernel against that float32 path (``kernel_*``). For an adapter trained
-    on a GPTQ/AWQ checkpoint (``quantized``), the adapter model is that checkpoint on GPTQModel's kernel + adapter."""
+    on a GPTQ/AWQ checkpoint (``quantized``), the adapter model is that checkpoint on GPTQModel's kernel + adapter.
+    ``trained_with``: the train job's typed options."""
     from peft import PeftModel
 
     if quantized:
@@ -74,14 +75,14 @@ def check(base_path: str, adapter: str, parent_options: dict, merged, examples: 
         return out
 
     def trained(fused: bool | None = None):
-        model = PeftModel.from_pretrained(load_trainable_base(base_path, parent_options, fused, FLOAT32), adapter)
+        model = PeftModel.from_pretrained(load_trainable_base(base_path, trained_with, fused, FLOAT32), adapter)
         return model.eval()
 
     model = trained()
     exact = logits_of(model, examples)
     out = logits_diff(exact, logits_of(merged, examples))
     del model
-    if parent_options["method"] == "qlora":
+    if trained_with.method == "qlora":
         native = trained(fused=True)  # what bitsandbytes runs by default on this CPU
         out.update(logits_diff(exact, logits_of(native, examples), "kernel"))
         out["kernel_default"] = kernel_of(native)
@@ -89,9 +90,10 @@ def check(base_path: str, adapter: str, parent_options: dict, merged, examples: 
     return out
 
 
-def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str, quantized: str | None = None):
-    """The adapter merged into the chosen base, as a float model. ``quantized``: the GPTQ/AWQ checkpoint the adapter
-    was trained on (merging into its int4 weights would round the update away: it is dequantized first)."""
+def merged_model(base_path: str, adapter: str, trained_with, onto: str, quantized: str | None = None):
+    """The adapter merged into the chosen base, as a float model. ``trained_with``: the train job's typed options;
+    ``quantized``: the GPTQ/AWQ checkpoint the adapter was trained on (merging into its int4 weights would round the
+    update away: it is dequantized first)."""
     import torch
     from peft import PeftModel
 
@@ -100,11 +102,11 @@ def merged_model(base_path: str, adapter: str, parent_options: dict, onto: str, 
 
         model = dequantized(quantized)
     elif onto == "dequantized":
-        model = load_trainable_base(base_path, parent_options, dtype=FLOAT32)  # the 4-bit base, as trained on
+        model = load_trainable_base(base_path, trained_with, dtype=FLOAT32)  # the 4-bit base, as trained on
         model = unpacked(model).dequantize()
         model = model.to(torch.float32)
     else:
-        model = load_trainable_base(base_path, {**parent_options, "method": "lora"}, dtype=FLOAT32)  # the float base
+        model = load_trainable_base(base_path, trained_with, dtype=FLOAT32, four_bit=False)  # the float base
     return PeftModel.from_pretrained(model, adapter).merge_and_unload()
 
 
@@ -113,27 +115,27 @@ def run(ctx) -> dict:
     from transformers import AutoModelForCausalLM
 
     start(ctx)
-    opts, parent = ctx.options, ctx.job["input"]
-    adapter = inside(ctx.output_root, parent["artifact"])
+    opts, parent = ctx.opts, ctx.job.input
+    adapter = inside(ctx.output_root, parent.artifact)
     out = Path(ctx.output_dir)
     shutil.rmtree(out, ignore_errors=True)
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
         ctx.extra["base_during_job"] = reference_first(ctx, base)
-        ctx.progress(f"merging the adapter (onto: {opts['onto']})")
+        ctx.progress(f"merging the adapter (onto: {opts.onto})")
         t0 = time.time()
-        quantized = inside(ctx.output_root, parent["quantized_base"]) if parent.get("quantized_base") else None
-        merged = merged_model(base.path, adapter, parent["options"], opts["onto"], quantized)
+        quantized = inside(ctx.output_root, parent.quantized_base) if parent.quantized_base else None
+        merged = merged_model(base.path, adapter, parent.opts, opts.onto, quantized)
         merge_s = time.time() - t0
 
         ctx.progress("checking the merge against the adapter model")
         merged.eval()
-        examples = held_out(ctx.job["task_eval"], base.tokenizer)[: opts["check_samples"]]
-        checked = check(base.path, adapter, parent["options"], merged, examples, quantized)
+        examples = held_out(ctx.job.task_eval, base.tokenizer)[: opts.check_samples]
+        checked = check(base.path, adapter, parent.opts, merged, examples, quantized)
 
         ctx.progress("saving the merged model")
         target = out / "merged"
-        merged.to(getattr(torch, opts["dtype"])).save_pretrained(target)
+        merged.to(getattr(torch, opts.dtype)).save_pretrained(target)
         base.tokenizer.save_pretrained(target)
         del merged
         ctx.progress("loading the merged model")
@@ -145,8 +147,8 @@ def run(ctx) -> dict:
         load_s = time.time() - t0
         metrics = evaluate(ctx, model, base)
     result = {
-        "method": f"merge-{opts['onto']}",
-        "onto": opts["onto"],
+        "method": f"merge-{opts.onto}",
+        "onto": opts.onto,
         "merge_s": merge_s,
         **checked,
         **shared_columns(ctx, base, size_bytes=dir_bytes(str(target)), size_source="disk", model=model, peak_mb=mem.mb,

@@ -53,7 +53,7 @@ def start(ctx) -> None:
 
     quiet()
     torch.set_num_threads(ctx.threads)
-    ctx.output_dir = job_dir(ctx.output_root, ctx.output_dir, ctx.job.get("id"))
+    ctx.output_dir = job_dir(ctx.output_root, ctx.output_dir, ctx.job.id)
 
 
 def prepared_base(ctx, from_input: bool = False):
@@ -69,10 +69,10 @@ def base_path(ctx, from_input: bool = False) -> tuple[str, float]:
     """(the folder of the job's base model, seconds spent preparing it): the sweep's model, or, ``from_input``, the
     artifact of the job it comes from."""
     ctx.progress("preparing the base model")
-    artifact = (ctx.job.get("input") or {}).get("artifact") if from_input else None
+    artifact = ctx.job.input.artifact if from_input else None
     if artifact:
         return inside(ctx.output_root, artifact), 0.0
-    return base_dir(ctx.job["model"], ctx.output_root, ctx.progress)
+    return base_dir(ctx.job.model, ctx.output_root, ctx.progress)
 
 
 def package_version(name: str) -> str | None:
@@ -297,8 +297,8 @@ def checkpoint_bytes(ctx, base) -> tuple[int, str]:
     """(the reference checkpoint's size on disk in its own dtype, what was measured): a GGUF source's file, the
     weight files of a model folder (safetensors, else PyTorch .bin), else (a hub id) its parameters in the dtype
     its config declares. Not the float copy a worker computes with: that is ``model_mem_mb``."""
-    model = ctx.job.get("model") or {}
-    if not (ctx.job.get("input") or {}).get("artifact") and model.get("kind") == "gguf":
+    model = ctx.job.model or {}
+    if not ctx.job.input.artifact and model.get("kind") == "gguf":
         return (Path(model["location"]) / model["gguf_file"]).stat().st_size, f"file {model['gguf_file']}"
     folder = Path(base.path)
     if folder.is_dir():
@@ -324,7 +324,7 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
     if size_bytes is None:
         size_bytes, size_source = ref_bytes, f"disk ({ref_source})"
     return {
-        **hub_columns(ctx.job.get("model") or {}),
+        **hub_columns(ctx.job.model or {}),
         **plan_columns(ctx, base),
         "size_mb": size_bytes / 2**20,
         "size_source": size_source,
@@ -359,12 +359,12 @@ def plan_columns(ctx, base) -> dict:
     (``plan_host_gb``). Empty when the config cannot be read: a plan informs, it never fails a job."""
     from qfarm.plan import job_plan, model_shape
 
-    model = ctx.job.get("model") or {}
-    ref = model if model.get("kind") == "gguf" and not (ctx.job.get("input") or {}).get("artifact") else \
+    model = ctx.job.model or {}
+    ref = model if model.get("kind") == "gguf" and not ctx.job.input.artifact else \
         {"kind": "hf_dir", "location": base.path}
     try:
         shape = model_shape(ref)
-        plan = job_plan(ctx.job, shape, device()) if shape else None
+        plan = job_plan(ctx.job.payload(), shape, device()) if shape else None
     except Exception:  # noqa: BLE001 - see the docstring
         plan = None
     return {"plan_gpu_gb": plan["gpu_gb"], "plan_host_gb": plan["host_gb"]} if plan else {}

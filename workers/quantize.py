@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from qfarm.job import Job
 from workers import artifacts
 from workers.actor import entry_point
 from workers.evaluate import PeakMemory, evaluate, reference_first
@@ -26,13 +27,13 @@ class Quantizer(Protocol):
     def load(self, ctx, artifact: str | None, base) -> Any: ...
 
 
-def method_impl(job: dict) -> Quantizer:
-    return entry_point(job.get("impl"), "method")()
+def method_impl(job: Job) -> Quantizer:
+    return entry_point(job.impl, "method")()
 
 
 def run(ctx) -> dict:
     start(ctx)
-    name = ctx.options["method"]
+    name = ctx.job.method
     impl = method_impl(ctx.job)
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx, from_input=True)
@@ -55,7 +56,7 @@ def run(ctx) -> dict:
     in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)  # llama.cpp models say their own size
     result = {
         "method": name,
-        "bits": ctx.job.get("bits", ctx.options.get("bits")),
+        "bits": ctx.job.bits,  # decided once, at expansion (the method's nominal bits)
         **shared_columns(ctx, base, size_bytes=dir_bytes(artifact) if artifact else None,
                          size_source="disk", model=model, model_bytes=in_memory,
                          peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=artifact),
@@ -73,7 +74,7 @@ def run(ctx) -> dict:
 
 def serving(ctx, artifact: str | None, base) -> dict:
     """vLLM's serving figures (``eval.engine: vllm``) of the artifact, or of the reference's own folder."""
-    ev = ctx.job.get("eval") or {}
+    ev = ctx.job.eval or {}
     if ev.get("vllm_skipped"):
         return {"vllm_skipped": ev["vllm_skipped"]}
     if ev.get("engine") != "vllm":

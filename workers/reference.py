@@ -33,8 +33,8 @@ def source_check(ctx, base) -> dict:
     """The float copy of a GGUF source against llama.cpp running that file ({} for other sources)."""
     from workers.evaluate import eval_windows, quality
 
-    model = ctx.job.get("model") or {}
-    if not model.get("gguf_file") or (ctx.job.get("input") or {}).get("artifact"):
+    model = ctx.job.model or {}
+    if not model.get("gguf_file") or ctx.job.input.artifact:
         return {}  # not made from a GGUF (or a pipeline's merged model)
     if importlib.util.find_spec("llama_cpp") is None:
         return {"source_check": "skipped: llama-cpp-python is not installed"}

@@ -47,7 +47,7 @@ def vllm_metrics(ctx, path: str, tokenizer, text: str) -> dict:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise Permanent("eval.engine: vllm needs vLLM on the workers: pip install vllm") from None
-    spec = ctx.job["eval"]["vllm"]
+    spec = ctx.job.eval["vllm"]
     levels = sorted(set(spec["concurrency"]))
     prompts = [{"prompt_token_ids": ids} for ids in
                prompt_ids(tokenizer, text, max(levels), spec["prompt_tokens"])]

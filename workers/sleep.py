@@ -14,13 +14,13 @@ import time
 
 
 def run(ctx) -> dict:
-    seconds = float(ctx.options["seconds"])
+    seconds = float(ctx.opts.seconds)
     start = time.time()
     end = start + seconds
     while (left := end - time.time()) > 0:
         time.sleep(min(left, 0.5))
-        if seconds >= 2 and not ctx.options.get("busy"):
+        if seconds >= 2 and not ctx.opts.busy:
             ctx.progress(f"slept {time.time() - start:.0f}/{seconds:g} s")
-    if ctx.options.get("fail"):
-        raise RuntimeError(f"sleep job {ctx.options['index']} was asked to fail (fail: true)")
+    if ctx.opts.fail:
+        raise RuntimeError(f"sleep job {ctx.opts.index} was asked to fail (fail: true)")
     return {"slept_s": round(time.time() - start, 4)}

@@ -77,7 +77,7 @@ def harness_lm(model, base, batch_size: int):
 
 def run_tasks(ctx, model, base) -> dict:
     """Every ``eval.tasks`` entry on ``model``: its columns (see the module docstring)."""
-    ev = ctx.job.get("eval") or {}
+    ev = ctx.job.eval or {}
     if not ev.get("tasks"):
         return {}
     try:

@@ -34,21 +34,22 @@ from workers.evaluate import PeakMemory, evaluate, reference_first
 from workers.models import device, dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
 
-def bnb_config(options: dict):
-    """The bitsandbytes 4-bit config a QLoRA job trains on (and its dequantized merge reloads)."""
+def bnb_config(opts):
+    """The bitsandbytes 4-bit config a QLoRA job (its typed options) trains on, and its dequantized merge reloads."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=options.get("quant_type", "nf4"),
-                              bnb_4bit_use_double_quant=bool(options.get("double_quant", True)),
-                              bnb_4bit_compute_dtype=getattr(torch, options.get("compute_dtype", "float32")))
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=opts.quant_type,
+                              bnb_4bit_use_double_quant=opts.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, opts.compute_dtype))
 
 
-def load_trainable_base(path: str, options: dict, fused_cpu_kernel: bool | None = None, dtype=None):
+def load_trainable_base(path: str, opts, fused_cpu_kernel: bool | None = None, dtype=None, four_bit: bool | None = None):
     """A fresh copy of the base to put adapters on (the worker's cached base stays untouched): float for LoRA
     (in the compute dtype: the checkpoint's on a GPU, float32 on a CPU; ``dtype`` forces one, as a merge's
-    float32 check does), bitsandbytes 4-bit for QLoRA, its CPU kernel chosen by ``workers.bnb.use_cpu_kernel``.
-    Placed over the job's GPUs like every model (``workers.models.placement``)."""
+    float32 check does), bitsandbytes 4-bit for QLoRA (``four_bit``: False for its float base), its CPU kernel
+    chosen by ``workers.bnb.use_cpu_kernel``. Placed over the job's GPUs like every model
+    (``workers.models.placement``). ``opts``: the train job's typed options."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -56,9 +57,9 @@ def load_trainable_base(path: str, options: dict, fused_cpu_kernel: bool | None 
     from workers.models import compute_dtype, placement, weight_bytes
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or compute_dtype(path)
-    if options["method"] == "qlora":
-        where, _ = placement(path, nbytes=quantized_bytes(path, {"method": "bnb-nf4"}))
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(options), dtype=dtype,
+    if opts.method == "qlora" if four_bit is None else four_bit:
+        where, _ = placement(path, nbytes=quantized_bytes(path))
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(opts), dtype=dtype,
                                                      **where)
         use_cpu_kernel(model, fused_cpu_kernel)
         return model
@@ -91,7 +92,7 @@ def run(ctx) -> dict:
     """setup -> train -> save -> evaluate -> row."""
     start(ctx)
     out = Path(ctx.output_dir)
-    resume = last_checkpoint(out / "trainer") if ctx.options.get("save_steps") else None
+    resume = last_checkpoint(out / "trainer") if ctx.opts.save_steps else None
     clean(out, keep=resume)  # a retried attempt starts clean, but for the checkpoint it resumes from
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
@@ -164,7 +165,7 @@ def clean(out: Path, keep: Path | None) -> None:
 class _Run:
     """A train job once set up: the peft model, its Trainer, and what the callbacks record."""
 
-    opts: dict
+    opts: object  # the job's typed options (LoraOptions, QloraOptions)
     model: object
     trainer: object
     collate: _Batches
@@ -194,12 +195,12 @@ def peft_targets(names: list[str], model=None):
 def quantized_base(ctx) -> str | None:
     """The GPTQ/AWQ checkpoint (GPTQModel layout) a LoRA job trains on: the artifact of the quantize job it comes
     from, inside the output root; None for a job on the sweep's float model."""
-    parent = (ctx.job.get("input") or {})
-    if parent.get("kind") != "quantize" or not parent.get("artifact"):
+    parent = ctx.job.input
+    if parent.kind != "quantize" or not parent.artifact:
         return None
     from workers.files import inside
 
-    return inside(ctx.output_root, parent["artifact"])
+    return inside(ctx.output_root, parent.artifact)
 
 
 def setup(ctx, base) -> _Run:
@@ -208,16 +209,16 @@ def setup(ctx, base) -> _Run:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainingArguments
 
-    opts = ctx.options
+    opts = ctx.opts
     ctx.progress("reading the training data")
-    ds = opts["dataset"]
-    texts = examples(ctx.job["data"], ds.get("text_field") or "text", ds.get("format"))
-    train_texts, held = split_examples(texts, ds["eval_samples"], ds.get("max_samples"))
-    features = [{"input_ids": encode(base.tokenizer, t, opts["seq_len"])} for t in train_texts]
+    ds = opts.dataset
+    texts = examples(ctx.job.data, ds.text_field or "text", ds.format)
+    train_texts, held = split_examples(texts, ds.eval_samples, ds.max_samples)
+    features = [{"input_ids": encode(base.tokenizer, t, opts.seq_len)} for t in train_texts]
 
     quantized = quantized_base(ctx)
-    ctx.progress(f"loading the base for {opts['method']}" + (" (GPTQModel, torch kernel)" if quantized else ""))
-    torch.manual_seed(opts["seed"])
+    ctx.progress(f"loading the base for {opts.method}" + (" (GPTQModel, torch kernel)" if quantized else ""))
+    torch.manual_seed(opts.seed)
     if quantized:
         from workers.gptqmodel import kernels, load_quantized
 
@@ -226,30 +227,29 @@ def setup(ctx, base) -> _Run:
         ctx.extra["train_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     else:
         model = load_trainable_base(base.path, opts)
-    if opts["method"] == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts["gradient_checkpointing"])
-    elif opts["gradient_checkpointing"]:
+    if opts.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=opts.gradient_checkpointing)
+    elif opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
-                      target_modules=peft_targets(opts["target_modules"], model), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                      target_modules=peft_targets(opts.target_modules, model), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     tok = base.tokenizer
     collate = _Batches(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     args = TrainingArguments(
-        output_dir=str(Path(ctx.output_dir) / "trainer"), per_device_train_batch_size=opts["batch_size"],
-        gradient_accumulation_steps=opts["grad_accum"], learning_rate=opts["learning_rate"],
-        max_steps=opts["max_steps"] or -1, num_train_epochs=opts["epochs"], warmup_steps=opts["warmup_steps"],
-        logging_steps=1, report_to=[], seed=opts["seed"], data_seed=opts["seed"],
-        save_strategy="steps" if opts.get("save_steps") else "no", save_steps=opts.get("save_steps") or 500,
+        output_dir=str(Path(ctx.output_dir) / "trainer"), per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.learning_rate,
+        max_steps=opts.max_steps or -1, num_train_epochs=opts.epochs, warmup_steps=opts.warmup_steps,
+        logging_steps=1, report_to=[], seed=opts.seed, data_seed=opts.seed,
+        save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
         save_total_limit=2,  # the last two: one is complete even if the attempt died while writing the other
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
         use_cpu=device() == "cpu", gradient_checkpointing=False,  # set on the model above, as chosen
     )
     run = _Run(opts, model, None, collate, len(features), len(held), trainable, total,
-               base_bits=4 if opts["method"] == "qlora" else
-               ((ctx.job.get("input") or {}).get("options") or {}).get("bits") if quantized else None,
+               base_bits=4 if opts.method == "qlora" else ctx.job.input.opts.bits if quantized else None,
                quantized=quantized)
     run.trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate,
                           callbacks=[_progress_callback(ctx, run)])
@@ -288,11 +288,11 @@ def row(run: _Run, train_s: float, train_peak_mb: float, adapter: Path) -> dict:
     losses = [loss for _, loss in run.curve]
     tokens = run.collate.tokens
     return {
-        "method": opts["method"],
+        "method": opts.method,
         "bits": run.base_bits,
-        "r": opts["r"],
-        "lora_alpha": opts["lora_alpha"],
-        "lora_dropout": opts["lora_dropout"],
+        "r": opts.r,
+        "lora_alpha": opts.lora_alpha,
+        "lora_dropout": opts.lora_dropout,
         "trainable_params": run.trainable,
         "trainable_pct": 100.0 * run.trainable / run.total,
         "train_examples": run.train_examples,

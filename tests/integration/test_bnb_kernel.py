@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import pytest
 
+from qfarm.methods import QloraOptions
 from tests.tiny import make_tiny_model
 
 pytestmark = pytest.mark.integration
 
-QLORA = {"method": "qlora", "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+# a QLoRA job's typed options, as far as loading its base goes (no dataset: nothing here trains from one)
+QLORA = QloraOptions.model_construct(method="qlora", quant_type="nf4", double_quant=True, compute_dtype="float32")
 WORDS = ["the cat sat on the mat and the dog ran after it", "a merge of an adapter is a sum of two matrices"]
 VOCAB = len(set(" ".join(WORDS).split())) + 3  # the tiny word-level tokenizer: every word plus 3 specials
 
@@ -70,7 +72,7 @@ def test_the_fused_kernel_where_this_cpu_has_it(tiny):
     from workers.train import load_trainable_base
 
     exact = logits_of(load_trainable_base(str(tiny), QLORA).eval(), examples())
-    bf16 = load_trainable_base(str(tiny), {**QLORA, "compute_dtype": "bfloat16"})
+    bf16 = load_trainable_base(str(tiny), QLORA.model_copy(update={"compute_dtype": "bfloat16"}))
     forced = load_trainable_base(str(tiny), QLORA, fused_cpu_kernel=True).eval()
     diff = logits_diff(exact, logits_of(forced, examples()), "kernel")
     if _fused_cpu():

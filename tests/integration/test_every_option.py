@@ -135,11 +135,12 @@ def _expand(farm: dict, method: str, variants: list[dict]):
 def _run(job, root: Path, cache, plan=None) -> dict:
     """The job run in this process by its kind's worker, as a worker actor runs it; a job that ``needs`` another
     (a shared capture) gets that one's artifact, as the scheduler gives it."""
+    from qfarm.job import Job
     from workers.actor import JobContext, entry_point
 
     needs = {dep: _run(next(j for j in plan.jobs if j.id == dep), root, cache)["artifact"] for dep in job.needs}
     payload = {**job.payload(), "input": {"needs": needs} if needs else {}}
-    ctx = JobContext(payload, "a1", "options", str(root / "sweep" / job.id), str(root), cache, 2, lambda line: None)
+    ctx = JobContext(Job.from_payload(payload), "a1", "options", str(root / "sweep" / job.id), str(root), cache, 2, lambda line: None)
     return entry_point(job.worker, "worker")(ctx)
 
 

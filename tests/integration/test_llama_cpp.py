@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from qfarm.job import Job
 from qfarm.methods import GGUF_TYPES
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,9 @@ def test_conversion_never_runs_a_model_folders_own_code(tmp_path, shared_data):
     config.update(tokenizer_class="HybridDNATokenizer", auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
-    ctx = SimpleNamespace(job={"model": {"kind": "hf_dir", "key": f"hf_dir:{folder}"}}, output_root=str(tmp_path / "out"),
+    job = Job.from_payload({"id": "j1", "kind": "quantize", "options": {"method": "gguf"},
+                            "model": {"kind": "hf_dir", "key": f"hf_dir:{folder}"}})
+    ctx = SimpleNamespace(job=job, output_root=str(tmp_path / "out"),
                           progress=lambda line: None)
     with pytest.raises(RuntimeError, match="asks to run its own Python code"):
         source_gguf(ctx, SimpleNamespace(path=str(folder)))

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from qfarm.methods import AwqOptions, GptqOptions
 from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
 
 pytestmark = pytest.mark.integration
 
-OPTIONS = {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True, "dampening_frac": 0.01}
+OPTIONS = GptqOptions(method="gptq", bits=4, group_size=32, symmetric=True, dampening_frac=0.01)
 
 
 def _quantized(model) -> dict:
@@ -41,7 +42,7 @@ def tiny(shared_data, tmp_path_factory):
 
 def _ctx(said: list | None = None):
     return SimpleNamespace(progress=(said.append if said is not None else (lambda line: None)),
-                           job={"calibration": {"seq_len": 32}})
+                           job=SimpleNamespace(calibration={"seq_len": 32}))
 
 
 def _fresh(tiny):
@@ -122,7 +123,7 @@ def test_sequential_gptq_checkpoints_each_layer_and_a_retry_replays_the_solved_o
 
     progress, said = tiny.tmp / "sequential", []
     first = _fresh(tiny)
-    ctx = SimpleNamespace(progress=None, job={"calibration": {"seq_len": 32}})
+    ctx = SimpleNamespace(progress=None, job=SimpleNamespace(calibration={"seq_len": 32}))
     assert sequential(ctx, first, OPTIONS, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == 0
     library = _oneshot_gptq(tiny, True)
     whole = _quantized(first)
@@ -148,9 +149,9 @@ def test_sequential_awq_checkpoints_each_layer_with_its_smoothed_norms_and_a_ret
 
     from workers.llmc import sequential
 
-    options = {"method": "awq", "bits": 4, "group_size": 32, "symmetric": False, "duo_scaling": True, "n_grid": 4}
+    options = AwqOptions(method="awq", bits=4, group_size=32, symmetric=False, duo_scaling=True, n_grid=4)
     progress, said = tiny.tmp / "awq", []
-    ctx = SimpleNamespace(progress=None, job={"calibration": {"seq_len": 32}})
+    ctx = SimpleNamespace(progress=None, job=SimpleNamespace(calibration={"seq_len": 32}))
     first = _fresh(tiny)
     assert sequential(ctx, first, options, tiny.data, progress, lambda i, n, r: said.append((i, n, r))) == 0
     whole, library, float_ = _params(first), _params(_oneshot(tiny, True, options)), _params(_fresh(tiny))

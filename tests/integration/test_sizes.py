@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from qfarm.job import Job
 from tests.tiny import make_tiny_model
 
 
@@ -22,7 +23,8 @@ def test_a_folder_is_measured_by_its_weight_files_in_their_own_dtype(tmp_path, d
     model, _ = load_float(str(folder))  # loaded as float32 on CPU, as workers do
     params = sum(p.numel() for p in model.parameters())
     base = SimpleNamespace(path=str(folder), model=model)
-    size, source = checkpoint_bytes(SimpleNamespace(job={"model": {"kind": "hf_dir"}}), base)
+    job = Job.from_payload({"id": "j1", "kind": "quantize", "options": {"method": "none"}, "model": {"kind": "hf_dir"}})
+    size, source = checkpoint_bytes(SimpleNamespace(job=job), base)
     assert source == "checkpoint files"
     assert size == pytest.approx(params * width, rel=0.02)  # + the safetensors header
     assert tensor_bytes(model) >= params * 4  # what the worker holds is float32 either way (+ buffers)

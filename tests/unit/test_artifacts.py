@@ -8,10 +8,16 @@ import json
 import pytest
 
 from qfarm.errors import Permanent
+from qfarm.methods import METHODS
 from workers.artifacts import check, claims, describe
 
 GPTQ = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True, "act_order": False, "dampening_frac": 0.01,
         "scheme": None}
+
+
+def typed(options: dict):
+    """Options as a job reads them (its method's options model)."""
+    return METHODS[options["method"]].options.model_validate(options)
 
 
 def _compressed(tmp_path, **weights):
@@ -27,20 +33,20 @@ def test_compressed_tensors_metadata_is_read_and_agrees_with_its_row(tmp_path):
     described = _compressed(tmp_path)
     assert described["format"] == "compressed-tensors" and described["actorder"] is None
     assert described["bits"] == 4 and described["group_size"] == 64 and described["input_activations"] is None
-    check(GPTQ, "workers.llmc:LLMCompressor", described)  # no error
+    check(typed(GPTQ), "workers.llmc:LLMCompressor", described)  # no error
 
 
 def test_an_option_the_checkpoint_contradicts_is_named_with_both_values(tmp_path):
     described = _compressed(tmp_path, actorder="static")
     with pytest.raises(Permanent) as e:
-        check(GPTQ, "workers.llmc:LLMCompressor", described)
+        check(typed(GPTQ), "workers.llmc:LLMCompressor", described)
     assert "the row says act_order false, the checkpoint says actorder static (expected null)" in str(e.value)
     with pytest.raises(Permanent, match="the row says group_size 64, the checkpoint says group_size 128"):
-        check(GPTQ, "workers.llmc:LLMCompressor", _compressed(tmp_path, group_size=128))
+        check(typed(GPTQ), "workers.llmc:LLMCompressor", _compressed(tmp_path, group_size=128))
 
 
 def test_a_channel_scheme_and_activations_are_claimed(tmp_path):
-    w8a8 = {**GPTQ, "bits": 8, "group_size": -1, "scheme": "W8A8", "act_order": True}
+    w8a8 = typed({**GPTQ, "bits": 8, "group_size": -1, "scheme": "W8A8", "act_order": True})
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "compressed-tensors", "ignore": ["lm_head"], "config_groups": {"group_0": {
             "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "actorder": "weight"},
@@ -54,28 +60,25 @@ def test_gptqmodel_and_bitsandbytes_metadata(tmp_path):
     (tmp_path / "quantize_config.json").write_text(json.dumps(
         {"bits": 4, "group_size": 64, "desc_act": True, "sym": True, "damp_percent": 0.01, "quant_method": "gptq"}))
     gm = describe(str(tmp_path))
-    check({**GPTQ, "act_order": True}, "workers.gptqmodel:GPTQModelBackend", gm)
+    check(typed({**GPTQ, "act_order": True}), "workers.gptqmodel:GPTQModelBackend", gm)
     with pytest.raises(Permanent, match="the row says act_order false, the checkpoint says desc_act true"):
-        check(GPTQ, "workers.gptqmodel:GPTQModelBackend", gm)
+        check(typed(GPTQ), "workers.gptqmodel:GPTQModelBackend", gm)
     bnb = tmp_path / "bnb"
     bnb.mkdir()
     (bnb / "config.json").write_text(json.dumps({"quantization_config": {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "float32"}}))
     nf4 = {"method": "bnb-nf4", "double_quant": True, "compute_dtype": "float32"}
+    nf4_typed = typed(nf4)
     with pytest.raises(Permanent, match="the row says double_quant true, the checkpoint says bnb_4bit_use_double_quant false"):
-        check(nf4, None, describe(str(bnb)))
+        check(nf4_typed, None, describe(str(bnb)))
     with pytest.raises(Permanent, match="the row says method bnb-fp4, the checkpoint says bnb_4bit_quant_type nf4"):
-        check({**nf4, "method": "bnb-fp4", "double_quant": False}, None, describe(str(bnb)))
+        check(typed({**nf4, "method": "bnb-fp4", "double_quant": False}), None, describe(str(bnb)))
 
 
 def test_every_artifact_method_claims_something():
     """A method with an artifact and no claim would pass any checkpoint: every one names its facts."""
-    from qfarm.methods import METHODS
-
-    defaults = {"bits": 4, "group_size": 64, "symmetric": True, "act_order": True, "dampening_frac": 0.01,
-                "threshold": 6.0, "double_quant": False, "compute_dtype": "float32", "gguf_type": "Q4_K_M"}
     for name, method in METHODS.items():
         if method.writes_artifact:
             for impl in {method.worker, *(method.backends or {}).values()}:
-                assert claims({"method": name, **defaults}, impl), (name, impl)
+                assert claims(method.options(method=name), impl), (name, impl)

@@ -175,6 +175,7 @@ def test_mlflow_params_metrics_and_loss_history_of_a_row():
 
 
 def test_model_card_metadata_and_figures():
+    from qfarm.job import Job
     from workers.card import card_text
 
     job_ = {"id": "j1", "kind": "quantize", "label": "gptq-w4-g64", "options": {"method": "gptq", "bits": 4,
@@ -183,7 +184,7 @@ def test_model_card_metadata_and_figures():
     result = {"size_mb": 80.5, "size_vs_ref": 0.3, "perplexity": 15.1, "perplexity_se": 0.7, "ref_perplexity": 14.6,
               "kl_div": 0.02, "decode_tokens_per_s": 30.0, "runtime": "transformers dense", "device": "cpu",
               "versions": {"torch": "2.13.0"}, "ppl_windows": 8, "ppl_tokens": 4088}
-    meta, body = card_text(job_, result, {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    meta, body = card_text(Job.from_payload(job_), result, {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                           "license": "apache-2.0"}, "s-1")
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "quantized"
     assert meta["license"] == "apache-2.0" and meta["quantization"] == {"method": "gptq", "bits": 4, "group_size": 64}
@@ -192,10 +193,10 @@ def test_model_card_metadata_and_figures():
     assert "8 windows of 512 tokens" in body and "bundled:python-docs" in body
     local = {"kind": "gguf", "location": "/home/alice/models", "gguf_file": "m.Q4_1.gguf",
              "key": "gguf:/home/alice/models#m.Q4_1.gguf@fc8ebd769d2a"}
-    meta3, body3 = card_text(dict(job_, model=local), result, {}, "s-1")
+    meta3, body3 = card_text(Job.from_payload(dict(job_, model=local)), result, {}, "s-1")
     assert meta3["qfarm"]["source"] == "gguf:m.Q4_1.gguf@fc8ebd769d2a"  # a card never names this machine's paths
     assert "/home/alice" not in body3 + str(meta3) and "dequantized to float" in body3
-    meta2, _ = card_text(dict(job_, kind="train", options={"method": "lora", "r": 8}), {}, {}, "s-1")
+    meta2, _ = card_text(Job.from_payload(dict(job_, kind="train", options={"method": "lora", "r": 8})), {}, {}, "s-1")
     assert "base_model" not in meta2 and meta2["library_name"] == "peft" and meta2["training"] == {"r": 8}
 
 
