@@ -40,11 +40,11 @@ def qwen2_tied(folder: Path) -> Path:
 
 
 def run(model: str, method: str, dtype, root: Path) -> dict:
-    import workers.models
-    from qfarm.expand import load_plan
-    from qfarm.job import Job
+    import workers.shared.models
+    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.job import Job
     from workers.actor import JobContext, entry_point
-    from workers.cache import Cache
+    from workers.shared.cache import Cache
 
     text = (WIKI / "wiki.test.raw")
     root.mkdir(parents=True, exist_ok=True)
@@ -52,15 +52,15 @@ def run(model: str, method: str, dtype, root: Path) -> dict:
     spec.write_text(f"name: sizes\nmodel: {model}\neval: {{perplexity: {{dataset: {text}, seq_len: 64, max_windows: 1}}, "
                     f"speed: {{prompt_tokens: 4, new_tokens: 1, runs: 1}}}}\njobs:\n  - {{kind: quantize, method: {method}}}\n")
     (job,) = [j for j in load_plan(spec)[1].jobs if j.kind == "quantize"]
-    real = workers.models.compute_dtype
-    workers.models.compute_dtype = lambda path: dtype
+    real = workers.shared.models.compute_dtype
+    workers.shared.models.compute_dtype = lambda path: dtype
     try:
         sweep = f"sizes-{str(dtype).replace('torch.', '')}"  # one folder per compute dtype: both artifacts kept
         ctx = JobContext(Job.from_payload(job.payload()), "a1", sweep, str(root / sweep / job.id), str(root),
                          Cache(), 2, lambda line: None)
         return entry_point(job.worker, "worker")(ctx)
     finally:
-        workers.models.compute_dtype = real
+        workers.shared.models.compute_dtype = real
 
 
 def embeddings_stored(folder: str) -> int:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from qfarm.connection import connect_redis  # noqa: E402
-from qfarm.store import Store  # noqa: E402
+from qfarm.farm.connection import connect_redis  # noqa: E402
+from qfarm.farm.store import Store  # noqa: E402
 
 REDIS_URL = os.environ.get("QFARM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -58,7 +58,7 @@ def namespace():
 
 @contextmanager
 def ray_head(gpus: int):
-    from qfarm.cluster import start_local_head, stop_local_head
+    from qfarm.farm.cluster import start_local_head, stop_local_head
 
     temp = f"/tmp/qfarm-bench-ray-{os.getpid()}-{gpus}"
     t0 = time.time()
@@ -152,8 +152,8 @@ def bench_makespan(args) -> None:
 def bench_scale(args) -> None:
     from rich.console import Console
 
-    from qfarm.expand import load_plan
-    from qfarm.progress import jobs_table, sweeps_table
+    from qfarm.results.progress import jobs_table, sweeps_table
+    from qfarm.sweep.expand import load_plan
 
     print(f"scale: a {args.scale_jobs}-job sweep (sleep jobs; validate + expand + record, no run)")
     with namespace() as store, tempfile.TemporaryDirectory() as tmp:

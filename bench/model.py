@@ -58,8 +58,8 @@ def head_with(env: dict, gpus: int = 2):
 
 def prepare(root: Path) -> None:
     """Dequantize the bundled GGUF into <root>/_models once, so no timed run pays for it."""
-    from qfarm.refs import resolve_model
-    from workers.models import base_dir
+    from qfarm.sweep.refs import resolve_model
+    from workers.shared.models import base_dir
 
     ref = resolve_model("bundled:smollm2-135m", root)
     t0 = time.time()
@@ -118,13 +118,13 @@ def _direct_in_fresh_process(payload: dict) -> float:
     code = textwrap.dedent(f"""\
         import json, sys, time
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import workers.bnb, workers.quantize
+        import workers.quantize.bnb, workers.quantize
         from workers.actor import JobContext
-        from workers.cache import Cache
-        from workers.models import preload
+        from workers.shared.cache import Cache
+        from workers.shared.models import preload
         preload()  # what a worker does in ready(), before its first job
         payload = json.loads(sys.stdin.read())
-        from qfarm.job import Job
+        from qfarm.sweep.job import Job
         ctx = JobContext(Job.from_payload(payload), "direct", "direct", payload["output_dir"], payload["output_root"], Cache(), 1,
                          lambda line: None)
         t0 = time.time()
@@ -138,7 +138,7 @@ def _direct_in_fresh_process(payload: dict) -> float:
 
 
 def bench_plan(root: Path) -> None:
-    """The memory plan (qfarm.plan, from the config alone) against each job kind's measured peak, on CPU workers:
+    """The memory plan (qfarm.sweep.plan, from the config alone) against each job kind's measured peak, on CPU workers:
     the plan's host GB beside the worker's peak RSS (which the plan models: library, cached base, own model)."""
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "guanaco_llama2_1k" / "train.jsonl"
     path = root / "plan.yaml"

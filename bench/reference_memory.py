@@ -1,7 +1,7 @@
 """Memory of the reference's log-probs at a big model's evaluation size: seq_len 2048 x 16 windows with a 128k
 vocabulary (Llama-3's 128,256), kept whole (the old way, and today's when they fit QFARM_REF_CACHE_MB) against
 written once to disk and read back a window at a time (past the budget, where workers have an output root), and
-recomputed window by window (workers.evaluate.Reference). The model is a stand-in that returns
+recomputed window by window (workers.evaluate.harness.Reference). The model is a stand-in that returns
 log-softmaxed random logits of that shape: the memory is the harness's, whatever the model.
 
     python bench/reference_memory.py [--windows 16] [--seq-len 2048] [--vocab 128256]
@@ -66,7 +66,7 @@ def one(a) -> None:
 
     import torch
 
-    from workers.evaluate import quality, reference_for, spilled_reference
+    from workers.evaluate.harness import quality, reference_for, spilled_reference
 
     torch.set_num_threads(2)
     wins = torch.arange(a.windows).unsqueeze(1) * 7 + torch.zeros(a.windows, a.seq_len, dtype=torch.long)

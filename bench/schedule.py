@@ -1,5 +1,5 @@
 """Makespan of heterogeneous sweeps, dispatched in the spec's order against longest remaining path first
-(qfarm.eta.dispatch_order), on 2 logical GPU slots, each run in a fresh namespace (no duration history: the
+(qfarm.farm.eta.dispatch_order), on 2 logical GPU slots, each run in a fresh namespace (no duration history: the
 prior alone orders the first sweep on a cluster) and its own output root.
 
     python bench/schedule.py [--specs jobs/seed_004_methods.yaml,jobs/seed_003_pipeline.yaml] [--orders file,longest]

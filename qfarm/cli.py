@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from . import settings
-from .errors import QfarmError, SpecError, UsageError, missing_extra, one_line
-from .keys import DEFAULT_CANCEL_GRACE_S
-from .keys import DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
+from qfarm import settings
+from qfarm.errors import QfarmError, SpecError, UsageError, missing_extra, one_line
+from qfarm.farm.keys import DEFAULT_CANCEL_GRACE_S
+from qfarm.farm.keys import DEFAULT_OUTPUT_ROOT as OUTPUT_ROOT_DEFAULT
 
 
 def _err(text: str) -> None:
@@ -54,8 +54,8 @@ def handle_errors(fn):
 
 
 def _store(ctx: click.Context):
-    from .connection import connect_redis
-    from .store import Store
+    from qfarm.farm.connection import connect_redis
+    from qfarm.farm.store import Store
 
     obj = ctx.obj
     if "store" not in obj:
@@ -71,7 +71,7 @@ def _complete_sweeps(ctx: click.Context, param, incomplete: str) -> list:
     from click.shell_completion import CompletionItem
 
     try:
-        from .connection import quick_sweep_ids
+        from qfarm.farm.connection import quick_sweep_ids
 
         root = ctx.find_root().params
         found = quick_sweep_ids(root.get("redis_url"), root.get("namespace") or "qfarm")
@@ -80,7 +80,7 @@ def _complete_sweeps(ctx: click.Context, param, incomplete: str) -> list:
     return [CompletionItem(s) for s in found if s.startswith(incomplete)]
 
 
-MAX_JOBS = 10_000  # qfarm.validate's default, not imported here: `qfarm --help` loads no spec machinery
+MAX_JOBS = 10_000  # qfarm.sweep.validate's default, not imported here: `qfarm --help` loads no spec machinery
 
 
 def _max_jobs_option(f):
@@ -140,8 +140,9 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     """Check a sweep file: every error at once, with its YAML path and line; and, given a cluster (running, or the
     node types of its config), whether some node of it can run each job (exit 2 naming what it has, when not).
     Runs nothing."""
-    from . import cluster, hub
-    from .expand import build, load_valid
+    from qfarm.farm import cluster
+    from qfarm.sweep import hub
+    from qfarm.sweep.expand import build, load_valid
 
     valid = load_valid(spec, hub.cache_dir(None), max_jobs)
     loaded = valid.loaded
@@ -151,7 +152,7 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     shape = _shape(valid)
     if address:
         cluster.connect(address)
-    # the ids submit will give: CPU ids where the jobs would compute on CPUs (qfarm.expand.COMPUTE)
+    # the ids submit will give: CPU ids where the jobs would compute on CPUs (qfarm.sweep.expand.COMPUTE)
     # (with --plan: the ids of the workers planned for)
     cuda = plan_device == "cuda" if show_plan else cluster.has_cuda(cluster.cluster_nodes(types)) if address else \
         cluster.has_cuda(cluster.startable_nodes(types)) if types else cluster.cuda_gpu_count() > 0
@@ -190,16 +191,16 @@ def _ray_options(f):
 def _shape(sweep):
     """The model's shape for the memory plan (its config or GGUF header), or None where it cannot be read here;
     ``sweep``: a ValidSweep or a Plan (both carry the resolved model)."""
-    from .plan import model_shape
+    from qfarm.sweep.plan import model_shape
 
     return model_shape(sweep.model) if sweep.model else None
 
 
 def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]) -> None:
-    """``qfarm validate --plan``: every job's memory plan (qfarm.plan), as a table or a JSON list."""
+    """``qfarm validate --plan``: every job's memory plan (qfarm.sweep.plan), as a table or a JSON list."""
     import json
 
-    from .plan import UNSPREAD, model_shape, plan_jobs
+    from qfarm.sweep.plan import UNSPREAD, model_shape, plan_jobs
 
     model = plan.model  # resolved once, by validation
     shape = model_shape(model) if model else None
@@ -211,7 +212,7 @@ def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]
         click.echo(json.dumps(rows, indent=1))
         return
     source = "a GGUF file" if model.get("kind") == "gguf" else shape.dtype
-    from .fit import Col, fit, show, terminal_width
+    from qfarm.results.fit import Col, fit, show, terminal_width
 
     click.echo(f"memory plan on {device} workers ({shape.total / 1e9:.2f}B parameters, checkpoint {source}; "
                "GB = 1e9 bytes):")
@@ -264,8 +265,10 @@ def _output_root_option(f):
 def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, logical_gpus: int | None,
            output_root: Path, cluster_config: str | None, max_jobs: int) -> None:
     """Submit a sweep. Finished jobs of an identical earlier submit are reused, failed ones rerun."""
-    from . import cluster, hub, jobs
-    from .expand import build, load_valid
+    from qfarm.farm import cluster
+    from qfarm.farm import ray_jobs as jobs
+    from qfarm.sweep import hub
+    from qfarm.sweep.expand import build, load_valid
 
     valid = load_valid(spec, hub.cache_dir(output_root), max_jobs)
     loaded = valid.loaded
@@ -299,7 +302,7 @@ def _need_mlflow(loaded) -> None:
     """A spec that tracks in MLflow, where MLflow is not installed: said before anything is queued."""
     import importlib.util
 
-    from .errors import Problem
+    from qfarm.errors import Problem
 
     if importlib.util.find_spec("mlflow") is None:
         raise SpecError([Problem("tracking.mlflow", "MLflow is not installed here: pip install 'qfarm[mlflow]' (on "
@@ -327,7 +330,7 @@ def _scheduler_alive(store, sweep_id: str, namespace: str) -> bool:
     started it, from outside the cluster) whether it has passed in its sweep record lately."""
     import time
 
-    from . import scheduler, watchdog
+    from qfarm.farm import scheduler, watchdog
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
@@ -343,7 +346,7 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
     if not wait:
         click.echo(f"follow it with: qfarm status {sweep_id}   results: qfarm results {sweep_id}")
         return
-    from .progress import follow
+    from qfarm.results.progress import follow
 
     follow(store, sweep_id, alive=lambda: _scheduler_alive(store, sweep_id, ctx.obj["namespace"]))
     _tracking_done(store, sweep_id)
@@ -402,7 +405,8 @@ def _start_scheduler(ctx: click.Context, record, ray_address: str | None, logica
                      output_root: Path) -> None:
     """Start a submitted sweep's scheduler again. Its output root is this command's (workers take no path from
     Redis), so it must be the one the sweep was submitted with: where its finished jobs' artifacts are."""
-    from . import cluster, jobs
+    from qfarm.farm import cluster
+    from qfarm.farm import ray_jobs as jobs
 
     root = _same_root(record, output_root)
     if not jobs.is_jobs_address(ray_address):
@@ -422,7 +426,8 @@ def _same_root(record, output_root: Path) -> str:
 def _launch(ctx: click.Context, sweep_id: str, ray_address: str | None, root: str, model: str | None) -> None:
     """Start the sweep's scheduler (here through Ray, or as a Ray Job on a cluster's dashboard address) and the
     watchdog that resumes it should its head die."""
-    from . import jobs, scheduler, watchdog
+    from qfarm.farm import ray_jobs as jobs
+    from qfarm.farm import scheduler, watchdog
 
     url, namespace = ctx.obj["redis_url_resolved"], ctx.obj["namespace"]
     if jobs.is_jobs_address(ray_address):
@@ -433,12 +438,12 @@ def _launch(ctx: click.Context, sweep_id: str, ray_address: str | None, root: st
 
 
 def _worker_env(model: str | None) -> dict[str, str]:
-    """What the scheduler and its workers get from this shell through Ray's object store (qfarm.handoff), never
+    """What the scheduler and its workers get from this shell through Ray's object store (qfarm.farm.handoff), never
     through Redis or a log: the hub token (for a hub model also the one `hf auth login` saved), offline mode,
     the hub cache."""
-    from . import hub
-    from .refs import HUB_ID
-    from .tracking import forwarded_env
+    from qfarm.results.tracking import forwarded_env
+    from qfarm.sweep import hub
+    from qfarm.sweep.refs import HUB_ID
 
     token = hub.saved_token() if isinstance(model, str) and HUB_ID.match(model) else None
     return {**hub.forwarded_env(token=token), **forwarded_env()}
@@ -462,8 +467,8 @@ def status(ctx: click.Context, sweep: str | None, show_all: bool, as_json: bool,
     """All sweeps, or one sweep's jobs (status, attempts, duration, what each running job is doing, the ETA)."""
     import json
 
-    from .fit import show, terminal_width
-    from .progress import STATUS_ROWS, jobs_table, sweep_json, sweep_summaries, sweeps_table, watch_sweep
+    from qfarm.results.fit import show, terminal_width
+    from qfarm.results.progress import STATUS_ROWS, jobs_table, sweep_json, sweep_summaries, sweeps_table, watch_sweep
 
     store = _store(ctx)
     if sweep is None:
@@ -532,7 +537,7 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
     """The comparison table of one or more sweeps: one row per job (failed jobs too, with their reason),
     deltas against each sweep's reference, and the Pareto frontier marked ★. With --to mlflow, the same rows
     go to an MLflow tracking store."""
-    from .compare import pick_columns
+    from qfarm.results.compare import pick_columns
 
     if to is None and (tracking_uri or experiment or copy_artifacts):
         raise UsageError("--tracking-uri, --experiment and --copy-artifacts go with --to mlflow")
@@ -550,7 +555,7 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
         _to_mlflow(store, records, data, tracking_uri, experiment, copy_artifacts)
         return
     if to == "wandb":
-        from .tracking import to_wandb
+        from qfarm.results.tracking import to_wandb
 
         for record in records:
             to_wandb(record, [r for r in data if r.get("sweep_id") == record.id],
@@ -561,7 +566,7 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
     if fmt == "parquet":
         if output is None:
             raise UsageError("--format parquet writes a binary file: give -o FILE.parquet")
-        from .results import only, to_parquet
+        from qfarm.results.rows import only, to_parquet
 
         to_parquet(only(data, cols), str(output))
         click.echo(f"wrote {len(data)} rows to {output}")
@@ -586,7 +591,7 @@ def report(ctx: click.Context, sweeps: tuple[str, ...], output: Path, png_dir: P
     store = _store(ctx)
     records = [_find(store, s) for s in sweeps]
     data, objectives, note = _compared(store, [r.id for r in records], list(where), None, frontier)
-    from .report import write_report
+    from qfarm.results.report import write_report
 
     written = write_report(data, records, output, png_dir, objectives, note)
     click.echo(f"wrote {output} ({len(data)} rows)" + (f" and {len(written)} PNG files in {png_dir}" if png_dir else ""))
@@ -619,8 +624,8 @@ def cancel(ctx: click.Context, sweep: str, grace: float) -> None:
 def down() -> None:
     """Stop the local Ray head qfarm started (sweeps on it stop too; their state stays in Redis), and the
     watchdogs that would start it again to resume them."""
-    from .cluster import stop_embedded_head
-    from .watchdog import stop_all
+    from qfarm.farm.cluster import stop_embedded_head
+    from qfarm.farm.watchdog import stop_all
 
     stop_all()
     click.echo("stopped the local Ray head" if stop_embedded_head() else "no local Ray head of qfarm is running")
@@ -632,7 +637,7 @@ def _root_of(record) -> str:
 
 
 def _to_mlflow(store, records, data: list[dict], uri: str | None, experiment: str | None, copy: bool) -> None:
-    from .tracking import Sender, cli_uri_problem, resolve_uri, shown, web_address
+    from qfarm.results.tracking import Sender, cli_uri_problem, resolve_uri, shown, web_address
 
     problem = cli_uri_problem(uri) if uri else None
     if problem:
@@ -664,8 +669,8 @@ def _find(store, text: str):
 
 def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, frontier: str | None):
     """(the rows compared, the frontier's objectives, a note on them or None)."""
-    from .compare import compare_noted, parse_frontier
-    from .results import rows
+    from qfarm.results.compare import compare_noted, parse_frontier
+    from qfarm.results.rows import rows
 
     # a job reused from another sweep shows under the sweep asked for (deltas pair it with that sweep's reference)
     data = [dict(r, sweep_id=sid) for sid in sweep_ids for r in rows(store.sweep_jobs(sid))]
@@ -674,7 +679,7 @@ def _compared(store, sweep_ids: list[str], where: list[str], sort: str | None, f
 
 def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | None = None,
                    output: Path | None = None, wide: bool = False) -> None:
-    from .results import answers_text, render, rich_table
+    from qfarm.results.rows import answers_text, render, rich_table
 
     if fmt != "table":
         text = render(data, fmt, columns)
@@ -686,7 +691,7 @@ def _print_results(data: list[dict], title: str, fmt: str, columns: list[str] | 
         return
     from rich.console import Console
 
-    from .fit import terminal_width
+    from qfarm.results.fit import terminal_width
 
     file = open(output, "w", encoding="utf-8") if output is not None else None  # noqa: SIM115
     try:

@@ -26,21 +26,21 @@ def results(env, *sweeps) -> list[dict]:
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     undeclared = {k for r in data for k in r if not task_column(r, k)} - declared_keys()
-    assert not undeclared, f"result keys that are neither a column of qfarm/columns.py nor an option: {undeclared}"
+    assert not undeclared, f"result keys that are neither a column of qfarm/results/columns.py nor an option: {undeclared}"
     return data
 
 
 def task_column(row: dict, key: str) -> bool:
     """Whether ``key`` is a column of one of the row's lm-eval tasks (``<task>_<metric>``, named after the task)."""
-    from qfarm.columns import column_name
+    from qfarm.results.columns import column_name
 
     return any(key.startswith(column_name(t) + "_") for t in row.get("tasks") or {})
 
 
 def declared_keys() -> set[str]:
     """Every column of the table, and every option of every kind and method of the registry."""
-    from qfarm.columns import BY_NAME
-    from qfarm.methods import KINDS
+    from qfarm.results.columns import BY_NAME
+    from qfarm.sweep.methods import KINDS
 
     models = [m for k in KINDS.values() for m in ([k.options] if k.options else [x.options for x in k.methods.values()])]
     return set(BY_NAME) | {f for m in models for f in m.model_fields}

@@ -27,7 +27,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # OpenMP's spinning threads in one test (lm_eval's own CLI, in-process quantization) starve the other's
     # (the lm-eval test took 402 s beside the integration tier with the default threads, 193 s alone)
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")  # every test cluster is on loopback (qfarm.cluster.loopback_auth)
+        os.environ.setdefault(_var, "1")  # every test cluster is on loopback (qfarm.farm.cluster.loopback_auth)
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +44,8 @@ def redis_url() -> str:
 @pytest.fixture
 def namespace(redis_url):
     """A throwaway key prefix, removed after the test."""
-    from qfarm.connection import connect_redis
-    from qfarm.store import Store
+    from qfarm.farm.connection import connect_redis
+    from qfarm.farm.store import Store
 
     ns = f"qfarm-test-{uuid.uuid4().hex[:8]}"
     yield ns
@@ -55,8 +55,8 @@ def namespace(redis_url):
 
 @pytest.fixture
 def store(redis_url, namespace):
-    from qfarm.connection import connect_redis
-    from qfarm.store import Store
+    from qfarm.farm.connection import connect_redis
+    from qfarm.farm.store import Store
 
     client, _ = connect_redis(redis_url, embedded_ok=False)
     return Store(client, namespace)
@@ -68,7 +68,7 @@ def ray_head(tmp_path_factory):
     4 logical CPUs, so that GPU slots, not CPUs, bound how many GPU-tagged jobs run at once.
     Stopped by its own PID (session): any other Ray on the machine is left alone.
     """
-    from qfarm.cluster import cuda_gpu_count, start_local_head, stop_local_head
+    from qfarm.farm.cluster import cuda_gpu_count, start_local_head, stop_local_head
 
     temp_dir = f"/tmp/qfarm-test-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     log = tmp_path_factory.mktemp("ray") / "head.log"

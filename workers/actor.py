@@ -17,18 +17,18 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from qfarm import handoff
-from qfarm.connection import connect_redis
 from qfarm.errors import Permanent, one_line, retryable
-from qfarm.job import Job
-from qfarm.store import JobStatus, Store
+from qfarm.farm import handoff
+from qfarm.farm.connection import connect_redis
+from qfarm.farm.store import JobStatus, Store
+from qfarm.sweep.job import Job
 
 HEARTBEAT_S = 5.0
 
 
 @dataclass
 class JobContext:
-    """What a job-kind module gets: its job (typed: ``qfarm.job.Job``, its options in ``opts``), where to write,
+    """What a job-kind module gets: its job (typed: ``qfarm.sweep.job.Job``, its options in ``opts``), where to write,
     a progress line, and the worker's cache."""
 
     job: Job
@@ -53,7 +53,7 @@ class JobContext:
 
 class Worker:
     def __init__(self, namespace: str, name: str, cpus: float = 1, preload: bool = False, secrets: list | tuple = ()):
-        env = handoff.received(secrets)  # the Redis URL and the hub token (qfarm.handoff), never an argument
+        env = handoff.received(secrets)  # the Redis URL and the hub token (qfarm.farm.handoff), never an argument
         client, _ = connect_redis(env[handoff.REDIS_URL], embedded_ok=False)
         self.output_root = env[handoff.OUTPUT_ROOT]  # where it may write: not a path read from Redis
         self.store = Store(client, namespace)
@@ -75,7 +75,7 @@ class Worker:
         """Called once by the scheduler before the first job; imports the ML stack for model jobs, so the
         few seconds torch and transformers take to import are spent while the worker starts, not in a job."""
         if self.preload:
-            from workers.models import preload
+            from workers.shared.models import preload
 
             preload()
         return {"pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
@@ -83,7 +83,7 @@ class Worker:
     @property
     def cache(self):
         if self._cache is None:
-            from workers.cache import Cache
+            from workers.shared.cache import Cache
 
             self._cache = Cache()
         return self._cache
@@ -135,12 +135,12 @@ class Worker:
 
 
 def _model_card(job: Job, result: dict, sweep_id: str, output_root: str) -> dict:
-    """The job's artifact folder gets its model card (workers.card); a card that cannot be written is said in the
+    """The job's artifact folder gets its model card (workers.shared.card); a card that cannot be written is said in the
     row, and never fails the job."""
     if not result.get("artifact"):
         return {}
     try:
-        from workers.card import write_card
+        from workers.shared.card import write_card
 
         return {"model_card": write_card(job, result, sweep_id, output_root)}
     except Exception as e:  # noqa: BLE001 - see the docstring
@@ -152,7 +152,7 @@ WORKER_ENTRY = re.compile(r"^workers(\.[a-z_][a-z0-9_]*)+:[a-z_][a-z0-9_]*$")
 
 def _run_kind(ctx: JobContext) -> dict:
     """Call the job's worker entry point, as its payload names it (``workers.quantize:run``): the registry
-    (``qfarm.methods.KINDS``) resolved it at submit time. Only functions under ``workers`` are ever imported."""
+    (``qfarm.sweep.methods.KINDS``) resolved it at submit time. Only functions under ``workers`` are ever imported."""
     return entry_point(ctx.job.worker, "worker")(ctx)
 
 
@@ -163,7 +163,14 @@ def entry_point(name: str | None, what: str):
     if not WORKER_ENTRY.match(name.lower()):
         raise Permanent(f"refusing to import {name!r}: a job's {what} must be a 'workers.<module>:<name>'")
     module, attr = name.split(":")
-    return getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(MOVED.get(module, module)), attr)
+
+
+# the worker modules of jobs queued before workers/ was grouped into packages: where each lives now
+MOVED = {f"workers.{old}": f"workers.{new}" for old, new in {
+    "reference": "quantize.reference", "bnb": "quantize.bnb", "llmc": "quantize.llmc", "gptqmodel": "quantize.gptqmodel",
+    "gguf": "quantize.gguf", "calibrate": "quantize.calibrate", "merge": "train.merge",
+    "checkpoint": "evaluate.checkpoint"}.items()}
 
 
 class JobCancelled(Exception):

@@ -135,7 +135,7 @@ stages:
     # the checkpoint read by hand gives the kernel's logits: the format is AutoGPTQ's, the figures are its model's
     from transformers import AutoModelForCausalLM
 
-    from workers.gptqmodel import dequantized, load_quantized
+    from workers.quantize.gptqmodel import dequantized, load_quantized
 
     ids = torch.arange(4, 68).reshape(1, 64)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qfarm.report import DPI, PNG_WIDTH_IN, _bars_height
+from qfarm.results.report import DPI, PNG_WIDTH_IN, _bars_height
 from tests.cli import qfarm, submitted_id
 
 pytestmark = pytest.mark.e2e

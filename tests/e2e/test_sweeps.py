@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qfarm.refs import bundled_model_path
+from qfarm.sweep.refs import bundled_model_path
 from tests.cli import files_containing, qfarm, redis_dump, submitted_id
 
 pytestmark = pytest.mark.e2e
@@ -161,7 +161,7 @@ jobs:
     assert q4["perplexity"] > q8["perplexity"] and (q4["perplexity"] - f16["perplexity"]) / f16["perplexity"] < 0.2
     assert f16["size_mb"] > q8["size_mb"] > q4["size_mb"] and (f16["bits"], q8["bits"], q4["bits"]) == (16, 8, 4)
     assert "Q4_K" in q4["gguf_tensor_types"] and 4 < q4["bits_per_weight"] < 8  # fallbacks for 576-wide rows
-    # the reference proves its inputs (workers/checks.py): the bundled GGUF's tokenizer as transformers rebuilds it
+    # the reference proves its inputs (workers/evaluate/checks.py): the bundled GGUF's tokenizer as transformers rebuilds it
     # agrees with llama.cpp's, it adds no BOS, and its float copy reproduces the GGUF running in llama.cpp on the
     # same windows
     assert ref["tokenizer_check"].startswith("agrees with llama.cpp on a ") and ref["ppl_bos"] is False

@@ -154,7 +154,7 @@ def test_a_model_over_one_gpus_room_is_offloaded_and_says_so(shared_data, tmp_pa
     """A job whose weights do not fit its GPU's room (capped here with QFARM_GPU_MEM_GB) is placed partly in host
     RAM, says how much, and still computes the same logits as on the GPU alone."""
     from tests.tiny import corpus_of
-    from workers.models import load_float
+    from workers.shared.models import load_float
 
     folder = _random_llama(tmp_path / "llama3b", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 300))
     where: dict = {}

@@ -91,7 +91,7 @@ def test_fused_moe_experts_are_named_as_such_not_as_missing_layers(tmp_path):
     spec.write_text(f"name: moe\nmodel: {folder}\njobs:\n"
                     "  - {kind: train, method: lora, dataset: {path: d.jsonl}, lora_dropout: 0}\n")
     assert validate(spec)[0] == 0
-    tree = json.loads(subprocess.run([sys.executable, "-m", "workers.architecture",
+    tree = json.loads(subprocess.run([sys.executable, "-m", "workers.shared.architecture",
                                       json.dumps({"kind": "hf_dir", "location": str(folder)})], cwd=REPO,
                                      capture_output=True, text=True, timeout=600).stdout)
     assert tree["linears"]["mlp.experts.gate_up_proj"] == {"type": "experts", "in": 64, "out": 320, "count": 2,

@@ -38,7 +38,7 @@ def cluster_config(path, **types):
 
 @pytest.fixture
 def lone_head(tmp_path, monkeypatch):
-    from qfarm.cluster import start_local_head, stop_local_head
+    from qfarm.farm.cluster import start_local_head, stop_local_head
 
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")  # a head that other nodes may join
     temp = f"/tmp/qfarm-as-{os.getpid()}"
@@ -65,7 +65,7 @@ def pending_demand(address: str) -> list[dict]:
 
 def test_a_node_type_the_autoscaler_may_start_is_capacity_and_its_jobs_run_when_it_comes(cli_env, tmp_path,
                                                                                          lone_head, store):
-    from qfarm.cluster import ray_env
+    from qfarm.farm.cluster import ray_env
 
     head, extra = lone_head
     config = cluster_config(tmp_path / "cluster.yaml", big=(BIG, {"qfarm-gpu-mem-gb": "80"}))

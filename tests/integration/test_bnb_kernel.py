@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from qfarm.methods import QloraOptions
+from qfarm.sweep.methods import QloraOptions
 from tests.tiny import make_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -52,9 +52,9 @@ def examples(n: int = 3, length: int = 40) -> list[list[int]]:
 def test_float32_compute_is_float32_on_every_cpu(tiny):
     """A 4-bit model with compute_dtype float32 gives the logits of the float model holding its dequantized
     weights: on an AVX-512 BF16 CPU too, where bitsandbytes' default would compute in bf16."""
-    from workers.bnb import kernel_of, unpacked
-    from workers.merge import logits_diff, logits_of
+    from workers.quantize.bnb import kernel_of, unpacked
     from workers.train import load_trainable_base
+    from workers.train.merge import logits_diff, logits_of
 
     four_bit = load_trainable_base(str(tiny), QLORA).eval()
     assert kernel_of(four_bit) == "bnb cpu: dequantize + float32 matmul"
@@ -67,9 +67,9 @@ def test_float32_compute_is_float32_on_every_cpu(tiny):
 def test_the_fused_kernel_where_this_cpu_has_it(tiny):
     """bfloat16 compute (or forcing bitsandbytes' default) runs the fused kernel on an AVX-512 BF16 CPU and the
     row says so; afterwards the weights are repacked and dequantizing them is refused, not done wrongly."""
-    from workers.bnb import _fused_cpu, kernel_of, unpacked
-    from workers.merge import logits_diff, logits_of
+    from workers.quantize.bnb import _fused_cpu, kernel_of, unpacked
     from workers.train import load_trainable_base
+    from workers.train.merge import logits_diff, logits_of
 
     exact = logits_of(load_trainable_base(str(tiny), QLORA).eval(), examples())
     bf16 = load_trainable_base(str(tiny), QLORA.model_copy(update={"compute_dtype": "bfloat16"}))
@@ -89,8 +89,8 @@ def test_the_fused_kernel_where_this_cpu_has_it(tiny):
 def test_merge_check_separates_the_merge_from_the_kernel(tiny, adapter):
     """Onto the dequantized base the merge is exact in like-for-like arithmetic on every CPU; onto the float base
     it is not; the default kernel's own error is reported beside it, 0 where there is no fused kernel."""
-    from workers.bnb import _fused_cpu
-    from workers.merge import check, merged_model
+    from workers.quantize.bnb import _fused_cpu
+    from workers.train.merge import check, merged_model
 
     exact = check(str(tiny), adapter, QLORA, merged_model(str(tiny), adapter, QLORA, "dequantized").eval(), examples())
     onto_base = check(str(tiny), adapter, QLORA, merged_model(str(tiny), adapter, QLORA, "base").eval(), examples())

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_streamed_dataset_text_and_a_missing_field(tmp_path, monkeypatch):
-    from workers import data
+    from workers.shared import data
 
     folder = tmp_path / "ds"
     folder.mkdir()
@@ -27,7 +27,7 @@ def test_streamed_dataset_text_and_a_missing_field(tmp_path, monkeypatch):
 def test_calibration_windows_come_from_the_end_and_are_shared_through_a_file(tmp_path):
     import torch
 
-    from workers import data
+    from workers.shared import data
 
     class Tok:  # one token per character: enough to check where the windows are cut
         def __call__(self, text, add_special_tokens=False):

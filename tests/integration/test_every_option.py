@@ -66,7 +66,7 @@ PAIRS: dict[tuple[str, str], tuple[dict, dict]] = {
 def _fields(model, prefix: str = "") -> list[str]:
     """An options model's option paths (one level of nested options, ``calibration.samples``), but ``method`` and
     those with a single allowed value (nothing to vary)."""
-    from qfarm.methods import Options
+    from qfarm.sweep.methods import Options
 
     out = []
     for name, field in model.model_fields.items():
@@ -86,7 +86,7 @@ def _fields(model, prefix: str = "") -> list[str]:
 def test_every_option_of_every_artifact_method_is_tried_or_declared():
     """Pure bookkeeping, and the guard on new options: an option added to a method without a pair here (or a
     ``not_in_artifact`` declaration in the registry) fails this test."""
-    from qfarm.methods import METHODS
+    from qfarm.sweep.methods import METHODS
 
     for name, method in METHODS.items():
         if not method.writes_artifact:
@@ -120,7 +120,7 @@ def _options_yaml(method: str, options: dict, farm: dict) -> str:
 
 
 def _expand(farm: dict, method: str, variants: list[dict]):
-    from qfarm.expand import load_plan
+    from qfarm.sweep.expand import load_plan
 
     spec = farm["tmp"] / f"{method}.yaml"
     # llama.cpp's converter knows no tiny word-level tokenizer: the gguf pair quantizes the bundled GGUF itself
@@ -135,7 +135,7 @@ def _expand(farm: dict, method: str, variants: list[dict]):
 def _run(job, root: Path, cache, plan=None) -> dict:
     """The job run in this process by its kind's worker, as a worker actor runs it; a job that ``needs`` another
     (a shared capture) gets that one's artifact, as the scheduler gives it."""
-    from qfarm.job import Job
+    from qfarm.sweep.job import Job
     from workers.actor import JobContext, entry_point
 
     needs = {dep: _run(next(j for j in plan.jobs if j.id == dep), root, cache)["artifact"] for dep in job.needs}
@@ -171,7 +171,7 @@ def _tensors(file: Path) -> bytes:
 
 @pytest.mark.parametrize("method", sorted({m for m, _ in PAIRS}))
 def test_each_option_gives_another_artifact(farm, method, tmp_path):
-    from workers.cache import Cache
+    from workers.shared.cache import Cache
 
     pairs = {option: pair for (m, option), pair in PAIRS.items() if m == method}
     entries = list({json.dumps(o, sort_keys=True): o for pair in pairs.values() for o in pair}.values())
@@ -189,8 +189,8 @@ def test_each_option_gives_another_artifact(farm, method, tmp_path):
 
 
 @pytest.mark.parametrize("method,option,planted", [
-    ("gptq", "act_order", ("workers.llmc", "actorder", lambda options: None)),
-    ("bnb-nf4", "double_quant", ("workers.bnb", "config", None)),
+    ("gptq", "act_order", ("workers.quantize.llmc", "actorder", lambda options: None)),
+    ("bnb-nf4", "double_quant", ("workers.quantize.bnb", "config", None)),
 ])
 def test_a_worker_that_drops_an_option_fails_its_job_naming_it(farm, tmp_path, monkeypatch, method, option, planted):
     """A planted bug (the worker ignores one option) is caught by the artifact check before anything is published:
@@ -198,7 +198,7 @@ def test_a_worker_that_drops_an_option_fails_its_job_naming_it(farm, tmp_path, m
     import importlib
 
     from qfarm.errors import Permanent
-    from workers.cache import Cache
+    from workers.shared.cache import Cache
 
     module, name, replacement = planted
     module = importlib.import_module(module)
@@ -224,8 +224,8 @@ def test_an_artifact_is_stored_as_its_source_whatever_the_job_computed_in(farm, 
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    import workers.models
-    from workers.cache import Cache
+    import workers.shared.models
+    from workers.shared.cache import Cache
 
     source = make_tiny_model(tmp_path / "qwen2", corpus_of(farm["data"]), seed=4, family="qwen2")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, tie_word_embeddings=True)
@@ -236,7 +236,7 @@ def test_an_artifact_is_stored_as_its_source_whatever_the_job_computed_in(farm, 
     (job,) = [j for j in _expand(farm, method, [{}]).jobs if j.kind == "quantize"]
     rows = {}
     for dtype in (torch.float32, torch.bfloat16):
-        monkeypatch.setattr(workers.models, "compute_dtype", lambda path, d=dtype: d)
+        monkeypatch.setattr(workers.shared.models, "compute_dtype", lambda path, d=dtype: d)
         rows[dtype] = _run(job, tmp_path / str(dtype), Cache())
     cpu, gpu = rows[torch.float32], rows[torch.bfloat16]
     assert cpu["stored_dtype"] == gpu["stored_dtype"] == "bfloat16", (cpu["stored_dtype"], gpu["stored_dtype"])
@@ -252,14 +252,14 @@ def test_an_artifact_is_stored_as_its_source_whatever_the_job_computed_in(farm, 
 def test_a_gguf_without_an_output_tensor_gives_a_float_copy_that_stores_its_embedding_once(farm, tmp_path):
     """llama.cpp ties a model's head to its embedding by leaving output.weight out of the file; transformers' GGUF
     loader gives some families (Qwen2) an untied copy. The float copy made from such a file ties them again, so
-    every artifact made from it stores one matrix (workers.models.tie_embeddings)."""
+    every artifact made from it stores one matrix (workers.shared.models.tie_embeddings)."""
     import numpy as np
     import torch
     from gguf import GGUFWriter
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from workers.models import _has_output_weight, tie_embeddings
+    from workers.shared.models import _has_output_weight, tie_embeddings
 
     for name, tensors in (("tied", ["token_embd.weight"]), ("untied", ["token_embd.weight", "output.weight"])):
         writer = GGUFWriter(str(tmp_path / f"{name}.gguf"), "qwen2")

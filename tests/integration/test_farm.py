@@ -169,7 +169,7 @@ def test_a_killed_worker_is_retried_and_the_sweep_completes(cli_env, tmp_path, s
 def test_wait_does_not_hang_when_the_scheduler_dies(cli_env, tmp_path, store, ray_head):
     import ray
 
-    from qfarm import scheduler
+    from qfarm.farm import scheduler
 
     path = spec(tmp_path, """\
         stages:

@@ -34,8 +34,8 @@ def start_redis(port: int, folder) -> subprocess.Popen:
 
 
 def test_redis_killed_and_restarted_mid_sweep_loses_nothing_and_reruns_nothing(cli_env, tmp_path):
-    from qfarm.connection import connect_redis
-    from qfarm.store import Store
+    from qfarm.farm.connection import connect_redis
+    from qfarm.farm.store import Store
 
     port, folder = free_port(), tmp_path / "redis"
     folder.mkdir()

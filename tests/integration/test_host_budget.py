@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_a_sweep_on_one_worker_under_a_host_budget_drops_the_base_and_keeps_its_numbers(cli_env, shared_data,
                                                                                            tmp_path, store):
-    from qfarm.cluster import start_local_head, stop_local_head
+    from qfarm.farm.cluster import start_local_head, stop_local_head
 
     data = guanaco_rows(shared_data, tmp_path, 120)
     model = make_tiny_model(tmp_path / "tiny", corpus_of(data), seed=2)

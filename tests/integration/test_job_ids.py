@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: --record
-from qfarm.refs import bundled_model_path  # noqa: E402 - the real one, before a test points it at ROOT
+from qfarm.sweep.refs import bundled_model_path  # noqa: E402 - the real one, before a test points it at ROOT
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = Path(__file__).with_name("job_ids.json")
@@ -44,7 +44,7 @@ def lay_out(shared_data: Path) -> Path:
 
 def plans(folder: Path) -> dict:
     """Each spec's sweep id and jobs (id, label, payload), the payload's one machine-specific path made relative."""
-    from qfarm.expand import load_plan
+    from qfarm.sweep.expand import load_plan
 
     out = {}
     for spec in sorted(folder.glob("*.yaml")):
@@ -56,7 +56,7 @@ def plans(folder: Path) -> dict:
 
 @pytest.fixture
 def bundled_at_root(monkeypatch):
-    from qfarm import refs
+    from qfarm.sweep import refs
 
     monkeypatch.setattr(refs, "bundled_model_path", lambda name: ROOT / "model" / refs.BUNDLED_MODELS[name][1])
 
@@ -72,7 +72,7 @@ def test_every_shipped_sweep_makes_the_jobs_it_made_before(shared_data, bundled_
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
-    from qfarm import refs
+    from qfarm.sweep import refs
     from tests.conftest import SHARED_DATA
 
     refs.bundled_model_path = lambda name: ROOT / "model" / refs.BUNDLED_MODELS[name][1]

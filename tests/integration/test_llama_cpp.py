@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from qfarm.job import Job
-from qfarm.methods import GGUF_TYPES
+from qfarm.sweep.job import Job
+from qfarm.sweep.methods import GGUF_TYPES
 
 pytestmark = pytest.mark.integration
 
 
 def test_every_gguf_type_a_spec_may_name_exists_in_the_installed_llama_cpp():
-    from workers.gguf import ftype
+    from workers.quantize.gguf import ftype
 
     values = {name: ftype(name) for name in GGUF_TYPES}
     assert len(set(values.values())) == len(GGUF_TYPES)  # distinct llama.cpp file types
@@ -20,7 +20,7 @@ def test_every_gguf_type_a_spec_may_name_exists_in_the_installed_llama_cpp():
 
 
 def test_the_hf_to_gguf_converter_is_unpacked_beside_the_installed_version():
-    from workers.gguf import converter
+    from workers.quantize.gguf import converter
 
     script = converter()
     assert script is not None, "run `make llama-cpp-tools`"
@@ -33,9 +33,9 @@ def test_a_tokenizer_rebuilt_from_a_gguf_is_checked_against_llama_cpps_own(tmp_p
     from transformers import AutoTokenizer
 
     from qfarm.errors import Permanent
-    from qfarm.refs import resolve_model
+    from qfarm.sweep.refs import resolve_model
     from tests.tiny import make_tiny_model
-    from workers.checks import PROBE, gguf_conventions
+    from workers.evaluate.checks import PROBE, gguf_conventions
 
     ref = resolve_model("bundled:smollm2-135m", tmp_path)
     gguf = f"{ref.location}/{ref.gguf_file}"
@@ -57,7 +57,7 @@ def test_conversion_never_runs_a_model_folders_own_code(tmp_path, shared_data):
     from types import SimpleNamespace
 
     from tests.tiny import corpus_of, make_tiny_model
-    from workers.gguf import converter, source_gguf
+    from workers.quantize.gguf import converter, source_gguf
 
     folder = make_tiny_model(tmp_path / "evil", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 50))
     marker = tmp_path / "code-ran"

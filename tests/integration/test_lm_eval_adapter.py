@@ -1,4 +1,4 @@
-"""qfarm's lm-eval adapter (workers.tasks.runner_lm, what GGUF rows are scored through) answers lm-eval's
+"""qfarm's lm-eval adapter (workers.evaluate.tasks.runner_lm, what GGUF rows are scored through) answers lm-eval's
 requests as lm-eval's own HFLM does, on the same model: the same log-likelihoods, greedy flags, rolling
 log-likelihoods and generations, with and without a tokenizer that adds BOS."""
 
@@ -21,8 +21,8 @@ def test_the_adapter_answers_as_hflm_does(tmp_path, bos):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.evaluate import TorchRunner
-    from workers.tasks import runner_lm
+    from workers.evaluate.harness import TorchRunner
+    from workers.evaluate.tasks import runner_lm
 
     folder = make_tiny_model(tmp_path / "m", CORPUS, seed=3, bos=bos)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -16,7 +16,7 @@ from tests.cli import REPO
 pytestmark = pytest.mark.integration
 
 CLIENT = """\
-from qfarm.cluster import ensure_local_head
+from qfarm.farm.cluster import ensure_local_head
 print("ADDRESS", ensure_local_head(2, lambda line, **kw: print(line, flush=True)), flush=True)
 """
 
@@ -24,7 +24,7 @@ print("ADDRESS", ensure_local_head(2, lambda line, **kw: print(line, flush=True)
 def test_two_clients_starting_at_once_share_one_head(tmp_path):
     """Two clients with no Ray running start together: one starts the head (under a file lock), the other waits
     for it and uses it. Without the lock both started one, and one failed after a minute."""
-    from qfarm.cluster import stop_local_head
+    from qfarm.farm.cluster import stop_local_head
 
     env = dict(os.environ, QFARM_HOME=str(tmp_path / "home"), QFARM_RAY_TEMP_DIR=f"/tmp/qfh-{uuid.uuid4().hex[:8]}")
     env.pop("QFARM_RAY_ADDRESS", None)

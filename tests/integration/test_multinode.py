@@ -32,7 +32,7 @@ def nodes(address: str) -> list[dict]:
 
 @pytest.fixture
 def two_nodes(tmp_path, monkeypatch):
-    from qfarm.cluster import ray_env, start_local_head, stop_local_head
+    from qfarm.farm.cluster import ray_env, start_local_head, stop_local_head
 
     # a head that accepts other nodes: qfarm's single-node head sets this to 0, which makes `ray start --address`
     # refuse to join ("Multi-node Ray clusters are not supported")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qfarm import connection
 from qfarm.errors import QfarmError
+from qfarm.farm import connection
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def test_a_sweep_runs_through_a_tls_redis_with_a_password(tls_redis, cli_env, tm
     out = qfarm(env, "submit", str(spec), "--wait")
     assert out.returncode == 0, out.stdout + out.stderr  # client, scheduler actor and workers all spoke TLS
     assert [r["status"] for r in results(env, "over-tls")] == ["succeeded"] * 3
-    # the URL reached the scheduler and workers through the object store (qfarm.handoff): no Ray log has it
+    # the URL reached the scheduler and workers through the object store (qfarm.farm.handoff): no Ray log has it
     assert any(p.is_file() for p in Path(ray_head.temp_dir).rglob("*"))  # there are logs to look in
     assert not files_containing("s3cretQfarmPw", Path(ray_head.temp_dir))
     # without the CA, the server's certificate is refused: a one-line error, no password, no traceback

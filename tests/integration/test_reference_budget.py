@@ -25,7 +25,7 @@ def _runners(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.evaluate import TorchRunner
+    from workers.evaluate.harness import TorchRunner
 
     class Counted(TorchRunner):
         def __init__(self, model):
@@ -49,7 +49,7 @@ def quiet(line: str) -> None:
 def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
     from transformers import AutoTokenizer
 
-    from workers.evaluate import quality, reference_for
+    from workers.evaluate.harness import quality, reference_for
 
     ref_model, other, wins = _runners(tiny)
     a = tiny[0]
@@ -65,7 +65,7 @@ def test_recomputed_window_by_window_gives_the_numbers_kept_ones_give(tiny):
 
 
 def test_past_the_budget_they_are_written_once_and_every_worker_reads_the_same_numbers(tiny, tmp_path):
-    from workers.evaluate import quality, reference_for, spilled_reference
+    from workers.evaluate.harness import quality, reference_for, spilled_reference
 
     ref_model, other, wins = _runners(tiny)
     kept = reference_for(ref_model, wins, quiet)
@@ -87,7 +87,7 @@ def test_past_the_budget_they_are_written_once_and_every_worker_reads_the_same_n
 
 
 def test_the_budget_is_a_total_over_every_reference_kept():
-    from workers.cache import Cache
+    from workers.shared.cache import Cache
 
     cache = Cache()
     cache.ref_budget_bytes = 100

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_new_kind_is_one_registry_entry(monkeypatch, tmp_path, store, ray_head, redis_url, namespace):
-    from qfarm import cluster, methods, scheduler
-    from qfarm.expand import load_plan
+    from qfarm.farm import cluster, scheduler
+    from qfarm.sweep import methods
+    from qfarm.sweep.expand import load_plan
 
     nap = methods.Kind("nap", "workers.sleep:run", "a sleep by another name", needs_model=False,
                        parents=frozenset({"nap"}), options=methods.SleepOptions)
@@ -55,7 +56,7 @@ def test_a_payload_naming_a_module_outside_workers_is_refused():
 def test_every_method_and_backend_of_the_registry_names_a_class_its_workers_can_import():
     """A typo in a registry string would surface only when a job of it ran: every one resolves here, and each
     quantizer has the Protocol's two calls."""
-    from qfarm.methods import KINDS
+    from qfarm.sweep.methods import KINDS
     from workers.actor import entry_point
 
     names = set()
@@ -68,7 +69,7 @@ def test_every_method_and_backend_of_the_registry_names_a_class_its_workers_can_
                 cls = entry_point(impl, "method")
                 assert callable(getattr(cls, "quantize", None)) and callable(getattr(cls, "load", None)), impl
                 names.add(impl)
-    assert "workers.gptqmodel:GPTQModelBackend" in names and "workers.llmc:LLMCompressor" in names
+    assert "workers.quantize.gptqmodel:GPTQModelBackend" in names and "workers.quantize.llmc:LLMCompressor" in names
 
 
 def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
@@ -79,12 +80,13 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
 
     from pydantic import Field
 
-    from qfarm import eta, methods
-    from qfarm.expand import load_plan
-    from qfarm.modelinfo import shape_of
-    from qfarm.plan import model_shape, plan_jobs
-    from qfarm.results import row
-    from qfarm.store import JobRecord
+    from qfarm.farm import eta
+    from qfarm.farm.store import JobRecord
+    from qfarm.results.rows import row
+    from qfarm.sweep import methods
+    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.modelinfo import shape_of
+    from qfarm.sweep.plan import model_shape, plan_jobs
 
     class ToyOptions(methods.Options):
         method: Literal["toy"]
@@ -92,7 +94,7 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
         group_size: int = 64
         sharpness: float = Field(0.5, json_schema_extra=methods.QUALITY_ONLY)
 
-    toy = methods.Method("toy", ToyOptions, "a toy method", "workers.llmc:LLMCompressor", cost=30.0,
+    toy = methods.Method("toy", ToyOptions, "a toy method", "workers.quantize.llmc:LLMCompressor", cost=30.0,
                          plan="llm-compressor", library="toylib")
     monkeypatch.setitem(methods.METHODS, "toy", toy)
     spec = tmp_path / "toy.yaml"
@@ -102,7 +104,7 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
     _, plan = load_plan(spec)
     payloads = [j.payload() for j in plan.jobs]
     assert [p["label"] for p in payloads] == ["none", "toy 4b", "toy 8b"]
-    assert [p["impl"] for p in payloads[1:]] == ["workers.llmc:LLMCompressor"] * 2
+    assert [p["impl"] for p in payloads[1:]] == ["workers.quantize.llmc:LLMCompressor"] * 2
 
     shape = model_shape(payloads[0]["model"])
     plans = {p["label"]: p for p in plan_jobs(payloads, shape, "cuda")}
@@ -120,17 +122,30 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
     done = JobRecord(payloads[2]["id"], "succeeded", payloads[2], result={"ppl": 12.5}, sweep_id=plan.sweep_id)
     assert {k: row(done)[k] for k in ("method", "bits", "group_size", "ppl")} == {
         "method": "toy", "bits": 8, "group_size": 64, "ppl": 12.5}
-    from workers.card import library
+    from workers.shared.card import library
 
     assert library("quantize", "toy") == "toylib" and shape_of(payloads[0]["model"]) is not None
 
 
 def test_every_registry_entry_names_a_memory_plan_there_is():
-    from qfarm.methods import KINDS
-    from qfarm.plan import PLAN_TERMS
+    from qfarm.sweep.methods import KINDS
+    from qfarm.sweep.plan import PLAN_TERMS
 
     for kind in KINDS.values():
         assert kind.plan in PLAN_TERMS, kind.name
         for method in (kind.methods or {}).values():
             assert method.plan in PLAN_TERMS, method.name
     assert KINDS["quantize"].method("gptq").plan != KINDS["quantize"].method("none").plan
+
+
+def test_a_job_queued_before_workers_were_grouped_into_packages_still_finds_its_code():
+    """Payloads in Redis name their worker code (``workers.bnb:BitsAndBytes``); since workers/ is grouped by what a job
+    does (workers/quantize/bnb.py), a sweep queued before still resumes."""
+    from workers.actor import MOVED, entry_point
+    from workers.quantize.bnb import BitsAndBytes
+    from workers.train.merge import run
+
+    assert entry_point("workers.bnb:BitsAndBytes", "method") is BitsAndBytes
+    assert entry_point("workers.merge:run", "worker") is run
+    for old, new in MOVED.items():
+        assert entry_point(f"{new}:__name__", "worker") == new, old

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qfarm.methods import AwqOptions, GptqOptions
+from qfarm.sweep.methods import AwqOptions, GptqOptions
 from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def _ctx(said: list | None = None):
 
 
 def _fresh(tiny):
-    from workers.models import load_float
+    from workers.shared.models import load_float
 
     return load_float(tiny.folder, host=True)[0]
 
@@ -59,7 +59,7 @@ def _oneshot(tiny, propagate_error: bool, options=OPTIONS):
     """llm-compressor's own one-shot of the tiny model, its sequential pipeline as shipped; the model."""
     from llmcompressor import oneshot
 
-    from workers.llmc import recipe
+    from workers.quantize.llmc import recipe
 
     model = _fresh(tiny)
     oneshot(model=model, recipe=recipe(options), dataset=tiny.data, num_calibration_samples=len(tiny.data),
@@ -72,7 +72,7 @@ def _oneshot_gptq(tiny, propagate_error: bool) -> dict:
 
 
 def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activations(tiny):
-    from workers.llmc import capture_hessians, solve_shared
+    from workers.quantize.llmc import capture_hessians, solve_shared
 
     capture = tiny.tmp / "capture"
     layers = capture_hessians(_ctx(), _fresh(tiny), tiny.data, capture)
@@ -95,7 +95,7 @@ def test_a_capture_solved_per_job_equals_llm_compressors_gptq_on_float_activatio
 
 
 def test_a_retried_solve_loads_the_layers_an_earlier_attempt_solved_and_solves_the_rest(tiny):
-    from workers.llmc import capture_hessians, solve_shared
+    from workers.quantize.llmc import capture_hessians, solve_shared
 
     capture = tiny.tmp / "capture2"
     capture_hessians(_ctx(), _fresh(tiny), tiny.data, capture)
@@ -119,7 +119,7 @@ def test_a_retried_solve_loads_the_layers_an_earlier_attempt_solved_and_solves_t
 def test_sequential_gptq_checkpoints_each_layer_and_a_retry_replays_the_solved_ones(tiny):
     from safetensors import safe_open
 
-    from workers.llmc import sequential
+    from workers.quantize.llmc import sequential
 
     progress, said = tiny.tmp / "sequential", []
     first = _fresh(tiny)
@@ -147,7 +147,7 @@ def test_sequential_gptq_checkpoints_each_layer_and_a_retry_replays_the_solved_o
 def test_sequential_awq_checkpoints_each_layer_with_its_smoothed_norms_and_a_retry_replays_them(tiny):
     from safetensors import safe_open
 
-    from workers.llmc import sequential
+    from workers.quantize.llmc import sequential
 
     options = AwqOptions(method="awq", bits=4, group_size=32, symmetric=False, duo_scaling=True, n_grid=4)
     progress, said = tiny.tmp / "awq", []

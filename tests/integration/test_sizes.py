@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qfarm.job import Job
+from qfarm.sweep.job import Job
 from tests.tiny import make_tiny_model
 
 
@@ -16,7 +16,7 @@ def test_a_folder_is_measured_by_its_weight_files_in_their_own_dtype(tmp_path, d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.models import checkpoint_bytes, load_float, tensor_bytes
+    from workers.shared.models import checkpoint_bytes, load_float, tensor_bytes
 
     folder = make_tiny_model(tmp_path / "m", ["a b c d e f g h"] * 4)
     AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).save_pretrained(folder)

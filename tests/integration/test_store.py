@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qfarm.store import JobStatus
+from qfarm.farm.store import JobStatus
 
 pytestmark = pytest.mark.integration
 

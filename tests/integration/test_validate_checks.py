@@ -21,7 +21,7 @@ def gguf_with_pre_tokenizer(out, pre: str):
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-    from qfarm.refs import bundled_model_path
+    from qfarm.sweep.refs import bundled_model_path
 
     reader = gguf.GGUFReader(str(bundled_model_path("smollm2-135m")), "r")
     writer = gguf.GGUFWriter(str(out), arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents(),
@@ -68,7 +68,7 @@ def test_a_checkpoint_in_another_vocabulary_is_refused_at_validate_and_by_its_jo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qfarm.errors import Permanent
-    from workers.checkpoint import same_vocabulary
+    from workers.evaluate.checkpoint import same_vocabulary
 
     data = guanaco_rows(shared_data, tmp_path, 120)
     model = make_tiny_model(tmp_path / "tiny", corpus_of(data), seed=4)
@@ -95,13 +95,13 @@ def test_a_checkpoint_in_another_vocabulary_is_refused_at_validate_and_by_its_jo
 
 @pytest.mark.parametrize("pre", [None, "qwen2", "llama-bpe"])
 def test_validate_s_light_tokenizer_gives_the_ids_a_job_s_autotokenizer_gives(tmp_path, shared_data, pre):
-    """`qfarm validate` rebuilds a GGUF's tokenizer without transformers' model stack (workers.checks.rebuilt_backend,
+    """`qfarm validate` rebuilds a GGUF's tokenizer without transformers' model stack (workers.evaluate.checks.rebuilt_backend,
     ~1 s instead of ~10): it must be the tokenizer a job builds (AutoTokenizer), id for id, on the probe and on
     real text, or validate would pass files that jobs refuse, or refuse files that jobs take."""
     from transformers import AutoTokenizer
 
-    from qfarm.refs import bundled_model_path
-    from workers.checks import PROBE, rebuilt_backend
+    from qfarm.sweep.refs import bundled_model_path
+    from workers.evaluate.checks import PROBE, rebuilt_backend
 
     path = bundled_model_path("smollm2-135m") if pre is None else gguf_with_pre_tokenizer(tmp_path / "v.gguf", pre)
     light = rebuilt_backend(str(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qfarm.cluster import cuda_gpu_count
+from qfarm.farm.cluster import cuda_gpu_count
 from tests.cli import qfarm
 
 pytestmark = pytest.mark.integration

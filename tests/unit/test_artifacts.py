@@ -1,4 +1,4 @@
-"""The artifact check's logic (workers.artifacts) on hand-written metadata: what each format's config says is read
+"""The artifact check's logic (workers.quantize.artifacts) on hand-written metadata: what each format's config says is read
 into one description, and a row whose option the description contradicts is refused naming both values."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 
 from qfarm.errors import Permanent
-from qfarm.methods import METHODS
-from workers.artifacts import check, claims, describe
+from qfarm.sweep.methods import METHODS
+from workers.quantize.artifacts import check, claims, describe
 
 GPTQ = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True, "act_order": False, "dampening_frac": 0.01,
         "scheme": None}
@@ -33,16 +33,16 @@ def test_compressed_tensors_metadata_is_read_and_agrees_with_its_row(tmp_path):
     described = _compressed(tmp_path)
     assert described["format"] == "compressed-tensors" and described["actorder"] is None
     assert described["bits"] == 4 and described["group_size"] == 64 and described["input_activations"] is None
-    check(typed(GPTQ), "workers.llmc:LLMCompressor", described)  # no error
+    check(typed(GPTQ), "workers.quantize.llmc:LLMCompressor", described)  # no error
 
 
 def test_an_option_the_checkpoint_contradicts_is_named_with_both_values(tmp_path):
     described = _compressed(tmp_path, actorder="static")
     with pytest.raises(Permanent) as e:
-        check(typed(GPTQ), "workers.llmc:LLMCompressor", described)
+        check(typed(GPTQ), "workers.quantize.llmc:LLMCompressor", described)
     assert "the row says act_order false, the checkpoint says actorder static (expected null)" in str(e.value)
     with pytest.raises(Permanent, match="the row says group_size 64, the checkpoint says group_size 128"):
-        check(typed(GPTQ), "workers.llmc:LLMCompressor", _compressed(tmp_path, group_size=128))
+        check(typed(GPTQ), "workers.quantize.llmc:LLMCompressor", _compressed(tmp_path, group_size=128))
 
 
 def test_a_channel_scheme_and_activations_are_claimed(tmp_path):
@@ -60,9 +60,9 @@ def test_gptqmodel_and_bitsandbytes_metadata(tmp_path):
     (tmp_path / "quantize_config.json").write_text(json.dumps(
         {"bits": 4, "group_size": 64, "desc_act": True, "sym": True, "damp_percent": 0.01, "quant_method": "gptq"}))
     gm = describe(str(tmp_path))
-    check(typed({**GPTQ, "act_order": True}), "workers.gptqmodel:GPTQModelBackend", gm)
+    check(typed({**GPTQ, "act_order": True}), "workers.quantize.gptqmodel:GPTQModelBackend", gm)
     with pytest.raises(Permanent, match="the row says act_order false, the checkpoint says desc_act true"):
-        check(typed(GPTQ), "workers.gptqmodel:GPTQModelBackend", gm)
+        check(typed(GPTQ), "workers.quantize.gptqmodel:GPTQModelBackend", gm)
     bnb = tmp_path / "bnb"
     bnb.mkdir()
     (bnb / "config.json").write_text(json.dumps({"quantization_config": {

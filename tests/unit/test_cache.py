@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.cache import _LRU
+from workers.shared.cache import _LRU
 
 
 def test_a_model_switch_evicts_the_old_model_before_the_new_one_is_built():
@@ -43,8 +43,8 @@ class _Model:
 
 
 def test_a_base_on_one_gpu_parks_in_host_ram_and_a_spread_one_is_dropped(monkeypatch):
-    from workers import cache as cache_mod
-    from workers.cache import Cache, Loaded
+    from workers.shared import cache as cache_mod
+    from workers.shared.cache import Cache, Loaded
 
     freed = []
     monkeypatch.setattr(cache_mod, "_free", lambda: freed.append(1))

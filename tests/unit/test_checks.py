@@ -1,4 +1,4 @@
-"""The reference's self-checks as pure logic (workers.checks): tokenizations that part, BOS conventions, and the
+"""The reference's self-checks as pure logic (workers.evaluate.checks): tokenizations that part, BOS conventions, and the
 bits-per-byte / tokens-per-byte bounds a real reference stays inside."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def tokenizer(bos: bool):
 
 
 def test_disagreement_says_where_two_tokenizations_part():
-    from workers.checks import disagreement
+    from workers.evaluate.checks import disagreement
 
     assert disagreement([1, 2, 3], [1, 2, 3]) is None
     assert disagreement([5, 9, 9, 9], [5, 7]) == ("4 vs 2 tokens on the probe text, first different at token 1 "
@@ -34,7 +34,7 @@ def test_disagreement_says_where_two_tokenizations_part():
 
 @pytest.mark.parametrize("adds", [True, False])
 def test_the_bos_convention_is_read_from_the_tokenizer(tmp_path, adds):
-    from workers.checks import conventions
+    from workers.evaluate.checks import conventions
 
     found = conventions(str(tmp_path), tokenizer(adds))
     assert found["add_bos"] is adds and found["bos_id"] == (1 if adds else None)
@@ -43,14 +43,14 @@ def test_the_bos_convention_is_read_from_the_tokenizer(tmp_path, adds):
 def test_a_gguf_folder_says_its_convention_in_its_checks_file(tmp_path):
     import json
 
-    from workers.checks import CHECKS_FILE, conventions
+    from workers.evaluate.checks import CHECKS_FILE, conventions
 
     (tmp_path / CHECKS_FILE).write_text(json.dumps({"tokenizer_check": "agrees", "add_bos": True, "bos_id": 1}))
     assert conventions(str(tmp_path), tokenizer(False)) == {"tokenizer_check": "agrees", "add_bos": True, "bos_id": 1}
 
 
 def test_windows_start_with_bos_when_the_model_wants_it():
-    from workers.data import windows
+    from workers.shared.data import windows
 
     tok = tokenizer(False)
     text = " ".join(["a b"] * 20)  # 40 tokens
@@ -62,7 +62,7 @@ def test_windows_start_with_bos_when_the_model_wants_it():
 
 
 def test_a_sane_reference_passes_and_says_its_bits_per_byte():
-    from workers.checks import check_reference
+    from workers.evaluate.checks import check_reference
 
     tokens, nbytes = 1000, 4000  # ~4 bytes a token, as English BPE
     out = check_reference(math.log(30.0) * tokens, tokens, nbytes, 49152)
@@ -71,7 +71,7 @@ def test_a_sane_reference_passes_and_says_its_bits_per_byte():
 
 
 def test_a_reference_that_cannot_be_right_fails_with_the_reason():
-    from workers.checks import check_reference
+    from workers.evaluate.checks import check_reference
 
     with pytest.raises(Permanent, match=r"cut the evaluation text into single characters \(1.00 tokens per byte"):
         check_reference(math.log(20.0) * 4000, 4000, 4000, 32000)  # ids one character at a time

@@ -45,7 +45,7 @@ def test_validate_ok_and_bad(tmp_path):
 
 
 def test_cli_imports_no_ml_or_ray():
-    code = ("import sys; from qfarm.cli import cli; from qfarm import spec, expand, store, results, progress;"
+    code = ("import sys; from qfarm.cli import cli; from qfarm.sweep import spec, expand; from qfarm.farm import store; from qfarm.results import rows, progress;"
             "heavy = [m for m in ('torch', 'transformers', 'ray', 'bitsandbytes') if m in sys.modules];"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -67,7 +67,7 @@ def test_cluster_yaml_is_a_launcher_config():
 
     validate_config(prepare_config(config))  # Ray's own schema for `ray up` accepts it
     # ... and its node types are what qfarm's placement reads as capacity the autoscaler may start
-    from qfarm.cluster import node_types_of
+    from qfarm.farm.cluster import node_types_of
 
     types = {t.name: t for t in node_types_of(config)}
     assert set(types) == set(config["available_node_types"]) - {config["head_node_type"]}
@@ -89,8 +89,8 @@ def test_a_redis_url_that_is_not_one_is_a_usage_error_not_an_internal_one(url):
 
 
 def test_the_clis_job_limit_is_validates():
-    """The CLI keeps its own copy of the default (importing qfarm.validate would load pydantic for `--help`)."""
+    """The CLI keeps its own copy of the default (importing qfarm.sweep.validate would load pydantic for `--help`)."""
     import qfarm.cli
-    import qfarm.validate
+    import qfarm.sweep.validate
 
-    assert qfarm.cli.MAX_JOBS == qfarm.validate.MAX_JOBS
+    assert qfarm.cli.MAX_JOBS == qfarm.sweep.validate.MAX_JOBS

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qfarm.compare import (
+from qfarm.errors import UsageError
+from qfarm.results.compare import (
     compare,
     filter_rows,
     mark_pareto,
@@ -13,8 +14,7 @@ from qfarm.compare import (
     sort_rows,
     with_deltas,
 )
-from qfarm.errors import UsageError
-from qfarm.results import render, to_parquet
+from qfarm.results.rows import render, to_parquet
 
 
 def r(job, method, size, ppl, decode, sweep="s1", status="succeeded", bits=4, **extra):

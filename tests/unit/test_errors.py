@@ -76,7 +76,7 @@ def test_a_path_that_cannot_be_written_is_a_user_error_not_an_internal_one(capsy
 
 
 def test_a_tracking_uri_mlflow_cannot_store_runs_in_is_refused_before_mlflow_is_asked():
-    from qfarm.tracking import cli_uri_problem
+    from qfarm.results.tracking import cli_uri_problem
 
     assert "scheme 'weird' is not one MLflow stores runs in" in cli_uri_problem("weird://x")
     for fine in ("mlruns", "/abs/folder", "file:/abs/folder", "sqlite:///m.db", "http://127.0.0.1:5000",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 
-from qfarm.expand import load_plan
+from qfarm.sweep.expand import load_plan
 from tests.unit.test_spec import problems, write
 
 HEAD = """\
@@ -62,7 +62,7 @@ def test_a_checkpoint_is_named_by_its_content_so_another_one_at_the_same_path_is
 
 
 def test_the_bits_a_checkpoint_declares():
-    from workers.checkpoint import _hf_bits
+    from workers.evaluate.checkpoint import _hf_bits
 
     assert _hf_bits(None) is None
     assert _hf_bits({"quant_method": "bitsandbytes", "load_in_4bit": True}) == 4

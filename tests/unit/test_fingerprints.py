@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-from qfarm.expand import load_plan
-from qfarm.refs import CHUNK, fingerprint
+from qfarm.sweep.expand import load_plan
+from qfarm.sweep.refs import CHUNK, fingerprint
 
 
 def folder(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from qfarm.cli import cli
 from qfarm.errors import SpecError
-from qfarm.expand import load_plan
+from qfarm.sweep.expand import load_plan
 
 KEYS = ["name", "model", "jobs", "kind", "matrix", "method", "bits", "group_size", "act_order", "calibration",
         "dataset", "samples", "seq_len", "eval", "perplexity", "speed", "prompts", "exclude", "resources", "gpus",
@@ -75,7 +75,7 @@ def test_any_text_through_the_cli_exit_0_or_2_without_a_traceback(tmp_path, text
 @SETTINGS
 @given(parts=st.lists(st.sampled_from(["..", ".", "a", "_models", "/", "~", "x.gguf", "%2e%2e", "\\.."]), max_size=8))
 def test_worker_paths_never_leave_the_output_root(tmp_path, parts):
-    from workers.files import inside
+    from workers.shared.files import inside
 
     root = tmp_path / "root"
     candidate = str(root / "/".join(parts)) if parts and parts[0] != "/" else "/" + "/".join(parts)
@@ -91,7 +91,7 @@ def test_worker_paths_never_leave_the_output_root(tmp_path, parts):
        parts=st.lists(st.sampled_from(["..", ".", "sweep", "j0123456789ab", "j000000000000", "/"]), max_size=4))
 def test_a_job_folder_from_redis_is_always_a_job_folder_strictly_inside_the_root(tmp_path, job_id, parts):
     """What a worker writes into and empties (rmtree) is <root>/<sweep>/<job id>, whatever Redis says."""
-    from workers.files import job_dir
+    from workers.shared.files import job_dir
 
     root = (tmp_path / "root").resolve()
     try:

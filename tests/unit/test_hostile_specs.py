@@ -62,7 +62,7 @@ def test_sizes_are_capped_and_the_cap_is_named(tmp_path):
 def test_a_training_format_string_can_only_name_fields(fmt, why):
     from pydantic import ValidationError
 
-    from qfarm.methods import TrainData
+    from qfarm.sweep.methods import TrainData
 
     with pytest.raises(ValidationError, match=why):
         TrainData(path="x.jsonl", format=fmt)
@@ -143,12 +143,12 @@ def test_deep_block_nesting_is_refused_while_parsing(tmp_path):
 
 
 def test_a_million_job_matrix_is_refused_from_its_lengths_before_expansion(tmp_path, monkeypatch):
-    import qfarm.validate
+    import qfarm.sweep.validate
 
     def never(*args, **kwargs):
         raise AssertionError("a combination was made: the bound must be checked first")
 
-    monkeypatch.setattr(qfarm.validate, "combinations", never)
+    monkeypatch.setattr(qfarm.sweep.validate, "combinations", never)
     spec = tmp_path / "million.yaml"
     spec.write_text("name: m\njobs:\n  - kind: sleep\n    matrix:\n"
                     f"      index: [{', '.join(map(str, range(1000)))}]\n"

@@ -1,4 +1,4 @@
-"""Hub models pinned to a commit (qfarm.hub): resolution through the hub cache's refs with HF_HUB_OFFLINE=1, the
+"""Hub models pinned to a commit (qfarm.sweep.hub): resolution through the hub cache's refs with HF_HUB_OFFLINE=1, the
 sha in the job ids, the errors a user gets, and what reaches the workers' environment."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from qfarm import hub
 from qfarm.errors import SpecError
-from qfarm.expand import load_plan
+from qfarm.sweep import hub
+from qfarm.sweep.expand import load_plan
 
 SHA_A, SHA_B = "a" * 40, "0123456789abcdef0123456789abcdef01234567"
 

@@ -7,11 +7,11 @@ import pytest
 from click.testing import CliRunner
 
 from qfarm.cli import cli
-from qfarm.compare import compare, parse_frontier
 from qfarm.errors import UsageError
-from qfarm.lmtasks import harness_tasks_dir, names_in
-from qfarm.results import visible
-from workers.tasks import task_columns
+from qfarm.results.compare import compare, parse_frontier
+from qfarm.results.rows import visible
+from qfarm.sweep.lmtasks import harness_tasks_dir, names_in
+from workers.evaluate.tasks import task_columns
 
 # the shape simple_evaluate returns (lm-eval 0.4.13), for a multiple-choice task and gsm8k's two filters
 RESULTS = {
@@ -136,8 +136,8 @@ jobs:
 
 
 def test_engine_vllm_is_refused_where_no_gpu_can_run_it(tmp_path):
-    from qfarm.cluster import Node, cuda_refusal
-    from qfarm.expand import load_plan
+    from qfarm.farm.cluster import Node, cuda_refusal
+    from qfarm.sweep.expand import load_plan
 
     spec = tmp_path / "v.yaml"
     spec.write_text(VLLM_SPEC.format(gpus=0))
@@ -155,7 +155,7 @@ def test_engine_vllm_is_refused_where_no_gpu_can_run_it(tmp_path):
 
 
 def test_engine_vllm_serves_the_rows_vllm_loads_and_says_why_not_for_the_others(tmp_path):
-    from qfarm.expand import load_plan
+    from qfarm.sweep.expand import load_plan
 
     spec = tmp_path / "v.yaml"
     spec.write_text(VLLM_SPEC.format(gpus=1))
@@ -173,8 +173,8 @@ def test_engine_vllm_serves_the_rows_vllm_loads_and_says_why_not_for_the_others(
 
 
 def test_vllm_prompts_are_the_same_spans_for_every_row():
-    from workers.evaluate import percentile
-    from workers.serving import prompt_ids
+    from workers.evaluate.harness import percentile
+    from workers.evaluate.serving import prompt_ids
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qfarm.expand import load_plan
-from qfarm.modelinfo import gguf_metadata, shape_of
+from qfarm.sweep.expand import load_plan
+from qfarm.sweep.modelinfo import gguf_metadata, shape_of
 from tests.unit.test_spec import problems, write
 
 HEAD = """\
@@ -105,7 +105,7 @@ def test_calibration_applies_to_the_calibrating_methods_of_a_group(tmp_path):
     assert jobs["rtn"].calibration is None and "calibration" not in jobs["rtn"].options
     for m in ("gptq", "awq"):
         cal = jobs[m].payload()["calibration"]
-        from qfarm.refs import fingerprint
+        from qfarm.sweep.refs import fingerprint
 
         key = f"text:{data}@{fingerprint(data)}"  # the file, and what it holds
         assert cal == {"kind": "text", "location": str(data), "text_field": "text", "key": key,
@@ -135,8 +135,8 @@ def test_calibration_size_changes_the_job_id_and_labels_show_varied_options(tmp_
 
 
 def test_gptq_jobs_that_share_calibration_need_one_capture_per_model_and_data(tmp_path):
-    from qfarm.eta import ranks
-    from qfarm.store import JobRecord
+    from qfarm.farm.eta import ranks
+    from qfarm.farm.store import JobRecord
 
     spec = HEAD + """\
       - kind: quantize
@@ -153,7 +153,7 @@ def test_gptq_jobs_that_share_calibration_need_one_capture_per_model_and_data(tm
     by_samples = {c.options["calibration"]["samples"]: c for c in captures}
     assert by_samples[8].options == {"capture": "hessian", "calibration": {
         "dataset": "bundled:python-docs", "text_field": "text", "samples": 8, "seq_len": 512}}
-    assert by_samples[8].eval is None and by_samples[8].worker == "workers.calibrate:run"
+    assert by_samples[8].eval is None and by_samples[8].worker == "workers.quantize.calibrate:run"
     gptq = [j for j in plan.jobs if j.options.get("method") == "gptq"]
     needs = {j.id: j.needs for j in gptq}
     assert sorted(n for n in needs.values()) == sorted([(by_samples[8].id,)] * 4 + [(by_samples[16].id,), ()])
@@ -264,12 +264,12 @@ def test_gguf_types_are_checked_with_a_did_you_mean_and_label_the_jobs(tmp_path)
 
 
 def test_a_resumable_checkpoint_takes_the_layers_smoothed_at_that_epoch_end_wherever_they_lie():
-    """What ``workers.llmc._smoothed_now`` adds to a subgraph's checkpoint: the smooth and balance layers of the AWQ
+    """What ``workers.quantize.llmc._smoothed_now`` adds to a subgraph's checkpoint: the smooth and balance layers of the AWQ
     and SmoothQuant mappings whose activations are cached (about to be smoothed), not those of mappings done or still
     to come, and nothing from a modifier without mappings (GPTQ, the quantization modifier)."""
     from types import SimpleNamespace as NS
 
-    from workers.llmc import _smoothed_now
+    from workers.quantize.llmc import _smoothed_now
 
     def mapping(smooth):
         return NS(smooth_name=smooth, smooth_layer=f"{smooth}.norm", balance_layers=[f"{smooth}.q", f"{smooth}.k"])
@@ -337,8 +337,8 @@ def test_a_backend_picks_the_implementation_keeps_old_ids_and_refuses_what_gptqm
     by = {j.label: j for j in plan.jobs}
     # a backend written in the spec is in the label (as a scheme is): unset, the label is the method's alone
     assert set(by) == {"gptq", "gptq llm-compressor", "gptq gptqmodel", "awq gptqmodel"}, set(by)
-    assert by["gptq gptqmodel"].impl == by["awq gptqmodel"].impl == "workers.gptqmodel:GPTQModelBackend"
-    assert by["gptq llm-compressor"].impl == by["gptq"].impl == "workers.llmc:LLMCompressor"
+    assert by["gptq gptqmodel"].impl == by["awq gptqmodel"].impl == "workers.quantize.gptqmodel:GPTQModelBackend"
+    assert by["gptq llm-compressor"].impl == by["gptq"].impl == "workers.quantize.llmc:LLMCompressor"
     # backend unset: the job id it had before the option existed (a resubmit reruns nothing)
     assert by["gptq"].id == before.jobs[0].id and "backend" not in by["gptq"].options
     assert by["gptq llm-compressor"].id != by["gptq"].id  # said explicitly: another job (the label differs too)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from qfarm.compare import mark_pareto, noise_pairs, sort_rows
-from qfarm.results import render
+from qfarm.results.compare import mark_pareto, noise_pairs, sort_rows
+from qfarm.results.rows import render
 
 
 class Fixed:
@@ -29,7 +29,7 @@ def logprobs(seed: int, windows: int = 3, length: int = 9, vocab: int = 11) -> l
 
 
 def test_quality_figures_carry_their_standard_errors():
-    from workers.evaluate import quality, reference_for
+    from workers.evaluate.harness import quality, reference_for
 
     wins = torch.randint(0, 11, (3, 9), generator=torch.Generator().manual_seed(0))
     ref_lp, var_lp = logprobs(1), logprobs(2)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from qfarm.errors import SpecError
-from qfarm.expand import load_plan
+from qfarm.sweep.expand import load_plan
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""The memory planner (qfarm.plan) on the real config.json of public models, against their published sizes."""
+"""The memory planner (qfarm.sweep.plan) on the real config.json of public models, against their published sizes."""
 
 from __future__ import annotations
 
 import pytest
 
-from qfarm.plan import GB, job_plan, shape_of_config
+from qfarm.sweep.plan import GB, job_plan, shape_of_config
 
 # the fields of each model's config.json that size it (as published with the weights)
 LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -93,7 +93,7 @@ def test_a_job_over_n_gpus_spreads_its_weights_not_its_logits():
                            "offload_gb": 0.0}),
 ])
 def test_device_map_and_max_memory_from_the_plan(weights, reserve, gpus, host, expect):
-    from qfarm.plan import layout
+    from qfarm.sweep.plan import layout
 
     got = layout(weights * GB, reserve * GB, [g * GB for g in gpus], host * GB)
     assert got["device_map"] == expect["device_map"] and got["gpus_used"] == expect["gpus_used"]
@@ -108,7 +108,7 @@ def test_device_map_and_max_memory_from_the_plan(weights, reserve, gpus, host, e
 
 
 def test_a_model_no_gpu_nor_the_host_can_hold_is_refused_with_its_figures():
-    from qfarm.plan import NoRoom, layout
+    from qfarm.sweep.plan import NoRoom, layout
 
     with pytest.raises(NoRoom, match=r"141.0 GB of weights: the job's 1 GPU\(s\) hold 72.6 GB"):
         layout(141e9, 1e9, [80e9], 32e9)
@@ -154,7 +154,7 @@ def test_validate_plan_json_from_a_folder_with_only_a_config(tmp_path):
 
 
 def test_the_plan_places_gpu_jobs_and_refuses_what_fits_no_gpu():
-    from qfarm.plan import place
+    from qfarm.sweep.plan import place
 
     shape = shape_of_config(LLAMA3_8B)
     shared = {"gpus": 1}  # one group's jobs share one resources dict

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qfarm.connection import _redact
+from qfarm.farm.connection import _redact
 
 
 @pytest.mark.parametrize("url,shown", [

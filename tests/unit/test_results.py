@@ -6,8 +6,8 @@ import csv
 import io
 import json
 
-from qfarm.results import COLUMNS, render, rows
-from qfarm.store import JobRecord
+from qfarm.farm.store import JobRecord
+from qfarm.results.rows import COLUMNS, render, rows
 
 
 def record(job_id, status, method, result=None, error=None):
@@ -51,7 +51,7 @@ def test_markdown_shows_failed_rows_with_reason():
 
 
 def test_status_of_a_large_sweep_shows_unfinished_and_failed_first():
-    from qfarm.progress import shown
+    from qfarm.results.progress import shown
 
     statuses = ["succeeded"] * 100 + ["failed", "running", "queued"]
     jobs = [JobRecord(id=f"j{i}", status=s, spec={}) for i, s in enumerate(statuses)]
@@ -62,10 +62,10 @@ def test_status_of_a_large_sweep_shows_unfinished_and_failed_first():
 
 
 def test_option_columns_are_named_as_in_the_spec_and_cannot_clash_with_measured_ones(tmp_path, monkeypatch):
-    from qfarm import methods
-    from qfarm.columns import option_clashes
     from qfarm.errors import SpecError
-    from qfarm.expand import load_plan
+    from qfarm.results.columns import option_clashes
+    from qfarm.sweep import methods
+    from qfarm.sweep.expand import load_plan
 
     rec = JobRecord(id="j1", status="succeeded", spec={"kind": "quantize", "options": {"method": "gguf", "gguf_type": "Q8_0"},
                                                        "bits": 8}, result={"size_mb": 1.0})
@@ -79,7 +79,7 @@ def test_option_columns_are_named_as_in_the_spec_and_cannot_clash_with_measured_
     class Clashing(methods.RtnOptions):
         perplexity: float = 1.0
 
-    monkeypatch.setitem(methods.METHODS, "rtn", methods.Method("rtn", Clashing, "x", "workers.llmc:LLMCompressor"))
+    monkeypatch.setitem(methods.METHODS, "rtn", methods.Method("rtn", Clashing, "x", "workers.quantize.llmc:LLMCompressor"))
     spec = tmp_path / "s.yaml"
     spec.write_text("name: s\nmodel: bundled:smollm2-135m\neval: {speed: null, perplexity: null}\n"
                     "jobs:\n  - {kind: quantize, method: rtn, group_size: 32}\n")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from qfarm.errors import Permanent, Retryable, retryable
-from qfarm.scheduler import GONE_WORKER_S, HEARTBEAT_TTL_S, orphaned, readiness, timed_out
-from qfarm.store import JobRecord, JobStatus, retry_decision
+from qfarm.farm.scheduler import GONE_WORKER_S, HEARTBEAT_TTL_S, orphaned, readiness, timed_out
+from qfarm.farm.store import JobRecord, JobStatus, retry_decision
 
 NOW = 1_000_000.0
 
@@ -85,7 +85,7 @@ def test_which_failures_are_worth_retrying():
 
 
 def test_a_worker_is_hung_when_its_heartbeat_stops_but_not_while_redis_was_away():
-    from qfarm.scheduler import hung
+    from qfarm.farm.scheduler import hung
 
     beating = job(heartbeat_at=NOW - 5, started_at=NOW - 500)
     assert hung(beating, NOW, 60) is None
@@ -97,7 +97,7 @@ def test_a_worker_is_hung_when_its_heartbeat_stops_but_not_while_redis_was_away(
 
 
 def _job(i, kind, parent=None, **options):
-    from qfarm.store import JobRecord
+    from qfarm.farm.store import JobRecord
 
     spec = {"kind": kind, "options": options, "parent": parent,
             "eval": {"perplexity": {"seq_len": 512, "max_windows": 8}}}
@@ -105,7 +105,7 @@ def _job(i, kind, parent=None, **options):
 
 
 def test_dispatch_is_longest_first_and_by_critical_path_on_a_pipeline():
-    from qfarm.eta import dispatch_order, ranks, work_shape
+    from qfarm.farm.eta import dispatch_order, ranks, work_shape
 
     cal = {"samples": 16, "seq_len": 256}
     jobs = [_job(0, "quantize", method="none"), _job(1, "quantize", method="bnb-nf4"),
@@ -130,8 +130,8 @@ def test_dispatch_is_longest_first_and_by_critical_path_on_a_pipeline():
 
 def test_gptq_jobs_that_differ_only_in_quality_options_share_their_timing_history():
     """eta keyed history on an option list that named "damp" while the option is dampening_frac: each dampening
-    value had a history of its own. Quality-only options are marked on their fields now (qfarm.methods)."""
-    from qfarm.eta import work_shape
+    value had a history of its own. Quality-only options are marked on their fields now (qfarm.sweep.methods)."""
+    from qfarm.farm.eta import work_shape
 
     def gptq(**opts):
         return {"kind": "quantize", "options": {"method": "gptq", "bits": 4, "group_size": 64, **opts},

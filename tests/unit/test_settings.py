@@ -26,6 +26,6 @@ def test_a_setting_is_read_when_used_not_at_import(monkeypatch):
     monkeypatch.setenv("QFARM_REF_CACHE_MB", "64")
     assert number("QFARM_REF_CACHE_MB") == 64
     monkeypatch.setenv("QFARM_WATCH_STALE_S", "7")
-    from qfarm import watchdog
+    from qfarm.farm import watchdog
 
     assert watchdog.stale_s() == 7 and get("QFARM_DISPATCH") == "longest"

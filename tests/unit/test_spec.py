@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qfarm.errors import SpecError
-from qfarm.expand import load_plan
+from qfarm.sweep.expand import load_plan
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ import re
 import pytest
 from rich.console import Console
 
-from qfarm.results import rich_table, rows
-from qfarm.store import JobRecord
+from qfarm.farm.store import JobRecord
+from qfarm.results.rows import rich_table, rows
 
 LONG = "gptq-w4-g64-actorder-calib512"  # a label a person must read whole
 
@@ -76,7 +76,7 @@ class FakeStore:
         return list(self.records)
 
     def sweep(self, sid):
-        from qfarm.store import SweepRecord
+        from qfarm.farm.store import SweepRecord
 
         return SweepRecord(id=sid, name=sid.rsplit("-", 1)[0], created_at=1_700_000_000.0,
                            submitted_at=1_700_000_100.0)
@@ -87,7 +87,7 @@ class FakeStore:
 
 @pytest.mark.parametrize("width", [80, 120])
 def test_status_shows_whole_sweep_names_and_counts_in_80_columns(width):
-    from qfarm.progress import sweeps_table
+    from qfarm.results.progress import sweeps_table
 
     names = ["seed-004-methods-3f2a9c1b", "held-out-qlora-ranks-77aa01ff", "smollm2-bnb-0c9d8e7f"]
     store = FakeStore({n: ["succeeded"] * 5 + ["failed"] + ["running"] * 2 + ["queued"] * 3 for n in names})
@@ -103,8 +103,8 @@ def test_status_shows_whole_sweep_names_and_counts_in_80_columns(width):
 
 
 def test_jobs_table_keeps_label_and_status_and_says_the_eta():
-    from qfarm.progress import jobs_table
-    from qfarm.store import SweepRecord
+    from qfarm.farm.store import SweepRecord
+    from qfarm.results.progress import jobs_table
 
     sweep = SweepRecord(id="s-1", name="s", created_at=0)
     jobs = [job(1, "succeeded", "gptq", label=LONG, started=0, finished=100, worker="w1"),
@@ -118,7 +118,7 @@ def test_jobs_table_keeps_label_and_status_and_says_the_eta():
 
 
 def test_eta_from_finished_jobs_of_the_same_shape_else_history_else_the_scaled_prior():
-    from qfarm.eta import eta_s, expected, prior_units, say, work_shape
+    from qfarm.farm.eta import eta_s, expected, prior_units, say, work_shape
 
     def rec(i, status, method, started=None, finished=None, worker=None):
         return JobRecord(id=f"j{i}", status=status, spec={"kind": "quantize", "options": {"method": method}},
@@ -145,7 +145,7 @@ def test_eta_from_finished_jobs_of_the_same_shape_else_history_else_the_scaled_p
 
 
 def test_a_spec_names_a_server_or_a_store_inside_the_output_root():
-    from qfarm.tracking import resolve_uri, spec_uri_problem
+    from qfarm.results.tracking import resolve_uri, spec_uri_problem
 
     for fine in ("http://mlflow.internal:5000", "https://x/y", "databricks", "sqlite:///mlflow.db", "mlruns",
                  "runs/qfarm"):
@@ -161,7 +161,7 @@ def test_a_spec_names_a_server_or_a_store_inside_the_output_root():
 
 
 def test_mlflow_params_metrics_and_loss_history_of_a_row():
-    from qfarm.tracking import loss_points, metrics_of, params_of
+    from qfarm.results.tracking import loss_points, metrics_of, params_of
 
     row = {"job_id": "j1", "kind": "train", "method": "qlora", "perplexity": 14.6, "pareto": True,
            "started_at": 1.0, "answers": [{"prompt": "p", "answer": "a"}], "label": "qlora-r8", "kl_div": float("nan"),
@@ -175,8 +175,8 @@ def test_mlflow_params_metrics_and_loss_history_of_a_row():
 
 
 def test_model_card_metadata_and_figures():
-    from qfarm.job import Job
-    from workers.card import card_text
+    from qfarm.sweep.job import Job
+    from workers.shared.card import card_text
 
     job_ = {"id": "j1", "kind": "quantize", "label": "gptq-w4-g64", "options": {"method": "gptq", "bits": 4,
             "group_size": 64}, "eval": {"perplexity": {"seq_len": 512, "dataset": "bundled:python-docs"},
@@ -201,7 +201,7 @@ def test_model_card_metadata_and_figures():
 
 
 def test_a_tracking_server_login_never_reaches_a_message():
-    from qfarm.tracking import shown
+    from qfarm.results.tracking import shown
 
     assert shown("https://alice:pw-123@mlflow.example:5000/") == "https://***@mlflow.example:5000/"
     assert "tok-9" not in shown("http://h:5000/?token=tok-9")

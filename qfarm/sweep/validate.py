@@ -1,0 +1,520 @@
+"""Validation of a parsed spec beyond its schema: every matrix combination's options against its kind's registry
+entry, the DAG rules of ``from:``, model and dataset references, and checks against the model's shape.
+
+Problems are collected (``Collector``) with their YAML paths and lines, never raised one at a time: the caller
+(``qfarm.sweep.expand``) raises them all together. Nothing here builds jobs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from qfarm.errors import Problem, SpecError, allowed, did_you_mean, format_path, line_of
+from qfarm.results.columns import column, option_clashes
+from qfarm.sweep import hub, lmtasks
+from qfarm.sweep.methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
+from qfarm.sweep.modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
+from qfarm.sweep.refs import RefError, fingerprint, resolve_dataset, resolve_model
+from qfarm.sweep.spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe
+
+AXIS_KEYS = frozenset({"onto"})  # a stage-level list of these is an axis: `onto: [base, dequantized]`, one job each
+
+
+class Collector:
+    """Problems found so far, one per (path, message), each with its line in the file."""
+
+    def __init__(self, lines: dict):
+        self.lines = lines
+        self.problems: dict[tuple[str, str], Problem] = {}
+
+    def add(self, loc: tuple, message: str) -> None:
+        problem = Problem(format_path(loc), message, line_of(self.lines, loc))
+        self.problems.setdefault((problem.path, problem.message), problem)
+
+
+MAX_JOBS = 10_000  # a sweep's jobs, by default (qfarm validate/submit --max-jobs raises it)
+
+
+@dataclass(frozen=True)
+class ValidStage:
+    """One job group of a sweep that passed validation: where its jobs come ``from`` (a stage name, or None for
+    the sweep's model), its evaluation as resolved, and each matrix combination's validated options with the data
+    it names resolved (``calibration``, ``data``)."""
+
+    gi: int
+    group: JobGroup
+    parent: str | None
+    eval: dict | None
+    combos: tuple[tuple[Options, dict], ...]
+
+
+@dataclass(frozen=True)
+class ValidSweep:
+    """A spec that passed every check: what ``qfarm.sweep.expand.build`` makes jobs from, checking nothing again."""
+
+    loaded: LoadedSpec
+    model: dict | None  # the sweep's model, resolved (None when no job needs one)
+    stages: tuple[ValidStage, ...]
+
+
+def sweep(loaded: LoadedSpec, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS) -> ValidSweep:
+    """Every check of a loaded spec (its model, evaluation, each stage's ``from``, each matrix combination's
+    options against the registry, the model's layers and the filesystem, a train stage against the stage it
+    trains on), each made once: the typed sweep, or a SpecError with every problem."""
+    spec, errors = loaded.spec, Collector(loaded.lines)
+    model_ref = eval_spec = None
+    if any(KINDS[g.kind].needs_model for g in spec.jobs):
+        if spec.model is None:
+            errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
+        else:
+            model_ref = model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
+        eval_spec = evaluation(spec.eval, loaded.base_dir, errors)
+    if not job_bound(list(enumerate(spec.jobs)), errors, max_jobs):  # before any combination is made
+        raise SpecError(list(errors.problems.values()), loaded.source)
+    stages = _stages(list(enumerate(spec.jobs)), spec, model_ref, eval_spec, loaded.base_dir, errors)
+    if errors.problems:
+        raise SpecError(list(errors.problems.values()), loaded.source)
+    return ValidSweep(loaded, model_ref, tuple(stages))
+
+
+def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_ref: dict | None,
+            eval_spec: dict | None, base_dir: Path, errors: Collector) -> list[ValidStage]:
+    """Each group's checks (``sweep``); with no ``spec`` (its schema failed elsewhere) the checks that need only
+    the group itself."""
+    checks = MethodChecks(model_ref, base_dir, errors)
+    out: dict[str, ValidStage] = {}
+    for gi, group in groups:
+        parent = parent_stage(gi, group, spec, errors) if spec is not None else None
+        group_eval = eval_spec
+        if spec is not None:
+            group_eval = evaluation(group.eval, base_dir, errors, ("jobs", gi, "eval")) if group.eval is not None \
+                else eval_spec
+            vllm_engine(group_eval, group.resources or spec.resources, gi, group.eval is not None, errors)
+        parents = out[parent].combos if parent and parent in out else ()
+        combos = []
+        for combo, sources in combinations(gi, group, errors):
+            opts = options(gi, group, combo, sources, errors)
+            if opts is None:
+                continue
+            refs = checks(gi, group, opts, sources)
+            if group.kind == "train" and any(not train_parent(gi, opts.model_dump(), p.model_dump(), errors)
+                                             for p, _ in parents):
+                continue
+            combos.append((opts, refs))
+        out[stage_name(gi, group)] = ValidStage(gi, group, parent or None, group_eval, tuple(combos))
+    return list(out.values())
+
+
+def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Path | None = None,
+                    max_jobs: int = MAX_JOBS) -> None:
+    """What ``sweep`` would say about the parts of a spec that passed the schema, when others did not."""
+    groups = []
+    for gi, group in enumerate(raw["jobs"] if isinstance(raw.get("jobs"), list) else []):
+        try:
+            groups.append((gi, JobGroup.model_validate(group)))
+        except ValidationError:
+            continue
+    model_ref = None
+    if any(KINDS[g.kind].needs_model for _, g in groups) and isinstance(raw.get("model"), str):
+        revision = raw.get("revision") if isinstance(raw.get("revision"), str) else None
+        model_ref = model(raw["model"], base_dir, errors, revision, hub_cache)
+    try:
+        evaluation(EvalSpec.model_validate(raw.get("eval") or {}), base_dir, errors)
+    except ValidationError:
+        pass
+    if job_bound(groups, errors, max_jobs):
+        _stages(groups, None, model_ref, None, base_dir, errors)
+
+
+def job_bound(groups: list[tuple[int, JobGroup]], errors: Collector, max_jobs: int) -> bool:
+    """Whether the sweep can make at most ``max_jobs`` jobs, known from its matrices' lengths before anything is
+    expanded: each stage makes at most the product of its matrix lists, times its ``from`` stage's jobs (excludes
+    and repeats only lower it). False, with the problem at the stage that passes the limit, when it cannot."""
+    made: dict[str, int] = {}
+    total = 0
+    for gi, group in groups:
+        matrix, _ = axes(group)
+        sizes = {k: len(v) for k, v in matrix.items() if isinstance(v, list)}
+        parent_jobs = made.get(group.from_, 1) if group.from_ else 1
+        n = math.prod(sizes.values()) * parent_jobs
+        made[stage_name(gi, group)] = n
+        total += n
+        if total > max_jobs:
+            parts = " × ".join(f"{k} {v}" for k, v in sizes.items()) or "1"
+            parent = f" × {parent_jobs:,} jobs of stage {group.from_!r}" if group.from_ else ""
+            where = ("jobs", gi, "matrix") if group.matrix else ("jobs", gi)
+            errors.add(where, f"the sweep would make up to {total:,} jobs (this stage: {parts}{parent}); at most "
+                              f"{max_jobs:,} per sweep: split it, or raise the limit with --max-jobs")
+            return False
+    return True
+
+
+def stage_name(gi: int, group: JobGroup) -> str:
+    return group.name or f"{group.kind}{gi}"
+
+
+def parent_stage(gi: int, group: JobGroup, spec: SweepSpec, errors: Collector) -> str | None | bool:
+    """The stage this group's jobs come ``from`` (its name), None for a group that starts from the model, or
+    False when ``from:`` breaks a rule (the problem is added)."""
+    names = [stage_name(i, g) for i, g in enumerate(spec.jobs)]
+    if names.count(stage_name(gi, group)) > 1:
+        errors.add(("jobs", gi, "name"), f"stage name {stage_name(gi, group)!r} is used twice; names must be unique")
+    kinds = KINDS[group.kind].parents
+    if group.from_ is None:
+        if group.kind == "merge":
+            errors.add(("jobs", gi), "a merge stage needs from: the name of the train stage whose adapters it merges")
+        return None
+    loc = ("jobs", gi, "from")
+    earlier = {stage_name(i, g): g for i, g in enumerate(spec.jobs[:gi])}
+    if group.from_ not in earlier:
+        later = group.from_ in names[gi:]
+        why = ("stages run in file order: from names an earlier stage." if later
+               else f"no stage is named {group.from_!r}.{did_you_mean(group.from_, earlier)}")
+        errors.add(loc, f"{why} Earlier stages: {allowed(earlier) or 'none'}")
+        return False
+    if earlier[group.from_].kind not in kinds:
+        can = f"a {' or '.join(sorted(kinds))} stage" if kinds else "nothing: it starts from the sweep's model"
+        errors.add(loc, f"a {group.kind} stage cannot start from stage {group.from_!r} (kind "
+                        f"{earlier[group.from_].kind}); it can start from {can}")
+        return False
+    return group.from_
+
+
+
+
+def train_parent(gi: int, options: dict, parent: dict, errors: Collector) -> bool:
+    """Whether a train job may start from this quantize job (the problem added when not): LoRA on a GPTQ/AWQ
+    checkpoint in GPTQModel's layout, which peft trains through GPTQModel's torch kernel."""
+    method, backend = parent.get("method"), parent.get("backend")
+    if options.get("method") != "lora":
+        errors.add(("jobs", gi, "method"), f"a {options.get('method')} job loads its own 4-bit base; only lora trains "
+                                           "on a quantized stage's model (from: a gptq/awq stage, backend gptqmodel)")
+        return False
+    trainable = trainable_quantized()
+    if backend not in trainable.get(method, ()):
+        what = f"{method} (backend {backend or 'llm-compressor'})" if method in trainable else method
+        errors.add(("jobs", gi, "from"), f"LoRA trains on a quantized base through GPTQModel's layers: from must name "
+                                         f"a gptq or awq stage with backend: gptqmodel, not {what} (an "
+                                         "llm-compressor checkpoint loads as dense float weights here; for LoRA on "
+                                         "bitsandbytes 4-bit use method: qlora without from)")
+        return False
+    return True
+
+
+def model(text: str, base_dir: Path, errors: Collector, revision: str | None = None,
+          hub_cache: Path | None = None) -> dict | None:
+    """The sweep's model reference, resolved (None, with the problem added, when it does not resolve). A hub
+    model is pinned to the commit its ``revision`` names now (qfarm.sweep.hub)."""
+    try:
+        ref = resolve_model(text, base_dir, revision, hub_cache)
+    except RefError as e:
+        errors.add((e.field if revision is not None else "model",), str(e))
+        return None
+    if revision is not None and ref.kind != "hub":
+        errors.add(("revision",), f"revision pins a hub model (org/name) to a branch, tag or commit; {text!r} is "
+                                  f"a local {'GGUF file' if ref.kind == 'gguf' else 'folder'}: remove revision")
+        return None
+    quantized = _int4_checkpoint(Path(ref.location)) if ref.kind == "hf_dir" else None
+    if quantized:
+        errors.add(("model",), f"{text!r} is a {quantized.upper()} checkpoint (AutoGPTQ/AutoAWQ layout): the sweep's "
+                               "model is the float reference every row is compared with. Put its float model here and "
+                               f"the checkpoint in a `kind: evaluate` job, or quantize with `method: {quantized}, "
+                               "backend: gptqmodel` and train LoRA `from:` that stage")
+        return None
+    out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key, "name": text}
+    refused = (gguf_tokenizer(out) or {}).get("refused") if ref.kind == "gguf" else None
+    if refused:  # what every job would say first, minutes after submit: said here, once (kept by the file's content)
+        errors.add(("model",), f"{refused} (the check every job makes first, run here)")
+        return None
+    if ref.kind == "hub":
+        out.update(revision=ref.revision, revision_asked=revision or hub.DEFAULT_REVISION)
+        folder = hub.config_folder(hub_cache or hub.cache_dir(None), ref.location, ref.revision)
+        if folder is not None:  # its architecture is read from there (modelinfo.shape_of); not part of a job
+            out["config_dir"] = str(folder)
+    return out
+
+
+def _int4_checkpoint(folder: Path) -> str | None:
+    """``gptq``/``awq`` when the folder's config.json declares that quantization (AutoGPTQ/AutoAWQ layout)."""
+    import json
+
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method if method in trainable_quantized() else None
+
+
+def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tuple = ("eval",)) -> dict:
+    """The evaluation as a plain dict: its perplexity dataset resolved, its task folders resolved (each with a
+    fingerprint of its content: editing a task reruns its jobs) and its task names checked (qfarm.sweep.lmtasks)."""
+    ev = eval_spec.model_dump()
+    ppl = eval_spec.perplexity
+    if ppl is not None:
+        try:
+            ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
+            ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field,
+                                           "key": ref.key}
+        except RefError as e:
+            errors.add(loc + ("perplexity", "dataset"), str(e))
+    folders = []
+    for i, text in enumerate(eval_spec.task_paths):
+        folder = (base_dir / text).resolve()
+        if not folder.is_dir():
+            errors.add(loc + ("task_paths", i), f"{text!r} is not a folder (relative paths start at the spec's folder, "
+                                                f"{base_dir}); give a folder of lm-eval task YAML files")
+            continue
+        folders.append(folder)
+    ev["task_paths"] = [{"path": str(f), "fingerprint": fingerprint(f)} for f in folders]
+    if eval_spec.tasks:
+        _check_tasks(eval_spec, folders, errors, loc)
+    return ev
+
+
+def vllm_engine(ev: dict | None, resources, gi: int, own_eval: bool, errors: Collector) -> None:
+    """``engine: vllm`` needs a CUDA GPU for each job: refused here for jobs that ask for none; whether the cluster
+    has real GPUs is checked against it (``qfarm.farm.cluster.preflight``: validate with a cluster, and submit)."""
+    if not ev or ev.get("engine") != "vllm" or resources.gpus >= 1:
+        return
+    loc = ("jobs", gi, "eval", "engine") if own_eval else ("eval", "engine")
+    errors.add(loc, f"vLLM runs on CUDA GPUs only; jobs[{gi}] asks for resources.gpus: {resources.gpus:g}. "
+                    "Give it gpus: 1 (or more), or use engine: native")
+
+
+def _check_tasks(eval_spec: EvalSpec, folders: list[Path], errors: Collector, loc: tuple) -> None:
+    names, harness = lmtasks.known(folders)
+    seen = set()
+    for i, task in enumerate(eval_spec.tasks):
+        if task.name in seen:
+            errors.add(loc + ("tasks", i, "name"), f"task {task.name!r} is listed twice; list each task once")
+        seen.add(task.name)
+        if task.name in names or not harness:
+            continue  # (without lm-eval installed here its catalogue is checked by the worker)
+        where = "lm-eval's task catalogue" + (" or eval.task_paths" if folders else "")
+        errors.add(loc + ("tasks", i, "name"), f"no task, group or tag {task.name!r} in {where}."
+                                               f"{did_you_mean(task.name, sorted(names))} "
+                                               "List them with: lm_eval ls tasks")
+
+
+def combinations(gi: int, group: JobGroup, errors: Collector):
+    """Yield (combination, {option: YAML path of its value}) for every matrix row not excluded."""
+    matrix, fixed = axes(group)
+    keys = list(matrix)
+    for key in keys:
+        if not matrix[key]:
+            errors.add(("jobs", gi, "matrix", key), "an empty list gives no jobs; give at least one value")
+    for key in set(keys) & set(fixed):
+        errors.add(("jobs", gi, key), f"{key!r} is both a fixed option and a matrix key; keep one")
+    for ri, row in enumerate(group.exclude):
+        unknown = [k for k in row if k not in keys]
+        for k in unknown:
+            errors.add(("jobs", gi, "exclude", ri, k), f"not a matrix key.{did_you_mean(k, keys)} Matrix keys: {allowed(keys)}")
+        if not unknown and not any(_matches(row, dict(zip(keys, c))) for c in itertools.product(*matrix.values())):
+            errors.add(("jobs", gi, "exclude", ri), "this exclude row matches no combination of the matrix")
+    for values in itertools.product(*[list(enumerate(matrix[k])) for k in keys]):
+        combo = {k: v for k, (_, v) in zip(keys, values)}
+        if any(_matches(row, combo) for row in group.exclude):
+            continue
+        sources = {k: ("jobs", gi, "matrix", k, i) if k in group.matrix else ("jobs", gi, k, i)
+                   for k, (i, _) in zip(keys, values)}
+        sources.update({k: ("jobs", gi, k) for k in fixed})
+        yield {**fixed, **combo}, sources
+
+
+def axes(group: JobGroup) -> tuple[dict[str, list], dict[str, Any]]:
+    """The group's matrix and fixed options, with a fixed list of an AXIS_KEYS option moved into the matrix."""
+    fixed = dict(group.model_extra or {})
+    matrix = dict(group.matrix)
+    for key in AXIS_KEYS:
+        if isinstance(fixed.get(key), list) and key not in matrix:
+            matrix[key] = fixed.pop(key)
+    return matrix, fixed
+
+
+def _matches(row: dict, combo: dict) -> bool:
+    return all(k in combo and combo[k] == v and type(combo[k]) is type(v) for k, v in row.items())
+
+
+def options(gi: int, group: JobGroup, combo: dict, sources: dict, errors: Collector) -> Options | None:
+    """One combination validated against its kind's (or method's) options model; None with problems added."""
+    here = ("jobs", gi)
+    kind = KINDS[group.kind]
+    try:
+        model_cls, context, method = kind.options_for(combo)
+    except LookupError as e:
+        errors.add(sources.get("method", here) if combo.get("method") is not None else here, str(e))
+        return None
+    if method is not None and kind.methods is not None:
+        combo = _for_method(group, combo, model_cls, kind.methods)
+    for name in option_clashes(model_cls.model_fields):
+        errors.add(sources.get(name, here), f"{context}: option {name!r} has the name of a measured result column "
+                                            f"({column(name).group}), so its row could not hold both; the option "
+                                            "must be renamed in qfarm.sweep.methods")
+    try:
+        return model_cls.model_validate(combo)
+    except ValidationError as err:
+        for e in err.errors():
+            name = e["loc"][0] if e["loc"] else None
+            loc = sources.get(name, here) + tuple(e["loc"][1:])
+            if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+                names = [k for k in model_cls.model_fields if k != "method"]
+                msg = f"option {name!r} does not apply to {context}.{did_you_mean(name, names)} Its options: {allowed(names)}"
+            else:
+                dotted = ".".join(str(p) for p in e["loc"])
+                msg = f"{context}: {dotted}: {describe(e, model_cls, tuple(e['loc']))}"
+                if group.matrix and name in group.matrix and "method" in group.matrix:
+                    row = {"method": combo.get("method"), name: combo.get(name)}
+                    msg += f". To skip this combination, add to exclude: {json.dumps(row)}; or give it its own job group"
+            errors.add(loc, msg)
+        return None
+
+
+def _for_method(group: JobGroup, combo: dict, model_cls: type[Options], methods: dict) -> dict:
+    """In a group whose matrix varies the method, a fixed option goes to the methods that have it: a group's
+    ``calibration`` is for gptq and awq, not rtn or bnb. An option that none of them has stays an error."""
+    models = [methods[m].options for m in group.matrix.get("method", []) if isinstance(m, str) and m in methods]
+    if len(models) < 2:
+        return combo
+    fixed = set(group.model_extra or {})
+    drop = {k for k in fixed if k not in model_cls.model_fields and any(k in m.model_fields for m in models)}
+    return {k: v for k, v in combo.items() if k not in drop}
+
+
+class MethodChecks:
+    """Checks of one job's options against the model and the filesystem, beyond what its pydantic model can see:
+    group sizes that must divide every Linear layer's input, target modules, and the datasets (resolved here)."""
+
+    def __init__(self, model_ref: dict | None, base_dir: Path, errors: Collector):
+        self.model_ref, self.base_dir, self.errors = model_ref, base_dir, errors
+
+    @functools.cached_property
+    def shape(self):
+        """Read once per spec, and only when a job has something to check against it."""
+        return shape_of(self.model_ref) if self.model_ref else None
+
+    def __call__(self, gi: int, group: JobGroup, opts: Options, sources: dict) -> dict[str, dict | None]:
+        """The job's resolved data refs (``calibration``, a train job's ``data``), problems added to errors."""
+        method = METHODS.get(getattr(opts, "method", None)) if group.kind == "quantize" else None
+        if method is not None and method.quantizes is not None and self.shape is not None:
+            self._check_layer_types(method, sources.get("method", ("jobs", gi)))
+        group_size = getattr(opts, "group_size", None)
+        if group_size and group_size > 0 and self.shape is not None:
+            self._check_group_size(group, opts, sources.get("group_size", ("jobs", gi)), group_size)
+        out: dict[str, dict | None] = {"calibration": None, "data": None}
+        calibration = getattr(opts, "calibration", None)
+        if calibration is not None:
+            ref = self._dataset(calibration.dataset, calibration.text_field,
+                                sources.get("calibration", ("jobs", gi)) + ("dataset",))
+            if ref is not None:
+                out["calibration"] = {**ref, "samples": calibration.samples, "seq_len": calibration.seq_len}
+        checkpoint = getattr(opts, "checkpoint", None)
+        if checkpoint is not None:
+            out["data"] = self._checkpoint(checkpoint, sources.get("checkpoint", ("jobs", gi)))
+        data = getattr(opts, "dataset", None)
+        if data is not None:
+            out["data"] = self._dataset(data.path, data.text_field, sources.get("dataset", ("jobs", gi)) + ("path",))
+        targets = getattr(opts, "target_modules", None)
+        if targets and self.shape is not None:
+            self._check_targets(targets, sources.get("target_modules", ("jobs", gi)))
+            if ALL_LINEAR in targets and getattr(opts, "lora_dropout", 0):
+                self._check_expert_dropout(sources.get("lora_dropout", ("jobs", gi)))
+        return out
+
+    def _checkpoint(self, text: str, loc: tuple) -> dict | None:
+        """An ``evaluate`` job's checkpoint, resolved by the rules of ``model:`` (None, with the problem added)."""
+        try:
+            ref = resolve_model(text, self.base_dir)
+        except RefError as e:
+            self.errors.add(loc, f"checkpoint: {e}".replace("checkpoint: model ", "checkpoint "))
+            return None
+        if self.model_ref and ref.key == self.model_ref.get("key"):
+            self.errors.add(loc, f"checkpoint {text!r} is the sweep's model itself: the reference row "
+                                 "(quantize, method: none) already evaluates it")
+            return None
+        out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key,
+               "name": text, **({"revision": ref.revision} if ref.kind == "hub" else {})}
+        clash = vocabulary_clash(out, self.model_ref) if self.model_ref else None
+        if clash:  # what the job would refuse after loading both: said here, from the files' headers
+            self.errors.add(loc, f"checkpoint {text!r} is not in the sweep's model's vocabulary: {clash} (KL and top-1 "
+                                 "agreement would compare different tokens). Evaluate it in a sweep on its own base model")
+            return None
+        return out
+
+    def _check_expert_dropout(self, loc: tuple) -> None:
+        """peft's all-linear includes a MoE model's fused expert weights, as parameters it cannot train with
+        dropout (``ParamWrapper``; measured with peft 0.21 on a Mixtral)."""
+        experts = [n for n, t in self.shape.types.items() if t == "experts"]
+        if experts:
+            self.errors.add(loc, f"on this MoE model target_modules {ALL_LINEAR} includes its fused expert weights "
+                                 f"({allowed(experts)}), which peft wraps as parameters (ParamWrapper) and cannot "
+                                 "train with lora_dropout != 0: set lora_dropout: 0, or name the Linear layers in "
+                                 "target_modules")
+
+    def _check_layer_types(self, method, loc: tuple) -> None:
+        """Refuse a method for a model whose weight layers include kinds it leaves in float (GPT-2's Conv1D under
+        llm-compressor, fused MoE experts under bitsandbytes): its row would look lossless and be mostly float."""
+        shape = self.shape
+        left = sorted(n for n in shape.inputs if shape.types.get(n, "Linear") not in method.quantizes)
+        if not left:
+            return
+        kinds = sorted({shape.types[n] for n in left})
+        what = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
+        fits = [m for m, x in METHODS.items() if x.quantizes is not None and set(shape.types.values()) <= x.quantizes]
+        self.errors.add(loc, f"method {method.name} leaves {', '.join(what.get(k, k) for k in kinds)} in float, and "
+                             f"{shape.count(left)} of this model's {shape.count(shape.inputs)} weight layers are: "
+                             f"{allowed(left)}. Its row would be mostly unquantized. Methods that quantize every "
+                             f"kind of layer it has: {allowed(fits)}, and gguf where llama.cpp's converter knows "
+                             f"its architecture")
+
+    def _check_targets(self, targets: list[str], loc: tuple) -> None:
+        """LoRA's ``target_modules`` against the model's own layer names (GPT-2's ``c_attn``, Phi-3's
+        ``qkv_proj``, GPT-NeoX's ``query_key_value``); fused MoE experts are 3-D weights, not modules LoRA wraps."""
+        types = {name.rsplit(".", 1)[-1]: self.shape.types.get(name, "Linear") for name in self.shape.inputs}
+        known = sorted(n for n, t in types.items() if t != "experts")
+        for ti, name in enumerate(targets):
+            last = name.rsplit(".", 1)[-1]
+            if name == ALL_LINEAR:
+                if len(targets) > 1:
+                    self.errors.add(loc + (ti,), f"{ALL_LINEAR} already names every Linear layer; give it alone")
+            elif types.get(last) == "experts":
+                self.errors.add(loc + (ti,), f"{name!r} is a fused expert weight of this MoE model (a 3-D parameter "
+                                             f"of its experts block, not a Linear layer): LoRA's target_modules "
+                                             f"cannot wrap it. Its Linear layers: {allowed(known)}")
+            elif last not in known:
+                self.errors.add(loc + (ti,), f"the model has no Linear layer {name!r}.{did_you_mean(name, known)} "
+                                             f"Its Linear layers: {allowed(known)}")
+
+    def _dataset(self, text: str, text_field: str, loc: tuple) -> dict | None:
+        try:
+            ref = resolve_dataset(text, self.base_dir, text_field)
+        except RefError as e:
+            self.errors.add(loc, str(e))
+            return None
+        return {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
+
+    def _check_group_size(self, group: JobGroup, opts: Options, loc: tuple, group_size: int) -> None:
+        bad = self.shape.not_divisible(group_size)
+        if not bad:
+            return
+        method, shape = opts.method, self.shape
+        by_size: dict[int, list[str]] = {}
+        for name, n in bad.items():
+            by_size.setdefault(n, []).append(name.rsplit(".", 1)[-1])
+        layers = "; ".join(f"{', '.join(names)} ({n} inputs)" for n, names in by_size.items())
+        fits = [str(g) for g in shape.dividing_group_sizes()] + ["-1 (one scale per output channel)"]
+        msg = (f"method {method}: group_size {group_size} does not divide the input size of "
+               f"{shape.count(bad)} of {shape.count(shape.inputs)} Linear layers of "
+               f"{self.model_ref.get('name') or self.model_ref['key']}: {layers}, in each of its {shape.layers} "
+               f"blocks. Group sizes that divide every layer: {allowed(fits)}")
+        if "group_size" in group.matrix:
+            msg += f". To skip it, add to exclude: {json.dumps({'method': method, 'group_size': group_size})}"
+        self.errors.add(loc, msg)

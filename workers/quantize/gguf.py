@@ -1,0 +1,217 @@
+"""GGUF (``gguf``): llama.cpp's own quantizer, and the evaluation run inside llama.cpp itself.
+
+What is measured is the GGUF file a user deploys to llama.cpp or Ollama, not a dequantized copy in torch.
+
+- Source: a GGUF model (the bundled SmolLM2 is a Q4_1 GGUF) is quantized straight from its file with
+  ``llama_model_quantize(allow_requantize=True)``: llama.cpp dequantizes each tensor and quantizes it again,
+  which is what it would do with the float folder dequantized from the same file. A Hugging Face folder
+  (a hub model, a merged fine-tune) is converted first, at its own dtype (BF16, F16 or F32), by llama.cpp's
+  ``convert_hf_to_gguf.py`` (``make llama-cpp-tools`` unpacks it from the llama-cpp-python sdist of the
+  installed version; ``QFARM_LLAMA_CPP_DIR`` names another llama.cpp checkout), once per output root. The
+  converter asks transformers to trust a model's own code; qfarm runs it with that refused
+  (``workers.shared.no_remote_code``): a model that needs its own code to load is not converted.
+- Types: llama.cpp's file types (``F16``, ``Q8_0``, ``Q4_K_M``...). A K-quant whose tensors' rows do not
+  divide into 256-wide super-blocks falls back to a legacy type for those tensors (SmolLM2's 576): the result
+  records the tensor types the file really holds (``gguf_tensor_types``) and its bits per weight.
+- Evaluation: the very token windows of the other rows (the HF tokenizer's ids, fed to llama.cpp as ids: a
+  converted GGUF keeps the vocabulary), the same float reference log-probs, perplexity/KL/top-1 from
+  llama.cpp's logits, prefill/decode speed of llama.cpp with ``n_threads`` recorded, greedy answers.
+
+Sample yaml::
+
+    jobs:
+      - kind: quantize
+        matrix: {method: [gguf], gguf_type: [F16, Q8_0, Q4_K_M]}
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qfarm import settings
+from workers.evaluate.tasks import TASK_CONTEXT
+from workers.shared.files import build_once, keyed
+from workers.shared.models import checkpoint_dtype
+
+# llama.cpp file type name -> llama_cpp constant. The names a spec may use are qfarm.sweep.methods.GGUF_TYPES.
+_FTYPE_CONST = {"F32": "LLAMA_FTYPE_ALL_F32"}
+
+
+def ftype(name: str) -> int:
+    import llama_cpp
+
+    const = _FTYPE_CONST.get(name, f"LLAMA_FTYPE_MOSTLY_{name}")
+    value = getattr(llama_cpp, const, None)
+    if value is None:
+        raise ValueError(f"the installed llama.cpp has no file type {name} ({const})")
+    return value
+
+
+def converter() -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py: QFARM_LLAMA_CPP_DIR, else the copy `make llama-cpp-tools` unpacked."""
+    for folder in (settings.get("QFARM_LLAMA_CPP_DIR"), Path(sys.prefix) / "share" / "qfarm" / "llama.cpp"):
+        if folder and (Path(folder) / "convert_hf_to_gguf.py").is_file():
+            return Path(folder) / "convert_hf_to_gguf.py"
+    return None
+
+
+SOURCE_OUTTYPE = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def source_gguf(ctx, base) -> str:
+    """A GGUF file of the base model for llama.cpp to quantize: the model's own GGUF, or one converted once."""
+    model = ctx.job.model
+    if model["kind"] == "gguf":
+        return str(Path(model["location"]) / model["gguf_file"])
+    script = converter()
+    if script is None:
+        raise RuntimeError("converting a Hugging Face model to GGUF needs llama.cpp's convert_hf_to_gguf.py: "
+                           "run `make llama-cpp-tools`, or set QFARM_LLAMA_CPP_DIR to a llama.cpp checkout")
+    outtype = SOURCE_OUTTYPE.get(checkpoint_dtype(base.path), "f32")  # its own dtype: 70B in bf16 is 141 GB, not 282
+    target = keyed(ctx.output_root, "_models", f"{model['key']}|{script}|{outtype}", f".{outtype}.gguf")
+
+    def convert(tmp: Path) -> None:
+        ctx.progress("converting the HF model to GGUF (llama.cpp convert_hf_to_gguf.py)")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+        # transformers may not run the model folder's own code meanwhile (workers.shared.no_remote_code)
+        run = subprocess.run([sys.executable, "-m", "workers.shared.no_remote_code", str(script), base.path,
+                              "--outfile", str(tmp), "--outtype", outtype], env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail[0]}")
+
+    build_once(target, convert)
+    return str(target)
+
+
+def tensor_types(path: str) -> tuple[dict[str, int], int]:
+    """How many tensors of each type the file holds, and its number of weights."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    weights = 0
+    for t in GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        weights += int(t.n_elements)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), weights
+
+
+class Gguf:
+    def quantize(self, ctx, base) -> str:
+        import ctypes
+
+        import llama_cpp
+
+        name = ctx.opts.gguf_type
+        out = Path(ctx.output_dir)
+        shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
+        out.mkdir(parents=True)
+        source = source_gguf(ctx, base)
+        target = out / f"model-{name}.gguf"
+        ctx.progress(f"llama.cpp quantizing to {name}")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype(name)
+        params.nthread = ctx.threads
+        params.allow_requantize = True
+        rc = llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), ctypes.byref(params))
+        if rc != 0 or not target.is_file():
+            raise RuntimeError(f"llama_model_quantize to {name} failed (return code {rc})")
+        counts, weights = tensor_types(str(target))
+        ctx.extra.update({"gguf_tensor_types": counts, "bits_per_weight": target.stat().st_size * 8 / weights,
+                          "gguf_source": "gguf" if ctx.job.model["kind"] == "gguf" else "converted"})
+        return str(out)
+
+    def load(self, ctx, artifact, base):
+        path = next(Path(artifact).glob("*.gguf"))
+        return LlamaCppModel(str(path), context_for(ctx), ctx.threads)
+
+
+def context_for(ctx) -> int:
+    """The llama.cpp context a job's evaluation needs: its longest window, prompt + generation, or task."""
+    ev = ctx.job.eval or {}
+    need = max((ev.get("perplexity") or {}).get("seq_len", 0),
+               sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
+               (ctx.job.task_eval or {}).get("seq_len", 0),
+               TASK_CONTEXT if ev.get("tasks") else 0)
+    return need + ev.get("max_new_tokens", 32) + 256
+
+
+def where_llama_cpp_runs(on_gpu: bool, cuda_here: bool) -> str:
+    """The row's ``device`` for llama.cpp: where its layers really ran, not whether torch sees a GPU."""
+    if on_gpu:
+        import torch
+
+        return f"cuda ({torch.cuda.get_device_name(0)}; llama.cpp, every layer offloaded)"
+    if cuda_here:
+        return "cpu (llama.cpp built without GPU offload: make install LLAMA_CMAKE_EXTRA=-DGGML_CUDA=on)"
+    return "cpu (llama.cpp)"
+
+
+class LlamaCppModel:
+    """A GGUF file in llama.cpp, answering the harness's three questions (workers.evaluate.harness.TorchRunner: logprobs,
+    timed, greedy) with llama.cpp's own compute."""
+
+    def __init__(self, path: str, n_ctx: int, threads: int):
+        import llama_cpp
+        import torch
+
+        self.path, self.threads, self.n_ctx = path, threads, n_ctx
+        self.nbytes = Path(path).stat().st_size
+        on_gpu = torch.cuda.is_available() and llama_cpp.llama_supports_gpu_offload()
+        gpus = torch.cuda.device_count() if on_gpu else 0
+        # over the job's GPUs (Ray's CUDA_VISIBLE_DEVICES), split evenly by layers
+        split = {"tensor_split": [1.0] * gpus} if gpus > 1 else {}
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
+                                   n_threads_batch=threads, logits_all=True, verbose=False,
+                                   n_gpu_layers=-1 if on_gpu else 0, **split)
+        self.eos = self.llm.token_eos()
+        self.runtime = "llama.cpp"
+        self.extra = {"llama_cpp_threads": threads, "llama_cpp_version": llama_cpp.__version__,
+                      "device": where_llama_cpp_runs(on_gpu, torch.cuda.is_available()),
+                      "device_map": f"llama.cpp over {gpus} GPUs" if gpus > 1 else "cuda:0" if gpus else "cpu"}
+
+    def _eval(self, ids: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def logprobs(self, window):
+        """log-softmax of the logits at every position but the last: [len(window) - 1, vocab]."""
+        import torch
+
+        ids = window.tolist()
+        self._eval(ids)
+        logits = torch.from_numpy(self.llm.scores[: len(ids) - 1].copy()).float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def _next(self, position: int) -> int:
+        return int(self.llm.scores[position].argmax())
+
+    def greedy(self, ids: list[int], max_new_tokens: int, pad_id: int | None = None, stop=None) -> list[int]:
+        self._eval(ids)
+        out, pos = [], len(ids) - 1
+        for _ in range(max_new_tokens):
+            tok = self._next(pos)
+            if tok == self.eos:
+                break
+            out.append(tok)
+            if stop is not None and stop(out):
+                break
+            self.llm.eval([tok])
+            pos += 1
+        return out
+
+    def timed(self, prompt_ids, steps: int) -> tuple[float, float]:
+        prompt = prompt_ids.tolist()
+        t0 = time.perf_counter()
+        self._eval(prompt)
+        tok = self._next(len(prompt) - 1)
+        t1 = time.perf_counter()
+        for i in range(steps):
+            self.llm.eval([tok])
+            tok = self._next(len(prompt) + i)
+        return t1 - t0, time.perf_counter() - t1
