@@ -108,7 +108,8 @@ class Job:
         older qfarm lacks take the field's default; its options are typed when first read (``opts``)."""
         known = {f.name for f in fields(cls)} - {"input", "lineage", "needs", "axes"}
         kwargs = {k: data[k] for k in known if k in data}
-        missing = [k for k in ("id", "kind", "options") if not isinstance(data.get(k), (str, dict))]
+        types = {"id": str, "kind": str, "options": dict}
+        missing = [k for k, t in types.items() if not isinstance(data.get(k), t)]
         if missing:
             raise Permanent(f"a job record without {', '.join(missing)}: not one qfarm wrote")
         kwargs.setdefault("group", 0)
