@@ -40,6 +40,7 @@ import shutil
 from pathlib import Path
 
 from qfarm.sweep.methods import GptqOptions
+from workers.shared.files import empty_but
 
 # Before llm-compressor is imported: its INFO logs and progress bars would fill the Ray worker logs.
 os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
@@ -177,16 +178,6 @@ def _calibration_args(ctx, data) -> dict:
     (GPTQ's error feedback is order-sensitive)."""
     return {"dataset": data, "num_calibration_samples": len(data), "max_seq_length": ctx.job.calibration["seq_len"],
             "shuffle_calibration_samples": False}
-
-
-def _empty_but(folder: Path, keep: Path | None) -> None:
-    """``folder`` emptied (or removed), but for ``keep``."""
-    if keep is None or not folder.is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    for child in folder.iterdir():
-        if child != keep:
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 def _no_pinning_without_cuda() -> None:
@@ -468,7 +459,7 @@ class LLMCompressor:
         capture = capture_of(ctx)
         solved = Path(out) / SOLVED
         resumable = opts.method in ("gptq", "awq")
-        _empty_but(Path(out), solved if resumable else None)  # a retry keeps what an earlier attempt solved
+        empty_but(Path(out), solved if resumable else None)  # a retry keeps what an earlier attempt solved
         # oneshot changes the model in place: quantize a fresh copy, never the cached base (the reference). In host
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)

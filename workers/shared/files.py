@@ -62,3 +62,14 @@ def inside(root: str, path: str) -> str:
     if resolved != base and base not in resolved.parents:
         raise ValueError(f"refusing to use a path outside the output root {base}: {resolved}")
     return str(resolved)
+
+
+def empty_but(folder: Path, keep: Path | None) -> None:
+    """``folder`` emptied (or removed), but for its child ``keep``: what a retried attempt keeps of an earlier one
+    (llm-compressor's solved layers, a Trainer's last checkpoint)."""
+    if keep is None or not folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir():
+        if child != keep:
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)

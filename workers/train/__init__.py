@@ -31,6 +31,7 @@ from pathlib import Path
 from workers.evaluate.harness import PeakMemory, evaluate, reference_first
 from workers.quantize.bnb import use_cpu_kernel
 from workers.shared.data import encode, examples, split_examples
+from workers.shared.files import empty_but
 from workers.shared.models import device, dir_bytes, prepared_base, shared_columns, start, tensor_bytes
 
 
@@ -150,15 +151,9 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 def clean(out: Path, keep: Path | None) -> None:
     """The job's folder emptied, but for the checkpoint ``keep`` (and the Trainer folder holding it)."""
-    if keep is None:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in list(out.iterdir()) if out.is_dir() else []:
-        if child != keep.parent:
-            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-    for ckpt in keep.parent.iterdir():
-        if ckpt != keep:
-            shutil.rmtree(ckpt, ignore_errors=True) if ckpt.is_dir() else ckpt.unlink(missing_ok=True)
+    empty_but(out, keep.parent if keep is not None else None)
+    if keep is not None:
+        empty_but(keep.parent, keep)
 
 
 @dataclass
