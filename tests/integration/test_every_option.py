@@ -202,9 +202,9 @@ def test_a_worker_that_drops_an_option_fails_its_job_naming_it(farm, tmp_path, m
 
     module, name, replacement = planted
     module = importlib.import_module(module)
-    if replacement is None:  # bitsandbytes' config built from the options less the planted one
+    if replacement is None:  # bitsandbytes' config built from the options with the planted one at its default
         real = module.config
-        replacement = lambda options: real({k: v for k, v in options.items() if k != option})  # noqa: E731
+        replacement = lambda opts: real(opts.model_copy(update={option: type(opts).model_fields[option].default}))  # noqa: E731
     monkeypatch.setattr(module, name, replacement)
     value = {"act_order": True, "double_quant": True}[option]
     (job,) = [j for j in _expand(farm, method, [{option: value}]).jobs if j.kind == "quantize"]
