@@ -172,7 +172,7 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}.{checked}",
                err=as_json)
     if show_plan:
-        _print_plan(loaded, plan, plan_device, as_json, types)
+        _print_plan(loaded, plan, shape, plan_device, as_json, types)
     if show_jobs:
         for job in plan.jobs:
             opts = ", ".join(f"{k}={v}" for k, v in job.options.items())
@@ -189,21 +189,19 @@ def _ray_options(f):
 
 
 def _shape(sweep):
-    """The model's shape for the memory plan (its config or GGUF header), or None where it cannot be read here;
-    ``sweep``: a ValidSweep or a Plan (both carry the resolved model)."""
+    """The model's shape for the memory plan (its config or GGUF header), or None where it cannot be read here."""
     from qfarm.sweep.plan import model_shape
 
     return model_shape(sweep.model) if sweep.model else None
 
 
-def _print_plan(loaded, plan, device: str, as_json: bool, node_types: list[dict]) -> None:
+def _print_plan(loaded, plan, shape, device: str, as_json: bool, node_types: list[dict]) -> None:
     """``qfarm validate --plan``: every job's memory plan (qfarm.sweep.plan), as a table or a JSON list."""
     import json
 
-    from qfarm.sweep.plan import UNSPREAD, model_shape, plan_jobs
+    from qfarm.sweep.plan import UNSPREAD, plan_jobs
 
     model = plan.model  # resolved once, by validation
-    shape = model_shape(model) if model else None
     if shape is None:
         raise UsageError(f"no memory plan: the config of {loaded.spec.model} cannot be read here (a hub model "
                          "needs its config.json in the hub cache, or the hub in reach)")

@@ -156,6 +156,12 @@ def _run_kind(ctx: JobContext) -> dict:
     return entry_point(ctx.job.worker, "worker")(ctx)
 
 
+# the worker modules of jobs queued before workers/ was grouped into packages: where each lives now
+MOVED = {f"workers.{old}": f"workers.{new}" for old, new in {
+    "reference": "quantize.reference", "bnb": "quantize.bnb", "llmc": "quantize.llmc", "gptqmodel": "quantize.gptqmodel",
+    "gguf": "quantize.gguf", "calibrate": "quantize.calibrate", "merge": "train.merge",
+    "checkpoint": "evaluate.checkpoint"}.items()}
+
 def entry_point(name: str | None, what: str):
     """The ``module:attribute`` a job's payload names, imported; only under the ``workers`` package."""
     if not name:
@@ -165,12 +171,6 @@ def entry_point(name: str | None, what: str):
     module, attr = name.split(":")
     return getattr(importlib.import_module(MOVED.get(module, module)), attr)
 
-
-# the worker modules of jobs queued before workers/ was grouped into packages: where each lives now
-MOVED = {f"workers.{old}": f"workers.{new}" for old, new in {
-    "reference": "quantize.reference", "bnb": "quantize.bnb", "llmc": "quantize.llmc", "gptqmodel": "quantize.gptqmodel",
-    "gguf": "quantize.gguf", "calibrate": "quantize.calibrate", "merge": "train.merge",
-    "checkpoint": "evaluate.checkpoint"}.items()}
 
 
 class JobCancelled(Exception):

@@ -73,11 +73,6 @@ def load_valid(path: str | Path, hub_cache: Path | None = None, max_jobs: int = 
         raise renamed(err, loaded.groups_key) from None
 
 
-def expand(loaded: LoadedSpec, hub_cache: Path | None = None, cuda: bool = True, max_jobs: int = MAX_JOBS) -> Plan:
-    """Validate a loaded spec and build its jobs (``validate.sweep`` then ``build``)."""
-    return build(validate.sweep(loaded, hub_cache, max_jobs), cuda, max_jobs)
-
-
 def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOBS) -> Plan:
     """The sweep's jobs, from a sweep that passed validation: every matrix combination of every stage, once per
     job of the stage it comes ``from``, with the shared captures the GPTQ jobs need before them. ``cuda``: whether

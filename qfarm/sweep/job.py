@@ -4,7 +4,7 @@
 the scheduler hands a worker, with where to write (``output_dir``) and what it takes from the jobs it needs
 (``input``). ``Job.from_payload`` reads that JSON back into the same type, its options into the very options model
 the spec was validated with (``qfarm.sweep.methods``), every default applied there and only there. Workers read fields
-(``ctx.spec.bits``, ``ctx.opts.group_size``, ``ctx.spec.input.artifact``), not dict keys with defaults of their own.
+(``ctx.job.bits``, ``ctx.opts.group_size``, ``ctx.job.input.artifact``), not dict keys with defaults of their own.
 """
 
 from __future__ import annotations

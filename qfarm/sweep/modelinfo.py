@@ -101,16 +101,30 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = Fa
                 raise ValueError(f"{path}: a GGUF header string of {n} bytes: the file is damaged or not a GGUF")
             return f.read(n).decode("utf-8", errors="replace")
 
+        def items(item: int, count: int, keep: bool) -> list | None:
+            """An array's ``count`` items of GGUF type ``item``: read (``keep``) or skipped."""
+            if item in _SCALARS:
+                size = struct.calcsize("<" + _SCALARS[item]) * count
+                if not keep:
+                    f.seek(size, 1)
+                    return None
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError(f"{path}: truncated GGUF header")
+                return list(struct.unpack(f"<{count}{_SCALARS[item]}", data))
+            if keep and item != 8:
+                raise ValueError(f"{path}: an array of GGUF type {item}, not of strings or numbers")
+            if keep:
+                return [string() for _ in range(count)]
+            for _ in range(count):
+                skip(item)
+            return None
+
         def skip(vtype: int) -> None:
             if vtype == 8:
                 f.seek(read("Q"), 1)
             elif vtype == 9:
-                item, count = read("I"), read("Q")
-                if item in _SCALARS:
-                    f.seek(struct.calcsize("<" + _SCALARS[item]) * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item)
+                items(read("I"), read("Q"), keep=False)
             elif vtype in _SCALARS:
                 f.seek(struct.calcsize("<" + _SCALARS[vtype]), 1)
             else:
@@ -129,25 +143,12 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = Fa
                 out[key] = read(_SCALARS[vtype])
             elif (wanted is None or key in wanted) and vtype == 8:
                 out[key] = string()
-            elif vtype == 9 and key in arrays:
+            elif vtype == 9:
                 item, count = read("I"), read("Q")
                 out[f"{key}#count"] = count
-                if item in _SCALARS:
-                    size = struct.calcsize("<" + _SCALARS[item])
-                    data = f.read(size * count)
-                    if len(data) != size * count:
-                        raise ValueError(f"{path}: truncated GGUF header")
-                    out[key] = list(struct.unpack(f"<{count}{_SCALARS[item]}", data))
-                elif item == 8:
-                    out[key] = [string() for _ in range(count)]
-                else:
-                    raise ValueError(f"{path}: {key} is an array of GGUF type {item}, not of strings or numbers")
-            elif vtype == 9:
-                start = f.tell()
-                read("I")
-                out[f"{key}#count"] = read("Q")
-                f.seek(start)
-                skip(vtype)
+                found = items(item, count, keep=key in arrays)
+                if found is not None:
+                    out[key] = found
             else:
                 skip(vtype)
         if tensors and kv_count <= _MAX_KV and n_tensors <= MAX_TENSORS:

@@ -170,13 +170,13 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
     host: dict[str, float] = {"worker process": HOST_BASE[device]}
     disk: dict[str, float] = {}
     four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.double_quant else 4 / 64)
-    terms = Terms(ref, own, host, disk, opts, shape, cb, on_gpu, (job.get("model") or {}).get("kind") == "gguf",
-                  four_bit)
+    gguf_source = (job.get("model") or {}).get("kind") == "gguf"
+    terms = Terms(ref, own, host, disk, opts, shape, cb, on_gpu, gguf_source, four_bit)
     PLAN_TERMS[plan_key(kind, method)](terms)
     _evaluation(ref, host, job, shape, cb, disk)
     if own:
         _evaluation(own, {}, job, shape, cb)
-    if (job.get("model") or {}).get("kind") == "gguf":
+    if gguf_source:
         disk.setdefault("float copy of the GGUF (once per output root)", P * 4)
     gpus = max(int((job.get("resources") or {}).get("gpus") or 0), 1) if on_gpu else 0
     if not on_gpu:  # a CPU worker holds everything in host RAM, at once

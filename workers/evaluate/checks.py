@@ -110,10 +110,9 @@ def probe(model: dict) -> dict:
         return {"refused": str(e)}
 
 
-# general.architecture -> transformers' model_type where they differ (transformers' load_gguf_checkpoint); the
-# first four are renamed in the file's string values too, as transformers does
-_RENAMED = {"qwen2moe": "qwen2_moe", "gpt_oss": "gpt_oss", "gpt-oss": "gpt_oss", "qwen3moe": "qwen3_moe",
-            "minimax-m2": "minimax_m2"}
+# general.architecture -> transformers' model_type where they differ (transformers' load_gguf_checkpoint); those
+# in _RENAMED are renamed in the file's string values too, as transformers does
+_RENAMED = {"qwen2moe": "qwen2_moe", "gpt-oss": "gpt_oss", "qwen3moe": "qwen3_moe", "minimax-m2": "minimax_m2"}
 _MODEL_TYPES = {**_RENAMED, "gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen35": "qwen3_5_text"}
 
 
