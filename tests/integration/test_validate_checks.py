@@ -30,6 +30,24 @@ def gguf_with_pre_tokenizer(out, pre: str):
     return out
 
 
+def gguf_as_family(out, arch: str):
+    """The bundled GGUF relabelled as another family (``general.architecture`` and its ``<arch>.*`` keys), so that
+    transformers rebuilds its tokenizer through that family's converter and tokenizer class (Qwen2's BPE, Phi-3's
+    SentencePiece-style one): another path through the same vocabulary."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from qfarm.sweep.refs import bundled_model_path
+
+    reader = gguf.GGUFReader(str(bundled_model_path("smollm2-135m")), "r")
+    old = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    renamed = {f"{arch}{name[len(old):]}": MetadataDetails(field.types[0], field.contents())
+               for name, field in reader.fields.items() if name.startswith(old + ".")}
+    writer = gguf.GGUFWriter(str(out), arch=arch, endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, renamed, [n for n in reader.fields if n.startswith(old + ".")])
+    return out
+
+
 @pytest.fixture
 def env(tmp_path):
     """The CLI's environment with a cache of its own (XDG_CACHE_HOME: ~/.cache/qfarm/checks moves with it)."""
@@ -93,7 +111,7 @@ def test_a_checkpoint_in_another_vocabulary_is_refused_at_validate_and_by_its_jo
                     f"{model}-copy")
 
 
-@pytest.mark.parametrize("pre", [None, "qwen2", "llama-bpe"])
+@pytest.mark.parametrize("pre", [None, "qwen2", "llama-bpe", "family:qwen2", "family:phi3"])
 def test_validate_s_light_tokenizer_gives_the_ids_a_job_s_autotokenizer_gives(tmp_path, shared_data, pre):
     """`qfarm validate` rebuilds a GGUF's tokenizer without transformers' model stack (workers.evaluate.checks.rebuilt_backend,
     ~1 s instead of ~10): it must be the tokenizer a job builds (AutoTokenizer), id for id, on the probe and on
@@ -103,9 +121,14 @@ def test_validate_s_light_tokenizer_gives_the_ids_a_job_s_autotokenizer_gives(tm
     from qfarm.sweep.refs import bundled_model_path
     from workers.evaluate.checks import PROBE, rebuilt_backend
 
-    path = bundled_model_path("smollm2-135m") if pre is None else gguf_with_pre_tokenizer(tmp_path / "v.gguf", pre)
+    if pre is None:
+        path = bundled_model_path("smollm2-135m")
+    elif pre.startswith("family:"):
+        path = gguf_as_family(tmp_path / "v.gguf", pre.removeprefix("family:"))
+    else:
+        path = gguf_with_pre_tokenizer(tmp_path / "v.gguf", pre)
     light = rebuilt_backend(str(path))
-    assert light is not None, "the bundled family (llama, BPE) goes the light way"
+    assert light is not None, "llama, qwen2 and phi3 GGUFs go the light way"
     job = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     text = (shared_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:20_000]
     for sample in (PROBE, text):
