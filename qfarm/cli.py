@@ -557,7 +557,7 @@ def results(ctx: click.Context, sweeps: tuple[str, ...], fmt: str, output: Path 
 
         for record in records:
             to_wandb(record, [r for r in data if r.get("sweep_id") == record.id],
-                     {j.id: j.spec for j in store.sweep_jobs(record.id)}, experiment, str(Path(_root_of(record)) / "wandb"),
+                     {j.id: j.job for j in store.sweep_jobs(record.id)}, experiment, str(Path(_root_of(record)) / "wandb"),
                      say=click.echo)
         return
     cols = pick_columns(data, columns)
@@ -645,7 +645,7 @@ def _to_mlflow(store, records, data: list[dict], uri: str | None, experiment: st
         target = uri or resolve_uri(None, _root_of(record))
         try:
             sender = Sender(target, record, experiment, copy, say=click.echo)
-            done = sender.send(rows, {j.id: j.spec for j in store.sweep_jobs(record.id)})
+            done = sender.send(rows, {j.id: j.job for j in store.sweep_jobs(record.id)})
         except Exception as e:  # noqa: BLE001 - MLflow's own refusal (a store it cannot open, a server that says no)
             if not type(e).__module__.startswith("mlflow"):
                 raise

@@ -88,20 +88,23 @@ class Worker:
             self._cache = Cache()
         return self._cache
 
-    def run(self, job: dict, attempt_id: str, sweep_id: str) -> dict:
+    def run(self, payload: dict, attempt_id: str, sweep_id: str) -> dict:
         """Claim the job (queued -> running under ``attempt_id``), run it, write succeeded/failed with its
-        result or error. Returns a small summary; "not-claimed" when the job was cancelled or taken meanwhile."""
-        if not self.store.claim(job["id"], attempt_id, sweep_id=sweep_id, worker=self.name):
+        result or error. Returns a small summary; "not-claimed" when the job was cancelled or taken meanwhile. The
+        payload is read into a Job once claimed (a payload that does not read fails the job, under its id)."""
+        job_id = str(payload["id"])
+        if not self.store.claim(job_id, attempt_id, sweep_id=sweep_id, worker=self.name):
             return {"status": "not-claimed"}
-        self.current = f"{job['id']} {job.get('label', '')}"
-        beat = _Heartbeat(self.store, job["id"], attempt_id)
+        self.current = job_id
+        beat = _Heartbeat(self.store, job_id, attempt_id)
         ctx = None
         node = _node_id()
         started = time.time()
         attempt = {"started_at": started, "worker": self.name, "node": node, "pid": os.getpid()}
         beat.start(pid=os.getpid(), node=node, actor_id=_actor_id())
         try:
-            spec = Job.from_payload(job)  # typed, its options validated again: nothing from Redis is trusted
+            spec = Job.from_payload(payload)  # typed, its options validated again: nothing from Redis is trusted
+            self.current = f"{job_id} {spec.label}"
             ctx = JobContext(spec, attempt_id, sweep_id, spec.output_dir, self.output_root, None, self.threads,
                              beat.progress)
             if spec.kind != "sleep":
@@ -114,16 +117,16 @@ class Worker:
             result.update(_model_card(spec, result, sweep_id, self.output_root))
             for name, n in ctx.stats.items():
                 self.store.incr_stat(sweep_id, name, n)
-            ok = self.store.finish(job["id"], attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)
+            ok = self.store.finish(job_id, attempt_id, JobStatus.SUCCEEDED, result=result, attempt=attempt)
             return {"status": "succeeded", "written": ok, "seconds": time.time() - started}
         except JobCancelled as e:
-            ok = self.store.finish(job["id"], attempt_id, JobStatus.CANCELLED, error=str(e), attempt=attempt)
+            ok = self.store.finish(job_id, attempt_id, JobStatus.CANCELLED, error=str(e), attempt=attempt)
             return {"status": "cancelled", "written": ok}
         except BaseException as e:  # one job's failure must never take the worker (or other jobs) down
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             detail = traceback.format_exc()
-            status = self.store.fail_attempt(job["id"], attempt_id, error=one_line(e), retryable=retryable(e),
+            status = self.store.fail_attempt(job_id, attempt_id, error=one_line(e), retryable=retryable(e),
                                              error_detail=detail[-6000:], attempt=attempt)
             return {"status": status or "failed", "written": status is not None, "error": one_line(e)}
         finally:

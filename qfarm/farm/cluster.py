@@ -26,6 +26,7 @@ from typing import Any
 from qfarm import settings
 from qfarm.errors import QfarmError, UsageError
 from qfarm.farm.connection import data_dir
+from qfarm.sweep.job import as_job
 
 RAY_NAMESPACE = "qfarm"
 DEFAULT_LOGICAL_GPUS = 2
@@ -467,7 +468,7 @@ def has_cuda(nodes: list[Node]) -> bool:
 
 def cuda_refusal(jobs: list[dict], nodes: list[Node]) -> str | None:
     """Why jobs that need real CUDA GPUs (``eval.engine: vllm``) cannot run on these nodes, or None."""
-    labels = sorted({j["label"] for j in jobs if (j.get("eval") or {}).get("engine") == "vllm"})
+    labels = sorted({j.label for j in map(as_job, jobs) if j.evaluation is not None and j.evaluation.engine == "vllm"})
     if not labels or has_cuda(nodes):
         return None
     return (f"eval.engine: vllm runs on CUDA GPUs only, and no node of this cluster has one (its GPU slots, if any, "
@@ -494,13 +495,13 @@ def refuse_unplaceable(jobs: list[dict], nodes: list[Node], shape=None) -> None:
     if refused:
         raise UsageError("\n".join(refused))
     bad: dict[str, list[str]] = {}
-    for job in jobs:
-        res = job["resources"]
+    for job in map(as_job, jobs):
+        res = job.resources
         if slots(res, nodes) == 0:
             key = ", ".join(f"{k} {v:g}" for k, v in needs(res).items())
             if res.get("min_gpu_mem_gb"):
                 key += f", GPUs of at least {res['min_gpu_mem_gb']:g} GB"
-            bad.setdefault(key, []).append(job["label"])
+            bad.setdefault(key, []).append(job.label)
     no_cuda = cuda_refusal(jobs, nodes)
     if no_cuda:
         raise UsageError(no_cuda)

@@ -24,56 +24,62 @@ import time
 from statistics import mean, median
 from typing import Iterable
 
+from qfarm.errors import Permanent
 from qfarm.farm.store import TERMINAL, JobRecord
-from qfarm.sweep.spec import PerplexitySpec
+from qfarm.sweep.job import Job
 
-PERPLEXITY = {name: f.default for name, f in PerplexitySpec.model_fields.items()}  # the spec's defaults, not a copy
-def quality_only(spec: dict) -> frozenset[str]:
+
+def quality_only(job: Job) -> frozenset[str]:
     """The job's options that change its quality, not its time: those its options model marks ``QUALITY_ONLY``
     (qfarm.sweep.methods), so jobs differing only in them share their history."""
     from qfarm.sweep.methods import KINDS
 
-    kind = KINDS.get(spec.get("kind"))
+    kind = KINDS.get(job.kind)
     try:
-        model, _, _ = kind.options_for(spec.get("options") or {}) if kind is not None else (None, None, None)
+        model, _, _ = kind.options_for(job.options) if kind is not None else (None, None, None)
     except LookupError:
         return frozenset()
     return model.quality_only() if model is not None else frozenset()
 
 
-def work_shape(spec: dict) -> str:
-    """The key of what decides a job's duration (its history across sweeps)."""
-    skip = quality_only(spec)
-    opts = {k: v for k, v in (spec.get("options") or {}).items() if k not in skip}
-    ident = [spec.get("kind"), opts, (spec.get("model") or {}).get("key"), spec.get("eval"),
-             (spec.get("resources") or {}).get("gpus")]
+def work_shape(job: Job) -> str:
+    """The key of what decides a job's duration (its history across sweeps): the options as stored, less the
+    quality-only ones, so a key is the same for every qfarm that stored the same options."""
+    skip = quality_only(job)
+    opts = {k: v for k, v in job.options.items() if k not in skip}
+    ident = [job.kind, opts, (job.model or {}).get("key"), job.eval, job.resources.get("gpus")]
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prior_units(spec: dict) -> float:
+def prior_units(job: Job) -> float:
     """A job's cost in the prior's units: its method's relative cost (the registry's ``cost``) × the tokens it
     evaluates, calibrates on (at a quarter: no evaluation per token) and trains on (three passes a token); a sleep
     job's seconds."""
     from qfarm.sweep.methods import KINDS
 
-    opts, kind = spec.get("options") or {}, KINDS.get(spec.get("kind"))
+    opts, kind = job.stored, KINDS.get(job.kind)
     if kind is None:
         return 1.0
     if kind.name == "sleep":
-        return float(opts.get("seconds") or 0.0)
-    method = kind.method(opts.get("method"))
+        return float(opts.seconds or 0.0)
+    method = kind.method(job.method)
     cost = method.cost if method is not None else kind.cost
-    ev = spec.get("eval") or {}
-    ppl = ev.get("perplexity") or {}
-    tokens = (ppl.get("seq_len") or PERPLEXITY["seq_len"]) * (ppl.get("max_windows") or PERPLEXITY["max_windows"]) \
-        + 2000 * len(ev.get("tasks") or []) \
-        if kind.name != "calibrate" else 0
-    cal = opts.get("calibration") or {}
+    try:
+        ev = job.evaluation
+    except Permanent:  # a record this qfarm cannot read
+        ev = None
+    if ev is None:  # priced as the spec's default evaluation
+        from qfarm.sweep.spec import StoredEval
+
+        ev = StoredEval()
+    ppl = ev.perplexity
+    tokens = (ppl.seq_len * ppl.max_windows if ppl else 0) + 2000 * len(ev.tasks) if kind.name != "calibrate" else 0
+    cal = opts.calibration
     # a GPTQ job that shares a capture only solves: the calibration tokens are the capture job's
-    calibrates = kind.name == "calibrate" or (method is not None and method.calibrates
-                                              and not (method.captures and cal.get("share")))
-    calib = (cal.get("samples") or 0) * (cal.get("seq_len") or 0) if calibrates else 0
-    train = (opts.get("max_steps") or 0) * (opts.get("batch_size") or 1) * (opts.get("seq_len") or 0) * 3
+    calibrates = cal is not None and (kind.name == "calibrate" or (
+        method is not None and method.calibrates and not (method.captures and cal.share)))
+    calib = (cal.samples or 0) * (cal.seq_len or 0) if calibrates else 0
+    train = (opts.max_steps or 0) * (opts.batch_size or 1) * (opts.seq_len or 0) * 3
     return cost * (tokens + calib / 4 + train)
 
 
@@ -86,8 +92,8 @@ def expected(jobs: Iterable[JobRecord], history: dict[str, float] | None = None,
     """Each unfinished job's expected total run time (s), by job id. Without anything finished or remembered to
     scale the prior by, absent (``unitless``: the prior's units instead, enough to order jobs by)."""
     jobs, history = list(jobs), history or {}
-    shape = {j.id: work_shape(j.spec or {}) for j in jobs}  # each job's once: this runs on every dispatch pass
-    units = {j.id: prior_units(j.spec or {}) for j in jobs}
+    shape = {j.id: work_shape(j.job) for j in jobs}  # each job's once: this runs on every dispatch pass
+    units = {j.id: prior_units(j.job) for j in jobs}
     done = [j for j in jobs if _took(j) is not None]
     alike: dict[str, list[float]] = {}
     for j in done:
@@ -115,8 +121,7 @@ def ranks(jobs: Iterable[JobRecord], history: dict[str, float] | None = None) ->
     guess = expected(jobs, history, unitless=True)
     children: dict[str, list[str]] = {}
     for j in jobs:
-        spec = j.spec or {}
-        for parent in [spec.get("parent")] + list(spec.get("needs") or []):
+        for parent in (j.job.parent, *j.job.needs):
             if parent:
                 children.setdefault(parent, []).append(j.id)
     memo: dict[str, float] = {}

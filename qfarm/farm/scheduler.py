@@ -228,7 +228,7 @@ class Scheduler:
             inputs = self._inputs(job)
             if inputs is None:
                 continue  # its parent has not finished yet, or it was just skipped
-            pool = self._pool(job.spec["resources"])
+            pool = self._pool(job.job.resources)
             if pool.capacity == 0 or pool.start_failures >= MAX_ACTOR_START_FAILURES:
                 reason = pool.last_error or f"no node of the cluster has {needs(pool.resources)}"
                 self._fail_unstarted(job, f"cannot start a worker: {reason}")
@@ -238,18 +238,18 @@ class Scheduler:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
             payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", input=inputs or None)
-            ref = slot.actor.run.options(name=f"{job.id} {job.spec.get('label', '')}").remote(
+            ref = slot.actor.run.options(name=f"{job.id} {job.job.label}").remote(
                 payload, attempt_id, self.sweep_id)
             slot.job_id = job.id
-            self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, job.spec.get("timeout_s"))
+            self.inflight[ref] = Inflight(slot, pool, job.id, attempt_id, job.job.timeout_s)
 
     def _inputs(self, job: JobRecord) -> dict | None:
         """What a job that comes ``from`` another needs of it: {} for a job without a parent, with the artifacts of
         the jobs it ``needs`` under "needs"; None while one of them has not finished (the job waits), or when one
         did not succeed (the job is marked skipped, with why)."""
         inputs: dict = {}
-        needs = [d for d in job.spec.get("needs") or [] if isinstance(d, str)]  # e.g. the capture a GPTQ job shares
-        for dep_id in [job.spec.get("parent")] + needs:
+        needs = [d for d in job.job.needs if isinstance(d, str)]  # e.g. the capture a GPTQ job shares
+        for dep_id in [job.job.parent] + needs:
             dep = (self.jobs.get(dep_id) or self.store.job(dep_id)) if dep_id else None
             decision, value = readiness(dep_id, dep)
             if decision == "skip":
@@ -302,7 +302,7 @@ class Scheduler:
             job = self._reload(flight.job_id)
             if job is not None and job.status == JobStatus.SUCCEEDED.value and job.attempt_id == flight.attempt_id \
                     and job.duration_s is not None:  # this attempt's: what the next sweep's estimates go by
-                self.store.record_duration(work_shape(job.spec or {}), job.duration_s)
+                self.store.record_duration(work_shape(job.job), job.duration_s)
             return  # the worker wrote the job's result (or its failure) itself, or found it taken
         except ray.exceptions.RayActorError as e:
             reason = f"worker process died ({one_line(e, typed=False)})"
@@ -338,7 +338,7 @@ class Scheduler:
                     self._force_cancel(flight)
                 continue
             if seen is not None and seen.status == JobStatus.RUNNING.value and seen.attempt_id == flight.attempt_id:
-                reason = hung(seen, now, float(seen.spec.get("hung_after_s") or HEARTBEAT_TTL_S), self._watching_since)
+                reason = hung(seen, now, float(seen.job.hung_after_s or HEARTBEAT_TTL_S), self._watching_since)
                 if reason:  # frozen (a hung kernel, SIGSTOP): its heartbeat stopped while its actor lives
                     self._kill(flight.slot, flight.pool)
                     self.inflight.pop(ref)
@@ -415,10 +415,10 @@ class Scheduler:
     def _pool(self, resources: dict) -> Pool:
         key = json.dumps(resources, sort_keys=True)
         if key not in self.pools:
-            shape = [j for j in self.jobs.values() if json.dumps(j.spec.get("resources"), sort_keys=True) == key]
+            shape = [j for j in self.jobs.values() if json.dumps(j.job.resources, sort_keys=True) == key]
             capacity = min(slots(resources, self._nodes()), max(1, len(shape)))
-            preload = any(j.spec.get("needs_model", j.spec.get("kind") != "sleep") for j in shape)
-            timeout = max((float(j.spec.get("start_timeout_s") or DEFAULT_START_TIMEOUT_S) for j in shape),
+            preload = any(j.job.needs_model for j in shape)
+            timeout = max((float(j.job.start_timeout_s or DEFAULT_START_TIMEOUT_S) for j in shape),
                           default=DEFAULT_START_TIMEOUT_S)
             self.pools[key] = Pool(key, resources, capacity, preload, timeout)
         return self.pools[key]
@@ -542,7 +542,7 @@ class Metrics:
             counts[job.status] = counts.get(job.status, 0) + 1
             if job.status in ("succeeded", "failed") and job.id not in self.seen and job.duration_s is not None:
                 self.seen.add(job.id)
-                self.duration.observe(job.duration_s, tags={**self.tags, "kind": job.spec.get("kind", "")})
+                self.duration.observe(job.duration_s, tags={**self.tags, "kind": job.job.kind})
         for status, n in counts.items():
             self.jobs.set(n, tags={**self.tags, "status": status})
 
@@ -557,8 +557,8 @@ def readiness(parent_id: str | None, parent: JobRecord | None) -> tuple[str, Any
         return "ready", {}
     if parent is not None and parent.status == JobStatus.SUCCEEDED.value:
         result = parent.result or {}
-        inputs = {"id": parent.id, "kind": parent.spec.get("kind"), "label": parent.spec.get("label"),
-                  "options": parent.spec.get("options"), "artifact": result.get("artifact")}
+        inputs = {"id": parent.id, "kind": parent.job.kind, "label": parent.job.label, "options": parent.job.options,
+                  "artifact": result.get("artifact")}
         if result.get("quantized_base"):  # an adapter trained on a quantized stage's model: a merge needs that base
             inputs["quantized_base"] = result["quantized_base"]
         return "ready", inputs
@@ -567,7 +567,7 @@ def readiness(parent_id: str | None, parent: JobRecord | None) -> tuple[str, Any
     if parent is None:
         return "skip", f"skipped: the job it comes from ({parent_id}) is not in Redis"
     why = f": {parent.error}" if parent.error else ""
-    return "skip", f"skipped: {parent.spec.get('label', '')} ({parent.id}) {parent.status}{why}"
+    return "skip", f"skipped: {parent.job.label} ({parent.id}) {parent.status}{why}"
 
 
 def orphaned(job: JobRecord, now: float, worker_gone) -> str | None:

@@ -16,12 +16,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from typing import Any, Iterable
 
 import redis
 
 from qfarm.errors import QfarmError
 from qfarm.farm.keys import DEFAULT_CANCEL_GRACE_S, EVENTS_MAXLEN, Keys
+from qfarm.sweep.job import Job
 
 
 class JobStatus(str, Enum):
@@ -149,6 +151,11 @@ class JobRecord:
             actor_id=h.get("actor_id") or None,
         )
 
+    @cached_property
+    def job(self) -> Job:
+        """The stored job, typed (``Job.from_record``: never refused, what an older record lacks at its default)."""
+        return Job.from_record(self.id, self.spec)
+
     @property
     def duration_s(self) -> float | None:
         if self.started_at is None:
@@ -214,7 +221,8 @@ class Store:
 
         Returns how many jobs were created, requeued, or found in each other status.
         """
-        jobs = list(jobs)
+        payloads = list(jobs)
+        jobs = [Job.from_payload(p) for p in payloads]
         now = _now()
         key = self.keys.sweep(sweep_id)
         pipe = self.r.pipeline(transaction=True)
@@ -225,10 +233,10 @@ class Store:
         pipe.zadd(self.keys.sweeps(), {sweep_id: now})  # ordered by last submit: a resubmit is the newest
         pipe.delete(self.keys.sweep_jobs(sweep_id))
         if jobs:
-            pipe.rpush(self.keys.sweep_jobs(sweep_id), *[j["id"] for j in jobs])
+            pipe.rpush(self.keys.sweep_jobs(sweep_id), *[j.id for j in jobs])
         pipe.execute()
         counts: dict[str, int] = {}
-        for outcome in self._ensure_jobs(sweep_id, jobs, now):
+        for outcome in self._ensure_jobs(sweep_id, list(zip(jobs, payloads)), now):
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
@@ -238,15 +246,16 @@ class Store:
         pipe.hset(key, mapping={"cancel": "0", "submitted_at": repr(now)})
         pipe.hdel(key, "finished_at", "scheduler_error")
 
-    def _ensure_jobs(self, sweep_id: str, payloads: list[dict], now: float) -> list[str]:
-        """Create each job, or requeue it if failed/cancelled (attempts reset); its outcome, in order."""
+    def _ensure_jobs(self, sweep_id: str, jobs: list[tuple[Job, dict]], now: float) -> list[str]:
+        """Create each job (with its payload), or requeue it if failed/cancelled (attempts reset); its outcome, in
+        order."""
         outcomes: list[str] = []
-        for start in range(0, len(payloads), 500):
+        for start in range(0, len(jobs), 500):
             pipe = self.r.pipeline(transaction=False)
-            for job in payloads[start:start + 500]:
-                fields = {"id": job["id"], "spec": json.dumps(job), "kind": job["kind"], "label": job["label"],
+            for job, payload in jobs[start:start + 500]:
+                fields = {"id": job.id, "spec": json.dumps(payload), "kind": job.kind, "label": job.label,
                           "sweep_id": sweep_id}
-                self._ensure(keys=[self.keys.job(job["id"])], args=[json.dumps(fields), repr(now)], client=pipe)
+                self._ensure(keys=[self.keys.job(job.id)], args=[json.dumps(fields), repr(now)], client=pipe)
             outcomes += pipe.execute()
         return outcomes
 
@@ -375,7 +384,7 @@ class Store:
         now = _now()
         wanted = {"failed", "skipped", "cancelled"} if cancelled else {"failed", "skipped"}
         jobs = [j for j in self.sweep_jobs(sweep_id) if j.status in wanted]
-        outcomes = self._ensure_jobs(sweep_id, [j.spec for j in jobs], now)
+        outcomes = self._ensure_jobs(sweep_id, [(j.job, j.spec) for j in jobs], now)
         pipe = self.r.pipeline(transaction=True)
         self._reopen(pipe, sweep_id, now)
         pipe.execute()
@@ -461,7 +470,7 @@ class Store:
         if job is None or job.status != JobStatus.RUNNING.value or job.attempt_id != attempt_id:
             return None
         attempt = {"started_at": job.started_at, **(attempt or {})}
-        if retry_decision(job.attempts, int(job.spec.get("max_attempts", 3)), retryable) == JobStatus.QUEUED:
+        if retry_decision(job.attempts, job.job.max_attempts, retryable) == JobStatus.QUEUED:
             return "queued" if self.requeue(job_id, attempt_id, error=error, attempt=attempt) else None
         if retryable:
             error += f" (after {job.attempts} attempt{'s' if job.attempts != 1 else ''})"

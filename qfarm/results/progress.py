@@ -172,7 +172,7 @@ def waiting_note(sweep, now: float | None = None) -> str:
 
 def job_rows(jobs: list[JobRecord], dashboard: str | None = None) -> list[dict]:
     """One sweep's jobs as ``qfarm status SWEEP --json`` gives them."""
-    return [{"job_id": j.id, "label": j.spec.get("label"), "kind": j.spec.get("kind"), "status": j.status,
+    return [{"job_id": j.id, "label": j.job.label, "kind": j.job.kind, "status": j.status,
              "attempts": j.attempts, "duration_s": j.duration_s, "worker": j.worker, "node": j.node,
              "progress": j.progress if j.status == "running" else None, "error": j.error,
              "dashboard": actor_link(dashboard, j.actor_id) if j.status == "running" else None} for j in jobs]
@@ -195,14 +195,14 @@ def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int |
     total, every, jobs = len(jobs), jobs, shown(jobs, limit)
     loads = stats.get("model_loads", 0)
     caption = _summary(c, total) + (f" · base-model loads: {loads} for {c['succeeded']} finished jobs"
-                                        if any(j.spec.get("model") for j in jobs) else "")
+                                        if any(j.job.model for j in jobs) else "")
     if c["running"] or c["queued"]:
         caption += f" · {say(eta_s(every, history=history))}"
     running = [j for j in jobs if j.status == "running"]
     if running:
         from qfarm.farm.scheduler import HEARTBEAT_TTL_S
 
-        limits = sorted({float(j.spec.get("hung_after_s") or HEARTBEAT_TTL_S) for j in running})
+        limits = sorted({float(j.job.hung_after_s or HEARTBEAT_TTL_S) for j in running})
         caption += (f"\na running job without a heartbeat for {', '.join(f'{x:g}' for x in limits)} s is taken as "
                     "hung: its worker is killed and the job retried (hung_after_s)")
     caption += waiting_note(sweep)
@@ -213,7 +213,7 @@ def jobs_table(sweep, jobs: list[JobRecord], stats: dict[str, int], limit: int |
     cols = [Col("label", "job", 0), Col("status", "status", 1), Col("note", "now / note", 2, fold=True, min_width=16),
             Col("time", "time s", 3, "right"), Col("job_id", "id", 4), Col("attempts", "tries", 5, "right"),
             Col("worker", "worker", 6)]
-    rows = [{"job_id": j.id, "label": str(j.spec.get("label")), "status": j.status, "attempts": str(j.attempts),
+    rows = [{"job_id": j.id, "label": j.job.label, "status": j.status, "attempts": str(j.attempts),
              "time": f"{j.duration_s:.1f}" if j.duration_s is not None else "-", "worker": j.worker or "-",
              "note": (j.progress if j.status == "running" else j.error) or ""} for j in jobs]
     table, _ = fit(cols, rows, width, title=f"sweep {sweep.id}", caption=caption)

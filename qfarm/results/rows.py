@@ -23,23 +23,21 @@ FORMATS = ("table", "md", "csv", "json", "parquet")
 
 def row(job: JobRecord) -> dict[str, Any]:
     """The job as one flat row."""
-    result = job.result or {}
-    options = dict(job.spec.get("options") or {})
+    result, spec = job.result or {}, job.job
     out: dict[str, Any] = {c: None for c in COLUMNS + EXTRA_COLUMNS}
-    out.update({k: v for k, v in options.items() if k not in ("method", "bits")})  # as the spec names them
+    out.update({k: v for k, v in spec.options.items() if k not in ("method", "bits")})  # as the spec names them
     out.update(result)
     out.update({
         "job_id": job.id,
         "status": job.status,
-        "kind": job.spec.get("kind"),
-        "label": job.spec.get("label"),
-        "stage": job.spec.get("stage"),
-        "parent": job.spec.get("parent"),
-        "lineage": " → ".join(job.spec.get("lineage") or []) or None,
-        "method": options.get("method", result.get("method")),
-        # as asked (the option, the method's nominal bits), else as the worker read them (an evaluated checkpoint's)
-        "bits": next((b for b in (options.get("bits"), job.spec.get("bits"), result.get("bits")) if b is not None),
-                     None),
+        "kind": spec.kind or None,
+        "label": spec.label or None,
+        "stage": spec.stage or None,
+        "parent": spec.parent,
+        "lineage": " → ".join(spec.lineage) or None,
+        "method": spec.method if spec.method is not None else result.get("method"),
+        # as expansion decided them (the method's nominal bits), else as the worker read them (an evaluated checkpoint)
+        "bits": spec.bits if spec.bits is not None else result.get("bits"),
         "sweep_id": job.sweep_id,
         "attempts": job.attempts,
         "error": job.error,

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from qfarm.errors import QfarmError
+from qfarm.sweep.job import Job
 
 SKIPPED_METRICS = frozenset({"started_at", "finished_at", "queued_at", "created_at"})  # the run's own times
 STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED", "skipped": "KILLED"}
@@ -199,17 +200,17 @@ class Sender:
             if not token:
                 return out
 
-    def send(self, rows: list[dict], jobs_by_id: dict[str, Any]) -> dict[str, int]:
+    def send(self, rows: list[dict], jobs_by_id: dict[str, Job]) -> dict[str, int]:
         """Each row as a run (parents first, so a child can name its parent's run). Counts what was done."""
         done = {"created": 0, "updated": 0, "unchanged": 0}
-        order = sorted(rows, key=lambda r: len((jobs_by_id.get(r["job_id"]) or {}).get("lineage") or []))
+        order = sorted(rows, key=lambda r: len(_job_of(jobs_by_id, r).lineage))
         for row in order:
-            job = jobs_by_id.get(row["job_id"]) or {}
-            parent_run = self.runs.get(job.get("parent"))
+            job = _job_of(jobs_by_id, row)
+            parent_run = self.runs.get(job.parent)
             done[self._one(row, job, parent_run.info.run_id if parent_run else None)] += 1
         return done
 
-    def _one(self, row: dict, job: dict, parent_run_id: str | None) -> str:
+    def _one(self, row: dict, job: Job, parent_run_id: str | None) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
         metrics = metrics_of(row)
@@ -233,7 +234,7 @@ class Sender:
         run_id = run.info.run_id
         at = _ms(row.get("finished_at"))
         self._batch(run_id, metrics=[Metric(k, v, at, 0) for k, v in metrics.items()],
-                    params=[Param(k, v) for k, v in params_of(row, job.get("options") or {}).items()])
+                    params=[Param(k, v) for k, v in params_of(row, job.options).items()])
         curve = loss_points(row.get("loss_curve"))
         if curve:
             self._batch(run_id, metrics=[Metric("train_loss_curve", loss, at, step) for step, loss in curve])
@@ -335,7 +336,7 @@ class LiveTracker:
                                      bool(self.settings.get("copy_artifacts")))
             data, _, _ = compare_noted([dict(r, sweep_id=self.sweep_id) for r in rows(jobs)])
             chosen = [r for r in data if r["job_id"] in fresh or (final and r["status"] not in ("queued", "running"))]
-            self.sender.send(chosen, {j.id: j.spec for j in jobs})
+            self.sender.send(chosen, {j.id: j.job for j in jobs})
             for j in jobs:
                 if j.id in fresh:
                     self.sent[j.id] = j.finished_at
@@ -361,7 +362,7 @@ class LiveTracker:
         self.send(final=True)
 
 
-def to_wandb(record, rows: list[dict], jobs_by_id: dict[str, dict], project: str | None, directory: str,
+def to_wandb(record, rows: list[dict], jobs_by_id: dict[str, Job], project: str | None, directory: str,
              say: Callable[[str], None] = lambda line: None) -> list[str]:
     """Each row as a Weights & Biases run: offline (its files under ``directory``, for ``wandb sync``) unless the
     environment sets WANDB_MODE=online with a login. The sweep is the runs' group, the kind their job type, the
@@ -376,8 +377,7 @@ def to_wandb(record, rows: list[dict], jobs_by_id: dict[str, dict], project: str
     Path(directory).mkdir(parents=True, exist_ok=True)
     folders = []
     for row in rows:
-        job = jobs_by_id.get(row["job_id"]) or {}
-        config = params_of(row, job.get("options") or {})
+        config = params_of(row, _job_of(jobs_by_id, row).options)
         config.update({"job_id": row["job_id"], "sweep_id": record.id, "parent_job": row.get("parent") or "",
                        "artifact": row.get("artifact") or ""})
         run = wandb.init(mode=mode, dir=directory, project=project or "qfarm", group=record.id,
@@ -394,3 +394,8 @@ def to_wandb(record, rows: list[dict], jobs_by_id: dict[str, dict], project: str
     say(f"wrote {len(folders)} W&B run(s) ({mode}) under {directory}"
         + (f": upload them with `wandb sync {directory}/wandb/offline-run-*`" if mode == "offline" else ""))
     return folders
+
+
+def _job_of(jobs_by_id: dict[str, Job], row: dict) -> Job:
+    """A row's job (its options, parent, lineage); a row without one (a job deleted since) reads as none."""
+    return jobs_by_id.get(row["job_id"]) or Job.from_record(row["job_id"], {})

@@ -113,14 +113,16 @@ COMPUTE = {"gpu": "cuda, the checkpoint's dtype", "cpu": "cpu, float32"}
 def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,
          refs: dict[str, dict | None], parent: Job | None = None, cuda: bool = True) -> Job:
     kind = KINDS[group.kind]
-    opts = {k: v for k, v in options.model_dump().items() if not (v is None and k in UNSET_NOT_IDENTITY)}
     calibration, data = refs.get("calibration"), refs.get("data")
-    if calibration is not None:
-        opts["calibration"]["dataset"] = calibration["key"]  # the identity of the data, not how it was spelled
-    if data is not None and "dataset" in opts:
-        opts["dataset"]["path"] = data["key"]
-    ident = {**opts, "checkpoint": data["key"]} if data is not None and "checkpoint" in opts else opts
-    if group.kind == "merge" and parent is not None and parent.options.get("method") != "qlora" and parent.parent is None:
+    fields = type(options).model_fields
+    if calibration is not None:  # the identity of the data, not how it was spelled
+        options = options.model_copy(update={"calibration": options.calibration.model_copy(
+            update={"dataset": calibration["key"]})})
+    if data is not None and "dataset" in fields:
+        options = options.model_copy(update={"dataset": options.dataset.model_copy(update={"path": data["key"]})})
+    opts = {k: v for k, v in options.model_dump().items() if not (v is None and k in UNSET_NOT_IDENTITY)}
+    ident = {**opts, "checkpoint": data["key"]} if data is not None and "checkpoint" in fields else opts
+    if group.kind == "merge" and parent is not None and parent.method != "qlora" and parent.parent is None:
         opts["onto"] = "base"  # a LoRA adapter was trained on the float base: "dequantized" is that same base
     identity = {
         "v": SPEC_VERSION,
@@ -136,17 +138,17 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
     job_id = "j" + digest(identity, 12)
     task_eval = parent.task_eval if parent is not None else None
     if group.kind == "train" and data is not None:
-        ds = opts["dataset"]
-        task_eval = {"dataset": data, "format": ds["format"], "eval_samples": ds["eval_samples"],
-                     "seq_len": opts["seq_len"], "train_job": job_id}
-    method = kind.method(opts.get("method"))
+        task_eval = {"dataset": data, "format": options.dataset.format, "eval_samples": options.dataset.eval_samples,
+                     "seq_len": options.seq_len, "train_job": job_id}
+    method_name = getattr(options, "method", None)  # the kinds with methods (quantize, train) have this option
+    method = kind.method(method_name)
     if kind.needs_model and eval_spec and eval_spec.get("engine") == "vllm":
         eval_spec = _vllm_eval(eval_spec, group.kind, method)
     return Job(
         id=job_id,
         kind=group.kind,
         group=gi,
-        label=opts.get("method") or group.kind,  # the final label is given once every job is known: labelled()
+        label=method_name or group.kind,  # the final label is given once every job is known: labelled()
         options=opts,
         model={k: v for k, v in model_ref.items() if k != "config_dir"} if kind.needs_model and model_ref else None,
         eval=eval_spec if kind.needs_model else None,
@@ -162,8 +164,8 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         task_eval=task_eval if kind.needs_model else None,
         worker=kind.worker,
         needs_model=kind.needs_model,
-        impl=method.impl(opts) if method is not None else None,
-        bits=method.nominal_bits(opts) if method is not None else opts.get("bits"),
+        impl=method.impl(options) if method is not None else None,
+        bits=method.nominal_bits(options) if method is not None else getattr(options, "bits", None),
         axes=tuple(k for k in axes(group)[0] if k != "method"),
     )
 
@@ -172,12 +174,11 @@ def _capture(job: Job, cuda: bool) -> Job | None:
     """The ``calibrate`` job a GPTQ job with ``calibration.share`` needs: one per model (or parent artifact),
     calibration data and device class, so every such job of the sweep solves from the same capture. Its id
     holds neither the quantization options nor the evaluation: they do not change what it captures."""
-    cal = job.options.get("calibration") or {}
-    method = KINDS[job.kind].method(job.options.get("method"))
-    if method is None or not method.captures or not cal.get("share"):
+    method = KINDS[job.kind].method(job.method)
+    if method is None or not method.captures or not job.opts.calibration.share:
         return None
     kind = KINDS["calibrate"]
-    opts = {"capture": "hessian", "calibration": {k: v for k, v in cal.items() if k != "share"}}
+    opts = {"capture": "hessian", "calibration": job.opts.calibration.model_dump(exclude={"share"})}
     identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (job.model or {}).get("key"),
                 "compute": COMPUTE["gpu" if cuda and job.resources.get("gpus") else "cpu"], "from": job.parent}
     return replace(job, id="j" + digest(identity, 12), kind=kind.name, label=kind.name, options=opts, eval=None,
@@ -209,18 +210,18 @@ def labelled(jobs: list[Job]) -> list[Job]:
     flat = {j.id: _flat(j.options) for j in jobs}
     seen: dict[tuple, dict[str, set[str]]] = {}
     for j in jobs:
-        values = seen.setdefault((j.kind, j.options.get("method")), {})
+        values = seen.setdefault((j.kind, j.method), {})
         for k, v in flat[j.id].items():
             values.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
     out: dict[str, Job] = {}
     for j in jobs:
-        values = seen[(j.kind, j.options.get("method"))]
-        implied = _implied_by_scheme(j.options.get("scheme"))
+        values = seen[(j.kind, j.method)]
+        implied = _implied_by_scheme(flat[j.id].get("scheme"))
         shown = [k for k in flat[j.id] if k not in _UNLABELLED and k not in implied
                  and (len(values[k]) > 1 or k in j.axes or (k in _ALWAYS and flat[j.id][k] is not None))]
-        label = " ".join([j.options.get("method") or j.kind] + [_part(k, flat[j.id][k]) for k in shown])
+        label = " ".join([j.method or j.kind] + [_part(k, flat[j.id][k]) for k in shown])
         if j.kind == "sleep":
-            label = f"sleep[{j.options['index']}]"
+            label = f"sleep[{j.opts.index}]"
         parent = out.get(j.parent) if j.parent else None
         lineage = parent.lineage + (parent.label,) if parent is not None else ()
         out[j.id] = replace(j, label=label, lineage=lineage)

@@ -118,9 +118,51 @@ class Job:
             kwargs.setdefault(name, None)
         kwargs.setdefault("bits", data["options"].get("bits"))  # a record from before expand wrote the nominal bits
         kwargs.setdefault("resources", {})
-        kwargs.setdefault("max_attempts", 1)
+        kwargs.setdefault("max_attempts", _spec_default("max_attempts"))
+        kwargs.setdefault("needs_model", data["kind"] != "sleep")  # a record from before it was written
         return cls(**kwargs, lineage=tuple(data.get("lineage") or ()), needs=tuple(data.get("needs") or ()),
                    input=Input.from_dict(data.get("input")))
+
+    @classmethod
+    def from_record(cls, job_id: str, spec: Any) -> Job:
+        """A stored job as the scheduler, the ETA and the results read it: never refused (a record of an older
+        qfarm, or one a test wrote by hand, may lack anything): the record's id, and what it lacks at its default.
+        Its options are read through ``view`` there, not validated."""
+        spec = spec if isinstance(spec, dict) else {}
+        return cls.from_payload({**spec, "id": job_id, "kind": spec["kind"] if isinstance(spec.get("kind"), str) else "",
+                                 "options": spec["options"] if isinstance(spec.get("options"), dict) else {}})
+
+    @cached_property
+    def view(self):
+        """The options for what reads any job, whole or not (the ETA's prior, the memory plan of a payload written by
+        hand): by attribute, every default filled in by the options model (validated where they validate, else
+        ``option_view``), an option this job's method does not have reading as None. Never raises."""
+        try:
+            return _attrs(self.opts.model_dump())
+        except (Permanent, AttributeError):  # AttributeError: a kind this registry lacks (plain stored options)
+            return option_view(self.kind, self.options)
+
+    @cached_property
+    def stored(self):
+        """The options exactly as the record holds them, by attribute (an option it lacks reads as None, nested ones
+        too): what the ETA prices, the work the record says it will do. Every record expansion writes holds every
+        option, so this reads as ``opts`` there. Never raises."""
+        return _attrs(self.options)
+
+    @cached_property
+    def evaluation(self):
+        """The evaluation, typed (``qfarm.sweep.spec.StoredEval``: the spec's defaults, in that one place); None for
+        a job that evaluates nothing (a capture). Permanent where the record's does not validate."""
+        from pydantic import ValidationError
+
+        from qfarm.sweep.spec import StoredEval
+
+        if self.eval is None:
+            return None
+        try:
+            return StoredEval.model_validate(self.eval)
+        except ValidationError as e:
+            raise Permanent(f"the job's evaluation does not validate here: {e}") from None
 
     @cached_property
     def opts(self):
@@ -130,8 +172,21 @@ class Job:
 
     @property
     def method(self) -> str | None:
-        """The method's name (quantize, train), else None."""
-        return self.options.get("method")
+        """The method's name (quantize, train), else None: the one option every reader asks before typing the rest
+        (it decides which options model types them)."""
+        method = self.options.get("method")
+        return method if isinstance(method, str) else None
+
+
+def as_job(job: Job | dict) -> Job:
+    """A payload (what a sweep submits, or a test writes by hand) as the Job it describes; a Job as it is."""
+    return job if isinstance(job, Job) else Job.from_record(str(job.get("id") or ""), job)
+
+
+def _spec_default(name: str):
+    from qfarm.sweep.spec import SweepSpec
+
+    return SweepSpec.model_fields[name].default
 
 
 def typed_options(kind_name: str, options: dict):
@@ -165,7 +220,12 @@ def option_view(kind_name: str | None, options: dict):
         model = None
     defaults = {} if model is None else {
         name: f.get_default(call_default_factory=True) for name, f in model.model_fields.items() if not f.is_required()}
-    return _Options(**{**defaults, **options})
+    return _Options(**{**defaults, **{k: _attrs(v) for k, v in options.items()}})
+
+
+def _attrs(value: Any) -> Any:
+    """A stored dict (a nested option: calibration, dataset) read by attribute, as its typed model would be."""
+    return _Options(**{str(k): _attrs(v) for k, v in value.items()}) if isinstance(value, dict) else value
 
 
 class _Options(SimpleNamespace):

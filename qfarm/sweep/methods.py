@@ -403,7 +403,8 @@ class Method:
     options: type[Options]
     summary: str
     worker: Optional[str] = None  # "module:Class" under workers/ (a quantizer), imported lazily inside a worker
-    nominal_bits: Callable[[dict], Optional[int]] = lambda options: options.get("bits")  # the ``bits`` column
+    # the ``bits`` column, from the job's options (typed): decided once, by expansion (``Job.bits``)
+    nominal_bits: Callable[[Options], Optional[int]] = lambda options: getattr(options, "bits", None)
     vllm: bool = False  # its checkpoint is one vLLM serves (``eval.engine: vllm``): float or compressed-tensors
     # the kinds of weight layer it quantizes (qfarm.sweep.modelinfo: Linear, Conv1D, experts); a model with others
     # is refused for it at validate time, since they would silently stay in float. None: every kind
@@ -430,9 +431,9 @@ class Method:
     trains_on: frozenset[str] = frozenset()
     library: str = "transformers"  # the model card's library_name for what its jobs make
 
-    def impl(self, options: dict) -> Optional[str]:
-        """The implementation a job with these options runs: its ``backend``'s, else ``worker``."""
-        return (self.backends or {}).get(options.get("backend"), self.worker)
+    def impl(self, options: Options) -> Optional[str]:
+        """The implementation a job with these (typed) options runs: its ``backend``'s, else ``worker``."""
+        return (self.backends or {}).get(getattr(options, "backend", None), self.worker)
 
 
 GPTQMODEL = {"gptqmodel": "workers.quantize.gptqmodel:GPTQModelBackend"}
@@ -460,7 +461,7 @@ METHODS: dict[str, Method] = {
                "workers.quantize.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=12.0, backends=GPTQMODEL,
                plan="llm-compressor", calibrates=True, trains_on=frozenset({"gptqmodel"})),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.quantize.gguf:Gguf",
-               nominal_bits=lambda options: GGUF_TYPES.get(options.get("gguf_type")), cost=1.5, plan="gguf",
+               nominal_bits=lambda options: GGUF_TYPES.get(options.gguf_type), cost=1.5, plan="gguf",
                library="gguf"),
     ]
 }

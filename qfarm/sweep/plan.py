@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qfarm import settings
-from qfarm.sweep.job import option_view
+from qfarm.sweep.job import Job, as_job
 from qfarm.sweep.methods import GGUF_BITS_PER_WEIGHT
-from qfarm.sweep.spec import PerplexitySpec
 
 GB = 1e9
 NOT_GATED = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "mpt", "gpt_bigcode"}
@@ -152,17 +151,17 @@ def compute_bytes(shape: ModelShape, device: str) -> int:
     return DTYPE_BYTES.get(shape.dtype, 4) if shape.dtype != "float32" or not shape.from_gguf else 2
 
 
-def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
-    """The plan of one job (its payload) on ``device`` (cuda | cpu): GB per GPU and in all, host, disk, by term.
+def job_plan(job: Job | dict, shape: ModelShape, device: str) -> dict:
+    """The plan of one job (a Job, or its payload) on ``device`` (cuda | cpu): GB per GPU and in all, host, disk, by term.
 
     On a GPU a job has two phases and its peak is the larger: the reference (the cached float base on the GPU,
     evaluated on the windows; its log-probs kept in host RAM or written to disk), then the job's own model, with the base
     parked in host RAM meanwhile. llm-compressor methods quantize a copy in host RAM that their sequential pipeline
     onloads a decoder layer at a time. Weights, KV cache and activations spread over the job's GPUs; a window's
     logits and GPTQ's Hessians sit on one. On a CPU everything is host RAM, held at once (nothing to park)."""
-    kind = job.get("kind")
-    opts = option_view(kind, job.get("options") or {})  # every default from the options model, none here
-    method = opts.method or kind
+    job = as_job(job)
+    kind, opts = job.kind, job.view  # every default from the options model, none here
+    method = job.method or kind
     on_gpu, P = device == "cuda", shape.total
     cb = compute_bytes(shape, device)
     ref: dict[str, float] = {"cached float base": P * cb}
@@ -170,7 +169,7 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
     host: dict[str, float] = {"worker process": HOST_BASE[device]}
     disk: dict[str, float] = {}
     four_bit = 0.5 + (1 / 64 + 4 / (64 * 256) if opts.double_quant else 4 / 64)
-    gguf_source = (job.get("model") or {}).get("kind") == "gguf"
+    gguf_source = (job.model or {}).get("kind") == "gguf"
     terms = Terms(ref, own, host, disk, opts, shape, cb, on_gpu, gguf_source, four_bit)
     PLAN_TERMS[plan_key(kind, method)](terms)
     _evaluation(ref, host, job, shape, cb, disk)
@@ -178,7 +177,7 @@ def job_plan(job: dict, shape: ModelShape, device: str) -> dict:
         _evaluation(own, {}, job, shape, cb)
     if gguf_source:
         disk.setdefault("float copy of the GGUF (once per output root)", P * 4)
-    gpus = max(int((job.get("resources") or {}).get("gpus") or 0), 1) if on_gpu else 0
+    gpus = max(int(job.resources.get("gpus") or 0), 1) if on_gpu else 0
     if not on_gpu:  # a CPU worker holds everything in host RAM, at once
         host.update({**ref, **own})
         dev, phase, phases = {}, "host", {}
@@ -206,7 +205,7 @@ class Terms:
     own: dict
     host: dict
     disk: dict
-    opts: object  # the job's options, every default filled in (qfarm.sweep.job.option_view)
+    opts: object  # the job's options, every default filled in (``Job.view``)
     shape: ModelShape
     cb: int  # bytes of a weight at the compute dtype
     on_gpu: bool
@@ -314,10 +313,10 @@ PLAN_TERMS = {
 }
 
 
-def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int, disk: dict | None = None) -> None:
-    ppl = ((job.get("eval") or {}).get("perplexity")) or {}
-    seq, windows = (int(ppl.get(k, PerplexitySpec.model_fields[k].default)) for k in ("seq_len", "max_windows"))
-    if ppl:
+def _evaluation(dev: dict, host: dict, job: Job, shape: ModelShape, cb: int, disk: dict | None = None) -> None:
+    ppl = job.evaluation.perplexity if job.evaluation is not None else None
+    if ppl is not None:
+        seq, windows = ppl.seq_len, ppl.max_windows
         dev["a window's logits and log-softmax (float32)"] = seq * shape.vocab * 4 * 2
         dev["KV cache"] = 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb
         budget = settings.number("QFARM_REF_CACHE_MB") * 2**20
@@ -328,16 +327,15 @@ def _evaluation(dev: dict, host: dict, job: dict, shape: ModelShape, cb: int, di
             disk["reference log-probs (once per output root)"] = kept
 
 
-def plan_jobs(jobs: list[dict], shape: ModelShape, device: str) -> list[dict]:
+def plan_jobs(jobs: list[Job | dict], shape: ModelShape, device: str) -> list[dict]:
     """Every model job's plan (``job_plan``) with its id, label and method."""
     out = []
-    for job in jobs:
-        if not job.get("model"):
-            continue
-        p = job_plan(job, shape, device)
-        out.append({"job_id": job["id"], "label": job["label"],
-                    "method": (job.get("options") or {}).get("method", job["kind"]), **p})
+    for job in map(as_job, jobs):
+        if job.model:
+            out.append({"job_id": job.id, "label": job.label, "method": job.method or job.kind,
+                        **job_plan(job, shape, device)})
     return out
+
 
 
 PLAN_FIXES = ("more resources.gpus (the model spreads over them)", "a 4-bit method (bnb-nf4, gptq/awq 4-bit)",
@@ -357,20 +355,19 @@ def place(jobs: list[dict], shape: ModelShape | None, gpu_sizes: list[float]) ->
     if shape is None or not sizes:
         return []
     refused = []
-    for job in jobs:
-        res = job.get("resources") or {}
-        if not job.get("model") or not res.get("gpus") or res.get("min_gpu_mem_gb"):
+    for payload in jobs:
+        job = as_job(payload)
+        res = job.resources
+        if not job.model or not res.get("gpus") or res.get("min_gpu_mem_gb"):
             continue
         p = job_plan(job, shape, "cuda")
         fits = [s for s in sizes if s >= p["gpu_gb_per_device"]]
-        if fits:
-            job["resources"] = res = dict(res)  # its own: jobs of one group may share one resources dict
-            res["min_gpu_mem_gb"] = fits[0]
-            res["min_gpu_mem_gb_source"] = "plan"
+        if fits:  # the payload is what is submitted: its own resources (jobs of one group may share one dict)
+            payload["resources"] = {**res, "min_gpu_mem_gb": fits[0], "min_gpu_mem_gb_source": "plan"}
             continue
         parts = ", ".join(f"{k} {v:.1f}" for k, v in p["parts"]["gpu"].items())
         on = "one GPU" if p["gpus"] == 1 else f"each of its {p['gpus']} GPUs"
-        refused.append(f"  {job['label']} ({job['id']}): {p['gpu_gb_per_device']:.1f} GB on {on} ({parts})")
+        refused.append(f"  {job.label} ({job.id}): {p['gpu_gb_per_device']:.1f} GB on {on} ({parts})")
     if not refused:
         return []
     return (["by their memory plan these jobs fit no GPU of this cluster (the largest has "

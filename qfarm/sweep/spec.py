@@ -101,6 +101,25 @@ class EvalSpec(Strict):
     vllm: VllmSpec = VllmSpec()
 
 
+class StoredPerplexity(PerplexitySpec):
+    """``eval.perplexity`` as a job record holds it: its dataset resolved to a data reference (qfarm.sweep.refs)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    dataset: Any = PerplexitySpec.model_fields["dataset"].default
+
+
+class StoredEval(EvalSpec):
+    """A job's evaluation as its record holds it (``Job.evaluation``): the spec's fields and defaults (these are
+    subclasses), with what expansion resolved: the perplexity dataset's reference, the task folders' paths and
+    fingerprints, and why vLLM does not serve this row (``vllm_skipped``, the registry's ``Method.vllm``)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    perplexity: Optional[StoredPerplexity] = StoredPerplexity()
+    task_paths: list[dict[str, Any]] = []
+    vllm: Optional[VllmSpec] = VllmSpec()
+    vllm_skipped: Optional[str] = None
+
+
 class Resources(Strict):
     """What one job needs. ``gpus`` are Ray GPU slots (logical ones on a machine without a GPU)."""
 

@@ -105,7 +105,7 @@ def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_re
             if opts is None:
                 continue
             refs = checks(gi, group, opts, sources)
-            if group.kind == "train" and any(not train_parent(gi, opts.model_dump(), p.model_dump(), errors)
+            if group.kind == "train" and any(not train_parent(gi, opts, p, errors)
                                              for p, _ in parents):
                 continue
             combos.append((opts, refs))
@@ -190,12 +190,13 @@ def parent_stage(gi: int, group: JobGroup, spec: SweepSpec, errors: Collector) -
 
 
 
-def train_parent(gi: int, options: dict, parent: dict, errors: Collector) -> bool:
+def train_parent(gi: int, options: Options, parent: Options, errors: Collector) -> bool:
     """Whether a train job may start from this quantize job (the problem added when not): LoRA on a GPTQ/AWQ
-    checkpoint in GPTQModel's layout, which peft trains through GPTQModel's torch kernel."""
-    method, backend = parent.get("method"), parent.get("backend")
-    if options.get("method") != "lora":
-        errors.add(("jobs", gi, "method"), f"a {options.get('method')} job loads its own 4-bit base; only lora trains "
+    checkpoint in GPTQModel's layout, which peft trains through GPTQModel's torch kernel. Both are typed options:
+    a train job's, and its parent's (a quantize method's: only some have a ``backend``)."""
+    method, backend = parent.method, getattr(parent, "backend", None)
+    if options.method != "lora":
+        errors.add(("jobs", gi, "method"), f"a {options.method} job loads its own 4-bit base; only lora trains "
                                            "on a quantized stage's model (from: a gptq/awq stage, backend gptqmodel)")
         return False
     trainable = trainable_quantized()

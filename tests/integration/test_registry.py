@@ -85,6 +85,7 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
     from qfarm.results.rows import row
     from qfarm.sweep import methods
     from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.job import Job
     from qfarm.sweep.modelinfo import shape_of
     from qfarm.sweep.plan import model_shape, plan_jobs
 
@@ -113,10 +114,10 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
 
     records = [JobRecord(p["id"], "queued", p, sweep_id=plan.sweep_id) for p in payloads]
     sharper = {**payloads[1], "options": {**payloads[1]["options"], "sharpness": 0.9}}
-    assert eta.work_shape(sharper) == eta.work_shape(payloads[1])  # quality-only, as its field is marked
+    assert eta.work_shape(Job.from_payload(sharper)) == eta.work_shape(plan.jobs[1])  # quality-only, as marked
     bigger = {**payloads[1], "options": {**payloads[1]["options"], "group_size": 128}}
-    assert eta.work_shape(bigger) != eta.work_shape(payloads[1])
-    assert eta.prior_units(payloads[1]) == 30.0 * eta.prior_units(payloads[0])  # its cost against the reference's 1
+    assert eta.work_shape(Job.from_payload(bigger)) != eta.work_shape(plan.jobs[1])
+    assert eta.prior_units(plan.jobs[1]) == 30.0 * eta.prior_units(plan.jobs[0])  # its cost against the reference's 1
     assert [j.spec["label"] for j in eta.dispatch_order(records, records)][-1] == "none"
 
     done = JobRecord(payloads[2]["id"], "succeeded", payloads[2], result={"ppl": 12.5}, sweep_id=plan.sweep_id)

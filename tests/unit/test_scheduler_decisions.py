@@ -120,7 +120,7 @@ def test_dispatch_is_longest_first_and_by_critical_path_on_a_pipeline():
     assert [j.id for j in dispatch_order(jobs, jobs, how="file")] == [f"j{i}" for i in range(7)]
     # what a shape took in earlier sweeps replaces its prior (and scales the others' priors by the same measure):
     # here awq took 100 s and gptq 2,000 s on this cluster, against the prior's 3:2: awq goes last
-    seen = {work_shape(jobs[5].spec): 100.0, work_shape(jobs[4].spec): 2000.0}
+    seen = {work_shape(jobs[5].job): 100.0, work_shape(jobs[4].job): 2000.0}
     assert [j.id for j in dispatch_order(jobs, jobs, seen)] == ["j2", "j3", "j4", "j6", "j1", "j0", "j5"]
     assert ranks(jobs, seen)["j5"] == 100.0 and ranks(jobs, seen)["j4"] == 2000.0
     # equal jobs keep the spec's order
@@ -132,10 +132,11 @@ def test_gptq_jobs_that_differ_only_in_quality_options_share_their_timing_histor
     """eta keyed history on an option list that named "damp" while the option is dampening_frac: each dampening
     value had a history of its own. Quality-only options are marked on their fields now (qfarm.sweep.methods)."""
     from qfarm.farm.eta import work_shape
+    from qfarm.sweep.job import Job
 
     def gptq(**opts):
-        return {"kind": "quantize", "options": {"method": "gptq", "bits": 4, "group_size": 64, **opts},
-                "model": {"key": "m"}, "eval": {"perplexity": {"seq_len": 512}}}
+        return Job.from_record("j1", {"kind": "quantize", "options": {"method": "gptq", "bits": 4, "group_size": 64, **opts},
+                                      "model": {"key": "m"}, "eval": {"perplexity": {"seq_len": 512}}})
 
     assert work_shape(gptq(dampening_frac=0.01)) == work_shape(gptq(dampening_frac=0.1)) \
         == work_shape(gptq(bits=8, act_order=False, dampening_frac=0.05))

@@ -131,16 +131,16 @@ def test_eta_from_finished_jobs_of_the_same_shape_else_history_else_the_scaled_p
     # awq: none finished, nothing remembered: its prior (the registry's cost 12 x 8192 tokens: the spec's default
     # 16 windows of 512) scaled by the median of what the finished jobs took against theirs (gptq 100 s for
     # 8 x 8192, rtn 10 s for 2 x 8192)
-    awq = prior_units(jobs[5].spec) * (100 / (8 * 8192) + 10 / (2 * 8192)) / 2
+    awq = prior_units(jobs[5].job) * (100 / (8 * 8192) + 10 / (2 * 8192)) / 2
     assert guess == {"j3": 100, "j4": 100, "j5": 10, "j6": pytest.approx(awq)} and 100 < awq < 110
     # at t=1040: j3 has 60 s left; + 100 + 10 + awq queued, over 1 running slot
     assert eta_s(jobs, now=1040) == pytest.approx(60 + 100 + 10 + awq)
     jobs[4] = rec(5, "running", "rtn", 1030, None, "w2")  # two running: 60 + 100 + 0 + awq over 2 slots
     assert eta_s(jobs, now=1040) == pytest.approx((60 + 100 + awq) / 2)
     # an earlier sweep's awq of the same shape took 300 s: the history wins over the prior
-    assert expected(jobs, {work_shape(jobs[5].spec): 300.0})["j6"] == 300
+    assert expected(jobs, {work_shape(jobs[5].job): 300.0})["j6"] == 300
     assert eta_s([rec(1, "queued", "gptq")]) is None and eta_s([rec(1, "succeeded", "gptq", 0, 1)]) == 0
-    assert eta_s([rec(1, "queued", "gptq")], history={work_shape(rec(1, "queued", "gptq").spec): 42.0}) == 42
+    assert eta_s([rec(1, "queued", "gptq")], history={work_shape(rec(1, "queued", "gptq").job): 42.0}) == 42
     assert say(None).startswith("ETA unknown") and say(0) == "done" and say(125) == "ETA 2 min 05 s"
 
 

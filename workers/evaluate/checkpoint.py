@@ -61,9 +61,8 @@ def run(ctx) -> dict:
     }
     if size is None:  # a hub model's files are in the hub cache, not a folder of ours: its size in memory
         result.update(size_mb=in_memory / 2**20, size_source="memory")
-    ev = ctx.job.eval or {}
-    if ev.get("vllm_skipped"):  # eval.engine: vllm serves the sweep's own checkpoints, not these (yet)
-        result["vllm_skipped"] = ev["vllm_skipped"]
+    if ctx.job.evaluation.vllm_skipped:  # eval.engine: vllm serves the sweep's own checkpoints, not these (yet)
+        result["vllm_skipped"] = ctx.job.evaluation.vllm_skipped
     return result
 
 

@@ -467,13 +467,13 @@ def runtime_of(model) -> str:
 def eval_windows(ctx, base):
     """(the perplexity windows, the reference's checked log-probs on them), from the worker's cache when there.
     The windows follow the model's BOS convention; None, None without ``eval.perplexity``."""
-    ppl = (ctx.job.eval or {}).get("perplexity")
-    if not ppl:
+    ppl = ctx.job.evaluation.perplexity if ctx.job.evaluation is not None else None
+    if ppl is None:
         return None, None
-    ds, tokenizer, bos = ppl["dataset"], base.tokenizer, base.conventions.get("bos_id")
-    key = (ds["key"], base.path, ppl["seq_len"], ppl["max_windows"])
+    ds, tokenizer, bos = ppl.dataset, base.tokenizer, base.conventions.get("bos_id")
+    key = (ds["key"], base.path, ppl.seq_len, ppl.max_windows)
     wins, nbytes = ctx.cache.tokens(
-        key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl["seq_len"], ppl["max_windows"], bos), ctx)
+        key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl.seq_len, ppl.max_windows, bos), ctx)
     ref, hit = ctx.cache.reference(key, lambda: _reference(ctx, base, wins, nbytes, key))
     source = "memory" if hit else "computed" if ref.made_here else "shared"
     ctx.count({"memory": "reference_cache_hits", "computed": "reference_computations",
@@ -501,31 +501,30 @@ def evaluate(ctx, model, base) -> dict:
     """Every measurement the sweep's ``eval:`` asks for, of ``model`` against the float ``base``."""
     from workers.quantize.bnb import kernel_of
 
-    ev = ctx.job.eval or {}
+    ev = ctx.job.evaluation
     tokenizer = base.tokenizer
     metrics: dict = {"kernel": kernel_of(model), "runtime": runtime_of(model)} if hasattr(model, "modules") else {}
     loaded, model = model, runner(model)
     metrics.setdefault("runtime", getattr(model, "runtime", None))
-    ppl = ev.get("perplexity")
     wins = None
-    if ppl:
+    if ev.perplexity is not None:
         wins, ref = eval_windows(ctx, base)
         metrics.update(quality(model, wins, ref, ctx.progress))
         metrics.update({"ppl_bos": base.conventions.get("add_bos"),
                         "tokenizer_check": base.conventions.get("tokenizer_check")})
-    sp = ev.get("speed")
-    if sp:
+    sp = ev.speed
+    if sp is not None:
         ctx.progress("speed")
-        prompt = wins[0] if wins is not None and wins.shape[1] >= sp["prompt_tokens"] else None
+        prompt = wins[0] if wins is not None and wins.shape[1] >= sp.prompt_tokens else None
         if prompt is None:
             import torch
 
             ids = tokenizer(load_text({"kind": "bundled", "location": "python-docs"})[:20000],
                             add_special_tokens=False)["input_ids"]
             prompt = torch.tensor(ids, dtype=torch.long)
-        metrics.update(speed(model, prompt[: sp["prompt_tokens"]], sp["new_tokens"], sp["runs"]))
-    if ev.get("prompts"):
-        metrics["answers"] = answers(model, tokenizer, ev["prompts"], ev.get("max_new_tokens", 32), ctx.progress)
+        metrics.update(speed(model, prompt[: sp.prompt_tokens], sp.new_tokens, sp.runs))
+    if ev.prompts:
+        metrics["answers"] = answers(model, tokenizer, ev.prompts, ev.max_new_tokens, ctx.progress)
     metrics.update(task_metrics(ctx, model, base))
     metrics.update(run_tasks(ctx, loaded, base))
     return metrics

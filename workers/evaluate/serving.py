@@ -47,21 +47,20 @@ def vllm_metrics(ctx, path: str, tokenizer, text: str) -> dict:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise Permanent("eval.engine: vllm needs vLLM on the workers: pip install vllm") from None
-    spec = ctx.job.eval["vllm"]
-    levels = sorted(set(spec["concurrency"]))
-    prompts = [{"prompt_token_ids": ids} for ids in
-               prompt_ids(tokenizer, text, max(levels), spec["prompt_tokens"])]
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
+    spec = ctx.job.evaluation.vllm
+    levels = sorted(set(spec.concurrency))
+    prompts = [{"prompt_token_ids": ids} for ids in prompt_ids(tokenizer, text, max(levels), spec.prompt_tokens)]
+    params = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
     gc.collect()
     torch.cuda.empty_cache()
     ctx.progress("vLLM: starting the engine")
     llm = LLM(model=path, tokenizer=path if not path.endswith(".gguf") else None, seed=0,
-              gpu_memory_utilization=spec["gpu_memory_utilization"],
-              max_model_len=spec.get("max_model_len") or spec["prompt_tokens"] + spec["max_tokens"] + 8)
+              gpu_memory_utilization=spec.gpu_memory_utilization,
+              max_model_len=spec.max_model_len or spec.prompt_tokens + spec.max_tokens + 8)
     try:
         free, total = torch.cuda.mem_get_info()
         out: dict = {"vllm_version": vllm.__version__, "vllm_gpu_mem_mb": (total - free) / 2**20,
-                     "vllm_prompt_tokens": spec["prompt_tokens"], "vllm_max_tokens": spec["max_tokens"]}
+                     "vllm_prompt_tokens": spec.prompt_tokens, "vllm_max_tokens": spec.max_tokens}
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up: graphs captured, caches filled
         for c in levels:
             ctx.progress(f"vLLM: concurrency {c}")

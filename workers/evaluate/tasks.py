@@ -77,8 +77,8 @@ def harness_lm(model, base, batch_size: int):
 
 def run_tasks(ctx, model, base) -> dict:
     """Every ``eval.tasks`` entry on ``model``: its columns (see the module docstring)."""
-    ev = ctx.job.eval or {}
-    if not ev.get("tasks"):
+    ev = ctx.job.evaluation
+    if ev is None or not ev.tasks:
         return {}
     try:
         import lm_eval
@@ -92,25 +92,25 @@ def run_tasks(ctx, model, base) -> dict:
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars would fill the worker's log
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    paths = [p["path"] for p in ev.get("task_paths") or []]
+    paths = [p["path"] for p in ev.task_paths]
     manager = TaskManager(include_path=paths or None)
     lms: dict[int, object] = {}
     out: dict = {"lm_eval_version": lm_eval.__version__, "tasks": {}}
-    for i, task in enumerate(ev["tasks"]):
-        ctx.progress(f"lm-eval {task['name']} ({i + 1}/{len(ev['tasks'])})")
-        bs = task.get("batch_size", 1)
+    for i, task in enumerate(ev.tasks):
+        ctx.progress(f"lm-eval {task.name} ({i + 1}/{len(ev.tasks)})")
+        bs = task.batch_size
         if bs not in lms:
             lms[bs] = harness_lm(model, base, bs)
         try:
             with _cwd(paths[0] if paths else None):  # relative data_files of a local task start at its folder
-                results = simple_evaluate(model=lms[bs], tasks=[task["name"]], num_fewshot=task.get("num_fewshot"),
-                                          limit=task.get("limit"), task_manager=manager, log_samples=False,
-                                          bootstrap_iters=task.get("bootstrap_iters", 1000))
+                results = simple_evaluate(model=lms[bs], tasks=[task.name], num_fewshot=task.num_fewshot,
+                                          limit=task.limit, task_manager=manager, log_samples=False,
+                                          bootstrap_iters=task.bootstrap_iters)
         except (KeyError, ValueError) as e:
             from qfarm.errors import Permanent
 
-            raise Permanent(f"lm-eval could not run task {task['name']!r}: {e}") from None
-        cols = task_columns(task["name"], results)
+            raise Permanent(f"lm-eval could not run task {task.name!r}: {e}") from None
+        cols = task_columns(task.name, results)
         out["tasks"].update(cols.pop("tasks"))
         out.update(cols)
     return out

@@ -74,13 +74,13 @@ def run(ctx) -> dict:
 
 def serving(ctx, artifact: str | None, base) -> dict:
     """vLLM's serving figures (``eval.engine: vllm``) of the artifact, or of the reference's own folder."""
-    ev = ctx.job.eval or {}
-    if ev.get("vllm_skipped"):
-        return {"vllm_skipped": ev["vllm_skipped"]}
-    if ev.get("engine") != "vllm":
+    ev = ctx.job.evaluation
+    if ev.vllm_skipped:
+        return {"vllm_skipped": ev.vllm_skipped}
+    if ev.engine != "vllm":
         return {}
     from workers.evaluate.serving import vllm_metrics
     from workers.shared.data import load_text
 
-    ds = (ev.get("perplexity") or {}).get("dataset") or {"kind": "bundled", "location": "python-docs"}
+    ds = ev.perplexity.dataset if ev.perplexity is not None else {"kind": "bundled", "location": "python-docs"}
     return vllm_metrics(ctx, artifact or base.path, base.tokenizer, load_text(ds)[:2_000_000])

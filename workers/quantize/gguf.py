@@ -133,12 +133,12 @@ class Gguf:
 
 def context_for(ctx) -> int:
     """The llama.cpp context a job's evaluation needs: its longest window, prompt + generation, or task."""
-    ev = ctx.job.eval or {}
-    need = max((ev.get("perplexity") or {}).get("seq_len", 0),
-               sum((ev.get("speed") or {}).get(k, 0) for k in ("prompt_tokens", "new_tokens")),
+    ev = ctx.job.evaluation
+    need = max(ev.perplexity.seq_len if ev.perplexity is not None else 0,
+               ev.speed.prompt_tokens + ev.speed.new_tokens if ev.speed is not None else 0,
                (ctx.job.task_eval or {}).get("seq_len", 0),
-               TASK_CONTEXT if ev.get("tasks") else 0)
-    return need + ev.get("max_new_tokens", 32) + 256
+               TASK_CONTEXT if ev.tasks else 0)
+    return need + ev.max_new_tokens + 256
 
 
 def where_llama_cpp_runs(on_gpu: bool, cuda_here: bool) -> str:

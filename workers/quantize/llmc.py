@@ -135,16 +135,16 @@ def calibration_dataset(ctx, base):
     data, total = ctx.cache.tokens(key, make, ctx, what="calibration")
     samples, seq_len = len(data), cal["seq_len"]
     ctx.extra.update({"calib_samples": samples, "calib_tokens": samples * seq_len, "calib_source": source,
-                      "calib_overlap_tokens": _overlap(ctx.job.eval, cal, total, samples * seq_len)})
+                      "calib_overlap_tokens": _overlap(ctx.job.evaluation, cal, total, samples * seq_len)})
     return data
 
 
-def _overlap(ev: dict | None, cal: dict, total: int, used: int) -> int:
+def _overlap(ev, cal: dict, total: int, used: int) -> int:
     """Tokens shared by the calibration samples (end of the text) and the perplexity windows (its start)."""
-    ppl = (ev or {}).get("perplexity")
-    if not ppl or ppl["dataset"]["key"] != cal["key"]:
+    ppl = ev.perplexity if ev is not None else None
+    if ppl is None or ppl.dataset["key"] != cal["key"]:
         return 0
-    return max(0, ppl["seq_len"] * ppl["max_windows"] - (total - used))
+    return max(0, ppl.seq_len * ppl.max_windows - (total - used))
 
 
 @contextlib.contextmanager

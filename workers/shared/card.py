@@ -93,13 +93,11 @@ def library(kind: str | None, method: str | None) -> str:
 def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict, str]:
     """(the card's metadata, its markdown body) for one job's artifact. The options it shows are those the job's
     method has, as stored (the card names whichever of them it knows)."""
-    opts = job.options
+    opts = job.stored  # as stored: an option the record does not hold reads as None
     kind = job.kind
     method = job.method or result.get("method")
-    quant = {k: v for k, v in {"method": method, "bits": job.bits,
-                               "group_size": opts.get("group_size"), "scheme": opts.get("scheme"),
-                               "gguf_type": opts.get("gguf_type"), "act_order": opts.get("act_order")}.items()
-             if v is not None}
+    quant = {k: v for k, v in {"method": method, "bits": job.bits, "group_size": opts.group_size, "scheme": opts.scheme,
+                               "gguf_type": opts.gguf_type, "act_order": opts.act_order}.items() if v is not None}
     family = str(method or "").split("-")[0]
     tags = ["qfarm"] + [t for t in (family, str(method) if method and method != family else None,
                                      f"{quant['bits']}-bit" if quant.get("bits") else None,
@@ -111,8 +109,9 @@ def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict
         "license": source.get("license"),
         "tags": tags,
         "quantization": quant if kind == "quantize" else None,
-        "training": {k: opts.get(k) for k in ("r", "lora_alpha", "lora_dropout", "learning_rate", "max_steps",
-                                               "quantize_base") if opts.get(k) is not None} if kind == "train" else None,
+        "training": {k: getattr(opts, k) for k in ("r", "lora_alpha", "lora_dropout", "learning_rate", "max_steps",
+                                                    "quantize_base") if getattr(opts, k) is not None}
+        if kind == "train" else None,
         "qfarm": {k: v for k, v in {
             "sweep_id": sweep_id, "job_id": job.id, "label": job.label,
             "source": source_name(job.model or {}), "lineage": list(job.lineage) or None,
@@ -120,9 +119,8 @@ def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict
             if v is not None},
     }
     meta = {k: v for k, v in meta.items() if v not in (None, {}, [])}
-    ev = job.eval or {}
-    ppl = ev.get("perplexity") or {}
-    speed = ev.get("speed") or {}
+    ev = job.evaluation
+    ppl, speed = (ev.perplexity, ev.speed) if ev is not None else (None, None)
     base = source.get("base_model") or source.get("name") or "the source model"
     what = {"quantize": f"{base} quantized with `{method}`" + (f" ({quant.get('bits')}-bit)" if quant.get("bits") else ""),
             "train": f"a LoRA adapter trained on {base}", "merge": f"{base} with a LoRA adapter merged in"}
@@ -147,11 +145,11 @@ def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict
             rows.append((f"{task} ({info.get('metric')})",
                          _fmt(result.get(info["column"]), "{:.3f}", result.get(f"{info['column']}_se"))))
     table = "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
-    how = [f"- perplexity, KL and top-1: {result.get('ppl_windows') or '?'} windows of {ppl.get('seq_len', '?')} "
-           f"tokens ({result.get('ppl_tokens') or '?'} tokens scored) of `{_dataset_name(ppl.get('dataset'))}`, "
+    how = [f"- perplexity, KL and top-1: {result.get('ppl_windows') or '?'} windows of {ppl.seq_len if ppl else '?'} "
+           f"tokens ({result.get('ppl_tokens') or '?'} tokens scored) of `{_dataset_name(ppl.dataset if ppl else None)}`, "
            "compared token by token with the unquantized reference; ± is one standard error.",
-           f"- speed: {speed.get('prompt_tokens', '?')}-token prompt, {speed.get('new_tokens', '?')} new tokens, "
-           f"median of {speed.get('runs', '?')} runs, batch 1.",
+           f"- speed: {speed.prompt_tokens if speed else '?'}-token prompt, {speed.new_tokens if speed else '?'} new "
+           f"tokens, median of {speed.runs if speed else '?'} runs, batch 1.",
            *([f"- made from the GGUF file `{(job.model or {}).get('gguf_file')}`, dequantized to float "
               "(the reference is that float model)."] if (job.model or {}).get("kind") == "gguf" else []),
            f"- made by qfarm, sweep `{sweep_id}`, job `{job.id}`"
