@@ -41,7 +41,7 @@ def qwen2_tied(folder: Path) -> Path:
 
 def run(model: str, method: str, dtype, root: Path) -> dict:
     import workers.shared.models
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
     from qfarm.sweep.job import Job
     from workers.actor import JobContext, entry_point
     from workers.shared.cache import Cache
@@ -51,7 +51,7 @@ def run(model: str, method: str, dtype, root: Path) -> dict:
     spec = root / f"spec-{str(dtype).replace('torch.', '')}.yaml"
     spec.write_text(f"name: sizes\nmodel: {model}\neval: {{perplexity: {{dataset: {text}, seq_len: 64, max_windows: 1}}, "
                     f"speed: {{prompt_tokens: 4, new_tokens: 1, runs: 1}}}}\njobs:\n  - {{kind: quantize, method: {method}}}\n")
-    (job,) = [j for j in load_plan(spec)[1].jobs if j.kind == "quantize"]
+    (job,) = [j for j in load_sweep(spec)[1].jobs if j.kind == "quantize"]
     real = workers.shared.models.compute_dtype
     workers.shared.models.compute_dtype = lambda path: dtype
     try:

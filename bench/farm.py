@@ -153,13 +153,13 @@ def bench_scale(args) -> None:
     from rich.console import Console
 
     from qfarm.results.progress import jobs_table, sweeps_table
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     print(f"scale: a {args.scale_jobs}-job sweep (sleep jobs; validate + expand + record, no run)")
     with namespace() as store, tempfile.TemporaryDirectory() as tmp:
         spec = sleep_spec(Path(tmp), "scale", args.scale_jobs, 1.0)
         t0 = time.time()
-        loaded, plan = load_plan(spec, max_jobs=max(args.scale_jobs, 10_000))
+        loaded, plan = load_sweep(spec, max_jobs=max(args.scale_jobs, 10_000))
         t1 = time.time()
         store.submit(plan.sweep_id, plan.name, [j.payload() for j in plan.jobs], source=str(spec), output_root=tmp)
         t2 = time.time()

@@ -156,25 +156,25 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     # (with --plan: the ids of the workers planned for)
     cuda = plan_device == "cuda" if show_plan else cluster.has_cuda(cluster.cluster_nodes(types)) if address else \
         cluster.has_cuda(cluster.startable_nodes(types)) if types else cluster.cuda_gpu_count() > 0
-    plan = build(valid, cuda, max_jobs)
-    kinds = ", ".join(f"{n} {k}" for k, n in plan.counts_by_kind().items())
-    labels = sorted({j.label for j in plan.jobs if j.kind != "sleep"})
+    expanded = build(valid, cuda, max_jobs)
+    kinds = ", ".join(f"{n} {k}" for k, n in expanded.counts_by_kind().items())
+    labels = sorted({j.label for j in expanded.jobs if j.kind != "sleep"})
     what = f" ({', '.join(labels)})" if labels else ""
     model = f" on {loaded.spec.model}" if loaded.spec.model else ""
     if address:
-        cluster.preflight([j.payload() for j in plan.jobs], types, shape)
+        cluster.preflight([j.payload() for j in expanded.jobs], types, shape)
         checked = f" Resources checked against the Ray cluster at {address}{named}."
     elif types:
-        cluster.refuse_unplaceable([j.payload() for j in plan.jobs], cluster.startable_nodes(types), shape)
+        cluster.refuse_unplaceable([j.payload() for j in expanded.jobs], cluster.startable_nodes(types), shape)
         checked = f" Resources checked against the {len(types)} node type(s) of the cluster config."
     else:
         checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
-    click.echo(f"{spec}: valid. Sweep {plan.sweep_id}: {len(plan.jobs)} jobs: {kinds}{what}{model}.{checked}",
+    click.echo(f"{spec}: valid. Sweep {expanded.sweep_id}: {len(expanded.jobs)} jobs: {kinds}{what}{model}.{checked}",
                err=as_json)
     if show_plan:
-        _print_plan(loaded, plan, shape, plan_device, as_json, types)
+        _print_plan(loaded, expanded, shape, plan_device, as_json, types)
     if show_jobs:
-        for job in plan.jobs:
+        for job in expanded.jobs:
             opts = ", ".join(f"{k}={v}" for k, v in job.options.items())
             click.echo(f"  {job.id}  {job.kind:<8} {opts}")
 
@@ -195,17 +195,17 @@ def _shape(sweep):
     return model_shape(sweep.model) if sweep.model else None
 
 
-def _print_plan(loaded, plan, shape, device: str, as_json: bool, node_types: list[dict]) -> None:
+def _print_plan(loaded, expanded, shape, device: str, as_json: bool, node_types: list[dict]) -> None:
     """``qfarm validate --plan``: every job's memory plan (qfarm.sweep.plan), as a table or a JSON list."""
     import json
 
     from qfarm.sweep.plan import UNSPREAD, plan_jobs
 
-    model = plan.model  # resolved once, by validation
+    model = expanded.model  # resolved once, by validation
     if shape is None:
         raise UsageError(f"no memory plan: the config of {loaded.spec.model} cannot be read here (a hub model "
                          "needs its config.json in the hub cache, or the hub in reach)")
-    rows = plan_jobs([j.payload() for j in plan.jobs], shape, device)
+    rows = plan_jobs([j.payload() for j in expanded.jobs], shape, device)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -279,21 +279,21 @@ def submit(ctx: click.Context, spec: Path, wait: bool, ray_address: str | None, 
         cluster.connect(ray_address, logical_gpus, say=click.echo)
         nodes = cluster.cluster_nodes(types)
     # built once, for the device class found: on logical GPU slots the jobs compute on CPUs, and their ids say so
-    plan = build(valid, cluster.has_cuda(nodes), max_jobs)
-    payloads = [j.payload() for j in plan.jobs]
+    expanded = build(valid, cluster.has_cuda(nodes), max_jobs)
+    payloads = [j.payload() for j in expanded.jobs]
     cluster.refuse_unplaceable(payloads, nodes, shape)
     root = str(output_root.expanduser().resolve())
     tracking = loaded.spec.tracking.model_dump(exclude_none=True) if loaded.spec.tracking else None
     if tracking and tracking.get("mlflow"):
         _need_mlflow(loaded)
-    counts = store.submit(plan.sweep_id, plan.name, payloads, source=str(spec.resolve()), output_root=root,
+    counts = store.submit(expanded.sweep_id, expanded.name, payloads, source=str(spec.resolve()), output_root=root,
                           info={"raw_spec": loaded.raw, "model": loaded.spec.model, "node_types": types,
                                 "tracking": tracking})
-    _launch(ctx, plan.sweep_id, ray_address, root, loaded.spec.model)
+    _launch(ctx, expanded.sweep_id, ray_address, root, loaded.spec.model)
     reused = counts.get("succeeded", 0)
     note = f" ({reused} reused from an earlier run)" if reused else ""
-    click.echo(f"submitted {plan.sweep_id}: {len(plan.jobs)} jobs{note}; artifacts under {root}/{plan.name}")
-    _follow_or_hint(ctx, store, plan.sweep_id, wait)
+    click.echo(f"submitted {expanded.sweep_id}: {len(expanded.jobs)} jobs{note}; artifacts under {root}/{expanded.name}")
+    _follow_or_hint(ctx, store, expanded.sweep_id, wait)
 
 
 def _need_mlflow(loaded) -> None:

@@ -45,7 +45,7 @@ class SpecError(UsageError):
     def __init__(self, problems: Sequence[Problem], source: str | None = None, context: dict | None = None):
         self.problems = sorted(problems, key=lambda p: (p.line or 0, p.path))
         self.source = source
-        # What a caller needs to add its own checks of the parts that did parse (see expand.load_plan).
+        # What a caller needs to add its own checks of the parts that did parse (see expand.load_sweep).
         context = context or {}
         self.raw, self.lines, self.base_dir = context.get("raw"), context.get("lines", {}), context.get("base_dir")
         self.groups_key = context.get("groups_key", "jobs")  # the file says jobs: or stages:

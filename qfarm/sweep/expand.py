@@ -25,7 +25,10 @@ SPEC_VERSION = 2  # bump when a change to evaluation makes old results incompara
 
 
 @dataclass(frozen=True)
-class Plan:
+class ExpandedSweep:
+    """A sweep's jobs as expansion built them (``build``): its id, name, jobs and resolved model. Not the memory plan
+    (``qfarm.sweep.plan``)."""
+
     sweep_id: str
     name: str
     jobs: list[Job] = field(default_factory=list)
@@ -43,8 +46,8 @@ def digest(obj: Any, n: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def load_plan(path: str | Path, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS,
-              cuda: bool = True) -> tuple[LoadedSpec, Plan]:
+def load_sweep(path: str | Path, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS,
+              cuda: bool = True) -> tuple[LoadedSpec, ExpandedSweep]:
     """Load, validate and expand a spec file (``load_valid`` then ``build``). Every problem, schema or semantic,
     is raised together."""
     valid = load_valid(path, hub_cache, max_jobs)
@@ -73,7 +76,7 @@ def load_valid(path: str | Path, hub_cache: Path | None = None, max_jobs: int = 
         raise renamed(err, loaded.groups_key) from None
 
 
-def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOBS) -> Plan:
+def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOBS) -> ExpandedSweep:
     """The sweep's jobs, from a sweep that passed validation: every matrix combination of every stage, once per
     job of the stage it comes ``from``, with the shared captures the GPTQ jobs need before them. ``cuda``: whether
     the cluster's GPUs are CUDA devices (False: logical GPU slots, every job computes on a CPU), which enters the
@@ -103,7 +106,7 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                 raise renamed(SpecError(list(errors.problems.values()), loaded.source), loaded.groups_key)
         stages[stage_name(gi, group)] = mine
     sweep_id = f"{spec.name}-{digest([spec.name, sorted(jobs)], 8)}"
-    return Plan(sweep_id, spec.name, labelled(list(jobs.values())), valid.model)
+    return ExpandedSweep(sweep_id, spec.name, labelled(list(jobs.values())), valid.model)
 
 
 # what a job computes on, by the device class its resources ask for (workers.shared.models.compute_dtype)

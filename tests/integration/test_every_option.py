@@ -120,7 +120,7 @@ def _options_yaml(method: str, options: dict, farm: dict) -> str:
 
 
 def _expand(farm: dict, method: str, variants: list[dict]):
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     spec = farm["tmp"] / f"{method}.yaml"
     # llama.cpp's converter knows no tiny word-level tokenizer: the gguf pair quantizes the bundled GGUF itself
@@ -129,7 +129,7 @@ def _expand(farm: dict, method: str, variants: list[dict]):
                     f"eval: {{perplexity: {{dataset: {farm['data']}, seq_len: 32, max_windows: 1}}, "
                     f"speed: {{prompt_tokens: 4, new_tokens: 1, runs: 1}}}}\njobs:\n"
                     + "".join(f"  - {_options_yaml(method, v, farm)}\n" for v in variants))
-    return load_plan(spec)[1]
+    return load_sweep(spec)[1]
 
 
 def _run(job, root: Path, cache, plan=None) -> dict:

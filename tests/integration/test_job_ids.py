@@ -44,11 +44,11 @@ def lay_out(shared_data: Path) -> Path:
 
 def plans(folder: Path) -> dict:
     """Each spec's sweep id and jobs (id, label, payload), the payload's one machine-specific path made relative."""
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     out = {}
     for spec in sorted(folder.glob("*.yaml")):
-        _, plan = load_plan(spec)
+        _, plan = load_sweep(spec)
         out[spec.name] = {"sweep": plan.sweep_id,
                           "jobs": [json.loads(json.dumps(j.payload(), default=str)) for j in plan.jobs]}
     return out

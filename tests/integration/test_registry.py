@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_a_new_kind_is_one_registry_entry(monkeypatch, tmp_path, store, ray_head, redis_url, namespace):
     from qfarm.farm import cluster, scheduler
     from qfarm.sweep import methods
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     nap = methods.Kind("nap", "workers.sleep:run", "a sleep by another name", needs_model=False,
                        parents=frozenset({"nap"}), options=methods.SleepOptions)
@@ -22,7 +22,7 @@ def test_a_new_kind_is_one_registry_entry(monkeypatch, tmp_path, store, ray_head
     spec.write_text("name: new-kind\nresources: {gpus: 0}\njobs:\n"
                     "  - {name: first, kind: nap, seconds: 0.1, matrix: {index: [0, 1]}}\n"
                     "  - {name: then, kind: nap, from: first, seconds: 0.1}\n")
-    _, plan = load_plan(spec)
+    _, plan = load_sweep(spec)
     # index varies among the sweep's nap jobs, so every label shows it; the children's lineage tells them apart
     assert [j.label for j in plan.jobs] == ["nap index=0", "nap index=1", "nap index=0", "nap index=0"]
     assert [j.lineage for j in plan.jobs[2:]] == [("nap index=0",), ("nap index=1",)]
@@ -84,7 +84,7 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
     from qfarm.farm.store import JobRecord
     from qfarm.results.rows import row
     from qfarm.sweep import methods
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
     from qfarm.sweep.job import Job
     from qfarm.sweep.modelinfo import shape_of
     from qfarm.sweep.plan import model_shape, plan_jobs
@@ -102,7 +102,7 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
     spec.write_text("name: toy\nmodel: bundled:smollm2-135m\neval: {perplexity: {seq_len: 128, max_windows: 2}}\n"
                     "jobs:\n  - {kind: quantize, method: none}\n"
                     "  - {kind: quantize, method: toy, matrix: {bits: [4, 8]}}\n")
-    _, plan = load_plan(spec)
+    _, plan = load_sweep(spec)
     payloads = [j.payload() for j in plan.jobs]
     assert [p["label"] for p in payloads] == ["none", "toy 4b", "toy 8b"]
     assert [p["impl"] for p in payloads[1:]] == ["workers.quantize.llmc:LLMCompressor"] * 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 from tests.unit.test_spec import problems, write
 
 HEAD = """\
@@ -28,7 +28,7 @@ def test_a_checkpoint_is_resolved_like_a_model_and_refused_where_it_is_written(t
     path = write(tmp_path, HEAD + """\
       - {kind: evaluate, checkpoint: pub/gptq-4bit}
     """)
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     (job,) = [j for j in plan.jobs if j.kind == "evaluate"]
     assert job.label == "evaluate gptq-4bit" and job.options == {"checkpoint": "pub/gptq-4bit"}
     assert job.data["kind"] == "hf_dir" and job.data["location"] == str(tmp_path / "pub" / "gptq-4bit")
@@ -52,12 +52,12 @@ def test_a_checkpoint_is_resolved_like_a_model_and_refused_where_it_is_written(t
 def test_a_checkpoint_is_named_by_its_content_so_another_one_at_the_same_path_is_another_job(tmp_path):
     folder = _folder(tmp_path / "pub")
     path = write(tmp_path, HEAD + "      - {kind: evaluate, checkpoint: pub}\n")
-    before = {j.id for j in load_plan(path)[1].jobs if j.kind == "evaluate"}
-    assert before == {j.id for j in load_plan(path)[1].jobs if j.kind == "evaluate"}  # stable
+    before = {j.id for j in load_sweep(path)[1].jobs if j.kind == "evaluate"}
+    assert before == {j.id for j in load_sweep(path)[1].jobs if j.kind == "evaluate"}  # stable
     shutil.rmtree(folder)
     _folder(folder)
     (folder / "model.safetensors").write_bytes(b"other weights")
-    after = {j.id for j in load_plan(path)[1].jobs if j.kind == "evaluate"}
+    after = {j.id for j in load_sweep(path)[1].jobs if j.kind == "evaluate"}
     assert after and after != before
 
 

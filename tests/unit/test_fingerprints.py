@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 from qfarm.sweep.refs import CHUNK, fingerprint
 
 
@@ -24,7 +24,7 @@ def folder(tmp_path):
 
 
 def ids(spec) -> list[str]:
-    return [j.id for j in load_plan(spec)[1].jobs]
+    return [j.id for j in load_sweep(spec)[1].jobs]
 
 
 def test_editing_the_model_or_the_data_changes_the_job_ids(tmp_path):

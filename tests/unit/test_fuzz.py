@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from qfarm.cli import cli
 from qfarm.errors import SpecError
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 
 KEYS = ["name", "model", "jobs", "kind", "matrix", "method", "bits", "group_size", "act_order", "calibration",
         "dataset", "samples", "seq_len", "eval", "perplexity", "speed", "prompts", "exclude", "resources", "gpus",
@@ -43,7 +43,7 @@ def test_any_mapping_is_either_a_plan_or_problems_with_paths(tmp_path, spec):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True))
     try:
-        _, plan = load_plan(path)
+        _, plan = load_sweep(path)
     except SpecError as err:
         assert err.problems and all(p.message for p in err.problems)
         return

@@ -9,7 +9,7 @@ import pytest
 
 from qfarm.errors import SpecError
 from qfarm.sweep import hub
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 
 SHA_A, SHA_B = "a" * 40, "0123456789abcdef0123456789abcdef01234567"
 
@@ -66,25 +66,25 @@ def test_a_branch_resolves_through_the_cache_when_offline(tmp_path, offline):
 def test_the_sha_is_in_every_job_id_so_a_moved_branch_reruns(tmp_path, offline):
     cache = tmp_path / "cache"
     cached_repo(cache)
-    _, plan = load_plan(spec(tmp_path), cache)
+    _, plan = load_sweep(spec(tmp_path), cache)
     model = plan.jobs[0].model
     assert model["kind"] == "hub" and model["revision"] == SHA_A and model["revision_asked"] == "main"
     assert model["key"] == f"hub:acme/tiny@{SHA_A}" and "config_dir" not in model  # no local path in a job
     (hub.repo_folder(cache, "acme/tiny") / "refs" / "main").write_text(SHA_B)  # the branch moved on the hub
     (hub.repo_folder(cache, "acme/tiny") / "snapshots" / SHA_B).mkdir()
-    _, moved = load_plan(spec(tmp_path), cache)
+    _, moved = load_sweep(spec(tmp_path), cache)
     assert {j.id for j in moved.jobs}.isdisjoint(j.id for j in plan.jobs)
-    _, pinned = load_plan(spec(tmp_path, f"revision: {SHA_A}"), cache)  # the old commit, pinned: the old jobs
+    _, pinned = load_sweep(spec(tmp_path, f"revision: {SHA_A}"), cache)  # the old commit, pinned: the old jobs
     assert [j.id for j in pinned.jobs] == [j.id for j in plan.jobs]
 
 
 def test_an_unpinnable_model_or_a_misplaced_revision_is_a_spec_error_with_its_line(tmp_path, offline):
     with pytest.raises(SpecError) as e:
-        load_plan(spec(tmp_path), tmp_path / "empty-cache")
+        load_sweep(spec(tmp_path), tmp_path / "empty-cache")
     (p,) = e.value.problems
     assert p.path == "model" and p.line == 2 and "cannot pin hub model acme/tiny@main" in p.message
     with pytest.raises(SpecError) as e:
-        load_plan(spec(tmp_path, "revision: ../x"), tmp_path / "empty-cache")
+        load_sweep(spec(tmp_path, "revision: ../x"), tmp_path / "empty-cache")
     assert [(p.path, p.line) for p in e.value.problems] == [("revision", 3)]
     local = tmp_path / "folder"
     local.mkdir()
@@ -92,7 +92,7 @@ def test_an_unpinnable_model_or_a_misplaced_revision_is_a_spec_error_with_its_li
     path = spec(tmp_path, "revision: main")
     path.write_text(path.read_text().replace("acme/tiny", str(local)))
     with pytest.raises(SpecError) as e:
-        load_plan(path, tmp_path / "empty-cache")
+        load_sweep(path, tmp_path / "empty-cache")
     (p,) = e.value.problems
     assert p.path == "revision" and "remove revision" in p.message
 

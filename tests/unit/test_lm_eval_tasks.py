@@ -137,14 +137,14 @@ jobs:
 
 def test_engine_vllm_is_refused_where_no_gpu_can_run_it(tmp_path):
     from qfarm.farm.cluster import Node, cuda_refusal
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     spec = tmp_path / "v.yaml"
     spec.write_text(VLLM_SPEC.format(gpus=0))
     code, out = validate(spec)
     assert code == 2 and "jobs[0] asks for resources.gpus: 0. Give it gpus: 1" in " ".join(out.split())
     spec.write_text(VLLM_SPEC.format(gpus=1))
-    jobs = [j.payload() for j in load_plan(spec)[1].jobs]
+    jobs = [j.payload() for j in load_sweep(spec)[1].jobs]
     logical = Node("a" * 16, {"CPU": 4.0, "GPU": 2.0, "node:10.0.0.1": 1.0}, {})  # a CPU box's GPU slots
     real = Node("b" * 16, {"CPU": 16.0, "GPU": 1.0, "accelerator_type:H200": 1.0}, {})
     why = cuda_refusal(jobs, [logical])
@@ -155,20 +155,20 @@ def test_engine_vllm_is_refused_where_no_gpu_can_run_it(tmp_path):
 
 
 def test_engine_vllm_serves_the_rows_vllm_loads_and_says_why_not_for_the_others(tmp_path):
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     spec = tmp_path / "v.yaml"
     spec.write_text(VLLM_SPEC.format(gpus=1))
-    jobs = {j.options["method"]: j for j in load_plan(spec)[1].jobs}
+    jobs = {j.options["method"]: j for j in load_sweep(spec)[1].jobs}
     for m in ("none", "rtn"):
         assert jobs[m].eval["engine"] == "vllm" and jobs[m].eval["vllm"]["concurrency"] == [1, 4]
     assert jobs["bnb-nf4"].eval["engine"] == "native" and jobs["bnb-nf4"].eval["vllm"] is None
     assert jobs["bnb-nf4"].eval["vllm_skipped"] == "bnb-nf4 checkpoints are not served by vLLM in qfarm"
     # the engine is part of a job's identity; a native sweep keeps the ids it had before engines existed
     spec.write_text(VLLM_SPEC.format(gpus=1).replace("engine: vllm, vllm: {concurrency: [1, 4]}", "engine: native"))
-    native = {j.options["method"]: j for j in load_plan(spec)[1].jobs}
+    native = {j.options["method"]: j for j in load_sweep(spec)[1].jobs}
     spec.write_text(VLLM_SPEC.format(gpus=1).replace("eval: {engine: vllm, vllm: {concurrency: [1, 4]}}\n", ""))
-    plain = {j.options["method"]: j for j in load_plan(spec)[1].jobs}
+    plain = {j.options["method"]: j for j in load_sweep(spec)[1].jobs}
     assert native["rtn"].id == plain["rtn"].id != jobs["rtn"].id
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 from qfarm.sweep.modelinfo import gguf_metadata, shape_of
 from tests.unit.test_spec import problems, write
 
@@ -99,7 +99,7 @@ def test_calibration_applies_to_the_calibrating_methods_of_a_group(tmp_path):
         exclude: [{method: bnb-nf4, bits: 4}]
       - {kind: quantize, method: bnb-nf4}
     """)
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     jobs = {j.options["method"]: j for j in plan.jobs}
     assert sorted(jobs) == ["awq", "bnb-nf4", "gptq", "rtn"]
     assert jobs["rtn"].calibration is None and "calibration" not in jobs["rtn"].options
@@ -125,8 +125,8 @@ def test_calibration_size_changes_the_job_id_and_labels_show_varied_options(tmp_
         calibration: {samples: %d}
         matrix: {method: [gptq], group_size: [32, 64], act_order: [false, true]}
     """
-    _, a = load_plan(write(tmp_path, spec % 8, "a.yaml"))
-    _, b = load_plan(write(tmp_path, spec % 16, "b.yaml"))
+    _, a = load_sweep(write(tmp_path, spec % 8, "a.yaml"))
+    _, b = load_sweep(write(tmp_path, spec % 16, "b.yaml"))
     assert len(a.jobs) == 4 and not {j.id for j in a.jobs} & {j.id for j in b.jobs}
     assert [j.label for j in a.jobs] == ["gptq g=32 act_order=false", "gptq g=32 act_order=true",
                                          "gptq g=64 act_order=false", "gptq g=64 act_order=true"]
@@ -147,7 +147,7 @@ def test_gptq_jobs_that_share_calibration_need_one_capture_per_model_and_data(tm
       - {kind: quantize, method: gptq, calibration: {samples: 8}}
       - {kind: quantize, method: awq, calibration: {samples: 8}}
     """
-    _, plan = load_plan(write(tmp_path, spec))
+    _, plan = load_sweep(write(tmp_path, spec))
     captures = [j for j in plan.jobs if j.kind == "calibrate"]
     assert len(captures) == 2  # one per calibration set; none for the unshared GPTQ job nor for AWQ
     by_samples = {c.options["calibration"]["samples"]: c for c in captures}
@@ -162,7 +162,7 @@ def test_gptq_jobs_that_share_calibration_need_one_capture_per_model_and_data(tm
     assert all(j.payload()["needs"] == list(j.needs) for j in plan.jobs)
     # the capture's id does not move with the options it does not capture for, nor with the evaluation
     with_eval = HEAD.replace("    jobs:\n", "    eval: {perplexity: {dataset: bundled:python-docs, max_windows: 3}}\n    jobs:\n")
-    _, other = load_plan(write(tmp_path, with_eval + """\
+    _, other = load_sweep(write(tmp_path, with_eval + """\
       - {kind: quantize, method: gptq, bits: 3, calibration: {samples: 8, share: true}}
     """, "other.yaml"))
     assert [j.id for j in other.jobs if j.kind == "calibrate"] == [by_samples[8].id]
@@ -237,7 +237,7 @@ def test_hub_calibration_datasets_are_named_with_config_and_split(tmp_path):
     (msg,) = problems(path)
     assert msg == (f"{path}:8: jobs[2].calibration.dataset: dataset 'hub:not a name': a hub dataset is "
                    "hub:ORG/NAME[:CONFIG][@SPLIT], e.g. hub:Salesforce/wikitext:wikitext-2-raw-v1@test")
-    _, plan = load_plan(write(tmp_path, HEAD + """\
+    _, plan = load_sweep(write(tmp_path, HEAD + """\
       - kind: quantize
         calibration: {dataset: "hub:Salesforce/wikitext:wikitext-2-raw-v1@train", samples: 8}
         matrix: {method: [gptq, awq]}
@@ -257,9 +257,9 @@ def test_gguf_types_are_checked_with_a_did_you_mean_and_label_the_jobs(tmp_path)
     assert "jobs[0].matrix.gguf_type[1]: method gguf: gguf_type: 'q4_k_m' is not a llama.cpp file type. Did you mean 'Q4_K_M'?" in first
     assert "jobs[0].matrix.gguf_type[2]" in second and "Did you mean 'Q4_K_S'?" in second
     assert "Allowed: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M" in second
-    _, plan = load_plan(write(tmp_path, HEAD + "      - {kind: quantize, matrix: {method: [gguf], gguf_type: [F16, Q4_K_M]}}\n"))
+    _, plan = load_sweep(write(tmp_path, HEAD + "      - {kind: quantize, matrix: {method: [gguf], gguf_type: [F16, Q4_K_M]}}\n"))
     assert [j.label for j in plan.jobs] == ["gguf F16", "gguf Q4_K_M"]
-    _, plan = load_plan(write(tmp_path, HEAD + "      - {kind: quantize, method: gguf}\n"))
+    _, plan = load_sweep(write(tmp_path, HEAD + "      - {kind: quantize, method: gguf}\n"))
     assert plan.jobs[0].options == {"method": "gguf", "gguf_type": "Q4_K_M"}
 
 
@@ -293,7 +293,7 @@ def test_a_scheme_fills_in_bits_and_scales_and_what_contradicts_it_is_refused_wh
         matrix: {method: [gptq], scheme: [W8A8, W4A16_ASYM, null]}
       - {kind: quantize, method: rtn, scheme: FP8_DYNAMIC}
     """)
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     by = {j.label: j.options for j in plan.jobs}
     assert by["gptq W8A8"]["bits"] == 8 and by["gptq W8A8"]["group_size"] == -1 and by["gptq W8A8"]["symmetric"]
     assert by["gptq W4A16_ASYM g=64"]["bits"] == 4 and by["gptq W4A16_ASYM g=64"]["group_size"] == 64
@@ -325,7 +325,7 @@ def test_a_backend_picks_the_implementation_keeps_old_ids_and_refuses_what_gptqm
     plain = write(tmp_path, HEAD + """\
       - {kind: quantize, method: gptq}
     """, name="plain.yaml")
-    _, before = load_plan(plain)
+    _, before = load_sweep(plain)
     path = write(tmp_path, HEAD + """\
       - {kind: quantize, method: gptq}
       - kind: quantize
@@ -333,7 +333,7 @@ def test_a_backend_picks_the_implementation_keeps_old_ids_and_refuses_what_gptqm
         matrix: {backend: [llm-compressor, gptqmodel]}
       - {kind: quantize, method: awq, backend: gptqmodel}
     """)
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     by = {j.label: j for j in plan.jobs}
     # a backend written in the spec is in the label (as a scheme is): unset, the label is the method's alone
     assert set(by) == {"gptq", "gptq llm-compressor", "gptq gptqmodel", "awq gptqmodel"}, set(by)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from qfarm.errors import SpecError
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 
 
 @pytest.fixture
@@ -25,14 +25,14 @@ def folder(tmp_path):
 def plan_of(folder, text):
     path = folder / "sweep.yaml"
     path.write_text(textwrap.dedent(text))
-    return load_plan(path)[1]
+    return load_sweep(path)[1]
 
 
 def errors_of(folder, text) -> list[str]:
     path = folder / "sweep.yaml"
     path.write_text(textwrap.dedent(text))
     with pytest.raises(SpecError) as err:
-        load_plan(path)
+        load_sweep(path)
     return [p.render(err.value.source) for p in err.value.problems]
 
 

@@ -65,7 +65,7 @@ def test_option_columns_are_named_as_in_the_spec_and_cannot_clash_with_measured_
     from qfarm.errors import SpecError
     from qfarm.results.columns import option_clashes
     from qfarm.sweep import methods
-    from qfarm.sweep.expand import load_plan
+    from qfarm.sweep.expand import load_sweep
 
     rec = JobRecord(id="j1", status="succeeded", spec={"kind": "quantize", "options": {"method": "gguf", "gguf_type": "Q8_0"},
                                                        "bits": 8}, result={"size_mb": 1.0})
@@ -84,7 +84,7 @@ def test_option_columns_are_named_as_in_the_spec_and_cannot_clash_with_measured_
     spec.write_text("name: s\nmodel: bundled:smollm2-135m\neval: {speed: null, perplexity: null}\n"
                     "jobs:\n  - {kind: quantize, method: rtn, group_size: 32}\n")
     try:
-        load_plan(spec)
+        load_sweep(spec)
     except SpecError as e:
         assert "option 'perplexity' has the name of a measured result column (quality)" in str(e)
     else:

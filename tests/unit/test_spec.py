@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qfarm.errors import SpecError
-from qfarm.sweep.expand import load_plan
+from qfarm.sweep.expand import load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
 
 def problems(path: Path) -> list[str]:
     with pytest.raises(SpecError) as info:
-        load_plan(path)
+        load_sweep(path)
     return [p.render(str(path)) for p in info.value.problems]
 
 
@@ -36,7 +36,7 @@ GOOD = """\
 
 
 def test_demo_spec_expands_to_four_jobs():
-    loaded, plan = load_plan(REPO / "jobs" / "demo.yaml")
+    loaded, plan = load_sweep(REPO / "jobs" / "demo.yaml")
     assert [j.options["method"] for j in plan.jobs] == ["none", "bnb-int8", "bnb-nf4", "bnb-fp4"]
     assert len({j.id for j in plan.jobs}) == 4
     assert all(j.resources["gpus"] == 1 for j in plan.jobs)
@@ -45,28 +45,28 @@ def test_demo_spec_expands_to_four_jobs():
 
 @pytest.mark.parametrize("spec", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_spec_validates(spec):
-    _, plan = load_plan(spec)
+    _, plan = load_sweep(spec)
     assert plan.jobs
 
 
 def test_ids_are_stable_and_depend_on_what_changes_results(tmp_path):
-    _, a = load_plan(write(tmp_path, GOOD, "a.yaml"))
-    _, b = load_plan(write(tmp_path, GOOD, "b.yaml"))
+    _, a = load_sweep(write(tmp_path, GOOD, "a.yaml"))
+    _, b = load_sweep(write(tmp_path, GOOD, "b.yaml"))
     assert [j.id for j in a.jobs] == [j.id for j in b.jobs]
     assert a.sweep_id == b.sweep_id
     changed = GOOD + "    eval: {perplexity: {max_windows: 3}}\n"
-    _, c = load_plan(write(tmp_path, changed, "c.yaml"))
+    _, c = load_sweep(write(tmp_path, changed, "c.yaml"))
     assert {j.id for j in c.jobs}.isdisjoint({j.id for j in a.jobs})
     renamed = GOOD.replace("name: s", "name: t")
-    _, d = load_plan(write(tmp_path, renamed, "d.yaml"))
+    _, d = load_sweep(write(tmp_path, renamed, "d.yaml"))
     assert [j.id for j in d.jobs] == [j.id for j in a.jobs]  # the job is the same work; the sweep is new
     assert d.sweep_id != a.sweep_id
 
 
 def test_defaults_are_filled_so_explicit_defaults_share_the_id(tmp_path):
-    _, a = load_plan(write(tmp_path, GOOD, "a.yaml"))
+    _, a = load_sweep(write(tmp_path, GOOD, "a.yaml"))
     explicit = GOOD.replace("method: [none, bnb-int8, bnb-nf4, bnb-fp4]", "method: [bnb-nf4]\n          double_quant: [false]")
-    _, b = load_plan(write(tmp_path, explicit, "b.yaml"))
+    _, b = load_sweep(write(tmp_path, explicit, "b.yaml"))
     nf4 = next(j for j in a.jobs if j.options["method"] == "bnb-nf4")
     assert b.jobs[0].id == nf4.id
 
@@ -84,7 +84,7 @@ def test_matrix_product_fixed_options_and_exclude(tmp_path):
             exclude:
               - {method: bnb-fp4, double_quant: true}
     """)
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     combos = [(j.options["method"], j.options["double_quant"]) for j in plan.jobs]
     assert combos == [("bnb-nf4", False), ("bnb-nf4", True), ("bnb-fp4", False)]
     assert all(j.options["compute_dtype"] == "bfloat16" for j in plan.jobs)
@@ -198,7 +198,7 @@ def test_local_paths_resolve_against_the_spec_folder(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "eval.txt").write_text("hello " * 100)
     path = write(tmp_path, GOOD + "    eval: {perplexity: {dataset: data/eval.txt}}\n")
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     assert plan.jobs[0].eval["perplexity"]["dataset"]["location"] == str(tmp_path / "data" / "eval.txt")
     missing = write(tmp_path, GOOD + "    eval: {perplexity: {dataset: data/none.txt}}\n", "m.yaml")
     (only,) = problems(missing)
@@ -217,7 +217,7 @@ def test_model_references(tmp_path):
     path = write(tmp_path, GOOD.replace("bundled:smollm2-135m", "hf"))
     assert "has no config.json" in problems(path)[0]
     sha = "0123456789abcdef0123456789abcdef01234567"  # a commit pins a hub model without asking the hub
-    _, plan = load_plan(write(tmp_path, GOOD.replace("bundled:smollm2-135m", f"HuggingFaceTB/SmolLM2-135M\n    revision: {sha}")))
+    _, plan = load_sweep(write(tmp_path, GOOD.replace("bundled:smollm2-135m", f"HuggingFaceTB/SmolLM2-135M\n    revision: {sha}")))
     assert plan.jobs[0].model["kind"] == "hub" and plan.jobs[0].model["revision"] == sha
 
 
@@ -229,6 +229,6 @@ def test_sleep_jobs_need_no_model(tmp_path):
             seconds: 0.5
             matrix: {index: [0, 1, 2]}
     """)
-    _, plan = load_plan(path)
+    _, plan = load_sweep(path)
     assert [j.label for j in plan.jobs] == ["sleep[0]", "sleep[1]", "sleep[2]"]
     assert all(j.model is None and j.eval is None for j in plan.jobs)
