@@ -58,7 +58,7 @@ def head_with(env: dict, gpus: int = 2):
 
 def prepare(root: Path) -> None:
     """Dequantize the bundled GGUF into <root>/_models once, so no timed run pays for it."""
-    from qfarm.sweep.refs import resolve_model
+    from qfarm.sweep.sources import resolve_model
     from workers.shared.models import base_dir
 
     ref = resolve_model("bundled:smollm2-135m", root)

@@ -441,7 +441,7 @@ def _worker_env(model: str | None) -> dict[str, str]:
     the hub cache."""
     from qfarm.results.tracking import forwarded_env
     from qfarm.sweep import hub
-    from qfarm.sweep.refs import HUB_ID
+    from qfarm.sweep.sources import HUB_ID
 
     token = hub.saved_token() if isinstance(model, str) and HUB_ID.match(model) else None
     return {**hub.forwarded_env(token=token), **forwarded_env()}

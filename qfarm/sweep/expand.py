@@ -88,9 +88,9 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
         gi, group = stage.gi, stage.group
         parents = [None] if stage.parent is None else stages.get(stage.parent, [])
         mine: list[Job] = []
-        for options, refs in stage.combos:
+        for options, resolved in stage.combos:
             for parent in parents:
-                job = _job(spec, gi, group, options, valid.model, stage.eval, refs, parent, cuda)
+                job = _job(spec, gi, group, options, valid.model, stage.eval, resolved, parent, cuda)
                 capture = _capture(job, cuda)
                 if capture is not None:  # before the jobs that need it: labelled() reads parents first
                     jobs.setdefault(capture.id, capture)
@@ -113,10 +113,10 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
 COMPUTE = {"gpu": "cuda, the checkpoint's dtype", "cpu": "cpu, float32"}
 
 
-def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref, eval_spec,
-         refs: dict[str, dict | None], parent: Job | None = None, cuda: bool = True) -> Job:
+def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_source, eval_spec,
+         resolved: dict[str, dict | None], parent: Job | None = None, cuda: bool = True) -> Job:
     kind = KINDS[group.kind]
-    calibration, data = refs.get("calibration"), refs.get("data")
+    calibration, data = resolved.get("calibration"), resolved.get("data")
     fields = type(options).model_fields
     if calibration is not None:  # the identity of the data, not how it was spelled
         options = options.model_copy(update={"calibration": options.calibration.model_copy(
@@ -131,7 +131,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         "v": SPEC_VERSION,
         "kind": group.kind,
         "options": ident,  # an evaluated checkpoint by its content, as spelled in the row
-        "model": model_ref["key"] if kind.needs_model and model_ref else None,
+        "model": model_source["key"] if kind.needs_model and model_source else None,
         "eval": _eval_identity(eval_spec) if kind.needs_model else None,
     }
     if kind.needs_model:  # a CPU row is never reused for a GPU run: device class and dtype rule are in the id
@@ -153,7 +153,7 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_ref,
         group=gi,
         label=method_name or group.kind,  # the final label is given once every job is known: labelled()
         options=opts,
-        model={k: v for k, v in model_ref.items() if k != "config_dir"} if kind.needs_model and model_ref else None,
+        model={k: v for k, v in model_source.items() if k != "config_dir"} if kind.needs_model and model_source else None,
         eval=eval_spec if kind.needs_model else None,
         resources=(group.resources or spec.resources).model_dump(),
         max_attempts=group.max_attempts or spec.max_attempts,

@@ -291,7 +291,7 @@ def shape_from_tree(tree: dict) -> Shape:
 
 
 def shape_of(model: dict) -> Shape | None:
-    """The shape of a resolved model ref (``qfarm.sweep.refs.ModelRef`` as a dict), or None if it can't be read here:
+    """The shape of a resolved model ref (``qfarm.sweep.sources.ModelSource`` as a dict), or None if it can't be read here:
     from the model's module tree where this machine can build it on the meta device, else (no ML stack here)
     from its config's numbers, Llama-shaped."""
     if model.get("kind") == "hub" and model.get("config_dir"):  # its config, fetched at validate (qfarm.sweep.hub)

@@ -102,7 +102,7 @@ class EvalSpec(Strict):
 
 
 class StoredPerplexity(PerplexitySpec):
-    """``eval.perplexity`` as a job record holds it: its dataset resolved to a data reference (qfarm.sweep.refs)."""
+    """``eval.perplexity`` as a job record holds it: its dataset resolved to a data source (qfarm.sweep.sources)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     dataset: Any = PerplexitySpec.model_fields["dataset"].default
@@ -110,7 +110,7 @@ class StoredPerplexity(PerplexitySpec):
 
 class StoredEval(EvalSpec):
     """A job's evaluation as its record holds it (``Job.evaluation``): the spec's fields and defaults (these are
-    subclasses), with what expansion resolved: the perplexity dataset's reference, the task folders' paths and
+    subclasses), with what expansion resolved: the perplexity dataset's source, the task folders' paths and
     fingerprints, and why vLLM does not serve this row (``vllm_skipped``, the registry's ``Method.vllm``)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)

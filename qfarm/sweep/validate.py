@@ -1,5 +1,5 @@
 """Validation of a parsed spec beyond its schema: every matrix combination's options against its kind's registry
-entry, the DAG rules of ``from:``, model and dataset references, and checks against the model's shape.
+entry, the DAG rules of ``from:``, model and dataset sources, and checks against the model's shape.
 
 Problems are collected (``Collector``) with their YAML paths and lines, never raised one at a time: the caller
 (``qfarm.sweep.expand``) raises them all together. Nothing here builds jobs.
@@ -22,7 +22,7 @@ from qfarm.results.columns import column, option_clashes
 from qfarm.sweep import hub, lmtasks
 from qfarm.sweep.methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
 from qfarm.sweep.modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
-from qfarm.sweep.refs import RefError, fingerprint, resolve_dataset, resolve_model
+from qfarm.sweep.sources import SourceError, fingerprint, resolve_dataset, resolve_model
 from qfarm.sweep.spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe
 
 AXIS_KEYS = frozenset({"onto"})  # a stage-level list of these is an axis: `onto: [base, dequantized]`, one job each
@@ -70,26 +70,26 @@ def sweep(loaded: LoadedSpec, hub_cache: Path | None = None, max_jobs: int = MAX
     options against the registry, the model's layers and the filesystem, a train stage against the stage it
     trains on), each made once: the typed sweep, or a SpecError with every problem."""
     spec, errors = loaded.spec, Collector(loaded.lines)
-    model_ref = eval_spec = None
+    model_source = eval_spec = None
     if any(KINDS[g.kind].needs_model for g in spec.jobs):
         if spec.model is None:
             errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
         else:
-            model_ref = model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
+            model_source = model(spec.model, loaded.base_dir, errors, spec.revision, hub_cache)
         eval_spec = evaluation(spec.eval, loaded.base_dir, errors)
     if not job_bound(list(enumerate(spec.jobs)), errors, max_jobs):  # before any combination is made
         raise SpecError(list(errors.problems.values()), loaded.source)
-    stages = _stages(list(enumerate(spec.jobs)), spec, model_ref, eval_spec, loaded.base_dir, errors)
+    stages = _stages(list(enumerate(spec.jobs)), spec, model_source, eval_spec, loaded.base_dir, errors)
     if errors.problems:
         raise SpecError(list(errors.problems.values()), loaded.source)
-    return ValidSweep(loaded, model_ref, tuple(stages))
+    return ValidSweep(loaded, model_source, tuple(stages))
 
 
-def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_ref: dict | None,
+def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_source: dict | None,
             eval_spec: dict | None, base_dir: Path, errors: Collector) -> list[ValidStage]:
     """Each group's checks (``sweep``); with no ``spec`` (its schema failed elsewhere) the checks that need only
     the group itself."""
-    checks = MethodChecks(model_ref, base_dir, errors)
+    checks = MethodChecks(model_source, base_dir, errors)
     out: dict[str, ValidStage] = {}
     for gi, group in groups:
         parent = parent_stage(gi, group, spec, errors) if spec is not None else None
@@ -104,11 +104,11 @@ def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_re
             opts = options(gi, group, combo, sources, errors)
             if opts is None:
                 continue
-            refs = checks(gi, group, opts, sources)
+            resolved = checks(gi, group, opts, sources)
             if group.kind == "train" and any(not train_parent(gi, opts, p, errors)
                                              for p, _ in parents):
                 continue
-            combos.append((opts, refs))
+            combos.append((opts, resolved))
         out[stage_name(gi, group)] = ValidStage(gi, group, parent or None, group_eval, tuple(combos))
     return list(out.values())
 
@@ -122,16 +122,16 @@ def semantic_checks(raw: dict, base_dir: Path, errors: Collector, hub_cache: Pat
             groups.append((gi, JobGroup.model_validate(group)))
         except ValidationError:
             continue
-    model_ref = None
+    model_source = None
     if any(KINDS[g.kind].needs_model for _, g in groups) and isinstance(raw.get("model"), str):
         revision = raw.get("revision") if isinstance(raw.get("revision"), str) else None
-        model_ref = model(raw["model"], base_dir, errors, revision, hub_cache)
+        model_source = model(raw["model"], base_dir, errors, revision, hub_cache)
     try:
         evaluation(EvalSpec.model_validate(raw.get("eval") or {}), base_dir, errors)
     except ValidationError:
         pass
     if job_bound(groups, errors, max_jobs):
-        _stages(groups, None, model_ref, None, base_dir, errors)
+        _stages(groups, None, model_source, None, base_dir, errors)
 
 
 def job_bound(groups: list[tuple[int, JobGroup]], errors: Collector, max_jobs: int) -> bool:
@@ -212,11 +212,11 @@ def train_parent(gi: int, options: Options, parent: Options, errors: Collector) 
 
 def model(text: str, base_dir: Path, errors: Collector, revision: str | None = None,
           hub_cache: Path | None = None) -> dict | None:
-    """The sweep's model reference, resolved (None, with the problem added, when it does not resolve). A hub
+    """The sweep's model source, resolved (None, with the problem added, when it does not resolve). A hub
     model is pinned to the commit its ``revision`` names now (qfarm.sweep.hub)."""
     try:
         ref = resolve_model(text, base_dir, revision, hub_cache)
-    except RefError as e:
+    except SourceError as e:
         errors.add((e.field if revision is not None else "model",), str(e))
         return None
     if revision is not None and ref.kind != "hub":
@@ -265,7 +265,7 @@ def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tupl
             ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
             ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field,
                                            "key": ref.key}
-        except RefError as e:
+        except SourceError as e:
             errors.add(loc + ("perplexity", "dataset"), str(e))
     folders = []
     for i, text in enumerate(eval_spec.task_paths):
@@ -394,16 +394,16 @@ class MethodChecks:
     """Checks of one job's options against the model and the filesystem, beyond what its pydantic model can see:
     group sizes that must divide every Linear layer's input, target modules, and the datasets (resolved here)."""
 
-    def __init__(self, model_ref: dict | None, base_dir: Path, errors: Collector):
-        self.model_ref, self.base_dir, self.errors = model_ref, base_dir, errors
+    def __init__(self, model_source: dict | None, base_dir: Path, errors: Collector):
+        self.model_source, self.base_dir, self.errors = model_source, base_dir, errors
 
     @functools.cached_property
     def shape(self):
         """Read once per spec, and only when a job has something to check against it."""
-        return shape_of(self.model_ref) if self.model_ref else None
+        return shape_of(self.model_source) if self.model_source else None
 
     def __call__(self, gi: int, group: JobGroup, opts: Options, sources: dict) -> dict[str, dict | None]:
-        """The job's resolved data refs (``calibration``, a train job's ``data``), problems added to errors."""
+        """The job's resolved data resolved (``calibration``, a train job's ``data``), problems added to errors."""
         method = METHODS.get(getattr(opts, "method", None)) if group.kind == "quantize" else None
         if method is not None and method.quantizes is not None and self.shape is not None:
             self._check_layer_types(method, sources.get("method", ("jobs", gi)))
@@ -434,16 +434,16 @@ class MethodChecks:
         """An ``evaluate`` job's checkpoint, resolved by the rules of ``model:`` (None, with the problem added)."""
         try:
             ref = resolve_model(text, self.base_dir)
-        except RefError as e:
+        except SourceError as e:
             self.errors.add(loc, f"checkpoint: {e}".replace("checkpoint: model ", "checkpoint "))
             return None
-        if self.model_ref and ref.key == self.model_ref.get("key"):
+        if self.model_source and ref.key == self.model_source.get("key"):
             self.errors.add(loc, f"checkpoint {text!r} is the sweep's model itself: the reference row "
                                  "(quantize, method: none) already evaluates it")
             return None
         out = {"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key,
                "name": text, **({"revision": ref.revision} if ref.kind == "hub" else {})}
-        clash = vocabulary_clash(out, self.model_ref) if self.model_ref else None
+        clash = vocabulary_clash(out, self.model_source) if self.model_source else None
         if clash:  # what the job would refuse after loading both: said here, from the files' headers
             self.errors.add(loc, f"checkpoint {text!r} is not in the sweep's model's vocabulary: {clash} (KL and top-1 "
                                  "agreement would compare different tokens). Evaluate it in a sweep on its own base model")
@@ -497,7 +497,7 @@ class MethodChecks:
     def _dataset(self, text: str, text_field: str, loc: tuple) -> dict | None:
         try:
             ref = resolve_dataset(text, self.base_dir, text_field)
-        except RefError as e:
+        except SourceError as e:
             self.errors.add(loc, str(e))
             return None
         return {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
@@ -514,7 +514,7 @@ class MethodChecks:
         fits = [str(g) for g in shape.dividing_group_sizes()] + ["-1 (one scale per output channel)"]
         msg = (f"method {method}: group_size {group_size} does not divide the input size of "
                f"{shape.count(bad)} of {shape.count(shape.inputs)} Linear layers of "
-               f"{self.model_ref.get('name') or self.model_ref['key']}: {layers}, in each of its {shape.layers} "
+               f"{self.model_source.get('name') or self.model_source['key']}: {layers}, in each of its {shape.layers} "
                f"blocks. Group sizes that divide every layer: {allowed(fits)}")
         if "group_size" in group.matrix:
             msg += f". To skip it, add to exclude: {json.dumps({'method': method, 'group_size': group_size})}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qfarm.sweep.refs import bundled_model_path
+from qfarm.sweep.sources import bundled_model_path
 from tests.cli import files_containing, qfarm, redis_dump, submitted_id
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: --record
-from qfarm.sweep.refs import bundled_model_path  # noqa: E402 - the real one, before a test points it at ROOT
+from qfarm.sweep.sources import bundled_model_path  # noqa: E402 - the real one, before a test points it at ROOT
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = Path(__file__).with_name("job_ids.json")
@@ -56,9 +56,9 @@ def plans(folder: Path) -> dict:
 
 @pytest.fixture
 def bundled_at_root(monkeypatch):
-    from qfarm.sweep import refs
+    from qfarm.sweep import sources
 
-    monkeypatch.setattr(refs, "bundled_model_path", lambda name: ROOT / "model" / refs.BUNDLED_MODELS[name][1])
+    monkeypatch.setattr(sources, "bundled_model_path", lambda name: ROOT / "model" / sources.BUNDLED_MODELS[name][1])
 
 
 def test_every_shipped_sweep_makes_the_jobs_it_made_before(shared_data, bundled_at_root):
@@ -72,10 +72,10 @@ def test_every_shipped_sweep_makes_the_jobs_it_made_before(shared_data, bundled_
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
-    from qfarm.sweep import refs
+    from qfarm.sweep import sources
     from tests.conftest import SHARED_DATA
 
-    refs.bundled_model_path = lambda name: ROOT / "model" / refs.BUNDLED_MODELS[name][1]
+    sources.bundled_model_path = lambda name: ROOT / "model" / sources.BUNDLED_MODELS[name][1]
     folder = lay_out(SHARED_DATA)
     SNAPSHOT.write_text(json.dumps(plans(folder), indent=1) + "\n")
     print(f"recorded {SNAPSHOT}")

@@ -33,7 +33,7 @@ def test_a_tokenizer_rebuilt_from_a_gguf_is_checked_against_llama_cpps_own(tmp_p
     from transformers import AutoTokenizer
 
     from qfarm.errors import Permanent
-    from qfarm.sweep.refs import resolve_model
+    from qfarm.sweep.sources import resolve_model
     from tests.tiny import make_tiny_model
     from workers.evaluate.checks import PROBE, gguf_conventions
 

@@ -21,7 +21,7 @@ def gguf_with_pre_tokenizer(out, pre: str):
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-    from qfarm.sweep.refs import bundled_model_path
+    from qfarm.sweep.sources import bundled_model_path
 
     reader = gguf.GGUFReader(str(bundled_model_path("smollm2-135m")), "r")
     writer = gguf.GGUFWriter(str(out), arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents(),
@@ -37,7 +37,7 @@ def gguf_as_family(out, arch: str):
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-    from qfarm.sweep.refs import bundled_model_path
+    from qfarm.sweep.sources import bundled_model_path
 
     reader = gguf.GGUFReader(str(bundled_model_path("smollm2-135m")), "r")
     old = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
@@ -118,7 +118,7 @@ def test_validate_s_light_tokenizer_gives_the_ids_a_job_s_autotokenizer_gives(tm
     real text, or validate would pass files that jobs refuse, or refuse files that jobs take."""
     from transformers import AutoTokenizer
 
-    from qfarm.sweep.refs import bundled_model_path
+    from qfarm.sweep.sources import bundled_model_path
     from workers.evaluate.checks import PROBE, rebuilt_backend
 
     if pre is None:

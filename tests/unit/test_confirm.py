@@ -1,4 +1,4 @@
-"""A job's local model or dataset, re-resolved where it runs (qfarm.sweep.refs.confirm): still the content its key names."""
+"""A job's local model or dataset, re-resolved where it runs (qfarm.sweep.sources.confirm): still the content its key names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from qfarm.errors import Permanent
-from qfarm.sweep.refs import confirm, resolve_dataset, resolve_model
+from qfarm.sweep.sources import confirm, resolve_dataset, resolve_model
 
 
 def as_record(ref) -> dict:

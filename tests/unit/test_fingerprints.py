@@ -7,7 +7,7 @@ import json
 import os
 
 from qfarm.sweep.expand import load_sweep
-from qfarm.sweep.refs import CHUNK, fingerprint
+from qfarm.sweep.sources import CHUNK, fingerprint
 
 
 def folder(tmp_path):

@@ -105,7 +105,7 @@ def test_calibration_applies_to_the_calibrating_methods_of_a_group(tmp_path):
     assert jobs["rtn"].calibration is None and "calibration" not in jobs["rtn"].options
     for m in ("gptq", "awq"):
         cal = jobs[m].payload()["calibration"]
-        from qfarm.sweep.refs import fingerprint
+        from qfarm.sweep.sources import fingerprint
 
         key = f"text:{data}@{fingerprint(data)}"  # the file, and what it holds
         assert cal == {"kind": "text", "location": str(data), "text_field": "text", "key": key,

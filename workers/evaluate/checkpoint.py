@@ -31,7 +31,7 @@ PROBE = "The quick brown fox jumps over the lazy dog. def main():\n    return 42
 
 
 def run(ctx) -> dict:
-    from qfarm.sweep.refs import confirm
+    from qfarm.sweep.sources import confirm
 
     start(ctx)
     ref = ctx.job.data or {}

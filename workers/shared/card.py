@@ -36,7 +36,7 @@ def source_info(model: dict, output_root: str) -> dict[str, Any]:
     if model.get("kind") == "gguf" and model.get("gguf_file"):
         meta = _gguf_metadata(str(Path(model["location"]) / model["gguf_file"]))
         out.setdefault("license", meta.get("general.license"))
-        from qfarm.sweep.refs import BUNDLED_SOURCES
+        from qfarm.sweep.sources import BUNDLED_SOURCES
 
         # what the GGUF was converted from: its header says, or qfarm knows its bundled file's origin
         repo = meta.get("general.source.huggingface.repository") or BUNDLED_SOURCES.get(model["gguf_file"])

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from qfarm.sweep.refs import confirm
+from qfarm.sweep.sources import confirm
 from workers.shared.files import build_once, keyed
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qfarm import settings
-from qfarm.sweep.refs import confirm
+from qfarm.sweep.sources import confirm
 from workers.evaluate.checks import CHECKS_FILE, gguf_conventions
 from workers.shared.files import build_once, inside, job_dir, keyed
 

