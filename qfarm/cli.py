@@ -169,7 +169,9 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
         checked = f" Resources checked against the {len(types)} node type(s) of the cluster config."
     else:
         checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
-    click.echo(f"{spec}: valid. Sweep {expanded.sweep_id}: {len(expanded.jobs)} jobs: {kinds}{what}{model}.{checked}",
+    made = (f" {len(expanded.implicit)} of them the reference (method none, added: the spec has none; every row is "
+            "measured against it, and only it loads the float model)." if expanded.implicit else "")
+    click.echo(f"{spec}: valid. Sweep {expanded.sweep_id}: {len(expanded.jobs)} jobs: {kinds}{what}{model}.{made}{checked}",
                err=as_json)
     if show_plan:
         _print_plan(loaded, expanded, shape, plan_device, as_json, types)

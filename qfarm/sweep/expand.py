@@ -33,6 +33,12 @@ class ExpandedSweep:
     name: str
     jobs: list[Job] = field(default_factory=list)
     model: dict | None = None  # the sweep's model as resolved (with where a hub model's config was read: config_dir)
+    implicit: frozenset[str] = frozenset()  # the reference jobs expansion made because the spec has none for them
+
+    @property
+    def spec_jobs(self) -> list[Job]:
+        """The jobs the spec's stages make, shared captures included, without the references made for them."""
+        return [j for j in self.jobs if j.id not in self.implicit]
 
     def counts_by_kind(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -84,6 +90,7 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
     spec, loaded = valid.loaded.spec, valid.loaded
     jobs: dict[str, Job] = {}
     stages: dict[str, list[Job]] = {}  # stage name -> its jobs, for the stages that come from it
+    implicit: dict[str, Job] = {}  # reference jobs the comparing jobs need, made here unless the spec has them
     for stage in valid.stages:
         gi, group = stage.gi, stage.group
         parents = [None] if stage.parent is None else stages.get(stage.parent, [])
@@ -95,6 +102,10 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                 if capture is not None:  # before the jobs that need it: labelled() reads parents first
                     jobs.setdefault(capture.id, capture)
                     job = replace(job, needs=(capture.id,))
+                if job.compares:
+                    ref = reference_of(spec, gi, group, valid.model, stage.eval, parent, cuda)
+                    implicit.setdefault(ref.id, ref)
+                    job = replace(job, needs=job.needs + (ref.id,))
                 if job.id not in jobs:
                     jobs[job.id] = job
                 if all(j.id != job.id for j in mine):  # a job an earlier stage has too still feeds this stage's children
@@ -105,8 +116,10 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                                          "the limit with --max-jobs")
                 raise renamed(SpecError(list(errors.problems.values()), loaded.source), loaded.groups_key)
         stages[stage_name(gi, group)] = mine
+    made = frozenset(implicit) - set(jobs)
+    jobs = _with_references(jobs, implicit)
     sweep_id = f"{spec.name}-{digest([spec.name, sorted(jobs)], 8)}"
-    return ExpandedSweep(sweep_id, spec.name, labelled(list(jobs.values())), valid.model)
+    return ExpandedSweep(sweep_id, spec.name, labelled(list(jobs.values())), valid.model, made)
 
 
 # what a job computes on, by the device class its resources ask for (workers.shared.models.compute_dtype)
@@ -171,6 +184,31 @@ def _job(spec: SweepSpec, gi: int, group: JobGroup, options: Options, model_sour
         bits=method.nominal_bits(options) if method is not None else getattr(options, "bits", None),
         axes=tuple(k for k in axes(group)[0] if k != "method"),
     )
+
+
+def reference_of(spec: SweepSpec, gi: int, group: JobGroup, model_source, eval_spec, parent: Job | None,
+                 cuda: bool) -> Job:
+    """The reference job a comparing job of ``group`` needs: a ``quantize`` job of the registry's reference method
+    (``none``) on the same model (or parent), evaluation and device class, in the group's stage and resources. Its id
+    is the one the spec's own ``method: none`` job of that stage would have, so a spec that has one runs that one."""
+    quantize = KINDS["quantize"]
+    method = next(m for m in (quantize.methods or {}).values() if m.reference)
+    options = method.options.model_validate({"method": method.name})
+    job = _job(spec, gi, group.model_copy(update={"kind": quantize.name}), options, model_source, eval_spec, {}, parent,
+               cuda)
+    return replace(job, stage=stage_name(gi, group), axes=())
+
+
+def _with_references(jobs: dict[str, Job], implicit: dict[str, Job]) -> dict[str, Job]:
+    """The jobs with each needed reference the spec does not have placed just before the first job that needs it
+    (a reference row reads first); one the spec has stays where the spec put it."""
+    out: dict[str, Job] = {}
+    for job in jobs.values():
+        for dep in job.needs:
+            if dep in implicit and dep not in jobs and dep not in out:
+                out[dep] = implicit[dep]
+        out[job.id] = job
+    return out
 
 
 def _capture(job: Job, cuda: bool) -> Job | None:

@@ -171,6 +171,17 @@ class Job:
         return typed_options(self.kind, self.options)
 
     @property
+    def compares(self) -> bool:
+        """Whether it is measured against a reference it does not make itself (the registry's ``Kind.compares``; the
+        ``Method.reference`` job is the reference): it needs the sweep's reference job and reads its figures from
+        disk, never loading the float model. False for a kind this process's registry lacks."""
+        from qfarm.sweep.methods import KINDS
+
+        kind = KINDS.get(self.kind)
+        method = kind.method(self.method) if kind is not None else None
+        return kind is not None and kind.compares and not (method is not None and method.reference)
+
+    @property
     def method(self) -> str | None:
         """The method's name (quantize, train), else None: the one option every reader asks before typing the rest
         (it decides which options model types them)."""

@@ -430,6 +430,9 @@ class Method:
     # ``quant_method`` a checkpoint of it declares in its config.json (a folder refused as a sweep's float model)
     trains_on: frozenset[str] = frozenset()
     library: str = "transformers"  # the model card's library_name for what its jobs make
+    # its job is the reference itself (``none``: the float model as loaded, its figures written for the others): the
+    # job every comparing job of the sweep needs (``Kind.compares``), made by expansion when a spec has none
+    reference: bool = False
 
     def impl(self, options: Options) -> Optional[str]:
         """The implementation a job with these (typed) options runs: its ``backend``'s, else ``worker``."""
@@ -445,7 +448,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("none", NoneOptions, "the unquantized reference", "workers.quantize.reference:Reference", vllm=True, cost=1.0,
-               writes_artifact=False, plan="reference"),
+               writes_artifact=False, plan="reference", reference=True),
         Method("bnb-int8", BnbInt8Options, "bitsandbytes LLM.int8()", "workers.quantize.bnb:BitsAndBytes", quantizes=BNB_LAYERS,
                cost=1.6, plan="bnb-int8"),
         Method("bnb-nf4", Bnb4bitOptions, "bitsandbytes 4-bit NormalFloat", "workers.quantize.bnb:BitsAndBytes",
@@ -501,6 +504,10 @@ class Kind:
     cost: float = 2.0  # as Method.cost, for a kind without methods
     internal: bool = False  # made by qfarm.sweep.expand for other jobs (a shared calibration), never named in a spec
     plan: str = "none"  # as Method.plan, for a kind without methods
+    # its rows are measured against the reference (KL, top-1, Δ perplexity) and read the reference's figures from
+    # disk: each of its jobs needs the sweep's reference job (the ``Method.reference`` one), so only that job ever
+    # holds the float model; a job of a kind that trains on the float model (train, merge) loads it anyway
+    compares: bool = False
 
     def method(self, name: object) -> Optional[Method]:
         return (self.methods or {}).get(name) if isinstance(name, str) else None
@@ -526,7 +533,7 @@ KINDS: dict[str, Kind] = {
     k.name: k
     for k in [
         Kind("quantize", "workers.quantize:run", "quantize the model (or a merged one) and evaluate it",
-             needs_model=True, parents=frozenset({"merge"}), methods=METHODS),
+             needs_model=True, parents=frozenset({"merge"}), methods=METHODS, compares=True),
         Kind("train", "workers.train:run", "train LoRA / QLoRA adapters and evaluate the adapter model",
              needs_model=True, parents=frozenset({"quantize"}), methods=TRAIN_METHODS),
         Kind("merge", "workers.train.merge:run", "merge a train job's adapter into a base, check it, evaluate it",
@@ -535,7 +542,7 @@ KINDS: dict[str, Kind] = {
              "that share it", needs_model=True, options=CaptureOptions, cost=4.0, internal=True, plan="calibrate"),
         Kind("evaluate", "workers.evaluate.checkpoint:run", "evaluate an existing checkpoint (a published quant, a model made "
              "elsewhere) against the sweep's reference", needs_model=True, options=EvaluateOptions, cost=1.0,
-             plan="evaluate"),
+             plan="evaluate", compares=True),
         Kind("sleep", "workers.sleep:run", "sleep: tests and benchmarks of the farm itself",
              needs_model=False, parents=frozenset({"sleep"}), options=SleepOptions),
     ]

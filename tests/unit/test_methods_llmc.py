@@ -100,7 +100,7 @@ def test_calibration_applies_to_the_calibrating_methods_of_a_group(tmp_path):
       - {kind: quantize, method: bnb-nf4}
     """)
     _, plan = load_sweep(path)
-    jobs = {j.options["method"]: j for j in plan.jobs}
+    jobs = {j.options["method"]: j for j in plan.spec_jobs}
     assert sorted(jobs) == ["awq", "bnb-nf4", "gptq", "rtn"]
     assert jobs["rtn"].calibration is None and "calibration" not in jobs["rtn"].options
     for m in ("gptq", "awq"):
@@ -127,10 +127,10 @@ def test_calibration_size_changes_the_job_id_and_labels_show_varied_options(tmp_
     """
     _, a = load_sweep(write(tmp_path, spec % 8, "a.yaml"))
     _, b = load_sweep(write(tmp_path, spec % 16, "b.yaml"))
-    assert len(a.jobs) == 4 and not {j.id for j in a.jobs} & {j.id for j in b.jobs}
-    assert [j.label for j in a.jobs] == ["gptq g=32 act_order=false", "gptq g=32 act_order=true",
-                                         "gptq g=64 act_order=false", "gptq g=64 act_order=true"]
-    assert a.jobs[0].options["calibration"] == {"dataset": "bundled:python-docs", "text_field": "text",
+    assert len(a.spec_jobs) == 4 and not {j.id for j in a.spec_jobs} & {j.id for j in b.spec_jobs}
+    assert [j.label for j in a.spec_jobs] == ["gptq g=32 act_order=false", "gptq g=32 act_order=true",
+                                              "gptq g=64 act_order=false", "gptq g=64 act_order=true"]
+    assert a.spec_jobs[0].options["calibration"] == {"dataset": "bundled:python-docs", "text_field": "text",
                                                 "samples": 8, "seq_len": 512, "share": False}
 
 
@@ -155,7 +155,9 @@ def test_gptq_jobs_that_share_calibration_need_one_capture_per_model_and_data(tm
         "dataset": "bundled:python-docs", "text_field": "text", "samples": 8, "seq_len": 512}}
     assert by_samples[8].eval is None and by_samples[8].worker == "workers.quantize.calibrate:run"
     gptq = [j for j in plan.jobs if j.options.get("method") == "gptq"]
-    needs = {j.id: j.needs for j in gptq}
+    (reference,) = plan.implicit  # every job of the sweep is measured against one reference, made for them
+    assert all(j.needs[-1] == reference for j in gptq)
+    needs = {j.id: j.needs[:-1] for j in gptq}
     assert sorted(n for n in needs.values()) == sorted([(by_samples[8].id,)] * 4 + [(by_samples[16].id,), ()])
     order = [j.id for j in plan.jobs]
     assert all(order.index(n) < order.index(i) for i, ns in needs.items() for n in ns)  # captures come first
@@ -243,7 +245,7 @@ def test_hub_calibration_datasets_are_named_with_config_and_split(tmp_path):
         matrix: {method: [gptq, awq]}
       - {kind: quantize, method: gptq, calibration: {dataset: "hub:allenai/c4", text_field: body}}
     """))
-    cals = [j.calibration for j in plan.jobs]
+    cals = [j.calibration for j in plan.spec_jobs]
     assert cals[0]["kind"] == "hub" and cals[0]["location"] == "Salesforce/wikitext:wikitext-2-raw-v1@train"
     assert cals[2]["location"] == "allenai/c4@train" and cals[2]["key"] == "hub:allenai/c4@train[body]"
 
@@ -258,9 +260,9 @@ def test_gguf_types_are_checked_with_a_did_you_mean_and_label_the_jobs(tmp_path)
     assert "jobs[0].matrix.gguf_type[2]" in second and "Did you mean 'Q4_K_S'?" in second
     assert "Allowed: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M" in second
     _, plan = load_sweep(write(tmp_path, HEAD + "      - {kind: quantize, matrix: {method: [gguf], gguf_type: [F16, Q4_K_M]}}\n"))
-    assert [j.label for j in plan.jobs] == ["gguf F16", "gguf Q4_K_M"]
+    assert [j.label for j in plan.spec_jobs] == ["gguf F16", "gguf Q4_K_M"]
     _, plan = load_sweep(write(tmp_path, HEAD + "      - {kind: quantize, method: gguf}\n"))
-    assert plan.jobs[0].options == {"method": "gguf", "gguf_type": "Q4_K_M"}
+    assert plan.spec_jobs[0].options == {"method": "gguf", "gguf_type": "Q4_K_M"}
 
 
 def test_a_resumable_checkpoint_takes_the_layers_smoothed_at_that_epoch_end_wherever_they_lie():
@@ -334,13 +336,13 @@ def test_a_backend_picks_the_implementation_keeps_old_ids_and_refuses_what_gptqm
       - {kind: quantize, method: awq, backend: gptqmodel}
     """)
     _, plan = load_sweep(path)
-    by = {j.label: j for j in plan.jobs}
+    by = {j.label: j for j in plan.spec_jobs}
     # a backend written in the spec is in the label (as a scheme is): unset, the label is the method's alone
     assert set(by) == {"gptq", "gptq llm-compressor", "gptq gptqmodel", "awq gptqmodel"}, set(by)
     assert by["gptq gptqmodel"].impl == by["awq gptqmodel"].impl == "workers.quantize.gptqmodel:GPTQModelBackend"
     assert by["gptq llm-compressor"].impl == by["gptq"].impl == "workers.quantize.llmc:LLMCompressor"
     # backend unset: the job id it had before the option existed (a resubmit reruns nothing)
-    assert by["gptq"].id == before.jobs[0].id and "backend" not in by["gptq"].options
+    assert by["gptq"].id == before.spec_jobs[0].id and "backend" not in by["gptq"].options
     assert by["gptq llm-compressor"].id != by["gptq"].id  # said explicitly: another job (the label differs too)
 
     bad = write(tmp_path, HEAD + """\

@@ -60,13 +60,18 @@ def test_stages_expand_to_a_dag_with_lineage(folder):
     jobs = {j.id: j for j in plan.jobs}
     train = [j for j in plan.jobs if j.kind == "train"]
     merge = [j for j in plan.jobs if j.kind == "merge"]
-    deploy = [j for j in plan.jobs if j.kind == "quantize"]
+    deploy = [j for j in plan.spec_jobs if j.kind == "quantize"]
     assert len(train) == 4
     # a LoRA adapter was trained on the float base: "dequantized" is that base, so it merges once, not twice
     assert sorted((jobs[m.parent].options["method"], m.options["onto"]) for m in merge) == [
         ("lora", "base"), ("lora", "base"), ("qlora", "base"), ("qlora", "base"),
         ("qlora", "dequantized"), ("qlora", "dequantized")]
     assert len(deploy) == 2 * len(merge)
+    # each merged model is the reference its quantized rows are measured against: one reference job per merge job
+    # (the stage has no method: none), made before the rows that need it, with the same parent
+    refs = {j.parent: j for j in plan.jobs if j.id in plan.implicit}
+    assert set(refs) == {m.id for m in merge} and all(r.options == {"method": "none", "bits": None} for r in refs.values())
+    assert all(d.needs == (refs[d.parent].id,) and plan.jobs.index(refs[d.parent]) < plan.jobs.index(d) for d in deploy)
     for job in plan.jobs:  # parents come before children, and every child names a job of the stage it is from
         if job.parent:
             assert plan.jobs.index(jobs[job.parent]) < plan.jobs.index(job)
@@ -83,7 +88,7 @@ def test_stages_expand_to_a_dag_with_lineage(folder):
 def test_a_child_id_follows_its_parent(folder):
     before = plan_of(folder, PIPELINE)
     after = plan_of(folder, PIPELINE.replace("r: [8, 16]", "r: [8, 32]"))
-    ids = lambda plan, kind: {j.id for j in plan.jobs if j.kind == kind}  # noqa: E731
+    ids = lambda plan, kind: {j.id for j in plan.spec_jobs if j.kind == kind}  # noqa: E731
     # r=8 jobs and everything after them keep their ids (resubmitting reuses them); r=16's subtree is replaced
     assert len(ids(before, "train") & ids(after, "train")) == 2
     assert len(ids(before, "merge") & ids(after, "merge")) == 3

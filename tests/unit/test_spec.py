@@ -68,7 +68,7 @@ def test_defaults_are_filled_so_explicit_defaults_share_the_id(tmp_path):
     explicit = GOOD.replace("method: [none, bnb-int8, bnb-nf4, bnb-fp4]", "method: [bnb-nf4]\n          double_quant: [false]")
     _, b = load_sweep(write(tmp_path, explicit, "b.yaml"))
     nf4 = next(j for j in a.jobs if j.options["method"] == "bnb-nf4")
-    assert b.jobs[0].id == nf4.id
+    assert b.spec_jobs[0].id == nf4.id
 
 
 def test_matrix_product_fixed_options_and_exclude(tmp_path):
@@ -85,9 +85,9 @@ def test_matrix_product_fixed_options_and_exclude(tmp_path):
               - {method: bnb-fp4, double_quant: true}
     """)
     _, plan = load_sweep(path)
-    combos = [(j.options["method"], j.options["double_quant"]) for j in plan.jobs]
+    combos = [(j.options["method"], j.options["double_quant"]) for j in plan.spec_jobs]
     assert combos == [("bnb-nf4", False), ("bnb-nf4", True), ("bnb-fp4", False)]
-    assert all(j.options["compute_dtype"] == "bfloat16" for j in plan.jobs)
+    assert all(j.options["compute_dtype"] == "bfloat16" for j in plan.spec_jobs)
 
 
 def test_every_error_at_once_with_path_line_and_did_you_mean(tmp_path):
@@ -232,3 +232,42 @@ def test_sleep_jobs_need_no_model(tmp_path):
     _, plan = load_sweep(path)
     assert [j.label for j in plan.jobs] == ["sleep[0]", "sleep[1]", "sleep[2]"]
     assert all(j.model is None and j.eval is None for j in plan.jobs)
+
+
+def test_every_compared_row_needs_one_reference_job_the_spec_s_own_or_one_made_for_it(tmp_path):
+    from qfarm.farm.eta import ranks
+    from qfarm.farm.store import JobRecord
+
+    _, own = load_sweep(REPO / "jobs" / "demo.yaml")  # the spec has its none: that one is the reference
+    none = own.jobs[0]
+    assert none.options["method"] == "none" and not own.implicit and not none.needs
+    assert all(j.needs == (none.id,) for j in own.jobs[1:])
+    # without one, expansion makes it: the very job (same id) the spec's own would be, placed first
+    path = write(tmp_path, GOOD.replace("method: [none, bnb-int8, bnb-nf4, bnb-fp4]", "method: [bnb-nf4, rtn]"))
+    _, made = load_sweep(path)
+    assert [j.label for j in made.jobs] == ["none", "bnb-nf4", "rtn"] and made.implicit == {made.jobs[0].id}
+    assert made.spec_jobs == made.jobs[1:] and all(j.needs == (made.jobs[0].id,) for j in made.jobs[1:])
+    assert made.jobs[0].id == next(j.id for j in load_sweep(write(tmp_path, GOOD, "g.yaml"))[1].jobs
+                                   if j.options["method"] == "none")
+    # an evaluated checkpoint is measured against the same reference; a spec's none with more GPUs stays its own
+    # (a stage of its own, its resources: the only job that holds the float model), and is the one needed
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, '
+                                      '"num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 49152}')
+    path = write(tmp_path, f"""\
+        name: s
+        model: bundled:smollm2-135m
+        jobs:
+          - {{kind: quantize, method: bnb-nf4}}
+          - {{kind: evaluate, checkpoint: {ckpt}}}
+          - {{kind: quantize, method: none, resources: {{gpus: 4}}}}
+    """, "wide.yaml")
+    _, wide = load_sweep(path)
+    ref = next(j for j in wide.jobs if j.options.get("method") == "none")
+    assert not wide.implicit and ref.resources["gpus"] == 4 and len(wide.jobs) == 3
+    assert all(j.needs == (ref.id,) for j in wide.jobs if j is not ref)
+    # dispatched first: the critical path of every row runs through it
+    records = [JobRecord(id=j.id, status="queued", spec=j.payload()) for j in made.jobs]
+    r = ranks(records)
+    assert max(r, key=r.get) == made.jobs[0].id
