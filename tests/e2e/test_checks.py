@@ -22,16 +22,17 @@ def sweep(tmp_path, name: str, model: str, data, jobs: str) -> str:
 
 
 def test_a_tokenizer_that_cuts_text_into_characters_fails_the_sweep_with_the_reason(cli_env, shared_data, tmp_path):
+    """The reference refuses it, once: the row measured against it is skipped with the reference's reason."""
     wiki = shared_data / "wikitext2" / "wiki.test.raw"
     tiny = make_tiny_model(tmp_path / "chars", wiki.read_text()[:20000].splitlines(), characters=True)
     jobs = "  - {kind: quantize, method: none}\n  - {kind: quantize, method: rtn, bits: 8, group_size: 32}\n"
     out = qfarm(cli_env, "submit", sweep(tmp_path, "chars", str(tiny), wiki, jobs), "--wait")
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     rows = results(cli_env, "chars")
-    assert [r["status"] for r in rows] == ["failed", "failed"]
-    for r in rows:  # each job refused to publish numbers, and says why, not retried (it would fail again)
+    assert [r["status"] for r in rows] == ["failed", "skipped"]  # the reference refused; its row never started
+    for r in rows:  # refused to publish numbers, and says why, not retried (it would fail again)
         assert "cut the evaluation text into single characters" in r["error"] and r["perplexity"] is None
-        assert r["attempts"] == 1
+    assert [r["attempts"] for r in rows] == [1, 0] and rows[1]["error"].startswith(f"skipped: none ({rows[0]['job_id']})")
     assert "single characters" in qfarm(cli_env, "results", "chars", "--format", "md").stdout
 
 

@@ -38,7 +38,7 @@ def run(ctx) -> dict:
     confirm(ref, "checkpoint")
     with PeakMemory() as mem:
         base, prepare_s, cached = prepared_base(ctx)
-        vocab = base.model.config.vocab_size  # before reference_first may give the base back
+        vocab = base.skeleton.config.vocab_size  # no weights read: the reference's figures may be on disk
         ctx.extra["base_during_job"] = reference_first(ctx, base)
         ctx.progress(f"loading the checkpoint {ref.get('name')}")
         t0 = time.time()

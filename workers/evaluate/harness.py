@@ -397,24 +397,27 @@ def task_loss(model, examples: list[list[int]], progress, what: str = "task loss
 
 
 def reference_first(ctx, base) -> str:
-    """Before a job builds its own model: the reference's figures made now (log-probs on the windows, task loss),
-    then the base given back so that the job's model has the room, never the two at once: on a GPU parked in host
-    RAM (workers.shared.cache.Cache.park); on a CPU worker whose host-RAM budget (``QFARM_HOST_MEM_GB``) the job's plan
-    exceeds, dropped (loaded again by the next job that needs it). Not when the reference log-probs are
+    """Before a job builds its own model: the reference's figures at hand (log-probs on the windows, task loss):
+    read from what the sweep's reference job wrote, so the float base is never loaded (``not loaded``); else made
+    now, then the base given back so that the job's model has the room, never the two at once: on a GPU parked in
+    host RAM (workers.shared.cache.Cache.park); on a CPU worker whose host-RAM budget (``QFARM_HOST_MEM_GB``) the job's
+    plan exceeds, dropped (loaded again by the next job that needs it). Not when the reference log-probs are
     recomputed window by window (the base is needed beside the row's model) or the cache keeps nothing. Returns
     what was done with the base (the row's ``base_during_job``)."""
     from qfarm import settings
     from workers.shared.models import device, plan_columns
 
+    wins, ref = eval_windows(ctx, base)  # read from disk when the sweep's reference job wrote them
+    _reference_task_loss(ctx, base)
+    if not base.loaded:
+        return "not loaded"  # the reference's figures came from its own job: the float model never loaded here
     on_gpu = device() != "cpu"
     budget = settings.get("QFARM_HOST_MEM_GB")
     over = bool(budget) and (plan_columns(ctx, base).get("plan_host_gb") or 0) > float(budget)
     if not on_gpu and not over:
         return "kept"
-    wins, ref = eval_windows(ctx, base)
     if (ref is not None and ref.stream is not None) or ctx.cache.models.max_items == 0:
         return "kept"
-    _reference_task_loss(ctx, base)
     return ctx.cache.park(base, on_gpu=True) if on_gpu else ctx.cache.drop(base)
 
 
@@ -488,13 +491,25 @@ def _reference(ctx, base, wins, nbytes: int, key: tuple) -> Reference:
     import hashlib
 
     from workers.shared.files import keyed
+    from workers.shared.models import compute_dtype, device
 
-    vocab = int(base.model.get_output_embeddings().weight.shape[0])
+    vocab = int(base.skeleton.get_output_embeddings().weight.shape[0])  # no weights read: the reference may be on disk
     fits = len(wins) * (wins.shape[1] - 1) * vocab * 2 <= ctx.cache.ref_budget_bytes
-    param = next(base.model.parameters())
     tokens = hashlib.sha256(wins.numpy().tobytes()).hexdigest()  # the very windows, whatever made them
-    target = keyed(ctx.output_root, "_refs", repr((key, tokens, str(param.device.type), str(param.dtype))))
-    return spilled_reference(runner(base.model), wins, ctx.progress, nbytes, target, in_memory=fits)
+    # the device class and dtype the reference computes in: what every job of the sweep on such workers derives
+    target = keyed(ctx.output_root, "_refs", repr((key, tokens, device(), str(compute_dtype(base.path)))))
+    return spilled_reference(_BaseRunner(base), wins, ctx.progress, nbytes, target, in_memory=fits)
+
+
+class _BaseRunner:
+    """The base model's runner, its weights loaded only when a window's log-probs are computed here (not when the
+    sweep's reference job wrote them)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def logprobs(self, window):
+        return runner(self.base.model).logprobs(window)
 
 
 def evaluate(ctx, model, base) -> dict:

@@ -51,7 +51,7 @@ def run(ctx) -> dict:
         model = impl.load(ctx, artifact, base)
         load_s = base.load_s if artifact is None else time.time() - t0
         if artifact is not None:
-            ctx.extra.update(artifacts.check_parameters(model, base.model))
+            ctx.extra.update(artifacts.check_parameters(model, base.skeleton))
         metrics = evaluate(ctx, model, base)
     in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)  # llama.cpp models say their own size
     result = {

@@ -9,21 +9,51 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from qfarm import settings
 
 
-@dataclass
 class Loaded:
-    model: Any
-    tokenizer: Any
-    load_s: float
-    path: str
-    conventions: dict  # BOS convention and tokenizer check (workers.evaluate.checks.conventions)
-    where: dict = field(default_factory=dict)  # where its weights were placed (workers.shared.models.placement)
-    parked: bool = False  # moved to host RAM while a job's own model has the GPU
+    """A job's base model: its folder, tokenizer and conventions at once, its weights (``model``) the first time
+    something asks for them. A job whose reference figures were written by the sweep's reference job (and whose
+    method builds its own model from the folder: bitsandbytes loads quantizing, llm-compressor and GPTQModel their
+    own copy, llama.cpp its file) never asks: the float model is not loaded beside its own (``loaded`` says whether
+    it was). ``skeleton`` is the architecture on the meta device (no memory): parameter counts, the vocabulary."""
+
+    def __init__(self, model: Any, tokenizer: Any, load_s: float, path: str, conventions: dict,
+                 where: dict | None = None, parked: bool = False, load: Callable[[Loaded], Any] | None = None):
+        self._model, self.tokenizer, self.load_s, self.path = model, tokenizer, load_s, path
+        self.conventions = conventions  # BOS convention and tokenizer check (workers.evaluate.checks.conventions)
+        self.where = where if where is not None else {}  # where its weights were placed (models.placement)
+        self.parked = parked  # moved to host RAM while a job's own model has the GPU
+        self._load, self._skeleton = load, None
+        self.ctx = None  # the job it was last handed to (what counts a load)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None and self._load is not None:
+            self._model = self._load(self)
+        return self._model
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self._model = value
+
+    @property
+    def skeleton(self) -> Any:
+        """The model's architecture on the meta device: its parameters' shapes and ties, no weights."""
+        if self._model is not None:
+            return self._model
+        if self._skeleton is None:
+            from workers.shared.models import skeleton
+
+            self._skeleton = skeleton(self.path)
+        return self._skeleton
 
 
 class _LRU:
@@ -73,21 +103,21 @@ class Cache:
         self.model_loads = 0
 
     def base(self, path: str, ctx) -> tuple[Loaded, bool]:
+        """The base model at ``path`` for this job: its tokenizer and conventions now, its weights when first asked
+        for (``Loaded.model``), from this worker's cache when they are there."""
+        from transformers import AutoTokenizer
+
         from workers.evaluate.checks import conventions
-        from workers.shared.models import load_float
 
         def make() -> Loaded:
             self.refs.clear()  # reference log-probs belong to the model being evicted or replaced
             self.ref_numbers.clear()
-            start = time.time()
-            where: dict = {}
-            model, tokenizer = load_float(path, where)
-            self.model_loads += 1
-            ctx.count("model_loads")
-            return Loaded(model, tokenizer, time.time() - start, path, conventions(path, tokenizer), where)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            return Loaded(None, tokenizer, 0.0, path, conventions(path, tokenizer), load=self._load_weights)
 
         loaded, hit = self.models.get(path, make)
-        if hit:
+        loaded.ctx = ctx
+        if hit and loaded.loaded:
             ctx.count("model_cache_hits")
             if loaded.parked:  # back from host RAM: seconds, not a load from disk
                 from workers.shared.models import device
@@ -97,11 +127,25 @@ class Cache:
                 ctx.count("model_unparks")
         return loaded, hit
 
+    def _load_weights(self, loaded: Loaded) -> Any:
+        from workers.shared.models import float_model
+
+        start, where = time.time(), {}
+        model = float_model(loaded.path, where)
+        loaded.load_s, loaded.where, loaded.parked = time.time() - start, where, False
+        self.model_loads += 1
+        if loaded.ctx is not None:
+            loaded.ctx.count("model_loads")
+        return model
+
     def park(self, loaded: Loaded, on_gpu: bool) -> str:
         """Give the GPU back while a job's own model needs it (the plan's second phase): a base on one GPU moves
         to host RAM (back on the next ``base()``), one spread over several GPUs or offloaded is dropped (accelerate's
         dispatch does not move as a whole). Only on a GPU, and only once the reference's figures are kept: what the
-        job does next must not need the base. Returns what it did: ``parked``, ``dropped`` or ``kept``."""
+        job does next must not need the base. Returns what it did: ``parked``, ``dropped`` or ``kept``, or ``not
+        loaded`` when the job never needed its weights."""
+        if not loaded.loaded:
+            return "not loaded"
         if not on_gpu or loaded.parked:
             return "kept"
         spread = len({str(d) for d in (getattr(loaded.model, "hf_device_map", None) or {}).values()}) > 1
@@ -115,6 +159,8 @@ class Cache:
     def drop(self, loaded: Loaded) -> str:
         """Drop a cached base now (its memory back to the process, or CUDA's pool): the next job that needs it loads
         it again. For a host-RAM budget, or a model that does not move as a whole."""
+        if not loaded.loaded:
+            return "not loaded"
         for key, value in list(self.models.items.items()):
             if value is loaded:
                 del self.models.items[key]

@@ -257,14 +257,32 @@ def load_float(path: str, where: dict | None = None, host: bool = False):
     """The float model and tokenizer from an HF folder or hub id, on this worker's device(s), in the compute dtype
     (``compute_dtype``); ``host``: in host RAM whatever the device (llm-compressor onloads it a layer at a time).
     ``where``, when given, receives the placement's columns."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    return float_model(path, where, host), AutoTokenizer.from_pretrained(path)
+
+
+def float_model(path: str, where: dict | None = None, host: bool = False):
+    """The float model alone (``load_float``)."""
+    from transformers import AutoModelForCausalLM
 
     kwargs, said = ({"device_map": {"": "cpu"}}, {"device_map": "cpu"}) if host else placement(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype(path), **kwargs)
     model.eval()
     if where is not None:
         where.update(said)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model
+
+
+def skeleton(path: str):
+    """The model's architecture on the meta device (no weights, no memory): its parameters' shapes and ties, as
+    loading the folder would make them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def dtype_name(model) -> str:
@@ -311,7 +329,7 @@ def checkpoint_bytes(ctx, base) -> tuple[int, str]:
     config = AutoConfig.from_pretrained(base.path)  # as the checkpoint declares it, not as it was loaded
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    params = sum(p.numel() for p in base.model.parameters())
+    params = sum(p.numel() for p in base.skeleton.parameters())
     return params * torch.empty((), dtype=dtype).element_size(), f"parameters in {str(dtype).replace('torch.', '')}"
 
 
@@ -337,7 +355,7 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
         "base_cache_hit": cached,
         "device": device_label(),
         "run_dtype": dtype_name(model) if hasattr(model, "parameters") else None,
-        **({"device_map": base.where.get("device_map")} if model is base.model and base.where else {}),
+        **({"device_map": base.where.get("device_map")} if base.loaded and model is base.model and base.where else {}),
         "artifact": artifact,
         "versions": versions(),
     }
