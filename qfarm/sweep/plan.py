@@ -151,20 +151,29 @@ def compute_bytes(shape: ModelShape, device: str) -> int:
     return DTYPE_BYTES.get(shape.dtype, 4) if shape.dtype != "float32" or not shape.from_gguf else 2
 
 
-def job_plan(job: Job | dict, shape: ModelShape, device: str) -> dict:
+def job_plan(job: Job | dict, shape: ModelShape, device: str, reads_reference: bool | None = None) -> dict:
     """The plan of one job (a Job, or its payload) on ``device`` (cuda | cpu): GB per GPU and in all, host, disk, by term.
 
-    On a GPU a job has two phases and its peak is the larger: the reference (the cached float base on the GPU,
-    evaluated on the windows; its log-probs kept in host RAM or written to disk), then the job's own model, with the base
-    parked in host RAM meanwhile. llm-compressor methods quantize a copy in host RAM that their sequential pipeline
+    A job measured against the reference (``Job.compares``: a quantized variant, an evaluated checkpoint) holds only
+    its own model: the float base is its reference job's, whose log-probs it reads (kept in host RAM when they fit
+    the budget, else a window at a time from disk). bitsandbytes quantizes while loading (the 4-bit model, never the
+    float one, on the GPU); llm-compressor methods quantize a host-RAM copy and are evaluated decompressed (their
+    dense size on the GPU); a GGUF job holds llama.cpp's file. The reference job, and a job that trains or merges,
+    has two phases on a GPU and its peak is the larger: the reference (the cached float base on the GPU, evaluated
+    on the windows; its log-probs kept in host RAM or written to disk), then the job's own model, with the base
+    parked in host RAM meanwhile. ``reads_reference=False`` plans a comparing job that makes the reference itself
+    (its reference's figures not on disk: every job, before the reference was a job of its own; bench/plan_memory.py).
+    llm-compressor methods quantize a copy in host RAM that their sequential pipeline
     onloads a decoder layer at a time. Weights, KV cache and activations spread over the job's GPUs; a window's
     logits and GPTQ's Hessians sit on one. On a CPU everything is host RAM, held at once (nothing to park)."""
     job = as_job(job)
+    reads = job.compares if reads_reference is None else reads_reference and job.compares
     kind, opts = job.kind, job.view  # every default from the options model, none here
     method = job.method or kind
     on_gpu, P = device == "cuda", shape.total
     cb = compute_bytes(shape, device)
-    ref: dict[str, float] = {"cached float base": P * cb}
+    # a comparing job reads the reference's figures its reference job wrote: the float base is that job's, not its own
+    ref: dict[str, float] = {} if reads else {"cached float base": P * cb}
     own: dict[str, float] = {}
     host: dict[str, float] = {"worker process": HOST_BASE[device]}
     disk: dict[str, float] = {}
@@ -172,9 +181,12 @@ def job_plan(job: Job | dict, shape: ModelShape, device: str) -> dict:
     gguf_source = (job.model or {}).get("kind") == "gguf"
     terms = Terms(ref, own, host, disk, opts, shape, cb, on_gpu, gguf_source, four_bit)
     PLAN_TERMS[plan_key(kind, method)](terms)
-    _evaluation(ref, host, job, shape, cb, disk)
-    if own:
-        _evaluation(own, {}, job, shape, cb)
+    if reads:
+        _evaluation(own, host, job, shape, cb)
+    else:
+        _evaluation(ref, host, job, shape, cb, disk)
+        if own:
+            _evaluation(own, {}, job, shape, cb)
     if gguf_source:
         disk.setdefault("float copy of the GGUF (once per output root)", P * 4)
     gpus = max(int(job.resources.get("gpus") or 0), 1) if on_gpu else 0
@@ -182,16 +194,17 @@ def job_plan(job: Job | dict, shape: ModelShape, device: str) -> dict:
         host.update({**ref, **own})
         dev, phase, phases = {}, "host", {}
     else:
-        if own and gpus == 1:  # over several GPUs it is dropped instead (and loaded again by the next job)
+        if ref and own and gpus == 1:  # over several GPUs it is dropped instead (and loaded again by the next job)
             host["float base, parked in host RAM"] = P * cb
         per_device = lambda terms: sum(v if k in UNSPREAD else v / gpus for k, v in terms.items())  # noqa: E731
         dev, phase = (own, "own model") if own and per_device(own) >= per_device(ref) else (ref, "reference")
-        phases = {"reference": per_device(ref) / GB, **({"own model": per_device(own) / GB} if own else {})}
+        phases = {**({"reference": per_device(ref) / GB} if ref else {}),
+                  **({"own model": per_device(own) / GB} if own else {})}
     gpu_per_device = sum(v if k in UNSPREAD else v / max(gpus, 1) for k, v in dev.items())
     return {"device": device, "gpus": gpus, "gpu_gb": sum(dev.values()) / GB, "gpu_gb_per_device": gpu_per_device / GB,
             "host_gb": sum(host.values()) / GB, "disk_gb": sum(disk.values()) / GB, "params": P, "peak_phase": phase,
             "phases_gb_per_device": phases, "dtype_bytes": cb,
-            "parts_by_phase": {} if not on_gpu else {"reference": {k: v / GB for k, v in ref.items()},
+            "parts_by_phase": {} if not on_gpu else {**({"reference": {k: v / GB for k, v in ref.items()}} if ref else {}),
                                                      **({"own model": {k: v / GB for k, v in own.items()}} if own else {})},
             "parts": {"gpu": {k: v / GB for k, v in dev.items()}, "host": {k: v / GB for k, v in host.items()},
                       "disk": {k: v / GB for k, v in disk.items()}}}
@@ -338,7 +351,9 @@ def plan_jobs(jobs: list[Job | dict], shape: ModelShape, device: str) -> list[di
 
 
 
-PLAN_FIXES = ("more resources.gpus (the model spreads over them)", "a 4-bit method (bnb-nf4, gptq/awq 4-bit)",
+PLAN_FIXES = ("more resources.gpus (the model spreads over them; for the reference, a `method: none` job of the sweep "
+              "with its own resources: it is the only job that holds the float model)",
+              "a 4-bit method held as 4-bit (bnb-nf4, a GGUF Q4_K_M; gptq/awq rows are evaluated decompressed)",
               "a shorter eval.perplexity.seq_len or fewer max_windows",
               "a train job's smaller seq_len/batch_size or gradient_checkpointing: true",
               "a node type with bigger GPUs (resources.min_gpu_mem_gb names one)")

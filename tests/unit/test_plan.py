@@ -48,13 +48,19 @@ def test_a_plan_adds_up_what_a_job_holds_and_orders_the_methods_as_their_bits_do
     # the reference phase: the float base at the checkpoint's own dtype (bfloat16: 2 bytes) and one window
     assert ref["parts"]["gpu"]["cached float base"] == pytest.approx(8.03e9 * 2 / GB, rel=0.003)  # 16.1 GB
     assert ref["gpu_gb"] == pytest.approx(sum(ref["parts"]["gpu"].values())) and ref["peak_phase"] == "reference"
-    # the job's own model, with the base parked in host RAM: int8 ~1 byte, nf4 ~0.56 byte a quantized weight,
-    # GPTQ the decompressed artifact + Hessians; its peak is the larger phase, never the two models at once
+    # a variant holds its own model only: the float base is the reference job's (whose log-probs it reads), so no
+    # reference phase and nothing parked: int8 ~1 byte, nf4 ~0.56 byte a quantized weight (quantized while loading),
+    # GPTQ the decompressed artifact + Hessians
     own = {m: p["phases_gb_per_device"].get("own model", 0) for m, p in plans.items()}
     assert own["none"] == 0 and own["bnb-nf4"] < own["bnb-int8"] < ref["gpu_gb"] < own["gptq"]
     for m, p in plans.items():
         assert p["gpu_gb"] == pytest.approx(max(p["phases_gb_per_device"].values()))
-        assert ("float base, parked in host RAM" in p["parts"]["host"]) == (m != "none")
+        assert "float base, parked in host RAM" not in p["parts"]["host"]
+        assert ("reference" in p["phases_gb_per_device"]) == (m == "none") and "cached float base" not in (
+            p["parts_by_phase"].get("own model") or {})
+    # Llama-3-8B NF4 with 2,048-token windows: 6.0 GB of 4-bit model + a window's logits and KV cache, under half
+    # the float reference's 18.4 GB
+    assert plans["bnb-nf4"]["gpu_gb"] <= 0.5 * ref["gpu_gb"] and 6.0 < plans["bnb-nf4"]["gpu_gb"] < 9.2
     assert plans["gptq"]["parts"]["host"]["model being quantized (onloaded a layer at a time)"] == pytest.approx(16.06, rel=0.003)
     assert plans["gptq"]["gpu_gb"] < 16.1 + 16.1  # never the cached base and a second float copy on the GPU
     assert plans["bnb-nf4"]["parts"]["disk"]["artifact"] == pytest.approx(
@@ -165,12 +171,12 @@ def test_the_plan_places_gpu_jobs_and_refuses_what_fits_no_gpu():
     placed = [dict(j) for j in jobs]
     assert place(placed, shape, [80.0, 16.0, 24.0]) == []
     sizes = [j["resources"]["min_gpu_mem_gb"] for j in placed]
-    assert sizes == [24.0, 24.0, 24.0]  # the smallest GPU that holds each plan: 18.4, 18.4, 19.7 GB
+    assert sizes == [24.0, 16.0, 24.0]  # the smallest GPU that holds each plan: 18.4, 8.4, 19.7 GB
     assert shared == {"gpus": 1} and placed[0]["resources"]["min_gpu_mem_gb_source"] == "plan"
     said = place([dict(j) for j in jobs], shape, [16.0])
-    assert said[0].endswith("(the largest has 16 GB):") and len(said) == 5  # all three refused, then the fixes
-    assert "gptq (j2): 19.7 GB on one GPU (decompressed artifact 16.1" in said[3] and "4-bit method" in said[4]
-    assert "more resources.gpus" in said[4]
+    assert said[0].endswith("(the largest has 16 GB):") and len(said) == 4  # NF4 fits: two refused, then the fixes
+    assert "gptq (j2): 19.7 GB on one GPU (decompressed artifact 16.1" in said[2] and "4-bit method" in said[3]
+    assert "more resources.gpus" in said[3] and "method: none" in said[3]
     two = [dict(jobs[0], resources={"gpus": 2})]  # over two GPUs: 8.0 GB of weights each + a window's logits
     assert place(two, shape, [16.0]) == [] and two[0]["resources"]["min_gpu_mem_gb"] == 16.0
     mine = [dict(jobs[2], resources={"gpus": 1, "min_gpu_mem_gb": 80})]  # the spec's own choice stands
@@ -199,3 +205,23 @@ def test_validate_refuses_a_job_whose_plan_fits_no_gpu_of_the_cluster_config(tmp
         assert out.returncode == code, out.stderr
     assert "fit no GPU of this cluster (the largest has 16 GB)" in out.stderr and "gptq (j" in out.stderr
     assert "4-bit method" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_70b_nf4_fits_one_48gb_gpu_and_only_the_reference_needs_several():
+    """The float model is paid for once, by the reference job (over 4 GPUs here); every 4-bit row holds only its own
+    model: Llama-3-70B in NF4 on one 48 GB GPU, which bitsandbytes alone does."""
+    from qfarm.sweep.plan import place
+
+    shape = shape_of_config(LLAMA3_70B)
+    eval_512 = {"perplexity": {"seq_len": 512, "max_windows": 16}}
+    nf4, gguf = (dict(job(m), id=f"j{i}", eval=eval_512) for i, m in enumerate(("bnb-nf4", "gguf")))
+    one_gpu = job_plan(nf4, shape, "cuda")
+    assert one_gpu["gpus"] == 1 and one_gpu["peak_phase"] == "own model" and 40 < one_gpu["gpu_gb"] < 46
+    assert "cached float base" not in str(one_gpu["parts"]) and "reference" not in one_gpu["phases_gb_per_device"]
+    ref = dict(job("none"), id="jr", eval=eval_512, resources={"gpus": 4})
+    assert job_plan(dict(ref, resources={"gpus": 1}), shape, "cuda")["gpu_gb"] > 140  # the float model: 141 GB
+    jobs = [ref, nf4, gguf]
+    assert place(jobs, shape, [48.0]) == []
+    assert [j["resources"]["min_gpu_mem_gb"] for j in jobs] == [48.0, 48.0, 48.0]  # 35.3 GB each of 4; 43; 43
+    said = place([dict(ref, resources={"gpus": 1})], shape, [48.0])  # the reference on one GPU: refused, with why
+    assert "none (jr): 141.8 GB on one GPU (cached float base 141.1" in said[1] and "method: none" in said[2]
