@@ -103,6 +103,31 @@ jobs:
     assert rows["bnb-nf4"]["vllm_skipped"] and rows["bnb-nf4"]["vllm_tokens_per_s_c1"] is None
 
 
+@pytest.fixture(scope="session")
+def llama3b(tmp_path_factory, shared_data):
+    """The ~3B random bfloat16 Llama, built once per test session (its save is most of a minute on an H100)."""
+    from tests.tiny import corpus_of
+
+    return _random_llama(tmp_path_factory.mktemp("llama3b") / "model",
+                         corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 300))
+
+
+def gpu_table(rows: dict) -> str:
+    """The README's GPU table from a sweep's rows: device, versions, and per row size, peak GPU memory against the
+    plan, load, perplexity, KL, decode speed and quantization time."""
+    import torch
+
+    head = (f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}\n"
+            "| row | size MB | peak GPU GB | plan GPU GB | load s | ppl | KL | decode tok/s | quant s | base |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = [f"| {label} | {fmt(r['size_mb'], '.0f')} | {fmt(r['peak_mem_mb'] * 2**20 / 1e9, '.2f')} | "
+             f"{fmt(r['plan_gpu_gb'], '.2f')} | {fmt(r['load_s'], '.1f')} | {fmt(r['perplexity'], '.3f')} | "
+             f"{fmt(r['kl_div'], '.4f')} | {fmt(r['decode_tokens_per_s'], '.1f')} | {fmt(r['quant_s'], '.1f')} | "
+             f"{r['base_during_job'] or '-'} |" for label, r in rows.items()]
+    return "\n".join([head, *lines])
+
+
 def _random_llama(folder, corpus, layers: int = 40, hidden: int = 2560):
     """A randomly initialised Llama of ~2.8B parameters in bfloat16, built from a config (no hub): what a user's
     bf16 checkpoint looks like to qfarm, at a size where memory matters."""
@@ -122,12 +147,10 @@ def _random_llama(folder, corpus, layers: int = 40, hidden: int = 2560):
     return folder
 
 
-def test_a_3b_bf16_model_runs_in_its_dtype_and_its_memory_is_planned(cli_env, shared_data, tmp_path):
-    """bnb-nf4, RTN and GPTQ of a ~3B bfloat16 Llama on the GPU: computed in bfloat16, the base parked while each
-    job's own model runs, and the measured peak within 2x of the plan (the plan says what it expects per job)."""
-    from tests.tiny import corpus_of
-
-    folder = _random_llama(tmp_path / "llama3b", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 300))
+def test_a_3b_bf16_model_runs_in_its_dtype_and_its_memory_is_planned(cli_env, shared_data, tmp_path, llama3b):
+    """bnb-nf4, RTN and GPTQ of a ~3B bfloat16 Llama on the GPU: computed in bfloat16, the float model held by the
+    reference job alone, and the measured peak within 2x of the plan (the plan says what it expects per job)."""
+    folder = llama3b
     spec = tmp_path / "big.yaml"
     spec.write_text(f"""\
 name: gpu-3b
@@ -140,6 +163,7 @@ jobs:
   - {{kind: quantize, method: gptq, calibration: {{dataset: {shared_data}/wikitext2/wiki.test.raw, samples: 16, seq_len: 256}}}}
 """)
     rows = run_sweep(cli_env, spec, "gpu-3b")
+    print(gpu_table(rows))  # the README's GPU table
     assert all(r["status"] == "succeeded" and r["device"].startswith("cuda") for r in rows.values())
     assert {r["run_dtype"] for r in rows.values() if r["method"] != "bnb-nf4"} == {"bfloat16"}
     for label, r in rows.items():
@@ -150,13 +174,12 @@ jobs:
             assert r["base_during_job"] == "not loaded" and r["ref_cache"] in ("shared", "memory"), label
 
 
-def test_a_model_over_one_gpus_room_is_offloaded_and_says_so(shared_data, tmp_path, monkeypatch):
+def test_a_model_over_one_gpus_room_is_offloaded_and_says_so(monkeypatch, llama3b):
     """A job whose weights do not fit its GPU's room (capped here with QFARM_GPU_MEM_GB) is placed partly in host
     RAM, says how much, and still computes the same logits as on the GPU alone."""
-    from tests.tiny import corpus_of
     from workers.shared.models import load_float
 
-    folder = _random_llama(tmp_path / "llama3b", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 300))
+    folder = llama3b
     where: dict = {}
     monkeypatch.setenv("QFARM_GPU_MEM_GB", "4")  # 5.5 GB of bfloat16 weights, 4 GB of room
     model, tok = load_float(str(folder), where)
