@@ -75,10 +75,14 @@ stages:
     assert merges["dequantized"]["task_loss"] == pytest.approx(ft["task_loss"], abs=1e-3)
     assert all(Path(r["artifact"], "config.json").is_file() for r in merges.values())
 
-    deploy = stages["deploy"]
-    assert len(deploy) == 2 and all(r["status"] == "succeeded" for r in deploy)
+    # each merged model is the reference of the rows quantized from it: its reference job (made: the stage has no
+    # none) ran from that merge, and the row was measured against it
+    refs = {r["parent"]: r for r in stages["deploy"] if r["method"] == "none"}
+    deploy = [r for r in stages["deploy"] if r["method"] != "none"]
+    assert len(deploy) == 2 and all(r["status"] == "succeeded" for r in stages["deploy"])
     for r in deploy:
         parent = by_id[r["parent"]]
+        assert r["ref_perplexity"] == pytest.approx(refs[r["parent"]]["perplexity"]) and refs[r["parent"]]["kl_div"] == 0
         assert parent["stage"] == "merge" and r["lineage"] == f"{ft['label']} → {parent['label']}"
         assert r["ref_task_loss"] == pytest.approx(parent["task_loss"], rel=1e-4)  # compared with what it quantized
         assert math.isfinite(r["task_loss"]) and r["started_at"] >= parent["finished_at"]
@@ -99,7 +103,7 @@ stages:
     # what was done, the row's figures
     from huggingface_hub import ModelCard
 
-    made = [r for r in rows if r["status"] == "succeeded"]
+    made = [r for r in rows if r["status"] == "succeeded" and r["artifact"]]  # the references save nothing
     assert len(made) == 5 and all(r["model_card"] == str(Path(r["artifact"], "README.md")) for r in made)
     cards = {r["job_id"]: ModelCard.load(r["model_card"]) for r in made}
     for r in made:
@@ -118,7 +122,7 @@ stages:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sent = qfarm(cli_env, "results", "tiny-pipe", "--to", "mlflow", "--tracking-uri", uri)
-    assert sent.returncode == 0 and "7 run(s) created" in sent.stdout, sent.stdout + sent.stderr
+    assert sent.returncode == 0 and "9 run(s) created" in sent.stdout, sent.stdout + sent.stderr
     c = MlflowClient(tracking_uri=uri)
     (experiment,) = [e for e in c.search_experiments() if e.name.startswith("tiny-pipe-")]
     runs = {r.data.tags["qfarm.job_id"]: r for r in c.search_runs([experiment.experiment_id])}
@@ -136,7 +140,7 @@ stages:
 
     # and W&B, offline: the runs' own files, read back
     wb = qfarm(cli_env, "results", "tiny-pipe", "--to", "wandb", "--experiment", "tiny")
-    assert wb.returncode == 0 and "wrote 7 W&B run(s) (offline)" in wb.stdout, wb.stdout + wb.stderr
+    assert wb.returncode == 0 and "wrote 9 W&B run(s) (offline)" in wb.stdout, wb.stdout + wb.stderr
     wruns = wandb_runs(Path(cli_env["QFARM_OUTPUT_ROOT"]) / "wandb")
     assert set(wruns) == set(by_id)
     w = wruns[ft["job_id"]]

@@ -134,11 +134,13 @@ def _expand(farm: dict, method: str, variants: list[dict]):
 
 def _run(job, root: Path, cache, plan=None) -> dict:
     """The job run in this process by its kind's worker, as a worker actor runs it; a job that ``needs`` another
-    (a shared capture) gets that one's artifact, as the scheduler gives it."""
+    (a shared capture, the reference) gets that one's artifact, as the scheduler gives it, when ``plan`` is given;
+    without it the job computes the reference itself, as a job whose reference's files are gone does."""
     from qfarm.sweep.job import Job
     from workers.actor import JobContext, entry_point
 
-    needs = {dep: _run(next(j for j in plan.jobs if j.id == dep), root, cache)["artifact"] for dep in job.needs}
+    needs = {dep: _run(next(j for j in plan.jobs if j.id == dep), root, cache)["artifact"]
+             for dep in (job.needs if plan is not None else ())}
     payload = {**job.payload(), "input": {"needs": needs} if needs else {}}
     ctx = JobContext(Job.from_payload(payload), "a1", "options", str(root / "sweep" / job.id), str(root), cache, 2, lambda line: None)
     return entry_point(job.worker, "worker")(ctx)
@@ -207,7 +209,7 @@ def test_a_worker_that_drops_an_option_fails_its_job_naming_it(farm, tmp_path, m
         replacement = lambda opts: real(opts.model_copy(update={option: type(opts).model_fields[option].default}))  # noqa: E731
     monkeypatch.setattr(module, name, replacement)
     value = {"act_order": True, "double_quant": True}[option]
-    (job,) = [j for j in _expand(farm, method, [{option: value}]).jobs if j.kind == "quantize"]
+    (job,) = [j for j in _expand(farm, method, [{option: value}]).spec_jobs if j.kind == "quantize"]
     with pytest.raises(Permanent) as failed:
         _run(job, tmp_path, Cache())
     said = str(failed.value)
@@ -233,7 +235,7 @@ def test_an_artifact_is_stored_as_its_source_whatever_the_job_computed_in(farm, 
     model.tie_weights()
     model.save_pretrained(source)  # as checkpoints ship: bfloat16, one embedding matrix
     farm = {**farm, "model": source}
-    (job,) = [j for j in _expand(farm, method, [{}]).jobs if j.kind == "quantize"]
+    (job,) = [j for j in _expand(farm, method, [{}]).spec_jobs if j.kind == "quantize"]
     rows = {}
     for dtype in (torch.float32, torch.bfloat16):
         monkeypatch.setattr(workers.shared.models, "compute_dtype", lambda path, d=dtype: d)

@@ -118,7 +118,8 @@ def test_a_new_quantization_method_is_one_registry_entry(monkeypatch, tmp_path):
     bigger = {**payloads[1], "options": {**payloads[1]["options"], "group_size": 128}}
     assert eta.work_shape(Job.from_payload(bigger)) != eta.work_shape(plan.jobs[1])
     assert eta.prior_units(plan.jobs[1]) == 30.0 * eta.prior_units(plan.jobs[0])  # its cost against the reference's 1
-    assert [j.spec["label"] for j in eta.dispatch_order(records, records)][-1] == "none"
+    # the reference first: both rows need it (the critical path of each runs through it)
+    assert [j.spec["label"] for j in eta.dispatch_order(records, records)][0] == "none"
 
     done = JobRecord(payloads[2]["id"], "succeeded", payloads[2], result={"ppl": 12.5}, sweep_id=plan.sweep_id)
     assert {k: row(done)[k] for k in ("method", "bits", "group_size", "ppl")} == {
