@@ -35,8 +35,14 @@ class Loaded:
         return self._model is not None
 
     @property
+    def held(self) -> Any:
+        """The weights as they are now (None when not loaded), neither loaded nor moved by asking."""
+        return self._model
+
+    @property
     def model(self) -> Any:
-        if self._model is None and self._load is not None:
+        """The float weights on this worker's device: loaded, or brought back from host RAM, when first asked for."""
+        if (self._model is None or self.parked) and self._load is not None:
             self._model = self._load(self)
         return self._model
 
@@ -119,17 +125,19 @@ class Cache:
         loaded.ctx = ctx
         if hit and loaded.loaded:
             ctx.count("model_cache_hits")
-            if loaded.parked:  # back from host RAM: seconds, not a load from disk
-                from workers.shared.models import device
-
-                loaded.model.to(device())
-                loaded.parked = False
-                ctx.count("model_unparks")
         return loaded, hit
 
     def _load_weights(self, loaded: Loaded) -> Any:
-        from workers.shared.models import float_model
+        """The float weights, when a job first asks for them: back from host RAM where an earlier job parked them
+        (seconds, not a load from disk), else loaded."""
+        from workers.shared.models import device, float_model
 
+        if loaded.parked and loaded._model is not None:
+            loaded._model.to(device())
+            loaded.parked = False
+            if loaded.ctx is not None:
+                loaded.ctx.count("model_unparks")
+            return loaded._model
         start, where = time.time(), {}
         model = float_model(loaded.path, where)
         loaded.load_s, loaded.where, loaded.parked = time.time() - start, where, False

@@ -355,7 +355,7 @@ def shared_columns(ctx, base, *, size_bytes: int | None, size_source: str, model
         "base_cache_hit": cached,
         "device": device_label(),
         "run_dtype": dtype_name(model) if hasattr(model, "parameters") else None,
-        **({"device_map": base.where.get("device_map")} if base.loaded and model is base.model and base.where else {}),
+        **({"device_map": base.where.get("device_map")} if model is base.held and base.where else {}),
         "artifact": artifact,
         "versions": versions(),
     }
