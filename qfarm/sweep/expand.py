@@ -95,6 +95,7 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
         gi, group = stage.gi, stage.group
         parents = [None] if stage.parent is None else stages.get(stage.parent, [])
         mine: list[Job] = []
+        references: dict[str | None, Job] = {}  # the stage's reference job, by parent: made once, not once a combination
         for options, resolved in stage.combos:
             for parent in parents:
                 job = _job(spec, gi, group, options, valid.model, stage.eval, resolved, parent, cuda)
@@ -103,7 +104,10 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                     jobs.setdefault(capture.id, capture)
                     job = replace(job, needs=(capture.id,))
                 if job.compares:
-                    ref = reference_of(spec, gi, group, valid.model, stage.eval, parent, cuda)
+                    key = parent.id if parent is not None else None
+                    if key not in references:
+                        references[key] = reference_of(spec, gi, group, valid.model, stage.eval, parent, cuda)
+                    ref = references[key]
                     implicit.setdefault(ref.id, ref)
                     job = replace(job, needs=job.needs + (ref.id,))
                 if job.id not in jobs:
