@@ -67,3 +67,77 @@ def guanaco_rows(shared_data: Path, folder: Path, n: int) -> Path:
     data = folder / "guanaco.jsonl"
     data.write_text("\n".join((shared_data / "guanaco_llama2_1k" / "train.jsonl").read_text().splitlines()[:n]))
     return data
+
+
+SPM_SPECIALS = ("<start_of_turn>", "<end_of_turn>")  # user-defined pieces, as Gemma's vocabulary has
+
+
+def train_spm_bpe(corpus: list[str], vocab_size: int = 3000, prefix: bool = False) -> bytes:
+    """A SentencePiece **BPE** model trained here on ``corpus`` (Gemma's kind: byte fallback, digits split, no
+    normalization, Gemma's ids for pad/eos/bos/unk, two user-defined pieces; ``prefix``: a space before the text,
+    as Llama-2's), as the bytes of its ``tokenizer.model``."""
+    import io
+
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=out, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        add_dummy_prefix=prefix, pad_id=0, eos_id=1, bos_id=2, unk_id=3, split_digits=True, character_coverage=1.0,
+        user_defined_symbols=list(SPM_SPECIALS), remove_extra_whitespaces=False, normalization_rule_name="identity",
+        minloglevel=2, num_threads=1)
+    return out.getvalue()
+
+
+def spm_vocabulary(model: bytes) -> dict:
+    """A SentencePiece model's vocabulary as a GGUF header holds it (``tokenizer.ggml.*``: tokens, scores, types)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    n = sp.get_piece_size()
+    kinds = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i)
+             else 4 if sp.id_to_piece(i) in SPM_SPECIALS else 1 for i in range(n)]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)], "tokenizer.ggml.token_type": kinds,
+            "tokenizer.ggml.unknown_token_id": sp.unk_id(), "tokenizer.ggml.bos_token_id": sp.bos_id(),
+            "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.add_space_prefix": False}
+
+
+def make_spm_gguf(folder: Path, corpus: list[str], family: str = "gemma2", seed: int = 0) -> Path:
+    """A tiny ``family`` model whose tokenizer is a SentencePiece BPE trained here (``train_spm_bpe``), made a GGUF
+    (float32) by llama.cpp's own converter from a folder with that ``tokenizer.model``: a file of the kind Gemma's
+    are, whose tokenizer transformers rebuilds as a Unigram model. Its weights are random but peaked (a larger
+    initializer range), so that cutting the text differently changes its perplexity. Returns the .gguf path."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from workers.quantize.gguf import converter
+
+    hf = folder / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    model = train_spm_bpe(corpus)
+    (hf / "tokenizer.model").write_bytes(model)
+    vocab = len(spm_vocabulary(model)["tokenizer.ggml.tokens"])
+    (hf / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
+                                                          "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                                                          "unk_token": "<unk>"}))
+    torch.manual_seed(seed)
+    config = family_config(family, vocab, 0, 1)
+    config.bos_token_id, config.initializer_range = 2, 0.2
+    if hasattr(config, "query_pre_attn_scalar"):  # Gemma: heads of 256 as its attention scale says (transformers
+        config.head_dim = config.query_pre_attn_scalar  # reads no scale from a GGUF, llama.cpp takes the head size),
+        config.tie_word_embeddings = True  # and one embedding matrix (llama.cpp's converter drops a Gemma's lm_head)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    script = converter()
+    if script is None:
+        raise RuntimeError("llama.cpp's converter is not unpacked: run `make llama-cpp-tools`")
+    out = folder / f"tiny-{family}-spm-f32.gguf"
+    done = subprocess.run([sys.executable, str(script), str(hf), "--outfile", str(out), "--outtype", "f32"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(script.parent / "gguf-py")})
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp's converter failed: {done.stderr[-2000:]}")
+    return out

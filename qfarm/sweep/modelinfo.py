@@ -265,7 +265,7 @@ def vocabulary_clash(checkpoint: dict, reference: dict) -> str | None:
     return None
 
 
-PROBE_VERSION = 1  # bump when workers.evaluate.checks.gguf_conventions changes what it refuses
+PROBE_VERSION = 2  # bump when workers.evaluate.checks.choose_tokenizer changes what it refuses (2: a SentencePiece rebuild)
 PROBE_TIMEOUT_S = 120
 
 

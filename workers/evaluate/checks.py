@@ -1,8 +1,9 @@
 """Checks of a sweep's reference before anything is compared with it: numbers that prove their own inputs.
 
-- **Tokenizer**: for a GGUF source, the tokenizer transformers rebuilds from the file must give llama.cpp's own
-  ids on a probe text (some SentencePiece-style vocabularies come back splitting text one character at a time).
-  A disagreement refuses the model with the first differing token, instead of feeding wrong ids to both sides.
+- **Tokenizer**: for a GGUF source, the tokenizer every row uses must give llama.cpp's own ids on a probe text.
+  transformers' rebuild from the file is tried first; where it disagrees (Gemma's SentencePiece BPE comes back as
+  a Unigram model), qfarm's rebuild from the file's own scores (workers.shared.gguf_tokenizer); a file neither
+  agrees on is refused with where each parts from llama.cpp, instead of feeding wrong ids to both sides.
 - **BOS**: evaluation windows start with the BOS token when the model's convention says so (the GGUF's
   ``tokenizer.ggml.add_bos_token``, else whether the tokenizer itself adds it); rows record it (``ppl_bos``).
 - **Sanity of the reference**: its perplexity as bits per byte of the evaluated text must be below 8 (a uniform
@@ -30,28 +31,52 @@ CHARACTER_LEVEL = 0.9  # tokens per byte at which a tokenizer is cutting text in
 REAL_VOCAB = 1000  # vocabularies above this are not character-level by design
 
 
-def gguf_conventions(gguf_path: str, tokenizer) -> dict:
-    """What the GGUF file says of its own tokenization (llama.cpp, vocabulary only), checked against
-    ``tokenizer``. Raises Permanent when the two tokenize the probe differently."""
+def llama_cpp_view(gguf_path: str) -> dict | None:
+    """How llama.cpp (vocabulary only) tokenizes the probe text with the file's own tokenizer, and its BOS
+    convention; None where llama-cpp-python is not installed."""
     try:
         import llama_cpp
     except ImportError:
-        return {"tokenizer_check": "skipped: llama-cpp-python is not installed", "add_bos": None, "bos_id": None}
+        return None
     llm = llama_cpp.Llama(model_path=gguf_path, vocab_only=True, verbose=False)
     try:
-        theirs = llm.tokenize(PROBE.encode(), add_bos=False, special=False)
-        add_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
-        bos_id = llm.token_bos()
+        return {"ids": llm.tokenize(PROBE.encode(), add_bos=False, special=False), "bos_id": llm.token_bos(),
+                "add_bos": str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"}
     finally:
         llm.close()
-    ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
-    problem = disagreement(ours, theirs)
-    if problem:
-        raise Permanent(f"the tokenizer transformers rebuilt from {Path(gguf_path).name} disagrees with the file's "
-                        f"own (llama.cpp): {problem}. Its numbers would be wrong: give the model as the Hugging Face "
-                        "folder or hub id it came from instead of the GGUF file")
-    return {"tokenizer_check": f"agrees with llama.cpp on a {len(ours)}-token probe", "add_bos": add_bos,
-            "bos_id": bos_id if add_bos else None}
+
+
+def gguf_conventions(gguf_path: str, tokenizer, what: str | None = None) -> dict:
+    """What the GGUF file says of its own tokenization (llama.cpp, vocabulary only), checked against
+    ``tokenizer`` (``what``: which rebuild it is, said in the check). Raises Permanent when the two tokenize the
+    probe differently."""
+    return choose_tokenizer(gguf_path, [(tokenizer, what)])[1]
+
+
+def choose_tokenizer(gguf_path: str, candidates) -> tuple:
+    """The first of ``candidates`` ((tokenizer, what it is) pairs, tried in order, lazily) that gives llama.cpp's
+    own ids on the probe text, and the file's conventions with it. Raises Permanent when none does, saying where
+    each parts from llama.cpp."""
+    theirs = llama_cpp_view(gguf_path)
+    tried = []
+    for tokenizer, what in candidates:
+        if theirs is None:
+            return tokenizer, {"tokenizer_check": "skipped: llama-cpp-python is not installed", "add_bos": None,
+                               "bos_id": None}
+        try:
+            ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+            problem = disagreement(ours, theirs["ids"])
+        except Exception as e:  # noqa: BLE001 - a rebuild that cannot even tokenize the probe disagrees, saying why
+            problem = f"it fails on the probe text ({type(e).__name__}: {str(e)[:200]})"
+        if problem is None:
+            said = f" ({what}; transformers' own rebuild: {tried[0]})" if tried else ""
+            return tokenizer, {"tokenizer_check": f"agrees with llama.cpp on a {len(ours)}-token probe{said}",
+                               "add_bos": theirs["add_bos"], "bos_id": theirs["bos_id"] if theirs["add_bos"] else None}
+        tried.append(problem if not tried else f"{what or 'another rebuild'}: {problem}")
+    name = Path(gguf_path).name
+    raise Permanent(f"the tokenizer transformers rebuilt from {name} disagrees with the file's own (llama.cpp): "
+                    f"{'; '.join(tried) or 'no tokenizer to try'}. Its numbers would be wrong: give the model as the "
+                    "Hugging Face folder or hub id it came from instead of the GGUF file")
 
 
 def disagreement(ours: list[int], theirs: list[int]) -> str | None:
@@ -94,18 +119,28 @@ def check_reference(nll: float, tokens: int, text_bytes: int, vocab_size: int, w
 
 
 def probe(model: dict) -> dict:
-    """The tokenizer check a job makes first (``gguf_conventions`` on the tokenizer transformers rebuilds from the
-    file), for ``qfarm validate``: its conventions, or ``{"refused": why}`` where every job would refuse the file.
-    The tokenizer is rebuilt the light way where it can be (``rebuilt_backend``: a second, not ten), else as a job
-    does (AutoTokenizer, which loads transformers' model stack and parses the whole header with gguf-py)."""
+    """The tokenizer check a job makes first (``choose_tokenizer`` over transformers' rebuild of the file's tokenizer,
+    then qfarm's SentencePiece rebuild: workers.shared.gguf_tokenizer), for ``qfarm validate``: the conventions of
+    the first that agrees, or ``{"refused": why}`` where every job would refuse the file. transformers' tokenizer is
+    rebuilt the light way where it can be (``rebuilt_backend``: a second, not ten), else as a job does
+    (AutoTokenizer, which loads transformers' model stack and parses the whole header with gguf-py)."""
     path = f"{model['location']}/{model['gguf_file']}"
-    tokenizer = rebuilt_backend(path)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model["location"], gguf_file=model["gguf_file"])
+    def candidates():
+        own = rebuilt_backend(path)
+        if own is None:
+            from transformers import AutoTokenizer
+
+            own = AutoTokenizer.from_pretrained(model["location"], gguf_file=model["gguf_file"])
+        yield own, "transformers' own rebuild"
+        from workers.shared.gguf_tokenizer import REPAIRED, spm_backend, vocabulary
+
+        meta = vocabulary(path)
+        if meta is not None:
+            yield _Backend(spm_backend(meta)), REPAIRED
+
     try:
-        return gguf_conventions(path, tokenizer)
+        return choose_tokenizer(path, candidates())[1]
     except Permanent as e:
         return {"refused": str(e)}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qfarm import settings
 from qfarm.sweep.sources import confirm
-from workers.evaluate.checks import CHECKS_FILE, gguf_conventions
+from workers.evaluate.checks import CHECKS_FILE, choose_tokenizer, gguf_conventions
 from workers.shared.files import build_once, inside, job_dir, keyed
 
 
@@ -115,32 +115,40 @@ def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple
 FLOAT_COPY_VERSION = 2  # 2: a GGUF without output.weight gives a float copy with tied embeddings (1 stored them twice)
 
 
-def _write_checks(folder: Path, gguf_path: str, tokenizer) -> None:
-    """The GGUF's own tokenizer conventions, checked (workers.evaluate.checks), written beside its float copy."""
+def _write_checks(folder: Path, gguf_path: str, tokenizer=None, checks: dict | None = None) -> None:
+    """The GGUF's own tokenizer conventions (``checks``, or ``tokenizer`` checked: workers.evaluate.checks), written
+    beside its float copy."""
     import json
 
-    checks = gguf_conventions(gguf_path, tokenizer)
+    checks = checks if checks is not None else gguf_conventions(gguf_path, tokenizer)
     tmp = folder / f"{CHECKS_FILE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(checks))
     os.replace(tmp, folder / CHECKS_FILE)
 
 
 def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
+    """The GGUF's float copy: its weights dequantized, and the first tokenizer that cuts text as llama.cpp does with
+    the file (workers.shared.gguf_tokenizer.candidates), saved beside them and checked again as saved: every row,
+    calibration sample, training example and prompt of the sweep goes through it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    from workers.shared.gguf_tokenizer import candidates
+
+    gguf_path = f"{folder}/{gguf_file}"
+    tokenizer, checks = choose_tokenizer(gguf_path, candidates(folder, gguf_file))  # a file none agrees on: refused now
     out.mkdir(parents=True, exist_ok=True)
-    _write_checks(out, f"{folder}/{gguf_file}", tokenizer)  # before the model: a wrong tokenizer refuses it at once
+    tokenizer.save_pretrained(out)
+    saved = gguf_conventions(gguf_path, AutoTokenizer.from_pretrained(out))  # what the jobs will load
+    _write_checks(out, gguf_path, checks={**saved, "tokenizer_check": checks["tokenizer_check"]})
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model keeps its gguf quantizer, which refuses to save; drop it (BACKENDS.md).
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    if not _has_output_weight(f"{folder}/{gguf_file}"):  # llama.cpp's tied embeddings: one matrix, as the file has
+    if not _has_output_weight(gguf_path):  # llama.cpp's tied embeddings: one matrix, as the file has
         tie_embeddings(model)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "QFARM_SOURCE.txt").write_text(f"dequantized to float32 from {folder}/{gguf_file}\n")
+    (out / "QFARM_SOURCE.txt").write_text(f"dequantized to float32 from {gguf_path}\n")
 
 
 def _has_output_weight(gguf_path: str) -> bool:
