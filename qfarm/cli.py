@@ -143,6 +143,7 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
     from qfarm.farm import cluster
     from qfarm.sweep import hub
     from qfarm.sweep.expand import build, load_valid
+    from qfarm.sweep.spec import domain_name
 
     valid = load_valid(spec, hub.cache_dir(None), max_jobs)
     loaded = valid.loaded
@@ -171,8 +172,11 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
         checked = " Resources not checked against a cluster (give --ray-address, or start one: qfarm submit)."
     made = (f" {len(expanded.implicit)} of them the reference (method none, added: the spec has none; every row is "
             "measured against it, and only it loads the float model)." if expanded.implicit else "")
-    click.echo(f"{spec}: valid. Sweep {expanded.sweep_id}: {len(expanded.jobs)} jobs: {kinds}{what}{model}.{made}{checked}",
-               err=as_json)
+    ppl = loaded.spec.eval.perplexity
+    domains = (f" Evaluated on {len(ppl)} domains: {', '.join(domain_name(d) for d in ppl)} (the plain columns and the "
+               f"default frontier are {domain_name(ppl[0])}'s)." if isinstance(ppl, list) else "")
+    click.echo(f"{spec}: valid. Sweep {expanded.sweep_id}: {len(expanded.jobs)} jobs: {kinds}{what}{model}.{made}{domains}"
+               f"{checked}", err=as_json)
     if show_plan:
         _print_plan(loaded, expanded, shape, plan_device, as_json, types)
     if show_jobs:

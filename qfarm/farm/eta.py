@@ -72,8 +72,7 @@ def prior_units(job: Job) -> float:
         from qfarm.sweep.spec import StoredEval
 
         ev = StoredEval()
-    ppl = ev.perplexity
-    tokens = (ppl.seq_len * ppl.max_windows if ppl else 0) + 2000 * len(ev.tasks) if kind.name != "calibrate" else 0
+    tokens = sum(t.seq_len * t.max_windows for t in ev.texts) + 2000 * len(ev.tasks) if kind.name != "calibrate" else 0
     cal = opts.calibration
     # a GPTQ job that shares a capture only solves: the calibration tokens are the capture job's
     calibrates = cal is not None and (kind.name == "calibrate" or (

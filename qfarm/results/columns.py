@@ -268,6 +268,46 @@ def task_columns(data: Iterable[dict]) -> list[Column]:
     return out
 
 
+DOMAIN_VIEW = 14.5  # where the other domains' Δppl go in the default table: after the first domain's KL
+DOMAIN_PRIORITY = 12.5
+# a domain's figures (workers.evaluate.harness.domain_columns): (prefix, header, format, direction)
+DOMAIN_FIGURES = (("ppl", "ppl", "{:.3f}", "min"), ("ppl_delta_pct", "Δppl %", "{:+.2f}", "min"),
+                  ("kl", "KL", "{:.4f}", "min"), ("top1", "top-1", "{:.3f}", "max"),
+                  ("ref_ppl", "ref ppl", "{:.3f}", None), ("bits_per_byte", "bits/byte", "{:.3f}", None),
+                  ("calib_overlap_tokens", "calib overlap", "{}", None))
+
+
+def domains_of(data: Iterable[dict]) -> list[str]:
+    """The evaluation domains of the rows (``ppl_domains`` of each: a list-form ``eval.perplexity``), first seen first."""
+    out: dict[str, None] = {}
+    for r in data:
+        for name in r.get("ppl_domains") or []:
+            if isinstance(name, str):
+                out.setdefault(name)
+    return list(out)
+
+
+def domain_columns(data: Iterable[dict]) -> list[Column]:
+    """The columns the rows' evaluation domains add: ``ppl@NAME``, ``ppl_delta_pct@NAME``, ``kl@NAME``, ``top1@NAME``
+    (frontier objectives, each with ``_se`` in the row), ``ref_ppl@NAME``, ``bits_per_byte@NAME``,
+    ``calib_overlap_tokens@NAME``. The default table shows every domain's Δppl but the first's (the plain columns
+    are the first domain's)."""
+    out = []
+    for i, name in enumerate(domains_of(data)):
+        for j, (prefix, header, fmt, way) in enumerate(DOMAIN_FIGURES):
+            shown = prefix == "ppl_delta_pct" and i > 0
+            out.append(Column(f"{prefix}@{name}", f"{header} {name}" if shown else None, fmt, direction=way,
+                              group="quality", view=DOMAIN_VIEW + i / 100 if shown else None,
+                              priority=DOMAIN_PRIORITY + i / 100 if shown else 50))
+    return out
+
+
+def dynamic_columns(data: Iterable[dict]) -> list[Column]:
+    """The columns that depend on what the rows were evaluated on: lm-eval tasks' and evaluation domains'."""
+    data = list(data)
+    return task_columns(data) + domain_columns(data)
+
+
 def se_of(row: dict, name: str) -> float | None:
     """The standard error a row has for column ``name`` (``<name>_se``), if any."""
     se = row.get(f"{name}_se")

@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from qfarm.errors import UsageError, allowed, did_you_mean
-from qfarm.results.columns import MAXIMIZE, MINIMIZE, recovery_name, se_of, task_columns, task_info
+from qfarm.results.columns import MAXIMIZE, MINIMIZE, dynamic_columns, recovery_name, se_of, task_info
 
 # Objectives the frontier can use, and which way is better: the columns with a direction (qfarm.results.columns).
 DEFAULT_FRONTIER = ("size_mb", "perplexity", "decode_tokens_per_s")
@@ -72,8 +72,9 @@ def _ratio(a: Any, b: Any) -> float | None:
 
 
 def objectives_of(data: list[dict] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(lower-is-better, higher-is-better) columns: the table's, and those of the rows' lm-eval tasks."""
-    tasks = task_columns(data)
+    """(lower-is-better, higher-is-better) columns: the table's, and those of the rows' lm-eval tasks and evaluation
+    domains (``kl@wiki``)."""
+    tasks = dynamic_columns(data)
     return (MINIMIZE + tuple(c.name for c in tasks if c.direction == "min"),
             MAXIMIZE + tuple(c.name for c in tasks if c.direction == "max"))
 
@@ -131,9 +132,11 @@ def _dominates(a: tuple, b: tuple) -> bool:
 
 def noise_se(row: dict, column: str) -> float | None:
     """The standard error to rank ``column`` by. Perplexity: the paired one against the reference (same windows,
-    same tokens: ``ppl_delta_pct_se`` in perplexity units), which is what separates two variants; else its own."""
-    if column == "perplexity":
-        paired, ref = se_of(row, "ppl_delta_pct"), row.get("ref_perplexity")
+    same tokens: ``ppl_delta_pct_se`` in perplexity units, a domain's ``ppl_delta_pct@NAME_se``), which is what
+    separates two variants; else its own."""
+    if column == "perplexity" or column.startswith("ppl@"):  # a domain's too (``ppl@wiki``)
+        at = column[len("ppl"):] if column != "perplexity" else ""
+        paired, ref = se_of(row, f"ppl_delta_pct{at}"), row.get(f"ref_ppl{at}" if at else "ref_perplexity")
         if paired is not None and isinstance(ref, (int, float)):
             return paired / 100 * ref
     return se_of(row, column)

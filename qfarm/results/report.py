@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qfarm.results.columns import domains_of
 from qfarm.results.rows import cell_of, visible
 
 PNG_WIDTH_IN, DPI = 8.0, 100
@@ -79,10 +80,38 @@ def plots(data: list[dict]) -> dict[str, Any]:
     if speed:
         figs["speed"] = _bars(speed, [("prefill_tokens_per_s", "prefill tokens/s", "#55a868"),
                                       ("decode_tokens_per_s", "decode tokens/s", "#8172b3")], "Speed")
+    domains = domains_of(ok)
+    by_domain = [r for r in ok if any(isinstance(r.get(f"ppl_delta_pct@{d}"), (int, float)) for d in domains)]
+    if len(domains) > 1 and by_domain:
+        figs["domains"] = _domains(by_domain, domains)
     curves = [r for r in ok if r.get("loss_curve")]
     if curves:
         figs["loss"] = _loss(curves)
     return figs
+
+
+def _domains(rows: list[dict], domains: list[str]):
+    """Rows × evaluation domains: each cell the row's change in perplexity on that domain against the reference
+    (colour and text), its KL beneath: which method breaks out of which domain."""
+    import numpy as np
+
+    grid = np.array([[r.get(f"ppl_delta_pct@{d}") if isinstance(r.get(f"ppl_delta_pct@{d}"), (int, float)) else np.nan
+                      for d in domains] for r in rows], dtype=float)
+    fig, ax = _figure(_bars_height(len(rows)))
+    top = max(float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0, 1e-9)
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-top, vmax=top, aspect="auto")
+    for i, r in enumerate(rows):
+        for j, d in enumerate(domains):
+            kl = r.get(f"kl@{d}")
+            text = "—" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.2f} %" + (f"\nKL {kl:.4f}" if isinstance(kl, float) else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if abs(np.nan_to_num(grid[i, j])) > top * 0.6 else "black")
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_yticks(range(len(rows)), [_label(r) for r in rows])
+    ax.set_title("Δ perplexity vs the reference, by evaluation domain")
+    fig.colorbar(image, ax=ax, label="Δ perplexity %", shrink=0.8)
+    fig.tight_layout()
+    return fig
 
 
 def _scatter(pts: list[dict]):
@@ -246,7 +275,8 @@ def _environment(data: list[dict], records) -> str:
 
 
 _TITLES = {"scatter": ("frontier", "Size vs perplexity, with the frontier"), "memory": ("memory", "Size and memory"),
-           "speed": ("speed", "Speed"), "loss": ("loss", "Training loss")}
+           "speed": ("speed", "Speed"), "loss": ("loss", "Training loss"),
+           "domains": ("domains", "Quality by evaluation domain")}
 
 
 def write_report(data: list[dict], records, output: Path, png_dir: Path | None, objectives,

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from qfarm.farm.store import JobRecord
-from qfarm.results.columns import CORE, PIPELINE_HIDDEN, TABLE, VIEW, column, se_of, task_columns
+from qfarm.results.columns import CORE, PIPELINE_HIDDEN, TABLE, VIEW, column, dynamic_columns, se_of
 
 COLUMNS = list(CORE)  # every row has these keys, null when not measured
 EXTRA_COLUMNS = [c.name for c in TABLE if not c.core and c.group != "computed"]
@@ -78,13 +78,13 @@ def visible(data: list[dict], columns: list[str] | None = None) -> list[tuple[st
     row (e.g. speed on sleep jobs), the sweep column only for rows of several sweeps, the frontier column only
     once computed, each lm-eval task's main metric and recovery, and (a pipeline) without the columns that make room for
     its training and merge columns."""
-    tasks = {c.name: c for c in task_columns(data)}
+    tasks = {c.name: c for c in dynamic_columns(data)}  # lm-eval tasks', evaluation domains'
     if columns:
         return [(c, (tasks.get(c) or column(c)).header or c, (tasks.get(c) or column(c)).format) for c in columns]
     sweeps = {r.get("sweep_id") for r in data}
     out = []
     pipeline = any(r.get("parent") for r in data)
-    for c in sorted(VIEW + tuple(tasks.values()), key=lambda c: c.view):
+    for c in sorted(VIEW + tuple(c for c in tasks.values() if c.header), key=lambda c: c.view):
         if (c.name == "sweep_id" and len(sweeps) < 2) or (c.name == "stage" and not pipeline):
             continue
         if pipeline and c.name in PIPELINE_HIDDEN:
@@ -155,7 +155,7 @@ def rich_table(data: list[dict], title: str | None = None, columns: list[str] | 
     user named with ``--columns`` are all kept."""
     from qfarm.results.fit import Col, fit
 
-    tasks = {c.name: c for c in task_columns(data)}
+    tasks = {c.name: c for c in dynamic_columns(data)}  # lm-eval tasks', evaluation domains'
     left = ("job_id", "label", "status", "device", "stage", "lineage", "sweep_id", "runtime")
     shown = visible(data, columns)
     cols = [Col(c, header, (tasks.get(c) or column(c)).priority if not columns else 0,

@@ -119,11 +119,13 @@ def params_of(row: dict, options: dict) -> dict[str, str]:
 
 
 def metrics_of(row: dict) -> dict[str, float]:
-    """Every finite numeric value of the row (booleans as 0/1), except the run's own timestamps."""
+    """Every finite numeric value of the row (booleans as 0/1), except the run's own timestamps. An evaluation
+    domain's figures (``kl@wiki``) as ``kl/wiki``: MLflow's names allow no ``@``, and W&B groups them by domain."""
     out = {}
-    for k, v in row.items():
-        if k in SKIPPED_METRICS or v is None or isinstance(v, (str, list, dict)):
+    for key, v in row.items():
+        if key in SKIPPED_METRICS or v is None or isinstance(v, (str, list, dict)):
             continue
+        k = key.replace("@", "/")
         if isinstance(v, bool):
             out[k] = 1.0 if v else 0.0
         elif isinstance(v, (int, float)) and math.isfinite(v):

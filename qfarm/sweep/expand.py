@@ -313,8 +313,10 @@ def _eval_identity(eval_spec: dict | None) -> Any:
     if not eval_spec:
         return None
     ev = json.loads(json.dumps(eval_spec))
-    if ev.get("perplexity") and isinstance(ev["perplexity"].get("dataset"), dict):
-        ev["perplexity"]["dataset"] = ev["perplexity"]["dataset"]["key"]
+    ppl = ev.get("perplexity")
+    for domain in ppl if isinstance(ppl, list) else [ppl] if ppl else []:  # a text's content key, not where it lies
+        if isinstance(domain.get("dataset"), dict):
+            domain["dataset"] = domain["dataset"]["key"]
     if ev.get("task_paths"):
         ev["task_paths"] = [p["fingerprint"] for p in ev["task_paths"]]  # the tasks' content, not where they lie
     if not ev.get("tasks"):

@@ -327,9 +327,9 @@ PLAN_TERMS = {
 
 
 def _evaluation(dev: dict, host: dict, job: Job, shape: ModelShape, cb: int, disk: dict | None = None) -> None:
-    ppl = job.evaluation.perplexity if job.evaluation is not None else None
-    if ppl is not None:
-        seq, windows = ppl.seq_len, ppl.max_windows
+    texts = job.evaluation.texts if job.evaluation is not None else []
+    if texts:  # each domain's windows in turn: the longest window at once, every domain's log-probs kept
+        seq, windows = max(t.seq_len for t in texts), sum(t.max_windows for t in texts)
         dev["a window's logits and log-softmax (float32)"] = seq * shape.vocab * 4 * 2
         dev["KV cache"] = 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb
         budget = settings.number("QFARM_REF_CACHE_MB") * 2**20

@@ -36,7 +36,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from qfarm.errors import Problem, SpecError, allowed, did_you_mean, format_path, line_map, line_of
 from qfarm.sweep.methods import user_kinds
@@ -62,6 +72,30 @@ class PerplexitySpec(Strict):
     text_field: str = "text"
     seq_len: int = Field(512, ge=16, le=32_768)
     max_windows: int = Field(16, ge=1, le=100_000)
+
+
+class DomainSpec(PerplexitySpec):
+    """One evaluation domain of a list-form ``eval.perplexity``: its figures are the row's ``ppl@NAME``,
+    ``kl@NAME``, ``top1@NAME`` (each with ``_se``). ``name`` defaults to the dataset's (``wikitext2.txt``: ``wikitext2``)."""
+
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+MAX_DOMAINS = 16
+ONE_TEXT, DOMAINS = "(one text)", "(domains)"  # eval.perplexity's two forms: pydantic's tags, left out of error paths
+
+
+def domain_name(domain: PerplexitySpec) -> str:
+    """A domain's name: its own, else its dataset's (a file's stem, a bundled set's or hub dataset's last part), made
+    of the characters a column name may hold."""
+    import re
+
+    given = getattr(domain, "name", None)
+    if given:
+        return given
+    text = str(domain.dataset).split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1]
+    text = text.split(".", 1)[0] if "." in text and not text.startswith(".") else text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-._")[:64] or "text"
 
 
 class SpeedSpec(Strict):
@@ -91,7 +125,10 @@ class VllmSpec(Strict):
 
 
 class EvalSpec(Strict):
-    perplexity: Optional[PerplexitySpec] = PerplexitySpec()
+    # one text, or several domains (a list: every row gets each one's figures, the first's in the plain columns)
+    perplexity: Optional[Annotated[Union[Annotated[PerplexitySpec, Tag(ONE_TEXT)],
+                                         Annotated[list[DomainSpec], Tag(DOMAINS), Field(min_length=1, max_length=MAX_DOMAINS)]],
+                                   Discriminator(lambda v: DOMAINS if isinstance(v, list) else ONE_TEXT)]] = PerplexitySpec()
     speed: Optional[SpeedSpec] = SpeedSpec()
     prompts: list[str] = []
     max_new_tokens: int = Field(32, ge=1, le=4_096)
@@ -108,13 +145,36 @@ class StoredPerplexity(PerplexitySpec):
     dataset: Any = PerplexitySpec.model_fields["dataset"].default
 
 
+class StoredDomain(StoredPerplexity):
+    """One domain of a list-form ``eval.perplexity`` as a record holds it: its name decided at validate."""
+
+    name: str
+
+
 class StoredEval(EvalSpec):
     """A job's evaluation as its record holds it (``Job.evaluation``): the spec's fields and defaults (these are
     subclasses), with what expansion resolved: the perplexity dataset's source, the task folders' paths and
-    fingerprints, and why vLLM does not serve this row (``vllm_skipped``, the registry's ``Method.vllm``)."""
+    fingerprints, and why vLLM does not serve this row (``vllm_skipped``, the registry's ``Method.vllm``).
+
+    ``perplexity`` is the first (or only) domain; ``domains`` every domain of a list-form ``eval.perplexity``
+    (empty for the one-text form, whose rows carry no ``@NAME`` columns)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     perplexity: Optional[StoredPerplexity] = StoredPerplexity()
+    domains: list[StoredDomain] = []
+
+    @property
+    def texts(self) -> list[StoredPerplexity]:
+        """Every text perplexity is measured on: the domains, else the one text (none without ``perplexity``)."""
+        return list(self.domains) or ([self.perplexity] if self.perplexity is not None else [])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _domains(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("perplexity"), list):
+            listed = data["perplexity"]
+            data = {**data, "domains": listed, "perplexity": listed[0] if listed else None}
+        return data
     task_paths: list[dict[str, Any]] = []
     vllm: Optional[VllmSpec] = VllmSpec()
     vllm_skipped: Optional[str] = None
@@ -372,8 +432,9 @@ def problems_from(err: ValidationError, model: type[BaseModel], prefix: tuple, l
     """Turn pydantic's errors into Problems with YAML paths, allowed values and did-you-mean."""
     problems: list[Problem] = []
     for e in err.errors():
-        loc = prefix + tuple(e["loc"])
-        problems.append(Problem(format_path(loc), describe(e, model, tuple(e["loc"])), line_of(lines, loc)))
+        own = tuple(p for p in e["loc"] if p not in (ONE_TEXT, DOMAINS))
+        loc = prefix + own
+        problems.append(Problem(format_path(loc), describe(e, model, own), line_of(lines, loc)))
     return problems
 
 

@@ -23,7 +23,7 @@ from qfarm.sweep import hub, lmtasks
 from qfarm.sweep.methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
 from qfarm.sweep.modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
 from qfarm.sweep.sources import SourceError, fingerprint, resolve_dataset, resolve_model
-from qfarm.sweep.spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe
+from qfarm.sweep.spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe, domain_name
 
 AXIS_KEYS = frozenset({"onto"})  # a stage-level list of these is an axis: `onto: [base, dequantized]`, one job each
 
@@ -260,13 +260,22 @@ def evaluation(eval_spec: EvalSpec, base_dir: Path, errors: Collector, loc: tupl
     fingerprint of its content: editing a task reruns its jobs) and its task names checked (qfarm.sweep.lmtasks)."""
     ev = eval_spec.model_dump()
     ppl = eval_spec.perplexity
-    if ppl is not None:
+    listed = isinstance(ppl, list)
+    seen: dict[str, int] = {}
+    for i, domain in enumerate(ppl if listed else [ppl] if ppl is not None else []):
+        where = loc + (("perplexity", i) if listed else ("perplexity",))
+        out = ev["perplexity"][i] if listed else ev["perplexity"]
         try:
-            ref = resolve_dataset(ppl.dataset, base_dir, ppl.text_field)
-            ev["perplexity"]["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field,
-                                           "key": ref.key}
+            ref = resolve_dataset(domain.dataset, base_dir, domain.text_field)
+            out["dataset"] = {"kind": ref.kind, "location": ref.location, "text_field": ref.text_field, "key": ref.key}
         except SourceError as e:
-            errors.add(loc + ("perplexity", "dataset"), str(e))
+            errors.add(where + ("dataset",), str(e))
+        if listed:
+            out["name"] = name = domain_name(domain)
+            if name in seen:
+                errors.add(where + ("name",), f"domain name {name!r} is taken by eval.perplexity[{seen[name]}]; give "
+                                              "each domain its own name: (name: wiki)")
+            seen.setdefault(name, i)
     folders = []
     for i, text in enumerate(eval_spec.task_paths):
         folder = (base_dir / text).resolve()

@@ -322,6 +322,22 @@ def quality(model, wins, ref: Reference, progress) -> dict:
     return out
 
 
+DOMAIN_FIGURES = {"perplexity": "ppl", "ppl_delta_pct": "ppl_delta_pct", "kl_div": "kl", "top1_agree": "top1",
+                  "ref_perplexity": "ref_ppl", "bits_per_byte": "bits_per_byte", "ppl_tokens": "ppl_tokens"}
+
+
+def domain_columns(name: str, figures: dict) -> dict:
+    """One evaluation domain's figures (``quality``'s) under its own names: ``ppl@NAME``, ``kl@NAME``,
+    ``top1@NAME``, ``ppl_delta_pct@NAME``, each with its ``_se`` where it has one (qfarm.results.columns.domain_columns)."""
+    out = {}
+    for key, short in DOMAIN_FIGURES.items():
+        if key in figures:
+            out[f"{short}@{name}"] = figures[key]
+        if f"{key}_se" in figures:
+            out[f"{short}@{name}_se"] = figures[f"{key}_se"]
+    return out
+
+
 def _se(values) -> float:
     """Standard error of the mean of per-token values (tokens taken as independent: a lower bound)."""
     n = values.numel()
@@ -407,8 +423,9 @@ def reference_first(ctx, base) -> str:
     from qfarm import settings
     from workers.shared.models import device, plan_columns
 
-    wins, ref = eval_windows(ctx, base)  # read from disk when the sweep's reference job wrote them
-    _reference_task_loss(ctx, base)
+    ev = ctx.job.evaluation
+    refs = [eval_windows(ctx, base, text)[1] for text in (ev.texts if ev is not None else [])]  # each domain's: read
+    _reference_task_loss(ctx, base)  # from disk when the sweep's reference job wrote them
     if not base.loaded:
         return "not loaded"  # the reference's figures came from its own job: the float model never loaded here
     on_gpu = device() != "cpu"
@@ -416,7 +433,7 @@ def reference_first(ctx, base) -> str:
     over = bool(budget) and (plan_columns(ctx, base).get("plan_host_gb") or 0) > float(budget)
     if not on_gpu and not over:
         return "kept"
-    if (ref is not None and ref.stream is not None) or ctx.cache.models.max_items == 0:
+    if any(ref.stream is not None for ref in refs) or ctx.cache.models.max_items == 0:
         return "kept"
     return ctx.cache.park(base, on_gpu=True) if on_gpu else ctx.cache.drop(base)
 
@@ -467,10 +484,11 @@ def runtime_of(model) -> str:
     return f"transformers-dense (decompressed {method})" if method else "transformers-dense"
 
 
-def eval_windows(ctx, base):
-    """(the perplexity windows, the reference's checked log-probs on them), from the worker's cache when there.
-    The windows follow the model's BOS convention; None, None without ``eval.perplexity``."""
-    ppl = ctx.job.evaluation.perplexity if ctx.job.evaluation is not None else None
+def eval_windows(ctx, base, text=None):
+    """(the perplexity windows of ``text``, one of the job's evaluation texts (default: the first), the reference's
+    checked log-probs on them), from the worker's cache when there. The windows follow the model's BOS convention;
+    None, None without ``eval.perplexity``."""
+    ppl = text or (ctx.job.evaluation.perplexity if ctx.job.evaluation is not None else None)
     if ppl is None:
         return None, None
     ds, tokenizer, bos = ppl.dataset, base.tokenizer, base.conventions.get("bos_id")
@@ -527,6 +545,12 @@ def evaluate(ctx, model, base) -> dict:
         metrics.update(quality(model, wins, ref, ctx.progress))
         metrics.update({"ppl_bos": base.conventions.get("add_bos"),
                         "tokenizer_check": base.conventions.get("tokenizer_check")})
+        for i, domain in enumerate(ev.domains):  # the first domain is the plain columns' too: measured once
+            found = metrics if i == 0 else quality(model, *eval_windows(ctx, base, domain),
+                                                   lambda line, name=domain.name: ctx.progress(f"{name}: {line}"))
+            metrics.update(domain_columns(domain.name, found))
+        if ev.domains:
+            metrics["ppl_domains"] = [d.name for d in ev.domains]
     sp = ev.speed
     if sp is not None:
         ctx.progress("speed")

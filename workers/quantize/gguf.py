@@ -134,7 +134,7 @@ class Gguf:
 def context_for(ctx) -> int:
     """The llama.cpp context a job's evaluation needs: its longest window, prompt + generation, or task."""
     ev = ctx.job.evaluation
-    need = max(ev.perplexity.seq_len if ev.perplexity is not None else 0,
+    need = max(max((t.seq_len for t in ev.texts), default=0),
                ev.speed.prompt_tokens + ev.speed.new_tokens if ev.speed is not None else 0,
                (ctx.job.task_eval or {}).get("seq_len", 0),
                TASK_CONTEXT if ev.tasks else 0)

@@ -133,15 +133,17 @@ def calibration_dataset(ctx, base):
         return data, total
 
     data, total = ctx.cache.tokens(key, make, ctx, what="calibration")
-    samples, seq_len = len(data), cal["seq_len"]
+    samples, seq_len, ev = len(data), cal["seq_len"], ctx.job.evaluation
     ctx.extra.update({"calib_samples": samples, "calib_tokens": samples * seq_len, "calib_source": source,
-                      "calib_overlap_tokens": _overlap(ctx.job.evaluation, cal, total, samples * seq_len)})
+                      "calib_overlap_tokens": _overlap(ev.perplexity if ev else None, cal, total, samples * seq_len)})
+    ctx.extra.update({f"calib_overlap_tokens@{d.name}": _overlap(d, cal, total, samples * seq_len)
+                      for d in (ev.domains if ev else [])})
     return data
 
 
-def _overlap(ev, cal: dict, total: int, used: int) -> int:
-    """Tokens shared by the calibration samples (end of the text) and the perplexity windows (its start)."""
-    ppl = ev.perplexity if ev is not None else None
+def _overlap(ppl, cal: dict, total: int, used: int) -> int:
+    """Tokens shared by the calibration samples (end of the text) and the perplexity windows of ``ppl`` (its start):
+    none where they are different texts."""
     if ppl is None or ppl.dataset["key"] != cal["key"]:
         return 0
     return max(0, ppl.seq_len * ppl.max_windows - (total - used))

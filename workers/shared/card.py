@@ -140,6 +140,10 @@ def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict
         rows += [("training loss (last)", _fmt(result.get("train_loss"), "{:.3f}")),
                  ("trainable parameters", _fmt(result.get("trainable_params"), "{:,}")),
                  ("training time", _fmt(result.get("train_s"), "{:.0f} s"))]
+    for d in (ev.domains if ev is not None else [])[1:]:  # the first domain is the rows above
+        rows.append((f"Δ perplexity / KL on {d.name}",
+                     _fmt(result.get(f"ppl_delta_pct@{d.name}"), "{:+.2f}", result.get(f"ppl_delta_pct@{d.name}_se"), "%")
+                     + " / " + _fmt(result.get(f"kl@{d.name}"), "{:.4f}", result.get(f"kl@{d.name}_se"), "nats/token")))
     for task, info in (result.get("tasks") or {}).items():
         if isinstance(info, dict) and info.get("column") in result:
             rows.append((f"{task} ({info.get('metric')})",
@@ -148,6 +152,8 @@ def card_text(job: Job, result: dict, source: dict, sweep_id: str) -> tuple[dict
     how = [f"- perplexity, KL and top-1: {result.get('ppl_windows') or '?'} windows of {ppl.seq_len if ppl else '?'} "
            f"tokens ({result.get('ppl_tokens') or '?'} tokens scored) of `{_dataset_name(ppl.dataset if ppl else None)}`, "
            "compared token by token with the unquantized reference; ± is one standard error.",
+           *[f"- domain {d.name}: {d.max_windows} windows (at most) of {d.seq_len} tokens of `{_dataset_name(d.dataset)}`."
+             for d in (ev.domains if ev is not None else [])[1:]],
            f"- speed: {speed.prompt_tokens if speed else '?'}-token prompt, {speed.new_tokens if speed else '?'} new "
            f"tokens, median of {speed.runs if speed else '?'} runs, batch 1.",
            *([f"- made from the GGUF file `{(job.model or {}).get('gguf_file')}`, dequantized to float "
