@@ -271,12 +271,18 @@ SPEED = frozenset({"decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "ms
 
 def frontier_for(data: list[dict], objectives: tuple[str, ...], chosen: bool) -> tuple[tuple[str, ...], str | None]:
     """The frontier's objectives for these rows, and a note when the default had to change: speeds measured by
-    different runtimes (llama.cpp, transformers-bnb, dense) are not comparable, so the default leaves them out."""
-    runtimes = {r.get("runtime") for r in data if r.get("status") == "succeeded" and r.get("runtime")}
+    different runtimes (llama.cpp, transformers-bnb, dense) are not comparable, so the default leaves them out; so
+    does a sweep that measured no speed."""
     speed = [c for c in objectives if c in SPEED]
-    if chosen or len(runtimes) < 2 or not speed or len(objectives) - len(speed) < 2:
+    if chosen or not speed or len(objectives) - len(speed) < 2:
         return objectives, None
+    runtimes = {r.get("runtime") for r in data if r.get("status") == "succeeded" and r.get("runtime")
+                and any(isinstance(r.get(c), (int, float)) for c in speed)}  # of the rows that measured a speed
     kept = tuple(c for c in objectives if c not in SPEED)
+    if not runtimes:  # no row measured speed (eval.speed: null): the frontier is over the rest, nothing to say
+        return kept, None
+    if len(runtimes) < 2:
+        return objectives, None
     return kept, (f"the frontier leaves out {', '.join(speed)}: the rows' speeds come from different runtimes "
                   f"({', '.join(sorted(runtimes))}); --frontier {','.join(objectives)} includes them anyway")
 

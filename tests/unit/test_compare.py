@@ -116,3 +116,16 @@ def test_sizes_within_a_tenth_of_a_percent_tie_so_the_better_perplexity_wins():
     assert [x["pareto"] for x in rows] == [True, False]
     rows = mark_pareto([r("gptq", "gptq", 155.90, 54.0, 8.0), r("rtn", "rtn", 150.0, 100.0, 8.0)])
     assert [x["pareto"] for x in rows] == [True, True]  # 4% smaller is a real trade-off
+
+
+def test_the_default_frontier_leaves_speed_out_where_no_row_measured_one_or_runtimes_differ():
+    from qfarm.results.compare import DEFAULT_FRONTIER, frontier_for
+
+    unmeasured = [{"status": "succeeded", "runtime": "llama.cpp"}, {"status": "succeeded", "runtime": "transformers-bnb"}]
+    assert frontier_for(unmeasured, DEFAULT_FRONTIER, chosen=False) == (("size_mb", "perplexity"), None)  # no note
+    one = [{"status": "succeeded", "runtime": "llama.cpp", "decode_tokens_per_s": 9.0}, *unmeasured]
+    assert frontier_for(one, DEFAULT_FRONTIER, chosen=False) == (DEFAULT_FRONTIER, None)
+    two = one + [{"status": "succeeded", "runtime": "transformers-bnb", "decode_tokens_per_s": 3.0}]
+    kept, note = frontier_for(two, DEFAULT_FRONTIER, chosen=False)
+    assert kept == ("size_mb", "perplexity") and "different runtimes (llama.cpp, transformers-bnb)" in note
+    assert frontier_for(two, DEFAULT_FRONTIER, chosen=True) == (DEFAULT_FRONTIER, None)
