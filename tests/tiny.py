@@ -10,7 +10,8 @@ FAMILIES = ("llama", "qwen2", "gemma2", "gpt2", "phi3", "mixtral")
 
 
 def family_config(family: str, vocab: int, pad: int, eos: int):
-    """A tiny config of one model family (2 blocks, hidden 64), as transformers defines the family."""
+    """A tiny config of one model family (2 blocks, hidden 64), as transformers defines the family: FAMILIES, and
+    Gemma 3's text model (``gemma3``: the GGUF tokenizer test's)."""
     import transformers as t
 
     common = dict(vocab_size=vocab, pad_token_id=pad, eos_token_id=eos, bos_token_id=None, tie_word_embeddings=False)
@@ -20,6 +21,7 @@ def family_config(family: str, vocab: int, pad: int, eos: int):
         "llama": lambda: t.LlamaConfig(num_key_value_heads=4, **small),
         "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **small),
         "gemma2": lambda: t.Gemma2Config(num_key_value_heads=2, head_dim=16, **small),
+        "gemma3": lambda: t.Gemma3TextConfig(num_key_value_heads=1, head_dim=16, sliding_window=64, **small),
         "gpt2": lambda: t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common),
         "phi3": lambda: t.Phi3Config(num_key_value_heads=4, **small),
         "mixtral": lambda: t.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **small),
@@ -103,7 +105,7 @@ def spm_vocabulary(model: bytes) -> dict:
             "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.add_space_prefix": False}
 
 
-def make_spm_gguf(folder: Path, corpus: list[str], family: str = "gemma2", seed: int = 0) -> Path:
+def make_spm_gguf(folder: Path, corpus: list[str], family: str = "gemma3", seed: int = 0) -> Path:
     """A tiny ``family`` model whose tokenizer is a SentencePiece BPE trained here (``train_spm_bpe``), made a GGUF
     (float32) by llama.cpp's own converter from a folder with that ``tokenizer.model``: a file of the kind Gemma's
     are, whose tokenizer transformers rebuilds as a Unigram model. Its weights are random but peaked (a larger

@@ -1,5 +1,5 @@
-"""A GGUF whose tokenizer transformers rebuilds wrongly (a SentencePiece BPE vocabulary of Gemma's kind, made here
-by llama.cpp's own converter) runs a whole sweep with the file's own tokenization: every row's perplexity is
+"""A GGUF whose tokenizer transformers rebuilds wrongly (a tiny Gemma 3 with a SentencePiece BPE vocabulary of
+Gemma's kind, made here by llama.cpp's own converter) runs a whole sweep with the file's own tokenization: every row's perplexity is
 llama.cpp's own on the same text, within 2 %."""
 
 from __future__ import annotations
