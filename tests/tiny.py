@@ -105,11 +105,12 @@ def spm_vocabulary(model: bytes) -> dict:
             "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.add_space_prefix": False}
 
 
-def make_spm_gguf(folder: Path, corpus: list[str], family: str = "gemma3", seed: int = 0) -> Path:
+def make_spm_gguf(folder: Path, corpus: list[str], family: str = "gemma3", seed: int = 0, prefix: bool = False) -> Path:
     """A tiny ``family`` model whose tokenizer is a SentencePiece BPE trained here (``train_spm_bpe``), made a GGUF
     (float32) by llama.cpp's own converter from a folder with that ``tokenizer.model``: a file of the kind Gemma's
     are, whose tokenizer transformers rebuilds as a Unigram model. Its weights are random but peaked (a larger
-    initializer range), so that cutting the text differently changes its perplexity. Returns the .gguf path."""
+    initializer range), so that cutting the text differently changes its perplexity; ``prefix``: a vocabulary that
+    puts a space before the text (Llama-2's and Phi-3's kind). Returns the .gguf path."""
     import os
     import subprocess
     import sys
@@ -121,10 +122,11 @@ def make_spm_gguf(folder: Path, corpus: list[str], family: str = "gemma3", seed:
 
     hf = folder / "hf"
     hf.mkdir(parents=True, exist_ok=True)
-    model = train_spm_bpe(corpus)
+    model = train_spm_bpe(corpus, prefix=prefix)
     (hf / "tokenizer.model").write_bytes(model)
     vocab = len(spm_vocabulary(model)["tokenizer.ggml.tokens"])
     (hf / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
+                                                          "tokenizer_class": "LlamaTokenizer",
                                                           "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
                                                           "unk_token": "<unk>"}))
     torch.manual_seed(seed)

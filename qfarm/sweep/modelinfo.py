@@ -265,7 +265,7 @@ def vocabulary_clash(checkpoint: dict, reference: dict) -> str | None:
     return None
 
 
-PROBE_VERSION = 2  # bump when workers.evaluate.checks.choose_tokenizer changes what it refuses (2: a SentencePiece rebuild)
+PROBE_VERSION = 3  # bump when checks.choose_tokenizer changes what it refuses (3: a rebuild from SentencePiece scores)
 PROBE_TIMEOUT_S = 120
 
 

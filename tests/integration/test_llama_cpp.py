@@ -82,3 +82,31 @@ def test_conversion_never_runs_a_model_folders_own_code(tmp_path, shared_data):
     subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(tmp_path / "x.gguf"), "--outtype", "f32"],
                    env=env, capture_output=True, text=True, timeout=300)
     assert marker.read_text() == "ran"  # without the guard, the folder's code runs
+
+
+@pytest.mark.parametrize("family,prefix", [("gemma3", False), ("phi3", True)])
+def test_a_sentencepiece_gguf_is_rebuilt_as_llama_cpp_cuts_it(tmp_path, shared_data, family, prefix):
+    """A tiny GGUF with a SentencePiece BPE vocabulary, made by llama.cpp's converter (Gemma 3's kind: no space
+    prefix; Phi-3's: a space before the text): transformers' own rebuild disagrees with llama.cpp; qfarm's gives
+    llama.cpp's ids on real text, on texts that start with spaces, and around user-defined pieces."""
+    import llama_cpp
+
+    from tests.tiny import SPM_SPECIALS, corpus_of, make_spm_gguf
+    from workers.evaluate.checks import PROBE, probe
+    from workers.shared.gguf_tokenizer import spm_backend, vocabulary
+
+    gguf = make_spm_gguf(tmp_path, corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 400) + [PROBE] * 3,
+                         family=family, prefix=prefix)
+    checked = probe({"location": str(gguf.parent), "gguf_file": gguf.name})
+    assert checked["tokenizer_check"].startswith("agrees with llama.cpp") and "rebuilt by qfarm" in checked["tokenizer_check"]
+    assert "transformers' own rebuild: " in checked["tokenizer_check"]  # which disagreed
+    backend = spm_backend(vocabulary(str(gguf)))
+    llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        wiki = (shared_data / "wikitext2" / "wiki.test.raw").read_text()[:40_000]
+        for text in (wiki, "  two spaces\n\n x", f"{SPM_SPECIALS[0]}user\nhi there{SPM_SPECIALS[1]} ok{SPM_SPECIALS[1]}",
+                     f" {SPM_SPECIALS[0]} x"):
+            assert backend.encode(text, add_special_tokens=False).ids == \
+                llm.tokenize(text.encode(), add_bos=False, special=False), text[:40]
+    finally:
+        llm.close()

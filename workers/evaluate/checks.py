@@ -26,6 +26,9 @@ from qfarm.errors import Permanent
 CHECKS_FILE = "QFARM_CHECKS.json"
 PROBE = ("The quick brown fox jumps over the lazy dog. It's 3.14 -- naïve café, Straße, 東京, Москва!\n"
          "def square(x):\n    return x ** 2  # tabs\tand  double  spaces\n\nA new paragraph, 1999-2024.")
+# a text that starts with spaces: llama.cpp puts its SentencePiece space prefix before it all the same, where a
+# rebuilt tokenizer may not (the probe itself starts with a word)
+LEADING = "  Two spaces lead this line, and\ttabs follow."
 MAX_BITS_PER_BYTE = 8.0  # a uniform guess over the 256 byte values
 CHARACTER_LEVEL = 0.9  # tokens per byte at which a tokenizer is cutting text into single characters
 REAL_VOCAB = 1000  # vocabularies above this are not character-level by design
@@ -41,6 +44,7 @@ def llama_cpp_view(gguf_path: str) -> dict | None:
     llm = llama_cpp.Llama(model_path=gguf_path, vocab_only=True, verbose=False)
     try:
         return {"ids": llm.tokenize(PROBE.encode(), add_bos=False, special=False), "bos_id": llm.token_bos(),
+                "leading": llm.tokenize(LEADING.encode(), add_bos=False, special=False),
                 "add_bos": str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"}
     finally:
         llm.close()
@@ -66,6 +70,9 @@ def choose_tokenizer(gguf_path: str, candidates) -> tuple:
         try:
             ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
             problem = disagreement(ours, theirs["ids"])
+            leading = tokenizer(LEADING, add_special_tokens=False)["input_ids"]
+            if problem is None and disagreement(leading, theirs["leading"]):
+                problem = disagreement(leading, theirs["leading"]).replace("the probe text", "a text that starts with spaces")
         except Exception as e:  # noqa: BLE001 - a rebuild that cannot even tokenize the probe disagrees, saying why
             problem = f"it fails on the probe text ({type(e).__name__}: {str(e)[:200]})"
         if problem is None:

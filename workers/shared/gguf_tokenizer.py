@@ -58,7 +58,7 @@ def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
 
 def spm_backend(meta: dict):
     """A ``tokenizers.Tokenizer`` that cuts text as llama.cpp cuts it with this SentencePiece vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
 
     tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
@@ -71,8 +71,10 @@ def spm_backend(meta: dict):
     backend = Tokenizer(BPE(vocab=vocab, merges=spm_merges(tokens, scores), byte_fallback=True, fuse_unk=False,
                             unk_token=None if unk is None else tokens[unk]))
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if prefix else "never",
-                                                     split=False)
+    # normalizers, not a Metaspace pre-tokenizer: that one puts no '▁' before a text that starts with a space, and
+    # llama.cpp does; each stretch of text between two special pieces is normalized alone, as llama.cpp escapes it
+    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                              + [normalizers.Replace(" ", "▁")])
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
