@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = Path(__file__).with_name("job_ids.json")
 ROOT = Path("/tmp/qfarm-job-ids-v1")  # fixed: locations are part of a local file's identity
 DATA = "guanaco_llama2_1k/train.jsonl"
+TEXTS = (DATA, "wikitext2/wiki.test.raw")  # the shared data the specs name
 MTIME_NS = 1_790_000_000 * 10**9
 
 
@@ -31,13 +32,14 @@ def lay_out(shared_data: Path) -> Path:
     ROOT/model; returns the folder of the specs."""
     (ROOT / "repo").mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "jobs", ROOT / "repo" / "jobs", dirs_exist_ok=True)
-    (ROOT / "shared" / "data" / DATA).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shared_data / DATA, ROOT / "shared" / "data" / DATA)
+    for text in TEXTS:
+        (ROOT / "shared" / "data" / text).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_data / text, ROOT / "shared" / "data" / text)
     source = bundled_model_path("smollm2-135m")
     (ROOT / "model").mkdir(exist_ok=True)
     if not (ROOT / "model" / source.name).is_file():
         shutil.copyfile(source, ROOT / "model" / source.name)
-    for path in (ROOT / "shared" / "data" / DATA, ROOT / "model" / source.name):
+    for path in [ROOT / "shared" / "data" / text for text in TEXTS] + [ROOT / "model" / source.name]:
         os.utime(path, ns=(MTIME_NS, MTIME_NS))  # a file's modification time is part of its fingerprint too
     return ROOT / "repo" / "jobs"
 
