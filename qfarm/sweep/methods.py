@@ -9,6 +9,7 @@ expansion, the scheduler's DAG rules and the job payload (hence the worker's dis
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Annotated, Callable, Literal, Optional
 
@@ -111,7 +112,7 @@ SCHEMES: dict[str, dict] = {
 
 # options added after sweeps were submitted without them: left out of a job's identity while unset (None), so
 # those sweeps' jobs keep their ids (qfarm.sweep.expand)
-UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend"})
+UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types"})
 
 # The libraries that quantize ``gptq`` and ``awq`` jobs. llm-compressor (the default: installed with qfarm[ml])
 # writes compressed-tensors, which runs dense on a CPU; GPTQModel (qfarm[gptqmodel]) writes the AutoGPTQ/AutoAWQ
@@ -269,11 +270,57 @@ def _gguf_type(value: str) -> str:
     return value
 
 
+# ggml's tensor types a ``tensor_types`` rule may name: (ggml_type id, the rows' block length, bits a weight takes
+# with its block's scales). A row whose length the block does not divide is stored in another type by llama.cpp.
+GGML_TYPES: dict[str, tuple[int, int, float]] = {
+    "F32": (0, 1, 32.0), "F16": (1, 1, 16.0), "BF16": (30, 1, 16.0), "Q8_0": (8, 32, 8.5), "Q6_K": (14, 256, 6.5625),
+    "Q5_K": (13, 256, 5.5), "Q5_1": (7, 32, 6.0), "Q5_0": (6, 32, 5.5), "Q4_K": (12, 256, 4.5), "Q4_1": (3, 32, 5.0),
+    "Q4_0": (2, 32, 4.5), "Q3_K": (11, 256, 3.4375), "Q2_K": (10, 256, 2.625),
+}
+MAX_TENSOR_RULES = 64
+_PATTERN = re.compile(r"^[A-Za-z0-9_.\\|()\[\]{},*+?^$-]{1,200}$")  # a regex of the kinds C++'s std::regex reads alike
+
+
+def tensor_rule(text: str) -> tuple[str, str]:
+    """``PATTERN=TYPE`` (llama.cpp's ``--tensor-type``): a regex searched in each tensor's name
+    (``blk.3.ffn_down.weight``), and the ggml type its tensors are stored in. Raises ValueError saying what is wrong."""
+    pattern, sep, name = str(text).rpartition("=")
+    if not sep or not pattern:
+        raise ValueError(f"{text!r} is not PATTERN=TYPE (e.g. 'blk\\.0\\.=Q8_0', 'ffn_down=Q6_K')")
+    if name not in GGML_TYPES:
+        hint = f" Did you mean {name.upper()!r}?" if name.upper() in GGML_TYPES else did_you_mean(name, GGML_TYPES)
+        raise ValueError(f"{text!r}: {name!r} is not a ggml tensor type.{hint} Allowed: {', '.join(GGML_TYPES)}")
+    if not _PATTERN.match(pattern):
+        raise ValueError(f"{text!r}: the pattern may hold letters, digits and . _ \\ | ( ) [ ] {{ }} , * + ? ^ $ - "
+                         "(at most 200)")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{text!r}: the pattern is not a regular expression ({e})") from None
+    return pattern, name
+
+
+def _tensor_rules(value: list[str]) -> list[str]:
+    for text in value:
+        tensor_rule(text)
+    return value
+
+
 class GgufOptions(Options):
-    """llama.cpp's quantizer: the model as a GGUF file of ``gguf_type``, evaluated inside llama.cpp."""
+    """llama.cpp's quantizer: the model as a GGUF file of ``gguf_type``, evaluated inside llama.cpp. ``tensor_types``:
+    llama.cpp's per-tensor overrides (``--tensor-type``), in order, the first rule whose pattern a tensor's name holds
+    deciding its type; the file is checked to hold them (workers.quantize.gguf)."""
 
     method: Literal["gguf"]
     gguf_type: Annotated[str, AfterValidator(_gguf_type)] = "Q4_K_M"
+    tensor_types: Optional[Annotated[list[str], AfterValidator(_tensor_rules), Field(max_length=MAX_TENSOR_RULES)]] = None
+
+    @model_validator(mode="after")
+    def _quantized(self):
+        if self.tensor_types and GGUF_TYPES[self.gguf_type] >= 16:
+            raise ValueError(f"tensor_types applies to a quantized gguf_type (llama.cpp keeps every tensor of a "
+                             f"{self.gguf_type} file as it is); give gguf_type Q8_0, Q4_K_M, ... with it")
+        return self
 
 
 # --- train and merge jobs ---------------------------------------------------------------------------

@@ -60,6 +60,7 @@ PAIRS: dict[tuple[str, str], tuple[dict, dict]] = {
     ("bnb-fp4", "double_quant"): ({}, {"double_quant": True}),
     ("bnb-fp4", "compute_dtype"): ({}, {"compute_dtype": "bfloat16"}),
     ("gguf", "gguf_type"): ({}, {"gguf_type": "F16"}),
+    ("gguf", "tensor_types"): ({}, {"tensor_types": ["ffn_down=Q8_0"]}),
 }
 
 

@@ -110,3 +110,16 @@ def test_a_sentencepiece_gguf_is_rebuilt_as_llama_cpp_cuts_it(tmp_path, shared_d
                 llm.tokenize(text.encode(), add_bos=False, special=False), text[:40]
     finally:
         llm.close()
+
+
+def test_the_ggml_types_a_tensor_rule_may_name_are_the_installed_ggmls():
+    """qfarm.sweep.methods.GGML_TYPES (ids, block lengths, bits a weight) against gguf-py's own tables."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from qfarm.sweep.methods import GGML_TYPES
+
+    for name, (type_id, block, bits) in GGML_TYPES.items():
+        kind = GGMLQuantizationType[name]
+        assert kind.value == type_id, name
+        elements, nbytes = GGML_QUANT_SIZES[kind]
+        assert (elements, nbytes * 8 / elements) == (block, bits), name

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from qfarm import settings
+from qfarm.sweep.methods import GGML_TYPES, tensor_rule
 from workers.evaluate.tasks import TASK_CONTEXT
 from workers.shared.files import build_once, keyed
 from workers.shared.models import checkpoint_dtype
@@ -101,6 +102,57 @@ def tensor_types(path: str) -> tuple[dict[str, int], int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])), weights
 
 
+def weight_tensors(path: str) -> dict[str, tuple[str, int, int, int]]:
+    """The file's weight matrices (tensors of two or more dimensions): name -> (ggml type, row length, elements,
+    bytes)."""
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, int(t.shape[0]), int(t.n_elements), int(t.n_bytes))
+            for t in GGUFReader(path).tensors if len(t.shape) >= 2}
+
+
+def layer_columns(layers: dict[str, tuple[str, int, int, int]]) -> dict:
+    """``layer_formats`` (each weight matrix's type) and ``bits_per_weight``: every stored bit of the decoder blocks'
+    weight matrices (``blk.N.*``: the quantized layers, their blocks' scales included) over their weights."""
+    blocks = [v for k, v in layers.items() if k.startswith("blk.")]
+    return {"layer_formats": {k: v[0] for k, v in layers.items()},
+            "bits_per_weight": sum(v[3] for v in blocks) * 8 / sum(v[2] for v in blocks) if blocks else None}
+
+
+def rule_columns(rules: list[tuple[str, str]], layers: dict[str, tuple[str, int, int, int]]) -> dict:
+    """The file checked against the row's ``tensor_types`` (the first rule whose pattern a name holds decides, as in
+    llama.cpp): a rule that names no tensor, or a tensor stored in another quantized type although its rows fit the
+    asked type's blocks, fails the job (the option was not applied); a tensor whose rows do not fit (SmolLM2's 576)
+    or that llama.cpp keeps in float is recorded in ``tensor_type_fallbacks``. {} without rules."""
+    import re
+
+    from qfarm.errors import Permanent
+
+    if not rules:
+        return {}
+    matched = [0] * len(rules)
+    fallbacks = {}
+    for tensor, (stored, row, _, _) in layers.items():
+        hit = next((i for i, (pattern, _) in enumerate(rules) if re.search(pattern, tensor)), None)
+        if hit is None:
+            continue
+        matched[hit] += 1
+        asked = rules[hit][1]
+        if stored == asked:
+            continue
+        if row % GGML_TYPES[asked][1] == 0 and stored not in ("F32", "F16", "BF16"):
+            raise Permanent(f"the artifact is not what its row says: tensor_types {rules[hit][0]}={asked} asks "
+                            f"{tensor} in {asked}, the file stores it in {stored} (its rows of {row} fit {asked}'s "
+                            "blocks): the override was not applied")
+        fallbacks[tensor] = f"{asked}->{stored}"
+    for (pattern, asked), n in zip(rules, matched):
+        if n == 0:
+            names = ", ".join(list(layers)[:3])
+            raise Permanent(f"tensor_types {pattern}={asked} names no weight of the file (an earlier rule may take "
+                            f"them all); its weights are named like {names}")
+    return {"tensor_type_fallbacks": fallbacks or None}
+
+
 class Gguf:
     def quantize(self, ctx, base) -> str:
         import ctypes
@@ -118,11 +170,19 @@ class Gguf:
         params.ftype = ftype(name)
         params.nthread = ctx.threads
         params.allow_requantize = True
+        rules = [tensor_rule(text) for text in ctx.opts.tensor_types or []]
+        overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()  # ended by a null pattern
+        for i, (pattern, type_name) in enumerate(rules):
+            overrides[i].pattern, overrides[i].type = pattern.encode(), GGML_TYPES[type_name][0]
+        if rules:
+            params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         rc = llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), ctypes.byref(params))
         if rc != 0 or not target.is_file():
             raise RuntimeError(f"llama_model_quantize to {name} failed (return code {rc})")
         counts, weights = tensor_types(str(target))
-        ctx.extra.update({"gguf_tensor_types": counts, "bits_per_weight": target.stat().st_size * 8 / weights,
+        layers = weight_tensors(str(target))
+        ctx.extra.update({"gguf_tensor_types": counts, "file_bits_per_weight": target.stat().st_size * 8 / weights,
+                          **layer_columns(layers), **rule_columns(rules, layers),
                           "gguf_source": "gguf" if ctx.job.model["kind"] == "gguf" else "converted"})
         return str(out)
 
