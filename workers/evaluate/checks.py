@@ -70,9 +70,9 @@ def choose_tokenizer(gguf_path: str, candidates) -> tuple:
         try:
             ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
             problem = disagreement(ours, theirs["ids"])
-            leading = tokenizer(LEADING, add_special_tokens=False)["input_ids"]
-            if problem is None and disagreement(leading, theirs["leading"]):
-                problem = disagreement(leading, theirs["leading"]).replace("the probe text", "a text that starts with spaces")
+            if problem is None:
+                leading = disagreement(tokenizer(LEADING, add_special_tokens=False)["input_ids"], theirs["leading"])
+                problem = leading and leading.replace("the probe text", "a text that starts with spaces")
         except Exception as e:  # noqa: BLE001 - a rebuild that cannot even tokenize the probe disagrees, saying why
             problem = f"it fails on the probe text ({type(e).__name__}: {str(e)[:200]})"
         if problem is None:

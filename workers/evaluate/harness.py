@@ -322,15 +322,15 @@ def quality(model, wins, ref: Reference, progress) -> dict:
     return out
 
 
-DOMAIN_FIGURES = {"perplexity": "ppl", "ppl_delta_pct": "ppl_delta_pct", "kl_div": "kl", "top1_agree": "top1",
-                  "ref_perplexity": "ref_ppl", "bits_per_byte": "bits_per_byte", "ppl_tokens": "ppl_tokens"}
+DOMAIN_KEYS = {"perplexity": "ppl", "ppl_delta_pct": "ppl_delta_pct", "kl_div": "kl", "top1_agree": "top1",
+               "ref_perplexity": "ref_ppl", "bits_per_byte": "bits_per_byte", "ppl_tokens": "ppl_tokens"}
 
 
 def domain_columns(name: str, figures: dict) -> dict:
     """One evaluation domain's figures (``quality``'s) under its own names: ``ppl@NAME``, ``kl@NAME``,
     ``top1@NAME``, ``ppl_delta_pct@NAME``, each with its ``_se`` where it has one (qfarm.results.columns.domain_columns)."""
     out = {}
-    for key, short in DOMAIN_FIGURES.items():
+    for key, short in DOMAIN_KEYS.items():
         if key in figures:
             out[f"{short}@{name}"] = figures[key]
         if f"{key}_se" in figures:
