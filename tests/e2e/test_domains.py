@@ -45,6 +45,9 @@ jobs:
         assert r["perplexity"] == r["ppl@python-docs"] and r["kl_div"] == r["kl@python-docs"]
         assert r["ref_ppl@wiki"] == rows["none"]["ppl@wiki"] != rows["none"]["ppl@python-docs"]
     ref, rtn, q4 = rows["none"], rows["rtn"], rows["gguf"]
+    # bits per weight of the quantized layers, one measure across libraries: 4 bits + a bfloat16 scale per 64
+    assert rtn["bits_per_weight"] == pytest.approx(4 + 16 / 64, abs=1e-3) and ref.get("bits_per_weight") is None
+    assert q4["bits_per_weight"] == pytest.approx(4.5) and set(q4["layer_formats"].values()) >= {"Q4_0"}  # 18 bytes/32
     assert ref["kl@wiki"] == 0.0 and rtn["kl@wiki"] > 0 and q4["kl@wiki"] > 0  # llama.cpp's runtime too
     assert rtn["ref_cache"] != "computed" and q4["ref_cache"] != "computed"  # the reference job made both domains'
     card = Path(rtn["model_card"]).read_text()

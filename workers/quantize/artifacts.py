@@ -251,7 +251,54 @@ def finish(ctx, base, artifact: str) -> dict:
         store_as_source(artifact, dtype)
     described = describe(artifact)
     check(ctx.opts, ctx.job.impl, described)
-    return {"artifact_config": described, "stored_dtype": stored_dtype(artifact)}
+    out = {"artifact_config": described, "stored_dtype": stored_dtype(artifact)}
+    if ctx.opts.method != "gguf":  # a GGUF row counts its file's tensors (workers.quantize.gguf.layer_columns)
+        out["bits_per_weight"] = bits_per_weight(artifact, base.skeleton)
+    return out
+
+
+# a quantized layer's stored tensors, by the last part of their names: compressed-tensors (weight_packed,
+# weight_scale, weight_zero_point, weight_g_idx, weight_shape), GPTQModel/AutoGPTQ (qweight, qzeros, scales,
+# g_idx), bitsandbytes (weight + weight.absmax, weight.quant_map, weight.nested_*, weight.quant_state.*; int8: SCB)
+_QUANTIZED_MARKS = ("weight_packed", "qweight", "weight.absmax", "SCB", "weight_scale")
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+                      "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def safetensors_sizes(folder: str) -> dict[str, int]:
+    """Every tensor of the folder's safetensors files and its bytes, from the files' headers (no tensor read)."""
+    import struct
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in info["shape"]:
+                    count *= int(d)
+                out[name] = count * _SAFETENSORS_BYTES.get(info["dtype"], 4)
+    return out
+
+
+def bits_per_weight(folder: str, skeleton) -> float | None:
+    """Every stored bit of the artifact's quantized layers' weights (the packed weights with their scales, zero
+    points, group indices and quantization state; not biases) over those layers' weights as the architecture counts
+    them (``skeleton``: the model on the meta device): the same measure as a GGUF row's. None for a float artifact."""
+    sizes = safetensors_sizes(folder)
+    layers = {name.split(f".{mark}")[0] for name in sizes for mark in _QUANTIZED_MARKS if f".{mark}" in name}
+    if not layers:
+        return None
+    stored = weights = 0
+    for layer in sorted(layers):
+        try:
+            weights += skeleton.get_submodule(layer).weight.numel()
+        except AttributeError:
+            return None  # a layout this count does not know: no figure rather than a wrong one
+        stored += sum(b for name, b in sizes.items() if name.startswith(f"{layer}.") and not name.endswith(".bias"))
+    return stored * 8 / weights if weights else None
 
 
 # --- 4. counted --------------------------------------------------------------------------------------------------
