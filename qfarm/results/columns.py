@@ -167,7 +167,7 @@ TABLE: tuple[Column, ...] = (
     C("quantized_base", group="train", format="{}"),  # the GPTQ/AWQ checkpoint a LoRA trained on
     C("base_task_loss", unit="nats", group="train"),  # ... and its task loss without the adapter: where training started
     C("train_dtype", group="train", format="{}"),  # ... and in which dtype (bfloat16 for GPTQModel's torch kernel)
-    C("bits_per_weight", group="gguf"),  # the decoder blocks' weight matrices: every stored bit over their weights
+    C("bits_per_weight", None, "{:.3f}", direction="min", group="size"),  # quantized layers: stored bits / weights
     C("file_bits_per_weight", group="gguf"),  # the whole file's bits over all its weights (embeddings, metadata)
     C("layer_formats", group="gguf", format="{}"),  # each weight matrix's stored type
     C("tensor_type_fallbacks", group="gguf", format="{}"),  # tensor_types rules llama.cpp could not follow, and why
