@@ -1,5 +1,7 @@
 """The report of a real finished sweep, checked in a real headless browser (Debian's chromium), and results
-across sweeps. The sweep: the real bundled model, a reference, two quantized variants, and one job that fails."""
+across sweeps. The sweep: the real bundled model, a reference, two quantized variants, and one job that fails,
+evaluated on two domains (the bundled Python docs and WikiText-2): every row has both domains' figures in the JSON,
+the table, the frontier, the report, the model card and the MLflow export."""
 
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ SPEC = """\
 name: {name}
 model: bundled:smollm2-135m
 eval:
-  perplexity: {{seq_len: 128, max_windows: 2}}
+  perplexity:
+    - {{seq_len: 128, max_windows: 2}}
+    - {{dataset: {wiki}, name: wiki, seq_len: 128, max_windows: 2}}
   speed: {{prompt_tokens: 16, new_tokens: 4, runs: 1}}
   prompts: ["What is the capital of France?", "Name a colour."]
   max_new_tokens: 8
@@ -47,13 +51,16 @@ def chromium() -> str:
     return exe
 
 
-def test_report_renders_in_a_browser_with_table_plots_answers_and_failures(cli_env, model_root, tmp_path):
+def test_report_renders_in_a_browser_with_table_plots_answers_and_failures(cli_env, model_root, shared_data, tmp_path):
     env = dict(cli_env, QFARM_OUTPUT_ROOT=str(model_root))
+    wiki = tmp_path / "wikitext2.txt"
+    wiki.write_text((shared_data / "wikitext2" / "wiki.test.raw").read_text()[:30_000])
     spec = tmp_path / "report.yaml"
-    spec.write_text(SPEC.format(name="report-e2e"))
+    spec.write_text(SPEC.format(name="report-e2e", wiki=wiki))
     out = qfarm(env, "submit", str(spec), "--wait")
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # one job fails, on purpose
     sweep = submitted_id(out.stdout)
+    domains_in_rows(env, sweep, model_root)
 
     page, pngs = tmp_path / "site" / "report.html", tmp_path / "png"
     rep = qfarm(env, "report", sweep, "-o", str(page), "--png", str(pngs))
@@ -61,7 +68,8 @@ def test_report_renders_in_a_browser_with_table_plots_answers_and_failures(cli_e
     text = page.read_text()
     # self-contained: nothing to fetch, nothing to run
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text) and "<script" not in text
-    assert text.count("<svg") == 3 and 'id="fig-scatter"' in text and 'id="fig-memory"' in text
+    assert text.count("<svg") == 4 and 'id="fig-scatter"' in text and 'id="fig-memory"' in text
+    assert 'id="fig-domains"' in text and png_size(pngs / "domains.png")[0] == PNG_WIDTH_IN * DPI  # method x domain
     body = text[text.index('<table id="results">'):text.index("</table>")]
     assert body.count("<tr") == 1 + 4 and body.count('class="failed"') == 1
     assert "was asked to fail (fail: true)" in body.split('class="failed"')[1]  # the reason, in the row
@@ -76,7 +84,7 @@ def test_report_renders_in_a_browser_with_table_plots_answers_and_failures(cli_e
     dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                           "--window-size=1400,2600", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0 and dom.stdout.count("<svg") == 3 and "report-e2e" in dom.stdout
+    assert dom.returncode == 0 and dom.stdout.count("<svg") == 4 and "report-e2e" in dom.stdout
     run = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                           "--window-size=1400,2600", f"--screenshot={shot}", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
@@ -96,6 +104,45 @@ def test_report_renders_in_a_browser_with_table_plots_answers_and_failures(cli_e
     assert count((246, 248, 250), tol=2) > 5000, "no table header in the screenshot"
     top = image.crop((0, 0, 1400, 400)).convert("L")
     assert sum(1 for p in top.getdata() if p < 100) > 2000, "no text at the top of the page"
+
+
+def domains_in_rows(env, sweep: str, model_root: Path) -> None:
+    """Both domains' figures on every succeeded row, measured once for the first domain's plain columns too, the
+    reference's log-probs made by the reference job; in the table, the frontier, the model card and MLflow."""
+    rows = {r["method"]: r for r in json.loads(qfarm(env, "results", sweep, "--format", "json").stdout)
+            if r["status"] == "succeeded"}
+    assert sorted(rows) == ["gguf", "none", "rtn"]
+    for method, r in rows.items():
+        assert r["ppl_domains"] == ["python-docs", "wiki"], method
+        for d in ("python-docs", "wiki"):
+            for figure in ("ppl", "kl", "top1", "ppl_delta_pct"):
+                assert isinstance(r[f"{figure}@{d}"], float) and isinstance(r[f"{figure}@{d}_se"], float), (method, figure, d)
+        assert r["perplexity"] == r["ppl@python-docs"] and r["kl_div"] == r["kl@python-docs"]
+        assert r["ref_ppl@wiki"] == rows["none"]["ppl@wiki"] != rows["none"]["ppl@python-docs"]
+    ref, rtn, q4 = rows["none"], rows["rtn"], rows["gguf"]
+    assert ref["kl@wiki"] == 0.0 and rtn["kl@wiki"] > 0 and q4["kl@wiki"] > 0  # llama.cpp's runtime too
+    assert rtn["ref_cache"] != "computed" and q4["ref_cache"] != "computed"  # the reference job made both domains'
+    # bits per weight of the quantized layers, one measure across libraries: 4 bits + a bfloat16 scale per 64
+    assert rtn["bits_per_weight"] == pytest.approx(4 + 16 / 64, abs=1e-3) and ref.get("bits_per_weight") is None
+    assert q4["bits_per_weight"] == pytest.approx(4.5) and set(q4["layer_formats"].values()) >= {"Q4_0"}  # 18 bytes/32
+    card = Path(rtn["model_card"]).read_text()
+    assert f"| Δ perplexity / KL on wiki | {rtn['ppl_delta_pct@wiki']:+.2f} ± " in card and "domain wiki: 2 windows" in card
+
+    table = qfarm(env, "results", sweep, "--columns", "method,ppl@wiki,kl@wiki,top1@wiki", "--frontier", "kl@wiki,size_mb")
+    assert table.returncode == 0, table.stderr
+    assert "kl@wiki" in table.stdout and f"{rtn['ppl@wiki']:.3f}" in table.stdout
+    wrong = qfarm(env, "results", sweep, "--frontier", "kl@wikk,size_mb")
+    assert wrong.returncode == 2 and "Did you mean 'kl@wiki'?" in wrong.stderr
+
+    sent = qfarm(env, "results", sweep, "--to", "mlflow")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{model_root}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == sweep])
+    by_method = {run.data.params.get("method"): run.data.metrics for run in runs}
+    assert by_method["rtn"]["kl/wiki"] == pytest.approx(rtn["kl@wiki"])
+    assert by_method["gguf"]["ppl/python-docs_se"] == pytest.approx(q4["ppl@python-docs_se"])
 
 
 def test_results_across_two_sweeps(cli_env, model_root, tmp_path):
