@@ -31,7 +31,8 @@ def lay_out(shared_data: Path) -> Path:
     """The shipped specs under ROOT/repo/jobs, the data they name under ROOT/shared/data, the bundled GGUF under
     ROOT/model; returns the folder of the specs."""
     (ROOT / "repo").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO / "jobs", ROOT / "repo" / "jobs", dirs_exist_ok=True)
+    shutil.rmtree(ROOT / "repo" / "jobs", ignore_errors=True)  # another checkout's specs, left by its run, are not ours
+    shutil.copytree(REPO / "jobs", ROOT / "repo" / "jobs")
     for text in TEXTS:
         (ROOT / "shared" / "data" / text).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shared_data / text, ROOT / "shared" / "data" / text)
