@@ -57,11 +57,11 @@ def gguf_conventions(gguf_path: str, tokenizer, what: str | None = None) -> dict
     return choose_tokenizer(gguf_path, [(tokenizer, what)])[1]
 
 
-def choose_tokenizer(gguf_path: str, candidates) -> tuple:
+def choose_tokenizer(gguf_path: str, candidates, theirs: dict | None = None) -> tuple:
     """The first of ``candidates`` ((tokenizer, what it is) pairs, tried in order, lazily) that gives llama.cpp's
-    own ids on the probe text, and the file's conventions with it. Raises Permanent when none does, saying where
-    each parts from llama.cpp."""
-    theirs = llama_cpp_view(gguf_path)
+    own ids on the probe text (``theirs``: ``llama_cpp_view``'s, read here when not given), and the file's
+    conventions with it. Raises Permanent when none does, saying where each parts from llama.cpp."""
+    theirs = theirs or llama_cpp_view(gguf_path)
     tried = []
     for tokenizer, what in candidates:
         if theirs is None:

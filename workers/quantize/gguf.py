@@ -90,25 +90,19 @@ def source_gguf(ctx, base) -> str:
     return str(target)
 
 
-def tensor_types(path: str) -> tuple[dict[str, int], int]:
-    """How many tensors of each type the file holds, and its number of weights."""
+def file_tensors(path: str) -> tuple[dict[str, int], int, dict[str, tuple[str, int, int, int]]]:
+    """One read of the file's tensors: how many of each type it holds, its number of weights, and its weight
+    matrices (tensors of two or more dimensions): name -> (ggml type, row length, elements, bytes)."""
     from gguf import GGUFReader
 
     counts: dict[str, int] = {}
-    weights = 0
+    weights, matrices = 0, {}
     for t in GGUFReader(path).tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         weights += int(t.n_elements)
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), weights
-
-
-def weight_tensors(path: str) -> dict[str, tuple[str, int, int, int]]:
-    """The file's weight matrices (tensors of two or more dimensions): name -> (ggml type, row length, elements,
-    bytes)."""
-    from gguf import GGUFReader
-
-    return {t.name: (t.tensor_type.name, int(t.shape[0]), int(t.n_elements), int(t.n_bytes))
-            for t in GGUFReader(path).tensors if len(t.shape) >= 2}
+        if len(t.shape) >= 2:
+            matrices[t.name] = (t.tensor_type.name, int(t.shape[0]), int(t.n_elements), int(t.n_bytes))
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])), weights, matrices
 
 
 def layer_columns(layers: dict[str, tuple[str, int, int, int]]) -> dict:
@@ -179,8 +173,7 @@ class Gguf:
         rc = llama_cpp.llama_model_quantize(source.encode(), str(target).encode(), ctypes.byref(params))
         if rc != 0 or not target.is_file():
             raise RuntimeError(f"llama_model_quantize to {name} failed (return code {rc})")
-        counts, weights = tensor_types(str(target))
-        layers = weight_tensors(str(target))
+        counts, weights, layers = file_tensors(str(target))
         ctx.extra.update({"gguf_tensor_types": counts, "file_bits_per_weight": target.stat().st_size * 8 / weights,
                           **layer_columns(layers), **rule_columns(rules, layers),
                           "gguf_source": "gguf" if ctx.job.model["kind"] == "gguf" else "converted"})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qfarm import settings
 from qfarm.sweep.sources import confirm
-from workers.evaluate.checks import CHECKS_FILE, choose_tokenizer, gguf_conventions
+from workers.evaluate.checks import CHECKS_FILE, choose_tokenizer, gguf_conventions, llama_cpp_view
 from workers.shared.files import build_once, inside, job_dir, keyed
 
 
@@ -136,10 +136,11 @@ def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
     from workers.shared.gguf_tokenizer import candidates
 
     gguf_path = f"{folder}/{gguf_file}"
-    tokenizer, checks = choose_tokenizer(gguf_path, candidates(folder, gguf_file))  # a file none agrees on: refused now
+    theirs = llama_cpp_view(gguf_path)  # read once, for both checks
+    tokenizer, checks = choose_tokenizer(gguf_path, candidates(folder, gguf_file), theirs)  # none agrees: refused now
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
-    saved = gguf_conventions(gguf_path, AutoTokenizer.from_pretrained(out))  # what the jobs will load
+    _, saved = choose_tokenizer(gguf_path, [(AutoTokenizer.from_pretrained(out), None)], theirs)  # what jobs load
     _write_checks(out, gguf_path, checks={**saved, "tokenizer_check": checks["tokenizer_check"]})
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model keeps its gguf quantizer, which refuses to save; drop it (BACKENDS.md).
