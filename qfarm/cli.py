@@ -177,6 +177,9 @@ def validate(spec: Path, show_jobs: bool, show_plan: bool, plan_device: str, as_
                f"default frontier are {domain_name(ppl[0])}'s)." if isinstance(ppl, list) else "")
     click.echo(f"{spec}: valid. Sweep {expanded.sweep_id}: {len(expanded.jobs)} jobs: {kinds}{what}{model}.{made}{domains}"
                f"{checked}", err=as_json)
+    if valid.search is not None:
+        for line in valid.search.summary(loaded.spec.search):
+            click.echo(line, err=as_json)
     if show_plan:
         _print_plan(loaded, expanded, shape, plan_device, as_json, types)
     if show_jobs:

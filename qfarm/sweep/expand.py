@@ -99,6 +99,11 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
         for options, resolved in stage.combos:
             for parent in parents:
                 job = _job(spec, gi, group, options, valid.model, stage.eval, resolved, parent, cuda)
+                if stage.search is not None:
+                    job = replace(job, search=stage.search)
+                for probe in _probes(job, cuda):  # before the candidate that reads them
+                    jobs.setdefault(probe.id, probe)
+                    job = replace(job, needs=job.needs + (probe.id,))
                 capture = _capture(job, cuda)
                 if capture is not None:  # before the jobs that need it: labelled() reads parents first
                     jobs.setdefault(capture.id, capture)
@@ -230,6 +235,28 @@ def _capture(job: Job, cuda: bool) -> Job | None:
                    task_eval=None, worker=kind.worker, impl=None, bits=None, axes=(), needs=())
 
 
+def _probes(job: Job, cuda: bool) -> list[Job]:
+    """The ``probe`` jobs a mixed search candidate reads (its ``mixed.probe``): the model's layers in ``parts``
+    shares, each priced in every format of the search's mixed entries, on the same model, evaluation text and
+    device class. The candidates of one search need the same probes, whatever their methods."""
+    mixed = job.options.get("mixed")
+    if not mixed:
+        return []
+    kind, probe = KINDS["probe"], mixed["probe"]
+    out = []
+    for part in range(probe["parts"]):
+        opts = kind.options.model_validate({"formats": probe["formats"], "part": part, "parts": probe["parts"],
+                                            "windows": probe["windows"], "seq_len": probe["seq_len"]}).model_dump()
+        identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (job.model or {}).get("key"),
+                    "eval": _eval_identity(job.eval), "compute": COMPUTE["gpu" if cuda and job.resources.get("gpus")
+                                                                       else "cpu"]}
+        out.append(replace(job, id="j" + digest(identity, 12), kind=kind.name,
+                           label=f"probe {part + 1}/{probe['parts']}", options=opts, task_eval=None, worker=kind.worker,
+                           impl=None, bits=None, axes=(), needs=(), calibration=None,
+                           search={**(job.search or {}), "role": "probe"}))
+    return out
+
+
 def _vllm_eval(ev: dict, kind: str, method) -> dict:
     """A job's evaluation under ``engine: vllm``: served by vLLM where its checkpoint is one vLLM loads (the
     registry's ``Method.vllm``: float and compressed-tensors), else native only, saying why in the row."""
@@ -267,6 +294,12 @@ def labelled(jobs: list[Job]) -> list[Job]:
         label = " ".join([j.method or j.kind] + [_part(k, flat[j.id][k]) for k in shown])
         if j.kind == "sleep":
             label = f"sleep[{j.opts.index}]"
+        elif j.kind == "probe":
+            label = j.label
+        elif j.options.get("mixed"):  # a search candidate: its formats are decided in its job
+            mixed = j.options["mixed"]
+            bpw = mixed["target_bits_per_weight"] - mixed["point"] * mixed["step"]
+            label = f"{j.method} mixed ≤{bpw:g}bpw"
         parent = out.get(j.parent) if j.parent else None
         lineage = parent.lineage + (parent.label,) if parent is not None else ()
         out[j.id] = replace(j, label=label, lineage=lineage)

@@ -70,6 +70,9 @@ class Job:
     bits: int | None = None  # the nominal bits of the weights (the ``bits`` column): decided once, by expand
     axes: tuple[str, ...] = ()  # the option keys its group's matrix varies: always in its label (not stored)
     needs: tuple[str, ...] = ()  # jobs that must succeed before it runs, whose output it reads (a shared capture)
+    # a ``search:`` sweep's job: {"role": probe | uniform | candidate, "target": {...}, "objective": ...}
+    # (qfarm.sweep.search); not in its id: a uniform candidate is the plain job a grid would run
+    search: dict[str, Any] | None = None
     # given by the scheduler when it hands the job to a worker (not part of what a sweep stores)
     output_dir: str | None = None
     input: Input = field(default_factory=Input)
@@ -100,6 +103,7 @@ class Job:
             "impl": self.impl,
             "bits": self.bits,
             "needs": list(self.needs),
+            **({"search": self.search} if self.search else {}),  # a search's job only
         }
 
     @classmethod

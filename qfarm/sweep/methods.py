@@ -112,7 +112,7 @@ SCHEMES: dict[str, dict] = {
 
 # options added after sweeps were submitted without them: left out of a job's identity while unset (None), so
 # those sweeps' jobs keep their ids (qfarm.sweep.expand)
-UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types"})
+UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types", "mixed"})
 
 # The libraries that quantize ``gptq`` and ``awq`` jobs. llm-compressor (the default: installed with qfarm[ml])
 # writes compressed-tensors, which runs dense on a CPU; GPTQModel (qfarm[gptqmodel]) writes the AutoGPTQ/AutoAWQ
@@ -148,6 +148,43 @@ class BackendOptions(Options):
             raise ValueError(f"{info.field_name} is llm-compressor's AWQ option; GPTQModel's AWQ has no such "
                              "setting (drop it, or drop backend: gptqmodel)")
         return value
+
+
+MIXED_FORMAT = re.compile(r"^([2348])b g(-1|[0-9]{1,5})$|^(Q8_0|Q6_K|Q5_K|Q5_1|Q5_0|Q4_K|Q4_1|Q4_0|Q3_K|Q2_K)$")
+
+
+def _mixed_formats(value: list[str]) -> list[str]:
+    for text in value:
+        if not MIXED_FORMAT.match(str(text)):
+            raise ValueError(f"{text!r} is not a layer format: '4b g64' (bits, group size) for rtn/gptq, a ggml type "
+                             "(Q4_K, Q6_K, Q8_0, ...) for gguf")
+    return value
+
+
+class MixedOptions(Options):
+    """A search candidate (``search:``, qfarm.sweep.search): each quantizable layer gets one of ``formats``, chosen in
+    its job from the sweep's sensitivity probes (the jobs it needs) so that the stored bits of the quantized layers'
+    weights come to at most ``target_bits_per_weight`` per weight while the predicted KL is least. ``point`` > 0:
+    the allocation ``point`` × ``step`` bits per weight under the target (several points along the frontier)."""
+
+    target_bits_per_weight: float = Field(gt=1.0, le=16.0)
+    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=32)]
+    point: int = Field(0, ge=0, le=16)
+    step: float = Field(0.25, gt=0.0, le=4.0)
+    probe: "MixedProbe"  # the probes it reads (part of its identity: other probes, another allocation)
+
+
+class MixedProbe(Options):
+    """The sensitivity probes a mixed candidate reads: ``parts`` probe jobs over the layers, pricing ``formats`` (every
+    mixed entry's of the search) over ``windows`` windows of ``seq_len`` tokens (ProbeOptions)."""
+
+    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=64)]
+    parts: int = Field(4, ge=1, le=256)
+    windows: int = Field(2, ge=1, le=64)
+    seq_len: int = Field(128, ge=16, le=4_096)
+
+
+MixedOptions.model_rebuild()
 
 
 class SchemeOptions(BackendOptions):
@@ -195,6 +232,7 @@ class RtnOptions(SchemeOptions):
     bits: Literal[2, 3, 4, 8] = Field(4, json_schema_extra=QUALITY_ONLY)
     group_size: GroupSize = Field(64, json_schema_extra=QUALITY_ONLY)
     symmetric: bool = Field(True, json_schema_extra=QUALITY_ONLY)
+    mixed: Optional[MixedOptions] = None  # a search candidate: per-layer formats (bits and group size above unused)
 
 
 class GptqOptions(SchemeOptions):
@@ -216,6 +254,7 @@ class GptqOptions(SchemeOptions):
     dampening_frac: float = Field(0.01, gt=0.0, le=1.0, json_schema_extra=QUALITY_ONLY)
     smoothing_strength: Optional[float] = Field(None, gt=0.0, lt=1.0)  # W8A8's SmoothQuant; None: 0.8
     calibration: GptqCalibration = GptqCalibration()
+    mixed: Optional[MixedOptions] = None  # a search candidate: per-layer formats (bits and group size above unused)
 
     @field_validator("smoothing_strength")
     @classmethod
@@ -314,6 +353,7 @@ class GgufOptions(Options):
     method: Literal["gguf"]
     gguf_type: Annotated[str, AfterValidator(_gguf_type)] = "Q4_K_M"
     tensor_types: Optional[Annotated[list[str], AfterValidator(_tensor_rules), Field(max_length=MAX_TENSOR_RULES)]] = None
+    mixed: Optional[MixedOptions] = None  # a search candidate: per-tensor ggml types, written as tensor_types
 
     @model_validator(mode="after")
     def _quantized(self):
@@ -424,6 +464,21 @@ class CaptureOptions(Options):
     calibration: Calibration
 
 
+class ProbeOptions(Options):
+    """A search's sensitivity probe (made by qfarm.sweep.expand for ``search:``, never written in a spec): part
+    ``part`` of ``parts`` of the model's quantizable layers. For each, the KL of the model's next-token distribution
+    from the float model's with only that layer in its coarsest format of ``formats`` (one forward per layer), and
+    every format's importance-weighted error of the layer's weights (the input activations' squares: llama.cpp's
+    importance matrix), which prices the other formats; over the first ``windows`` windows of ``seq_len`` tokens of
+    the sweep's evaluation text (workers.search.probe)."""
+
+    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=64)]
+    part: int = Field(0, ge=0, le=255)
+    parts: int = Field(1, ge=1, le=256)
+    windows: int = Field(2, ge=1, le=64)
+    seq_len: int = Field(128, ge=16, le=4_096)
+
+
 class EvaluateOptions(Options):
     """An existing checkpoint, evaluated against the sweep's reference like any row (a published quant beside your
     own): a local Hugging Face folder (float, compressed-tensors, bitsandbytes; GPTQ/AWQ-format ones need
@@ -451,7 +506,8 @@ class Method:
     summary: str
     worker: Optional[str] = None  # "module:Class" under workers/ (a quantizer), imported lazily inside a worker
     # the ``bits`` column, from the job's options (typed): decided once, by expansion (``Job.bits``)
-    nominal_bits: Callable[[Options], Optional[int]] = lambda options: getattr(options, "bits", None)
+    nominal_bits: Callable[[Options], Optional[int]] = lambda options: (
+        None if getattr(options, "mixed", None) else getattr(options, "bits", None))  # a search's mix has no one
     vllm: bool = False  # its checkpoint is one vLLM serves (``eval.engine: vllm``): float or compressed-tensors
     # the kinds of weight layer it quantizes (qfarm.sweep.modelinfo: Linear, Conv1D, experts); a model with others
     # is refused for it at validate time, since they would silently stay in float. None: every kind
@@ -511,7 +567,7 @@ METHODS: dict[str, Method] = {
                "workers.quantize.llmc:LLMCompressor", vllm=True, quantizes=LLMC_LAYERS, cost=12.0, backends=GPTQMODEL,
                plan="llm-compressor", calibrates=True, trains_on=frozenset({"gptqmodel"})),
         Method("gguf", GgufOptions, "llama.cpp GGUF (Q8_0, Q4_K_M, ...), run in llama.cpp", "workers.quantize.gguf:Gguf",
-               nominal_bits=lambda options: GGUF_TYPES.get(options.gguf_type), cost=1.5, plan="gguf",
+               nominal_bits=lambda options: None if options.mixed else GGUF_TYPES.get(options.gguf_type), cost=1.5, plan="gguf",
                library="gguf"),
     ]
 }
@@ -587,6 +643,9 @@ KINDS: dict[str, Kind] = {
              needs_model=True, parents=frozenset({"train"}), options=MergeOptions, cost=2.0, plan="merge"),
         Kind("calibrate", "workers.quantize.calibrate:run", "capture what GPTQ needs of the calibration data, once for the jobs "
              "that share it", needs_model=True, options=CaptureOptions, cost=4.0, internal=True, plan="calibrate"),
+        Kind("probe", "workers.search.probe:run", "measure how much each layer in one format moves the model's output "
+             "(a search's sensitivity)", needs_model=True, options=ProbeOptions, cost=1.0, internal=True,
+             plan="reference"),
         Kind("evaluate", "workers.evaluate.checkpoint:run", "evaluate an existing checkpoint (a published quant, a model made "
              "elsewhere) against the sweep's reference", needs_model=True, options=EvaluateOptions, cost=1.0,
              plan="evaluate", compares=True),

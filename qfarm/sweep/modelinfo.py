@@ -32,6 +32,7 @@ class Shape:
     inputs: dict[str, int]  # e.g. {"self_attn.q_proj": 576, ..., "mlp.down_proj": 1536}
     types: dict[str, str] = field(default_factory=dict)  # Linear, Conv1D (GPT-2), experts (fused MoE weights)
     counts: dict[str, int] = field(default_factory=dict)  # how many of each in the model (default: one a block)
+    outputs: dict[str, int] = field(default_factory=dict)  # output features, where known (the module tree)
     source: str = "config"  # "module tree" (read from the model itself) or "config" (a Llama-shaped guess)
 
     def count(self, names) -> int:
@@ -49,7 +50,9 @@ def _llama_like(hidden: int, intermediate: int, heads: int, head_dim: int, layer
         "self_attn.q_proj": hidden, "self_attn.k_proj": hidden, "self_attn.v_proj": hidden,
         "self_attn.o_proj": heads * head_dim, "mlp.gate_proj": hidden, "mlp.up_proj": hidden,
         "mlp.down_proj": intermediate,
-    })
+    }, outputs={"self_attn.q_proj": heads * head_dim, "self_attn.k_proj": heads * head_dim,  # k, v: as if no GQA
+                "self_attn.v_proj": heads * head_dim, "self_attn.o_proj": hidden, "mlp.gate_proj": intermediate,
+                "mlp.up_proj": intermediate, "mlp.down_proj": hidden})
 
 
 _MAX_STRING = 64 << 20  # bytes of one header string (tokenizer merges can be long; a damaged length is not)
@@ -287,7 +290,7 @@ def shape_from_tree(tree: dict) -> Shape:
     layers = {k: v for k, v in tree["linears"].items() if k != tree.get("lm_head")}
     return Shape(max(tree.get("blocks") or 1, 1), {k: v["in"] for k, v in layers.items()},
                  {k: v["type"] for k, v in layers.items()}, {k: v["count"] for k, v in layers.items()},
-                 "module tree")
+                 source="module tree", outputs={k: v["out"] for k, v in layers.items() if "out" in v})
 
 
 def shape_of(model: dict) -> Shape | None:

@@ -50,6 +50,7 @@ from pydantic import (
 
 from qfarm.errors import Problem, SpecError, allowed, did_you_mean, format_path, line_map, line_of
 from qfarm.sweep.methods import user_kinds
+from qfarm.sweep.search import SearchSpec
 
 MAX_SPEC_BYTES = 1_000_000
 
@@ -249,7 +250,22 @@ class SweepSpec(Strict):
     hung_after_s: Optional[float] = Field(None, ge=10, le=86_400)  # default: the scheduler's HEARTBEAT_TTL_S (60)
     start_timeout_s: Optional[float] = Field(None, ge=1, le=86_400)  # default: DEFAULT_START_TIMEOUT_S (600)
     tracking: Optional[TrackingSpec] = None  # results into MLflow as jobs finish
-    jobs: list[JobGroup] = Field(min_length=1)
+    search: Optional[SearchSpec] = None  # the best model for a budget (qfarm.sweep.search): its jobs are made for it
+    jobs: list[JobGroup]  # at least one, unless the spec has a search
+
+    @model_validator(mode="before")
+    @classmethod
+    def _search_alone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("search") is not None and "jobs" not in data:
+            return {**data, "jobs": []}
+        return data
+
+    @field_validator("jobs")
+    @classmethod
+    def _some_jobs(cls, value: list, info):
+        if not value and info.data.get("search") is None:
+            raise ValueError("List should have at least 1 item after validation, not 0 (or give a search)")
+        return value
 
 
 @dataclass(frozen=True)

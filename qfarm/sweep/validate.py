@@ -11,7 +11,7 @@ import functools
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class ValidStage:
     parent: str | None
     eval: dict | None
     combos: tuple[tuple[Options, dict], ...]
+    search: dict | None = None  # a stage a ``search:`` made: its jobs' Job.search (role, target, objective)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class ValidSweep:
     loaded: LoadedSpec
     model: dict | None  # the sweep's model, resolved (None when no job needs one)
     stages: tuple[ValidStage, ...]
+    search: Any = None  # the search's plan (qfarm.sweep.search.SearchPlan), for a spec with ``search:``
 
 
 def sweep(loaded: LoadedSpec, hub_cache: Path | None = None, max_jobs: int = MAX_JOBS) -> ValidSweep:
@@ -71,7 +73,7 @@ def sweep(loaded: LoadedSpec, hub_cache: Path | None = None, max_jobs: int = MAX
     trains on), each made once: the typed sweep, or a SpecError with every problem."""
     spec, errors = loaded.spec, Collector(loaded.lines)
     model_source = eval_spec = None
-    if any(KINDS[g.kind].needs_model for g in spec.jobs):
+    if spec.search is not None or any(KINDS[g.kind].needs_model for g in spec.jobs):
         if spec.model is None:
             errors.add(("model",), "required: the model the jobs run on (e.g. bundled:smollm2-135m)")
         else:
@@ -80,9 +82,70 @@ def sweep(loaded: LoadedSpec, hub_cache: Path | None = None, max_jobs: int = MAX
     if not job_bound(list(enumerate(spec.jobs)), errors, max_jobs):  # before any combination is made
         raise SpecError(list(errors.problems.values()), loaded.source)
     stages = _stages(list(enumerate(spec.jobs)), spec, model_source, eval_spec, loaded.base_dir, errors)
+    plan = None
+    if spec.search is not None and model_source is not None and not errors.problems:
+        plan, found = search_stages(spec, model_source, eval_spec, loaded.base_dir, errors)
+        stages += found
     if errors.problems:
         raise SpecError(list(errors.problems.values()), loaded.source)
-    return ValidSweep(loaded, model_source, tuple(stages))
+    return ValidSweep(loaded, model_source, tuple(stages), plan)
+
+
+class _InSearch(Collector):
+    """Problems of a stage a search made, said at the space entry it came from (``search.space[i]...``)."""
+
+    def __init__(self, errors: Collector, entries: dict[int, int]):
+        self.errors, self.entries = errors, entries
+
+    def add(self, loc: tuple, message: str) -> None:
+        if loc[:1] == ("jobs",) and len(loc) > 1 and loc[1] in self.entries:
+            loc = ("search", "space", self.entries[loc[1]]) + tuple(loc[2:])
+        self.errors.add(loc, message)
+
+
+def search_layers(shape) -> list:
+    """The model's quantizable layers as a search counts them (qfarm.sweep.search.Layer), from its shape."""
+    from qfarm.sweep.search import Layer
+
+    out = []
+    for name, n_in in shape.inputs.items():
+        if shape.types.get(name, "Linear") != "Linear":
+            continue
+        n_out = shape.outputs.get(name) or n_in
+        out += [Layer(f"{b}.{name}", n_in, n_out) for b in range(shape.counts.get(name, shape.layers))]
+    return out
+
+
+def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, base_dir: Path,
+                  errors: Collector) -> tuple[Any, list[ValidStage]]:
+    """The stages a ``search:`` makes (its uniform and mixed candidates, validated as any job group) and its plan;
+    the probes are made by expansion for the mixed candidates that need them."""
+    from qfarm.sweep.search import plan_search
+
+    search = spec.search
+    shape = shape_of(model_source)
+    if shape is None:
+        errors.add(("search",), "the model's layer shapes cannot be read here, and a search plans from them")
+        return None, []
+    plan, problems = plan_search(search, search_layers(shape))
+    for loc, message in problems:
+        errors.add(("search",) + loc, message)
+    if plan is None:
+        return None, []
+    groups, roles, entries = [], {}, {}
+    column, direction = search.measured()
+    info = {"target": search.target.model_dump(), "objective": column, "direction": direction}
+    first = len(spec.jobs)
+    for role, items in (("uniform", [(i, o) for i, o, _ in plan.uniform]), ("candidate", list(plan.mixed))):
+        for k, (i, options) in enumerate(items):
+            gi = first + len(groups)
+            name = f"search-{options['method']}-{'mixed' if role == 'candidate' else 'uniform'}-{k}"
+            shown = {k: [options[k]] for k in ("bits", "group_size", "gguf_type") if k in options and role == "uniform"}
+            fixed = {k: v for k, v in options.items() if k not in shown}
+            groups.append((gi, JobGroup.model_validate({"kind": "quantize", "name": name, **fixed, "matrix": shown})))
+            roles[gi], entries[gi] = role, i
+    found = _stages(groups, spec, model_source, eval_spec, base_dir, _InSearch(errors, entries))
+    return plan, [replace(stage, search={**info, "role": roles[stage.gi]}) for stage in found]
 
 
 def _stages(groups: list[tuple[int, JobGroup]], spec: SweepSpec | None, model_source: dict | None,

@@ -1,0 +1,483 @@
+"""``search:`` — the best model for a budget: per-layer mixed precision, found on the farm.
+
+Sample yaml::
+
+    name: smollm2-fit
+    model: bundled:smollm2-135m
+    eval: {perplexity: {seq_len: 512, max_windows: 8}}
+    search:
+      target: {bits_per_weight: 4.25}    # or size_mb
+      objective: kl_div                  # minimised; or perplexity
+      space:
+        - {method: rtn, bits: [3, 4, 8], group_size: [32, 64, 128], mixed: true}
+        - {method: gptq, bits: [3, 4, 8], group_size: [32, 64, 128], mixed: true}
+        - {method: gguf, gguf_type: [Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0], mixed: true}
+      budget: {jobs: 16}                 # full evaluations; probes are counted apart
+      probe: {windows: 2, seq_len: 128}  # each probe: KL over these windows, one layer quantized at a time
+
+A search is expanded into ordinary jobs (qfarm.sweep.expand), so it spreads over the farm, resumes and retries like
+any sweep:
+- **probes** (job kind ``probe``, one per layer format of the space): for every quantizable layer, the KL of the
+  model's next-token distribution from the float model's when only that layer is quantized in that format. Written
+  to the probe's folder (``sensitivity.json``); GPTQ candidates read the round-to-nearest probes of their formats.
+- **uniform** candidates: every configuration of the space whose bits per weight (predicted from the model's layer
+  shapes) fit the target: ordinary quantize jobs.
+- **mixed** candidates (``mixed: true``): a quantize job with a ``mixed`` option; it needs the probes, and in its job
+  picks each layer's format so that the quantized layers' stored bits come to at most the target while the summed
+  predicted KL is least (``allocate``: greedy by KL saved per bit on each layer's lower convex hull, then a fill
+  pass). ``points`` allocations per mixed entry, ``step`` bits apart under the target, trace the frontier.
+The pick (``search_pick``) is the candidate with the best measured objective whose measured size meets the target
+(qfarm.results.compare.mark_search_pick).
+
+``bits_per_weight`` counts every stored bit of the quantized layers' weights (packed weights, scales, zero points,
+shapes) over their parameter count: the same measure the rows carry (workers.quantize.artifacts.bits_per_weight).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qfarm.sweep.methods import GGML_TYPES, GGUF_BITS_PER_WEIGHT, GGUF_TYPES
+
+MAX_SPACE = 8  # entries of a search's space
+# a candidate meets the target when its bits per weight are at most the target × (1 + TARGET_SLACK): the 0.05 %
+# a layer's shape record adds to int4 g64's 4.25 is not a reason to drop it from a 4.25 search
+TARGET_SLACK = 0.002
+
+
+def meets(bits_per_weight: float, target: float) -> bool:
+    return bits_per_weight <= target * (1 + TARGET_SLACK)
+MAX_POINTS = 8
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchTarget(_Strict):
+    """What the pick must meet: the stored bits per weight of the quantized layers (size_mb, gpu_mem_gb and speed
+    targets are not built yet)."""
+
+    bits_per_weight: float = Field(gt=1.0, le=16.0)
+
+    @property
+    def column(self) -> str:
+        return "bits_per_weight"
+
+    @property
+    def value(self) -> float:
+        return self.bits_per_weight
+
+
+class SpaceEntry(BaseModel):
+    """One method of the space: lists of its formats (``bits`` × ``group_size``, or ``gguf_type``); with ``mixed``
+    each layer may take any of them. Other keys are fixed options of the method (e.g. gptq's ``calibration``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: Literal["rtn", "gptq", "gguf"]
+    bits: list[Literal[2, 3, 4, 8]] = Field([], max_length=4)
+    group_size: list[int] = Field([], max_length=8)
+    gguf_type: list[str] = Field([], max_length=16)
+    mixed: bool = False
+
+    @model_validator(mode="after")
+    def _formats(self):
+        if self.method == "gguf":
+            if self.bits or self.group_size:
+                raise ValueError("a gguf entry lists gguf_type (Q4_K_M, Q6_K, ...), not bits or group_size")
+            if not self.gguf_type:
+                raise ValueError("a gguf entry lists its gguf_type values, e.g. [Q4_K_M, Q6_K, Q8_0]")
+            bad = [t for t in self.gguf_type if t not in GGUF_TYPES or GGUF_TYPES[t] >= 16]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a quantized llama.cpp file type. Allowed: "
+                                 + ", ".join(t for t in GGUF_TYPES if GGUF_TYPES[t] < 16))
+        else:
+            if self.gguf_type:
+                raise ValueError(f"a {self.method} entry lists bits and group_size, not gguf_type")
+            if not self.bits or not self.group_size:
+                raise ValueError(f"a {self.method} entry lists bits and group_size, e.g. bits: [3, 4, 8], "
+                                 "group_size: [32, 64]")
+            bad = [g for g in self.group_size if g not in (-1, 16, 32, 64, 128, 256, 512, 1024)]
+            if bad:
+                raise ValueError(f"group_size {bad[0]} is not one of -1, 16, 32, 64, 128, 256, 512, 1024")
+            if self.mixed and (self.model_extra or {}).get("symmetric") is False:
+                raise ValueError("mixed candidates are symmetric (their layers' sizes are predicted exactly); drop "
+                                 "symmetric: false, or mixed")
+        for key in ("scheme", "mixed_formats", "tensor_types"):
+            if key in (self.model_extra or {}):
+                raise ValueError(f"{key} is decided by the search; leave it out of the space")
+        return self
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ProbeSpec(_Strict):
+    """The sensitivity probes: ``jobs`` of them, each a share of the layers (one forward per layer over ``windows``
+    windows of ``seq_len`` tokens)."""
+
+    windows: int = Field(2, ge=1, le=64)
+    seq_len: int = Field(128, ge=16, le=4_096)
+    jobs: int = Field(4, ge=1, le=256)
+
+
+class BudgetSpec(_Strict):
+    jobs: int = Field(16, ge=1, le=1_000)  # full evaluations (uniform and mixed candidates); probes apart
+
+
+OBJECTIVES = {"kl_div": ("kl_div", "min"), "perplexity": ("perplexity", "min")}  # the rows' columns
+
+
+class SearchSpec(_Strict):
+    target: SearchTarget
+    objective: str = "kl_div"
+    space: list[SpaceEntry] = Field(min_length=1, max_length=MAX_SPACE)
+    budget: BudgetSpec = BudgetSpec()
+    probe: ProbeSpec = ProbeSpec()
+    points: int = Field(2, ge=1, le=MAX_POINTS)  # allocations per mixed entry, along the frontier
+    step: float = Field(0.25, gt=0.0, le=4.0)  # bits per weight between them
+
+    @model_validator(mode="after")
+    def _objective(self):
+        if self.objective not in OBJECTIVES and not re.match(r"^((kl|ppl)@[A-Za-z0-9_.-]{1,64}|task:\S{1,128})$",
+                                                             self.objective):
+            raise ValueError(f"objective {self.objective!r} is not one qfarm can search for. Allowed: kl_div, "
+                             "perplexity, kl@DOMAIN or ppl@DOMAIN (a list-form eval.perplexity's), or task:COLUMN "
+                             "(an eval.tasks metric's column in the results, maximised)")
+        return self
+
+    def measured(self) -> tuple[str, str]:
+        """(the row column the objective reads, min or max)."""
+        if self.objective in OBJECTIVES:
+            return OBJECTIVES[self.objective]
+        if self.objective.startswith("task:"):
+            return self.objective.split(":", 1)[1], "max"
+        return self.objective, "min"
+
+
+# --- formats and their stored bits ------------------------------------------------------------------------------
+
+# llama.cpp stores a K-quant tensor whose rows its 256-blocks do not divide in another type (llama-quant.cpp)
+K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_EXTRA_GGML = {"IQ4_NL": (20, 32, 4.5)}  # fallbacks the rules do not name
+SHAPE_BITS = 2 * 64  # compressed-tensors keeps each quantized layer's shape (two int64)
+
+
+def ggml(name: str) -> tuple[int, int, float]:
+    return GGML_TYPES.get(name) or _EXTRA_GGML[name]
+
+
+def tensor_type_of(gguf_type: str) -> str:
+    """The ggml tensor type a llama.cpp file type mostly stores (Q4_K_M: Q4_K)."""
+    return re.sub(r"_[SML]$", "", gguf_type)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One layer format of a search: integer ``bits`` with ``group`` (rtn/gptq, symmetric, compressed-tensors) or a
+    ggml tensor ``ggml_type`` (gguf)."""
+
+    name: str  # "4b g64" or "Q4_K"
+
+    @property
+    def family(self) -> str:
+        return "int" if "b g" in self.name else "gguf"
+
+    @property
+    def bits(self) -> int:
+        return int(self.name.split("b")[0])
+
+    @property
+    def group(self) -> int:
+        return int(self.name.split("g")[1])
+
+    def stored_type(self, n_in: int) -> Optional[str]:
+        """The ggml type llama.cpp stores a tensor with rows of ``n_in`` in (its fallback where the blocks do not
+        divide them); None where no type fits."""
+        kind = self.name
+        if n_in % ggml(kind)[1]:
+            kind = K_FALLBACK.get(kind, "")
+            if not kind or n_in % ggml(kind)[1]:
+                return None
+        return kind
+
+    def fits(self, n_in: int) -> bool:
+        if self.family == "int":
+            return self.group == -1 or n_in % self.group == 0
+        return self.stored_type(n_in) is not None
+
+    def layer_bits(self, n_in: int, n_out: int, scale_bits: int = 16) -> float:
+        """Stored bits of a ``n_out`` × ``n_in`` layer in this format (its weights with their scales)."""
+        if self.family == "gguf":
+            _, block, bpw = ggml(self.stored_type(n_in))
+            return n_out * (n_in // block) * block * bpw
+        # compressed-tensors packs each row's values bit after bit into int32 words (measured: 3-bit g64 stores 3.25
+        # bits a weight with its scales); 8 bits: int8 weights
+        packed = n_out * n_in * 8 if self.bits == 8 else n_out * math.ceil(n_in * self.bits / 32) * 32
+        groups = 1 if self.group == -1 else n_in // self.group
+        return packed + n_out * groups * scale_bits + SHAPE_BITS
+
+
+def formats_of(entry: SpaceEntry) -> list[Format]:
+    if entry.method == "gguf":
+        return [Format(t) for t in dict.fromkeys(tensor_type_of(t) for t in entry.gguf_type) if t in GGML_TYPES]
+    return [Format(f"{b}b g{g}") for b, g in itertools.product(sorted(set(entry.bits)), sorted(set(entry.group_size)))]
+
+
+def uniform_options(entry: SpaceEntry) -> list[dict]:
+    """Each configuration of the entry as a quantize job's options."""
+    if entry.method == "gguf":
+        return [{**entry.fixed, "method": "gguf", "gguf_type": t} for t in entry.gguf_type]
+    return [{**entry.fixed, "method": entry.method, "bits": b, "group_size": g}
+            for b, g in itertools.product(sorted(set(entry.bits)), sorted(set(entry.group_size)))]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A quantizable weight layer: its name (as the probe and the candidate call it), inputs and outputs."""
+
+    name: str
+    n_in: int
+    n_out: int
+
+    @property
+    def params(self) -> int:
+        return self.n_in * self.n_out
+
+
+def uniform_bits_per_weight(options: dict, layers: list[Layer], scale_bits: int = 16) -> Optional[float]:
+    """Predicted bits per weight of a uniform configuration over ``layers``; None where a layer cannot take it
+    (a group size that does not divide its inputs). A GGUF file type is its registry figure (a mix by llama.cpp's
+    own rules), except where the layers' rows force every tensor into the fallbacks."""
+    if not layers:
+        return None
+    if options["method"] == "gguf":
+        name = options["gguf_type"]
+        fmt = Format(tensor_type_of(name))
+        if fmt.name not in GGML_TYPES or not all(fmt.fits(layer.n_in) for layer in layers):
+            return GGUF_BITS_PER_WEIGHT.get(name)
+        exact = sum(fmt.layer_bits(la.n_in, la.n_out) for la in layers) / sum(la.params for la in layers)
+        return max(exact, GGUF_BITS_PER_WEIGHT.get(name, exact)) if name.endswith(("_M", "_L")) else exact
+    fmt = Format(f"{options['bits']}b g{options['group_size']}")
+    if not all(fmt.fits(la.n_in) for la in layers):
+        return None
+    return sum(fmt.layer_bits(la.n_in, la.n_out, scale_bits) for la in layers) / sum(la.params for la in layers)
+
+
+# --- allocation ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allocation:
+    formats: dict[str, str]  # layer name -> format name
+    bits_per_weight: float  # predicted
+    predicted: float  # the summed sensitivity (predicted KL)
+
+
+def allocate(layers: list[Layer], sensitivity: dict[str, dict[str, float]], formats: list[Format],
+             target_bits_per_weight: float, scale_bits: int = 16) -> Optional[Allocation]:
+    """Each layer's format, so that the layers' stored bits are at most ``target_bits_per_weight`` × their weights
+    and the summed sensitivity (``sensitivity[layer][format]``: the KL with that layer alone in that format) is
+    least: greedy by sensitivity saved per bit along each layer's lower convex hull, then single upgrades that
+    still fit. None when even the smallest format of every layer is over the target."""
+    budget = target_bits_per_weight * (1 + TARGET_SLACK) * sum(la.params for la in layers)
+    options: dict[str, list[tuple[float, float, str]]] = {}
+    for la in layers:
+        mine = sorted((f.layer_bits(la.n_in, la.n_out, scale_bits), sensitivity.get(la.name, {}).get(f.name, math.inf),
+                       f.name) for f in formats if f.fits(la.n_in) and f.name in sensitivity.get(la.name, {}))
+        if not mine:
+            raise ValueError(f"layer {la.name}: no format of the space fits it or was probed on it")
+        options[la.name] = _hull(mine)
+    choice = {name: 0 for name in options}
+    used = sum(opts[0][0] for opts in options.values())
+    if used > budget * (1 + 1e-12):
+        return None
+    while True:
+        best = None
+        for name, opts in options.items():
+            i = choice[name]
+            if i + 1 < len(opts):
+                extra, saved = opts[i + 1][0] - opts[i][0], opts[i][1] - opts[i + 1][1]
+                if used + extra <= budget and (best is None or saved / extra > best[0]):
+                    best = (saved / extra, name, extra)
+        if best is None:
+            break
+        choice[best[1]] += 1
+        used += best[2]
+    # fill: any single change to a better format (on or off the hull) that still fits, best gain first
+    picked = {name: options[name][choice[name]] for name in options}
+    full = {la.name: sorted((f.layer_bits(la.n_in, la.n_out, scale_bits), sensitivity[la.name][f.name], f.name)
+                            for f in formats if f.fits(la.n_in) and f.name in sensitivity.get(la.name, {}))
+            for la in layers}
+    improved = True
+    while improved:
+        improved = False
+        moves = sorted(((picked[n][1] - alt[1], n, alt) for n in full for alt in full[n]
+                        if alt[1] < picked[n][1] and used - picked[n][0] + alt[0] <= budget), reverse=True)
+        if moves:
+            _, name, alt = moves[0]
+            used += alt[0] - picked[name][0]
+            picked[name] = alt
+            improved = True
+    params = sum(la.params for la in layers)
+    return Allocation({n: p[2] for n, p in picked.items()}, used / params, sum(p[1] for p in picked.values()))
+
+
+def _hull(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The lower convex hull of (bits, loss) points sorted by bits: each step buys less loss per bit than the last."""
+    kept: list[tuple[float, float, str]] = []
+    for p in points:
+        if kept and p[1] >= kept[-1][1]:
+            continue  # more bits, no less loss
+        while len(kept) >= 2:
+            (x1, y1, _), (x2, y2, _) = kept[-2], kept[-1]
+            if (y1 - y2) * (p[0] - x2) <= (y2 - p[1]) * (x2 - x1):  # the middle point lies on or above the chord
+                kept.pop()
+            else:
+                break
+        kept.append(p)
+    return kept
+
+
+def gguf_rules(allocation: dict[str, str], tensor_names: dict[str, str]) -> list[str]:
+    """An allocation over GGUF tensors (``tensor_names``: layer -> ``blk.N.ROLE.weight``) as llama.cpp's
+    ``--tensor-type`` rules: one per role and type, naming its blocks (``blk\\.(0|7)\\.ffn_down\\.weight=Q6_K``)."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for layer, fmt in allocation.items():
+        name = tensor_names[layer]
+        block, _, role = name.removeprefix("blk.").partition(".")
+        by.setdefault((role, fmt), []).append(block)
+    rules = []
+    for (role, fmt), blocks in sorted(by.items()):
+        ordered = sorted(set(blocks), key=int)
+        rules.append(f"blk\\.({'|'.join(ordered)})\\.{re.escape(role)}={fmt}")
+    return rules
+
+
+# --- the plan validate prints and expansion follows -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a search will run: the probes' formats, the uniform candidates kept (options, predicted bits per
+    weight), the mixed candidates (entry index, options) and what was left out, for ``qfarm validate``."""
+
+    probes: tuple[str, ...]
+    uniform: tuple[tuple[int, dict, float], ...]  # (entry, options, predicted bits per weight)
+    mixed: tuple[tuple[int, dict], ...]  # (entry, options with ``mixed``)
+    uniform_total: int  # configurations in the space
+    uniform_fit: int  # of which fit the target
+    left_out: tuple[str, ...]  # uniform configurations that fit but the budget left out
+    space_log10: float  # log10 of the number of distinct models the space holds (uniform + mixed)
+    layers: int
+    smallest: dict[int, float]  # mixed entry -> the smallest mix's bits per weight
+
+    @property
+    def jobs(self) -> int:
+        return len(self.uniform) + len(self.mixed)
+
+    def summary(self, search: SearchSpec) -> list[str]:
+        column, _ = search.measured()
+        way = "maximised" if search.measured()[1] == "max" else "minimised"
+        lines = [f"search: {search.objective} ({column}, {way}) at ≤ {search.target.value:g} bits per weight "
+                 f"over {self.layers} quantizable layers; the space holds ~10^{self.space_log10:.0f} models "
+                 f"({self.uniform_total} uniform)",
+                 f"  uniform candidates that fit: {self.uniform_fit} of {self.uniform_total}"
+                 + (": " + ", ".join(f"{_label(o)} ({b:.3f})" for _, o, b in self.uniform) if self.uniform else "")]
+        if self.left_out:
+            lines.append(f"  left out by the budget ({search.budget.jobs} jobs): {', '.join(self.left_out)}")
+        for i, low in sorted(self.smallest.items()):
+            points = sum(1 for e, _ in self.mixed if e == i)
+            lines.append(f"  mixed {search.space[i].method}: {points} allocation(s) (smallest mix {low:.3f} bits per "
+                         "weight)")
+        probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
+                  f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
+        lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")
+        return lines
+
+
+def _label(options: dict) -> str:
+    if options["method"] == "gguf":
+        return f"gguf {options['gguf_type']}"
+    return f"{options['method']} {options['bits']}b g{options['group_size']}"
+
+
+def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
+                ) -> tuple[Optional[SearchPlan], list[tuple[tuple, str]]]:
+    """The search's plan over the model's quantizable ``layers`` (None for no model shape: the plan is made at
+    submit from the model itself), or the problems that stop it: (path under ``search``, message)."""
+    problems: list[tuple[tuple, str]] = []
+    target = search.target.value
+    fits_all, mixed_entries, smallest = [], [], {}
+    total = 0
+    logs = []  # log10 of each mixed entry's count of allocations
+    for i, entry in enumerate(search.space):
+        configs = uniform_options(entry)
+        total += len(configs)
+        for options in configs:
+            bpw = uniform_bits_per_weight(options, layers, scale_bits)
+            if bpw is not None and meets(bpw, target):
+                fits_all.append((i, options, bpw))
+        if not entry.mixed:
+            continue
+        formats = formats_of(entry)
+        counts = [sum(1 for f in formats if f.fits(la.n_in)) for la in layers]
+        unfit = sorted({la.name.rsplit(".", 1)[-1] + f" ({la.n_in} inputs)" for la, n in zip(layers, counts) if not n})
+        if unfit:
+            problems.append((("space", i), f"no format of this entry fits layers {', '.join(unfit[:4])}: add a group "
+                                           "size that divides their inputs"))
+            continue
+        logs.append(sum(math.log10(n) for n in counts))
+        low = sum(min(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
+                  for la in layers) / max(sum(la.params for la in layers), 1)
+        if not meets(low, target):
+            problems.append((("target", "bits_per_weight"), f"space[{i}] ({entry.method}): its smallest mix is "
+                                                            f"{low:.3f} bits per weight, over the target {target:g}: "
+                                                            "add lower-bit formats, or raise the target"))
+            continue
+        smallest[i] = low
+        mixed_entries.append(i)
+    budget = search.budget.jobs
+    if len(mixed_entries) > budget:
+        problems.append((("budget", "jobs"), f"{len(mixed_entries)} mixed entries need at least {len(mixed_entries)} "
+                                             f"jobs; the budget is {budget}"))
+    if problems:
+        return None, problems
+    points = min(search.points, budget // len(mixed_entries)) if mixed_entries else 0
+    probes = sorted(dict.fromkeys(f.name for i in mixed_entries for f in formats_of(search.space[i])),
+                    key=lambda f: (Format(f).family, f))
+    probe = {"formats": probes, "parts": search.probe.jobs, "windows": search.probe.windows,
+             "seq_len": search.probe.seq_len}
+    mixed = []
+    for i in mixed_entries:
+        entry = search.space[i]
+        names = [f.name for f in formats_of(entry)]
+        base = {**entry.fixed, "method": entry.method}
+        if entry.method == "gguf":
+            # the file type llama.cpp's own rules use for what the rules do not name (token_embd, norms)
+            base["gguf_type"] = min(entry.gguf_type, key=lambda t: abs(GGUF_BITS_PER_WEIGHT.get(t, 99) - target))
+        for p in range(points):
+            if target - p * search.step < smallest[i] - 1e-9:
+                break
+            mixed.append((i, {**base, "mixed": {"target_bits_per_weight": target, "formats": names, "point": p,
+                                                "step": search.step, "probe": probe}}))
+    room = budget - len(mixed)
+    # the uniform candidates closest under the target first, one entry after another
+    by_entry: dict[int, list] = {}
+    for item in sorted(fits_all, key=lambda x: -x[2]):
+        by_entry.setdefault(item[0], []).append(item)
+    order = [x for group in itertools.zip_longest(*by_entry.values()) for x in group if x is not None]
+    kept, left = order[:room], order[room:]
+    if not kept and not mixed:
+        return None, [(("target", "bits_per_weight"), f"no configuration of the space fits {target:g} bits per "
+                                                      "weight: raise the target, or add lower-bit formats")]
+    top = max(logs + [math.log10(max(total, 1))])
+    log_space = top + math.log10(sum(10 ** (x - top) for x in logs) + total / 10 ** top)
+    return SearchPlan(tuple(probes), tuple(sorted(kept, key=lambda x: (x[0], x[2]))), tuple(mixed), total, len(fits_all),
+                      tuple(_label(o) for _, o, _ in left), log_space, len(layers), smallest), []

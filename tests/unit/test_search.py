@@ -1,0 +1,170 @@
+"""The search's pure parts: its spec, the formats' stored bits, the allocation and the plan validate prints."""
+
+import itertools
+
+import pytest
+from pydantic import ValidationError
+
+from qfarm.sweep.search import (
+    Format,
+    Layer,
+    SearchSpec,
+    allocate,
+    gguf_rules,
+    plan_search,
+    uniform_bits_per_weight,
+)
+
+ISSUE_SPACE = [
+    {"method": "rtn", "bits": [3, 4, 8], "group_size": [32, 64, 128], "mixed": True},
+    {"method": "gptq", "bits": [3, 4, 8], "group_size": [32, 64, 128], "mixed": True},
+    {"method": "gguf", "gguf_type": ["Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"], "mixed": True},
+]
+
+
+def smollm_layers() -> list[Layer]:
+    """SmolLM2-135M's quantizable layers (30 blocks; hidden 576, 9 heads of 64, 3 KV heads, intermediate 1536)."""
+    roles = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (576, 192), "self_attn.v_proj": (576, 192),
+             "self_attn.o_proj": (576, 576), "mlp.gate_proj": (576, 1536), "mlp.up_proj": (576, 1536),
+             "mlp.down_proj": (1536, 576)}
+    return [Layer(f"model.layers.{b}.{r}", n_in, n_out) for b in range(30) for r, (n_in, n_out) in roles.items()]
+
+
+def test_the_issue_spec_parses_and_plans_within_its_budget():
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 4.25}, "objective": "kl_div",
+                                       "space": ISSUE_SPACE, "budget": {"jobs": 16}})
+    assert search.measured() == ("kl_div", "min")
+    plan, problems = plan_search(search, smollm_layers())
+    assert problems == []
+    assert plan.jobs <= 16
+    assert plan.uniform_total == 23
+    assert {i for i, _ in plan.mixed} == {0, 1, 2}  # every mixed entry has at least one allocation
+    # g128 does not divide 576: no uniform with it; Q3_K's rows fall back: 3-bit uniforms fit, 8-bit ones do not
+    labels = [o for _, o, _ in plan.uniform]
+    assert all(o.get("group_size") != 128 for o in labels)
+    assert all(b <= 4.25 * 1.002 for _, _, b in plan.uniform)
+    assert {"method": "rtn", "bits": 4, "group_size": 64} in labels  # 4.25 exactly (4 + 16/64, shapes aside)
+    assert set(plan.probes) == {"3b g32", "3b g64", "3b g128", "4b g32", "4b g64", "4b g128", "8b g32", "8b g64",
+                                "8b g128", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"}
+    text = "\n".join(plan.summary(search))
+    assert "planned: 4 probe job(s)" in text and "uniform candidates that fit" in text
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"target": {"bits_per_weight": 4.25, "size_mb": 50}}, "size_mb"),
+    ({"target": {}}, "bits_per_weight"),
+    ({"objective": "speed"}, "objective"),
+    ({"space": [{"method": "gguf", "bits": [4]}]}, "gguf_type"),
+    ({"space": [{"method": "rtn", "bits": [4], "group_size": [48]}]}, "48"),
+    ({"space": [{"method": "rtn", "bits": [5], "group_size": [64]}]}, "bits"),
+    ({"space": [{"method": "awq", "bits": [4], "group_size": [64]}]}, "method"),
+])
+def test_bad_search_specs_are_refused_saying_what(bad, where):
+    base = {"target": {"bits_per_weight": 4.25}, "space": ISSUE_SPACE}
+    with pytest.raises(ValidationError) as err:
+        SearchSpec.model_validate({**base, **bad})
+    assert where in str(err.value)
+
+
+def test_a_target_under_every_mix_is_refused_at_the_target():
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 2.5}, "space": ISSUE_SPACE[:1]})
+    plan, problems = plan_search(search, smollm_layers())
+    assert plan is None
+    assert problems[0][0] == ("target", "bits_per_weight") and "smallest mix" in problems[0][1]
+
+
+def test_stored_bits_follow_the_formats_layouts():
+    # compressed-tensors: 4-bit packs 8 a word, one 16-bit scale a group, the shape's two int64
+    assert Format("4b g64").layer_bits(576, 192) == 192 * 576 * 4 + 192 * 9 * 16 + 128
+    assert Format("3b g32").layer_bits(640, 10) == 10 * 60 * 32 + 10 * 20 * 16 + 128  # bit after bit
+    assert Format("8b g64").layer_bits(64, 2) == 2 * 64 * 8 + 2 * 16 + 128
+    # ggml: Q4_K is 4.5 bits where 256 divides the rows, else llama.cpp stores Q5_0 (5.5)
+    assert Format("Q4_K").layer_bits(1536, 576) == 1536 * 576 * 4.5
+    assert Format("Q4_K").layer_bits(576, 576) == 576 * 576 * 5.5
+    assert Format("Q6_K").stored_type(576) == "Q8_0" and Format("Q3_K").stored_type(576) == "IQ4_NL"
+    assert not Format("4b g128").fits(576) and Format("4b g128").fits(1536)
+    assert uniform_bits_per_weight({"method": "rtn", "bits": 4, "group_size": 128}, smollm_layers()) is None
+
+
+def _brute(layers, sens, formats, target):
+    best = None
+    for combo in itertools.product(*[[f for f in formats if f.fits(la.n_in)] for la in layers]):
+        bits = sum(f.layer_bits(la.n_in, la.n_out) for la, f in zip(layers, combo))
+        if bits > target * 1.002 * sum(la.params for la in layers):
+            continue
+        loss = sum(sens[la.name][f.name] for la, f in zip(layers, combo))
+        best = loss if best is None else min(best, loss)
+    return best
+
+
+def _lp_bound(layers, sens, formats, target):
+    """The optimum of the relaxation where a layer may be split between formats: a lower bound on any allocation."""
+    budget = target * 1.002 * sum(la.params for la in layers)
+    steps, loss, used = [], 0.0, 0.0
+    for la in layers:
+        pts = sorted((f.layer_bits(la.n_in, la.n_out), sens[la.name][f.name]) for f in formats)
+        hull = [pts[0]]
+        for p in pts[1:]:
+            if p[1] >= hull[-1][1]:
+                continue
+            while len(hull) >= 2 and (hull[-2][1] - hull[-1][1]) * (p[0] - hull[-1][0]) <= \
+                    (hull[-1][1] - p[1]) * (hull[-1][0] - hull[-2][0]):
+                hull.pop()
+            hull.append(p)
+        loss, used = loss + hull[0][1], used + hull[0][0]
+        steps += [((a[1] - b[1]) / (b[0] - a[0]), b[0] - a[0], a[1] - b[1]) for a, b in zip(hull, hull[1:])]
+    for _, extra, saved in sorted(steps, reverse=True):
+        take = min(1.0, max(0.0, (budget - used) / extra))
+        loss, used = loss - take * saved, used + take * extra
+    return loss
+
+
+def test_allocation_meets_the_target_and_is_near_the_optimum():
+    import random
+
+    rng = random.Random(0)
+    formats = [Format(n) for n in ("3b g64", "4b g64", "8b g64")]
+
+    def case(n):
+        layers = [Layer(f"l{i}", 64 * rng.choice([1, 2, 4]), 64 * rng.choice([1, 2])) for i in range(n)]
+        sens = {la.name: {"3b g64": (s := rng.random() * 10 ** rng.uniform(-3, 0)), "4b g64": s / 4,
+                          "8b g64": s / 250} for la in layers}
+        return layers, sens, rng.uniform(3.6, 7.0)
+
+    for _ in range(30):  # few layers: every allocation that meets the target, tried
+        layers, sens, target = case(5)
+        got, best = allocate(layers, sens, formats, target), _brute(layers, sens, formats, target)
+        if best is None:
+            assert got is None
+            continue
+        assert got.bits_per_weight <= target * 1.002 + 1e-12
+        assert got.predicted == pytest.approx(sum(sens[n][f] for n, f in got.formats.items()))
+        assert got.predicted <= best * 2 + 1e-12
+    for _ in range(10):  # a model's worth of layers: within a few percent of the relaxation's bound
+        layers, sens, target = case(200)
+        got = allocate(layers, sens, formats, target)
+        assert got.bits_per_weight <= target * 1.002 + 1e-12
+        assert got.predicted <= _lp_bound(layers, sens, formats, target) * 1.05 + 1e-9
+
+
+def test_allocation_spends_bits_where_they_buy_most():
+    layers = [Layer("sensitive", 64, 64), Layer("robust", 64, 64)]
+    sens = {"sensitive": {"4b g64": 1.0, "8b g64": 0.01}, "robust": {"4b g64": 0.001, "8b g64": 0.0}}
+    formats = [Format("4b g64"), Format("8b g64")]
+    one_up = (Format("8b g64").layer_bits(64, 64) + Format("4b g64").layer_bits(64, 64)) / (2 * 64 * 64)
+    got = allocate(layers, sens, formats, one_up + 1e-9)
+    assert got.formats == {"sensitive": "8b g64", "robust": "4b g64"}
+    assert allocate(layers, sens, formats, 3.9) is None  # under the smallest mix (scales and shapes count)
+
+
+def test_gguf_rules_name_each_role_and_type_once():
+    alloc = {f"l{b}.{r}": ("Q6_K" if b in (0, 11) else "Q4_K") for b in range(12) for r in ("ffn_down", "attn_v")}
+    names = {f"l{b}.{r}": f"blk.{b}.{r}.weight" for b in range(12) for r in ("ffn_down", "attn_v")}
+    rules = gguf_rules(alloc, names)
+    assert len(rules) == 4
+    assert "blk\\.(0|11)\\.ffn_down\\.weight=Q6_K" in rules
+    import re
+
+    for layer, name in names.items():  # the first rule whose pattern the name holds gives the allocated type
+        first = next(r for r in rules if re.search(r.rpartition("=")[0], name))
+        assert first.rpartition("=")[2] == alloc[layer]
