@@ -185,6 +185,8 @@ def claims(opts, impl: str | None) -> list[tuple[str, object, str, object]]:
     llm-compressor's GPTQ, AWQ's grid) are not here: tests/integration/test_every_option.py shows they move the
     weights."""
     method = opts.method
+    if getattr(opts, "mixed", None) and method != "gguf":  # per layer: check_mixed
+        return [("method", method, "format", "compressed-tensors")]
     if method in ("rtn", "gptq", "awq") and impl and "gptqmodel" in impl:
         out = [("method", method, "format", method), ("bits", opts.bits, "bits", opts.bits),
                ("group_size", opts.group_size, "group_size", opts.group_size)]
@@ -233,6 +235,23 @@ def check(opts, impl: str | None, described: dict) -> None:
                             "a row whose option was not applied")
 
 
+def check_mixed(folder: str, layers: dict[str, str]) -> dict[str, str]:
+    """A mixed candidate's compressed-tensors config read back: each layer's format as its config groups say
+    (``4b g64``), which must be the one its allocation gave it (Permanent naming the first that is not)."""
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    said: dict[str, str] = {}
+    for group in (qc.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        group_size = -1 if weights.get("strategy") == "channel" else weights.get("group_size")
+        for target in group.get("targets") or []:
+            said[target] = f"{weights.get('num_bits')}b g{group_size}"
+    for layer, fmt in layers.items():
+        if said.get(layer) != fmt:
+            raise Permanent(f"the artifact is not what its row says: the allocation gives {layer} {fmt}, the "
+                            f"checkpoint's config groups say {said.get(layer, 'nothing')}; refusing to publish it")
+    return {k: said[k] for k in layers}
+
+
 def _same(found, expected) -> bool:
     if isinstance(expected, float) and isinstance(found, (int, float)) and not isinstance(found, bool):
         return abs(found - expected) <= 1e-9 * max(1.0, abs(expected))
@@ -252,6 +271,8 @@ def finish(ctx, base, artifact: str) -> dict:
     described = describe(artifact)
     check(ctx.opts, ctx.job.impl, described)
     out = {"artifact_config": described, "stored_dtype": stored_dtype(artifact)}
+    if getattr(ctx.opts, "mixed", None) and ctx.opts.method != "gguf":
+        out["layer_formats"] = check_mixed(artifact, ctx.extra.get("layer_formats") or {})
     if ctx.opts.method != "gguf":  # a GGUF row counts its file's tensors (workers.quantize.gguf.layer_columns)
         out["bits_per_weight"] = bits_per_weight(artifact, base.skeleton)
     return out

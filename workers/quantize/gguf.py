@@ -147,6 +147,30 @@ def rule_columns(rules: list[tuple[str, str]], layers: dict[str, tuple[str, int,
     return {"tensor_type_fallbacks": fallbacks or None}
 
 
+def mixed_rules(allocation: dict[str, str], source: str) -> list[str]:
+    """A mixed candidate's allocation (Hugging Face module name -> ggml type) as ``tensor_types`` rules over the
+    names llama.cpp gives the tensors of ``source`` (gguf-py's name map for its architecture)."""
+    import gguf
+
+    from qfarm.errors import Permanent
+    from qfarm.sweep.modelinfo import gguf_metadata
+    from qfarm.sweep.search import gguf_rules
+
+    arch = str(gguf_metadata(Path(source), {"general.architecture"}).get("general.architecture", ""))
+    blocks = gguf_metadata(Path(source), {f"{arch}.block_count"}).get(f"{arch}.block_count")
+    found = [k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch]
+    if not found or blocks is None:
+        raise Permanent(f"gguf-py has no tensor name map for architecture {arch!r}")
+    names = gguf.get_tensor_name_map(found[0], int(blocks))
+    mapped = {}
+    for layer in allocation:
+        name = names.get_name(layer + ".weight", try_suffixes=(".weight",))
+        if name is None or not name.startswith("blk."):
+            raise Permanent(f"layer {layer} has no GGUF block tensor name for architecture {arch!r}")
+        mapped[layer] = name
+    return gguf_rules(allocation, mapped)
+
+
 class Gguf:
     def quantize(self, ctx, base) -> str:
         import ctypes
@@ -164,7 +188,13 @@ class Gguf:
         params.ftype = ftype(name)
         params.nthread = ctx.threads
         params.allow_requantize = True
-        rules = [tensor_rule(text) for text in ctx.opts.tensor_types or []]
+        texts = ctx.opts.tensor_types or []
+        if ctx.opts.mixed:  # a search candidate: each block tensor's type from the probes it needs
+            from workers.search.mixed import allocation
+
+            texts = mixed_rules(allocation(ctx), source)
+            ctx.extra["tensor_types"] = texts  # the plain job's option that makes this file again
+        rules = [tensor_rule(text) for text in texts]
         overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()  # ended by a null pattern
         for i, (pattern, type_name) in enumerate(rules):
             overrides[i].pattern, overrides[i].type = pattern.encode(), GGML_TYPES[type_name][0]

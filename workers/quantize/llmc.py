@@ -83,15 +83,36 @@ def activation_args(opts) -> dict | None:
 SMOOTHING_STRENGTH = 0.8  # llm-compressor's W8A8 example's, when a W8A8 GPTQ job does not set smoothing_strength
 
 
-def recipe(opts) -> list:
-    """llm-compressor's recipe for an rtn/gptq/awq job's typed options."""
+def config_groups(opts, layers: dict[str, str] | None = None) -> dict:
+    """compressed-tensors' config groups: every Linear in the job's format, or (a search's mixed candidate, ``layers``:
+    module name -> format such as ``4b g64``) one group per format naming its layers: per-layer config groups, which
+    transformers and vLLM load as they are."""
+    from types import SimpleNamespace
+
+    from qfarm.sweep.search import Format
+
+    if layers is None:
+        group = {"targets": ["Linear"], "weights": weight_args(opts)}
+        activations = activation_args(opts)
+        if activations is not None:
+            group["input_activations"] = activations
+        return {"group_0": group}
+    by: dict[str, list[str]] = {}
+    for name, fmt in layers.items():
+        by.setdefault(fmt, []).append(name)
+    out = {}
+    for i, (fmt, names) in enumerate(sorted(by.items())):
+        f = Format(fmt)
+        args = SimpleNamespace(bits=f.bits, group_size=f.group, symmetric=True, scheme=None)
+        out[f"group_{i}"] = {"targets": sorted(names), "weights": weight_args(args)}
+    return out
+
+
+def recipe(opts, layers: dict[str, str] | None = None) -> list:
+    """llm-compressor's recipe for an rtn/gptq/awq job's typed options (``layers``: a mixed candidate's formats)."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    group = {"targets": ["Linear"], "weights": weight_args(opts)}
-    activations = activation_args(opts)
-    if activations is not None:
-        group["input_activations"] = activations
-    groups = {"group_0": group}
+    groups = config_groups(opts, layers)
     if opts.method == "gptq":
         gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=opts.dampening_frac,
                             actorder=actorder(opts))
@@ -387,7 +408,7 @@ def _resumable_pipeline() -> str:
     return "qfarm_resumable"
 
 
-def sequential(ctx, model, opts, data, progress: Path, say=None) -> int:
+def sequential(ctx, model, opts, data, progress: Path, say=None, layers: dict[str, str] | None = None) -> int:
     """GPTQ or AWQ through llm-compressor with its sequential pipeline, resumable per subgraph
     (``_resumable_pipeline``) from ``progress``; returns the subgraphs an earlier attempt had done."""
     from llmcompressor import oneshot
@@ -396,7 +417,7 @@ def sequential(ctx, model, opts, data, progress: Path, say=None) -> int:
     _RESUME.update(folder=str(progress), say=say)
     _no_pinning_without_cuda()  # here, not only in the worker's quantize: whoever runs the pipeline needs it
     try:
-        oneshot(model=model, recipe=recipe(opts), pipeline=_resumable_pipeline(), **_calibration_args(ctx, data))
+        oneshot(model=model, recipe=recipe(opts, layers), pipeline=_resumable_pipeline(), **_calibration_args(ctx, data))
         return _RESUME.get("resumed", 0)
     finally:
         _RESUME.clear()
@@ -419,14 +440,13 @@ def capture_hessians(ctx, model, data, folder: Path) -> int:
     return capture._layers
 
 
-def solve_shared(ctx, model, opts, capture: str, progress: Path) -> int:
+def solve_shared(ctx, model, opts, capture: str, progress: Path, layers: dict[str, str] | None = None) -> int:
     """GPTQ on ``model`` from a capture's Hessians (qfarm.sweep.expand's ``calibrate`` job); returns the layers an
     earlier attempt had solved (loaded from ``progress``, not solved again)."""
     from llmcompressor import oneshot
 
     _, Solve = _shared_modifiers()
-    groups = {"group_0": {"targets": ["Linear"], "weights": weight_args(opts)}}
-    solve = Solve(config_groups=groups, ignore=["lm_head"], dampening_frac=opts.dampening_frac,
+    solve = Solve(config_groups=config_groups(opts, layers), ignore=["lm_head"], dampening_frac=opts.dampening_frac,
                   actorder=actorder(opts))
     solve._capture, solve._progress = capture, str(progress)
     what = f"gptq {opts.bits}-bit: solving from the shared capture"
@@ -466,20 +486,27 @@ class LLMCompressor:
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
         model, tokenizer = load_float(base.path, host=True)
+        layers = None
+        if opts.mixed:  # a search candidate: each layer's format from the probes it needs
+            from workers.quantize.artifacts import source_dtype
+            from workers.search.mixed import allocation, scale_bits
+
+            layers = allocation(ctx, scale_bits(source_dtype(ctx.job, base.path)))
+            ctx.extra["layer_formats"] = layers
         if capture:
             ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
-            resumed = solve_shared(ctx, model, opts, capture, solved)
+            resumed = solve_shared(ctx, model, opts, capture, solved, layers)
         elif resumable:  # llm-compressor's sequential pipeline, checkpointed per subgraph (decoder layer)
             ctx.progress("tokenizing calibration data")
             data = calibration_dataset(ctx, base)
             what = f"{opts.method} {opts.bits}-bit: calibrating and quantizing"
             resumed = sequential(ctx, model, opts, data, solved, lambda i, n, r: ctx.progress(
-                f"{what}, subgraph {i}/{n}" + (f" ({r} done by an earlier attempt)" if r else "")))
+                f"{what}, subgraph {i}/{n}" + (f" ({r} done by an earlier attempt)" if r else "")), layers)
         else:  # RTN: data-free
             what = f"rtn {opts.bits}-bit: quantizing"
             ctx.progress(what)
             with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
-                oneshot(model=model, recipe=recipe(opts))
+                oneshot(model=model, recipe=recipe(opts, layers))
         if resumable:
             ctx.extra["resumed_from"] = resumed or None  # layers (subgraphs) an earlier attempt had done
         self._save(model, tokenizer, out)

@@ -1,0 +1,57 @@
+"""A search's mixed candidate: each layer's format, chosen in the candidate's own job from the probes it needs.
+
+The probes' ``sensitivity.json`` (workers.search.probe) give, per layer and format, the KL with that layer alone in
+that format; ``qfarm.sweep.search.allocate`` picks the formats whose stored bits meet the candidate's target with
+the least summed KL. The same probes always give the same allocation, so a retried or resubmitted candidate makes
+the same model. The row records what was predicted beside what is then measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def probes(ctx) -> dict[str, dict]:
+    """Every layer's figures from the probes the job needs (each wrote its share of the layers), by layer name."""
+    from workers.search.probe import SENSITIVITY
+    from workers.shared.files import inside
+
+    out = {}
+    for artifact in ctx.job.input.needs.values():
+        if not isinstance(artifact, str):
+            continue
+        file = Path(inside(ctx.output_root, artifact)) / SENSITIVITY
+        if file.is_file():
+            out.update(json.loads(file.read_text())["layers"])
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["index"]))
+
+
+def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
+    """{layer: format} for the job's ``mixed`` option, its prediction recorded in the row (``ctx.extra``)."""
+    from qfarm.errors import Permanent
+    from qfarm.sweep.search import Format, Layer, allocate
+
+    mixed = ctx.opts.mixed
+    found = probes(ctx)
+    if not found or any(v["index"] != i for i, v in enumerate(found.values())):
+        raise Permanent("the search's probes this candidate needs do not cover the model's layers")
+    layers = [Layer(name, int(v["in"]), int(v["out"])) for name, v in found.items()]
+    sensitivity = {name: {f: v["kl"][f] for f in mixed.formats if f in v.get("kl", {})} for name, v in found.items()}
+    target = mixed.target_bits_per_weight - mixed.point * mixed.step
+    ctx.progress(f"allocating formats to {len(layers)} layers at ≤ {target:g} bits per weight")
+    chosen = allocate(layers, sensitivity, [Format(f) for f in mixed.formats], target, scale_bits)
+    if chosen is None:
+        raise Permanent(f"no allocation of {', '.join(mixed.formats)} meets {target:g} bits per weight on this model")
+    used: dict[str, int] = {}
+    for fmt in chosen.formats.values():
+        used[fmt] = used.get(fmt, 0) + 1
+    ctx.extra.update({"search_target_bits_per_weight": target, "search_predicted_kl": chosen.predicted,
+                      "search_predicted_bits_per_weight": chosen.bits_per_weight,
+                      "search_formats_used": dict(sorted(used.items(), key=lambda kv: -kv[1]))})
+    return chosen.formats
+
+
+def scale_bits(dtype: str) -> int:
+    """Bits of one stored scale: the artifact's unquantized tensors are in the source checkpoint's dtype."""
+    return 32 if dtype == "float32" else 16

@@ -1,0 +1,185 @@
+"""The ``probe`` job kind: how much each quantizable layer, alone in one format, moves the model's output.
+
+A probe takes its share (``part`` of ``parts``) of the model's Linear layers but the output head. Over the first
+windows of the sweep's evaluation text it records, per layer, the squares of the layer's inputs summed over the
+tokens (llama.cpp's importance matrix), then for every format of the search the importance-weighted error of the
+layer's weights stored in it (round-to-nearest with compressed-tensors' own scale rule for ``4b g64``; llama.cpp's
+own ggml quantizer for a ggml type, in the type llama.cpp falls back to where its blocks do not divide the rows).
+One forward per layer measures the KL from the float model's distribution with the layer alone in its coarsest
+format; each other format's KL is that figure scaled by the ratio of the errors. ``sensitivity.json`` holds every
+layer's figures; the mixed candidates read it (workers.search.mixed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from workers.evaluate.harness import PeakMemory
+from workers.shared.models import base_path, dir_bytes, load_float, start, versions
+
+SENSITIVITY = "sensitivity.json"
+
+
+def fake_int(weight, bits: int, group: int):
+    """``weight`` rounded to symmetric ``bits``-bit integers with one scale per ``group`` inputs, and back: the
+    numbers compressed-tensors' round-to-nearest stores (its own qparams and fake-quantize functions)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    w = weight.detach().float()
+    rows, n = w.shape
+    g = n if group == -1 else group
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True,
+                            **({"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group}))
+    x = w.reshape(rows, n // g, g)
+    scale, zero = calculate_qparams(x.amin(-1), x.amax(-1), args)
+    if group == -1:
+        scale, zero = scale.reshape(rows, 1), zero.reshape(rows, 1)
+    return fake_quantize(w, scale, zero, args).to(weight.dtype)
+
+
+def _ggml():
+    """ggml's quantizer from the llama.cpp that llama-cpp-python ships (the one qfarm's gguf jobs run)."""
+    import ctypes
+
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml.so", "libggml-base.dylib", "libggml.dylib"):
+        if (folder / name).is_file():
+            lib = ctypes.CDLL(str(folder / name))
+            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+            return lib
+    raise RuntimeError(f"llama-cpp-python's ggml library is not in {folder}")
+
+
+def fake_ggml(weight, type_name: str):
+    """``weight`` stored by ggml in ``type_name`` (a ggml type: Q4_K, Q8_0, IQ4_NL, ...) and read back."""
+    import gguf
+    import numpy as np
+    import torch
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    src = np.ascontiguousarray(weight.detach().float().cpu().numpy())
+    rows, n = src.shape
+    dst = np.zeros(rows * (n // block) * size, dtype=np.uint8)
+    lib = _ggml()
+    lib.ggml_quantize_init(int(qtype))
+    lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, n, None)
+    back = gguf.quants.dequantize(dst.reshape(rows, -1), qtype).reshape(rows, n)
+    return torch.from_numpy(np.ascontiguousarray(back)).to(weight.dtype)
+
+
+def quantized(weight, fmt) -> tuple:
+    """(the weight in the probe's format and back, the format it is stored in on this layer)."""
+    if fmt.family == "int":
+        return fake_int(weight, fmt.bits, fmt.group), fmt.name
+    stored = fmt.stored_type(weight.shape[1])
+    return fake_ggml(weight, stored), stored
+
+
+def quantizable(model) -> list[tuple[str, object]]:
+    """The model's Linear layers but its output head: what llm-compressor and llama.cpp quantize."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def run(ctx) -> dict:
+    import torch
+
+    from qfarm.sweep.search import Format
+    from workers.evaluate.harness import runner
+    from workers.shared.data import load_text, windows_and_bytes
+    from workers.shared.models import prepared_base
+
+    start(ctx)
+    out = Path(ctx.output_dir)
+    shutil.rmtree(out, ignore_errors=True)  # a retried attempt starts clean
+    out.mkdir(parents=True)
+    opts = ctx.opts
+    formats = [Format(f) for f in opts.formats]
+    with PeakMemory() as mem:
+        base, prepare_s, _ = prepared_base(ctx)
+        path, _ = base_path(ctx)
+        model, _ = load_float(path, host=True)  # a copy whose layers are changed one at a time
+        ppl = ctx.job.evaluation.perplexity
+        wins, _ = windows_and_bytes(base.tokenizer, load_text(ppl.dataset), opts.seq_len, opts.windows,
+                                    base.conventions.get("bos_id"))
+        every = quantizable(model)
+        lo, hi = opts.part * len(every) // opts.parts, (opts.part + 1) * len(every) // opts.parts
+        mine = every[lo:hi]
+        importance = {name: torch.zeros(layer.weight.shape[1], dtype=torch.float64) for name, layer in mine}
+
+        def hook(name):
+            def record(module, args):
+                x = args[0].detach().double()
+                importance[name] += x.reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
+            return record
+
+        handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in mine]
+        run_model = runner(model)
+        try:
+            with torch.inference_mode():
+                ref = [run_model.logprobs(w) for w in wins]
+        finally:
+            for h in handles:
+                h.remove()
+        found: dict[str, dict] = {}
+        t0 = time.time()
+        for i, (name, layer) in enumerate(mine):
+            ctx.progress(f"probe {opts.part + 1}/{opts.parts}: layer {i + 1}/{len(mine)} ({name})")
+            original = layer.weight.data
+            n_out, n_in = original.shape
+            entry: dict = {"index": lo + i, "in": int(n_in), "out": int(n_out), "error": {}, "stored": {}}
+            copies = {}
+            for fmt in formats:
+                if not fmt.fits(n_in):
+                    continue
+                new, stored = quantized(original, fmt)
+                err = ((new.double() - original.double()).pow(2) * importance[name]).sum().item()
+                entry["error"][fmt.name], entry["stored"][fmt.name] = err, stored
+                copies[fmt.name] = new
+            if copies:
+                coarsest = max(copies, key=lambda f: entry["error"][f])
+                layer.weight.data = copies[coarsest].to(original.device)
+                try:
+                    with torch.inference_mode():
+                        kl = [(r.exp() * (r - run_model.logprobs(w))).sum(-1).double() for r, w in zip(ref, wins)]
+                finally:
+                    layer.weight.data = original
+                measured = max(torch.cat(kl).mean().item(), 0.0)
+                top = entry["error"][coarsest] or 1.0
+                entry.update(measured=coarsest, kl_measured=measured,
+                             kl={f: measured * e / top for f, e in entry["error"].items()})
+            found[name] = entry
+        probe_s = time.time() - t0
+        del model
+    figures = [v["kl_measured"] for v in found.values() if "kl_measured" in v]
+    (out / SENSITIVITY).write_text(json.dumps({"formats": [f.name for f in formats], "part": opts.part,
+                                               "parts": opts.parts, "windows": len(wins), "seq_len": opts.seq_len,
+                                               "layers": found}, indent=1))
+    return {
+        "method": "probe",
+        "probe_layers": len(found),
+        "probe_kl_sum": sum(figures) if figures else None,
+        "probe_kl_max": max(figures) if figures else None,
+        "probe_tokens": int(len(wins) * (wins.shape[1] - 1)),
+        "probe_s": probe_s,
+        "prepare_s": prepare_s,
+        "size_mb": dir_bytes(str(out)) / 2**20,
+        "size_source": "disk",
+        "peak_mem_mb": mem.mb,
+        "artifact": str(out),
+        "versions": versions(),
+        **ctx.extra,
+    }
