@@ -220,6 +220,23 @@ TABLE: tuple[Column, ...] = (
     C("slept_s", unit="s", group="sleep"),
     # computed when results are shown (qfarm.results.compare)
     C("pareto", "front", "{}", group="computed", view=2, priority=11),
+    # a search (qfarm.sweep.search): each row's part in it, and the pick (computed: qfarm.results.compare)
+    C("search_role", "search", "{}", group="search", view=2.2, priority=11.5),
+    C("search_pick", "pick", "{}", group="computed", view=2.1, priority=10.5),
+    C("search_target", group="search", format="{}"),  # the search's target: {"bits_per_weight": 4.25}
+    C("search_objective", group="search", format="{}"),  # the column it minimises (or maximises)
+    C("search_direction", group="search", format="{}"),  # min or max
+    C("probe_layers", group="search", format="{}"),  # a probe's share of the layers
+    C("probe_kl_sum", group="search", format="{:.4g}"),  # its layers' measured KLs, each alone in its coarsest format
+    C("probe_kl_max", group="search", format="{:.4g}"),
+    C("probe_tokens", group="search", format="{}"),
+    C("probe_s", group="search", format="{:.1f}"),
+    C("search_target_bits_per_weight", group="search", format="{:.3f}"),  # a mixed candidate's own point
+    C("search_predicted_kl", group="search", format="{:.4f}"),  # the probes' summed KL for its allocation
+    C("search_predicted_bits_per_weight", group="search", format="{:.3f}"),
+    C("search_formats_used", group="search", format="{}"),  # how many layers took each format
+    C("search_probe_windows", group="search", format="{}"),
+    C("tensor_types", group="gguf", format="{}", echoes_option=True),  # a mixed GGUF's rules, as the plain option
     C("ties", "within noise", "{}", group="computed", view=25, priority=26),  # rows within 2 se on the sort column
     C("decode_speedup", unit="×", direction="max", group="computed"),
     C("prefill_speedup", unit="×", direction="max", group="computed"),

@@ -297,6 +297,34 @@ def compare_noted(data: list[dict], where: list[str] = (), sort: str | None = No
                   frontier: tuple[str, ...] = DEFAULT_FRONTIER, chosen: bool = True):
     """``compare``, where (not ``chosen``: the default objectives) the frontier may leave speed out: (rows, the
     objectives used, the note that says why they changed or None; see ``frontier_for``)."""
-    data = filter_rows(with_deltas(data), list(where))
+    data = filter_rows(mark_search_pick(with_deltas(data)), list(where))
     objectives, note = frontier_for(data, frontier, chosen)
     return sort_rows(mark_pareto(data, objectives), sort), objectives, note
+
+
+def mark_search_pick(data: list[dict]) -> list[dict]:
+    """Rows with ``search_pick`` set for a search's candidates (qfarm.sweep.search): true for the one, per sweep,
+    whose measured objective is best among those whose measured bits per weight meet the target (a tie within the
+    noise goes to the smaller); false for its other candidates; null for rows of no search and probes."""
+    from qfarm.sweep.search import meets
+
+    best: dict[str, dict] = {}
+    for r in data:
+        target, column = r.get("search_target") or {}, r.get("search_objective")
+        if r.get("search_role") not in ("uniform", "candidate") or r.get("status") != "succeeded" or not column:
+            continue
+        bpw, value = r.get("bits_per_weight"), r.get(column)
+        if not isinstance(bpw, (int, float)) or not isinstance(value, (int, float)) or \
+                not meets(bpw, float(target.get("bits_per_weight") or 0)):
+            continue
+        sign = -1 if r.get("search_direction") == "max" else 1
+        key = (sign * value, bpw)
+        mine = best.get(r.get("sweep_id"))
+        if mine is None or key < mine["key"]:
+            best[r.get("sweep_id")] = {"key": key, "job": r.get("job_id")}
+    out = []
+    for r in data:
+        if r.get("search_role") in ("uniform", "candidate"):
+            r = {**r, "search_pick": (best.get(r.get("sweep_id")) or {}).get("job") == r.get("job_id")}
+        out.append(r)
+    return out

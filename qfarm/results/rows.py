@@ -25,7 +25,12 @@ def row(job: JobRecord) -> dict[str, Any]:
     """The job as one flat row."""
     result, spec = job.result or {}, job.job
     out: dict[str, Any] = {c: None for c in COLUMNS + EXTRA_COLUMNS}
-    out.update({k: v for k, v in spec.options.items() if k not in ("method", "bits")})  # as the spec names them
+    mixed = ("group_size",) if spec.options.get("mixed") else ()  # a search's mix: per layer (layer_formats)
+    out.update({k: v for k, v in spec.options.items() if k not in ("method", "bits") + mixed})  # as the spec names them
+    search = spec.search or {}
+    if search:
+        out.update({"search_role": search.get("role"), "search_target": search.get("target"),
+                    "search_objective": search.get("objective"), "search_direction": search.get("direction")})
     out.update(result)
     out.update({
         "job_id": job.id,
