@@ -1,0 +1,103 @@
+"""A ``search:`` runs as ordinary jobs, end to end through the CLI, on a tiny GGUF model and real text: validate says
+the plan; probes, uniform and mixed candidates run; every candidate's artifact holds the per-layer formats its row
+records, within the target; the pick is the best measured candidate that meets the target, and it loads in its own
+library's loader; a resubmit redoes nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.cli import qfarm, results, submitted_id
+from tests.tiny import corpus_of, make_spm_gguf
+
+pytestmark = pytest.mark.e2e
+
+TARGET = 5.0
+
+
+def test_a_search_runs_on_the_farm_and_picks_within_its_target(cli_env, shared_data, tmp_path, store, ray_head):
+    gguf = make_spm_gguf(tmp_path / "model", corpus_of(shared_data / "guanaco_llama2_1k" / "train.jsonl", 400),
+                         family="llama", prefix=True)
+    text = tmp_path / "wiki.txt"
+    text.write_text((shared_data / "wikitext2" / "wiki.test.raw").read_text()[:30_000])
+    spec = tmp_path / "search.yaml"
+    spec.write_text(f"""\
+name: e2e-search
+model: {gguf}
+eval:
+  perplexity: {{dataset: {text}, seq_len: 128, max_windows: 4}}
+  speed: null
+search:
+  target: {{bits_per_weight: {TARGET}}}
+  objective: kl_div
+  space:
+    - {{method: rtn, bits: [3, 4, 8], group_size: [32, 64], mixed: true}}
+    - {{method: gguf, gguf_type: [Q4_0, Q5_0, Q8_0], mixed: true}}
+  budget: {{jobs: 6}}
+  probe: {{windows: 2, seq_len: 64, jobs: 2}}
+""")
+    checked = qfarm(cli_env, "validate", str(spec))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    said = checked.stdout + checked.stderr
+    assert re.search(r"uniform candidates that fit: \d+ of 9", said), said
+    assert "planned: 2 probe job(s)" in said and "full evaluation(s) (budget 6)" in said, said
+
+    out = qfarm(cli_env, "submit", str(spec), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep = submitted_id(out.stdout)
+    rows = results(cli_env, sweep)
+    by_role: dict[str, list[dict]] = {}
+    for r in rows:
+        assert r["status"] == "succeeded", (r["label"], r.get("error"))
+        by_role.setdefault(r.get("search_role"), []).append(r)
+    assert len(by_role["probe"]) == 2 and sum(r["probe_layers"] for r in by_role["probe"]) == 14  # 2 blocks × 7
+    candidates = by_role["candidate"] + by_role["uniform"]
+    assert 2 <= len(by_role["candidate"]) and len(candidates) <= 6  # the budget
+
+    for r in by_role["candidate"]:
+        formats = r["layer_formats"]
+        assert r["bits_per_weight"] <= TARGET * 1.002, r
+        # the predicted size is the stored one: the allocation's accounting is the artifact's
+        assert r["bits_per_weight"] == pytest.approx(r["search_predicted_bits_per_weight"], rel=0.01), r
+        assert r["search_predicted_kl"] is not None and r["kl_div"] is not None  # predicted beside measured
+        if r["method"] == "gguf":
+            blocks = {k: v for k, v in formats.items() if k.startswith("blk.")}
+            assert len(blocks) == 14 and r["tensor_types"], r
+        else:
+            assert len(formats) == 14 and set(formats.values()) <= {"3b g32", "3b g64", "4b g32", "4b g64", "8b g32",
+                                                                    "8b g64"}
+            config = json.loads((Path(r["artifact"]) / "config.json").read_text())["quantization_config"]
+            assert len(config["config_groups"]) == len(set(formats.values()))  # one config group per format used
+    assert any(len(set(r["layer_formats"].values())) > 1 for r in by_role["candidate"])  # a real mix somewhere
+
+    picks = [r for r in candidates if r["search_pick"]]
+    assert len(picks) == 1
+    pick = picks[0]
+    eligible = [r for r in candidates if r["bits_per_weight"] <= TARGET * 1.002]
+    assert pick["kl_div"] == min(r["kl_div"] for r in eligible)
+    table = qfarm(cli_env, "results", sweep)
+    assert table.returncode == 0 and "pick" in table.stdout and "candidate" in table.stdout
+
+    # the pick loads in its own library's loader
+    if pick["method"] == "gguf":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(next(Path(pick["artifact"]).glob("*.gguf"))), n_ctx=64, verbose=False)
+        assert llm.n_vocab() > 0
+        llm.close()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(pick["artifact"]) is not None
+
+    # a resubmit reuses every probe and candidate: nothing runs again
+    again = qfarm(cli_env, "submit", str(spec), "--wait")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert submitted_id(again.stdout) == sweep
+    for before, after in zip(sorted(rows, key=lambda r: r["job_id"]),
+                             sorted(results(cli_env, sweep), key=lambda r: r["job_id"])):
+        assert (after["attempts"], after["finished_at"]) == (before["attempts"], before["finished_at"])
