@@ -226,6 +226,7 @@ TABLE: tuple[Column, ...] = (
     C("search_target", group="search", format="{}"),  # the search's target: {"bits_per_weight": 4.25}
     C("search_objective", group="search", format="{}"),  # the column it minimises (or maximises)
     C("search_direction", group="search", format="{}"),  # min or max
+    C("search_fragment", group="search", format="{}"),  # the candidate as a plain job of a spec's jobs: (YAML flow)
     C("probe_layers", group="search", format="{}"),  # a probe's share of the layers
     C("probe_kl_sum", group="search", format="{:.4g}"),  # its layers' measured KLs, each alone in its coarsest format
     C("probe_kl_max", group="search", format="{:.4g}"),

@@ -31,6 +31,8 @@ def row(job: JobRecord) -> dict[str, Any]:
     if search:
         out.update({"search_role": search.get("role"), "search_target": search.get("target"),
                     "search_objective": search.get("objective"), "search_direction": search.get("direction")})
+        if search.get("role") in ("uniform", "candidate"):
+            out["search_fragment"] = fragment(spec.options, result)
     out.update(result)
     out.update({
         "job_id": job.id,
@@ -52,6 +54,17 @@ def row(job: JobRecord) -> dict[str, Any]:
         "duration_s": job.duration_s,
     })
     return out
+
+
+def fragment(options: dict, result: dict) -> str:
+    """A search candidate as a plain job of a spec's ``jobs:`` (one line of YAML flow): a mixed GGUF as its
+    ``tensor_types`` rules; a mixed rtn/gptq as its ``mixed`` option, which makes the same allocation from the same
+    probes."""
+    opts = dict(options)
+    if opts.get("mixed") and opts.get("method") == "gguf" and result.get("tensor_types"):
+        opts.pop("mixed")
+        opts["tensor_types"] = result["tensor_types"]
+    return json.dumps({"kind": "quantize", **opts}, separators=(", ", ": "))
 
 
 def rows(jobs: Iterable[JobRecord]) -> list[dict[str, Any]]:

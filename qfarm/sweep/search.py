@@ -110,6 +110,9 @@ class SpaceEntry(BaseModel):
             if self.mixed and (self.model_extra or {}).get("symmetric") is False:
                 raise ValueError("mixed candidates are symmetric (their layers' sizes are predicted exactly); drop "
                                  "symmetric: false, or mixed")
+        if self.mixed and (self.model_extra or {}).get("backend") == "gptqmodel":
+            raise ValueError("mixed candidates are compressed-tensors config groups (llm-compressor); GPTQModel's "
+                             "per-module overrides are not built yet: drop backend: gptqmodel, or mixed")
         for key in ("scheme", "mixed_formats", "tensor_types"):
             if key in (self.model_extra or {}):
                 raise ValueError(f"{key} is decided by the search; leave it out of the space")

@@ -94,6 +94,19 @@ search:
 
         assert AutoModelForCausalLM.from_pretrained(pick["artifact"]) is not None
 
+    # the mixed GGUF as a plain job (its row's fragment) makes the same file: the same type for every tensor
+    import yaml
+
+    mixed_gguf = next(r for r in by_role["candidate"] if r["method"] == "gguf")
+    job = yaml.safe_load(mixed_gguf["search_fragment"])
+    assert "mixed" not in job and job["tensor_types"] == mixed_gguf["tensor_types"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(spec.read_text().split("search:")[0] + "jobs:\n  - " + mixed_gguf["search_fragment"] + "\n")
+    out = qfarm(cli_env, "submit", str(plain), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (again,) = [r for r in results(cli_env, submitted_id(out.stdout)) if r["method"] == "gguf"]
+    assert again["layer_formats"] == mixed_gguf["layer_formats"] and again["kl_div"] == pytest.approx(mixed_gguf["kl_div"])
+
     # a resubmit reuses every probe and candidate: nothing runs again
     again = qfarm(cli_env, "submit", str(spec), "--wait")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]

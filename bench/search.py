@@ -1,0 +1,124 @@
+"""`search:` on the bundled model (issue 40): at each target, the pick against the best uniform configuration of the
+same space that fits, on the same evaluation windows, and the jobs it took.
+
+    python bench/search.py [--targets 3.5,4.5,5.5] [--methods rtn,gptq,gguf] [--root DIR]
+
+One search per target (the issue's space: rtn and gptq at bits 3/4/8 × group 32/64/128, gguf Q3_K_M..Q8_0, each with
+``mixed: true``; budget 16 full evaluations; 8 × 512 tokens of the bundled python-docs text), run one after another
+through the CLI against one Redis namespace and output root, so the probes (whose identity holds no target) and the
+uniform rows one target shares with another are measured once. Prints, per target: every candidate that meets it
+(measured bits per weight, KL ± se, predicted KL for the mixed ones), the best uniform, the pick, the pick's KL
+against the best uniform's (goal: at least 15 % lower), the full evaluations and probes run, against the uniform grid
+of the space (23 configurations) and the mixed space's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from farm import REDIS_URL, namespace  # noqa: E402
+from model import head_with, prepare  # noqa: E402
+
+SPACE = {
+    "rtn": "{method: rtn, bits: [3, 4, 8], group_size: [32, 64, 128], mixed: true}",
+    "gptq": "{method: gptq, bits: [3, 4, 8], group_size: [32, 64, 128], mixed: true, "
+            "calibration: {samples: 32, seq_len: 256, share: true}}",
+    "gguf": "{method: gguf, gguf_type: [Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0], mixed: true}",
+}
+
+
+def spec(folder: Path, target: float, methods: list[str]) -> Path:
+    space = "\n".join(f"    - {SPACE[m]}" for m in methods)
+    path = folder / f"search-{str(target).replace('.', '_')}.yaml"
+    path.write_text(f"""name: bench-search-{str(target).replace('.', '_')}
+model: bundled:smollm2-135m
+eval: {{perplexity: {{seq_len: 512, max_windows: 8}}, speed: null}}
+search:
+  target: {{bits_per_weight: {target}}}
+  objective: kl_div
+  space:
+{space}
+  budget: {{jobs: 16}}
+  probe: {{windows: 2, seq_len: 128, jobs: 4}}
+""")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--targets", default="3.5,4.5,5.5")
+    parser.add_argument("--methods", default="rtn,gptq,gguf")
+    parser.add_argument("--root", default=None, help="output root (default: a new temporary folder)")
+    args = parser.parse_args()
+    targets = [float(t) for t in args.targets.split(",")]
+    methods = args.methods.split(",")
+    root = Path(args.root or tempfile.mkdtemp(prefix="qfarm-bench-search-"))
+    root.mkdir(parents=True, exist_ok=True)
+    prepare(root)
+    summary = []
+    with namespace() as store, head_with({}, 2) as head:
+        env = dict(os.environ, QFARM_REDIS_URL=REDIS_URL, QFARM_NAMESPACE=store.namespace,
+                   QFARM_RAY_ADDRESS=head.address, QFARM_OUTPUT_ROOT=str(root))
+        ran: set[str] = set()
+        for target in targets:
+            path = spec(root, target, methods)
+            plan = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(path)], env=env,
+                                  capture_output=True, text=True)
+            print(f"\n=== target {target} bits per weight ===\n" + "\n".join(
+                line for line in (plan.stdout + plan.stderr).splitlines() if line.startswith(("search", "  "))))
+            t0 = time.time()
+            out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(path), "--wait"], env=env,
+                                 capture_output=True, text=True, cwd=REPO)
+            wall = time.time() - t0
+            if out.returncode != 0:
+                print(f"sweep failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+            sweep = store.find_sweep(path.stem.replace("search-", "bench-search-")).id
+            rows = json.loads(subprocess.run([sys.executable, "-m", "qfarm.cli", "results", sweep, "--format", "json"],
+                                             env=env, capture_output=True, text=True).stdout)
+            new = {r["job_id"] for r in rows} - ran
+            ran |= {r["job_id"] for r in rows}
+            summary.append(report(target, rows, wall, len(new)))
+    print("\n| target bpw | best uniform (bpw, KL ± se) | pick (bpw, KL ± se; predicted) | KL vs uniform | full evals "
+          "| probes |\n|---|---|---|---|---|---|")
+    for line in summary:
+        print(line)
+
+
+def report(target: float, rows: list[dict], wall: float, new: int) -> str:
+    from qfarm.sweep.search import meets
+
+    ok = [r for r in rows if r.get("search_role") in ("uniform", "candidate") and r["status"] == "succeeded"]
+    failed = [r for r in rows if r["status"] != "succeeded"]
+    for r in sorted(ok, key=lambda r: r["kl_div"]):
+        fits = meets(r["bits_per_weight"], target)
+        pred = f"  predicted {r['search_predicted_kl']:.4f}" if r.get("search_predicted_kl") is not None else ""
+        print(f"  {'★' if r.get('search_pick') else ' '} {r['label']:<24} {r['search_role']:<9} bpw {r['bits_per_weight']:.3f}"
+              f"{'' if fits else ' (over)'}  KL {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}{pred}  Δppl {r['ppl_delta_pct']:+.1f} %")
+    for r in failed:
+        print(f"  ! {r['label']} {r['status']}: {r.get('error')}")
+    uniform = [r for r in ok if r["search_role"] == "uniform" and meets(r["bits_per_weight"], target)]
+    best_u = min(uniform, key=lambda r: r["kl_div"]) if uniform else None
+    pick = next((r for r in ok if r.get("search_pick")), None)
+    evals = len(ok) + len(failed) - sum(1 for r in rows if r.get("search_role") == "probe")
+    probes = sum(1 for r in rows if r.get("search_role") == "probe")
+    gain = (1 - pick["kl_div"] / best_u["kl_div"]) * 100 if pick and best_u else None
+    print(f"  wall {wall / 60:.1f} min ({new} jobs run for this target, the rest reused); best uniform "
+          f"{best_u['label'] if best_u else '-'}; pick {pick['label'] if pick else '-'}; KL "
+          + (f"{gain:.1f} % below the best uniform (goal >= 15 %)" if gain is not None else "-"))
+    cell = (lambda r: f"{r['label']} ({r['bits_per_weight']:.3f}, {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}"
+            + (f"; {r['search_predicted_kl']:.4f}" if r.get("search_predicted_kl") is not None else "") + ")")
+    return (f"| {target} | {cell(best_u) if best_u else '-'} | {cell(pick) if pick else '-'} | "
+            f"{f'{-gain:+.1f} %' if gain is not None else '-'} | {evals} of 23 uniform | {probes} |")
+
+
+if __name__ == "__main__":
+    main()
