@@ -81,7 +81,10 @@ def main() -> None:
             wall = time.time() - t0
             if out.returncode != 0:
                 print(f"sweep failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-            sweep = store.find_sweep(path.stem.replace("search-", "bench-search-")).id
+            found = store.find_sweep(path.stem.replace("search-", "bench-search-"))
+            if found is None:
+                continue
+            sweep = found.id
             rows = json.loads(subprocess.run([sys.executable, "-m", "qfarm.cli", "results", sweep, "--format", "json"],
                                              env=env, capture_output=True, text=True).stdout)
             new = {r["job_id"] for r in rows} - ran

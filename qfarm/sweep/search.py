@@ -398,7 +398,7 @@ class SearchPlan:
         for i, low in sorted(self.smallest.items()):
             points = sum(1 for e, _ in self.mixed if e == i)
             lines.append(f"  mixed {search.space[i].method}: {points} allocation(s) (smallest mix {low:.3f} bits per "
-                         "weight)")
+                         "weight" + (")" if points else f", over the target: none of its mixes fits)"))
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
                   f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
         lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")
@@ -439,13 +439,9 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
         logs.append(sum(math.log10(n) for n in counts))
         low = sum(min(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
                   for la in layers) / max(sum(la.params for la in layers), 1)
-        if not meets(low, target):
-            problems.append((("target", "bits_per_weight"), f"space[{i}] ({entry.method}): its smallest mix is "
-                                                            f"{low:.3f} bits per weight, over the target {target:g}: "
-                                                            "add lower-bit formats, or raise the target"))
-            continue
         smallest[i] = low
-        mixed_entries.append(i)
+        if meets(low, target):  # else: no mix of this entry fits; said in the plan (an error if nothing fits)
+            mixed_entries.append(i)
     budget = search.budget.jobs
     if len(mixed_entries) > budget:
         problems.append((("budget", "jobs"), f"{len(mixed_entries)} mixed entries need at least {len(mixed_entries)} "
@@ -478,8 +474,10 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
     order = [x for group in itertools.zip_longest(*by_entry.values()) for x in group if x is not None]
     kept, left = order[:room], order[room:]
     if not kept and not mixed:
+        lows = ", ".join(f"space[{i}] ({search.space[i].method}) {low:.3f}" for i, low in sorted(smallest.items()))
         return None, [(("target", "bits_per_weight"), f"no configuration of the space fits {target:g} bits per "
-                                                      "weight: raise the target, or add lower-bit formats")]
+                                                      "weight" + (f" (smallest mixes: {lows})" if lows else "")
+                                                      + ": raise the target, or add lower-bit formats")]
     top = max(logs + [math.log10(max(total, 1))])
     log_space = top + math.log10(sum(10 ** (x - top) for x in logs) + total / 10 ** top)
     return SearchPlan(tuple(probes), tuple(sorted(kept, key=lambda x: (x[0], x[2]))), tuple(mixed), total, len(fits_all),

@@ -66,11 +66,17 @@ def test_bad_search_specs_are_refused_saying_what(bad, where):
     assert where in str(err.value)
 
 
-def test_a_target_under_every_mix_is_refused_at_the_target():
+def test_a_target_under_every_mix_is_refused_at_the_target_and_one_entry_under_it_is_left_out():
     search = SearchSpec.model_validate({"target": {"bits_per_weight": 2.5}, "space": ISSUE_SPACE[:1]})
     plan, problems = plan_search(search, smollm_layers())
     assert plan is None
-    assert problems[0][0] == ("target", "bits_per_weight") and "smallest mix" in problems[0][1]
+    assert problems[0][0] == ("target", "bits_per_weight") and "smallest mixes: space[0] (rtn) 3.2" in problems[0][1]
+    # at 3.5 the gguf entry's smallest mix (576-wide rows fall back to IQ4_NL) is over: the others still run
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 3.5}, "space": ISSUE_SPACE})
+    plan, problems = plan_search(search, smollm_layers())
+    assert problems == [] and {i for i, _ in plan.mixed} == {0, 1}
+    assert "mixed gguf: 0 allocation(s) (smallest mix 4.234 bits per weight, over the target" in "\n".join(
+        plan.summary(search))
 
 
 def test_stored_bits_follow_the_formats_layouts():
