@@ -449,7 +449,8 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
     if problems:
         return None, problems
     points = min(search.points, budget // len(mixed_entries)) if mixed_entries else 0
-    probes = sorted(dict.fromkeys(f.name for i in mixed_entries for f in formats_of(search.space[i])),
+    # every mixed entry's formats, whether or not its mixes fit this target: one set of probes for any target
+    probes = sorted(dict.fromkeys(f.name for i in smallest for f in formats_of(search.space[i])),
                     key=lambda f: (Format(f).family, f))
     probe = {"formats": probes, "parts": search.probe.jobs, "windows": search.probe.windows,
              "seq_len": search.probe.seq_len}
