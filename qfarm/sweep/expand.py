@@ -107,7 +107,7 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                 capture = _capture(job, cuda)
                 if capture is not None:  # before the jobs that need it: labelled() reads parents first
                     jobs.setdefault(capture.id, capture)
-                    job = replace(job, needs=(capture.id,))
+                    job = replace(job, needs=(capture.id,) + job.needs)
                 if job.compares:
                     key = parent.id if parent is not None else None
                     if key not in references:
@@ -232,7 +232,7 @@ def _capture(job: Job, cuda: bool) -> Job | None:
     identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (job.model or {}).get("key"),
                 "compute": COMPUTE["gpu" if cuda and job.resources.get("gpus") else "cpu"], "from": job.parent}
     return replace(job, id="j" + digest(identity, 12), kind=kind.name, label=kind.name, options=opts, eval=None,
-                   task_eval=None, worker=kind.worker, impl=None, bits=None, axes=(), needs=())
+                   task_eval=None, worker=kind.worker, impl=None, bits=None, axes=(), needs=(), search=None)
 
 
 def _probes(job: Job, cuda: bool) -> list[Job]:

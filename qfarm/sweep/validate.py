@@ -127,7 +127,11 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     if shape is None:
         errors.add(("search",), "the model's layer shapes cannot be read here, and a search plans from them")
         return None, []
-    plan, problems = plan_search(search, search_layers(shape))
+    from qfarm.sweep.plan import model_shape
+
+    numbers = model_shape(model_source)  # scales are stored in the checkpoint's dtype (a quantized GGUF's: bf16)
+    scale_bits = 32 if numbers is not None and not numbers.from_gguf and numbers.dtype == "float32" else 16
+    plan, problems = plan_search(search, search_layers(shape), scale_bits)
     for loc, message in problems:
         errors.add(("search",) + loc, message)
     if plan is None:

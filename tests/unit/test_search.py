@@ -174,3 +174,27 @@ def test_gguf_rules_name_each_role_and_type_once():
     for layer, name in names.items():  # the first rule whose pattern the name holds gives the allocated type
         first = next(r for r in rules if re.search(r.rpartition("=")[0], name))
         assert first.rpartition("=")[2] == alloc[layer]
+
+
+def test_the_shipped_search_expands_into_jobs_that_need_what_they_read():
+    """jobs/search.yaml on the bundled model: every mixed candidate needs every probe (a GPTQ one also its shared
+    capture), the probes and the capture are not candidates, the uniform ones are the plain jobs a grid makes."""
+    from pathlib import Path
+
+    from qfarm.sweep.expand import load_sweep
+
+    _, sweep = load_sweep(Path(__file__).resolve().parents[2] / "jobs" / "search.yaml", cuda=False)
+    probes = {j.id for j in sweep.jobs if j.kind == "probe"}
+    captures = {j.id for j in sweep.jobs if j.kind == "calibrate"}
+    assert len(probes) == 4 and len(captures) == 1
+    for job in sweep.jobs:
+        role = (job.search or {}).get("role")
+        if job.options.get("mixed"):
+            assert role == "candidate" and probes <= set(job.needs)
+            assert (job.method == "gptq") == bool(captures & set(job.needs))
+        elif job.kind in ("probe", "calibrate"):
+            assert role == ("probe" if job.kind == "probe" else None)
+        elif job.method != "none":
+            assert role == "uniform" and not probes & set(job.needs)
+    order = [j.id for j in sweep.jobs]
+    assert all(order.index(p) < order.index(j.id) for j in sweep.jobs for p in j.needs if p in order)

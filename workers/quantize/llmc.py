@@ -465,7 +465,8 @@ def capture_of(ctx) -> str | None:
         return None
     from workers.shared.files import inside
 
-    artifacts = [a for a in needs.values() if isinstance(a, str)]
+    # the needed jobs' folders that hold a capture (a search candidate also needs its probes)
+    artifacts = [a for a in needs.values() if isinstance(a, str) and (Path(inside(ctx.output_root, a)) / CAPTURE).is_dir()]
     if len(artifacts) != 1:
         raise ValueError("a GPTQ job with calibration.share needs exactly one calibrate job's capture")
     return str(Path(inside(ctx.output_root, artifacts[0])) / CAPTURE)
