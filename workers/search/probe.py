@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from workers.evaluate.harness import PeakMemory
-from workers.shared.models import base_path, dir_bytes, load_float, start, versions
+from workers.shared.models import dir_bytes, start, versions
 
 SENSITIVITY = "sensitivity.json"
 
@@ -110,8 +110,7 @@ def run(ctx) -> dict:
     formats = [Format(f) for f in opts.formats]
     with PeakMemory() as mem:
         base, prepare_s, _ = prepared_base(ctx)
-        path, _ = base_path(ctx)
-        model, _ = load_float(path, host=True)  # a copy whose layers are changed one at a time
+        model = base.model  # the worker's float model, on its device: each layer changed, then put back (finally)
         ppl = ctx.job.evaluation.perplexity
         wins, _ = windows_and_bytes(base.tokenizer, load_text(ppl.dataset), opts.seq_len, opts.windows,
                                     base.conventions.get("bos_id"))
@@ -163,7 +162,6 @@ def run(ctx) -> dict:
                              kl={f: measured * e / top for f, e in entry["error"].items()})
             found[name] = entry
         probe_s = time.time() - t0
-        del model
     figures = [v["kl_measured"] for v in found.values() if "kl_measured" in v]
     (out / SENSITIVITY).write_text(json.dumps({"formats": [f.name for f in formats], "part": opts.part,
                                                "parts": opts.parts, "windows": len(wins), "seq_len": opts.seq_len,
