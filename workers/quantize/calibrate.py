@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from workers.evaluate.harness import PeakMemory
-from workers.shared.models import base_path, dir_bytes, load_float, start, versions
+from workers.shared.models import base_path, folder_columns, load_float, start
 
 
 def run(ctx) -> dict:
@@ -42,10 +42,5 @@ def run(ctx) -> dict:
         "capture_s": capture_s,
         "load_s": load_s,
         "prepare_s": prepare_s,
-        "size_mb": dir_bytes(str(out)) / 2**20,
-        "size_source": "disk",
-        "peak_mem_mb": mem.mb,
-        "artifact": str(out),
-        "versions": versions(),
-        **ctx.extra,
+        **folder_columns(ctx, str(out), mem.mb),
     }

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from workers.evaluate.harness import PeakMemory
-from workers.shared.models import dir_bytes, start, versions
+from workers.shared.models import folder_columns, start
 
 SENSITIVITY = "sensitivity.json"
 
@@ -174,10 +174,5 @@ def run(ctx) -> dict:
         "probe_tokens": int(len(wins) * (wins.shape[1] - 1)),
         "probe_s": probe_s,
         "prepare_s": prepare_s,
-        "size_mb": dir_bytes(str(out)) / 2**20,
-        "size_source": "disk",
-        "peak_mem_mb": mem.mb,
-        "artifact": str(out),
-        "versions": versions(),
-        **ctx.extra,
+        **folder_columns(ctx, str(out), mem.mb),
     }

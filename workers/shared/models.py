@@ -91,6 +91,13 @@ def versions() -> dict:
     return {pkg: v for pkg, v in found.items() if v is not None}
 
 
+def folder_columns(ctx, folder: str, peak_mb: float) -> dict:
+    """The row's end for a job whose artifact is a folder of its own (a capture, a probe): its size on disk, peak
+    memory, where it is, the library versions and what the job noted (``ctx.extra``)."""
+    return {"size_mb": dir_bytes(folder) / 2**20, "size_source": "disk", "peak_mem_mb": peak_mb, "artifact": folder,
+            "versions": versions(), **ctx.extra}
+
+
 def base_dir(model: dict, output_root: str, progress=lambda line: None) -> tuple[str, float]:
     """A loadable float HF folder for ``model``, and seconds spent preparing it now (0 if ready): a local
     folder as it is, a hub model's snapshot at its pinned commit (downloaded once: workers.shared.hub), a GGUF's float
