@@ -178,7 +178,7 @@ class MixedProbe(Options):
     """The sensitivity probes a mixed candidate reads: ``parts`` probe jobs over the layers, pricing ``formats`` (every
     mixed entry's of the search) over ``windows`` windows of ``seq_len`` tokens (ProbeOptions)."""
 
-    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=64)]
+    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=32)]
     parts: int = Field(4, ge=1, le=256)
     windows: int = Field(2, ge=1, le=64)
     seq_len: int = Field(128, ge=16, le=4_096)
@@ -472,7 +472,7 @@ class ProbeOptions(Options):
     importance matrix), which prices the other formats; over the first ``windows`` windows of ``seq_len`` tokens of
     the sweep's evaluation text (workers.search.probe)."""
 
-    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=64)]
+    formats: Annotated[list[str], AfterValidator(_mixed_formats), Field(min_length=1, max_length=32)]
     part: int = Field(0, ge=0, le=255)
     parts: int = Field(1, ge=1, le=256)
     windows: int = Field(2, ge=1, le=64)

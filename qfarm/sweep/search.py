@@ -54,6 +54,7 @@ TARGET_SLACK = 0.002
 def meets(bits_per_weight: float, target: float) -> bool:
     return bits_per_weight <= target * (1 + TARGET_SLACK)
 MAX_POINTS = 8
+MAX_FORMATS = 32  # distinct layer formats over a search's mixed entries (qfarm.sweep.methods.MixedOptions holds them)
 
 
 class _Strict(BaseModel):
@@ -155,6 +156,14 @@ class SearchSpec(_Strict):
             raise ValueError(f"objective {self.objective!r} is not one qfarm can search for. Allowed: kl_div, "
                              "perplexity, kl@DOMAIN or ppl@DOMAIN (a list-form eval.perplexity's), or task:COLUMN "
                              "(an eval.tasks metric's column in the results, maximised)")
+        return self
+
+    @model_validator(mode="after")
+    def _formats(self):
+        names = {f.name for e in self.space if e.mixed for f in formats_of(e)}
+        if len(names) > MAX_FORMATS:
+            raise ValueError(f"the mixed entries hold {len(names)} layer formats; at most {MAX_FORMATS} (each probe "
+                             "prices every layer in each)")
         return self
 
     def measured(self) -> tuple[str, str]:

@@ -58,6 +58,11 @@ def test_the_issue_spec_parses_and_plans_within_its_budget():
     ({"space": [{"method": "rtn", "bits": [4], "group_size": [48]}]}, "48"),
     ({"space": [{"method": "rtn", "bits": [5], "group_size": [64]}]}, "bits"),
     ({"space": [{"method": "awq", "bits": [4], "group_size": [64]}]}, "method"),
+    ({"space": [{"method": "rtn", "bits": [2, 3, 4, 8], "group_size": [16, 32, 64, 128, 256, 512, 1024], "mixed": True},
+                {"method": "gguf", "gguf_type": ["Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q4_K_M"], "mixed": True}]},
+     "at most 32"),
+    ({"space": [{"method": "gptq", "bits": [4], "group_size": [64], "mixed": True, "backend": "gptqmodel"}]},
+     "gptqmodel"),
 ])
 def test_bad_search_specs_are_refused_saying_what(bad, where):
     base = {"target": {"bits_per_weight": 4.25}, "space": ISSUE_SPACE}
