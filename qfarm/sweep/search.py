@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qfarm.sweep.methods import GGML_TYPES, GGUF_BITS_PER_WEIGHT, GGUF_TYPES
 
@@ -149,14 +149,14 @@ class SearchSpec(_Strict):
     points: int = Field(2, ge=1, le=MAX_POINTS)  # allocations per mixed entry, along the frontier
     step: float = Field(0.25, gt=0.0, le=4.0)  # bits per weight between them
 
-    @model_validator(mode="after")
-    def _objective(self):
-        if self.objective not in OBJECTIVES and not re.match(r"^((kl|ppl)@[A-Za-z0-9_.-]{1,64}|task:\S{1,128})$",
-                                                             self.objective):
-            raise ValueError(f"objective {self.objective!r} is not one qfarm can search for. Allowed: kl_div, "
-                             "perplexity, kl@DOMAIN or ppl@DOMAIN (a list-form eval.perplexity's), or task:COLUMN "
-                             "(an eval.tasks metric's column in the results, maximised)")
-        return self
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, value: str) -> str:
+        if value not in OBJECTIVES and not re.match(r"^((kl|ppl)@[A-Za-z0-9_.-]{1,64}|task:\S{1,128})$", value):
+            raise ValueError(f"objective {value!r} is not one qfarm can search for. Allowed: kl_div, perplexity, "
+                             "kl@DOMAIN or ppl@DOMAIN (a list-form eval.perplexity's), or task:COLUMN (an eval.tasks "
+                             "metric's column in the results, maximised)")
+        return value
 
     @model_validator(mode="after")
     def _formats(self):

@@ -264,7 +264,7 @@ class SweepSpec(Strict):
     @classmethod
     def _some_jobs(cls, value: list, info):
         if not value and info.data.get("search") is None:
-            raise ValueError("List should have at least 1 item after validation, not 0 (or give a search)")
+            raise ValueError("List should have at least 1 item after validation, not 0 (or give a search:)")
         return value
 
 
@@ -510,7 +510,10 @@ def load_spec(path: str | Path) -> LoadedSpec:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
         known_kind = {p.path for p in problems}
-        problems += [p for p in problems_from(err, SweepSpec, (), lines) if p.path not in known_kind]
+        # a search with no jobs: its own problems are said, not a missing job group
+        searched = raw.get("search") is not None and "jobs" not in raw
+        problems += [p for p in problems_from(err, SweepSpec, (), lines)
+                     if p.path not in known_kind and not (searched and p.path == "jobs")]
     if problems:
         context = {"raw": raw, "lines": lines, "base_dir": path.resolve().parent, "groups_key": groups_key}
         raise renamed(SpecError(problems, source, context), groups_key) from None

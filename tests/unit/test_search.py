@@ -203,3 +203,18 @@ def test_the_shipped_search_expands_into_jobs_that_need_what_they_read():
             assert role == "uniform" and not probes & set(job.needs)
     order = [j.id for j in sweep.jobs]
     assert all(order.index(p) < order.index(j.id) for j in sweep.jobs for p in j.needs if p in order)
+
+
+def test_a_bad_search_in_a_spec_file_says_every_problem_at_its_line(tmp_path):
+    from qfarm.errors import SpecError
+    from qfarm.sweep.spec import load_spec
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nmodel: bundled:smollm2-135m\nsearch:\n  target: {bits_per_weight: 4.25, size_mb: 3}\n"
+                    "  objective: speed\n  space:\n    - {method: rtn, bits: [4], group_size: [48], mixed: true}\n"
+                    "    - {method: gguf, gguf_type: [Q4_K_X]}\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    said = {(p.path, p.line) for p in err.value.problems}
+    assert said == {("search.target.size_mb", 4), ("search.objective", 5), ("search.space[0]", 7),
+                    ("search.space[1]", 8)}  # and no complaint of a missing jobs: list
