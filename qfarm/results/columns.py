@@ -169,7 +169,7 @@ TABLE: tuple[Column, ...] = (
     C("train_dtype", group="train", format="{}"),  # ... and in which dtype (bfloat16 for GPTQModel's torch kernel)
     C("bits_per_weight", None, "{:.3f}", direction="min", group="size"),  # quantized layers: stored bits / weights
     C("file_bits_per_weight", group="gguf"),  # the whole file's bits over all its weights (embeddings, metadata)
-    C("layer_formats", group="gguf", format="{}"),  # each weight matrix's stored type
+    C("layer_formats", group="size", format="{}"),  # each quantized layer's stored format (ggml type, or 4b g64)
     C("tensor_type_fallbacks", group="gguf", format="{}"),  # tensor_types rules llama.cpp could not follow, and why
     C("gguf_source", group="gguf", format="{}"),
     C("llama_cpp_version", group="gguf", format="{}"),

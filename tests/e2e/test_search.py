@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 
+from qfarm.farm.store import TERMINAL
 from tests.cli import qfarm, results, submitted_id
 from tests.tiny import corpus_of, make_spm_gguf
 
@@ -46,10 +48,29 @@ search:
     assert re.search(r"uniform candidates that fit: \d+ of 9", said), said
     assert "planned: 2 probe job(s)" in said and "full evaluation(s) (budget 6)" in said, said
 
-    out = qfarm(cli_env, "submit", str(spec), "--wait")
+    # stopped half-way, once the probes are done: the retry runs what was left and redoes nothing
+    out = qfarm(cli_env, "submit", str(spec))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweep = submitted_id(out.stdout)
+    deadline = time.monotonic() + 600
+    while True:
+        jobs = store.sweep_jobs(sweep)
+        probes = [j for j in jobs if j.job.kind == "probe"]
+        if probes and all(j.status == "succeeded" for j in probes):
+            break
+        assert time.monotonic() < deadline and not any(j.status == "failed" for j in jobs), \
+            [(j.job.label, j.status, j.error) for j in jobs]
+        time.sleep(0.3)
+    assert qfarm(cli_env, "cancel", sweep, "--grace", "0").returncode == 0
+    probes_done = {j.id: j.finished_at for j in probes}
+    while not all(j.status in TERMINAL for j in store.sweep_jobs(sweep)):
+        time.sleep(0.3)
+    stopped = [j for j in store.sweep_jobs(sweep) if j.status == "cancelled"]
+    assert stopped, "every job had finished before the cancel: nothing was left to resume"
+    again = qfarm(cli_env, "retry", sweep, "--wait")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = results(cli_env, sweep)
+    assert {r["job_id"]: r["finished_at"] for r in rows if r["job_id"] in probes_done} == probes_done
     by_role: dict[str, list[dict]] = {}
     for r in rows:
         assert r["status"] == "succeeded", (r["label"], r.get("error"))
@@ -58,6 +79,8 @@ search:
     candidates = by_role["candidate"] + by_role["uniform"]
     assert 2 <= len(by_role["candidate"]) and len(candidates) <= 6  # the budget
 
+    for r in by_role["uniform"]:  # every candidate's row says each layer's format, uniform ones too
+        assert len({k: v for k, v in r["layer_formats"].items() if r["method"] != "gguf" or k.startswith("blk.")}) == 14
     for r in by_role["candidate"]:
         formats = r["layer_formats"]
         assert r["bits_per_weight"] <= TARGET * 1.002, r

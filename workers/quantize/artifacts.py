@@ -235,21 +235,34 @@ def check(opts, impl: str | None, described: dict) -> None:
                             "a row whose option was not applied")
 
 
-def check_mixed(folder: str, layers: dict[str, str]) -> dict[str, str]:
-    """A mixed candidate's compressed-tensors config read back: each layer's format as its config groups say
-    (``4b g64``), which must be the one its allocation gave it (Permanent naming the first that is not)."""
-    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
-    said: dict[str, str] = {}
+def layer_formats(folder: str) -> dict[str, str] | None:
+    """Each quantized layer of a compressed-tensors artifact (its stored tensors) with the format its config group
+    gives it (``4b g64``): a group names its layers, or their class (``Linear``). None for another format."""
+    config = Path(folder) / "config.json"
+    qc = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        return None
+    groups = []
     for group in (qc.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
         group_size = -1 if weights.get("strategy") == "channel" else weights.get("group_size")
-        for target in group.get("targets") or []:
-            said[target] = f"{weights.get('num_bits')}b g{group_size}"
+        groups.append((set(group.get("targets") or []), f"{weights.get('num_bits')}b g{group_size}"))
+    sizes = safetensors_sizes(folder)
+    layers = sorted({name.split(f".{mark}")[0] for name in sizes for mark in _QUANTIZED_MARKS if f".{mark}" in name})
+    out = {}
+    for layer in layers:
+        out[layer] = next((fmt for targets, fmt in groups if layer in targets), None) or \
+            next((fmt for targets, fmt in groups if "Linear" in targets), "?")
+    return out
+
+
+def check_mixed(said: dict[str, str], layers: dict[str, str]) -> None:
+    """A mixed candidate's artifact (``said``: its layer formats as its config groups give them) against its
+    allocation: Permanent naming the first layer whose format is not the one it was given."""
     for layer, fmt in layers.items():
         if said.get(layer) != fmt:
             raise Permanent(f"the artifact is not what its row says: the allocation gives {layer} {fmt}, the "
                             f"checkpoint's config groups say {said.get(layer, 'nothing')}; refusing to publish it")
-    return {k: said[k] for k in layers}
 
 
 def _same(found, expected) -> bool:
@@ -271,8 +284,11 @@ def finish(ctx, base, artifact: str) -> dict:
     described = describe(artifact)
     check(ctx.opts, ctx.job.impl, described)
     out = {"artifact_config": described, "stored_dtype": stored_dtype(artifact)}
-    if getattr(ctx.opts, "mixed", None) and ctx.opts.method != "gguf":
-        out["layer_formats"] = check_mixed(artifact, ctx.extra.get("layer_formats") or {})
+    formats = layer_formats(artifact)
+    if formats is not None:  # each layer's format, as the artifact's config says (a GGUF row: its file's types)
+        if getattr(ctx.opts, "mixed", None):
+            check_mixed(formats, ctx.extra.get("layer_formats") or {})
+        out["layer_formats"] = formats
     if ctx.opts.method != "gguf":  # a GGUF row counts its file's tensors (workers.quantize.gguf.layer_columns)
         out["bits_per_weight"] = bits_per_weight(artifact, base.skeleton)
     return out
