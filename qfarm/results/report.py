@@ -42,7 +42,7 @@ def _esc(value: Any) -> str:
 def _label(r: dict) -> str:
     """The job's label with its bits after the method: ``gptq 4b g=64``."""
     label = r.get("label") or r.get("job_id") or "?"
-    if r.get("bits") is None:
+    if r.get("bits") is None or f"{r['bits']}b" in label.split():  # a label whose matrix varies bits says them
         return label
     method, _, rest = label.partition(" ")
     return f"{method} {r['bits']}b {rest}".strip()
@@ -87,7 +87,60 @@ def plots(data: list[dict]) -> dict[str, Any]:
     curves = [r for r in ok if r.get("loss_curve")]
     if curves:
         figs["loss"] = _loss(curves)
+    searched = [r for r in ok if r.get("search_role") in ("uniform", "candidate")
+                and isinstance(r.get("bits_per_weight"), (int, float))
+                and isinstance(r.get(r.get("search_objective") or ""), (int, float))]
+    if searched:
+        figs["search"] = _search(searched)
     return figs
+
+
+def _search(rows: list[dict]):
+    """A search's candidates: the objective against bits per weight, uniform ones as circles, mixed ones as triangles
+    with their predicted objective (hollow, joined to what was measured), the target, the pick starred."""
+    fig, ax = _figure(4.5)
+    column = rows[0]["search_objective"]
+    target = (rows[0].get("search_target") or {}).get("bits_per_weight")
+    methods = sorted({r.get("method") or "?" for r in rows})
+    cmap = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for r in rows:
+        x, y, color = r["bits_per_weight"], r[column], cmap[r.get("method") or "?"]
+        mixed = r["search_role"] == "candidate"
+        ax.scatter([x], [y], marker="^" if mixed else "o", s=160 if r.get("search_pick") else 44, color=color, zorder=3,
+                   edgecolors="black" if r.get("search_pick") else "none", linewidths=1.5)
+        predicted = r.get("search_predicted_kl")
+        if mixed and column == "kl_div" and isinstance(predicted, (int, float)):
+            px = r.get("search_predicted_bits_per_weight") or x
+            ax.scatter([px], [predicted], marker="^", s=44, facecolors="none", edgecolors=color, zorder=2)
+            ax.plot([px, x], [predicted, y], color=color, linewidth=0.8, linestyle=":", zorder=1)
+        ax.annotate(("★ " if r.get("search_pick") else "") + _label(r), (x, y), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+    if isinstance(target, (int, float)):
+        ax.axvline(target, color=FRONTIER_COLOR, linestyle="--", linewidth=1.2, label=f"target {target:g} bits/weight")
+    for m in methods:
+        ax.scatter([], [], color=cmap[m], label=m)
+    ax.scatter([], [], marker="^", color="gray", label="mixed (hollow: predicted)")
+    values = [r[column] for r in rows]
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight of the quantized layers")
+    ax.set_ylabel(f"{column} (the search's objective)")
+    ax.set_title("Search: candidates against the target")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _pick(data: list[dict]) -> str:
+    """Each search's pick, and the plain job that makes it again."""
+    picks = [r for r in data if r.get("search_pick")]
+    if not picks:
+        return ""
+    items = "".join(f"<li><b>{_esc(_label(r))}</b> ({_esc(r.get('sweep_id'))}): {_esc(r.get('search_objective'))} "
+                    f"{_esc(r.get(r.get('search_objective') or ''))} at {_esc(r.get('bits_per_weight'))} bits per "
+                    f"weight. As a plain job: <code>{_esc(r.get('search_fragment'))}</code></li>" for r in picks)
+    return f'<h2 id="pick">Search pick</h2><ul>{items}</ul>'
 
 
 def _domains(rows: list[dict], domains: list[str]):
@@ -276,7 +329,7 @@ def _environment(data: list[dict], records) -> str:
 
 _TITLES = {"scatter": ("frontier", "Size vs perplexity, with the frontier"), "memory": ("memory", "Size and memory"),
            "speed": ("speed", "Speed"), "loss": ("loss", "Training loss"),
-           "domains": ("domains", "Quality by evaluation domain")}
+           "domains": ("domains", "Quality by evaluation domain"), "search": ("search", "Search")}
 
 
 def write_report(data: list[dict], records, output: Path, png_dir: Path | None, objectives,
@@ -317,6 +370,7 @@ by qfarm {_esc(__version__)} (Python {_esc(platform.python_version())})</p>
 them and better on one (differences within 2 standard errors are ties). Deltas are against each sweep's
 reference (method none) on the same windows.{f" Note: {_esc(note)}." if note else ""}</p>
 {_table(data)}
+{_pick(data)}
 {_noise(data)}
 {"".join(sections)}
 {_answers(data)}

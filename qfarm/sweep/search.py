@@ -407,7 +407,7 @@ class SearchPlan:
         for i, low in sorted(self.smallest.items()):
             points = sum(1 for e, _ in self.mixed if e == i)
             lines.append(f"  mixed {search.space[i].method}: {points} allocation(s) (smallest mix {low:.3f} bits per "
-                         "weight" + (")" if points else f", over the target: none of its mixes fits)"))
+                         "weight" + (")" if points else ", over the target: none of its mixes fits)"))
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
                   f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
         lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")

@@ -104,6 +104,10 @@ search:
     assert pick["kl_div"] == min(r["kl_div"] for r in eligible)
     table = qfarm(cli_env, "results", sweep)
     assert table.returncode == 0 and "pick" in table.stdout and "candidate" in table.stdout
+    report = tmp_path / "report.html"
+    assert qfarm(cli_env, "report", sweep, "-o", str(report)).returncode == 0
+    page = report.read_text()
+    assert 'id="fig-search"' in page and 'id="pick"' in page and pick["label"].replace("≤", "") in page.replace("≤", "")
 
     # the pick loads in its own library's loader
     if pick["method"] == "gguf":
