@@ -1,7 +1,9 @@
 """`search:` on the bundled model (issue 40): at each target, the pick against the best uniform configuration of the
 same space that fits, on the same evaluation windows, and the jobs it took.
 
-    python bench/search.py [--targets 3.5,4.5,5.5] [--methods rtn,gptq,gguf] [--root DIR]
+    python bench/search.py [--targets 3.5,4.5,5.5] [--methods rtn,gptq,gguf] [--root DIR] [--model M]
+    python bench/search.py --make-qwen2 DIR   # a Qwen2-shaped model from a config (random init, SmolLM2's
+                                              # tokenizer): a second family nothing here was tuned on
 
 One search per target (the issue's space: rtn and gptq at bits 3/4/8 × group 32/64/128, gguf Q3_K_M..Q8_0, each with
 ``mixed: true``; budget 16 full evaluations; 8 × 512 tokens of the bundled python-docs text), run one after another
@@ -36,11 +38,11 @@ SPACE = {
 }
 
 
-def spec(folder: Path, target: float, methods: list[str]) -> Path:
+def spec(folder: Path, target: float, methods: list[str], model: str = "bundled:smollm2-135m") -> Path:
     space = "\n".join(f"    - {SPACE[m]}" for m in methods)
     path = folder / f"search-{str(target).replace('.', '_')}.yaml"
     path.write_text(f"""name: bench-search-{str(target).replace('.', '_')}
-model: bundled:smollm2-135m
+model: {model}
 eval: {{perplexity: {{seq_len: 512, max_windows: 8}}, speed: null}}
 search:
   target: {{bits_per_weight: {target}}}
@@ -58,7 +60,11 @@ def main() -> None:
     parser.add_argument("--targets", default="3.5,4.5,5.5")
     parser.add_argument("--methods", default="rtn,gptq,gguf")
     parser.add_argument("--root", default=None, help="output root (default: a new temporary folder)")
+    parser.add_argument("--model", default="bundled:smollm2-135m")
+    parser.add_argument("--make-qwen2", default=None, metavar="DIR")
     args = parser.parse_args()
+    if args.make_qwen2:
+        return make_qwen2(Path(args.make_qwen2))
     targets = [float(t) for t in args.targets.split(",")]
     methods = args.methods.split(",")
     root = Path(args.root or tempfile.mkdtemp(prefix="qfarm-bench-search-"))
@@ -70,7 +76,7 @@ def main() -> None:
                    QFARM_RAY_ADDRESS=head.address, QFARM_OUTPUT_ROOT=str(root))
         ran: set[str] = set()
         for target in targets:
-            path = spec(root, target, methods)
+            path = spec(root, target, methods, args.model)
             plan = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(path)], env=env,
                                   capture_output=True, text=True)
             print(f"\n=== target {target} bits per weight ===\n" + "\n".join(
@@ -94,6 +100,30 @@ def main() -> None:
           "| probes |\n|---|---|---|---|---|---|")
     for line in summary:
         print(line)
+
+
+def make_qwen2(folder: Path) -> None:
+    """A Qwen2 (hidden 384, 6 blocks, 6 heads of 64, 2 KV heads, MLP 1024; bf16) from its config, random weights
+    (initializer range 0.05: outputs far from uniform), with the bundled SmolLM2's tokenizer (its vocabulary)."""
+    import torch
+    import transformers as t
+
+    from qfarm.sweep.sources import resolve_model
+    from workers.shared.models import base_dir
+
+    ref = resolve_model("bundled:smollm2-135m", folder.parent)
+    smol, _ = base_dir({"kind": ref.kind, "location": ref.location, "gguf_file": ref.gguf_file, "key": ref.key},
+                       str(folder.parent))
+    tokenizer = t.AutoTokenizer.from_pretrained(smol)
+    torch.manual_seed(0)
+    config = t.Qwen2Config(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+                           tie_word_embeddings=True, initializer_range=0.05, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16")
+    model = t.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"wrote {folder}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
 def report(target: float, rows: list[dict], wall: float, new: int) -> str:
