@@ -97,7 +97,7 @@ def main() -> None:
             ran |= {r["job_id"] for r in rows}
             summary.append(report(target, rows, wall, len(new)))
     print("\n| target bpw | best uniform (bpw, KL ± se) | pick (bpw, KL ± se; predicted) | KL vs uniform | full evals "
-          "| probes |\n|---|---|---|---|---|---|")
+          "(the uniform grid: 23) | probes |\n|---|---|---|---|---|---|")
     for line in summary:
         print(line)
 
@@ -141,7 +141,7 @@ def report(target: float, rows: list[dict], wall: float, new: int) -> str:
     uniform = [r for r in ok if r["search_role"] == "uniform" and meets(r["bits_per_weight"], target)]
     best_u = min(uniform, key=lambda r: r["kl_div"]) if uniform else None
     pick = next((r for r in ok if r.get("search_pick")), None)
-    evals = len(ok) + len(failed) - sum(1 for r in rows if r.get("search_role") == "probe")
+    evals = sum(1 for r in rows if r.get("search_role") in ("uniform", "candidate"))
     probes = sum(1 for r in rows if r.get("search_role") == "probe")
     gain = (1 - pick["kl_div"] / best_u["kl_div"]) * 100 if pick and best_u else None
     print(f"  wall {wall / 60:.1f} min ({new} jobs run for this target, the rest reused); best uniform "
@@ -150,7 +150,7 @@ def report(target: float, rows: list[dict], wall: float, new: int) -> str:
     cell = (lambda r: f"{r['label']} ({r['bits_per_weight']:.3f}, {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}"
             + (f"; {r['search_predicted_kl']:.4f}" if r.get("search_predicted_kl") is not None else "") + ")")
     return (f"| {target} | {cell(best_u) if best_u else '-'} | {cell(pick) if pick else '-'} | "
-            f"{f'{-gain:+.1f} %' if gain is not None else '-'} | {evals} of 23 uniform | {probes} |")
+            f"{f'{-gain:+.1f} %' if gain is not None else '-'} | {evals} | {probes} |")
 
 
 if __name__ == "__main__":
