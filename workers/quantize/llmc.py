@@ -449,11 +449,16 @@ def solve_shared(ctx, model, opts, capture: str, progress: Path, layers: dict[st
     solve = Solve(config_groups=config_groups(opts, layers), ignore=["lm_head"], dampening_frac=opts.dampening_frac,
                   actorder=actorder(opts))
     solve._capture, solve._progress = capture, str(progress)
-    what = f"gptq {opts.bits}-bit: solving from the shared capture"
+    what = f"gptq {_width(opts)}: solving from the shared capture"
     solve._say = lambda i, n, resumed: ctx.progress(
         f"{what}, layer {i}/{n}" + (f" ({resumed} solved by an earlier attempt)" if resumed else ""))
     oneshot(model=model, recipe=[solve])
     return solve._resumed
+
+
+def _width(opts) -> str:
+    """How progress lines name a job's weights: ``4-bit``, or ``mixed`` for a search's per-layer formats."""
+    return "mixed" if getattr(opts, "mixed", None) else f"{opts.bits}-bit"
 
 
 def capture_of(ctx) -> str | None:
@@ -500,11 +505,11 @@ class LLMCompressor:
         elif resumable:  # llm-compressor's sequential pipeline, checkpointed per subgraph (decoder layer)
             ctx.progress("tokenizing calibration data")
             data = calibration_dataset(ctx, base)
-            what = f"{opts.method} {opts.bits}-bit: calibrating and quantizing"
+            what = f"{opts.method} {_width(opts)}: calibrating and quantizing"
             resumed = sequential(ctx, model, opts, data, solved, lambda i, n, r: ctx.progress(
                 f"{what}, subgraph {i}/{n}" + (f" ({r} done by an earlier attempt)" if r else "")), layers)
         else:  # RTN: data-free
-            what = f"rtn {opts.bits}-bit: quantizing"
+            what = f"rtn {_width(opts)}: quantizing"
             ctx.progress(what)
             with _layer_progress(model, lambda i, n: ctx.progress(f"{what}, layer {i}/{n}")):
                 oneshot(model=model, recipe=recipe(opts, layers))
