@@ -123,6 +123,19 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     from qfarm.sweep.search import plan_search
 
     search = spec.search
+    ppl = spec.eval.perplexity
+    if ppl is None:
+        errors.add(("eval", "perplexity"), "a search needs eval.perplexity: its probes and its objective's KL and "
+                                           "perplexity are measured on that text")
+        return None, []
+    names = [domain_name(d) for d in ppl] if isinstance(ppl, list) else []
+    column = search.measured()[0]
+    if "@" in column and column.split("@", 1)[1] not in names:
+        errors.add(("search", "objective"), f"objective {search.objective}: no evaluation domain of that name. "
+                                            f"Domains: {allowed(names) if names else 'none (eval.perplexity is one text)'}")
+    if search.objective.startswith("task:") and not spec.eval.tasks:
+        errors.add(("search", "objective"), f"objective {search.objective} reads an eval.tasks metric, and the "
+                                            "sweep's eval has no tasks")
     shape = shape_of(model_source)
     if shape is None:
         errors.add(("search",), "the model's layer shapes cannot be read here, and a search plans from them")

@@ -218,3 +218,20 @@ def test_a_bad_search_in_a_spec_file_says_every_problem_at_its_line(tmp_path):
     said = {(p.path, p.line) for p in err.value.problems}
     assert said == {("search.target.size_mb", 4), ("search.objective", 5), ("search.space[0]", 7),
                     ("search.space[1]", 8)}  # and no complaint of a missing jobs: list
+
+
+@pytest.mark.parametrize("evaluation, objective, said", [
+    ("{perplexity: null}", "kl_div", "eval.perplexity: a search needs eval.perplexity"),
+    ("{perplexity: [{dataset: bundled:python-docs, name: code}]}", "kl@wiki", "no evaluation domain of that name"),
+    ("{perplexity: {max_windows: 2}}", "task:arc_easy_acc", "has no tasks"),
+])
+def test_a_search_whose_objective_the_evaluation_cannot_measure_is_refused(tmp_path, evaluation, objective, said):
+    from qfarm.errors import SpecError
+    from qfarm.sweep.expand import load_valid
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nmodel: bundled:smollm2-135m\neval: {evaluation}\nsearch:\n  target: {{bits_per_weight: 4.25}}"
+                    f"\n  objective: {objective}\n  space:\n    - {{method: rtn, bits: [4], group_size: [64], mixed: true}}\n")
+    with pytest.raises(SpecError) as err:
+        load_valid(path)
+    assert any(said in f"{p.path}: {p.message}" for p in err.value.problems), err.value.problems
