@@ -140,17 +140,16 @@ def run(ctx) -> dict:
             original = layer.weight.data
             n_out, n_in = original.shape
             entry: dict = {"index": lo + i, "in": int(n_in), "out": int(n_out), "error": {}, "stored": {}}
-            copies = {}
-            for fmt in formats:
+            for fmt in formats:  # one quantized copy at a time (a big model's layer is GBs in float)
                 if not fmt.fits(n_in):
                     continue
                 new, stored = quantized(original, fmt)
-                err = ((new.double() - original.double()).pow(2) * importance[name]).sum().item()
+                err = ((new.double() - original.double()).pow(2) * importance[name].to(new.device)).sum().item()
                 entry["error"][fmt.name], entry["stored"][fmt.name] = err, stored
-                copies[fmt.name] = new
-            if copies:
-                coarsest = max(copies, key=lambda f: entry["error"][f])
-                layer.weight.data = copies[coarsest].to(original.device)
+                del new
+            if entry["error"]:
+                coarsest = max(entry["error"], key=lambda f: entry["error"][f])
+                layer.weight.data = quantized(original, Format(coarsest))[0].to(original.device)
                 try:
                     with torch.inference_mode():
                         kl = [(r.exp() * (r - run_model.logprobs(w))).sum(-1).double() for r, w in zip(ref, wins)]
