@@ -75,7 +75,7 @@ def fake_ggml(weight, type_name: str):
     lib.ggml_quantize_init(int(qtype))
     lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, n, None)
     back = gguf.quants.dequantize(dst.reshape(rows, -1), qtype).reshape(rows, n)
-    return torch.from_numpy(np.ascontiguousarray(back)).to(weight.dtype)
+    return torch.from_numpy(np.ascontiguousarray(back)).to(device=weight.device, dtype=weight.dtype)
 
 
 def quantized(weight, fmt) -> tuple:
