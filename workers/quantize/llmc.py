@@ -493,7 +493,7 @@ class LLMCompressor:
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
         model, tokenizer = load_float(base.path, host=True)
         layers = None
-        if opts.mixed:  # a search candidate: each layer's format from the probes it needs
+        if getattr(opts, "mixed", None):  # a search candidate (rtn, gptq): each layer's format from its probes
             from workers.quantize.artifacts import source_dtype
             from workers.search.mixed import allocation, scale_bits
 
