@@ -217,6 +217,16 @@ class SchemeOptions(BackendOptions):
                              f"{info.field_name} out, or drop the scheme")
         return value
 
+    @field_validator("mixed", check_fields=False)
+    @classmethod
+    def _mixed_on_llm_compressor(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("backend") == "gptqmodel":
+            raise ValueError("mixed (per-layer formats) is written as compressed-tensors config groups by "
+                             "llm-compressor; GPTQModel's per-module overrides are not built: drop backend: gptqmodel")
+        if value is not None and info.data.get("scheme"):
+            raise ValueError("mixed gives each layer its own bits and group size: leave scheme out")
+        return value
+
 
 Scheme = Optional[Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8_DYNAMIC"]]
 

@@ -235,3 +235,13 @@ def test_a_search_whose_objective_the_evaluation_cannot_measure_is_refused(tmp_p
     with pytest.raises(SpecError) as err:
         load_valid(path)
     assert any(said in f"{p.path}: {p.message}" for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("method, extra, said", [("gptq", {"backend": "gptqmodel"}, "GPTQModel"),
+                                                 ("rtn", {"scheme": "W4A16"}, "leave scheme out")])
+def test_a_mixed_option_is_refused_where_it_would_not_be_applied(method, extra, said):
+    from qfarm.sweep.methods import METHODS
+
+    mixed = {"target_bits_per_weight": 4.25, "formats": ["4b g64", "8b g64"], "probe": {"formats": ["4b g64"]}}
+    with pytest.raises(ValidationError, match=said):
+        METHODS[method].options.model_validate({"method": method, "mixed": mixed, **extra})
