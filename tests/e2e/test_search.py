@@ -39,14 +39,16 @@ search:
   space:
     - {{method: rtn, bits: [3, 4, 8], group_size: [32, 64], mixed: true}}
     - {{method: gguf, gguf_type: [Q4_0, Q5_0, Q8_0], mixed: true}}
-  budget: {{jobs: 6}}
+    - {{method: gptq, bits: [4, 8], group_size: [64], mixed: true,
+       calibration: {{dataset: {text}, samples: 8, seq_len: 64, share: true}}}}
+  budget: {{jobs: 7}}
   probe: {{windows: 2, seq_len: 64, jobs: 2}}
 """)
     checked = qfarm(cli_env, "validate", str(spec))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     said = checked.stdout + checked.stderr
-    assert re.search(r"uniform candidates that fit: \d+ of 9", said), said
-    assert "planned: 2 probe job(s)" in said and "full evaluation(s) (budget 6)" in said, said
+    assert re.search(r"uniform candidates that fit: \d+ of 11", said), said
+    assert "planned: 2 probe job(s)" in said and "full evaluation(s) (budget 7)" in said, said
 
     # stopped half-way, once the probes are done: the retry runs what was left and redoes nothing
     out = qfarm(cli_env, "submit", str(spec))
@@ -77,7 +79,10 @@ search:
         by_role.setdefault(r.get("search_role"), []).append(r)
     assert len(by_role["probe"]) == 2 and sum(r["probe_layers"] for r in by_role["probe"]) == 14  # 2 blocks × 7
     candidates = by_role["candidate"] + by_role["uniform"]
-    assert 2 <= len(by_role["candidate"]) and len(candidates) <= 6  # the budget
+    assert 3 <= len(by_role["candidate"]) and len(candidates) <= 7  # the budget
+    # a GPTQ mix solves from the shared capture and reads the same probes
+    gptq = [r for r in by_role["candidate"] if r["method"] == "gptq"]
+    assert gptq and all(r["calib_source"] == "shared capture" for r in gptq)
 
     for r in by_role["uniform"]:  # every candidate's row says each layer's format, uniform ones too
         assert len({k: v for k, v in r["layer_formats"].items() if r["method"] != "gguf" or k.startswith("blk.")}) == 14
