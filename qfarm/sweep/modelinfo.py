@@ -84,6 +84,24 @@ def check_gguf(path: Path) -> None:
             raise ValueError(f"{path}: its first header key is not a name: the file is damaged or not a GGUF")
 
 
+GGUF_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DEFAULT_STORAGE = "bfloat16"  # a source with no float weights of its own (a quantized GGUF): what HF checkpoints ship
+
+
+def gguf_float_dtype(path: str) -> str:
+    """The float type of a GGUF's float weight matrices (its norms are float32 in every file and do not count):
+    the most common of F32/F16/BF16 among its tensors of two or more dimensions, else bfloat16. What its float copy
+    stores unquantized tensors (and a quantized artifact's scales) in."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(str(path)).tensors:
+        name = GGUF_FLOATS.get(t.tensor_type.name)
+        if name and len([d for d in t.shape if d > 1]) >= 2:
+            counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=counts.get) if counts else DEFAULT_STORAGE
+
+
 def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = False,
                   arrays: frozenset[str] = frozenset()) -> dict:
     """The scalar and string key/values of a GGUF file's header (arrays are skipped, but for the keys in ``arrays``,

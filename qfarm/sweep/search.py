@@ -238,6 +238,11 @@ class Format:
         return packed + n_out * groups * scale_bits + SHAPE_BITS
 
 
+def scale_bits(dtype: str) -> int:
+    """Bits of one stored scale: a quantized artifact keeps its scales in the source checkpoint's dtype."""
+    return 32 if dtype == "float32" else 16
+
+
 def formats_of(entry: SpaceEntry) -> list[Format]:
     if entry.method == "gguf":
         return [Format(t) for t in dict.fromkeys(tensor_type_of(t) for t in entry.gguf_type) if t in GGML_TYPES]

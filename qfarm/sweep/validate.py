@@ -116,18 +116,6 @@ def search_layers(shape) -> list:
     return out
 
 
-def _gguf_float_bits(path: Path) -> int:
-    """Bits of a float a GGUF's float copy stores its scales in: the most common float type of its weight matrices
-    (as workers.quantize.artifacts.gguf_float_dtype), 16 for a quantized file (stored as bfloat16)."""
-    from gguf import GGUFReader
-
-    counts: dict[str, int] = {}
-    for t in GGUFReader(str(path)).tensors:
-        if t.tensor_type.name in ("F32", "F16", "BF16") and len([d for d in t.shape if d > 1]) >= 2:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return 32 if counts and max(counts, key=counts.get) == "F32" else 16
-
-
 def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, base_dir: Path,
                   errors: Collector) -> tuple[Any, list[ValidStage]]:
     """The stages a ``search:`` makes (its uniform and mixed candidates, validated as any job group) and its plan;
@@ -152,14 +140,16 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     if shape is None:
         errors.add(("search",), "the model's layer shapes cannot be read here, and a search plans from them")
         return None, []
+    from qfarm.sweep.modelinfo import gguf_float_dtype
     from qfarm.sweep.plan import model_shape
+    from qfarm.sweep.search import scale_bits
 
-    numbers = model_shape(model_source)  # scales are stored in the checkpoint's dtype (a quantized GGUF's: bf16)
-    if model_source.get("kind") == "gguf":
-        scale_bits = _gguf_float_bits(Path(model_source["location"]) / model_source["gguf_file"])
+    if model_source.get("kind") == "gguf":  # scales are stored in the float copy's dtype (workers' source_dtype)
+        dtype = gguf_float_dtype(str(Path(model_source["location"]) / model_source["gguf_file"]))
     else:
-        scale_bits = 32 if numbers is not None and numbers.dtype == "float32" else 16
-    plan, problems = plan_search(search, search_layers(shape), scale_bits)
+        numbers = model_shape(model_source)
+        dtype = numbers.dtype if numbers is not None else "bfloat16"
+    plan, problems = plan_search(search, search_layers(shape), scale_bits(dtype))
     for loc, message in problems:
         errors.add(("search",) + loc, message)
     if plan is None:

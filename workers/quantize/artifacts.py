@@ -26,9 +26,8 @@ import os
 from pathlib import Path
 
 from qfarm.errors import Permanent
-
-FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-DEFAULT_STORAGE = "bfloat16"  # a source with no float weights of its own (a quantized GGUF): what HF checkpoints ship
+from qfarm.sweep.modelinfo import DEFAULT_STORAGE, gguf_float_dtype
+from qfarm.sweep.modelinfo import GGUF_FLOATS as FLOAT_NAMES
 
 # tensors whose dtype is part of the format, never rewritten: bitsandbytes' quantization state (absmax, code book,
 # nested statistics, LLM.int8's row scales) and GPTQ/AWQ's float16 scales and integer packs
@@ -48,19 +47,6 @@ def source_dtype(job, base_path: str) -> str:
         return gguf_float_dtype(str(Path(model["location"]) / model["gguf_file"]))
     declared = checkpoint_dtype(base_path)
     return declared if declared in ("float32", "float16", "bfloat16") else DEFAULT_STORAGE
-
-
-def gguf_float_dtype(path: str) -> str:
-    """The float type of a GGUF's float weight matrices (its norms are float32 in every file and do not count):
-    the most common of F32/F16/BF16 among its tensors of two or more dimensions, else bfloat16."""
-    from gguf import GGUFReader
-
-    counts: dict[str, int] = {}
-    for t in GGUFReader(path).tensors:
-        name = FLOAT_NAMES.get(t.tensor_type.name)
-        if name and len([d for d in t.shape if d > 1]) >= 2:
-            counts[name] = counts.get(name, 0) + 1
-    return max(counts, key=counts.get) if counts else DEFAULT_STORAGE
 
 
 def store_as_source(folder: str, dtype: str) -> int:

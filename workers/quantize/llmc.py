@@ -494,8 +494,9 @@ class LLMCompressor:
         model, tokenizer = load_float(base.path, host=True)
         layers = None
         if getattr(opts, "mixed", None):  # a search candidate (rtn, gptq): each layer's format from its probes
+            from qfarm.sweep.search import scale_bits
             from workers.quantize.artifacts import source_dtype
-            from workers.search.mixed import allocation, scale_bits
+            from workers.search.mixed import allocation
 
             layers = allocation(ctx, scale_bits(source_dtype(ctx.job, base.path)))
             ctx.extra["layer_formats"] = layers

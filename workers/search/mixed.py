@@ -50,8 +50,3 @@ def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
                       "search_predicted_bits_per_weight": chosen.bits_per_weight,
                       "search_formats_used": dict(sorted(used.items(), key=lambda kv: -kv[1]))})
     return chosen.formats
-
-
-def scale_bits(dtype: str) -> int:
-    """Bits of one stored scale: the artifact's unquantized tensors are in the source checkpoint's dtype."""
-    return 32 if dtype == "float32" else 16
