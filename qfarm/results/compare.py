@@ -304,8 +304,8 @@ def compare_noted(data: list[dict], where: list[str] = (), sort: str | None = No
 
 def mark_search_pick(data: list[dict]) -> list[dict]:
     """Rows with ``search_pick`` set for a search's candidates (qfarm.sweep.search): true for the one, per sweep,
-    whose measured objective is best among those whose measured bits per weight meet the target (a tie within the
-    noise goes to the smaller); false for its other candidates; null for rows of no search and probes."""
+    whose measured objective is best among those whose measured bits per weight meet the target (an equal objective
+    goes to the smaller); false for its other candidates; null for rows of no search and probes."""
     from qfarm.sweep.search import meets
 
     best: dict[str, dict] = {}

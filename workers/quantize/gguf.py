@@ -156,8 +156,9 @@ def mixed_rules(allocation: dict[str, str], source: str) -> list[str]:
     from qfarm.sweep.modelinfo import gguf_metadata
     from qfarm.sweep.search import gguf_rules
 
-    arch = str(gguf_metadata(Path(source), {"general.architecture"}).get("general.architecture", ""))
-    blocks = gguf_metadata(Path(source), {f"{arch}.block_count"}).get(f"{arch}.block_count")
+    meta = gguf_metadata(Path(source))  # the header's scalars, read once
+    arch = str(meta.get("general.architecture", ""))
+    blocks = meta.get(f"{arch}.block_count")
     found = [k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch]
     if not found or blocks is None:
         raise Permanent(f"gguf-py has no tensor name map for architecture {arch!r}")
