@@ -25,7 +25,8 @@ def row(job: JobRecord) -> dict[str, Any]:
     """The job as one flat row."""
     result, spec = job.result or {}, job.job
     out: dict[str, Any] = {c: None for c in COLUMNS + EXTRA_COLUMNS}
-    mixed = ("group_size",) if spec.options.get("mixed") else ()  # a search's mix: per layer (layer_formats)
+    # a mix (a search's candidate, or layer_rules): its group sizes are per layer (layer_formats)
+    mixed = ("group_size",) if spec.options.get("mixed") or spec.options.get("layer_rules") else ()
     out.update({k: v for k, v in spec.options.items() if k not in ("method", "bits") + mixed})  # as the spec names them
     search = spec.search or {}
     if search:
@@ -57,13 +58,19 @@ def row(job: JobRecord) -> dict[str, Any]:
 
 
 def fragment(options: dict, result: dict) -> str:
-    """A search candidate as a plain job of a spec's ``jobs:`` (one line of YAML flow): a mixed GGUF as its
-    ``tensor_types`` rules; a mixed rtn/gptq as its ``mixed`` option, which makes the same allocation from the same
-    probes."""
+    """A search candidate as a plain job of a spec's ``jobs:`` (one line of YAML flow), needing no probes: a mixed
+    GGUF as its ``tensor_types`` rules, a mixed rtn/gptq as ``layer_rules`` naming each layer's format as its
+    artifact holds it."""
+    from qfarm.sweep.search import block_rules
+
     opts = dict(options)
     if opts.get("mixed") and opts.get("method") == "gguf" and result.get("tensor_types"):
         opts.pop("mixed")
         opts["tensor_types"] = result["tensor_types"]
+    elif opts.get("mixed") and opts.get("method") != "gguf" and isinstance(result.get("layer_formats"), dict) \
+            and result["layer_formats"]:
+        opts.pop("mixed")
+        opts["layer_rules"] = block_rules(result["layer_formats"], anchored=True)
     return json.dumps({"kind": "quantize", **opts}, separators=(", ", ": "))
 
 

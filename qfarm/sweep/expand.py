@@ -300,6 +300,11 @@ def labelled(jobs: list[Job]) -> list[Job]:
             mixed = j.options["mixed"]
             bpw = mixed["target_bits_per_weight"] - mixed["point"] * mixed["step"]
             label = f"{j.method} mixed ≤{bpw:g}bpw"
+        elif j.options.get("layer_rules"):  # per-layer formats by rule: its bits and group size are per layer
+            rules = j.options["layer_rules"]
+            digest = hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:6]
+            rest = [_part(k, flat[j.id][k]) for k in shown if k not in ("layer_rules", "bits", "group_size")]
+            label = " ".join([j.method] + rest + [f"mixed ({len(rules)} rules, {digest})"])
         parent = out.get(j.parent) if j.parent else None
         lineage = parent.lineage + (parent.label,) if parent is not None else ()
         out[j.id] = replace(j, label=label, lineage=lineage)

@@ -112,7 +112,7 @@ SCHEMES: dict[str, dict] = {
 
 # options added after sweeps were submitted without them: left out of a job's identity while unset (None), so
 # those sweeps' jobs keep their ids (qfarm.sweep.expand)
-UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types", "mixed"})
+UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types", "mixed", "layer_rules"})
 
 # The libraries that quantize ``gptq`` and ``awq`` jobs. llm-compressor (the default: installed with qfarm[ml])
 # writes compressed-tensors, which runs dense on a CPU; GPTQModel (qfarm[gptqmodel]) writes the AutoGPTQ/AutoAWQ
@@ -158,6 +158,50 @@ def _mixed_formats(value: list[str]) -> list[str]:
         if not MIXED_FORMAT.match(str(text)):
             raise ValueError(f"{text!r} is not a layer format: '4b g64' (bits, group size) for rtn/gptq, a ggml type "
                              "(Q4_K, Q6_K, Q8_0, ...) for gguf")
+    return value
+
+
+def per_layer(options) -> bool:
+    """Whether a job's layers each take their own format (a search's ``mixed`` candidate, or ``layer_rules``)."""
+    return bool(getattr(options, "mixed", None) or getattr(options, "layer_rules", None))
+
+
+MAX_LAYER_RULES = 256  # a search's mix over up to 32 formats × a block's roles, as its pick's fragment writes it
+
+
+def no_repeated_group(pattern: str) -> None:
+    """Refuses a regex with a repeated group (``(a+)+``, ``(.*)*``): the nested quantifiers whose backtracking takes
+    exponential time on a short name. Alternatives (``(0|7|12)``) and quantified characters are fine."""
+    if re.search(r"\)[*+?{]", pattern):
+        raise ValueError("a group in the pattern may not be repeated (a quantifier after ')'): list the "
+                         "alternatives instead, e.g. 'model\\.layers\\.(0|1|2)\\.mlp'")
+
+
+def layer_rule(text: str) -> tuple[str, str]:
+    """``PATTERN=FORMAT`` (``layer_rules``): a regex searched in each quantizable layer's module name
+    (``model.layers.3.mlp.down_proj``) and the format its weights take (``4b g64``: bits, group size). Raises
+    ValueError saying what is wrong."""
+    pattern, sep, fmt = str(text).rpartition("=")
+    if not sep or not pattern:
+        raise ValueError(f"{text!r} is not PATTERN=FORMAT (e.g. 'mlp\\.down_proj$=8b g64', "
+                         "'layers\\.(0|1)\\.=4b g32')")
+    match = MIXED_FORMAT.match(fmt)
+    if not match or not match.group(1):
+        raise ValueError(f"{text!r}: {fmt!r} is not a layer format: bits and group size, e.g. '4b g64', '8b g-1' "
+                         "(bits 2, 3, 4 or 8; group -1 is one scale per output channel)")
+    if len(pattern) > 1_000 or not pattern.isprintable():
+        raise ValueError(f"{text[:60]!r}...: the pattern is over 1,000 characters or holds control characters")
+    no_repeated_group(pattern)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{text!r}: the pattern is not a regular expression ({e})") from None
+    return pattern, fmt
+
+
+def _layer_rules(value: list[str]) -> list[str]:
+    for text in value:
+        layer_rule(text)
     return value
 
 
@@ -217,14 +261,19 @@ class SchemeOptions(BackendOptions):
                              f"{info.field_name} out, or drop the scheme")
         return value
 
-    @field_validator("mixed", check_fields=False)
+    @field_validator("mixed", "layer_rules", check_fields=False)
     @classmethod
     def _mixed_on_llm_compressor(cls, value, info: ValidationInfo):
+        name = info.field_name
         if value is not None and info.data.get("backend") == "gptqmodel":
-            raise ValueError("mixed (per-layer formats) is written as compressed-tensors config groups by "
+            raise ValueError(f"{name} (per-layer formats) is written as compressed-tensors config groups by "
                              "llm-compressor; GPTQModel's per-module overrides are not built: drop backend: gptqmodel")
         if value is not None and info.data.get("scheme"):
-            raise ValueError("mixed gives each layer its own bits and group size: leave scheme out")
+            raise ValueError(f"{name} gives each layer its own bits and group size: leave scheme out")
+        if value is not None and info.data.get("symmetric") is False:
+            raise ValueError(f"{name}: per-layer formats are symmetric; drop symmetric: false")
+        if name == "layer_rules" and value is not None and info.data.get("mixed") is not None:
+            raise ValueError("layer_rules and mixed both decide each layer's format: give one")
         return value
 
 
@@ -243,6 +292,8 @@ class RtnOptions(SchemeOptions):
     group_size: GroupSize = Field(64, json_schema_extra=QUALITY_ONLY)
     symmetric: bool = Field(True, json_schema_extra=QUALITY_ONLY)
     mixed: Optional[MixedOptions] = None  # a search candidate: per-layer formats (bits and group size above unused)
+    # per-layer formats: the first rule whose pattern a layer's name holds decides; the others take bits/group_size
+    layer_rules: Optional[Annotated[list[str], AfterValidator(_layer_rules), Field(max_length=MAX_LAYER_RULES)]] = None
 
 
 class GptqOptions(SchemeOptions):
@@ -265,6 +316,8 @@ class GptqOptions(SchemeOptions):
     smoothing_strength: Optional[float] = Field(None, gt=0.0, lt=1.0)  # W8A8's SmoothQuant; None: 0.8
     calibration: GptqCalibration = GptqCalibration()
     mixed: Optional[MixedOptions] = None  # a search candidate: per-layer formats (bits and group size above unused)
+    # per-layer formats: the first rule whose pattern a layer's name holds decides; the others take bits/group_size
+    layer_rules: Optional[Annotated[list[str], AfterValidator(_layer_rules), Field(max_length=MAX_LAYER_RULES)]] = None
 
     @field_validator("smoothing_strength")
     @classmethod
@@ -342,6 +395,7 @@ def tensor_rule(text: str) -> tuple[str, str]:
     if not _PATTERN.match(pattern):
         raise ValueError(f"{text!r}: the pattern may hold letters, digits and . _ \\ | ( ) [ ] {{ }} , * + ? ^ $ - "
                          "(at most 200)")
+    no_repeated_group(pattern)
     try:
         re.compile(pattern)
     except re.error as e:
@@ -517,7 +571,7 @@ class Method:
     worker: Optional[str] = None  # "module:Class" under workers/ (a quantizer), imported lazily inside a worker
     # the ``bits`` column, from the job's options (typed): decided once, by expansion (``Job.bits``)
     nominal_bits: Callable[[Options], Optional[int]] = lambda options: (
-        None if getattr(options, "mixed", None) else getattr(options, "bits", None))  # a search's mix has no one
+        None if per_layer(options) else getattr(options, "bits", None))  # a mix (per-layer formats) has no one
     vllm: bool = False  # its checkpoint is one vLLM serves (``eval.engine: vllm``): float or compressed-tensors
     # the kinds of weight layer it quantizes (qfarm.sweep.modelinfo: Linear, Conv1D, experts); a model with others
     # is refused for it at validate time, since they would silently stay in float. None: every kind

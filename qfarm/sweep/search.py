@@ -366,16 +366,48 @@ def _hull(points: list[tuple[float, float, str]]) -> list[tuple[float, float, st
 def gguf_rules(allocation: dict[str, str], tensor_names: dict[str, str]) -> list[str]:
     """An allocation over GGUF tensors (``tensor_names``: layer -> ``blk.N.ROLE.weight``) as llama.cpp's
     ``--tensor-type`` rules: one per role and type, naming its blocks (``blk\\.(0|7)\\.ffn_down\\.weight=Q6_K``)."""
-    by: dict[tuple[str, str], list[str]] = {}
-    for layer, fmt in allocation.items():
-        name = tensor_names[layer]
-        block, _, role = name.removeprefix("blk.").partition(".")
-        by.setdefault((role, fmt), []).append(block)
+    return block_rules({tensor_names[layer]: fmt for layer, fmt in allocation.items()})
+
+
+def block_rules(formats: dict[str, str], anchored: bool = False) -> list[str]:
+    """Per-name formats as ``PATTERN=FORMAT`` rules, one per role and format naming its blocks: a name's first number
+    is its block (``model.layers.7.mlp.down_proj`` -> ``model\\.layers\\.(0|7)\\.mlp\\.down_proj$=4b g64``,
+    ``anchored``: ending at the name's end); a name without one is a rule of its own."""
+    by: dict[tuple[str, str, str], list[str]] = {}
+    for name, fmt in formats.items():
+        m = re.match(r"^(.*?\.)([0-9]+)(\..*)$", name)
+        prefix, block, rest = m.groups() if m else ("", "", name)
+        by.setdefault((prefix, rest, fmt), []).append(block)
+    end = "$" if anchored else ""
     rules = []
-    for (role, fmt), blocks in sorted(by.items()):
+    for (prefix, rest, fmt), blocks in sorted(by.items()):
+        if blocks == [""]:
+            rules.append(f"^{re.escape(rest)}{end}={fmt}")
+            continue
         ordered = sorted(set(blocks), key=int)
-        rules.append(f"blk\\.({'|'.join(ordered)})\\.{re.escape(role)}={fmt}")
+        rules.append(f"{re.escape(prefix)}({'|'.join(ordered)}){re.escape(rest)}{end}={fmt}")
     return rules
+
+
+def layers_by_rules(names: list[str], rules: list[str], default: str) -> dict[str, str]:
+    """Each layer's format under ``layer_rules``: the first rule whose pattern its name holds, else ``default``.
+    ValueError naming a rule that matches no layer (a typo would otherwise leave those layers at the default)."""
+    from qfarm.sweep.methods import layer_rule
+
+    parsed = [(text, *layer_rule(text)) for text in rules]
+    used: set[str] = set()
+    out = {}
+    for name in names:
+        hit = next(((text, fmt) for text, pattern, fmt in parsed if re.search(pattern, name)), None)
+        if hit:
+            used.add(hit[0])
+        out[name] = hit[1] if hit else default
+    unused = [text for text, _, _ in parsed if text not in used]
+    if unused:
+        example = names[len(names) // 2] if names else "(none)"
+        raise ValueError(f"layer rule {unused[0]!r} decides no layer (none left by the rules before it matches it); "
+                         f"the model's quantizable layers are named like {example!r}")
+    return out
 
 
 # --- the plan validate prints and expansion follows -----------------------------------------------------------

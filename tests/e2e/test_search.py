@@ -126,18 +126,28 @@ search:
 
         assert AutoModelForCausalLM.from_pretrained(pick["artifact"]) is not None
 
-    # the mixed GGUF as a plain job (its row's fragment) makes the same file: the same type for every tensor
+    # the mixed GGUF and the mixed RTN as plain jobs (their rows' fragments: tensor_types, layer_rules; no probes
+    # needed) make the same models: the same format for every layer, the same KL
     import yaml
 
     mixed_gguf = next(r for r in by_role["candidate"] if r["method"] == "gguf")
+    mixed_rtn = next(r for r in by_role["candidate"] if r["method"] == "rtn")
     job = yaml.safe_load(mixed_gguf["search_fragment"])
     assert "mixed" not in job and job["tensor_types"] == mixed_gguf["tensor_types"]
+    job = yaml.safe_load(mixed_rtn["search_fragment"])
+    assert "mixed" not in job and job["layer_rules"]
     plain = tmp_path / "plain.yaml"
-    plain.write_text(spec.read_text().split("search:")[0] + "jobs:\n  - " + mixed_gguf["search_fragment"] + "\n")
+    plain.write_text(spec.read_text().split("search:")[0] + "jobs:\n  - " + mixed_gguf["search_fragment"]
+                     + "\n  - " + mixed_rtn["search_fragment"] + "\n")
     out = qfarm(cli_env, "submit", str(plain), "--wait")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (again,) = [r for r in results(cli_env, submitted_id(out.stdout)) if r["method"] == "gguf"]
-    assert again["layer_formats"] == mixed_gguf["layer_formats"] and again["kl_div"] == pytest.approx(mixed_gguf["kl_div"])
+    plain_rows = {r["method"]: r for r in results(cli_env, submitted_id(out.stdout)) if r["method"] in ("gguf", "rtn")}
+    for before in (mixed_gguf, mixed_rtn):
+        again = plain_rows[before["method"]]
+        assert again["status"] == "succeeded" and again["search_role"] is None, again
+        assert again["layer_formats"] == before["layer_formats"]
+        assert again["kl_div"] == pytest.approx(before["kl_div"], rel=1e-6)
+        assert again["bits_per_weight"] == pytest.approx(before["bits_per_weight"])
 
     # a resubmit reuses every probe and candidate: nothing runs again
     again = qfarm(cli_env, "submit", str(spec), "--wait")

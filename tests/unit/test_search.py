@@ -10,7 +10,9 @@ from qfarm.sweep.search import (
     Layer,
     SearchSpec,
     allocate,
+    block_rules,
     gguf_rules,
+    layers_by_rules,
     plan_search,
     uniform_bits_per_weight,
 )
@@ -245,3 +247,68 @@ def test_a_mixed_option_is_refused_where_it_would_not_be_applied(method, extra, 
     mixed = {"target_bits_per_weight": 4.25, "formats": ["4b g64", "8b g64"], "probe": {"formats": ["4b g64"]}}
     with pytest.raises(ValidationError, match=said):
         METHODS[method].options.model_validate({"method": method, "mixed": mixed, **extra})
+
+
+def test_layer_rules_written_from_an_allocation_give_back_every_layer_its_format():
+    layers = smollm_layers()
+    formats = ["3b g32", "4b g64", "8b g128"]
+    alloc = {la.name: formats[(i * 7) % 3] for i, la in enumerate(layers)}
+    rules = block_rules(alloc, anchored=True)
+    assert len(rules) <= 7 * 3  # one per role and format
+    assert layers_by_rules([la.name for la in layers], rules, "2b g64") == alloc
+    # anchored: block 1's rule does not take block 11's layer, nor a longer name
+    one = {"model.layers.1.mlp.up_proj": "8b g64", "model.layers.11.mlp.up_proj": "4b g64"}
+    names = list(one) + ["model.layers.1.mlp.up_proj_extra"]
+    assert layers_by_rules(names, block_rules(one, anchored=True), "3b g32") == {**one, names[2]: "3b g32"}
+
+
+def test_a_layer_rule_that_decides_no_layer_is_refused_naming_the_layers():
+    names = [la.name for la in smollm_layers()]
+    with pytest.raises(ValueError, match="decides no layer.*model.layers"):
+        layers_by_rules(names, ["mlp\\.gate=8b g64", "transformer\\.h=4b g64"], "4b g64")
+    with pytest.raises(ValueError, match="decides no layer"):  # shadowed by the rule before it
+        layers_by_rules(names, ["mlp=8b g64", "mlp\\.up=4b g64"], "4b g64")
+
+
+@pytest.mark.parametrize("rules, said", [
+    (["mlp=Q4_K"], "bits and group size"),
+    (["mlp=5b g64"], "not a layer format"),
+    (["mlp"], "PATTERN=FORMAT"),
+    (["(a+)+b=4b g64"], "may not be repeated"),
+    (["(mlp=4b g64"], "not a regular expression"),
+])
+def test_bad_layer_rules_are_refused_saying_what(rules, said):
+    from qfarm.sweep.methods import METHODS
+
+    with pytest.raises(ValidationError, match=said):
+        METHODS["rtn"].options.model_validate({"method": "rtn", "layer_rules": rules})
+
+
+@pytest.mark.parametrize("method, extra, said", [("gptq", {"backend": "gptqmodel"}, "GPTQModel"),
+                                                 ("rtn", {"scheme": "W4A16"}, "leave scheme out"),
+                                                 ("rtn", {"symmetric": False}, "symmetric"),
+                                                 ("gptq", {"mixed": {"target_bits_per_weight": 4.25,
+                                                                     "formats": ["4b g64"],
+                                                                     "probe": {"formats": ["4b g64"]}}}, "give one")])
+def test_layer_rules_are_refused_where_they_would_not_be_applied(method, extra, said):
+    from qfarm.sweep.methods import METHODS
+
+    with pytest.raises(ValidationError, match=said):
+        METHODS[method].options.model_validate({"method": method, "layer_rules": ["mlp=8b g64"], **extra})
+
+
+def test_a_mixed_candidates_fragment_is_a_plain_job_with_its_layers_formats():
+    import yaml
+
+    from qfarm.results.rows import fragment
+    from qfarm.sweep.methods import METHODS, per_layer
+
+    alloc = {la.name: ("8b g64" if "down" in la.name else "4b g32") for la in smollm_layers()}
+    options = {"method": "gptq", "calibration": {"share": True},
+               "mixed": {"target_bits_per_weight": 4.5, "formats": ["4b g32", "8b g64"],
+                         "probe": {"formats": ["4b g32", "8b g64"]}}}
+    job = yaml.safe_load(fragment(options, {"layer_formats": alloc}))
+    assert "mixed" not in job and job["calibration"] == {"share": True}
+    typed = METHODS["gptq"].options.model_validate({k: v for k, v in job.items() if k != "kind"})
+    assert per_layer(typed) and METHODS["gptq"].nominal_bits(typed) is None
+    assert layers_by_rules(list(alloc), typed.layer_rules, "3b g128") == alloc

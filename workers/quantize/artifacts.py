@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from qfarm.errors import Permanent
+from qfarm.sweep.methods import per_layer
 from qfarm.sweep.modelinfo import DEFAULT_STORAGE, gguf_float_dtype
 from qfarm.sweep.modelinfo import GGUF_FLOATS as FLOAT_NAMES
 
@@ -171,7 +172,7 @@ def claims(opts, impl: str | None) -> list[tuple[str, object, str, object]]:
     llm-compressor's GPTQ, AWQ's grid) are not here: tests/integration/test_every_option.py shows they move the
     weights."""
     method = opts.method
-    if getattr(opts, "mixed", None) and method != "gguf":  # per layer: check_mixed
+    if per_layer(opts) and method != "gguf":  # per layer: check_mixed
         return [("method", method, "format", "compressed-tensors")]
     if method in ("rtn", "gptq", "awq") and impl and "gptqmodel" in impl:
         out = [("method", method, "format", method), ("bits", opts.bits, "bits", opts.bits),
@@ -272,7 +273,7 @@ def finish(ctx, base, artifact: str) -> dict:
     out = {"artifact_config": described, "stored_dtype": stored_dtype(artifact)}
     formats = layer_formats(artifact)
     if formats is not None:  # each layer's format, as the artifact's config says (a GGUF row: its file's types)
-        if getattr(ctx.opts, "mixed", None):
+        if per_layer(ctx.opts):
             check_mixed(formats, ctx.extra.get("layer_formats") or {})
         out["layer_formats"] = formats
     if ctx.opts.method != "gguf":  # a GGUF row counts its file's tensors (workers.quantize.gguf.layer_columns)

@@ -457,8 +457,29 @@ def solve_shared(ctx, model, opts, capture: str, progress: Path, layers: dict[st
 
 
 def _width(opts) -> str:
-    """How progress lines name a job's weights: ``4-bit``, or ``mixed`` for a search's per-layer formats."""
-    return "mixed" if getattr(opts, "mixed", None) else f"{opts.bits}-bit"
+    """How progress lines name a job's weights: ``4-bit``, or ``mixed`` for per-layer formats."""
+    from qfarm.sweep.methods import per_layer
+
+    return "mixed" if per_layer(opts) else f"{opts.bits}-bit"
+
+
+def ruled_layers(model, opts) -> dict[str, str]:
+    """Each quantizable layer's format under the job's ``layer_rules`` (the rest in its bits and group size);
+    Permanent for a rule that decides no layer, or a group size that does not divide a layer's inputs."""
+    from qfarm.errors import Permanent
+    from qfarm.sweep.search import Format, layers_by_rules
+    from workers.search.probe import quantizable
+
+    found = dict(quantizable(model))
+    try:
+        layers = layers_by_rules(list(found), opts.layer_rules, f"{opts.bits}b g{opts.group_size}")
+    except ValueError as e:
+        raise Permanent(f"layer_rules: {e}") from None
+    for name, fmt in layers.items():
+        if not Format(fmt).fits(found[name].in_features):
+            raise Permanent(f"layer_rules: {name} has {found[name].in_features} inputs, which {fmt}'s groups do "
+                            "not divide: give it another group size")
+    return layers
 
 
 def capture_of(ctx) -> str | None:
@@ -499,6 +520,9 @@ class LLMCompressor:
             from workers.search.mixed import allocation
 
             layers = allocation(ctx, scale_bits(source_dtype(ctx.job, base.path)))
+            ctx.extra["layer_formats"] = layers
+        elif opts.layer_rules:  # per-layer formats by rule (a search pick's fragment, or written by hand)
+            layers = ruled_layers(model, opts)
             ctx.extra["layer_formats"] = layers
         if capture:
             ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
