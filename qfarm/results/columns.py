@@ -238,6 +238,7 @@ TABLE: tuple[Column, ...] = (
     C("search_formats_used", group="search", format="{}"),  # how many layers took each format
     C("search_probe_windows", group="search", format="{}"),
     C("tensor_types", group="gguf", format="{}", echoes_option=True),  # a mixed GGUF's rules, as the plain option
+    C("gguf_imatrix", group="gguf", format="{}"),  # the importance matrix llama.cpp quantized with: from, file, tensors
     C("ties", "within noise", "{}", group="computed", view=25, priority=26),  # rows within 2 se on the sort column
     C("decode_speedup", unit="×", direction="max", group="computed"),
     C("prefill_speedup", unit="×", direction="max", group="computed"),

@@ -59,14 +59,16 @@ def row(job: JobRecord) -> dict[str, Any]:
 
 def fragment(options: dict, result: dict) -> str:
     """A search candidate as a plain job of a spec's ``jobs:`` (one line of YAML flow), needing no probes: a mixed
-    GGUF as its ``tensor_types`` rules, a mixed rtn/gptq as ``layer_rules`` naming each layer's format as its
-    artifact holds it."""
+    GGUF as its ``tensor_types`` rules and the ``imatrix`` file it was quantized with (under the same output root), a
+    mixed rtn/gptq as ``layer_rules`` naming each layer's format as its artifact holds it."""
     from qfarm.sweep.search import block_rules
 
     opts = dict(options)
     if opts.get("mixed") and opts.get("method") == "gguf" and result.get("tensor_types"):
         opts.pop("mixed")
         opts["tensor_types"] = result["tensor_types"]
+        if isinstance(result.get("gguf_imatrix"), dict) and result["gguf_imatrix"].get("file"):
+            opts["imatrix"] = result["gguf_imatrix"]["file"]  # the probes' importance, kept beside the file
     elif opts.get("mixed") and opts.get("method") != "gguf" and isinstance(result.get("layer_formats"), dict) \
             and result["layer_formats"]:
         opts.pop("mixed")

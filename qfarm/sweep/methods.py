@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -112,7 +113,8 @@ SCHEMES: dict[str, dict] = {
 
 # options added after sweeps were submitted without them: left out of a job's identity while unset (None), so
 # those sweeps' jobs keep their ids (qfarm.sweep.expand)
-UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types", "mixed", "layer_rules"})
+UNSET_NOT_IDENTITY = frozenset({"scheme", "smoothing_strength", "backend", "tensor_types", "mixed", "layer_rules",
+                                "imatrix"})
 
 # The libraries that quantize ``gptq`` and ``awq`` jobs. llm-compressor (the default: installed with qfarm[ml])
 # writes compressed-tensors, which runs dense on a CPU; GPTQModel (qfarm[gptqmodel]) writes the AutoGPTQ/AutoAWQ
@@ -409,6 +411,15 @@ def _tensor_rules(value: list[str]) -> list[str]:
     return value
 
 
+def _imatrix_path(value: str) -> str:
+    if not value or len(value) > 500 or not value.isprintable() or ".." in Path(value).parts:
+        raise ValueError(f"{value[:80]!r}: an imatrix is a file under the output root, named by its path from there "
+                         "(e.g. my-sweep/j0123abcd/imatrix.dat), without '..'")
+    if not value.endswith(".dat"):
+        raise ValueError(f"{value!r}: qfarm reads llama.cpp's imatrix.dat layout (llama-imatrix --output-format dat)")
+    return value
+
+
 class GgufOptions(Options):
     """llama.cpp's quantizer: the model as a GGUF file of ``gguf_type``, evaluated inside llama.cpp. ``tensor_types``:
     llama.cpp's per-tensor overrides (``--tensor-type``), in order, the first rule whose pattern a tensor's name holds
@@ -418,12 +429,18 @@ class GgufOptions(Options):
     gguf_type: Annotated[str, AfterValidator(_gguf_type)] = "Q4_K_M"
     tensor_types: Optional[Annotated[list[str], AfterValidator(_tensor_rules), Field(max_length=MAX_TENSOR_RULES)]] = None
     mixed: Optional[MixedOptions] = None  # a search candidate: per-tensor ggml types, written as tensor_types
+    # an importance matrix in llama.cpp's imatrix.dat layout, under the output root (a mixed candidate writes one)
+    imatrix: Optional[Annotated[str, AfterValidator(_imatrix_path)]] = None
 
     @model_validator(mode="after")
     def _quantized(self):
         if self.tensor_types and GGUF_TYPES[self.gguf_type] >= 16:
             raise ValueError(f"tensor_types applies to a quantized gguf_type (llama.cpp keeps every tensor of a "
                              f"{self.gguf_type} file as it is); give gguf_type Q8_0, Q4_K_M, ... with it")
+        if self.imatrix and GGUF_TYPES[self.gguf_type] >= 16:
+            raise ValueError(f"an imatrix weighs a quantizer's errors; {self.gguf_type} is not quantized")
+        if self.imatrix and self.mixed:
+            raise ValueError("a mixed candidate takes its imatrix from the search's probes: drop imatrix")
         return self
 
 

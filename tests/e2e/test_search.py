@@ -134,14 +134,23 @@ search:
     mixed_rtn = next(r for r in by_role["candidate"] if r["method"] == "rtn")
     job = yaml.safe_load(mixed_gguf["search_fragment"])
     assert "mixed" not in job and job["tensor_types"] == mixed_gguf["tensor_types"]
+    # quantized with the probes' importance matrix, kept beside the file for the plain job (and llama-quantize)
+    assert mixed_gguf["gguf_imatrix"]["tensors"] == 14 and job["imatrix"] == mixed_gguf["gguf_imatrix"]["file"]
+    assert (Path(cli_env["QFARM_OUTPUT_ROOT"]) / job["imatrix"]).is_file()
+    unweighted = {k: v for k, v in job.items() if k != "imatrix"}
     job = yaml.safe_load(mixed_rtn["search_fragment"])
     assert "mixed" not in job and job["layer_rules"]
     plain = tmp_path / "plain.yaml"
     plain.write_text(spec.read_text().split("search:")[0] + "jobs:\n  - " + mixed_gguf["search_fragment"]
-                     + "\n  - " + mixed_rtn["search_fragment"] + "\n")
+                     + "\n  - " + mixed_rtn["search_fragment"] + "\n  - " + json.dumps(unweighted) + "\n")
     out = qfarm(cli_env, "submit", str(plain), "--wait")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    plain_rows = {r["method"]: r for r in results(cli_env, submitted_id(out.stdout)) if r["method"] in ("gguf", "rtn")}
+    plain_all = results(cli_env, submitted_id(out.stdout))
+    plain_rows = {"gguf": next(r for r in plain_all if r["method"] == "gguf" and r.get("gguf_imatrix")),
+                  "rtn": next(r for r in plain_all if r["method"] == "rtn")}
+    # the same rules without the importance matrix make another file: the imatrix is applied, not just recorded
+    (bare,) = [r for r in plain_all if r["method"] == "gguf" and r.get("gguf_imatrix") is None]
+    assert bare["layer_formats"] == mixed_gguf["layer_formats"] and bare["kl_div"] != pytest.approx(mixed_gguf["kl_div"])
     for before in (mixed_gguf, mixed_rtn):
         again = plain_rows[before["method"]]
         assert again["status"] == "succeeded" and again["search_role"] is None, again

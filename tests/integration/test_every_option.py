@@ -61,6 +61,9 @@ PAIRS: dict[tuple[str, str], tuple[dict, dict]] = {
     ("bnb-fp4", "compute_dtype"): ({}, {"compute_dtype": "bfloat16"}),
     ("gguf", "gguf_type"): ({}, {"gguf_type": "F16"}),
     ("gguf", "tensor_types"): ({}, {"tensor_types": ["ffn_down=Q8_0"]}),
+    ("gguf", "imatrix"): ({}, {"imatrix": "im/imatrix.dat"}),  # written for the bundled model by the test
+    ("rtn", "layer_rules"): ({}, {"layer_rules": ["mlp\\.down_proj$=8b g-1"]}),
+    ("gptq", "layer_rules"): ({}, {"layer_rules": ["mlp\\.down_proj$=8b g-1"]}),
 }
 
 
@@ -182,6 +185,18 @@ def test_each_option_gives_another_artifact(farm, method, tmp_path):
     by_group = {job.group: job for job in plan.jobs if job.kind == "quantize"}  # (a calibrate job shares a group)
     assert sorted(by_group) == list(range(len(entries))), "two entries made one job: a pair differs in nothing"
     cache, prints = Cache(), {}
+    if method == "gguf":  # an importance matrix for the bundled model: uneven weights on every block matrix's columns
+        import numpy as np
+
+        from qfarm.sweep.sources import bundled_model_path
+        from workers.quantize.gguf import file_tensors, write_imatrix
+
+        _, _, matrices = file_tensors(str(bundled_model_path("smollm2-135m")))
+        rng = np.random.default_rng(0)
+        (tmp_path / "im").mkdir()
+        write_imatrix(tmp_path / "im" / "imatrix.dat", {name: rng.gamma(0.5, size=v[1]).astype(np.float32)
+                                                        for name, v in matrices.items() if name.startswith("blk.")},
+                      1, "test")
     for group, job in sorted(by_group.items()):
         row = _run(job, tmp_path, cache, plan)
         assert row["artifact_config"], (method, job.label)  # every artifact says what it is

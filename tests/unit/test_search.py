@@ -312,3 +312,34 @@ def test_a_mixed_candidates_fragment_is_a_plain_job_with_its_layers_formats():
     typed = METHODS["gptq"].options.model_validate({k: v for k, v in job.items() if k != "kind"})
     assert per_layer(typed) and METHODS["gptq"].nominal_bits(typed) is None
     assert layers_by_rules(list(alloc), typed.layer_rules, "3b g128") == alloc
+
+
+def test_an_imatrix_file_reads_back_what_was_written_and_a_broken_one_is_refused(tmp_path):
+    import numpy as np
+
+    from workers.quantize.gguf import read_imatrix, write_imatrix
+
+    values = {"blk.0.ffn_down.weight": np.arange(1, 1537, dtype=np.float32) / 7,
+              "blk.0.attn_q.weight": np.full(576, 0.25, dtype=np.float32)}
+    path = tmp_path / "imatrix.dat"
+    write_imatrix(path, values, 16, "probe windows")
+    back = read_imatrix(path)
+    assert back.keys() == values.keys() and all(np.array_equal(back[k], values[k]) for k in values)
+    data = path.read_bytes()
+    for broken, said in ((data[:40], "ends early"), (b"\xff\xff\xff\x7f" + data[4:], "holds"),
+                         (data[:4] + b"\x00\x00\x10\x00" + data[8:], "name of")):
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match=said):
+            read_imatrix(path)
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"imatrix": "../secrets/imatrix.dat"}, "without '..'"),
+    ({"imatrix": "run/imatrix.gguf"}, "imatrix.dat layout"),
+    ({"imatrix": "run/imatrix.dat", "gguf_type": "F16"}, "not quantized"),
+])
+def test_a_gguf_imatrix_option_is_refused_where_it_cannot_apply(options, said):
+    from qfarm.sweep.methods import METHODS
+
+    with pytest.raises(ValidationError, match=said):
+        METHODS["gguf"].options.model_validate({"method": "gguf", **options})

@@ -150,11 +150,111 @@ def rule_columns(rules: list[tuple[str, str]], layers: dict[str, tuple[str, int,
 def mixed_rules(allocation: dict[str, str], source: str) -> list[str]:
     """A mixed candidate's allocation (Hugging Face module name -> ggml type) as ``tensor_types`` rules over the
     names llama.cpp gives the tensors of ``source`` (gguf-py's name map for its architecture)."""
+    from qfarm.sweep.search import gguf_rules
+
+    return gguf_rules(allocation, tensor_names(list(allocation), source))
+
+
+def imatrix(importance: dict, names: dict[str, str]):
+    """The probes' importance (Hugging Face module name -> a float per input column) as llama.cpp's
+    ``llama_model_imatrix_data`` array over the GGUF tensor names (``names``), ended by a null name; the arrays it
+    points into are kept on it (``_keep``) for as long as it lives."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    items = [(names[layer], np.ascontiguousarray(v, dtype=np.float32)) for layer, v in importance.items()
+             if layer in names and np.isfinite(v).all()]
+    out = (llama_cpp.llama_model_imatrix_data * (len(items) + 1))()
+    for i, (name, values) in enumerate(items):
+        out[i].name = name.encode()
+        out[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        out[i].size = values.size
+    out._keep = items
+    return out
+
+
+IMATRIX = "imatrix.dat"
+MAX_IMATRIX_ENTRIES, MAX_IMATRIX_NAME, MAX_IMATRIX_VALUES = 1 << 20, 1 << 10, 1 << 24
+
+
+def write_imatrix(path: Path, values: dict, chunks: int, dataset: str) -> None:
+    """``values`` (tensor name -> a float per input column: the inputs' mean squares) in llama.cpp's legacy
+    ``imatrix.dat`` layout, which ``llama-quantize --imatrix`` reads too: entries (name, calls, values × calls), the
+    chunk count, the dataset's name."""
+    import struct
+
+    import numpy as np
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(values)))
+        for name, v in values.items():
+            raw = name.encode()
+            f.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", 1, len(v)))
+            f.write(np.ascontiguousarray(v, dtype="<f4").tobytes())
+        f.write(struct.pack("<i", chunks))
+        raw = dataset.encode()[:MAX_IMATRIX_NAME]
+        f.write(struct.pack("<i", len(raw)) + raw)
+
+
+def read_imatrix(path: Path) -> dict:
+    """An ``imatrix.dat`` (llama.cpp's legacy layout) as {tensor name: mean squares per column}; ValueError saying
+    what is wrong with a file that is not one (every count is checked against the file's size before it is used)."""
+    import struct
+
+    import numpy as np
+
+    data = Path(path).read_bytes()
+    at = 0
+
+    def take(n: int) -> bytes:
+        nonlocal at
+        if n < 0 or at + n > len(data):
+            raise ValueError(f"{path.name} ends early at byte {at}: not an imatrix.dat")
+        at += n
+        return data[at - n:at]
+
+    (count,) = struct.unpack("<i", take(4))
+    if not 0 < count <= MAX_IMATRIX_ENTRIES:
+        raise ValueError(f"{path.name} says it holds {count} tensors: not an imatrix.dat")
+    out = {}
+    for _ in range(count):
+        (size,) = struct.unpack("<i", take(4))
+        if not 0 < size <= MAX_IMATRIX_NAME:
+            raise ValueError(f"{path.name}: a tensor name of {size} bytes: not an imatrix.dat")
+        name = take(size).decode("utf-8", "replace")
+        calls, n = struct.unpack("<ii", take(8))
+        if not 0 < n <= MAX_IMATRIX_VALUES:
+            raise ValueError(f"{path.name}: tensor {name} has {n} values: not an imatrix.dat")
+        values = np.frombuffer(take(4 * n), dtype="<f4").astype(np.float32)
+        out[name] = values / calls if calls > 0 else values
+    return out
+
+
+def check_imatrix(values: dict, source: str, said: str) -> None:
+    """Permanent where the imatrix names none of ``source``'s weights, or gives one a number of columns other than
+    its rows' length (an imatrix of another model: llama.cpp would stop on it mid-file)."""
+    from qfarm.errors import Permanent
+
+    _, _, matrices = file_tensors(source)
+    named = [name for name in values if name in matrices]
+    if not named:
+        raise Permanent(f"imatrix {said} names none of the model's weights (it has e.g. {next(iter(values), '-')!r}; "
+                        f"the model's are named like {next(iter(matrices), '-')!r}): an imatrix of another model?")
+    for name in named:
+        if len(values[name]) != matrices[name][1]:
+            raise Permanent(f"imatrix {said}: {name} has {len(values[name])} columns there, {matrices[name][1]} in the "
+                            "model: an imatrix of another model")
+
+
+def tensor_names(layers: list[str], source: str) -> dict[str, str]:
+    """Hugging Face module names -> the names llama.cpp gives their weights in ``source`` (``blk.3.ffn_down.weight``:
+    gguf-py's name map for its architecture); Permanent for a layer outside the blocks."""
     import gguf
 
     from qfarm.errors import Permanent
     from qfarm.sweep.modelinfo import gguf_metadata
-    from qfarm.sweep.search import gguf_rules
 
     meta = gguf_metadata(Path(source))  # the header's scalars, read once
     arch = str(meta.get("general.architecture", ""))
@@ -164,12 +264,12 @@ def mixed_rules(allocation: dict[str, str], source: str) -> list[str]:
         raise Permanent(f"gguf-py has no tensor name map for architecture {arch!r}")
     names = gguf.get_tensor_name_map(found[0], int(blocks))
     mapped = {}
-    for layer in allocation:
+    for layer in layers:
         name = names.get_name(layer + ".weight", try_suffixes=(".weight",))
         if name is None or not name.startswith("blk."):
             raise Permanent(f"layer {layer} has no GGUF block tensor name for architecture {arch!r}")
         mapped[layer] = name
-    return gguf_rules(allocation, mapped)
+    return mapped
 
 
 class Gguf:
@@ -190,11 +290,36 @@ class Gguf:
         params.nthread = ctx.threads
         params.allow_requantize = True
         texts = ctx.opts.tensor_types or []
+        values, said = {}, None  # the importance matrix llama.cpp weighs each column's error by
         if ctx.opts.mixed:  # a search candidate: each block tensor's type from the probes it needs
-            from workers.search.mixed import allocation
+            from workers.search.mixed import allocation, importance
 
-            texts = mixed_rules(allocation(ctx), source)
+            layers = allocation(ctx)
+            texts = mixed_rules(layers, source)
             ctx.extra["tensor_types"] = texts  # the plain job's option that makes this file again
+            found, tokens = importance(ctx)  # measured by the probes on their windows
+            names = tensor_names(list(found), source) if found else {}
+            values = {names[layer]: v for layer, v in found.items()}
+            if values:  # kept beside the file: the plain job's imatrix option, and llama-quantize's --imatrix
+                write_imatrix(out / IMATRIX, values, tokens, "search probes")
+                said = {"from": "search probes", "tokens": tokens,
+                        "file": os.path.relpath(out / IMATRIX, Path(ctx.output_root).resolve())}
+        elif ctx.opts.imatrix:
+            from qfarm.errors import Permanent
+            from workers.shared.files import inside
+
+            try:
+                path = Path(inside(ctx.output_root, str(Path(ctx.output_root) / ctx.opts.imatrix)))
+                values = read_imatrix(path)
+            except (OSError, ValueError) as e:
+                raise Permanent(f"imatrix {ctx.opts.imatrix}: {e}") from None
+            said = {"from": "file", "file": ctx.opts.imatrix}
+            check_imatrix(values, source, ctx.opts.imatrix)
+        weights = imatrix(values, {name: name for name in values}) if values else None
+        if weights is not None:
+            params.imatrix = ctypes.cast(weights, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+            said["tensors"] = len(weights._keep)
+        ctx.extra["gguf_imatrix"] = said
         rules = [tensor_rule(text) for text in texts]
         overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()  # ended by a null pattern
         for i, (pattern, type_name) in enumerate(rules):

@@ -27,6 +27,26 @@ def probes(ctx) -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]["index"]))
 
 
+def importance(ctx) -> tuple[dict, int]:
+    """({layer: its inputs' mean squares}, tokens) from the probes the job needs: llama.cpp's importance matrix,
+    measured on the probe windows. Empty where the probes were made before they saved it."""
+    from safetensors import safe_open
+
+    from workers.search.probe import IMPORTANCE
+    from workers.shared.files import inside
+
+    out, tokens = {}, 0
+    for artifact in ctx.job.input.needs.values():
+        if not isinstance(artifact, str):
+            continue
+        file = Path(inside(ctx.output_root, artifact)) / IMPORTANCE
+        if file.is_file():
+            with safe_open(str(file), "np") as f:
+                tokens = int((f.metadata() or {}).get("tokens", 0))
+                out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out, tokens
+
+
 def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
     """{layer: format} for the job's ``mixed`` option, its prediction recorded in the row (``ctx.extra``)."""
     from qfarm.errors import Permanent

@@ -21,6 +21,15 @@ from workers.evaluate.harness import PeakMemory
 from workers.shared.models import folder_columns, start
 
 SENSITIVITY = "sensitivity.json"
+IMPORTANCE = "importance.safetensors"  # per layer: its inputs' mean squares over the probe's tokens (an imatrix)
+
+
+def save_importance(path: Path, mean: dict, tokens: int) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(v, dtype=np.float32) for name, v in mean.items()}, str(path),
+              metadata={"tokens": str(tokens)})
 
 
 def fake_int(weight, bits: int, group: int):
@@ -60,8 +69,10 @@ def _ggml():
     raise RuntimeError(f"llama-cpp-python's ggml library is not in {folder}")
 
 
-def fake_ggml(weight, type_name: str):
-    """``weight`` stored by ggml in ``type_name`` (a ggml type: Q4_K, Q8_0, IQ4_NL, ...) and read back."""
+def fake_ggml(weight, type_name: str, importance=None):
+    """``weight`` stored by ggml in ``type_name`` (a ggml type: Q4_K, Q8_0, IQ4_NL, ...) and read back; with
+    ``importance`` (a float per input column: llama.cpp's importance matrix) as the quantizer weighs its errors, as a
+    mixed GGUF candidate's file is quantized (workers.quantize.gguf)."""
     import gguf
     import numpy as np
     import torch
@@ -73,17 +84,19 @@ def fake_ggml(weight, type_name: str):
     dst = np.zeros(rows * (n // block) * size, dtype=np.uint8)
     lib = _ggml()
     lib.ggml_quantize_init(int(qtype))
-    lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, n, None)
+    weights = None if importance is None else np.ascontiguousarray(np.asarray(importance, dtype=np.float32))
+    lib.ggml_quantize_chunk(int(qtype), src.ctypes.data, dst.ctypes.data, 0, rows, n,
+                            None if weights is None else weights.ctypes.data)
     back = gguf.quants.dequantize(dst.reshape(rows, -1), qtype).reshape(rows, n)
     return torch.from_numpy(np.ascontiguousarray(back)).to(device=weight.device, dtype=weight.dtype)
 
 
-def quantized(weight, fmt) -> tuple:
+def quantized(weight, fmt, importance=None) -> tuple:
     """(the weight in the probe's format and back, the format it is stored in on this layer)."""
     if fmt.family == "int":
         return fake_int(weight, fmt.bits, fmt.group), fmt.name
     stored = fmt.stored_type(weight.shape[1])
-    return fake_ggml(weight, stored), stored
+    return fake_ggml(weight, stored, importance), stored
 
 
 def quantizable(model) -> list[tuple[str, object]]:
@@ -133,6 +146,8 @@ def run(ctx) -> dict:
         finally:
             for h in handles:
                 h.remove()
+        tokens = int(wins.numel())
+        mean = {name: (v / max(tokens, 1)).float().numpy() for name, v in importance.items()}  # llama.cpp's scale
         found: dict[str, dict] = {}
         t0 = time.time()
         for i, (name, layer) in enumerate(mine):
@@ -143,13 +158,13 @@ def run(ctx) -> dict:
             for fmt in formats:  # one quantized copy at a time (a big model's layer is GBs in float)
                 if not fmt.fits(n_in):
                     continue
-                new, stored = quantized(original, fmt)
+                new, stored = quantized(original, fmt, mean[name])
                 err = ((new.double() - original.double()).pow(2) * importance[name].to(new.device)).sum().item()
                 entry["error"][fmt.name], entry["stored"][fmt.name] = err, stored
                 del new
             if entry["error"]:
                 coarsest = max(entry["error"], key=lambda f: entry["error"][f])
-                layer.weight.data = quantized(original, Format(coarsest))[0].to(original.device)
+                layer.weight.data = quantized(original, Format(coarsest), mean[name])[0].to(original.device)
                 try:
                     with torch.inference_mode():
                         kl = [(r.exp() * (r - run_model.logprobs(w))).sum(-1).double() for r, w in zip(ref, wins)]
@@ -161,6 +176,7 @@ def run(ctx) -> dict:
                              kl={f: measured * e / top for f, e in entry["error"].items()})
             found[name] = entry
         probe_s = time.time() - t0
+    save_importance(out / IMPORTANCE, mean, tokens)
     figures = [v["kl_measured"] for v in found.values() if "kl_measured" in v]
     (out / SENSITIVITY).write_text(json.dumps({"formats": [f.name for f in formats], "part": opts.part,
                                                "parts": opts.parts, "windows": len(wins), "seq_len": opts.seq_len,
