@@ -2,6 +2,7 @@
 same space that fits, on the same evaluation windows, and the jobs it took.
 
     python bench/search.py [--targets 3.5,4.5,5.5] [--methods rtn,gptq,gguf] [--root DIR] [--model M]
+    python bench/search.py --size-mb 100,130        # size targets (MB on disk) instead
     python bench/search.py --make-qwen2 DIR   # a Qwen2-shaped model from a config (random init, SmolLM2's
                                               # tokenizer): a second family nothing here was tuned on
 
@@ -38,14 +39,15 @@ SPACE = {
 }
 
 
-def spec(folder: Path, target: float, methods: list[str], model: str = "bundled:smollm2-135m") -> Path:
+def spec(folder: Path, target: float, methods: list[str], model: str = "bundled:smollm2-135m", size: bool = False) -> Path:
     space = "\n".join(f"    - {SPACE[m]}" for m in methods)
-    path = folder / f"search-{str(target).replace('.', '_')}.yaml"
-    path.write_text(f"""name: bench-search-{str(target).replace('.', '_')}
+    name = ("mb-" if size else "") + str(target).replace('.', '_')
+    path = folder / f"search-{name}.yaml"
+    path.write_text(f"""name: bench-search-{name}
 model: {model}
 eval: {{perplexity: {{seq_len: 512, max_windows: 8}}, speed: null}}
 search:
-  target: {{bits_per_weight: {target}}}
+  target: {{{'size_mb' if size else 'bits_per_weight'}: {target}}}
   objective: kl_div
   space:
 {space}
@@ -58,6 +60,7 @@ search:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--targets", default="3.5,4.5,5.5")
+    parser.add_argument("--size-mb", default="", help="size targets (MB on disk) instead of --targets, e.g. 100,130")
     parser.add_argument("--methods", default="rtn,gptq,gguf")
     parser.add_argument("--root", default=None, help="output root (default: a new temporary folder)")
     parser.add_argument("--model", default="bundled:smollm2-135m")
@@ -65,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.make_qwen2:
         return make_qwen2(Path(args.make_qwen2))
-    targets = [float(t) for t in args.targets.split(",")]
+    size = bool(args.size_mb)
+    targets = [float(t) for t in (args.size_mb or args.targets).split(",")]
     methods = args.methods.split(",")
     root = Path(args.root or tempfile.mkdtemp(prefix="qfarm-bench-search-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +80,7 @@ def main() -> None:
                    QFARM_RAY_ADDRESS=head.address, QFARM_OUTPUT_ROOT=str(root))
         ran: set[str] = set()
         for target in targets:
-            path = spec(root, target, methods, args.model)
+            path = spec(root, target, methods, args.model, size)
             plan = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(path)], env=env,
                                   capture_output=True, text=True)
             print(f"\n=== target {target} bits per weight ===\n" + "\n".join(
@@ -95,9 +99,9 @@ def main() -> None:
                                              env=env, capture_output=True, text=True).stdout)
             new = {r["job_id"] for r in rows} - ran
             ran |= {r["job_id"] for r in rows}
-            summary.append(report(target, rows, wall, len(new)))
-    print("\n| target bpw | best uniform (bpw, KL ± se) | pick (bpw, KL ± se; predicted) | KL vs uniform | full evals "
-          "(the uniform grid: 23) | probes |\n|---|---|---|---|---|---|")
+            summary.append(report({"size_mb" if size else "bits_per_weight": target}, rows, wall, len(new)))
+    print(f"\n| target {'MB' if size else 'bpw'} | best uniform (bpw, MB, KL ± se) | pick (bpw, MB, KL ± se; predicted) | "
+          "KL vs uniform | full evals (the uniform grid: 23) | probes |\n|---|---|---|---|---|---|")
     for line in summary:
         print(line)
 
@@ -126,19 +130,21 @@ def make_qwen2(folder: Path) -> None:
     print(f"wrote {folder}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
-def report(target: float, rows: list[dict], wall: float, new: int) -> str:
-    from qfarm.sweep.search import meets
+def report(wanted: dict, rows: list[dict], wall: float, new: int) -> str:
+    from qfarm.sweep.search import meets_target
 
+    target = next(iter(wanted.values()))
     ok = [r for r in rows if r.get("search_role") in ("uniform", "candidate") and r["status"] == "succeeded"]
     failed = [r for r in rows if r["status"] != "succeeded"]
     for r in sorted(ok, key=lambda r: r["kl_div"]):
-        fits = meets(r["bits_per_weight"], target)
+        fits = meets_target(wanted, r)
         pred = f"  predicted {r['search_predicted_kl']:.4f}" if r.get("search_predicted_kl") is not None else ""
         print(f"  {'★' if r.get('search_pick') else ' '} {r['label']:<24} {r['search_role']:<9} bpw {r['bits_per_weight']:.3f}"
+              f" {r['size_mb']:.1f} MB"
               f"{'' if fits else ' (over)'}  KL {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}{pred}  Δppl {r['ppl_delta_pct']:+.1f} %")
     for r in failed:
         print(f"  ! {r['label']} {r['status']}: {r.get('error')}")
-    uniform = [r for r in ok if r["search_role"] == "uniform" and meets(r["bits_per_weight"], target)]
+    uniform = [r for r in ok if r["search_role"] == "uniform" and meets_target(wanted, r)]
     best_u = min(uniform, key=lambda r: r["kl_div"]) if uniform else None
     pick = next((r for r in ok if r.get("search_pick")), None)
     evals = sum(1 for r in rows if r.get("search_role") in ("uniform", "candidate"))
@@ -147,7 +153,7 @@ def report(target: float, rows: list[dict], wall: float, new: int) -> str:
     print(f"  wall {wall / 60:.1f} min ({new} jobs run for this target, the rest reused); best uniform "
           f"{best_u['label'] if best_u else '-'}; pick {pick['label'] if pick else '-'}; KL "
           + (f"{gain:.1f} % below the best uniform (goal >= 15 %)" if gain is not None else "-"))
-    cell = (lambda r: f"{r['label']} ({r['bits_per_weight']:.3f}, {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}"
+    cell = (lambda r: f"{r['label']} ({r['bits_per_weight']:.3f}, {r['size_mb']:.1f}, {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}"
             + (f"; {r['search_predicted_kl']:.4f}" if r.get("search_predicted_kl") is not None else "") + ")")
     return (f"| {target} | {cell(best_u) if best_u else '-'} | {cell(pick) if pick else '-'} | "
             f"{f'{-gain:+.1f} %' if gain is not None else '-'} | {evals} | {probes} |")

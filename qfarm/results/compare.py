@@ -304,21 +304,20 @@ def compare_noted(data: list[dict], where: list[str] = (), sort: str | None = No
 
 def mark_search_pick(data: list[dict]) -> list[dict]:
     """Rows with ``search_pick`` set for a search's candidates (qfarm.sweep.search): true for the one, per sweep,
-    whose measured objective is best among those whose measured bits per weight meet the target (an equal objective
-    goes to the smaller); false for its other candidates; null for rows of no search and probes."""
-    from qfarm.sweep.search import meets
+    whose measured objective is best among those whose measured bits per weight (or size on disk) meet the target
+    (an equal objective goes to the smaller); false for its other candidates; null for rows of no search and probes."""
+    from qfarm.sweep.search import meets_target
 
     best: dict[str, dict] = {}
     for r in data:
         target, column = r.get("search_target") or {}, r.get("search_objective")
         if r.get("search_role") not in ("uniform", "candidate") or r.get("status") != "succeeded" or not column:
             continue
-        bpw, value = r.get("bits_per_weight"), r.get(column)
-        if not isinstance(bpw, (int, float)) or not isinstance(value, (int, float)) or \
-                not meets(bpw, float(target.get("bits_per_weight") or 0)):
+        value = r.get(column)
+        if not isinstance(value, (int, float)) or not meets_target(target, r):
             continue
         sign = -1 if r.get("search_direction") == "max" else 1
-        key = (sign * value, bpw)
+        key = (sign * value, r.get("size_mb") if target.get("size_mb") is not None else r.get("bits_per_weight"))
         mine = best.get(r.get("sweep_id"))
         if mine is None or key < mine["key"]:
             best[r.get("sweep_id")] = {"key": key, "job": r.get("job_id")}

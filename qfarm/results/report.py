@@ -100,30 +100,33 @@ def _search(rows: list[dict]):
     with their predicted objective (hollow, joined to what was measured), the target, the pick starred."""
     fig, ax = _figure(4.5)
     column = rows[0]["search_objective"]
-    target = (rows[0].get("search_target") or {}).get("bits_per_weight")
+    wanted = rows[0].get("search_target") or {}
+    across = "size_mb" if wanted.get("size_mb") is not None else "bits_per_weight"  # the target's measure
+    target = wanted.get(across)
     methods = sorted({r.get("method") or "?" for r in rows})
     cmap = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for r in rows:
-        x, y, color = r["bits_per_weight"], r[column], cmap[r.get("method") or "?"]
+        x, y, color = r[across], r[column], cmap[r.get("method") or "?"]
         mixed = r["search_role"] == "candidate"
         ax.scatter([x], [y], marker="^" if mixed else "o", s=160 if r.get("search_pick") else 44, color=color, zorder=3,
                    edgecolors="black" if r.get("search_pick") else "none", linewidths=1.5)
         predicted = r.get("search_predicted_kl")
-        if mixed and column == "kl_div" and isinstance(predicted, (int, float)):
+        if mixed and column == "kl_div" and isinstance(predicted, (int, float)) and across == "bits_per_weight":
             px = r.get("search_predicted_bits_per_weight") or x
             ax.scatter([px], [predicted], marker="^", s=44, facecolors="none", edgecolors=color, zorder=2)
             ax.plot([px, x], [predicted, y], color=color, linewidth=0.8, linestyle=":", zorder=1)
         ax.annotate(("★ " if r.get("search_pick") else "") + _label(r), (x, y), textcoords="offset points",
                     xytext=(5, 4), fontsize=7)
     if isinstance(target, (int, float)):
-        ax.axvline(target, color=FRONTIER_COLOR, linestyle="--", linewidth=1.2, label=f"target {target:g} bits/weight")
+        ax.axvline(target, color=FRONTIER_COLOR, linestyle="--", linewidth=1.2,
+                   label=f"target {target:g} " + ("bits/weight" if across == "bits_per_weight" else "MB"))
     for m in methods:
         ax.scatter([], [], color=cmap[m], label=m)
     ax.scatter([], [], marker="^", color="gray", label="mixed (hollow: predicted)")
     values = [r[column] for r in rows]
     if min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
-    ax.set_xlabel("bits per weight of the quantized layers")
+    ax.set_xlabel("bits per weight of the quantized layers" if across == "bits_per_weight" else "size on disk (MB)")
     ax.set_ylabel(f"{column} (the search's objective)")
     ax.set_title("Search: candidates against the target")
     ax.grid(alpha=0.3)
@@ -139,7 +142,8 @@ def _pick(data: list[dict]) -> str:
         return ""
     items = "".join(f"<li><b>{_esc(_label(r))}</b> ({_esc(r.get('sweep_id'))}): {_esc(r.get('search_objective'))} "
                     f"{_esc(r.get(r.get('search_objective') or ''))} at {_esc(r.get('bits_per_weight'))} bits per "
-                    f"weight. As a plain job: <code>{_esc(r.get('search_fragment'))}</code></li>" for r in picks)
+                    f"weight, {_esc(round(r['size_mb'], 1) if isinstance(r.get('size_mb'), (int, float)) else '-')} "
+                    f"MB. As a plain job: <code>{_esc(r.get('search_fragment'))}</code></li>" for r in picks)
     return f'<h2 id="pick">Search pick</h2><ul>{items}</ul>'
 
 

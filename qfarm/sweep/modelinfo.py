@@ -106,7 +106,8 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = Fa
                   arrays: frozenset[str] = frozenset()) -> dict:
     """The scalar and string key/values of a GGUF file's header (arrays are skipped, but for the keys in ``arrays``,
     read whole as lists; ``<key>#count`` says how many items one held); with ``tensors``, ``#tensors``: each tensor's
-    name and number of elements. Plain reads, no numpy: a 150k-token vocabulary in a fraction of a second."""
+    name and number of elements, and ``#header_bytes``: where the header ends. Plain reads, no numpy: a 150k-token
+    vocabulary in a fraction of a second."""
     out: dict = {}
     with open(path, "rb") as f:
         def read(fmt: str):
@@ -185,6 +186,7 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = Fa
                 read("Q")  # offset
                 found[name] = elements
             out["#tensors"] = found
+            out["#header_bytes"] = f.tell()  # the key/values and tensor list: the vocabulary, what is not weights
     return out
 
 

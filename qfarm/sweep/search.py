@@ -6,7 +6,7 @@ Sample yaml::
     model: bundled:smollm2-135m
     eval: {perplexity: {seq_len: 512, max_windows: 8}}
     search:
-      target: {bits_per_weight: 4.25}    # or size_mb
+      target: {bits_per_weight: 4.25}    # or size_mb: 100 (the artifact on disk)
       objective: kl_div                  # minimised; or perplexity
       space:
         - {method: rtn, bits: [3, 4, 8], group_size: [32, 64, 128], mixed: true}
@@ -39,7 +39,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -62,18 +62,40 @@ class _Strict(BaseModel):
 
 
 class SearchTarget(_Strict):
-    """What the pick must meet: the stored bits per weight of the quantized layers (size_mb, gpu_mem_gb and speed
-    targets are not built yet)."""
+    """What the pick must meet, one of: ``bits_per_weight`` (the stored bits of the quantized layers over their
+    weights) or ``size_mb`` (the artifact on disk, in the rows' MB: 2^20 bytes). gpu_mem_gb and speed targets are not
+    built yet."""
 
-    bits_per_weight: float = Field(gt=1.0, le=16.0)
+    bits_per_weight: Optional[float] = Field(None, gt=1.0, le=16.0)
+    size_mb: Optional[float] = Field(None, gt=0.0, le=10_000_000.0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.bits_per_weight is None) == (self.size_mb is None):
+            raise ValueError("give one target: bits_per_weight (stored bits of the quantized layers over their "
+                             "weights, e.g. 4.25) or size_mb (the artifact on disk, e.g. 90)")
+        return self
 
     @property
     def column(self) -> str:
-        return "bits_per_weight"
+        return "bits_per_weight" if self.bits_per_weight is not None else "size_mb"
 
     @property
     def value(self) -> float:
-        return self.bits_per_weight
+        return self.bits_per_weight if self.bits_per_weight is not None else self.size_mb
+
+    def describe(self) -> str:
+        return f"{self.value:g} bits per weight" if self.column == "bits_per_weight" else f"{self.value:g} MB"
+
+
+def meets_target(target: dict, row: dict) -> bool:
+    """Whether a row's measured figures meet a search's target (``target``: as the rows record it): its bits per
+    weight within TARGET_SLACK, or its size on disk at most the size asked."""
+    if target.get("size_mb") is not None:
+        size = row.get("size_mb")
+        return isinstance(size, (int, float)) and size <= float(target["size_mb"])
+    bpw = row.get("bits_per_weight")
+    return isinstance(bpw, (int, float)) and meets(bpw, float(target.get("bits_per_weight") or 0))
 
 
 class SpaceEntry(BaseModel):
@@ -426,6 +448,8 @@ class SearchPlan:
     space_log10: float  # log10 of the number of distinct models the space holds (uniform + mixed)
     layers: int
     smallest: dict[int, float]  # mixed entry -> the smallest mix's bits per weight
+    targets: dict[int, float]  # a size target: mixed entry -> the bits per weight its mixes may store
+    sizes: dict[str, float]  # a size target: uniform candidate's label -> its predicted size (MB)
 
     @property
     def jobs(self) -> int:
@@ -434,17 +458,20 @@ class SearchPlan:
     def summary(self, search: SearchSpec) -> list[str]:
         column, _ = search.measured()
         way = "maximised" if search.measured()[1] == "max" else "minimised"
-        lines = [f"search: {search.objective} ({column}, {way}) at ≤ {search.target.value:g} bits per weight "
-                 f"over {self.layers} quantizable layers; the space holds ~10^{self.space_log10:.0f} models "
+        over = "bits per weight over" if search.target.column == "bits_per_weight" else "MB on disk, with"
+        lines = [f"search: {search.objective} ({column}, {way}) at ≤ {search.target.value:g} {over} "
+                 f"{self.layers} quantizable layers; the space holds ~10^{self.space_log10:.0f} models "
                  f"({self.uniform_total} uniform)",
                  f"  uniform candidates that fit: {self.uniform_fit} of {self.uniform_total}"
-                 + (": " + ", ".join(f"{_label(o)} ({b:.3f})" for _, o, b in self.uniform) if self.uniform else "")]
+                 + (": " + ", ".join(f"{_label(o)} ({b:.3f}" + (f", ~{self.sizes[_label(o)]:.0f} MB)" if self.sizes else ")")
+                                     for _, o, b in self.uniform) if self.uniform else "")]
         if self.left_out:
             lines.append(f"  left out by the budget ({search.budget.jobs} jobs): {', '.join(self.left_out)}")
         for i, low in sorted(self.smallest.items()):
             points = sum(1 for e, _ in self.mixed if e == i)
+            room = f"; the size leaves its layers {self.targets[i]:.3f}" if i in self.targets else ""
             lines.append(f"  mixed {search.space[i].method}: {points} allocation(s) (smallest mix {low:.3f} bits per "
-                         "weight" + (")" if points else ", over the target: none of its mixes fits)"))
+                         f"weight{room}" + (")" if points else ", over the target: none of its mixes fits)"))
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
                   f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
         lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")
@@ -457,12 +484,27 @@ def _label(options: dict) -> str:
     return f"{options['method']} {options['bits']}b g{options['group_size']}"
 
 
-def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
+def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
+                outside: Optional[Callable[[dict], float]] = None
                 ) -> tuple[Optional[SearchPlan], list[tuple[tuple, str]]]:
     """The search's plan over the model's quantizable ``layers`` (None for no model shape: the plan is made at
-    submit from the model itself), or the problems that stop it: (path under ``search``, message)."""
+    submit from the model itself), or the problems that stop it: (path under ``search``, message). A ``size_mb``
+    target is each candidate's bits per weight target once ``outside(options)`` (the bits its artifact stores
+    besides the quantized layers: embeddings, norms, tokenizer; qfarm.sweep.validate.outside_bits) is paid."""
     problems: list[tuple[tuple, str]] = []
-    target = search.target.value
+    params = max(sum(la.params for la in layers), 1)
+    if search.target.column == "size_mb" and outside is None:
+        return None, [(("target", "size_mb"), "the model's embeddings and vocabulary cannot be read here, and a size "
+                                              "target is planned from them: give bits_per_weight")]
+
+    def target_of(options: dict) -> float:
+        """The bits per weight of the quantized layers a candidate with these options may store."""
+        if search.target.column == "bits_per_weight":
+            return search.target.value
+        return (search.target.value * 2**23 - outside(options)) / params
+
+    target = search.target.value if search.target.column == "bits_per_weight" else None  # one for every entry
+    targets: dict[int, float] = {}  # entry -> its bits per weight target (its mixes')
     fits_all, mixed_entries, smallest = [], [], {}
     total = 0
     logs = []  # log10 of each mixed entry's count of allocations
@@ -471,7 +513,7 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
         total += len(configs)
         for options in configs:
             bpw = uniform_bits_per_weight(options, layers, scale_bits)
-            if bpw is not None and meets(bpw, target):
+            if bpw is not None and meets(bpw, target_of(options)):
                 fits_all.append((i, options, bpw))
         if not entry.mixed:
             continue
@@ -486,7 +528,8 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
         low = sum(min(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
                   for la in layers) / max(sum(la.params for la in layers), 1)
         smallest[i] = low
-        if meets(low, target):  # else: no mix of this entry fits; said in the plan (an error if nothing fits)
+        targets[i] = target_of(mixed_base(entry, target_of))
+        if meets(low, targets[i]):  # else: no mix of this entry fits; said in the plan (an error if nothing fits)
             mixed_entries.append(i)
     budget = search.budget.jobs
     if len(mixed_entries) > budget:
@@ -504,14 +547,12 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
     for i in mixed_entries:
         entry = search.space[i]
         names = [f.name for f in formats_of(entry)]
-        base = {**entry.fixed, "method": entry.method}
-        if entry.method == "gguf":
-            # the file type llama.cpp's own rules use for what the rules do not name (token_embd, norms)
-            base["gguf_type"] = min(entry.gguf_type, key=lambda t: abs(GGUF_BITS_PER_WEIGHT.get(t, 99) - target))
+        base = mixed_base(entry, target_of)
+        mine = round(min(targets[i], 16.0), 4)  # a size over the float model's: every layer may take its best
         for p in range(points):
-            if target - p * search.step < smallest[i] - 1e-9:
+            if mine - p * search.step < smallest[i] - 1e-9:
                 break
-            mixed.append((i, {**base, "mixed": {"target_bits_per_weight": target, "formats": names, "point": p,
+            mixed.append((i, {**base, "mixed": {"target_bits_per_weight": mine, "formats": names, "point": p,
                                                 "step": search.step, "probe": probe}}))
     room = budget - len(mixed)
     # the uniform candidates closest under the target first, one entry after another
@@ -522,10 +563,26 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16
     kept, left = order[:room], order[room:]
     if not kept and not mixed:
         lows = ", ".join(f"space[{i}] ({search.space[i].method}) {low:.3f}" for i, low in sorted(smallest.items()))
-        return None, [(("target", "bits_per_weight"), f"no configuration of the space fits {target:g} bits per "
-                                                      "weight" + (f" (smallest mixes: {lows})" if lows else "")
-                                                      + ": raise the target, or add lower-bit formats")]
+        room_for = "" if target is not None else (" (after the embeddings, norms and tokenizer: "
+                                                   + ", ".join(f"space[{i}] {t:.3f} bits per weight"
+                                                               for i, t in sorted(targets.items())) + ")")
+        return None, [(("target", search.target.column), f"no configuration of the space fits "
+                                                         f"{search.target.describe()}{room_for}"
+                                                         + (f" (smallest mixes: {lows})" if lows else "")
+                                                         + ": raise the target, or add lower-bit formats")]
     top = max(logs + [math.log10(max(total, 1))])
     log_space = top + math.log10(sum(10 ** (x - top) for x in logs) + total / 10 ** top)
     return SearchPlan(tuple(probes), tuple(sorted(kept, key=lambda x: (x[0], x[2]))), tuple(mixed), total, len(fits_all),
-                      tuple(_label(o) for _, o, _ in left), log_space, len(layers), smallest), []
+                      tuple(_label(o) for _, o, _ in left), log_space, len(layers), smallest,
+                      targets if target is None else {},
+                      {_label(o): (b * params + outside(o)) / 2**23 for _, o, b in kept} if target is None else {}), []
+
+
+def mixed_base(entry: SpaceEntry, target_of: Callable[[dict], float]) -> dict:
+    """A mixed entry's fixed options; a GGUF's with the file type llama.cpp's own rules use for what the rules do
+    not name (token_embd, norms): the entry's type nearest its target."""
+    base = {**entry.fixed, "method": entry.method}
+    if entry.method == "gguf":
+        first = target_of({**base, "gguf_type": entry.gguf_type[0]})
+        base["gguf_type"] = min(entry.gguf_type, key=lambda t: abs(GGUF_BITS_PER_WEIGHT.get(t, 99) - first))
+    return base

@@ -116,6 +116,52 @@ def search_layers(shape) -> list:
     return out
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+SMALL_FILES_BYTES = 16 << 10  # config, generation config, model card, recipe: what an artifact adds beside its tokenizer
+
+
+def outside_bits(numbers, dtype: str, model_source: dict):
+    """A size target's price of what a candidate stores besides its quantized layers, in bits, by its options (a
+    callable for qfarm.sweep.search.plan_search), from the model's shape (qfarm.sweep.plan.ModelShape):
+    - compressed-tensors (rtn, gptq): embeddings, an untied head and the norms in the float ``dtype`` the artifact
+      keeps them in, and the tokenizer's files (a folder's own; from a GGUF, about twice its vocabulary's header);
+    - GGUF: the norms in float32, the embeddings in llama.cpp's type for them (a tied one is the output's: Q6_K, or
+      Q8_0 in a Q8_0 file, in its fallback where rows do not divide its blocks), the header (vocabulary, merges)."""
+    from qfarm.sweep.modelinfo import gguf_metadata
+    from qfarm.sweep.search import Format, tensor_type_of
+
+    counts = numbers.params()
+    embedding, head, norms = counts["embedding"], counts["lm_head"], counts["norms"]
+    header = 0
+    if model_source.get("kind") == "gguf":
+        meta = gguf_metadata(Path(model_source["location"]) / model_source["gguf_file"], wanted=set(), tensors=True)
+        header = int(meta.get("#header_bytes", 0))
+        tokenizer = 2 * header
+    else:
+        folder = Path(model_source.get("config_dir") or model_source.get("location") or ".")
+        files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+        tokenizer = sum(f.stat().st_size for f in files if f.name.startswith(("tokenizer", "vocab", "merges",
+                                                                               "special_tokens")))
+        header = tokenizer // 2
+    float_bits = 32 if dtype == "float32" else 16
+
+    def matrix_bits(type_name: str, rows: int) -> float:
+        fmt = Format(type_name)
+        return fmt.layer_bits(numbers.hidden, rows) if fmt.fits(numbers.hidden) else 16.0 * rows * numbers.hidden
+
+    def bits(options: dict) -> float:
+        if options.get("method") == "gguf":
+            main = tensor_type_of(options.get("gguf_type") or "Q4_K_M")
+            output = "Q8_0" if main == "Q8_0" else "Q6_K"
+            if main not in ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1"):
+                main = output
+            embed = matrix_bits(output if numbers.tied else main, numbers.vocab)
+            return embed + (matrix_bits(output, numbers.vocab) if head else 0) + 32.0 * norms + 8.0 * header
+        return float_bits * (embedding + head + norms) + 8.0 * (tokenizer + SMALL_FILES_BYTES)
+
+    return bits
+
+
 def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, base_dir: Path,
                   errors: Collector) -> tuple[Any, list[ValidStage]]:
     """The stages a ``search:`` makes (its uniform and mixed candidates, validated as any job group) and its plan;
@@ -144,19 +190,20 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     from qfarm.sweep.plan import model_shape
     from qfarm.sweep.search import scale_bits
 
+    numbers = model_shape(model_source)
     if model_source.get("kind") == "gguf":  # scales are stored in the float copy's dtype (workers' source_dtype)
         dtype = gguf_float_dtype(str(Path(model_source["location"]) / model_source["gguf_file"]))
     else:
-        numbers = model_shape(model_source)
         dtype = numbers.dtype if numbers is not None else "bfloat16"
-    plan, problems = plan_search(search, search_layers(shape), scale_bits(dtype))
+    outside = outside_bits(numbers, dtype, model_source) if numbers is not None and numbers.vocab else None
+    plan, problems = plan_search(search, search_layers(shape), scale_bits(dtype), outside)
     for loc, message in problems:
         errors.add(("search",) + loc, message)
     if plan is None:
         return None, []
     groups, roles, entries = [], {}, {}
     column, direction = search.measured()
-    info = {"target": search.target.model_dump(), "objective": column, "direction": direction}
+    info = {"target": search.target.model_dump(exclude_none=True), "objective": column, "direction": direction}
     first = len(spec.jobs)
     for role, items in (("uniform", [(i, o) for i, o, _ in plan.uniform]), ("candidate", list(plan.mixed))):
         for k, (i, options) in enumerate(items):

@@ -218,7 +218,7 @@ def test_a_bad_search_in_a_spec_file_says_every_problem_at_its_line(tmp_path):
     with pytest.raises(SpecError) as err:
         load_spec(path)
     said = {(p.path, p.line) for p in err.value.problems}
-    assert said == {("search.target.size_mb", 4), ("search.objective", 5), ("search.space[0]", 7),
+    assert said == {("search.target", 4), ("search.objective", 5), ("search.space[0]", 7),
                     ("search.space[1]", 8)}  # and no complaint of a missing jobs: list
 
 
@@ -343,3 +343,42 @@ def test_a_gguf_imatrix_option_is_refused_where_it_cannot_apply(options, said):
 
     with pytest.raises(ValidationError, match=said):
         METHODS["gguf"].options.model_validate({"method": "gguf", **options})
+
+
+def test_a_size_target_is_each_candidates_bits_per_weight_once_what_lies_outside_its_layers_is_paid():
+    layers = smollm_layers()
+    params = sum(la.params for la in layers)
+    outside = {"rtn": 60 * 2**23, "gguf": 30 * 2**23}  # bits besides the quantized layers (embeddings, tokenizer)
+    search = SearchSpec.model_validate({"target": {"size_mb": 100}, "space": [
+        {"method": "rtn", "bits": [3, 4, 8], "group_size": [32, 64], "mixed": True},
+        {"method": "gguf", "gguf_type": ["Q4_K_M", "Q8_0"], "mixed": True}]})
+    assert (search.target.column, search.target.value) == ("size_mb", 100)
+    plan, problems = plan_search(search, layers, outside=lambda o: outside[o["method"]])
+    assert problems == []
+    room = {"rtn": 40 * 2**23 / params, "gguf": 70 * 2**23 / params}  # the layers' share of 100 MB
+    assert plan.targets == pytest.approx({0: room["rtn"], 1: room["gguf"]}, rel=1e-3)
+    for i, options in plan.mixed:  # each mix's bits per weight target is its entry's room
+        assert options["mixed"]["target_bits_per_weight"] == pytest.approx(room[options["method"]], rel=1e-3)
+    for _, options, bpw in plan.uniform:  # a uniform fits when its layers and the rest come to the size
+        assert bpw <= room[options["method"]] * 1.002
+        assert plan.sizes[f"{options['method']} {options['bits']}b g{options['group_size']}"
+                          if options["method"] != "gguf" else f"gguf {options['gguf_type']}"] <= 100 * 1.002
+    assert {"method": "rtn", "bits": 8, "group_size": 64} not in [o for _, o, _ in plan.uniform]  # 8 bits: ~110 MB
+    assert "MB on disk" in "\n".join(plan.summary(search))
+    # no shape to price the rest: refused at the target, not guessed
+    assert plan_search(search, layers)[1][0][0] == ("target", "size_mb")
+    tight = search.model_copy(update={"target": search.target.model_copy(update={"size_mb": 61})})
+    none, said = plan_search(tight, layers, outside=lambda o: outside[o["method"]])
+    assert none is None and said[0][0] == ("target", "size_mb") and "after the embeddings" in said[0][1]
+
+
+def test_the_pick_of_a_size_search_meets_the_size_measured_on_disk():
+    from qfarm.results.compare import mark_search_pick
+
+    def row(job, kl, size, bpw):
+        return {"job_id": job, "sweep_id": "s", "status": "succeeded", "search_role": "candidate", "kl_div": kl,
+                "size_mb": size, "bits_per_weight": bpw, "search_target": {"size_mb": 100},
+                "search_objective": "kl_div", "search_direction": "min"}
+
+    rows = mark_search_pick([row("a", 0.1, 100.4, 4.0), row("b", 0.2, 99.9, 6.0), row("c", 0.3, 80.0, 3.0)])
+    assert [r["job_id"] for r in rows if r["search_pick"]] == ["b"]  # a is 0.4 MB over; b's bits do not matter
