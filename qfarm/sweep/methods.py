@@ -193,18 +193,26 @@ def layer_rule(text: str) -> tuple[str, str]:
                          "(bits 2, 3, 4 or 8; group -1 is one scale per output channel)")
     if len(pattern) > 1_000 or not pattern.isprintable():
         raise ValueError(f"{text[:60]!r}...: the pattern is over 1,000 characters or holds control characters")
+    checked_regex(text, pattern)
+    return pattern, fmt
+
+
+def checked_regex(text: str, pattern: str) -> None:
+    """A rule's pattern refused where it is not a regular expression or repeats a group (no_repeated_group)."""
     no_repeated_group(pattern)
     try:
         re.compile(pattern)
     except re.error as e:
         raise ValueError(f"{text!r}: the pattern is not a regular expression ({e})") from None
-    return pattern, fmt
 
 
-def _layer_rules(value: list[str]) -> list[str]:
-    for text in value:
-        layer_rule(text)
-    return value
+def each(check: Callable[[str], object]) -> Callable[[list[str]], list[str]]:
+    """A list option's validator: ``check`` on every item (it raises ValueError saying what is wrong)."""
+    def validate(value: list[str]) -> list[str]:
+        for text in value:
+            check(text)
+        return value
+    return validate
 
 
 class MixedOptions(Options):
@@ -295,7 +303,7 @@ class RtnOptions(SchemeOptions):
     symmetric: bool = Field(True, json_schema_extra=QUALITY_ONLY)
     mixed: Optional[MixedOptions] = None  # a search candidate: per-layer formats (bits and group size above unused)
     # per-layer formats: the first rule whose pattern a layer's name holds decides; the others take bits/group_size
-    layer_rules: Optional[Annotated[list[str], AfterValidator(_layer_rules), Field(max_length=MAX_LAYER_RULES)]] = None
+    layer_rules: Optional[Annotated[list[str], AfterValidator(each(layer_rule)), Field(max_length=MAX_LAYER_RULES)]] = None
 
 
 class GptqOptions(SchemeOptions):
@@ -319,7 +327,7 @@ class GptqOptions(SchemeOptions):
     calibration: GptqCalibration = GptqCalibration()
     mixed: Optional[MixedOptions] = None  # a search candidate: per-layer formats (bits and group size above unused)
     # per-layer formats: the first rule whose pattern a layer's name holds decides; the others take bits/group_size
-    layer_rules: Optional[Annotated[list[str], AfterValidator(_layer_rules), Field(max_length=MAX_LAYER_RULES)]] = None
+    layer_rules: Optional[Annotated[list[str], AfterValidator(each(layer_rule)), Field(max_length=MAX_LAYER_RULES)]] = None
 
     @field_validator("smoothing_strength")
     @classmethod
@@ -397,18 +405,8 @@ def tensor_rule(text: str) -> tuple[str, str]:
     if not _PATTERN.match(pattern):
         raise ValueError(f"{text!r}: the pattern may hold letters, digits and . _ \\ | ( ) [ ] {{ }} , * + ? ^ $ - "
                          "(at most 200)")
-    no_repeated_group(pattern)
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{text!r}: the pattern is not a regular expression ({e})") from None
+    checked_regex(text, pattern)
     return pattern, name
-
-
-def _tensor_rules(value: list[str]) -> list[str]:
-    for text in value:
-        tensor_rule(text)
-    return value
 
 
 def _imatrix_path(value: str) -> str:
@@ -427,7 +425,7 @@ class GgufOptions(Options):
 
     method: Literal["gguf"]
     gguf_type: Annotated[str, AfterValidator(_gguf_type)] = "Q4_K_M"
-    tensor_types: Optional[Annotated[list[str], AfterValidator(_tensor_rules), Field(max_length=MAX_TENSOR_RULES)]] = None
+    tensor_types: Optional[Annotated[list[str], AfterValidator(each(tensor_rule)), Field(max_length=MAX_TENSOR_RULES)]] = None
     mixed: Optional[MixedOptions] = None  # a search candidate: per-tensor ggml types, written as tensor_types
     # an importance matrix in llama.cpp's imatrix.dat layout, under the output root (a mixed candidate writes one)
     imatrix: Optional[Annotated[str, AfterValidator(_imatrix_path)]] = None
