@@ -505,7 +505,7 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
 
     target = search.target.value if search.target.column == "bits_per_weight" else None  # one for every entry
     targets: dict[int, float] = {}  # entry -> its bits per weight target (its mixes')
-    fits_all, mixed_entries, smallest = [], [], {}
+    fits_all, mixed_entries, smallest, largest = [], [], {}, {}
     total = 0
     logs = []  # log10 of each mixed entry's count of allocations
     for i, entry in enumerate(search.space):
@@ -528,6 +528,8 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         low = sum(min(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
                   for la in layers) / max(sum(la.params for la in layers), 1)
         smallest[i] = low
+        largest[i] = sum(max(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
+                         for la in layers) / max(sum(la.params for la in layers), 1)
         targets[i] = target_of(mixed_base(entry, target_of))
         if meets(low, targets[i]):  # else: no mix of this entry fits; said in the plan (an error if nothing fits)
             mixed_entries.append(i)
@@ -548,7 +550,7 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         entry = search.space[i]
         names = [f.name for f in formats_of(entry)]
         base = mixed_base(entry, target_of)
-        mine = round(min(targets[i], 16.0), 4)  # a size over the float model's: every layer may take its best
+        mine = round(min(targets[i], largest[i]), 4)  # more room than the best format on every layer takes: that
         for p in range(points):
             if mine - p * search.step < smallest[i] - 1e-9:
                 break
