@@ -102,6 +102,7 @@ def _search(rows: list[dict]):
     column = rows[0]["search_objective"]
     wanted = rows[0].get("search_target") or {}
     across = "size_mb" if wanted.get("size_mb") is not None else "bits_per_weight"  # the target's measure
+    # (a speed target: bits per weight across, the floor not on this axis)
     target = wanted.get(across)
     methods = sorted({r.get("method") or "?" for r in rows})
     cmap = {m: f"C{i % 10}" for i, m in enumerate(methods)}

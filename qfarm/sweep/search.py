@@ -61,39 +61,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SpeedFloor(_Strict):
+    min: float = Field(gt=0.0, le=1_000_000.0)
+
+
 class SearchTarget(_Strict):
     """What the pick must meet, one of: ``bits_per_weight`` (the stored bits of the quantized layers over their
-    weights) or ``size_mb`` (the artifact on disk, in the rows' MB: 2^20 bytes). gpu_mem_gb and speed targets are not
-    built yet."""
+    weights), ``size_mb`` (the artifact on disk, in the rows' MB: 2^20 bytes) or ``decode_tokens_per_s: {min: N}``
+    (measured by eval.speed on the farm's own hardware: not predicted, so the candidates span the space's sizes and
+    the pick is the best of those measured at least that fast). gpu_mem_gb is not built yet."""
 
     bits_per_weight: Optional[float] = Field(None, gt=1.0, le=16.0)
     size_mb: Optional[float] = Field(None, gt=0.0, le=10_000_000.0)
+    decode_tokens_per_s: Optional[SpeedFloor] = None
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.bits_per_weight is None) == (self.size_mb is None):
+        if sum(v is not None for v in (self.bits_per_weight, self.size_mb, self.decode_tokens_per_s)) != 1:
             raise ValueError("give one target: bits_per_weight (stored bits of the quantized layers over their "
-                             "weights, e.g. 4.25) or size_mb (the artifact on disk, e.g. 90)")
+                             "weights, e.g. 4.25), size_mb (the artifact on disk, e.g. 90) or decode_tokens_per_s "
+                             "(e.g. {min: 20}, measured by eval.speed)")
         return self
 
     @property
     def column(self) -> str:
+        if self.decode_tokens_per_s is not None:
+            return "decode_tokens_per_s"
         return "bits_per_weight" if self.bits_per_weight is not None else "size_mb"
 
     @property
     def value(self) -> float:
+        if self.decode_tokens_per_s is not None:
+            return self.decode_tokens_per_s.min
         return self.bits_per_weight if self.bits_per_weight is not None else self.size_mb
 
     def describe(self) -> str:
-        return f"{self.value:g} bits per weight" if self.column == "bits_per_weight" else f"{self.value:g} MB"
+        return {"bits_per_weight": f"{self.value:g} bits per weight", "size_mb": f"{self.value:g} MB",
+                "decode_tokens_per_s": f"at least {self.value:g} decode tokens/s"}[self.column]
 
 
 def meets_target(target: dict, row: dict) -> bool:
     """Whether a row's measured figures meet a search's target (``target``: as the rows record it): its bits per
-    weight within TARGET_SLACK, or its size on disk at most the size asked."""
+    weight within TARGET_SLACK, its size on disk at most the size asked, its decode speed at least the floor."""
     if target.get("size_mb") is not None:
         size = row.get("size_mb")
         return isinstance(size, (int, float)) and size <= float(target["size_mb"])
+    if target.get("decode_tokens_per_s") is not None:
+        speed = row.get("decode_tokens_per_s")
+        return isinstance(speed, (int, float)) and speed >= float(target["decode_tokens_per_s"]["min"])
     bpw = row.get("bits_per_weight")
     return isinstance(bpw, (int, float)) and meets(bpw, float(target.get("bits_per_weight") or 0))
 
@@ -458,8 +473,11 @@ class SearchPlan:
     def summary(self, search: SearchSpec) -> list[str]:
         column, _ = search.measured()
         way = "maximised" if search.measured()[1] == "max" else "minimised"
-        over = "bits per weight over" if search.target.column == "bits_per_weight" else "MB on disk, with"
-        lines = [f"search: {search.objective} ({column}, {way}) at ≤ {search.target.value:g} {over} "
+        at = {"bits_per_weight": f"at ≤ {search.target.value:g} bits per weight over",
+              "size_mb": f"at ≤ {search.target.value:g} MB on disk, with",
+              "decode_tokens_per_s": f"at ≥ {search.target.value:g} decode tokens/s (measured by eval.speed; the "
+                                     "candidates span the space's sizes), with"}[search.target.column]
+        lines = [f"search: {search.objective} ({column}, {way}) {at} "
                  f"{self.layers} quantizable layers; the space holds ~10^{self.space_log10:.0f} models "
                  f"({self.uniform_total} uniform)",
                  f"  uniform candidates that fit: {self.uniform_fit} of {self.uniform_total}"
@@ -497,13 +515,19 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         return None, [(("target", "size_mb"), "the model's embeddings and vocabulary cannot be read here, and a size "
                                               "target is planned from them: give bits_per_weight")]
 
+    speed = search.target.column == "decode_tokens_per_s"  # measured, not predicted: candidates span the sizes
+
     def target_of(options: dict) -> float:
         """The bits per weight of the quantized layers a candidate with these options may store."""
+        if speed:
+            return math.inf
         if search.target.column == "bits_per_weight":
             return search.target.value
         return (search.target.value * 2**23 - outside(options)) / params
 
     target = search.target.value if search.target.column == "bits_per_weight" else None  # one for every entry
+    if speed:
+        target = math.inf
     targets: dict[int, float] = {}  # entry -> its bits per weight target (its mixes')
     fits_all, mixed_entries, smallest, largest = [], [], {}, {}
     total = 0
@@ -551,16 +575,23 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         names = [f.name for f in formats_of(entry)]
         base = mixed_base(entry, target_of)
         mine = round(min(targets[i], largest[i]), 4)  # more room than the best format on every layer takes: that
+        step = search.step
+        if speed and largest[i] - smallest[i] > 1e-6:  # points evenly between the entry's smallest and largest mix
+            step = round((largest[i] - smallest[i]) / (points + 1), 4)
+            mine = round(largest[i] - step, 4)
         for p in range(points):
-            if mine - p * search.step < smallest[i] - 1e-9:
+            if mine - p * step < smallest[i] - 1e-9:
                 break
             mixed.append((i, {**base, "mixed": {"target_bits_per_weight": mine, "formats": names, "point": p,
-                                                "step": search.step, "probe": probe}}))
+                                                "step": step, "probe": probe}}))
     room = budget - len(mixed)
-    # the uniform candidates closest under the target first, one entry after another
+    # the uniform candidates closest under the target first (a speed target: spread over their sizes), one entry
+    # after another
     by_entry: dict[int, list] = {}
     for item in sorted(fits_all, key=lambda x: -x[2]):
         by_entry.setdefault(item[0], []).append(item)
+    if speed:
+        by_entry = {i: spread(items) for i, items in by_entry.items()}
     order = [x for group in itertools.zip_longest(*by_entry.values()) for x in group if x is not None]
     kept, left = order[:room], order[room:]
     if not kept and not mixed:
@@ -580,11 +611,35 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
                       {_label(o): (b * params + outside(o)) / 2**23 for _, o, b in kept} if target is None else {}), []
 
 
+def spread(items: list) -> list:
+    """``items`` (sorted) reordered so that every prefix spreads over their range: ends first, then halves."""
+    n, order, seen = len(items), [], set()
+    spans = [(0, n - 1)]
+    for i in (0, n - 1):
+        if 0 <= i < n and i not in seen:
+            seen.add(i)
+            order.append(i)
+    while spans:
+        lo, hi = spans.pop(0)
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        if mid not in seen:
+            seen.add(mid)
+            order.append(mid)
+        spans += [(lo, mid), (mid, hi)]
+    return [items[i] for i in order]
+
+
 def mixed_base(entry: SpaceEntry, target_of: Callable[[dict], float]) -> dict:
     """A mixed entry's fixed options; a GGUF's with the file type llama.cpp's own rules use for what the rules do
     not name (token_embd, norms): the entry's type nearest its target."""
     base = {**entry.fixed, "method": entry.method}
     if entry.method == "gguf":
         first = target_of({**base, "gguf_type": entry.gguf_type[0]})
-        base["gguf_type"] = min(entry.gguf_type, key=lambda t: abs(GGUF_BITS_PER_WEIGHT.get(t, 99) - first))
+        if math.isinf(first):  # no size to be near (a speed target): the entry's middle type
+            base["gguf_type"] = sorted(entry.gguf_type, key=lambda t: GGUF_BITS_PER_WEIGHT.get(t, 99))[
+                len(entry.gguf_type) // 2]
+        else:
+            base["gguf_type"] = min(entry.gguf_type, key=lambda t: abs(GGUF_BITS_PER_WEIGHT.get(t, 99) - first))
     return base

@@ -179,6 +179,9 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     if "@" in column and column.split("@", 1)[1] not in names:
         errors.add(("search", "objective"), f"objective {search.objective}: no evaluation domain of that name. "
                                             f"Domains: {allowed(names) if names else 'none (eval.perplexity is one text)'}")
+    if search.target.column == "decode_tokens_per_s" and spec.eval.speed is None:
+        errors.add(("search", "target", "decode_tokens_per_s"), "a speed target is measured by eval.speed, and the "
+                                                               "sweep's eval has speed: null")
     if search.objective.startswith("task:") and not spec.eval.tasks:
         errors.add(("search", "objective"), f"objective {search.objective} reads an eval.tasks metric, and the "
                                             "sweep's eval has no tasks")

@@ -165,3 +165,22 @@ search:
     for before, after in zip(sorted(rows, key=lambda r: r["job_id"]),
                              sorted(results(cli_env, sweep), key=lambda r: r["job_id"])):
         assert (after["attempts"], after["finished_at"]) == (before["attempts"], before["finished_at"])
+
+    # the same space under a size target (MB on disk): the probes are the same jobs (reused), the candidates are
+    # planned from the size less what each library stores besides the layers, and the pick meets it as measured
+    sizes = sorted(r["size_mb"] for r in candidates)
+    size = round((sizes[0] + sizes[-1]) / 2, 2)
+    by_size = tmp_path / "by-size.yaml"
+    by_size.write_text(spec.read_text().replace(f"target: {{bits_per_weight: {TARGET}}}", f"target: {{size_mb: {size}}}")
+                       .replace("name: e2e-search", "name: e2e-search-size"))
+    said = qfarm(cli_env, "validate", str(by_size))
+    assert said.returncode == 0 and f"at ≤ {size:g} MB on disk" in said.stdout, said.stdout + said.stderr
+    out = qfarm(cli_env, "submit", str(by_size), "--wait")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sized = results(cli_env, submitted_id(out.stdout))
+    assert {r["job_id"] for r in sized if r["search_role"] == "probe"} == {r["job_id"] for r in by_role["probe"]}
+    assert all(r["status"] == "succeeded" for r in sized), [(r["label"], r.get("error")) for r in sized]
+    (picked,) = [r for r in sized if r.get("search_pick")]
+    assert picked["search_target"] == {"size_mb": size} and picked["size_mb"] <= size
+    fitting = [r for r in sized if r["search_role"] in ("uniform", "candidate") and r["size_mb"] <= size]
+    assert picked["kl_div"] == min(r["kl_div"] for r in fitting)

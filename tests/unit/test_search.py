@@ -382,3 +382,43 @@ def test_the_pick_of_a_size_search_meets_the_size_measured_on_disk():
 
     rows = mark_search_pick([row("a", 0.1, 100.4, 4.0), row("b", 0.2, 99.9, 6.0), row("c", 0.3, 80.0, 3.0)])
     assert [r["job_id"] for r in rows if r["search_pick"]] == ["b"]  # a is 0.4 MB over; b's bits do not matter
+
+
+def test_a_speed_target_spans_the_sizes_and_the_pick_is_the_best_measured_at_least_that_fast():
+    from qfarm.results.compare import mark_search_pick
+    from qfarm.sweep.search import spread
+
+    layers = smollm_layers()
+    search = SearchSpec.model_validate({"target": {"decode_tokens_per_s": {"min": 30}}, "space": ISSUE_SPACE,
+                                        "budget": {"jobs": 12}})
+    assert (search.target.column, search.target.value) == ("decode_tokens_per_s", 30)
+    plan, problems = plan_search(search, layers)
+    assert problems == [] and plan.jobs <= 12
+    bpws = sorted(b for i, _, b in plan.uniform if i == 0)  # rtn's kept uniforms: its smallest and its largest
+    assert bpws[0] == pytest.approx(3.25, abs=0.01) and bpws[-1] >= 8.0
+    for i in (0, 1, 2):  # each mixed entry's points lie evenly inside its range, not at a size target
+        mine = [o["mixed"] for e, o in plan.mixed if e == i]
+        points = [m["target_bits_per_weight"] - m["point"] * m["step"] for m in mine]
+        assert len(points) == 2 and plan.smallest[i] < min(points) < max(points) < 8.6
+    assert spread(list(range(9)))[:3] == [0, 8, 4] and sorted(spread(list(range(9)))) == list(range(9))
+
+    def row(job, kl, speed):
+        return {"job_id": job, "sweep_id": "s", "status": "succeeded", "search_role": "uniform", "kl_div": kl,
+                "decode_tokens_per_s": speed, "bits_per_weight": 4.0, "size_mb": 90.0,
+                "search_target": {"decode_tokens_per_s": {"min": 30}}, "search_objective": "kl_div"}
+
+    rows = mark_search_pick([row("a", 0.01, 29.9), row("b", 0.2, 31.0), row("c", 0.3, 45.0), row("d", 0.1, None)])
+    assert [r["job_id"] for r in rows if r["search_pick"]] == ["b"]
+
+
+def test_a_speed_target_without_a_speed_measurement_is_refused_at_its_line(tmp_path):
+    from qfarm.errors import SpecError
+    from qfarm.sweep.expand import load_valid
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nmodel: bundled:smollm2-135m\neval: {perplexity: {max_windows: 2}, speed: null}\n"
+                    "search:\n  target: {decode_tokens_per_s: {min: 20}}\n"
+                    "  space:\n    - {method: rtn, bits: [4, 8], group_size: [64], mixed: true}\n")
+    with pytest.raises(SpecError) as err:
+        load_valid(path)
+    assert [(p.path, p.line) for p in err.value.problems] == [("search.target.decode_tokens_per_s", 5)]
