@@ -83,7 +83,7 @@ def main() -> None:
             path = spec(root, target, methods, args.model, size)
             plan = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(path)], env=env,
                                   capture_output=True, text=True)
-            print(f"\n=== target {target} bits per weight ===\n" + "\n".join(
+            print(f"\n=== target {target} {'MB' if size else 'bits per weight'} ===\n" + "\n".join(
                 line for line in (plan.stdout + plan.stderr).splitlines() if line.startswith(("search", "  "))))
             t0 = time.time()
             out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(path), "--wait"], env=env,
