@@ -49,6 +49,9 @@ MAX_SPACE = 8  # entries of a search's space
 # a candidate meets the target when its bits per weight are at most the target × (1 + TARGET_SLACK): the 0.05 %
 # a layer's shape record adds to int4 g64's 4.25 is not a reason to drop it from a 4.25 search
 TARGET_SLACK = 0.002
+# a size target's mixes aim this share under it: what lies outside the layers is an estimate from the model's shape
+# (measured on SmolLM2 at 100 MB: a GGUF's 0.6 MB over it, a compressed-tensors artifact's 0.4 MB under)
+SIZE_MARGIN = 0.01
 
 
 def meets(bits_per_weight: float, target: float) -> bool:
@@ -574,7 +577,10 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         entry = search.space[i]
         names = [f.name for f in formats_of(entry)]
         base = mixed_base(entry, target_of)
-        mine = round(min(targets[i], largest[i]), 4)  # more room than the best format on every layer takes: that
+        room = targets[i]
+        if search.target.column == "size_mb":  # a size is a hard limit: no allocation slack, a margin for the estimate
+            room = (room * params - SIZE_MARGIN * search.target.value * 2**23) / params / (1 + TARGET_SLACK)
+        mine = round(min(room, largest[i]), 4)  # more room than the best format on every layer takes: that
         step = search.step
         if speed and largest[i] - smallest[i] > 1e-6:  # points evenly between the entry's smallest and largest mix
             step = round((largest[i] - smallest[i]) / (points + 1), 4)
