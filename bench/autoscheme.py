@@ -49,7 +49,8 @@ def model_folder(root: Path) -> str:
     return folder
 
 
-def autoscheme(folder: str, targets: list[float], root: Path, samples: int, seq_len: int) -> dict[float, dict]:
+def autoscheme(folder: str, targets: list[float], root: Path, samples: int, seq_len: int,
+               groups: tuple[int, ...] = GROUPS) -> dict[float, dict]:
     """{qfarm target: {"formats": {layer: "4b g64"}, "avg_bits": AutoRound's target, "bpw": qfarm's measure,
     "seconds": AutoScheme's time}}."""
     import torch
@@ -68,7 +69,7 @@ def autoscheme(folder: str, targets: list[float], root: Path, samples: int, seq_
     data = root / "autoscheme-calibration.json"
     data.write_text(json.dumps([tokenizer.decode(ids[i * step:(i + 1) * step]) for i in range(samples)]))
     options = [QuantizationScheme(bits=b, group_size=g, sym=True, data_type="int", act_bits=16)
-               for b in BITS for g in GROUPS]
+               for b in BITS for g in groups]
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     layers = dict(quantizable(model))
     params = sum(m.weight.numel() for m in layers.values())
@@ -99,7 +100,7 @@ def autoscheme(folder: str, targets: list[float], root: Path, samples: int, seq_
             for t in targets if t in found}
 
 
-def spec(root: Path, target: float, rules: list[str] | None) -> Path:
+def spec(root: Path, target: float, rules: list[str] | None, search: bool = True) -> Path:
     jobs = ""
     if rules:
         flow = json.dumps(rules)
@@ -107,6 +108,10 @@ def spec(root: Path, target: float, rules: list[str] | None) -> Path:
                 f"  - {{kind: quantize, method: gptq, layer_rules: {flow}, "
                 f"calibration: {CALIBRATION}}}\n")
     path = root / f"vs-autoscheme-{str(target).replace('.', '_')}.yaml"
+    if not search:  # AutoScheme's jobs alone (the search's mixes: bench/search.py's rows on the same windows)
+        path.write_text(f"name: vs-autoscheme-{str(target).replace('.', '_')}\nmodel: bundled:smollm2-135m\n{EVAL}\n"
+                        + jobs)
+        return path
     path.write_text(f"""name: vs-autoscheme-{str(target).replace('.', '_')}
 model: bundled:smollm2-135m
 {EVAL}
@@ -127,12 +132,18 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="output root (default: a new temporary folder)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--jobs-only", action="store_true",
+                        help="run AutoScheme's allocations alone (compare with bench/search.py's mixed rows)")
+    parser.add_argument("--autoscheme-groups", default="32,64,128",
+                        help="AutoScheme's group sizes (it gives a 576-input layer g128, which compressed-tensors "
+                             "cannot store: 32,64 on SmolLM2)")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     root = Path(args.root or tempfile.mkdtemp(prefix="qfarm-bench-autoscheme-"))
     root.mkdir(parents=True, exist_ok=True)
     prepare(root)
-    picks = autoscheme(model_folder(root), targets, root, args.samples, args.seq_len)
+    picks = autoscheme(model_folder(root), targets, root, args.samples, args.seq_len,
+                       tuple(int(g) for g in args.autoscheme_groups.split(",")))
     for t, p in picks.items():
         print(f"AutoScheme at {t}: avg_bits {p['avg_bits']} (AutoRound's count) = {p['bpw']:.3f} bits per weight "
               f"(qfarm's); {p['seconds']:.0f} s for all targets")
@@ -143,7 +154,7 @@ def main() -> None:
         for target in targets:
             mine = picks.get(target)
             path = spec(root, target, [f"^{n.replace('.', chr(92) + '.')}$={f}" for n, f in mine["formats"].items()]
-                        if mine else None)
+                        if mine else None, not args.jobs_only)
             t0 = time.time()
             out = subprocess.run([sys.executable, "-m", "qfarm.cli", "submit", str(path), "--wait"], env=env,
                                  capture_output=True, text=True, cwd=REPO)
