@@ -521,7 +521,7 @@ class LLMCompressor:
 
             layers = allocation(ctx, scale_bits(source_dtype(ctx.job, base.path)))
             ctx.extra["layer_formats"] = layers
-        elif opts.layer_rules:  # per-layer formats by rule (a search pick's fragment, or written by hand)
+        elif getattr(opts, "layer_rules", None):  # per-layer formats by rule (a search pick's fragment, or written by hand)
             layers = ruled_layers(model, opts)
             ctx.extra["layer_formats"] = layers
         if capture:
