@@ -326,12 +326,18 @@ PLAN_TERMS = {
 }
 
 
+def window_bytes(shape: ModelShape, seq: int, cb: int) -> dict[str, float]:
+    """What one forward over ``seq`` tokens holds besides the weights: its logits and log-softmax (float32,
+    [seq, vocab]) and the KV cache at ``cb`` bytes an element."""
+    return {"a window's logits and log-softmax (float32)": seq * shape.vocab * 4 * 2,
+            "KV cache": 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb}
+
+
 def _evaluation(dev: dict, host: dict, job: Job, shape: ModelShape, cb: int, disk: dict | None = None) -> None:
     texts = job.evaluation.texts if job.evaluation is not None else []
     if texts:  # each domain's windows in turn: the longest window at once, every domain's log-probs kept
         seq, windows = max(t.seq_len for t in texts), sum(t.max_windows for t in texts)
-        dev["a window's logits and log-softmax (float32)"] = seq * shape.vocab * 4 * 2
-        dev["KV cache"] = 2 * shape.layers * seq * shape.kv_heads * shape.head_dim * cb
+        dev.update(window_bytes(shape, seq, cb))
         budget = settings.number("QFARM_REF_CACHE_MB") * 2**20
         kept = windows * seq * shape.vocab * 2
         if kept <= budget:
