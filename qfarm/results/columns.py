@@ -235,6 +235,8 @@ TABLE: tuple[Column, ...] = (
     C("search_target_bits_per_weight", group="search", format="{:.3f}"),  # a mixed candidate's own point
     C("search_predicted_kl", group="search", format="{:.4f}"),  # the probes' summed KL for its allocation
     C("search_predicted_bits_per_weight", group="search", format="{:.3f}"),
+    # a gpu_mem_gb target: the artifact's size on disk and the KV cache and logits at its context (predicted)
+    C("search_gpu_mem_gb", unit="GB", group="search", format="{:.3f}"),
     C("search_formats_used", group="search", format="{}"),  # how many layers took each format
     C("search_probe_windows", group="search", format="{}"),
     C("tensor_types", group="gguf", format="{}", echoes_option=True),  # a mixed GGUF's rules, as the plain option

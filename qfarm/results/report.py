@@ -120,7 +120,9 @@ def _search(rows: list[dict]):
                     xytext=(5, 4), fontsize=7)
     if isinstance(target, (int, float)):
         ax.axvline(target, color=FRONTIER_COLOR, linestyle="--", linewidth=1.2,
-                   label=f"target {target:g} " + ("bits/weight" if across == "bits_per_weight" else "MB"))
+                   label=f"target {target:g} " + ("bits/weight" if across == "bits_per_weight" else "MB")
+                   + (f" (≤ {wanted['gpu_mem_gb']:g} GB on a GPU at {wanted.get('context')} tokens)"
+                      if wanted.get("gpu_mem_gb") is not None else ""))
     for m in methods:
         ax.scatter([], [], color=cmap[m], label=m)
     ax.scatter([], [], marker="^", color="gray", label="mixed (hollow: predicted)")

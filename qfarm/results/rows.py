@@ -35,6 +35,10 @@ def row(job: JobRecord) -> dict[str, Any]:
         if search.get("role") in ("uniform", "candidate"):
             out["search_fragment"] = fragment(spec.options, result)
     out.update(result)
+    if (search.get("target") or {}).get("gpu_mem_gb") is not None and search.get("role") != "probe":
+        from qfarm.sweep.search import gpu_mem_gb
+
+        out["search_gpu_mem_gb"] = gpu_mem_gb(search["target"], out)  # predicted: the size on disk and the KV cache
     out.update({
         "job_id": job.id,
         "status": job.status,

@@ -6,7 +6,7 @@ Sample yaml::
     model: bundled:smollm2-135m
     eval: {perplexity: {seq_len: 512, max_windows: 8}}
     search:
-      target: {bits_per_weight: 4.25}    # or size_mb: 100 (the artifact on disk)
+      target: {bits_per_weight: 4.25}    # or size_mb: 100 (the artifact on disk), gpu_mem_gb: 6 (serving it)
       objective: kl_div                  # minimised; or perplexity
       space:
         - {method: rtn, bits: [3, 4, 8], group_size: [32, 64, 128], mixed: true}
@@ -70,42 +70,65 @@ class SpeedFloor(_Strict):
 
 class SearchTarget(_Strict):
     """What the pick must meet, one of: ``bits_per_weight`` (the stored bits of the quantized layers over their
-    weights), ``size_mb`` (the artifact on disk, in the rows' MB: 2^20 bytes) or ``decode_tokens_per_s: {min: N}``
-    (measured by eval.speed on the farm's own hardware: not predicted, so the candidates span the space's sizes and
-    the pick is the best of those measured at least that fast). gpu_mem_gb is not built yet."""
+    weights), ``size_mb`` (the artifact on disk, in the rows' MB: 2^20 bytes), ``gpu_mem_gb`` (GB: 1e9 bytes, what a
+    GPU holds to serve the artifact: its weights as stored, the KV cache and one forward's logits over ``context``
+    tokens, by default the evaluation's longest window; predicted from the model's config, qfarm.sweep.plan) or
+    ``decode_tokens_per_s: {min: N}`` (measured by eval.speed on the farm's own hardware: not predicted, so the
+    candidates span the space's sizes and the pick is the best of those measured at least that fast)."""
 
     bits_per_weight: Optional[float] = Field(None, gt=1.0, le=16.0)
     size_mb: Optional[float] = Field(None, gt=0.0, le=10_000_000.0)
+    gpu_mem_gb: Optional[float] = Field(None, gt=0.0, le=100_000.0)
+    context: Optional[int] = Field(None, ge=1, le=10_000_000)  # tokens a gpu_mem_gb target's KV cache holds
     decode_tokens_per_s: Optional[SpeedFloor] = None
 
     @model_validator(mode="after")
     def _one(self):
-        if sum(v is not None for v in (self.bits_per_weight, self.size_mb, self.decode_tokens_per_s)) != 1:
+        if sum(v is not None for v in (self.bits_per_weight, self.size_mb, self.gpu_mem_gb,
+                                       self.decode_tokens_per_s)) != 1:
             raise ValueError("give one target: bits_per_weight (stored bits of the quantized layers over their "
-                             "weights, e.g. 4.25), size_mb (the artifact on disk, e.g. 90) or decode_tokens_per_s "
-                             "(e.g. {min: 20}, measured by eval.speed)")
+                             "weights, e.g. 4.25), size_mb (the artifact on disk, e.g. 90), gpu_mem_gb (what serving "
+                             "it holds on a GPU, e.g. 6) or decode_tokens_per_s (e.g. {min: 20}, measured by "
+                             "eval.speed)")
+        if self.context is not None and self.gpu_mem_gb is None:
+            raise ValueError("context is the tokens a gpu_mem_gb target's KV cache holds: give it with gpu_mem_gb")
         return self
 
     @property
     def column(self) -> str:
-        if self.decode_tokens_per_s is not None:
-            return "decode_tokens_per_s"
-        return "bits_per_weight" if self.bits_per_weight is not None else "size_mb"
+        for name in ("decode_tokens_per_s", "gpu_mem_gb", "size_mb"):
+            if getattr(self, name) is not None:
+                return name
+        return "bits_per_weight"
 
     @property
     def value(self) -> float:
         if self.decode_tokens_per_s is not None:
             return self.decode_tokens_per_s.min
-        return self.bits_per_weight if self.bits_per_weight is not None else self.size_mb
+        return getattr(self, self.column)
 
     def describe(self) -> str:
         return {"bits_per_weight": f"{self.value:g} bits per weight", "size_mb": f"{self.value:g} MB",
+                "gpu_mem_gb": f"{self.value:g} GB of GPU memory",
                 "decode_tokens_per_s": f"at least {self.value:g} decode tokens/s"}[self.column]
 
 
+def gpu_mem_gb(target: dict, row: dict) -> Optional[float]:
+    """A row's predicted GPU memory under a ``gpu_mem_gb`` target (as the rows record it: with ``overhead_gb``, the
+    KV cache and logits at its context): its size on disk plus that."""
+    size, overhead = row.get("size_mb"), target.get("overhead_gb")
+    if not isinstance(size, (int, float)) or not isinstance(overhead, (int, float)):
+        return None
+    return size * 2**20 / 1e9 + overhead
+
+
 def meets_target(target: dict, row: dict) -> bool:
-    """Whether a row's measured figures meet a search's target (``target``: as the rows record it): its bits per
-    weight within TARGET_SLACK, its size on disk at most the size asked, its decode speed at least the floor."""
+    """Whether a row's figures meet a search's target (``target``: as the rows record it): its bits per weight
+    within TARGET_SLACK, its size on disk at most the size asked, its predicted GPU memory at most the GB asked, its
+    decode speed at least the floor."""
+    if target.get("gpu_mem_gb") is not None:
+        need = gpu_mem_gb(target, row)
+        return need is not None and need <= float(target["gpu_mem_gb"])
     if target.get("size_mb") is not None:
         size = row.get("size_mb")
         return isinstance(size, (int, float)) and size <= float(target["size_mb"])
@@ -468,6 +491,7 @@ class SearchPlan:
     smallest: dict[int, float]  # mixed entry -> the smallest mix's bits per weight
     targets: dict[int, float]  # a size target: mixed entry -> the bits per weight its mixes may store
     sizes: dict[str, float]  # a size target: uniform candidate's label -> its predicted size (MB)
+    memory: str = ""  # a gpu_mem_gb target: what it leaves the weights (validate's search_stages)
 
     @property
     def jobs(self) -> int:
@@ -478,6 +502,7 @@ class SearchPlan:
         way = "maximised" if search.measured()[1] == "max" else "minimised"
         at = {"bits_per_weight": f"at ≤ {search.target.value:g} bits per weight over",
               "size_mb": f"at ≤ {search.target.value:g} MB on disk, with",
+              "gpu_mem_gb": f"at ≤ {search.target.value:g} GB of GPU memory ({self.memory}), with",
               "decode_tokens_per_s": f"at ≥ {search.target.value:g} decode tokens/s (measured by eval.speed; the "
                                      "candidates span the space's sizes), with"}[search.target.column]
         lines = [f"search: {search.objective} ({column}, {way}) {at} "

@@ -162,6 +162,28 @@ def outside_bits(numbers, dtype: str, model_source: dict):
     return bits
 
 
+def gpu_target(search, numbers, ppl) -> tuple[Any, str, dict]:
+    """A ``gpu_mem_gb`` target as the size on disk it leaves the weights: (the search with that ``size_mb`` target,
+    what the memory holds besides them, the target as the rows record it: with ``context``, ``overhead_gb`` and
+    ``size_mb``); (None, why, {}) when the KV cache and logits alone take it. The weights are held as stored (a GGUF
+    in llama.cpp, a compressed-tensors artifact in vLLM's packed kernels), the KV cache in the model's GPU dtype."""
+    from qfarm.sweep.plan import compute_bytes, window_bytes
+    from qfarm.sweep.search import SearchTarget
+
+    wanted = search.target
+    context = wanted.context or max(d.seq_len for d in (ppl if isinstance(ppl, list) else [ppl]))
+    overhead = sum(window_bytes(numbers, context, compute_bytes(numbers, "cuda")).values())
+    size_mb = (wanted.gpu_mem_gb * 1e9 - overhead) / 2**20
+    held = f"the KV cache and logits at {context} tokens take {overhead / 1e9:.3g} GB"
+    if size_mb <= 0:
+        return None, f"{held}: more than {wanted.gpu_mem_gb:g} GB before any weight. Raise gpu_mem_gb, or give a " \
+                     "shorter context", {}
+    target = {**wanted.model_dump(exclude_none=True), "context": context, "overhead_gb": round(overhead / 1e9, 6),
+              "size_mb": round(size_mb, 3)}
+    return search.model_copy(update={"target": SearchTarget(size_mb=size_mb)}), \
+        f"{held}, leaving the weights {size_mb:.1f} MB", target
+
+
 def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, base_dir: Path,
                   errors: Collector) -> tuple[Any, list[ValidStage]]:
     """The stages a ``search:`` makes (its uniform and mixed candidates, validated as any job group) and its plan;
@@ -199,14 +221,28 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     else:
         dtype = numbers.dtype if numbers is not None else "bfloat16"
     outside = outside_bits(numbers, dtype, model_source) if numbers is not None and numbers.vocab else None
-    plan, problems = plan_search(search, search_layers(shape), scale_bits(dtype), outside)
+    target = search.target.model_dump(exclude_none=True)
+    planned, memory = search, ""
+    if search.target.column == "gpu_mem_gb":  # a size on disk once the KV cache and logits are paid
+        if numbers is None or not numbers.vocab:
+            errors.add(("search", "target", "gpu_mem_gb"), "the model's config cannot be read here, and a GPU memory "
+                                                           "target is planned from it: give size_mb or bits_per_weight")
+            return None, []
+        planned, memory, target = gpu_target(search, numbers, ppl)
+        if planned is None:
+            errors.add(("search", "target", "gpu_mem_gb"), memory)
+            return None, []
+    plan, problems = plan_search(planned, search_layers(shape), scale_bits(dtype), outside)
     for loc, message in problems:
+        if memory and loc[:2] == ("target", "size_mb"):
+            loc, message = ("target", "gpu_mem_gb"), f"{search.target.describe()} ({memory}): {message}"
         errors.add(("search",) + loc, message)
     if plan is None:
         return None, []
+    plan = replace(plan, memory=memory)
     groups, roles, entries = [], {}, {}
     column, direction = search.measured()
-    info = {"target": search.target.model_dump(exclude_none=True), "objective": column, "direction": direction}
+    info = {"target": target, "objective": column, "direction": direction}
     first = len(spec.jobs)
     for role, items in (("uniform", [(i, o) for i, o, _ in plan.uniform]), ("candidate", list(plan.mixed))):
         for k, (i, options) in enumerate(items):

@@ -425,3 +425,68 @@ def test_a_speed_target_without_a_speed_measurement_is_refused_at_its_line(tmp_p
     with pytest.raises(SpecError) as err:
         load_valid(path)
     assert [(p.path, p.line) for p in err.value.problems] == [("search.target.decode_tokens_per_s", 5)]
+
+
+def _gpu_search(tmp_path, target: str):
+    from qfarm.sweep.expand import load_valid
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nmodel: bundled:smollm2-135m\neval: {perplexity: {seq_len: 512, max_windows: 2}}\n"
+                    f"search:\n  target: {target}\n  space:\n"
+                    "    - {method: rtn, bits: [3, 4, 8], group_size: [32, 64], mixed: true}\n"
+                    "    - {method: gguf, gguf_type: [Q4_K_M, Q8_0], mixed: true}\n")
+    return load_valid(path)
+
+
+def test_a_gpu_memory_target_is_the_size_it_leaves_once_the_kv_cache_and_logits_are_paid(tmp_path):
+    """SmolLM2-135M (30 layers, 3 KV heads of 64, vocabulary 49152, bfloat16): at 512 tokens the KV cache takes
+    2·30·512·3·64·2 bytes and a forward's logits and log-softmax 512·49152·4·2; what is left is a size target's."""
+    from qfarm.sweep.search import meets_target
+
+    overhead = 2 * 30 * 512 * 3 * 64 * 2 + 512 * 49152 * 4 * 2
+    valid = _gpu_search(tmp_path, "{gpu_mem_gb: 0.32}")
+    left = (0.32e9 - overhead) / 2**20
+    sized = _gpu_search(tmp_path, f"{{size_mb: {left}}}")
+    assert valid.search.targets == pytest.approx(sized.search.targets)  # the same room for every mixed entry
+    assert [o for _, o, _ in valid.search.uniform] == [o for _, o, _ in sized.search.uniform]
+    assert [o["mixed"]["target_bits_per_weight"] for _, o in valid.search.mixed] == \
+        [o["mixed"]["target_bits_per_weight"] for _, o in sized.search.mixed]
+    jobs = [s for s in valid.stages if s.search]
+    target = jobs[0].search["target"]
+    assert target["context"] == 512 and target["overhead_gb"] == pytest.approx(overhead / 1e9, rel=1e-5)
+    assert target["size_mb"] == pytest.approx(left, abs=1e-3)
+    assert "GB of GPU memory (the KV cache and logits at 512 tokens take 0.213 GB" in \
+        "\n".join(valid.search.summary(valid.loaded.spec.search))
+    # the row meets it when its size on disk and that overhead come to at most the GB asked
+    assert meets_target(target, {"size_mb": left - 0.01}) and not meets_target(target, {"size_mb": left + 0.01})
+    # a longer context leaves the weights less: at 2048 tokens the logits alone take 0.8 GB
+    longer = _gpu_search(tmp_path, "{gpu_mem_gb: 1.0, context: 2048}")
+    assert [s for s in longer.stages if s.search][0].search["target"]["size_mb"] == pytest.approx(
+        (1e9 - 4 * overhead) / 2**20, abs=1e-3)
+
+
+@pytest.mark.parametrize("target, said", [
+    ("{gpu_mem_gb: 0.2}", "the KV cache and logits at 512 tokens take 0.213 GB: more than 0.2 GB"),
+    ("{gpu_mem_gb: 0.23}", "0.23 GB of GPU memory (the KV cache and logits at 512 tokens take 0.213 GB, leaving"),
+    ("{size_mb: 90, context: 512}", "give it with gpu_mem_gb"),
+])
+def test_a_gpu_memory_target_that_cannot_be_met_is_refused_at_its_line(tmp_path, target, said):
+    from qfarm.errors import SpecError
+
+    with pytest.raises(SpecError) as err:
+        _gpu_search(tmp_path, target)
+    assert err.value.problems[0].line == 5 and said in err.value.problems[0].message, err.value.problems
+
+
+def test_the_pick_of_a_gpu_memory_search_is_the_best_whose_predicted_memory_fits():
+    from qfarm.results.compare import mark_search_pick
+
+    target = {"gpu_mem_gb": 0.32, "context": 512, "overhead_gb": 0.2132, "size_mb": 101.9}
+
+    def row(job, kl, size):
+        return {"job_id": job, "sweep_id": "s", "status": "succeeded", "search_role": "candidate", "kl_div": kl,
+                "size_mb": size, "bits_per_weight": 4.0, "search_target": target, "search_objective": "kl_div"}
+
+    rows = mark_search_pick([row("a", 0.1, 102.5), row("b", 0.2, 101.5), row("c", 0.3, 80.0)])
+    assert [r["job_id"] for r in rows if r["search_pick"]] == ["b"]  # a needs 0.3207 GB
+
