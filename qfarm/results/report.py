@@ -150,6 +150,57 @@ def _pick(data: list[dict]) -> str:
     return f'<h2 id="pick">Search pick</h2><ul>{items}</ul>'
 
 
+def _num(value: Any, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _path(data: list[dict]) -> str:
+    """Each search's path, in the order its jobs finished: what the probes measured, each candidate's predicted and
+    measured size and objective, whether it met the target, and the best so far (the pick in the end)."""
+    from qfarm.sweep.search import meets_target
+
+    sweeps = sorted({r.get("sweep_id") for r in data if r.get("search_role")}, key=str)
+    parts = []
+    for sweep in sweeps:
+        rows = sorted((r for r in data if r.get("sweep_id") == sweep and r.get("search_role")),
+                      key=lambda r: (r.get("finished_at") is None, r.get("finished_at") or 0, str(r.get("job_id"))))
+        column = next((r.get("search_objective") for r in rows if r.get("search_objective")), None)
+        sign = -1 if any(r.get("search_direction") == "max" for r in rows) else 1
+        best, body = None, []
+        for n, r in enumerate(rows, 1):
+            role, ok = r.get("search_role"), r.get("status") == "succeeded"
+            if role == "probe":
+                found = (f"{_esc(r.get('probe_layers') or '-')} layers; their KL alone, summed: "
+                         f"{_num(r.get('probe_kl_sum'), '{:.4g}')} (max {_num(r.get('probe_kl_max'), '{:.4g}')}); "
+                         f"{_num(r.get('probe_s'), '{:.0f}')} s") if ok else _esc(r.get("status"))
+                body.append(f'<tr><td>{n}</td><td class="l">probe</td><td class="l">{_esc(_label(r))}</td>'
+                            f'<td class="l" colspan="6">{found}</td></tr>')
+                continue
+            value = r.get(column or "")
+            met = ok and meets_target(r.get("search_target") or {}, r)
+            if met and isinstance(value, (int, float)) and (best is None or sign * value < sign * best[0]):
+                best = (value, _label(r))
+            mark = ' style="font-weight:bold"' if r.get("search_pick") else ""
+            body.append(
+                f"<tr{mark}><td>{n}</td><td class=\"l\">{_esc(role)}</td><td class=\"l\">"
+                f"{'★ ' if r.get('search_pick') else ''}{_esc(_label(r))}</td>"
+                f"<td>{_num(r.get('search_predicted_bits_per_weight'), '{:.3f}')} → "
+                f"{_num(r.get('bits_per_weight'), '{:.3f}')}</td><td>{_num(r.get('size_mb'), '{:.1f}')}</td>"
+                f"<td>{_num(r.get('search_predicted_kl'), '{:.4f}') if column == 'kl_div' else '-'} → "
+                f"{_num(value, '{:.4g}') if ok else _esc(r.get('status'))}</td>"
+                f"<td>{'yes' if met else 'no'}</td><td class=\"l\">"
+                f"{_esc(best[1]) + ' (' + _num(best[0], '{:.4g}') + ')' if best else '-'}</td></tr>")
+        parts.append(f'<h3>{_esc(sweep)}: {_esc(column)}</h3><table><thead><tr><th>#</th><th class="l">role</th>'
+                     '<th class="l">job</th><th>bits per weight (predicted → measured)</th><th>MB</th>'
+                     f'<th>{_esc(column)} (predicted → measured)</th><th>meets the target</th>'
+                     f'<th class="l">best so far</th></tr></thead><tbody>{"".join(body)}</tbody></table>')
+    if not parts:
+        return ""
+    return ('<h2 id="search-path">Search path</h2><p class="meta">In the order the jobs finished: the probes (each '
+            "layer's sensitivity), then the candidates, each beside what the probes predicted for it (mixed ones), and "
+            f"the best so far among those that met the target.</p>{''.join(parts)}")
+
+
 def _domains(rows: list[dict], domains: list[str]):
     """Rows × evaluation domains: each cell the row's change in perplexity on that domain against the reference
     (colour and text), its KL beneath: which method breaks out of which domain."""
@@ -378,6 +429,7 @@ them and better on one (differences within 2 standard errors are ties). Deltas a
 reference (method none) on the same windows.{f" Note: {_esc(note)}." if note else ""}</p>
 {_table(data)}
 {_pick(data)}
+{_path(data)}
 {_noise(data)}
 {"".join(sections)}
 {_answers(data)}

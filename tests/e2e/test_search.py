@@ -113,6 +113,8 @@ search:
     assert qfarm(cli_env, "report", sweep, "-o", str(report)).returncode == 0
     page = report.read_text()
     assert 'id="fig-search"' in page and 'id="pick"' in page and pick["label"].replace("≤", "") in page.replace("≤", "")
+    path = page.split('id="search-path"', 1)[1].split("</table>", 1)[0]  # every search job, the pick starred
+    assert path.count("<tr>") + path.count("<tr ") - 1 == sum(1 for r in rows if r.get("search_role")) and "★" in path
 
     # the pick loads in its own library's loader
     if pick["method"] == "gguf":

@@ -490,3 +490,25 @@ def test_the_pick_of_a_gpu_memory_search_is_the_best_whose_predicted_memory_fits
     rows = mark_search_pick([row("a", 0.1, 102.5), row("b", 0.2, 101.5), row("c", 0.3, 80.0)])
     assert [r["job_id"] for r in rows if r["search_pick"]] == ["b"]  # a needs 0.3207 GB
 
+
+def test_the_search_path_lists_every_job_in_finishing_order_with_the_best_so_far():
+    from qfarm.results.compare import mark_search_pick
+    from qfarm.results.report import _path
+
+    def row(job, role, at, kl=None, bpw=None, **more):
+        return {"job_id": job, "label": job, "sweep_id": "s", "status": "succeeded", "search_role": role,
+                "finished_at": at, "kl_div": kl, "bits_per_weight": bpw, "search_target": {"bits_per_weight": 4.25},
+                "search_objective": "kl_div", "search_direction": "min", **more}
+
+    rows = mark_search_pick([row("u-far", "uniform", 5, 0.05, 8.2), row("p1", "probe", 1, probe_layers=105,
+                                                                       probe_kl_sum=3.5),
+                             row("u4", "uniform", 3, 0.30, 4.25), row("mix", "candidate", 4, 0.10, 4.24,
+                                                                      search_predicted_kl=0.08)])
+    page = _path(rows)
+    order = [page.index(f">{name}<") if name != "mix" else page.index("★ mix") for name in ("p1", "u4", "mix", "u-far")]
+    assert order == sorted(order)  # as they finished
+    cells = page.split("<tr")[2:]
+    assert "105 layers" in cells[0] and "3.5" in cells[0]
+    assert "u4 (0.3)" in cells[1] and "0.0800 → 0.1" in cells[2] and "mix (0.1)" in cells[2]
+    assert ">no<" in cells[3] and "mix (0.1)" in cells[3]  # 8.2 bits: over the target, not the best so far
+    assert _path([{"job_id": "x", "sweep_id": "t"}]) == ""
