@@ -140,7 +140,7 @@ class Worker:
 def _model_card(job: Job, result: dict, sweep_id: str, output_root: str) -> dict:
     """The job's artifact folder gets its model card (workers.shared.card); a card that cannot be written is said in the
     row, and never fails the job."""
-    if not result.get("artifact"):
+    if not result.get("artifact") or job.kind == "final":  # a search's final: the candidate's folder, its card
         return {}
     try:
         from workers.shared.card import write_card

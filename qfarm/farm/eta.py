@@ -120,7 +120,7 @@ def ranks(jobs: Iterable[JobRecord], history: dict[str, float] | None = None) ->
     guess = expected(jobs, history, unitless=True)
     children: dict[str, list[str]] = {}
     for j in jobs:
-        for parent in (j.job.parent, *j.job.needs):
+        for parent in (j.job.parent, *j.job.needs, *j.job.after):  # a search's finals come after its candidates
             if parent:
                 children.setdefault(parent, []).append(j.id)
     memo: dict[str, float] = {}

@@ -262,6 +262,14 @@ class Scheduler:
                 inputs.setdefault("needs", {})[dep_id] = value.get("artifact")
             else:
                 inputs.update(value)
+        ended = []
+        for dep_id in [d for d in job.job.after if isinstance(d, str)]:  # a search's final: its screened candidates
+            dep = self.jobs.get(dep_id) or self.store.job(dep_id)
+            if dep is not None and dep.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+                return None
+            ended.append(screened(dep_id, dep))
+        if ended:
+            inputs["after"] = ended
         return inputs
 
     def _collect(self) -> None:
@@ -568,6 +576,20 @@ def readiness(parent_id: str | None, parent: JobRecord | None) -> tuple[str, Any
         return "skip", f"skipped: the job it comes from ({parent_id}) is not in Redis"
     why = f": {parent.error}" if parent.error else ""
     return "skip", f"skipped: {parent.job.label} ({parent.id}) {parent.status}{why}"
+
+
+def screened(dep_id: str, dep: JobRecord | None) -> dict:
+    """What a search's final job reads of a candidate it waited for (``Job.after``), however it ended: its status,
+    label, options and the row's facts a final needs (qfarm.sweep.search.SCREEN_KEYS and the search's objective)."""
+    from qfarm.sweep.search import SCREEN_KEYS
+
+    if dep is None:
+        return {"id": dep_id, "status": "missing"}
+    result = dep.result or {}
+    objective = (dep.job.search or {}).get("objective")
+    keys = SCREEN_KEYS + ((objective,) if isinstance(objective, str) else ())
+    return {"id": dep_id, "status": dep.status, "label": dep.job.label, "options": dep.job.options,
+            "search": dep.job.search, "result": {k: result[k] for k in keys if k in result}}
 
 
 def orphaned(job: JobRecord, now: float, worker_gone) -> str | None:

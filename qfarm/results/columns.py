@@ -238,6 +238,10 @@ TABLE: tuple[Column, ...] = (
     # a gpu_mem_gb target: the artifact's size on disk and the KV cache and logits at its context (predicted)
     C("search_gpu_mem_gb", unit="GB", group="search", format="{:.3f}"),
     C("search_formats_used", group="search", format="{}"),  # how many layers took each format
+    # successive halving: a final's candidate (its job and label), and what its screen measured and where it ranked
+    C("search_final_of", group="search", format="{}"),
+    C("search_final_label", group="search", format="{}"),
+    C("search_screen", group="search", format="{}"),
     C("search_probe_windows", group="search", format="{}"),
     C("tensor_types", group="gguf", format="{}", echoes_option=True),  # a mixed GGUF's rules, as the plain option
     C("gguf_imatrix", group="gguf", format="{}"),  # the importance matrix llama.cpp quantized with: from, file, tensors

@@ -305,25 +305,30 @@ def compare_noted(data: list[dict], where: list[str] = (), sort: str | None = No
 def mark_search_pick(data: list[dict]) -> list[dict]:
     """Rows with ``search_pick`` set for a search's candidates (qfarm.sweep.search): true for the one, per sweep,
     whose measured objective is best among those whose measured bits per weight (or size on disk) meet the target
-    (an equal objective goes to the smaller); false for its other candidates; null for rows of no search and probes."""
+    (an equal objective goes to the smaller); false for its other candidates; null for rows of no search and probes.
+    A search with successive halving (``final`` rows) picks among its finals only: its screens were measured on fewer
+    windows."""
     from qfarm.sweep.search import meets_target
 
+    halved = {r.get("sweep_id") for r in data if r.get("search_role") == "final"}  # the finals compete, not screens
     best: dict[str, dict] = {}
     for r in data:
         target, column = r.get("search_target") or {}, r.get("search_objective")
-        if r.get("search_role") not in ("uniform", "candidate") or r.get("status") != "succeeded" or not column:
+        roles = ("final",) if r.get("sweep_id") in halved else ("uniform", "candidate")
+        if r.get("search_role") not in roles or r.get("status") != "succeeded" or not column:
             continue
         value = r.get(column)
         if not isinstance(value, (int, float)) or not meets_target(target, r):
             continue
         sign = -1 if r.get("search_direction") == "max" else 1
-        key = (sign * value, r.get("size_mb") if target.get("size_mb") is not None else r.get("bits_per_weight"))
+        key = (sign * value, (r.get("size_mb") if target.get("size_mb") is not None else r.get("bits_per_weight"))
+               or 0.0)
         mine = best.get(r.get("sweep_id"))
         if mine is None or key < mine["key"]:
             best[r.get("sweep_id")] = {"key": key, "job": r.get("job_id")}
     out = []
     for r in data:
-        if r.get("search_role") in ("uniform", "candidate"):
+        if r.get("search_role") in ("uniform", "candidate", "final"):
             r = {**r, "search_pick": (best.get(r.get("sweep_id")) or {}).get("job") == r.get("job_id")}
         out.append(r)
     return out

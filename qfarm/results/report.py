@@ -87,7 +87,7 @@ def plots(data: list[dict]) -> dict[str, Any]:
     curves = [r for r in ok if r.get("loss_curve")]
     if curves:
         figs["loss"] = _loss(curves)
-    searched = [r for r in ok if r.get("search_role") in ("uniform", "candidate")
+    searched = [r for r in ok if r.get("search_role") in ("uniform", "candidate", "final")
                 and isinstance(r.get("bits_per_weight"), (int, float))
                 and isinstance(r.get(r.get("search_objective") or ""), (int, float))]
     if searched:
@@ -106,10 +106,13 @@ def _search(rows: list[dict]):
     target = wanted.get(across)
     methods = sorted({r.get("method") or "?" for r in rows})
     cmap = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    halved = any(r["search_role"] == "final" for r in rows)  # screens measured on fewer windows: pale
     for r in rows:
         x, y, color = r[across], r[column], cmap[r.get("method") or "?"]
-        mixed = r["search_role"] == "candidate"
-        ax.scatter([x], [y], marker="^" if mixed else "o", s=160 if r.get("search_pick") else 44, color=color, zorder=3,
+        mixed = r["search_role"] == "candidate" or (r["search_role"] == "final" and bool(r.get("layer_formats")))
+        pale = halved and r["search_role"] != "final"
+        ax.scatter([x], [y], marker="D" if r["search_role"] == "final" else "^" if mixed else "o",
+                   s=160 if r.get("search_pick") else 44, color=color, zorder=3, alpha=0.3 if pale else 1.0,
                    edgecolors="black" if r.get("search_pick") else "none", linewidths=1.5)
         predicted = r.get("search_predicted_kl")
         if mixed and column == "kl_div" and isinstance(predicted, (int, float)) and across == "bits_per_weight":
@@ -126,6 +129,8 @@ def _search(rows: list[dict]):
     for m in methods:
         ax.scatter([], [], color=cmap[m], label=m)
     ax.scatter([], [], marker="^", color="gray", label="mixed (hollow: predicted)")
+    if halved:
+        ax.scatter([], [], marker="D", color="gray", label="final (in full); pale: the screen")
     values = [r[column] for r in rows]
     if min(values) > 0 and max(values) / min(values) > 20:
         ax.set_yscale("log")
@@ -165,6 +170,7 @@ def _path(data: list[dict]) -> str:
         rows = sorted((r for r in data if r.get("sweep_id") == sweep and r.get("search_role")),
                       key=lambda r: (r.get("finished_at") is None, r.get("finished_at") or 0, str(r.get("job_id"))))
         column = next((r.get("search_objective") for r in rows if r.get("search_objective")), None)
+        competing = ("final",) if any(r.get("search_role") == "final" for r in rows) else ("uniform", "candidate")
         sign = -1 if any(r.get("search_direction") == "max" for r in rows) else 1
         best, body = None, []
         for n, r in enumerate(rows, 1):
@@ -178,7 +184,8 @@ def _path(data: list[dict]) -> str:
                 continue
             value = r.get(column or "")
             met = ok and meets_target(r.get("search_target") or {}, r)
-            if met and isinstance(value, (int, float)) and (best is None or sign * value < sign * best[0]):
+            if met and role in competing and isinstance(value, (int, float)) and \
+                    (best is None or sign * value < sign * best[0]):
                 best = (value, _label(r))
             mark = ' style="font-weight:bold"' if r.get("search_pick") else ""
             body.append(
@@ -198,7 +205,8 @@ def _path(data: list[dict]) -> str:
         return ""
     return ('<h2 id="search-path">Search path</h2><p class="meta">In the order the jobs finished: the probes (each '
             "layer's sensitivity), then the candidates, each beside what the probes predicted for it (mixed ones), and "
-            f"the best so far among those that met the target.</p>{''.join(parts)}")
+            "the best so far among those that met the target (with successive halving: the screens on their few "
+            f"windows, then the finals in full, which alone compete).</p>{''.join(parts)}")
 
 
 def _domains(rows: list[dict], domains: list[str]):

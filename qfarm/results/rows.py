@@ -43,7 +43,9 @@ def row(job: JobRecord) -> dict[str, Any]:
         "job_id": job.id,
         "status": job.status,
         "kind": spec.kind or None,
-        "label": spec.label or None,
+        # a search's final job: the candidate it evaluated in full
+        "label": (f"{spec.label}: {result['search_final_label']}" if result.get("search_final_label")
+                  else spec.label or None),
         "stage": spec.stage or None,
         "parent": spec.parent,
         "lineage": " → ".join(spec.lineage) or None,

@@ -91,17 +91,21 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
     jobs: dict[str, Job] = {}
     stages: dict[str, list[Job]] = {}  # stage name -> its jobs, for the stages that come from it
     implicit: dict[str, Job] = {}  # reference jobs the comparing jobs need, made here unless the spec has them
+    screened: list[tuple[Job, str, dict, dict]] = []  # a halving search's candidates: (job, reference, full eval, halving)
     for stage in valid.stages:
         gi, group = stage.gi, stage.group
         parents = [None] if stage.parent is None else stages.get(stage.parent, [])
         mine: list[Job] = []
         references: dict[str | None, Job] = {}  # the stage's reference job, by parent: made once, not once a combination
+        halving = (stage.search or {}).get("halving")
         for options, resolved in stage.combos:
             for parent in parents:
-                job = _job(spec, gi, group, options, valid.model, stage.eval, resolved, parent, cuda)
+                job = _job(spec, gi, group, options, valid.model,
+                           _screened(stage.eval, halving["windows"]) if halving else stage.eval, resolved, parent, cuda)
                 if stage.search is not None:
                     job = replace(job, search=stage.search)
-                for probe in _probes(job, cuda):  # before the candidate that reads them
+                # before the candidate that reads them; on the full evaluation's text and ids, screened or not
+                for probe in _probes(replace(job, eval=stage.eval) if halving else job, cuda):
                     jobs.setdefault(probe.id, probe)
                     job = replace(job, needs=job.needs + (probe.id,))
                 capture = _capture(job, cuda)
@@ -115,6 +119,8 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                     ref = references[key]
                     implicit.setdefault(ref.id, ref)
                     job = replace(job, needs=job.needs + (ref.id,))
+                if halving and job.compares:
+                    screened.append((job, ref.id, stage.eval, halving))
                 if job.id not in jobs:
                     jobs[job.id] = job
                 if all(j.id != job.id for j in mine):  # a job an earlier stage has too still feeds this stage's children
@@ -125,6 +131,8 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
                                          "the limit with --max-jobs")
                 raise renamed(SpecError(list(errors.problems.values()), loaded.source), loaded.groups_key)
         stages[stage_name(gi, group)] = mine
+    for final in _finals(screened, cuda):  # after every candidate they rank
+        jobs.setdefault(final.id, final)
     made = frozenset(implicit) - set(jobs)
     jobs = _with_references(jobs, implicit)
     sweep_id = f"{spec.name}-{digest([spec.name, sorted(jobs)], 8)}"
@@ -257,6 +265,42 @@ def _probes(job: Job, cuda: bool) -> list[Job]:
     return out
 
 
+def _screened(ev: dict | None, windows: int) -> dict | None:
+    """A halving search's candidate's evaluation (its screen): each text's first ``windows`` windows, no lm-eval
+    tasks; the rest as the sweep's. The reference's figures on those windows are made once per output root, by the
+    first screened job that reads them (workers.evaluate.harness.eval_windows)."""
+    if ev is None:
+        return None
+    ppl = ev.get("perplexity")
+    cut = lambda d: {**d, "max_windows": min(windows, d.get("max_windows") or windows)}  # noqa: E731
+    return {**ev, "perplexity": [cut(d) for d in ppl] if isinstance(ppl, list) else cut(ppl) if ppl else ppl,
+            "tasks": []}
+
+
+def _finals(screened: list[tuple[Job, str, dict, dict]], cuda: bool) -> list[Job]:
+    """A halving search's ``final`` jobs: ``keep`` of them (at most one a candidate), the one of rank k evaluating
+    in full the artifact of the candidate its screen ranked k-th (workers.search.final). Each waits ``after`` every
+    candidate, however it ends: a failed one just does not compete."""
+    if not screened:
+        return []
+    first, ref_id, full_eval, halving = screened[0]
+    after = tuple(dict.fromkeys(job.id for job, *_ in screened))
+    kind, keep = KINDS["final"], min(halving["keep"], len(after))
+    out = []
+    for rank in range(1, keep + 1):
+        opts = kind.options.model_validate({"rank": rank, "of": len(after), "windows": halving["windows"]}).model_dump()
+        identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (first.model or {}).get("key"),
+                    "eval": _eval_identity(full_eval), "after": sorted(after),
+                    "compute": COMPUTE["gpu" if cuda and first.resources.get("gpus") else "cpu"]}
+        out.append(replace(first, id="j" + digest(identity, 12), kind=kind.name, label=f"final {rank}/{keep}",
+                           options=opts, eval=_vllm_eval(full_eval, kind.name, None)
+                           if full_eval and full_eval.get("engine") == "vllm" else full_eval,
+                           task_eval=None, worker=kind.worker, impl=None, bits=None,
+                           axes=(), needs=(ref_id,), after=after, calibration=None, data=None, parent=None,
+                           lineage=(), search={**(first.search or {}), "role": "final"}))
+    return out
+
+
 def _vllm_eval(ev: dict, kind: str, method) -> dict:
     """A job's evaluation under ``engine: vllm``: served by vLLM where its checkpoint is one vLLM loads (the
     registry's ``Method.vllm``: float and compressed-tensors), else native only, saying why in the row."""
@@ -294,7 +338,7 @@ def labelled(jobs: list[Job]) -> list[Job]:
         label = " ".join([j.method or j.kind] + [_part(k, flat[j.id][k]) for k in shown])
         if j.kind == "sleep":
             label = f"sleep[{j.opts.index}]"
-        elif j.kind == "probe":
+        elif j.kind in ("probe", "final"):
             label = j.label
         elif j.options.get("mixed"):  # a search candidate: its formats are decided in its job
             mixed = j.options["mixed"]

@@ -30,6 +30,9 @@ class Input:
     artifact: str | None = None
     quantized_base: str | None = None
     needs: dict[str, str | None] = field(default_factory=dict)
+    # the jobs it waits ``after`` (a search's screened candidates, for its final jobs), each however it ended:
+    # {id, status, label, options, result: the row's qfarm.sweep.search.SCREEN_KEYS and objective}
+    after: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> Input:
@@ -70,6 +73,7 @@ class Job:
     bits: int | None = None  # the nominal bits of the weights (the ``bits`` column): decided once, by expand
     axes: tuple[str, ...] = ()  # the option keys its group's matrix varies: always in its label (not stored)
     needs: tuple[str, ...] = ()  # jobs that must succeed before it runs, whose output it reads (a shared capture)
+    after: tuple[str, ...] = ()  # jobs that must have ended (however) before it runs: a search's final reads them
     # a ``search:`` sweep's job: {"role": probe | uniform | candidate, "target": {...}, "objective": ...}
     # (qfarm.sweep.search); not in its id: a uniform candidate is the plain job a grid would run
     search: dict[str, Any] | None = None
@@ -104,13 +108,14 @@ class Job:
             "bits": self.bits,
             "needs": list(self.needs),
             **({"search": self.search} if self.search else {}),  # a search's job only
+            **({"after": list(self.after)} if self.after else {}),  # a search's final only
         }
 
     @classmethod
     def from_payload(cls, data: dict[str, Any]) -> Job:
         """A stored payload (and what the scheduler added: ``output_dir``, ``input``) as a Job. Keys a record of an
         older qfarm lacks take the field's default; its options are typed when first read (``opts``)."""
-        known = {f.name for f in fields(cls)} - {"input", "lineage", "needs", "axes"}
+        known = {f.name for f in fields(cls)} - {"input", "lineage", "needs", "axes", "after"}
         kwargs = {k: data[k] for k in known if k in data}
         types = {"id": str, "kind": str, "options": dict}
         missing = [k for k, t in types.items() if not isinstance(data.get(k), t)]
@@ -125,6 +130,7 @@ class Job:
         kwargs.setdefault("max_attempts", _spec_default("max_attempts"))
         kwargs.setdefault("needs_model", data["kind"] != "sleep")  # a record from before it was written
         return cls(**kwargs, lineage=tuple(data.get("lineage") or ()), needs=tuple(data.get("needs") or ()),
+                   after=tuple(d for d in data.get("after") or () if isinstance(d, str)),
                    input=Input.from_dict(data.get("input")))
 
     @classmethod

@@ -558,6 +558,16 @@ class ProbeOptions(Options):
     seq_len: int = Field(128, ge=16, le=4_096)
 
 
+class FinalOptions(Options):
+    """A search's final evaluation under successive halving (made by qfarm.sweep.expand, never written in a spec):
+    once every screened candidate has finished, the one ranked ``rank`` (1: the best) among those that met the target
+    on the screen's ``windows`` windows, its artifact evaluated in full (workers.search.final)."""
+
+    rank: int = Field(1, ge=1, le=64)
+    of: int = Field(1, ge=1, le=1_000)  # candidates screened
+    windows: int = Field(2, ge=1, le=64)
+
+
 class EvaluateOptions(Options):
     """An existing checkpoint, evaluated against the sweep's reference like any row (a published quant beside your
     own): a local Hugging Face folder (float, compressed-tensors, bitsandbytes; GPTQ/AWQ-format ones need
@@ -725,6 +735,9 @@ KINDS: dict[str, Kind] = {
         Kind("probe", "workers.search.probe:run", "measure how much each layer in one format moves the model's output "
              "(a search's sensitivity)", needs_model=True, options=ProbeOptions, cost=1.0, internal=True,
              plan="reference"),
+        Kind("final", "workers.search.final:run", "evaluate in full the candidate of a search that its screen ranked "
+             "at this place (successive halving)", needs_model=True, options=FinalOptions, cost=1.0, internal=True,
+             plan="evaluate", compares=True),
         Kind("evaluate", "workers.evaluate.checkpoint:run", "evaluate an existing checkpoint (a published quant, a model made "
              "elsewhere) against the sweep's reference", needs_model=True, options=EvaluateOptions, cost=1.0,
              plan="evaluate", compares=True),

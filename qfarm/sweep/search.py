@@ -14,6 +14,7 @@ Sample yaml::
         - {method: gguf, gguf_type: [Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0], mixed: true}
       budget: {jobs: 16}                 # full evaluations; probes are counted apart
       probe: {windows: 2, seq_len: 128}  # each probe: KL over these windows, one layer quantized at a time
+      halving: {windows: 2, keep: 3}     # optional: every candidate on 2 windows, the best 3 in full
 
 A search is expanded into ordinary jobs (qfarm.sweep.expand), so it spreads over the farm, resumes and retries like
 any sweep:
@@ -26,8 +27,11 @@ any sweep:
   picks each layer's format so that the quantized layers' stored bits come to at most the target while the summed
   predicted KL is least (``allocate``: greedy by KL saved per bit on each layer's lower convex hull, then a fill
   pass). ``points`` allocations per mixed entry, ``step`` bits apart under the target, trace the frontier.
-The pick (``search_pick``) is the candidate with the best measured objective whose measured size meets the target
-(qfarm.results.compare.mark_search_pick).
+- with ``halving: {windows, keep}``, every candidate is screened on its first ``windows`` windows, then ``keep``
+  **final** jobs (kind ``final``, after every candidate) evaluate in full the best of those that met the target, on
+  their own artifacts (workers.search.final).
+The pick (``search_pick``) is the candidate (or, with halving, the final) with the best measured objective whose
+measured size meets the target (qfarm.results.compare.mark_search_pick).
 
 ``bits_per_weight`` counts every stored bit of the quantized layers' weights (packed weights, scales, zero points,
 shapes) over their parameter count: the same measure the rows carry (workers.quantize.artifacts.bits_per_weight).
@@ -200,6 +204,23 @@ class BudgetSpec(_Strict):
     jobs: int = Field(16, ge=1, le=1_000)  # full evaluations (uniform and mixed candidates); probes apart
 
 
+class HalvingSpec(_Strict):
+    """Successive halving: every candidate (quantized once) is evaluated on its first ``windows`` windows of each
+    evaluation text (no lm-eval tasks), then the ``keep`` best of those that meet the target are evaluated in full
+    (``final`` jobs, on the candidates' own artifacts: nothing is quantized again). The pick is the best final."""
+
+    windows: int = Field(2, ge=1, le=64)
+    keep: int = Field(3, ge=1, le=64)
+
+
+# what a final job reads of each screened candidate (the scheduler hands it these of their rows: Input.after), and
+# carries over into its own row when that candidate is the one it evaluates: the artifact's own facts
+SCREEN_KEYS = ("artifact", "method", "bits", "bits_per_weight", "size_mb", "layer_formats", "search_predicted_kl",
+               "search_predicted_bits_per_weight", "search_target_bits_per_weight", "search_formats_used",
+               "search_probe_windows", "tensor_types", "gguf_tensor_types", "gguf_imatrix", "file_bits_per_weight", "quant_s",
+               "decode_tokens_per_s", "kl_div", "perplexity")
+
+
 OBJECTIVES = {"kl_div": ("kl_div", "min"), "perplexity": ("perplexity", "min")}  # the rows' columns
 
 
@@ -209,6 +230,7 @@ class SearchSpec(_Strict):
     space: list[SpaceEntry] = Field(min_length=1, max_length=MAX_SPACE)
     budget: BudgetSpec = BudgetSpec()
     probe: ProbeSpec = ProbeSpec()
+    halving: Optional[HalvingSpec] = None  # off: every candidate is evaluated in full
     points: int = Field(2, ge=1, le=MAX_POINTS)  # allocations per mixed entry, along the frontier
     step: float = Field(0.25, gt=0.0, le=4.0)  # bits per weight between them
 
@@ -223,6 +245,9 @@ class SearchSpec(_Strict):
 
     @model_validator(mode="after")
     def _formats(self):
+        if self.halving is not None and self.objective.startswith("task:"):
+            raise ValueError("halving screens the candidates on a few perplexity windows; an eval.tasks objective is "
+                             "not measured there: drop halving, or search for kl_div / perplexity")
         names = {f.name for e in self.space if e.mixed for f in formats_of(e)}
         if len(names) > MAX_FORMATS:
             raise ValueError(f"the mixed entries hold {len(names)} layer formats; at most {MAX_FORMATS} (each probe "
@@ -520,7 +545,12 @@ class SearchPlan:
                          f"weight{room}" + (")" if points else ", over the target: none of its mixes fits)"))
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
                   f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
-        lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")
+        if search.halving is not None:
+            keep = min(search.halving.keep, self.jobs)
+            lines.append(f"  planned: {probes}{self.jobs} candidate(s) screened on {search.halving.windows} window(s) "
+                         f"(budget {search.budget.jobs}), then the best {keep} of them evaluated in full (final jobs)")
+        else:
+            lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")
         return lines
 
 

@@ -243,6 +243,14 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     groups, roles, entries = [], {}, {}
     column, direction = search.measured()
     info = {"target": target, "objective": column, "direction": direction}
+    if search.halving is not None:
+        fewest = min(d.max_windows for d in (ppl if isinstance(ppl, list) else [ppl]))
+        if search.halving.windows >= fewest:
+            errors.add(("search", "halving", "windows"), f"the screen's {search.halving.windows} window(s) are not fewer "
+                                                         f"than the full evaluation's {fewest} (eval.perplexity "
+                                                         "max_windows): give fewer, or drop halving")
+            return None, []
+        info["halving"] = search.halving.model_dump()
     first = len(spec.jobs)
     for role, items in (("uniform", [(i, o) for i, o, _ in plan.uniform]), ("candidate", list(plan.mixed))):
         for k, (i, options) in enumerate(items):

@@ -512,3 +512,91 @@ def test_the_search_path_lists_every_job_in_finishing_order_with_the_best_so_far
     assert "u4 (0.3)" in cells[1] and "0.0800 → 0.1" in cells[2] and "mix (0.1)" in cells[2]
     assert ">no<" in cells[3] and "mix (0.1)" in cells[3]  # 8.2 bits: over the target, not the best so far
     assert _path([{"job_id": "x", "sweep_id": "t"}]) == ""
+
+
+def _halving_spec(tmp_path, halving: str, objective: str = "kl_div", tasks: str = ""):
+    path = tmp_path / "h.yaml"
+    path.write_text("name: h\nmodel: bundled:smollm2-135m\n"
+                    f"eval: {{perplexity: {{seq_len: 256, max_windows: 8}}{tasks}}}\n"
+                    f"search:\n  target: {{bits_per_weight: 4.5}}\n  objective: {objective}\n  space:\n"
+                    "    - {method: rtn, bits: [3, 4, 8], group_size: [32, 64], mixed: true}\n"
+                    "    - {method: gguf, gguf_type: [Q4_0, Q8_0]}\n"
+                    f"  budget: {{jobs: 6}}\n  halving: {halving}\n")
+    return path
+
+
+def test_a_halving_search_screens_every_candidate_then_evaluates_the_best_in_full(tmp_path):
+    """Every candidate is evaluated on the screen's first windows (no tasks); ``keep`` final jobs wait after all of
+    them, each on the full evaluation, needing only the reference (they quantize nothing)."""
+    from qfarm.sweep.expand import load_sweep, load_valid
+
+    path = _halving_spec(tmp_path, "{windows: 2, keep: 2}")
+    valid = load_valid(path)
+    said = "\n".join(valid.search.summary(valid.loaded.spec.search))
+    assert "candidate(s) screened on 2 window(s) (budget 6), then the best 2 of them evaluated in full" in said
+    _, sweep = load_sweep(path, cuda=False)
+    by_role: dict[str, list] = {}
+    for job in sweep.jobs:
+        by_role.setdefault((job.search or {}).get("role"), []).append(job)
+    screened = by_role["uniform"] + by_role["candidate"]
+    finals = by_role["final"]
+    reference = next(j for j in sweep.jobs if j.method == "none")
+    assert len(screened) >= 3 and [j.label for j in finals] == ["final 1/2", "final 2/2"]
+    for job in screened:
+        assert job.eval["perplexity"]["max_windows"] == 2 and job.eval["tasks"] == []
+        assert job.search["halving"] == {"windows": 2, "keep": 2}
+    assert reference.eval["perplexity"]["max_windows"] == 8  # the full windows: the finals' reference
+    order = [j.id for j in sweep.jobs]
+    for rank, final in enumerate(finals, 1):
+        assert final.kind == "final" and final.options == {"rank": rank, "of": len(screened), "windows": 2}
+        assert set(final.after) == {j.id for j in screened} and final.needs == (reference.id,)
+        assert final.eval["perplexity"]["max_windows"] == 8 and final.compares
+        assert min(order.index(j.id) for j in finals) > max(order.index(j.id) for j in screened)
+        assert final.payload()["after"] == list(final.after)
+        assert type(final).from_payload(final.payload()).after == final.after  # as Redis gives it back
+    # no halving: no finals, every candidate on the full windows
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(path.read_text().replace("  halving: {windows: 2, keep: 2}\n", ""))
+    _, full = load_sweep(plain, cuda=False)
+    assert not any(j.kind == "final" for j in full.jobs)
+    assert all(j.eval["perplexity"]["max_windows"] == 8 for j in full.jobs if (j.search or {}).get("role") == "uniform")
+
+
+@pytest.mark.parametrize("halving, objective, tasks, where, said", [
+    ("{windows: 8, keep: 2}", "kl_div", "", "search.halving.windows", "not fewer than the full evaluation's 8"),
+    ("{windows: 2, keep: 2}", "task:arc_easy_acc", ", tasks: [{name: arc_easy}]", "search",
+     "an eval.tasks objective is not measured there"),
+])
+def test_a_halving_that_cannot_screen_is_refused_at_its_line(tmp_path, halving, objective, tasks, where, said):
+    from qfarm.errors import SpecError
+    from qfarm.sweep.expand import load_valid
+
+    with pytest.raises(SpecError) as err:
+        load_valid(_halving_spec(tmp_path, halving, objective, tasks))
+    found = [(p.path, p.message) for p in err.value.problems]
+    assert any(path == where and said in message for path, message in found), found
+
+
+def test_a_final_ranks_the_screened_candidates_that_met_the_target_and_the_pick_is_the_best_final():
+    from qfarm.farm.scheduler import screened
+    from qfarm.results.compare import mark_search_pick
+    from workers.search.final import ranked
+
+    search = {"objective": "kl_div", "direction": "min", "target": {"bits_per_weight": 4.5}}
+
+    def cand(job, kl, bpw, status="succeeded"):
+        return {"id": job, "status": status, "result": {"kl_div": kl, "bits_per_weight": bpw, "artifact": f"/o/{job}"}}
+
+    after = [cand("a", 0.30, 4.4), cand("b", 0.10, 4.6), cand("c", 0.20, 4.5), cand("d", 0.05, 4.0, "failed"),
+             cand("e", None, 4.0), cand("f", 0.20, 4.25), {"id": "g", "status": "missing"}]
+    assert [c["id"] for c in ranked(after, search)] == ["f", "c", "a"]  # b over the target; a tie goes to the smaller
+    assert [c["id"] for c in ranked(after, {**search, "direction": "max"})] == ["a", "f", "c"]
+
+    assert screened("x", None) == {"id": "x", "status": "missing"}
+
+    def row(job, role, kl):
+        return {"job_id": job, "sweep_id": "s", "status": "succeeded", "search_role": role, "kl_div": kl,
+                "bits_per_weight": 4.25, "search_target": {"bits_per_weight": 4.5}, "search_objective": "kl_div"}
+
+    rows = mark_search_pick([row("screen-best", "candidate", 0.01), row("f1", "final", 0.12), row("f2", "final", 0.11)])
+    assert {r["job_id"]: r["search_pick"] for r in rows} == {"screen-best": False, "f1": False, "f2": True}

@@ -1,0 +1,98 @@
+"""A search's ``final`` job (successive halving, ``search.halving``): once every screened candidate has ended, the
+one its screen ranked ``rank`` (by the search's objective on the screen's few windows, among those that met the
+target) is evaluated in full: its own artifact, loaded as the ``evaluate`` kind loads a checkpoint (a GGUF in
+llama.cpp, compressed-tensors decompressed, as the candidate's own row was), nothing quantized again.
+
+Its row is that candidate's model: the artifact's facts (method, bits per weight, layer formats, size, what the
+probes predicted) carried over from the candidate's row, measured again in full (perplexity, KL, speed, tasks),
+with ``search_screen`` saying what the screen measured and where it ranked. The pick is the best final
+(qfarm.results.compare.mark_search_pick).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qfarm.errors import Permanent
+
+# measured again here, in full: not carried over from the screen
+REMEASURED = ("kl_div", "perplexity", "decode_tokens_per_s")
+
+
+def ranked(after: list[dict], search: dict) -> list[dict]:
+    """The screened candidates that succeeded and met the target with a measured objective, best first (an equal
+    objective: the smaller artifact first, then the job id)."""
+    from qfarm.sweep.search import meets_target
+
+    column, target = search.get("objective"), search.get("target") or {}
+    sign = -1 if search.get("direction") == "max" else 1
+    out = []
+    for cand in after:
+        row = cand.get("result") or {}
+        value = row.get(column)
+        if cand.get("status") != "succeeded" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if meets_target(target, row):
+            out.append(cand)
+    by_size = "size_mb" if target.get("size_mb") is not None or target.get("gpu_mem_gb") is not None \
+        else "bits_per_weight"
+    return sorted(out, key=lambda c: (sign * c["result"][column], c["result"].get(by_size) or 0.0, c["id"]))
+
+
+def run(ctx) -> dict:
+    from qfarm.results.rows import fragment
+    from qfarm.sweep.search import SCREEN_KEYS
+    from workers.evaluate.checkpoint import load_checkpoint
+    from workers.evaluate.harness import PeakMemory, evaluate, reference_first
+    from workers.shared.card import CARD
+    from workers.shared.files import inside
+    from workers.shared.models import dir_bytes, prepared_base, shared_columns, start, tensor_bytes
+
+    start(ctx)
+    search, opts = ctx.job.search or {}, ctx.job.opts
+    after = ctx.job.input.after
+    order = ranked(after, search)
+    if len(order) < opts.rank:
+        ended = sum(1 for c in after if c.get("status") == "succeeded")
+        raise Permanent(f"no candidate at rank {opts.rank} of the screen: {len(order)} of the {len(after)} screened "
+                        f"candidates ({ended} succeeded) met the target with a measured {search.get('objective')}")
+    chosen = order[opts.rank - 1]
+    screen = chosen["result"]
+    if not isinstance(screen.get("artifact"), str):
+        raise Permanent(f"the candidate {chosen.get('label')} ({chosen['id']}) has no artifact to evaluate")
+    folder = Path(inside(ctx.output_root, screen["artifact"]))
+    card = folder / CARD  # written after the candidate's row was measured (workers.actor): not what it measured
+    size = dir_bytes(str(folder)) - (card.stat().st_size if card.is_file() else 0) if folder.is_dir() else None
+    if size is None or abs(size / 2**20 - float(screen.get("size_mb") or -1)) > 1e-6:
+        raise Permanent(f"the artifact of {chosen.get('label')} ({folder}) is not what its screen measured "
+                        f"({screen.get('size_mb')} MB then, {None if size is None else size / 2**20} MB now)")
+    ggufs = sorted(folder.glob("*.gguf"))
+    ref = {"kind": "gguf", "location": str(folder), "gguf_file": ggufs[0].name} if ggufs else \
+        {"kind": "hf_dir", "location": str(folder), "name": chosen.get("label")}
+    with PeakMemory() as mem:
+        base, prepare_s, cached = prepared_base(ctx)
+        ctx.extra["base_during_job"] = reference_first(ctx, base)
+        ctx.progress(f"loading {chosen.get('label')} (screen rank {opts.rank})")
+        t0 = time.time()
+        model, _, _ = load_checkpoint(ctx, ref)
+        load_s = time.time() - t0
+        metrics = evaluate(ctx, model, base)
+    in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)
+    column = search.get("objective")
+    carried = {k: screen[k] for k in SCREEN_KEYS if k in screen and k not in REMEASURED and k != column}
+    result = {
+        **shared_columns(ctx, base, size_bytes=size, size_source="disk", model=model, model_bytes=in_memory,
+                         peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=str(folder)),
+        **carried,
+        "load_s": load_s,
+        "search_final_of": chosen["id"],
+        "search_final_label": chosen.get("label"),
+        "search_screen": {"rank": opts.rank, "of": opts.of, "met_target": len(order), "windows": opts.windows,
+                          column: screen.get(column)},
+        "search_fragment": fragment(chosen.get("options") or {}, screen),
+        **ctx.extra,
+        **getattr(model, "extra", {}),
+        **metrics,
+    }
+    return result
