@@ -482,6 +482,25 @@ def ruled_layers(model, opts) -> dict[str, str]:
     return layers
 
 
+def per_layer_formats(ctx, base, model) -> dict[str, str] | None:
+    """Each quantizable layer's format (``4b g64``) for a job with per-layer formats, recorded in its row
+    (``layer_formats``): a search's mixed candidate's from its probes, ``layer_rules``' by rule; None for a job in one
+    format. ``model``: any copy of the model (its Linear layers' names and inputs are read)."""
+    opts = ctx.opts
+    if getattr(opts, "mixed", None):  # a search candidate (rtn, gptq): each layer's format from its probes
+        from qfarm.sweep.search import scale_bits
+        from workers.quantize.artifacts import source_dtype
+        from workers.search.mixed import allocation
+
+        layers = allocation(ctx, scale_bits(source_dtype(ctx.job, base.path)))
+    elif getattr(opts, "layer_rules", None):  # per-layer formats by rule (a search pick's fragment, or by hand)
+        layers = ruled_layers(model, opts)
+    else:
+        return None
+    ctx.extra["layer_formats"] = layers
+    return layers
+
+
 def capture_of(ctx) -> str | None:
     """The folder of the capture a shared GPTQ job solves from (the artifact of the job it needs), inside the output
     root; None for a job that calibrates itself."""
@@ -513,17 +532,7 @@ class LLMCompressor:
         # RAM: on a GPU worker its sequential pipeline onloads one decoder layer at a time to the GPU (GPTQ/AWQ),
         # never a second full copy there (RTN's data-free pipeline quantizes it where it lies)
         model, tokenizer = load_float(base.path, host=True)
-        layers = None
-        if getattr(opts, "mixed", None):  # a search candidate (rtn, gptq): each layer's format from its probes
-            from qfarm.sweep.search import scale_bits
-            from workers.quantize.artifacts import source_dtype
-            from workers.search.mixed import allocation
-
-            layers = allocation(ctx, scale_bits(source_dtype(ctx.job, base.path)))
-            ctx.extra["layer_formats"] = layers
-        elif getattr(opts, "layer_rules", None):  # per-layer formats by rule (a search pick's fragment, or written by hand)
-            layers = ruled_layers(model, opts)
-            ctx.extra["layer_formats"] = layers
+        layers = per_layer_formats(ctx, base, model)
         if capture:
             ctx.extra.update({"calib_source": "shared capture", "calib_capture": Path(capture).parent.name})
             resumed = solve_shared(ctx, model, opts, capture, solved, layers)
