@@ -275,9 +275,6 @@ class SchemeOptions(BackendOptions):
     @classmethod
     def _mixed_on_llm_compressor(cls, value, info: ValidationInfo):
         name = info.field_name
-        if value is not None and info.data.get("backend") == "gptqmodel":
-            raise ValueError(f"{name} (per-layer formats) is written as compressed-tensors config groups by "
-                             "llm-compressor; GPTQModel's per-module overrides are not built: drop backend: gptqmodel")
         if value is not None and info.data.get("scheme"):
             raise ValueError(f"{name} gives each layer its own bits and group size: leave scheme out")
         if value is not None and info.data.get("symmetric") is False:

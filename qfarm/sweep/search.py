@@ -178,9 +178,6 @@ class SpaceEntry(BaseModel):
             if self.mixed and (self.model_extra or {}).get("symmetric") is False:
                 raise ValueError("mixed candidates are symmetric (their layers' sizes are predicted exactly); drop "
                                  "symmetric: false, or mixed")
-        if self.mixed and (self.model_extra or {}).get("backend") == "gptqmodel":
-            raise ValueError("mixed candidates are compressed-tensors config groups (llm-compressor); GPTQModel's "
-                             "per-module overrides are not built yet: drop backend: gptqmodel, or mixed")
         for key in ("scheme", "mixed_formats", "tensor_types"):
             if key in (self.model_extra or {}):
                 raise ValueError(f"{key} is decided by the search; leave it out of the space")
@@ -282,10 +279,12 @@ def tensor_type_of(gguf_type: str) -> str:
 
 @dataclass(frozen=True)
 class Format:
-    """One layer format of a search: integer ``bits`` with ``group`` (rtn/gptq, symmetric, compressed-tensors) or a
-    ggml tensor ``ggml_type`` (gguf)."""
+    """One layer format of a search: integer ``bits`` with ``group`` (rtn/gptq, symmetric) or a ggml tensor
+    ``ggml_type`` (gguf). An integer format is stored as compressed-tensors (llm-compressor) or in the GPTQ layout
+    (``layout: gptq``: GPTQModel's qweight, qzeros, float16 scales and g_idx)."""
 
     name: str  # "4b g64" or "Q4_K"
+    layout: str = "compressed-tensors"
 
     @property
     def family(self) -> str:
@@ -319,10 +318,14 @@ class Format:
         if self.family == "gguf":
             _, block, bpw = ggml(self.stored_type(n_in))
             return n_out * (n_in // block) * block * bpw
+        groups = 1 if self.group == -1 else n_in // self.group
+        if self.layout == "gptq":  # int32 words packed along the inputs, a zero point a group and output (int32
+            # words too), float16 scales, an int32 group index an input
+            return (n_out * math.ceil(n_in * self.bits / 32) * 32 + groups * math.ceil(n_out * self.bits / 32) * 32
+                    + groups * n_out * 16 + n_in * 32)
         # compressed-tensors packs each row's values bit after bit into int32 words (measured: 3-bit g64 stores 3.25
         # bits a weight with its scales); 8 bits: int8 weights
         packed = n_out * n_in * 8 if self.bits == 8 else n_out * math.ceil(n_in * self.bits / 32) * 32
-        groups = 1 if self.group == -1 else n_in // self.group
         return packed + n_out * groups * scale_bits + SHAPE_BITS
 
 
@@ -331,10 +334,17 @@ def scale_bits(dtype: str) -> int:
     return 32 if dtype == "float32" else 16
 
 
+def layout_of(options: dict) -> str:
+    """How a job with these options stores an integer format: GPTQModel's GPTQ layout, else compressed-tensors."""
+    return "gptq" if options.get("backend") == "gptqmodel" else "compressed-tensors"
+
+
 def formats_of(entry: SpaceEntry) -> list[Format]:
     if entry.method == "gguf":
         return [Format(t) for t in dict.fromkeys(tensor_type_of(t) for t in entry.gguf_type) if t in GGML_TYPES]
-    return [Format(f"{b}b g{g}") for b, g in itertools.product(sorted(set(entry.bits)), sorted(set(entry.group_size)))]
+    layout = layout_of(entry.fixed)
+    return [Format(f"{b}b g{g}", layout)
+            for b, g in itertools.product(sorted(set(entry.bits)), sorted(set(entry.group_size)))]
 
 
 def uniform_options(entry: SpaceEntry) -> list[dict]:
@@ -371,7 +381,7 @@ def uniform_bits_per_weight(options: dict, layers: list[Layer], scale_bits: int 
             return GGUF_BITS_PER_WEIGHT.get(name)
         exact = sum(fmt.layer_bits(la.n_in, la.n_out) for la in layers) / sum(la.params for la in layers)
         return max(exact, GGUF_BITS_PER_WEIGHT.get(name, exact)) if name.endswith(("_M", "_L")) else exact
-    fmt = Format(f"{options['bits']}b g{options['group_size']}")
+    fmt = Format(f"{options['bits']}b g{options['group_size']}", layout_of(options))
     if not all(fmt.fits(la.n_in) for la in layers):
         return None
     return sum(fmt.layer_bits(la.n_in, la.n_out, scale_bits) for la in layers) / sum(la.params for la in layers)

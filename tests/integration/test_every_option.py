@@ -301,3 +301,33 @@ def test_a_gguf_without_an_output_tensor_gives_a_float_copy_that_stores_its_embe
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")
     assert again.config.tie_word_embeddings and again.get_output_embeddings().weight is again.get_input_embeddings().weight
+
+
+def test_layer_rules_on_gptqmodel_are_its_per_module_overrides_and_the_artifact_holds_them(farm, tmp_path):
+    """``layer_rules`` with backend gptqmodel: GPTQModel's ``dynamic`` overrides (one per layer off the job's own
+    format), read back from the artifact layer by layer (the row's ``layer_formats``), and the layers' stored bits
+    (qweight, qzeros, float16 scales, g_idx: what the row measures) as the search prices the GPTQ layout."""
+    from qfarm.sweep.search import Format
+    from workers.quantize.artifacts import safetensors_sizes
+    from workers.shared.cache import Cache
+
+    rules = ["mlp\\.down_proj$=8b g-1", "layers\\.0\\.self_attn=3b g32"]
+    plan = _expand(farm, "gptq", [{"backend": "gptqmodel"}, {"backend": "gptqmodel", "layer_rules": rules}])
+    jobs = sorted((j for j in plan.jobs if j.kind == "quantize" and j.method == "gptq"), key=lambda j: j.group)
+    cache = Cache()
+    plain, ruled = (_run(job, tmp_path / str(job.group), cache) for job in jobs)
+    assert _fingerprint(plain) != _fingerprint(ruled)
+    formats = ruled["layer_formats"]
+    assert {f for name, f in formats.items() if name.endswith("mlp.down_proj")} == {"8b g-1"}
+    assert {f for name, f in formats.items() if ".layers.0.self_attn." in name} == {"3b g32"}
+    assert {f for name, f in formats.items() if "down_proj" not in name and ".layers.0.self_attn." not in name} \
+        == {"4b g64"} == set(plain["layer_formats"].values())
+    dynamic = json.loads((Path(ruled["artifact"]) / "quantize_config.json").read_text())["dynamic"]
+    assert len(dynamic) == sum(1 for f in formats.values() if f != "4b g64")
+    # the stored bits of every quantized layer, as the search's GPTQ layout prices them
+    sizes = safetensors_sizes(ruled["artifact"])
+    for name, fmt in formats.items():
+        stored = sum(v for k, v in sizes.items() if k.startswith(name + ".") and not k.endswith(".bias")) * 8
+        n_in = sizes[name + ".g_idx"] // 4
+        n_out = sizes[name + ".scales"] // 2 // (1 if Format(fmt).group == -1 else n_in // Format(fmt).group)
+        assert stored == Format(fmt, "gptq").layer_bits(n_in, n_out), (name, fmt)

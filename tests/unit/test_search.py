@@ -65,8 +65,6 @@ def test_the_issue_spec_parses_and_plans_within_its_budget():
     ({"space": [{"method": "rtn", "bits": [2, 3, 4, 8], "group_size": [16, 32, 64, 128, 256, 512, 1024], "mixed": True},
                 {"method": "gguf", "gguf_type": ["Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q4_K_M"], "mixed": True}]},
      "at most 32"),
-    ({"space": [{"method": "gptq", "bits": [4], "group_size": [64], "mixed": True, "backend": "gptqmodel"}]},
-     "gptqmodel"),
 ])
 def test_bad_search_specs_are_refused_saying_what(bad, where):
     base = {"target": {"bits_per_weight": 4.25}, "space": ISSUE_SPACE}
@@ -241,8 +239,7 @@ def test_a_search_whose_objective_the_evaluation_cannot_measure_is_refused(tmp_p
     assert any(said in f"{p.path}: {p.message}" for p in err.value.problems), err.value.problems
 
 
-@pytest.mark.parametrize("method, extra, said", [("gptq", {"backend": "gptqmodel"}, "GPTQModel"),
-                                                 ("rtn", {"scheme": "W4A16"}, "leave scheme out")])
+@pytest.mark.parametrize("method, extra, said", [("rtn", {"scheme": "W4A16"}, "leave scheme out")])
 def test_a_mixed_option_is_refused_where_it_would_not_be_applied(method, extra, said):
     from qfarm.sweep.methods import METHODS
 
@@ -286,8 +283,7 @@ def test_bad_layer_rules_are_refused_saying_what(rules, said):
         METHODS["rtn"].options.model_validate({"method": "rtn", "layer_rules": rules})
 
 
-@pytest.mark.parametrize("method, extra, said", [("gptq", {"backend": "gptqmodel"}, "GPTQModel"),
-                                                 ("rtn", {"scheme": "W4A16"}, "leave scheme out"),
+@pytest.mark.parametrize("method, extra, said", [("rtn", {"scheme": "W4A16"}, "leave scheme out"),
                                                  ("rtn", {"symmetric": False}, "symmetric"),
                                                  ("gptq", {"mixed": {"target_bits_per_weight": 4.25,
                                                                      "formats": ["4b g64"],
@@ -600,3 +596,36 @@ def test_a_final_ranks_the_screened_candidates_that_met_the_target_and_the_pick_
 
     rows = mark_search_pick([row("screen-best", "candidate", 0.01), row("f1", "final", 0.12), row("f2", "final", 0.11)])
     assert {r["job_id"]: r["search_pick"] for r in rows} == {"screen-best": False, "f1": False, "f2": True}
+
+
+def test_on_gptqmodel_per_layer_formats_are_its_per_module_overrides_priced_in_the_gptq_layout():
+    """backend gptqmodel takes mixed and layer_rules: GPTQModel's ``dynamic`` (exact module names, each layer off the
+    job's own format), and the search prices its mixes in the GPTQ layout (int32 zero points, float16 scales, an
+    int32 group index per input), which stores more than compressed-tensors for the same format."""
+    from qfarm.sweep.methods import METHODS
+    from workers.quantize.gptqmodel import dynamic_of
+
+    opts = METHODS["gptq"].options.model_validate({"method": "gptq", "backend": "gptqmodel",
+                                                   "layer_rules": ["mlp=8b g64"]})
+    assert opts.layer_rules == ["mlp=8b g64"]
+    layers = {"model.layers.0.mlp.down_proj": "8b g64", "model.layers.0.self_attn.q_proj": "4b g64",
+              "model.layers.10.mlp.up_proj": "3b g-1"}
+    assert dynamic_of(layers, 4, 64) == {r"+:^model\.layers\.0\.mlp\.down_proj$": {"bits": 8, "group_size": 64},
+                                         r"+:^model\.layers\.10\.mlp\.up_proj$": {"bits": 3, "group_size": -1}}
+    assert dynamic_of({"a": "4b g64"}, 4, 64) is None and dynamic_of(None, 4, 64) is None
+    # 576 × 1536 at 4b g64: 4 bits, 16/64 for the scales, 4/64 for the zero points, 32/1536 for g_idx
+    gptq = Format("4b g64", "gptq").layer_bits(576, 1536)
+    assert gptq == 576 * 1536 * 4 + 9 * 1536 * 16 + 9 * 1536 * 4 + 576 * 32
+    assert gptq > Format("4b g64").layer_bits(576, 1536)
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 4.5}, "space": [
+        {"method": "gptq", "bits": [3, 4, 8], "group_size": [64], "mixed": True, "backend": "gptqmodel"},
+        {"method": "gptq", "bits": [3, 4, 8], "group_size": [64], "mixed": True}]})
+    plan, problems = plan_search(search, smollm_layers())
+    assert problems == []
+    by_entry = {i: b for i, o, b in plan.uniform if o["bits"] == 4}
+    layers = smollm_layers()
+    params = sum(la.params for la in layers)
+    for i, layout in ((0, "gptq"), (1, "compressed-tensors")):
+        assert by_entry[i] == pytest.approx(sum(Format("4b g64", layout).layer_bits(la.n_in, la.n_out)
+                                                for la in layers) / params)
+    assert by_entry[0] > by_entry[1] + 0.06  # the zero points and g_idx: GPTQ's 4b g64 is not 4.25

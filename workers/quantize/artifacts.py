@@ -172,11 +172,13 @@ def claims(opts, impl: str | None) -> list[tuple[str, object, str, object]]:
     llm-compressor's GPTQ, AWQ's grid) are not here: tests/integration/test_every_option.py shows they move the
     weights."""
     method = opts.method
-    if per_layer(opts) and method != "gguf":  # per layer: check_mixed
+    gptqmodel = method in ("rtn", "gptq", "awq") and bool(impl) and "gptqmodel" in impl
+    if per_layer(opts) and method != "gguf" and not gptqmodel:  # per layer: check_mixed
         return [("method", method, "format", "compressed-tensors")]
-    if method in ("rtn", "gptq", "awq") and impl and "gptqmodel" in impl:
-        out = [("method", method, "format", method), ("bits", opts.bits, "bits", opts.bits),
-               ("group_size", opts.group_size, "group_size", opts.group_size)]
+    if gptqmodel:
+        out = [("method", method, "format", method)]
+        if not per_layer(opts):  # per layer: check_mixed, against its per-module overrides
+            out += [("bits", opts.bits, "bits", opts.bits), ("group_size", opts.group_size, "group_size", opts.group_size)]
         if method == "awq":  # AutoAWQ's layout says zero_point where GPTQ's says sym
             out.append(("symmetric", opts.symmetric, "zero_point", not opts.symmetric))
         else:
@@ -224,9 +226,13 @@ def check(opts, impl: str | None, described: dict) -> None:
 
 def layer_formats(folder: str) -> dict[str, str] | None:
     """Each quantized layer of a compressed-tensors artifact (its stored tensors) with the format its config group
-    gives it (``4b g64``): a group names its layers, or their class (``Linear``). None for another format."""
+    gives it (``4b g64``): a group names its layers, or their class (``Linear``); of a GPTQModel one, the format its
+    ``dynamic`` overrides give it (the first that matches its name), else the config's bits and group size. None for
+    another format."""
     config = Path(folder) / "config.json"
     qc = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if (Path(folder) / "quantize_config.json").is_file():
+        return _gptq_layer_formats(folder)
     if not qc or qc.get("quant_method") != "compressed-tensors":
         return None
     groups = []
@@ -240,6 +246,21 @@ def layer_formats(folder: str) -> dict[str, str] | None:
     for layer in layers:
         out[layer] = next((fmt for targets, fmt in groups if layer in targets), None) or \
             next((fmt for targets, fmt in groups if "Linear" in targets), "?")
+    return out
+
+
+def _gptq_layer_formats(folder: str) -> dict[str, str]:
+    import re
+
+    qc = json.loads((Path(folder) / "quantize_config.json").read_text())
+    rules = []
+    for pattern, over in (qc.get("dynamic") or {}).items():
+        negative, raw = pattern.startswith("-:"), pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        rules.append((re.compile(raw), None if negative else over if isinstance(over, dict) else {}))
+    out = {}
+    for layer in sorted({name.rsplit(".qweight", 1)[0] for name in safetensors_sizes(folder) if name.endswith(".qweight")}):
+        over = next((o for rx, o in rules if rx.match(layer)), {}) or {}
+        out[layer] = f"{over.get('bits', qc.get('bits'))}b g{over.get('group_size', qc.get('group_size'))}"
     return out
 
 

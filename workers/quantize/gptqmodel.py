@@ -27,6 +27,7 @@ Sample yaml::
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -99,14 +100,30 @@ def failed(what: str, e: Exception) -> Exception:
     return kind(f"{what} failed: {type(e).__name__}{': ' + str(e) if str(e) else ''}{where}")
 
 
-def quantize_config(opts, offload: Path):
+def dynamic_of(layers: dict[str, str] | None, bits: int, group_size: int) -> dict | None:
+    """GPTQModel's per-module overrides (QuantizeConfig ``dynamic``) for per-layer formats: each layer not in the
+    job's own bits and group size, by its exact module name (``+:^model\\.layers\\.0\\.mlp\\.down_proj$``:
+    a literal, which GPTQModel looks up without a regex), ``{bits, group_size}``. None for one format."""
+    from qfarm.sweep.search import Format
+
+    if not layers:
+        return None
+    out = {}
+    for name, fmt in sorted(layers.items()):
+        f = Format(fmt)
+        if (f.bits, f.group) != (bits, group_size):
+            out[f"+:^{re.escape(name)}$"] = {"bits": f.bits, "group_size": f.group}
+    return out or None
+
+
+def quantize_config(opts, offload: Path, layers: dict[str, str] | None = None):
     """GPTQModel's QuantizeConfig for a gptq/awq job's typed options (``offload``: its scratch folder, inside the
-    job's)."""
+    job's; ``layers``: per-layer formats, as ``dynamic`` overrides)."""
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization import METHOD
 
     common = dict(bits=opts.bits, group_size=opts.group_size, sym=opts.symmetric, offload_to_disk=True,
-                  offload_to_disk_path=str(offload))
+                  offload_to_disk_path=str(offload), dynamic=dynamic_of(layers, opts.bits, opts.group_size))
     if opts.method == "awq":
         return QuantizeConfig(method=METHOD.AWQ, **common)
     return QuantizeConfig(desc_act=opts.act_order, act_group_aware=False, damp_percent=opts.dampening_frac, **common)
@@ -145,8 +162,12 @@ def load_quantized(path: str, training: bool = False, **kwargs):
 
     from workers.shared.models import compute_dtype, device
 
-    backend, dtype = (BACKEND.TORCH if training else BACKEND.AUTO), compute_dtype(path)
-    if training and dtype == torch.float32:  # the torch kernel computes in float16/bfloat16 only
+    # per-module overrides (a mix of bits): only GPTQModel's plain torch kernel takes every layer's bits (its fused
+    # CPU kernel is 4-bit only)
+    mixed = bool(json.loads(qc.read_text()).get("dynamic")) if (qc := Path(path) / "quantize_config.json").is_file() \
+        else False
+    backend, dtype = (BACKEND.TORCH if training or mixed else BACKEND.AUTO), compute_dtype(path)
+    if (training or mixed) and dtype == torch.float32:  # the torch kernel computes in float16/bfloat16 only
         dtype = torch.bfloat16
     try:
         wrapper = GPTQModel.load(path, backend=backend, device=device(), dtype=dtype, **kwargs)
@@ -205,7 +226,7 @@ class GPTQModelBackend:
         import torch
         from gptqmodel import BACKEND, GPTQModel
 
-        from workers.quantize.llmc import _layer_progress, calibration_dataset
+        from workers.quantize.llmc import _layer_progress, _width, calibration_dataset, per_layer_formats
         from workers.shared.models import compute_dtype, device
 
         require(f"backend gptqmodel ({ctx.opts.method})")
@@ -216,8 +237,9 @@ class GPTQModelBackend:
         data = calibration_dataset(ctx, base)
         samples = [{"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]} for row in data]
         offload = out / "offload"
-        qc = quantize_config(opts, offload)
-        what = f"{opts.method} {opts.bits}-bit (GPTQModel): calibrating and quantizing"
+        layers = per_layer_formats(ctx, base, base.skeleton)  # a mix: GPTQModel's per-module overrides
+        qc = quantize_config(opts, offload, layers)
+        what = f"{opts.method} {_width(opts)} (GPTQModel): calibrating and quantizing"
         ctx.progress(what)
         torch.manual_seed(0)
         dtype, pack = compute_dtype(base.path), {}

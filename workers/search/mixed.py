@@ -50,7 +50,7 @@ def importance(ctx) -> tuple[dict, int]:
 def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
     """{layer: format} for the job's ``mixed`` option, its prediction recorded in the row (``ctx.extra``)."""
     from qfarm.errors import Permanent
-    from qfarm.sweep.search import Format, Layer, allocate
+    from qfarm.sweep.search import Format, Layer, allocate, layout_of
 
     mixed = ctx.opts.mixed
     found = probes(ctx)
@@ -60,7 +60,8 @@ def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
     sensitivity = {name: {f: v["kl"][f] for f in mixed.formats if f in v.get("kl", {})} for name, v in found.items()}
     target = mixed.target_bits_per_weight - mixed.point * mixed.step
     ctx.progress(f"allocating formats to {len(layers)} layers at ≤ {target:g} bits per weight")
-    chosen = allocate(layers, sensitivity, [Format(f) for f in mixed.formats], target, scale_bits)
+    layout = layout_of({"backend": getattr(ctx.opts, "backend", None)})  # GPTQModel's GPTQ layout, or compressed-tensors
+    chosen = allocate(layers, sensitivity, [Format(f, layout) for f in mixed.formats], target, scale_bits)
     if chosen is None:
         raise Permanent(f"no allocation of {', '.join(mixed.formats)} meets {target:g} bits per weight on this model")
     used: dict[str, int] = {}
