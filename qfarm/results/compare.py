@@ -308,21 +308,17 @@ def mark_search_pick(data: list[dict]) -> list[dict]:
     (an equal objective goes to the smaller); false for its other candidates; null for rows of no search and probes.
     A search with successive halving (``final`` rows) picks among its finals only: its screens were measured on fewer
     windows."""
-    from qfarm.sweep.search import meets_target
+    from qfarm.sweep.search import rank_key
 
     halved = {r.get("sweep_id") for r in data if r.get("search_role") == "final"}  # the finals compete, not screens
     best: dict[str, dict] = {}
     for r in data:
-        target, column = r.get("search_target") or {}, r.get("search_objective")
         roles = ("final",) if r.get("sweep_id") in halved else ("uniform", "candidate")
-        if r.get("search_role") not in roles or r.get("status") != "succeeded" or not column:
+        if r.get("search_role") not in roles or r.get("status") != "succeeded":
             continue
-        value = r.get(column)
-        if not isinstance(value, (int, float)) or not meets_target(target, r):
+        key = rank_key(r.get("search_target") or {}, r.get("search_objective"), r.get("search_direction"), r)
+        if key is None:
             continue
-        sign = -1 if r.get("search_direction") == "max" else 1
-        key = (sign * value, (r.get("size_mb") if target.get("size_mb") is not None else r.get("bits_per_weight"))
-               or 0.0)
         mine = best.get(r.get("sweep_id"))
         if mine is None or key < mine["key"]:
             best[r.get("sweep_id")] = {"key": key, "job": r.get("job_id")}

@@ -162,7 +162,7 @@ def _num(value: Any, fmt: str) -> str:
 def _path(data: list[dict]) -> str:
     """Each search's path, in the order its jobs finished: what the probes measured, each candidate's predicted and
     measured size and objective, whether it met the target, and the best so far (the pick in the end)."""
-    from qfarm.sweep.search import meets_target
+    from qfarm.sweep.search import meets_target, rank_key
 
     sweeps = sorted({r.get("sweep_id") for r in data if r.get("search_role")}, key=str)
     parts = []
@@ -171,8 +171,7 @@ def _path(data: list[dict]) -> str:
                       key=lambda r: (r.get("finished_at") is None, r.get("finished_at") or 0, str(r.get("job_id"))))
         column = next((r.get("search_objective") for r in rows if r.get("search_objective")), None)
         competing = ("final",) if any(r.get("search_role") == "final" for r in rows) else ("uniform", "candidate")
-        sign = -1 if any(r.get("search_direction") == "max" for r in rows) else 1
-        best, body = None, []
+        best, body = None, []  # (its rank key, objective, label)
         for n, r in enumerate(rows, 1):
             role, ok = r.get("search_role"), r.get("status") == "succeeded"
             if role == "probe":
@@ -184,9 +183,10 @@ def _path(data: list[dict]) -> str:
                 continue
             value = r.get(column or "")
             met = ok and meets_target(r.get("search_target") or {}, r)
-            if met and role in competing and isinstance(value, (int, float)) and \
-                    (best is None or sign * value < sign * best[0]):
-                best = (value, _label(r))
+            key = rank_key(r.get("search_target") or {}, column, r.get("search_direction"), r) \
+                if ok and role in competing else None
+            if key is not None and (best is None or key < best[0]):
+                best = (key, value, _label(r))
             mark = ' style="font-weight:bold"' if r.get("search_pick") else ""
             body.append(
                 f"<tr{mark}><td>{n}</td><td class=\"l\">{_esc(role)}</td><td class=\"l\">"
@@ -196,7 +196,7 @@ def _path(data: list[dict]) -> str:
                 f"<td>{_num(r.get('search_predicted_kl'), '{:.4f}') if column == 'kl_div' else '-'} → "
                 f"{_num(value, '{:.4g}') if ok else _esc(r.get('status'))}</td>"
                 f"<td>{'yes' if met else 'no'}</td><td class=\"l\">"
-                f"{_esc(best[1]) + ' (' + _num(best[0], '{:.4g}') + ')' if best else '-'}</td></tr>")
+                f"{_esc(best[2]) + ' (' + _num(best[1], '{:.4g}') + ')' if best else '-'}</td></tr>")
         parts.append(f'<h3>{_esc(sweep)}: {_esc(column)}</h3><table><thead><tr><th>#</th><th class="l">role</th>'
                      '<th class="l">job</th><th>bits per weight (predicted → measured)</th><th>MB</th>'
                      f'<th>{_esc(column)} (predicted → measured)</th><th>meets the target</th>'

@@ -143,6 +143,18 @@ def meets_target(target: dict, row: dict) -> bool:
     return isinstance(bpw, (int, float)) and meets(bpw, float(target.get("bits_per_weight") or 0))
 
 
+def rank_key(target: dict, column: Optional[str], direction: Optional[str], row: dict) -> Optional[tuple]:
+    """How a search ranks a succeeded row (lower first): its objective (``column``; ``direction`` max: negated),
+    then its size (on disk under a size or memory target, else bits per weight); None for a row that does not compete:
+    no measured objective, or over the target (``meets_target``)."""
+    value = row.get(column) if column else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not meets_target(target, row):
+        return None
+    sign = -1 if direction == "max" else 1
+    by = "size_mb" if target.get("size_mb") is not None or target.get("gpu_mem_gb") is not None else "bits_per_weight"
+    return sign * value, row.get(by) or 0.0
+
+
 class SpaceEntry(BaseModel):
     """One method of the space: lists of its formats (``bits`` × ``group_size``, or ``gguf_type``); with ``mixed``
     each layer may take any of them. Other keys are fixed options of the method (e.g. gptq's ``calibration``)."""

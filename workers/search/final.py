@@ -23,21 +23,11 @@ REMEASURED = ("kl_div", "perplexity", "decode_tokens_per_s")
 def ranked(after: list[dict], search: dict) -> list[dict]:
     """The screened candidates that succeeded and met the target with a measured objective, best first (an equal
     objective: the smaller artifact first, then the job id)."""
-    from qfarm.sweep.search import meets_target
+    from qfarm.sweep.search import rank_key
 
-    column, target = search.get("objective"), search.get("target") or {}
-    sign = -1 if search.get("direction") == "max" else 1
-    out = []
-    for cand in after:
-        row = cand.get("result") or {}
-        value = row.get(column)
-        if cand.get("status") != "succeeded" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if meets_target(target, row):
-            out.append(cand)
-    by_size = "size_mb" if target.get("size_mb") is not None or target.get("gpu_mem_gb") is not None \
-        else "bits_per_weight"
-    return sorted(out, key=lambda c: (sign * c["result"][column], c["result"].get(by_size) or 0.0, c["id"]))
+    keyed = [(rank_key(search.get("target") or {}, search.get("objective"), search.get("direction"),
+                       cand.get("result") or {}), cand) for cand in after if cand.get("status") == "succeeded"]
+    return [cand for _, cand in sorted(((k, c) for k, c in keyed if k is not None), key=lambda kc: (kc[0], kc[1]["id"]))]
 
 
 def run(ctx) -> dict:
