@@ -162,7 +162,7 @@ def outside_bits(numbers, dtype: str, model_source: dict):
     return bits
 
 
-def gpu_target(search, numbers, ppl) -> tuple[Any, str, dict]:
+def gpu_target(search, numbers, texts: list) -> tuple[Any, str, dict]:
     """A ``gpu_mem_gb`` target as the size on disk it leaves the weights: (the search with that ``size_mb`` target,
     what the memory holds besides them, the target as the rows record it: with ``context``, ``overhead_gb`` and
     ``size_mb``); (None, why, {}) when the KV cache and logits alone take it. The weights are held as stored (a GGUF
@@ -171,7 +171,7 @@ def gpu_target(search, numbers, ppl) -> tuple[Any, str, dict]:
     from qfarm.sweep.search import SearchTarget
 
     wanted = search.target
-    context = wanted.context or max(d.seq_len for d in (ppl if isinstance(ppl, list) else [ppl]))
+    context = wanted.context or max(d.seq_len for d in texts)  # eval.perplexity's texts
     overhead = sum(window_bytes(numbers, context, compute_bytes(numbers, "cuda")).values())
     size_mb = (wanted.gpu_mem_gb * 1e9 - overhead) / 2**20
     held = f"the KV cache and logits at {context} tokens take {overhead / 1e9:.3g} GB"
@@ -196,6 +196,7 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
         errors.add(("eval", "perplexity"), "a search needs eval.perplexity: its probes and its objective's KL and "
                                            "perplexity are measured on that text")
         return None, []
+    texts = ppl if isinstance(ppl, list) else [ppl]  # its one text, or each domain's
     names = [domain_name(d) for d in ppl] if isinstance(ppl, list) else []
     column = search.measured()[0]
     if "@" in column and column.split("@", 1)[1] not in names:
@@ -228,7 +229,7 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
             errors.add(("search", "target", "gpu_mem_gb"), "the model's config cannot be read here, and a GPU memory "
                                                            "target is planned from it: give size_mb or bits_per_weight")
             return None, []
-        planned, memory, target = gpu_target(search, numbers, ppl)
+        planned, memory, target = gpu_target(search, numbers, texts)
         if planned is None:
             errors.add(("search", "target", "gpu_mem_gb"), memory)
             return None, []
@@ -244,7 +245,7 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     column, direction = search.measured()
     info = {"target": target, "objective": column, "direction": direction}
     if search.halving is not None:
-        fewest = min(d.max_windows for d in (ppl if isinstance(ppl, list) else [ppl]))
+        fewest = min(d.max_windows for d in texts)
         if search.halving.windows >= fewest:
             errors.add(("search", "halving", "windows"), f"the screen's {search.halving.windows} window(s) are not fewer "
                                                          f"than the full evaluation's {fewest} (eval.perplexity "

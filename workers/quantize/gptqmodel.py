@@ -164,8 +164,8 @@ def load_quantized(path: str, training: bool = False, **kwargs):
 
     # per-module overrides (a mix of bits): only GPTQModel's plain torch kernel takes every layer's bits (its fused
     # CPU kernel is 4-bit only)
-    mixed = bool(json.loads(qc.read_text()).get("dynamic")) if (qc := Path(path) / "quantize_config.json").is_file() \
-        else False
+    qc = Path(path) / "quantize_config.json"
+    mixed = qc.is_file() and bool(json.loads(qc.read_text()).get("dynamic"))
     backend, dtype = (BACKEND.TORCH if training or mixed else BACKEND.AUTO), compute_dtype(path)
     if (training or mixed) and dtype == torch.float32:  # the torch kernel computes in float16/bfloat16 only
         dtype = torch.bfloat16
