@@ -303,13 +303,18 @@ def test_a_gguf_without_an_output_tensor_gives_a_float_copy_that_stores_its_embe
     assert again.config.tie_word_embeddings and again.get_output_embeddings().weight is again.get_input_embeddings().weight
 
 
-def test_layer_rules_on_gptqmodel_are_its_per_module_overrides_and_the_artifact_holds_them(farm, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_layer_rules_on_gptqmodel_are_its_per_module_overrides_and_the_artifact_holds_them(farm, tmp_path, family):
     """``layer_rules`` with backend gptqmodel: GPTQModel's ``dynamic`` overrides (one per layer off the job's own
     format), read back from the artifact layer by layer (the row's ``layer_formats``), and the layers' stored bits
-    (qweight, qzeros, float16 scales, g_idx: what the row measures) as the search prices the GPTQ layout."""
+    (qweight, qzeros, float16 scales, g_idx: what the row measures) as the search prices the GPTQ layout; on a Llama
+    and on a Qwen2 (biased q/k/v projections, stored apart)."""
     from qfarm.sweep.search import Format
     from workers.quantize.artifacts import safetensors_sizes
     from workers.shared.cache import Cache
+
+    if family != "llama":
+        farm = {**farm, "model": make_tiny_model(tmp_path / family, corpus_of(farm["data"]), seed=4, family=family)}
 
     rules = ["mlp\\.down_proj$=8b g-1", "layers\\.0\\.self_attn=3b g32"]
     plan = _expand(farm, "gptq", [{"backend": "gptqmodel"}, {"backend": "gptqmodel", "layer_rules": rules}])
@@ -317,6 +322,8 @@ def test_layer_rules_on_gptqmodel_are_its_per_module_overrides_and_the_artifact_
     cache = Cache()
     plain, ruled = (_run(job, tmp_path / str(job.group), cache) for job in jobs)
     assert _fingerprint(plain) != _fingerprint(ruled)
+    for row in (plain, ruled):  # sane numbers from GPTQModel's own loader (the mix on its torch kernel)
+        assert 0 <= row["kl_div"] < 0.5 and 1 < row["perplexity"] < 1e4, (family, row["kl_div"], row["perplexity"])
     formats = ruled["layer_formats"]
     assert {f for name, f in formats.items() if name.endswith("mlp.down_proj")} == {"8b g-1"}
     assert {f for name, f in formats.items() if ".layers.0.self_attn." in name} == {"3b g32"}
