@@ -47,7 +47,7 @@ from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from qfarm.sweep.methods import GGML_TYPES, GGUF_BITS_PER_WEIGHT, GGUF_TYPES
+from qfarm.sweep.methods import GGML_TYPES, GGUF_BITS_PER_WEIGHT, GGUF_TYPES, tensor_rule
 
 MAX_SPACE = 8  # entries of a search's space
 # a candidate meets the target when its bits per weight are at most the target × (1 + TARGET_SLACK): the 0.05 %
@@ -275,8 +275,10 @@ class SearchSpec(_Strict):
 # --- formats and their stored bits ------------------------------------------------------------------------------
 
 # llama.cpp stores a K-quant tensor whose rows its 256-blocks do not divide in another type (llama-quant.cpp)
-K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_EXTRA_GGML = {"IQ4_NL": (20, 32, 4.5)}  # fallbacks the rules do not name
+# llama.cpp's type for a tensor whose rows a K-quant's 256-blocks do not divide (llama-quant.cpp's
+# tensor_type_fallback, as vendored by llama-cpp-python 0.3.36: Q2_K and Q3_K fall to Q4_0, no longer IQ4_NL)
+K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_EXTRA_GGML = {"IQ4_NL": (20, 32, 4.5)}  # types the rules do not name
 SHAPE_BITS = 2 * 64  # compressed-tensors keeps each quantized layer's shape (two int64)
 
 
@@ -380,19 +382,107 @@ class Layer:
         return self.n_in * self.n_out
 
 
+# A layer's role in llama.cpp's rules (llama-quant.cpp's tensor_get_category), by its Hugging Face module name: the
+# names of the families qfarm runs (Llama, Qwen2/3, Mistral, Gemma, Phi, GPT-2, GPT-NeoX, OPT, Falcon's fused ones)
+_ROLES = (
+    (r"(?:qkv_proj|c_attn|query_key_value|Wqkv|W_pack)$", "attn_qkv"),
+    (r"(?:v_proj|\.value)$", "attn_v"), (r"(?:k_proj|\.key)$", "attn_k"), (r"(?:q_proj|\.query)$", "attn_q"),
+    (r"(?:o_proj|out_proj|attn\.c_proj|attn(?:ention)?\.dense)$", "attn_output"),
+    (r"(?:down_proj|fc2|mlp\.c_proj|dense_4h_to_h)$", "ffn_down"), (r"gate_proj$", "ffn_gate"),
+    (r"(?:up_proj|gate_up_proj|fc1|c_fc|dense_h_to_4h)$", "ffn_up"),
+)
+
+
+def gguf_role(layer: str) -> tuple[Optional[int], str]:
+    """(block, role) of a layer in llama.cpp's terms: ``3.self_attn.v_proj`` -> (3, "attn_v"); "other" for a role its
+    rules do not single out."""
+    block = re.search(r"(?:^|\.)(\d+)\.", layer)
+    role = next((r for pattern, r in _ROLES if re.search(pattern, layer)), "other")
+    return (int(block.group(1)) if block else None), role
+
+
+def gguf_file_types(gguf_type: str, layers: list[Layer], imatrix: bool = False,
+                    tensor_types: Optional[list[str]] = None) -> Optional[dict[str, str]]:
+    """The ggml type llama.cpp stores each of ``layers`` in, in a file of ``gguf_type``: the user's ``tensor_types``
+    rules first, then llama.cpp's own choice for the file type (llama-quant.cpp's llama_tensor_get_type_impl, as
+    vendored by llama-cpp-python 0.3.36: Q4_K_M keeps attn_v and ffn_down in Q6_K on the first and last eighth of the
+    blocks and every third between; Q3_K_M raises attn_v, attn_output, ffn_down), then its fallback where a type's
+    blocks do not divide a row (F16 where none does). None where those rules are not followed here: a
+    mixture-of-experts model, a file type qfarm does not list. Falcon's and Llama-70B's special cases are not
+    followed (attn_v in Q5_K on a 70B: about 0.01 bits a weight)."""
+    if gguf_type not in GGUF_BITS_PER_WEIGHT or any(re.search(r"(?:^|\.)experts?\.", la.name) for la in layers):
+        return None
+    base = tensor_type_of(gguf_type)
+    if base not in GGML_TYPES:
+        return None
+    if GGML_TYPES[base][1] == 1:  # F16, BF16, F32: every tensor kept so
+        return {la.name: base for la in layers}
+    rules = [tensor_rule(text) for text in tensor_types or []]
+    placed = sorted(((*gguf_role(la.name), la) for la in layers), key=lambda t: (t[0] is None, t[0] or 0))
+    blocks = len({b for b, _, _ in placed if b is not None}) or 1
+    by_role = {"attn_v": [], "attn_qkv": []}
+    for b, role, la in placed:
+        by_role.setdefault(role, []).append(la)
+    n_wv = len(by_role["attn_v"]) + len(by_role["attn_qkv"])  # llama.cpp counts both as attn_v-like
+    q_heads = [la.n_out for la in by_role.get("attn_q", [])]
+    k_heads = [la.n_out for la in by_role.get("attn_k", [])]
+    gqa = (q_heads[0] // k_heads[0]) if q_heads and k_heads and k_heads[0] else 1
+
+    def more_bits(i: int, n: int) -> bool:  # llama.cpp's use_more_bits
+        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+    counters = {"attn_v": 0, "ffn_down": 0}
+    out = {}
+    for b, role, la in placed:
+        name = f"blk.{b}.{role}.weight" if b is not None and role != "other" else la.name
+        kind = next((t for pattern, t in rules if re.search(pattern, name)), None)
+        if kind is None:
+            kind = base
+            if role in ("attn_v", "attn_qkv"):
+                i = counters["attn_v"]
+                counters["attn_v"] += 1
+                if gguf_type == "Q2_K":
+                    kind = "Q4_K" if gqa >= 4 else "Q3_K"
+                elif gguf_type == "Q3_K_M":
+                    kind = "Q5_K" if i < 2 else "Q4_K"
+                elif gguf_type == "Q3_K_L":
+                    kind = "Q5_K"
+                elif gguf_type in ("Q4_K_M", "Q5_K_M") and more_bits(i, n_wv):
+                    kind = "Q6_K"
+                elif gguf_type == "Q4_K_S" and i < 4:
+                    kind = "Q5_K"
+            elif role == "ffn_down":
+                i = counters["ffn_down"]
+                counters["ffn_down"] += 1
+                if gguf_type == "Q2_K":
+                    kind = "Q3_K"
+                elif gguf_type == "Q3_K_M":
+                    kind = "Q5_K" if i < blocks // 16 else "Q4_K"
+                elif gguf_type == "Q3_K_L":
+                    kind = "Q5_K"
+                elif gguf_type in ("Q4_K_M", "Q5_K_M") and more_bits(i, blocks):
+                    kind = "Q6_K"
+                elif gguf_type == "Q4_K_S" and i < blocks // 8:
+                    kind = "Q5_K"
+                elif gguf_type in ("Q4_0", "Q5_0") and imatrix and i < blocks // 8:
+                    kind = {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[gguf_type]
+            elif role == "attn_output":
+                kind = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(gguf_type, base)
+        out[la.name] = Format(kind).stored_type(la.n_in) or "F16"
+    return out
+
+
 def uniform_bits_per_weight(options: dict, layers: list[Layer], scale_bits: int = 16) -> Optional[float]:
     """Predicted bits per weight of a uniform configuration over ``layers``; None where a layer cannot take it
-    (a group size that does not divide its inputs). A GGUF file type is its registry figure (a mix by llama.cpp's
-    own rules), except where the layers' rows force every tensor into the fallbacks."""
+    (a group size that does not divide its inputs). A GGUF file type is priced tensor by tensor with the types
+    llama.cpp's rules give it (gguf_file_types), or its registry figure where they are not followed here."""
     if not layers:
         return None
     if options["method"] == "gguf":
-        name = options["gguf_type"]
-        fmt = Format(tensor_type_of(name))
-        if fmt.name not in GGML_TYPES or not all(fmt.fits(layer.n_in) for layer in layers):
-            return GGUF_BITS_PER_WEIGHT.get(name)
-        exact = sum(fmt.layer_bits(la.n_in, la.n_out) for la in layers) / sum(la.params for la in layers)
-        return max(exact, GGUF_BITS_PER_WEIGHT.get(name, exact)) if name.endswith(("_M", "_L")) else exact
+        types = gguf_file_types(options["gguf_type"], layers, bool(options.get("imatrix")), options.get("tensor_types"))
+        if types is None:
+            return GGUF_BITS_PER_WEIGHT.get(options["gguf_type"])
+        return sum(la.params * ggml(types[la.name])[2] for la in layers) / sum(la.params for la in layers)
     fmt = Format(f"{options['bits']}b g{options['group_size']}", layout_of(options))
     if not all(fmt.fits(la.n_in) for la in layers):
         return None

@@ -123,3 +123,84 @@ def test_the_ggml_types_a_tensor_rule_may_name_are_the_installed_ggmls():
         assert kind.value == type_id, name
         elements, nbytes = GGML_QUANT_SIZES[kind]
         assert (elements, nbytes * 8 / elements) == (block, bits), name
+
+
+def _synthetic_gguf(path, blocks: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> list:
+    """A Llama-shaped float32 GGUF of random weights (llama.cpp quantizes from the header and tensors alone), and its
+    block layers as a search names them (qfarm.sweep.search.Layer: ``3.self_attn.v_proj``)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from qfarm.sweep.search import Layer
+
+    rng = np.random.default_rng(0)
+    kv = kv_heads * hidden // heads
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(blocks)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((64, hidden), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    shapes = {"attn_q": ("self_attn.q_proj", hidden, hidden), "attn_k": ("self_attn.k_proj", hidden, kv),
+              "attn_v": ("self_attn.v_proj", hidden, kv), "attn_output": ("self_attn.o_proj", hidden, hidden),
+              "ffn_gate": ("mlp.gate_proj", hidden, ffn), "ffn_up": ("mlp.up_proj", hidden, ffn),
+              "ffn_down": ("mlp.down_proj", ffn, hidden)}
+    layers = []
+    for b in range(blocks):
+        writer.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        writer.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+        for role, (module, n_in, n_out) in shapes.items():
+            writer.add_tensor(f"blk.{b}.{role}.weight", rng.standard_normal((n_out, n_in), dtype=np.float32))
+            layers.append(Layer(f"{b}.{module}", n_in, n_out))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return layers
+
+
+@pytest.mark.parametrize("shape", [(16, 256, 512, 4, 1), (9, 96, 200, 4, 4)], ids=["k-blocks-gqa4", "fallbacks"])
+def test_each_file_type_stores_each_layer_in_the_type_validate_prices(tmp_path, shape):
+    """What a search's plan says a uniform GGUF costs (qfarm.sweep.search.gguf_file_types: llama.cpp's own mix rules,
+    then its fallbacks) against the files the installed llama.cpp writes, tensor by tensor, for every quantized file
+    type a spec may name, with and without tensor_types rules: on rows K-quants' blocks divide (16 blocks, so the
+    first/last eighth and every third between differ; 4 query heads a key head) and on rows they do not (96 wide,
+    and 200, which no 32-block divides either: float16)."""
+    import ctypes
+
+    import llama_cpp
+
+    from qfarm.sweep.methods import GGML_TYPES, GGUF_TYPES, tensor_rule
+    from qfarm.sweep.search import gguf_file_types, uniform_bits_per_weight
+    from workers.quantize.gguf import file_tensors, ftype, layer_columns
+
+    source = tmp_path / "f32.gguf"
+    layers = _synthetic_gguf(source, *shape)
+    role = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    tensor = {la.name: f"blk.{la.name.split('.')[0]}.{role[la.name.rsplit('.', 1)[1]]}.weight" for la in layers}
+    cases = [(name, []) for name, bits in GGUF_TYPES.items() if bits < 16]
+    cases += [("Q4_K_M", ["blk\\.1\\.attn_v=Q8_0", "blk\\.(3|4)\\.ffn_down=Q2_K"]), ("Q3_K_M", ["attn_v=Q4_0"])]
+    for name, texts in cases:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread, params.allow_requantize = ftype(name), 2, True
+        rules = [tensor_rule(t) for t in texts]
+        overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
+        for i, (pattern, type_name) in enumerate(rules):
+            overrides[i].pattern, overrides[i].type = pattern.encode(), GGML_TYPES[type_name][0]
+        if rules:
+            params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        target = tmp_path / f"{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
+        _, _, stored = file_tensors(str(target))
+        predicted = gguf_file_types(name, layers, tensor_types=texts)
+        assert {la.name: stored[tensor[la.name]][0] for la in layers} == predicted, (name, texts)
+        measured = layer_columns(stored)["bits_per_weight"]
+        assert uniform_bits_per_weight({"method": "gguf", "gguf_type": name, "tensor_types": texts}, layers) \
+            == pytest.approx(measured, rel=1e-12), (name, texts)
+        target.unlink()

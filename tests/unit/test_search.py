@@ -5,6 +5,7 @@ import itertools
 import pytest
 from pydantic import ValidationError
 
+from qfarm.sweep.methods import GGUF_BITS_PER_WEIGHT
 from qfarm.sweep.search import (
     SIZE_MARGIN,
     TARGET_SLACK,
@@ -13,6 +14,7 @@ from qfarm.sweep.search import (
     SearchSpec,
     allocate,
     block_rules,
+    gguf_file_types,
     gguf_rules,
     layers_by_rules,
     plan_search,
@@ -78,7 +80,7 @@ def test_a_target_under_every_mix_is_refused_at_the_target_and_one_entry_under_i
     plan, problems = plan_search(search, smollm_layers())
     assert plan is None
     assert problems[0][0] == ("target", "bits_per_weight") and "smallest mixes: space[0] (rtn) 3.2" in problems[0][1]
-    # at 3.5 the gguf entry's smallest mix (576-wide rows fall back to IQ4_NL) is over: the others still run
+    # at 3.5 the gguf entry's smallest mix (576-wide rows fall back to Q4_0) is over: the others still run
     search = SearchSpec.model_validate({"target": {"bits_per_weight": 3.5}, "space": ISSUE_SPACE})
     plan, problems = plan_search(search, smollm_layers())
     assert problems == [] and {i for i, _ in plan.mixed} == {0, 1}
@@ -94,9 +96,33 @@ def test_stored_bits_follow_the_formats_layouts():
     # ggml: Q4_K is 4.5 bits where 256 divides the rows, else llama.cpp stores Q5_0 (5.5)
     assert Format("Q4_K").layer_bits(1536, 576) == 1536 * 576 * 4.5
     assert Format("Q4_K").layer_bits(576, 576) == 576 * 576 * 5.5
-    assert Format("Q6_K").stored_type(576) == "Q8_0" and Format("Q3_K").stored_type(576) == "IQ4_NL"
+    assert Format("Q6_K").stored_type(576) == "Q8_0" and Format("Q3_K").stored_type(576) == "Q4_0"
     assert not Format("4b g128").fits(576) and Format("4b g128").fits(1536)
     assert uniform_bits_per_weight({"method": "rtn", "bits": 4, "group_size": 128}, smollm_layers()) is None
+
+
+def test_a_llama_cpp_mix_is_priced_by_its_own_rules_tensor_by_tensor():
+    """Q4_K_M on SmolLM2 (measured: 5.534 bits per weight, bench/search.py's rows): Q6_K on attn_v and ffn_down in
+    14 of 30 blocks (the first 3, the last 4, every third between), the 576-wide rows in the fallbacks (Q4_K -> Q5_0,
+    Q6_K -> Q8_0); Q3_K_M (measured 4.634) raises the first two attn_v, attn_output and ffn_down."""
+    layers = smollm_layers()
+    types = gguf_file_types("Q4_K_M", layers)
+    more = [b for b in range(30) if types[f"model.layers.{b}.mlp.down_proj"] == "Q6_K"]
+    assert more == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert {b for b in range(30) if types[f"model.layers.{b}.self_attn.v_proj"] == "Q8_0"} == set(more)
+    assert {types[f"model.layers.{b}.self_attn.q_proj"] for b in range(30)} == {"Q5_0"}
+    assert uniform_bits_per_weight({"method": "gguf", "gguf_type": "Q4_K_M"}, layers) == pytest.approx(5.5344, abs=1e-4)
+    assert uniform_bits_per_weight({"method": "gguf", "gguf_type": "Q3_K_M"}, layers) == pytest.approx(4.6344, abs=1e-4)
+    # a rule of the user's decides its tensors and they leave llama.cpp's counters alone (blk.0's attn_v is not
+    # counted: blk.1's is the first, and 13 blocks other than 0 get Q8_0 by the count shifted by one)
+    ruled = gguf_file_types("Q4_K_M", layers, tensor_types=["blk\\.0\\.attn_v=Q4_0"])
+    assert ruled["model.layers.0.self_attn.v_proj"] == "Q4_0"
+    assert [b for b in range(1, 30) if ruled[f"model.layers.{b}.self_attn.v_proj"] == "Q8_0"] == \
+        [1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29]
+    # a mixture of experts is priced by the registry's figure, not by rules it does not follow here
+    experts = [Layer("model.layers.0.block_sparse_moe.experts.0.w1", 256, 512)]
+    assert gguf_file_types("Q4_K_M", experts) is None
+    assert uniform_bits_per_weight({"method": "gguf", "gguf_type": "Q4_K_M"}, experts) == GGUF_BITS_PER_WEIGHT["Q4_K_M"]
 
 
 def _brute(layers, sens, formats, target):
