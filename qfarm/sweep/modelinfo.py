@@ -305,6 +305,29 @@ def gguf_tokenizer(model: dict) -> dict | None:
     return found if isinstance(found, dict) and "error" not in found else None
 
 
+CONVERT_CHECK_VERSION = 1  # bump when workers.quantize.convertible changes what it asks of the converter
+
+
+def gguf_conversion(model: dict) -> str | None:
+    """Why llama.cpp's converter refuses a Hugging Face model folder (an architecture it has no class for, a BPE
+    pre-tokenizer whose hash it does not know), so that every gguf job of it would fail converting it; None where it
+    converts, or where the check cannot run here. Asked of the converter itself (workers.quantize.convertible, its
+    vocabulary pass in a subprocess: the CLI imports no ML library), kept on disk by the folder's content key and
+    the installed llama-cpp-python's version (whose converter it is)."""
+    import importlib.metadata
+
+    if model.get("kind") != "hf_dir" or not model.get("key"):
+        return None
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # no llama.cpp here: the check cannot run
+    key = hashlib.sha256(f"{model['key']}|{version}|{CONVERT_CHECK_VERSION}".encode()).hexdigest()[:24]
+    found = _cached_run("workers.quantize.convertible", model, cache_dir().parent / "checks" / f"convert-{key}.json",
+                        330, keep=lambda f: "refused" in f or "converts" in f)
+    return str(found["refused"]) if isinstance(found, dict) and found.get("refused") else None
+
+
 def shape_from_tree(tree: dict) -> Shape:
     """The quantizable layers of a module tree: every weight layer but the output head."""
     layers = {k: v for k, v in tree["linears"].items() if k != tree.get("lm_head")}

@@ -21,7 +21,7 @@ from qfarm.errors import Problem, SpecError, allowed, did_you_mean, format_path,
 from qfarm.results.columns import column, option_clashes
 from qfarm.sweep import hub, lmtasks
 from qfarm.sweep.methods import ALL_LINEAR, KINDS, METHODS, Options, trainable_quantized
-from qfarm.sweep.modelinfo import gguf_tokenizer, shape_of, vocabulary_clash
+from qfarm.sweep.modelinfo import gguf_conversion, gguf_tokenizer, shape_of, vocabulary_clash
 from qfarm.sweep.sources import SourceError, fingerprint, resolve_dataset, resolve_model
 from qfarm.sweep.spec import EvalSpec, JobGroup, LoadedSpec, SweepSpec, describe, domain_name
 
@@ -587,6 +587,11 @@ class MethodChecks:
         self.model_source, self.base_dir, self.errors = model_source, base_dir, errors
 
     @functools.cached_property
+    def conversion(self) -> str | None:
+        """Why llama.cpp's converter refuses the model folder (asked once per validate, kept on disk), or None."""
+        return gguf_conversion(self.model_source)
+
+    @functools.cached_property
     def shape(self):
         """Read once per spec, and only when a job has something to check against it."""
         return shape_of(self.model_source) if self.model_source else None
@@ -596,6 +601,12 @@ class MethodChecks:
         method = METHODS.get(getattr(opts, "method", None)) if group.kind == "quantize" else None
         if method is not None and method.quantizes is not None and self.shape is not None:
             self._check_layer_types(method, sources.get("method", ("jobs", gi)))
+        if method is not None and method.name == "gguf" and (self.model_source or {}).get("kind") == "hf_dir" \
+                and self.conversion:
+            self.errors.add(sources.get("method", ("jobs", gi)),
+                            f"llama.cpp's converter refuses the sweep's model, so every gguf job of it would fail "
+                            f"converting it to GGUF: {self.conversion}. Give the model as a GGUF file (model: "
+                            "path/to/model.gguf), or drop the gguf jobs")
         group_size = getattr(opts, "group_size", None)
         if group_size and group_size > 0 and self.shape is not None:
             self._check_group_size(group, opts, sources.get("group_size", ("jobs", gi)), group_size)

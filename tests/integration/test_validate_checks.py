@@ -134,3 +134,48 @@ def test_validate_s_light_tokenizer_gives_the_ids_a_job_s_autotokenizer_gives(tm
     for sample in (PROBE, text):
         ids = light(sample, add_special_tokens=False)["input_ids"]
         assert len(ids) > 50 and ids == job(sample, add_special_tokens=False)["input_ids"]
+
+
+def test_a_folder_llama_cpps_converter_refuses_is_refused_at_validate_where_a_gguf_job_would_convert_it(
+        tmp_path, env, shared_data):
+    """A Hugging Face folder whose tokenizer llama.cpp's converter does not know (a word-level BPE: its pre-tokenizer's
+    hash is in no list) fails every gguf job of it, minutes after submit, at the conversion: validate asks the
+    converter itself (its vocabulary pass) once, refuses the gguf job at its line and the search's gguf entry at
+    its own, and keeps the verdict; the same folder without gguf jobs is not asked about; a folder the converter
+    takes (a SentencePiece tokenizer.model) validates with a gguf job."""
+    from tests.tiny import make_spm_gguf
+
+    data = guanaco_rows(shared_data, tmp_path, 120)
+    model = make_tiny_model(tmp_path / "tiny", corpus_of(data), seed=4)
+    checks = tmp_path / "cache" / "qfarm" / "checks"
+
+    plain = qfarm(env, "validate", "--offline", spec(tmp_path, str(model), "plain"))
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert not list(checks.glob("convert-*.json"))  # no gguf job: the converter is not asked
+
+    path = tmp_path / "gguf.yaml"
+    path.write_text(f"name: gguf\nmodel: {model}\njobs:\n  - {{kind: quantize, method: bnb-nf4}}\n"
+                    "  - {kind: quantize, method: gguf, gguf_type: Q8_0}\n")
+    out = qfarm(env, "validate", "--offline", str(path))
+    said = out.stdout + out.stderr
+    assert out.returncode == 2, said
+    assert "gguf.yaml:5: jobs[1].method: llama.cpp's converter refuses the sweep's model" in said, said
+    assert "BPE pre-tokenizer was not recognized" in said and "Give the model as a GGUF file" in said
+    kept = list(checks.glob("convert-*.json"))
+    assert len(kept) == 1 and "BPE pre-tokenizer" in json.loads(kept[0].read_text())["refused"]
+
+    search = tmp_path / "search.yaml"
+    search.write_text(f"name: s\nmodel: {model}\neval: {{perplexity: {{dataset: {shared_data / 'wikitext2' / 'wiki.test.raw'}, "
+                      "seq_len: 64, max_windows: 2}}\nsearch:\n  target: {bits_per_weight: 6}\n  space:\n"
+                      "    - {method: rtn, bits: [4, 8], group_size: [32], mixed: true}\n"
+                      "    - {method: gguf, gguf_type: [Q4_0, Q8_0], mixed: true}\n")
+    out = qfarm(env, "validate", "--offline", str(search))
+    said = out.stdout + out.stderr
+    assert out.returncode == 2 and "search.space[1]" in said and "converter refuses" in said, said
+    assert "search.space[0]" not in said, said
+
+    good = make_spm_gguf(tmp_path / "spm", corpus_of(data), family="llama").parent / "hf"
+    path.write_text(path.read_text().replace(str(model), str(good)))
+    out = qfarm(env, "validate", "--offline", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sum(json.loads(p.read_text()).get("converts") is True for p in checks.glob("convert-*.json")) == 1

@@ -78,16 +78,23 @@ def source_gguf(ctx, base) -> str:
 
     def convert(tmp: Path) -> None:
         ctx.progress("converting the HF model to GGUF (llama.cpp convert_hf_to_gguf.py)")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
-        # transformers may not run the model folder's own code meanwhile (workers.shared.no_remote_code)
-        run = subprocess.run([sys.executable, "-m", "workers.shared.no_remote_code", str(script), base.path,
-                              "--outfile", str(tmp), "--outtype", outtype], env=env, capture_output=True, text=True)
-        if run.returncode != 0:
-            tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"convert_hf_to_gguf.py failed: {tail[0]}")
+        failed = run_converter(script, base.path, ["--outfile", str(tmp), "--outtype", outtype])
+        if failed:
+            raise RuntimeError(f"convert_hf_to_gguf.py failed: {failed}")
 
     build_once(target, convert)
     return str(target)
+
+
+def run_converter(script: Path, folder: str, args: list[str], timeout: float | None = None) -> str | None:
+    """llama.cpp's converter on a model folder, with transformers unable to run the folder's own code
+    (workers.shared.no_remote_code): None when it succeeds, else its last line of output (why it failed)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "workers.shared.no_remote_code", str(script), folder, *args], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if run.returncode == 0:
+        return None
+    return ((run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"])[0]
 
 
 def file_tensors(path: str) -> tuple[dict[str, int], int, dict[str, tuple[str, int, int, int]]]:
