@@ -3,8 +3,8 @@ same space that fits, on the same evaluation windows, and the jobs it took.
 
     python bench/search.py [--targets 3.5,4.5,5.5] [--methods rtn,gptq,gguf] [--root DIR] [--model M]
     python bench/search.py --size-mb 100,130        # size targets (MB on disk) instead
-    python bench/search.py --targets 4.5 --halving 2,3   # each target also with successive halving: the picks,
-                                                         # the windows evaluated and the candidates' job seconds
+    python bench/search.py --targets 4.5 --halving "2,3;1/4,6/2"   # each target also with successive halving (one
+                                  # screen; rungs): the picks, the windows evaluated and the candidates' job seconds
     python bench/search.py --make-qwen2 DIR   # a Qwen2-shaped model from a config (random init, SmolLM2's
                                               # tokenizer): a second family nothing here was tuned on
 
@@ -44,7 +44,8 @@ SPACE = {
 def spec(folder: Path, target: float, methods: list[str], model: str = "bundled:smollm2-135m", size: bool = False,
          halving: str = "") -> Path:
     space = "\n".join(f"    - {SPACE[m]}" for m in methods)
-    name = ("mb-" if size else "") + str(target).replace('.', '_') + ("-halving" if halving else "")
+    name = ("mb-" if size else "") + str(target).replace('.', '_') + \
+        (f"-halving-{halving.replace(',', '-').replace('/', '_')}" if halving else "")
     path = folder / f"search-{name}.yaml"
     path.write_text(f"""name: bench-search-{name}
 model: {model}
@@ -56,8 +57,16 @@ search:
 {space}
   budget: {{jobs: 16}}
   probe: {{windows: 2, seq_len: 128, jobs: 4}}
-""" + (f"  halving: {{windows: {halving.split(',')[0]}, keep: {halving.split(',')[1]}}}\n" if halving else ""))
+""" + (f"  halving: {halving_yaml(halving)}\n" if halving else ""))
     return path
+
+
+def halving_yaml(text: str) -> str:
+    """``W,K`` (one screen) or ``W1/W2,K1/K2`` (rungs) as the spec's halving mapping."""
+    windows, keep = text.split(",")
+    if "/" in windows:
+        return f"{{windows: [{windows.replace('/', ', ')}], keep: [{keep.replace('/', ', ')}]}}"
+    return f"{{windows: {windows}, keep: {keep}}}"
 
 
 def main() -> None:
@@ -68,8 +77,9 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="output root (default: a new temporary folder)")
     parser.add_argument("--model", default="bundled:smollm2-135m")
     parser.add_argument("--make-qwen2", default=None, metavar="DIR")
-    parser.add_argument("--halving", default="", metavar="W,K",
-                        help="also run each target with halving: {windows: W, keep: K}, and compare")
+    parser.add_argument("--halving", default="", metavar="W,K[;W1/W2,K1/K2]",
+                        help="also run each target with halving: {windows: W, keep: K}, or rungs {windows: [W1, W2], "
+                             "keep: [K1, K2]} (several, split by ;), and compare")
     args = parser.parse_args()
     if args.make_qwen2:
         return make_qwen2(Path(args.make_qwen2))
@@ -85,7 +95,7 @@ def main() -> None:
                    QFARM_RAY_ADDRESS=head.address, QFARM_OUTPUT_ROOT=str(root))
         ran: set[str] = set()
         halved: dict[float, list[dict]] = {}
-        runs = [(t, h) for t in targets for h in ([""] + ([args.halving] if args.halving else []))]
+        runs = [(t, h) for t in targets for h in [""] + [h for h in args.halving.split(";") if h]]
         for target, halving in runs:
             path = spec(root, target, methods, args.model, size, halving)
             plan = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(path)], env=env,
@@ -114,19 +124,22 @@ def main() -> None:
     for line in summary:
         print(line)
     if args.halving:
-        print("\n| target | plain: pick (KL ± se) | windows | job s | halving " + args.halving
-              + ": pick (KL ± se) | windows | job s |\n|---|---|---|---|---|---|---|")
+        variants = [h for h in args.halving.split(";") if h]
+        print("\n| target | plain: pick (KL ± se) | windows | job s | " + " | ".join(
+            f"halving {h}: pick (KL ± se) | windows | job s" for h in variants) + " |\n|---|---|---|---|"
+            + "---|---|---|" * len(variants))
         for target, runs_of in halved.items():
             print(f"| {target} | " + " | ".join(cost(rows) for rows in runs_of) + " |")
 
 
 def cost(rows: list[dict]) -> str:
     """A search's pick and what its candidates (and finals) cost: perplexity windows evaluated, job seconds."""
-    mine = [r for r in rows if r.get("search_role") in ("uniform", "candidate", "final") and r["status"] == "succeeded"]
+    mine = [r for r in rows if r.get("search_role") in ("uniform", "candidate", "rung", "final") and r["status"] == "succeeded"]
     pick = next((r for r in mine if r.get("search_pick")), None)
     windows = sum(r.get("ppl_windows") or 0 for r in mine)
     seconds = sum(r.get("duration_s") or 0 for r in mine)
-    said = f"{pick['label']} ({pick['kl_div']:.4f} ± {pick['kl_div_se']:.4f})" if pick else "-"
+    said = f"{pick.get('search_final_label') or pick['label']} ({pick['kl_div']:.4f} ± {pick['kl_div_se']:.4f})" \
+        if pick else "-"
     return f"{said} | {windows} | {seconds:.0f}"
 
 

@@ -306,8 +306,8 @@ def mark_search_pick(data: list[dict]) -> list[dict]:
     """Rows with ``search_pick`` set for a search's candidates (qfarm.sweep.search): true for the one, per sweep,
     whose measured objective is best among those whose measured bits per weight (or size on disk) meet the target
     (an equal objective goes to the smaller); false for its other candidates; null for rows of no search and probes.
-    A search with successive halving (``final`` rows) picks among its finals only: its screens were measured on fewer
-    windows."""
+    A search with successive halving (``final`` rows) picks among its finals only: its screens (and ``rung`` rows)
+    were measured on fewer windows."""
     from qfarm.sweep.search import rank_key
 
     halved = {r.get("sweep_id") for r in data if r.get("search_role") == "final"}  # the finals compete, not screens
@@ -324,7 +324,7 @@ def mark_search_pick(data: list[dict]) -> list[dict]:
             best[r.get("sweep_id")] = {"key": key, "job": r.get("job_id")}
     out = []
     for r in data:
-        if r.get("search_role") in ("uniform", "candidate", "final"):
+        if r.get("search_role") in ("uniform", "candidate", "rung", "final"):
             r = {**r, "search_pick": (best.get(r.get("sweep_id")) or {}).get("job") == r.get("job_id")}
         out.append(r)
     return out

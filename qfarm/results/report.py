@@ -87,7 +87,7 @@ def plots(data: list[dict]) -> dict[str, Any]:
     curves = [r for r in ok if r.get("loss_curve")]
     if curves:
         figs["loss"] = _loss(curves)
-    searched = [r for r in ok if r.get("search_role") in ("uniform", "candidate", "final")
+    searched = [r for r in ok if r.get("search_role") in ("uniform", "candidate", "rung", "final")
                 and isinstance(r.get("bits_per_weight"), (int, float))
                 and isinstance(r.get(r.get("search_objective") or ""), (int, float))]
     if searched:
@@ -109,7 +109,7 @@ def _search(rows: list[dict]):
     halved = any(r["search_role"] == "final" for r in rows)  # screens measured on fewer windows: pale
     for r in rows:
         x, y, color = r[across], r[column], cmap[r.get("method") or "?"]
-        mixed = r["search_role"] == "candidate" or (r["search_role"] == "final" and bool(r.get("layer_formats")))
+        mixed = r["search_role"] == "candidate" or (r["search_role"] in ("rung", "final") and bool(r.get("layer_formats")))
         pale = halved and r["search_role"] != "final"
         ax.scatter([x], [y], marker="D" if r["search_role"] == "final" else "^" if mixed else "o",
                    s=160 if r.get("search_pick") else 44, color=color, zorder=3, alpha=0.3 if pale else 1.0,

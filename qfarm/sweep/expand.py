@@ -17,6 +17,7 @@ from qfarm.errors import SpecError
 from qfarm.sweep import validate
 from qfarm.sweep.job import Job
 from qfarm.sweep.methods import KINDS, SCHEMES, UNSET_NOT_IDENTITY, Options
+from qfarm.sweep.search import halving_rungs
 from qfarm.sweep.spec import JobGroup, LoadedSpec, SweepSpec, load_spec, renamed
 from qfarm.sweep.validate import MAX_JOBS, Collector, axes, stage_name
 
@@ -101,7 +102,8 @@ def build(valid: validate.ValidSweep, cuda: bool = True, max_jobs: int = MAX_JOB
         for options, resolved in stage.combos:
             for parent in parents:
                 job = _job(spec, gi, group, options, valid.model,
-                           _screened(stage.eval, halving["windows"]) if halving else stage.eval, resolved, parent, cuda)
+                           _screened(stage.eval, halving_rungs(halving)[0][0]) if halving else stage.eval, resolved,
+                           parent, cuda)
                 if stage.search is not None:
                     job = replace(job, search=stage.search)
                 # before the candidate that reads them; on the full evaluation's text and ids, screened or not
@@ -278,26 +280,34 @@ def _screened(ev: dict | None, windows: int) -> dict | None:
 
 
 def _finals(screened: list[tuple[Job, str, dict, dict]], cuda: bool) -> list[Job]:
-    """A halving search's ``final`` jobs: ``keep`` of them (at most one a candidate), the one of rank k evaluating
-    in full the artifact of the candidate its screen ranked k-th (workers.search.final). Each waits ``after`` every
-    candidate, however it ends: a failed one just does not compete."""
+    """A halving search's jobs after its screens (workers.search.final): on each later rung, and in the end the
+    ``final`` jobs, ``keep`` of them (at most one a job of the rung before), the one of rank k evaluating the artifact
+    of the job the rung before ranked k-th, on the next rung's windows (a ``rung`` job) or in full (a ``final``).
+    Each waits ``after`` every job of the rung before, however it ends: a failed one just does not compete."""
     if not screened:
         return []
     first, ref_id, full_eval, halving = screened[0]
     after = tuple(dict.fromkeys(job.id for job, *_ in screened))
-    kind, keep = KINDS["final"], min(halving["keep"], len(after))
+    kind, rungs = KINDS["final"], halving_rungs(halving)
     out = []
-    for rank in range(1, keep + 1):
-        opts = kind.options.model_validate({"rank": rank, "of": len(after), "windows": halving["windows"]}).model_dump()
-        identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (first.model or {}).get("key"),
-                    "eval": _eval_identity(full_eval), "after": sorted(after),
-                    "compute": COMPUTE["gpu" if cuda and first.resources.get("gpus") else "cpu"]}
-        out.append(replace(first, id="j" + digest(identity, 12), kind=kind.name, label=f"final {rank}/{keep}",
-                           options=opts, eval=_vllm_eval(full_eval, kind.name, None)
-                           if full_eval and full_eval.get("engine") == "vllm" else full_eval,
-                           task_eval=None, worker=kind.worker, impl=None, bits=None,
-                           axes=(), needs=(ref_id,), after=after, calibration=None, data=None, parent=None,
-                           lineage=(), search={**(first.search or {}), "role": "final"}))
+    for n, (windows, keep) in enumerate(rungs):
+        last = n == len(rungs) - 1
+        ev = full_eval if last else _screened(full_eval, rungs[n + 1][0])
+        keep, made = min(keep, len(after)), []
+        for rank in range(1, keep + 1):
+            opts = kind.options.model_validate({"rank": rank, "of": len(after), "windows": windows}).model_dump()
+            identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (first.model or {}).get("key"),
+                        "eval": _eval_identity(ev), "after": sorted(after),
+                        "compute": COMPUTE["gpu" if cuda and first.resources.get("gpus") else "cpu"]}
+            made.append(replace(first, id="j" + digest(identity, 12), kind=kind.name,
+                                label=f"final {rank}/{keep}" if last else f"rung {n + 2} {rank}/{keep}",
+                                options=opts, eval=_vllm_eval(ev, kind.name, None)
+                                if ev and ev.get("engine") == "vllm" else ev,
+                                task_eval=None, worker=kind.worker, impl=None, bits=None,
+                                axes=(), needs=(ref_id,), after=after, calibration=None, data=None, parent=None,
+                                lineage=(), search={**(first.search or {}), "role": "final" if last else "rung"}))
+        out += made
+        after = tuple(job.id for job in made)
     return out
 
 

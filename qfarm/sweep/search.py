@@ -14,7 +14,8 @@ Sample yaml::
         - {method: gguf, gguf_type: [Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, Q8_0], mixed: true}
       budget: {jobs: 16}                 # full evaluations; probes are counted apart
       probe: {windows: 2, seq_len: 128}  # each probe: KL over these windows, one layer quantized at a time
-      halving: {windows: 2, keep: 3}     # optional: every candidate on 2 windows, the best 3 in full
+      halving: {windows: 2, keep: 3}     # optional: every candidate on 2 windows, the best 3 in full; lists make
+                                         # rungs: {windows: [2, 6], keep: [6, 2]}
 
 A search is expanded into ordinary jobs (qfarm.sweep.expand), so it spreads over the farm, resumes and retries like
 any sweep:
@@ -29,7 +30,8 @@ any sweep:
   pass). ``points`` allocations per mixed entry, ``step`` bits apart under the target, trace the frontier.
 - with ``halving: {windows, keep}``, every candidate is screened on its first ``windows`` windows, then ``keep``
   **final** jobs (kind ``final``, after every candidate) evaluate in full the best of those that met the target, on
-  their own artifacts (workers.search.final).
+  their own artifacts (workers.search.final); with lists, ``rung`` jobs (the same kind) between them evaluate the
+  best of the rung before on more windows.
 The pick (``search_pick``) is the candidate (or, with halving, the final) with the best measured objective whose
 measured size meets the target (qfarm.results.compare.mark_search_pick).
 
@@ -43,7 +45,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -213,13 +215,49 @@ class BudgetSpec(_Strict):
     jobs: int = Field(16, ge=1, le=1_000)  # full evaluations (uniform and mixed candidates); probes apart
 
 
+MAX_RUNGS = 4
+_Windows = Annotated[int, Field(ge=1, le=64)]
+
+
 class HalvingSpec(_Strict):
     """Successive halving: every candidate (quantized once) is evaluated on its first ``windows`` windows of each
     evaluation text (no lm-eval tasks), then the ``keep`` best of those that meet the target are evaluated in full
-    (``final`` jobs, on the candidates' own artifacts: nothing is quantized again). The pick is the best final."""
+    (``final`` jobs, on the candidates' own artifacts: nothing is quantized again). The pick is the best final.
+    Lists make several rungs: ``windows: [2, 6], keep: [6, 2]`` screens every candidate on 2 windows, evaluates the
+    best 6 again on 6 (``rung`` jobs), and the best 2 of those in full; each rung reads more windows than the one
+    before and keeps fewer."""
 
-    windows: int = Field(2, ge=1, le=64)
-    keep: int = Field(3, ge=1, le=64)
+    windows: Union[_Windows, list[_Windows]] = 2
+    keep: Union[_Windows, list[_Windows]] = 3
+
+    @model_validator(mode="after")
+    def _rungs(self):
+        windows, keep = zip(*self.rungs()) if self.rungs() else ((), ())
+        if isinstance(self.windows, list) != isinstance(self.keep, list) or len(windows) != len(_listed(self.windows)):
+            raise ValueError("halving: windows and keep are both numbers (one screen), or lists of the same length "
+                             "(one entry a rung), e.g. {windows: [2, 6], keep: [6, 2]}")
+        if not 1 <= len(windows) <= MAX_RUNGS:
+            raise ValueError(f"halving: 1 to {MAX_RUNGS} rungs, not {len(windows)}")
+        if any(b <= a for a, b in zip(windows, windows[1:])):
+            raise ValueError(f"halving: each rung reads more windows than the one before: {list(windows)}")
+        if any(b >= a for a, b in zip(keep, keep[1:])):
+            raise ValueError(f"halving: each rung keeps fewer candidates than the one before: {list(keep)}")
+        return self
+
+    def rungs(self) -> list[tuple[int, int]]:
+        return halving_rungs(self.model_dump())
+
+
+def _listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def halving_rungs(halving: dict) -> list[tuple[int, int]]:
+    """(windows, keep) of each rung of a halving spec, as a job's search information holds it (its model_dump):
+    rung 1 screens every candidate on its windows, and its ``keep`` best go on to the next rung (the last rung's to
+    the full evaluation)."""
+    windows, keep = _listed(halving["windows"]), _listed(halving["keep"])
+    return list(zip(windows, keep)) if len(windows) == len(keep) else []
 
 
 # what a final job reads of each screened candidate (the scheduler hands it these of their rows: Input.after), and
@@ -227,7 +265,9 @@ class HalvingSpec(_Strict):
 SCREEN_KEYS = ("artifact", "method", "bits", "bits_per_weight", "size_mb", "layer_formats", "search_predicted_kl",
                "search_predicted_bits_per_weight", "search_target_bits_per_weight", "search_formats_used",
                "search_probe_windows", "tensor_types", "gguf_tensor_types", "gguf_imatrix", "file_bits_per_weight", "quant_s",
-               "decode_tokens_per_s", "kl_div", "perplexity")
+               "decode_tokens_per_s", "kl_div", "perplexity",
+               # a rung's row (halving over several rungs): the candidate it stands for, and what the rungs before saw
+               "search_final_of", "search_final_label", "search_fragment", "search_screen")
 
 
 OBJECTIVES = {"kl_div": ("kl_div", "min"), "perplexity": ("perplexity", "min")}  # the rows' columns
@@ -658,9 +698,12 @@ class SearchPlan:
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
                   f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
         if search.halving is not None:
-            keep = min(search.halving.keep, self.jobs)
-            lines.append(f"  planned: {probes}{self.jobs} candidate(s) screened on {search.halving.windows} window(s) "
-                         f"(budget {search.budget.jobs}), then the best {keep} of them evaluated in full (final jobs)")
+            rungs = search.halving.rungs()
+            again = "".join(f", the best {min(rungs[n - 1][1], self.jobs)} of them again on {rungs[n][0]} window(s) "
+                            f"(rung {n + 1} jobs)" for n in range(1, len(rungs)))
+            lines.append(f"  planned: {probes}{self.jobs} candidate(s) screened on {rungs[0][0]} window(s) "
+                         f"(budget {search.budget.jobs}){again}, then the best {min(rungs[-1][1], self.jobs)} of them "
+                         "evaluated in full (final jobs)")
         else:
             lines.append(f"  planned: {probes}{self.jobs} full evaluation(s) (budget {search.budget.jobs})")
         return lines

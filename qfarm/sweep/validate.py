@@ -245,9 +245,9 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     column, direction = search.measured()
     info = {"target": target, "objective": column, "direction": direction}
     if search.halving is not None:
-        fewest = min(d.max_windows for d in texts)
-        if search.halving.windows >= fewest:
-            errors.add(("search", "halving", "windows"), f"the screen's {search.halving.windows} window(s) are not fewer "
+        fewest, most = min(d.max_windows for d in texts), search.halving.rungs()[-1][0]
+        if most >= fewest:
+            errors.add(("search", "halving", "windows"), f"the screen's {most} window(s) are not fewer "
                                                          f"than the full evaluation's {fewest} (eval.perplexity "
                                                          "max_windows): give fewer, or drop halving")
             return None, []

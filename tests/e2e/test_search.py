@@ -187,28 +187,41 @@ search:
     fitting = [r for r in sized if r["search_role"] in ("uniform", "candidate") and r["size_mb"] <= size]
     assert picked["kl_div"] == min(r["kl_div"] for r in fitting)
 
-    # successive halving: every candidate screened on 1 window, the best 2 of those within the target evaluated in
-    # full on their own artifacts; the probes are the plain search's (reused)
+    # successive halving over two rungs: every candidate screened on 1 window, the best 3 of those within the target
+    # again on 2 (rung jobs), the best 2 of those in full, each on its candidate's own artifact; the probes are the
+    # plain search's (reused)
     halved = tmp_path / "halved.yaml"
     halved.write_text(spec.read_text().replace("name: e2e-search", "name: e2e-search-halving")
-                      + "  halving: {windows: 1, keep: 2}\n")
+                      + "  halving: {windows: [1, 2], keep: [3, 2]}\n")
     said = qfarm(cli_env, "validate", str(halved))
     assert said.returncode == 0 and "screened on 1 window(s)" in said.stdout, said.stdout + said.stderr
+    assert "the best 3 of them again on 2 window(s) (rung 2 jobs)" in said.stdout, said.stdout
     out = qfarm(cli_env, "submit", str(halved), "--wait")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     halving = results(cli_env, submitted_id(out.stdout))
     assert {r["job_id"] for r in halving if r["search_role"] == "probe"} == {r["job_id"] for r in by_role["probe"]}
     screens = [r for r in halving if r["search_role"] in ("uniform", "candidate")]
-    finals = sorted((r for r in halving if r["search_role"] == "final"), key=lambda r: r["search_screen"]["rank"])
-    assert len(finals) == 2 and all(r["status"] == "succeeded" for r in finals), [(r["label"], r["error"]) for r in finals]
-    assert all(r["ppl_windows"] == 1 for r in screens) and all(r["ppl_windows"] == 4 for r in finals)
-    met = sorted((r for r in screens if r["status"] == "succeeded" and r["bits_per_weight"] <= TARGET * 1.002),
-                 key=lambda r: (r["kl_div"], r["bits_per_weight"], r["job_id"]))
-    for final, screen in zip(finals, met):  # rank k: the k-th best screen; its own artifact, its own facts
+    rank = lambda r: r["search_screen"]["rank"]  # noqa: E731
+    rungs = sorted((r for r in halving if r["search_role"] == "rung"), key=rank)
+    finals = sorted((r for r in halving if r["search_role"] == "final"), key=rank)
+    assert len(rungs) == 3 and len(finals) == 2, [(r["label"], r["error"]) for r in rungs + finals]
+    assert all(r["status"] == "succeeded" for r in rungs + finals), [(r["label"], r["error"]) for r in rungs + finals]
+    assert all(r["ppl_windows"] == 1 for r in screens) and all(r["ppl_windows"] == 2 for r in rungs)
+    assert all(r["ppl_windows"] == 4 for r in finals)
+    order = lambda rows: sorted((r for r in rows if r["status"] == "succeeded" and r["bits_per_weight"] <= TARGET * 1.002),  # noqa: E731
+                                key=lambda r: (r["kl_div"], r["bits_per_weight"], r["job_id"]))
+    for rung, screen in zip(rungs, order(screens)):  # rank k: the k-th best screen; its own artifact, its own facts
+        assert rung["search_final_of"] == screen["job_id"] and rung["artifact"] == screen["artifact"]
+        assert rung["search_screen"]["kl_div"] == screen["kl_div"] and screen["label"] in rung["label"]
+        assert rung["search_pick"] is False
+    for final, rung in zip(finals, order(rungs)):  # rank k: the k-th best rung job, standing for its candidate
+        screen = next(r for r in screens if r["job_id"] == rung["search_final_of"])
         assert final["search_final_of"] == screen["job_id"] and final["artifact"] == screen["artifact"]
+        assert final["search_final_label"] == screen["label"] and final["search_fragment"] == screen["search_fragment"]
         assert final["layer_formats"] == screen["layer_formats"] and final["method"] == screen["method"]
         assert final["bits_per_weight"] == screen["bits_per_weight"] and final["size_mb"] == screen["size_mb"]
-        assert final["search_screen"]["kl_div"] == screen["kl_div"] and screen["label"] in final["label"]
+        assert final["search_screen"]["kl_div"] == rung["kl_div"]  # what the rung before measured, on 2 windows
+        assert final["search_screen"]["before"] == rung["search_screen"]  # and the screen before it, on 1
         full = next(r for r in candidates if r["label"] == screen["label"])  # the plain search's row, in full
         assert final["layer_formats"] == full["layer_formats"]
         assert final["kl_div"] == pytest.approx(full["kl_div"], rel=1e-4)  # the same model, measured the same way

@@ -584,8 +584,66 @@ def test_a_halving_search_screens_every_candidate_then_evaluates_the_best_in_ful
     assert all(j.eval["perplexity"]["max_windows"] == 8 for j in full.jobs if (j.search or {}).get("role") == "uniform")
 
 
+def test_halving_over_rungs_chains_each_rung_after_the_one_before(tmp_path):
+    """``windows: [1, 3], keep: [3, 2]``: every candidate on 1 window, the best 3 of them again on 3 (rung jobs,
+    after every candidate), the best 2 of those in full (finals, after the rung jobs only). The screens are the jobs
+    a one-rung halving on the same windows makes: adding a rung reuses them."""
+    from qfarm.sweep.expand import load_sweep, load_valid
+
+    path = _halving_spec(tmp_path, "{windows: [1, 3], keep: [3, 2]}")
+    valid = load_valid(path)
+    said = "\n".join(valid.search.summary(valid.loaded.spec.search))
+    assert ("screened on 1 window(s) (budget 6), the best 3 of them again on 3 window(s) (rung 2 jobs), then the best "
+            "2 of them evaluated in full (final jobs)") in said, said
+    _, sweep = load_sweep(path, cuda=False)
+    by_role: dict[str, list] = {}
+    for job in sweep.jobs:
+        by_role.setdefault((job.search or {}).get("role"), []).append(job)
+    screened, rungs, finals = by_role["uniform"] + by_role["candidate"], by_role["rung"], by_role["final"]
+    assert [j.label for j in rungs] == ["rung 2 1/3", "rung 2 2/3", "rung 2 3/3"]
+    assert [j.label for j in finals] == ["final 1/2", "final 2/2"]
+    assert all(j.eval["perplexity"]["max_windows"] == 1 for j in screened)
+    order = [j.id for j in sweep.jobs]
+    for rank, job in enumerate(rungs, 1):
+        assert job.kind == "final" and job.options == {"rank": rank, "of": len(screened), "windows": 1}
+        assert set(job.after) == {j.id for j in screened} and job.eval["perplexity"]["max_windows"] == 3
+        assert job.eval["tasks"] == [] and job.compares
+    for rank, job in enumerate(finals, 1):
+        assert job.options == {"rank": rank, "of": 3, "windows": 3} and set(job.after) == {j.id for j in rungs}
+        assert job.eval["perplexity"]["max_windows"] == 8
+    assert max(order.index(j.id) for j in screened) < min(order.index(j.id) for j in rungs)
+    assert max(order.index(j.id) for j in rungs) < min(order.index(j.id) for j in finals)
+    # one rung on the same first windows: the same screens (ids), its finals straight after them
+    one = tmp_path / "one.yaml"
+    one.write_text(path.read_text().replace("{windows: [1, 3], keep: [3, 2]}", "{windows: 1, keep: 2}"))
+    _, single = load_sweep(one, cuda=False)
+    roles = [(j.search or {}).get("role") for j in single.jobs]
+    assert "rung" not in roles and roles.count("final") == 2
+    finals_one = [j for j in single.jobs if (j.search or {}).get("role") == "final"]
+    assert all(set(f.after) == {j.id for j in screened} for f in finals_one)
+
+
+@pytest.mark.parametrize("halving, said", [
+    ("{windows: [1, 3], keep: 2}", "both numbers (one screen), or lists of the same length"),
+    ("{windows: [1, 3], keep: [3]}", "both numbers (one screen), or lists of the same length"),
+    ("{windows: [3, 2], keep: [3, 2]}", "each rung reads more windows than the one before"),
+    ("{windows: [1, 3], keep: [2, 2]}", "each rung keeps fewer candidates than the one before"),
+    ("{windows: [1, 2, 3, 4, 5], keep: [6, 5, 4, 3, 2]}", "1 to 4 rungs"),
+    ("{windows: [], keep: []}", "1 to 4 rungs"),
+])
+def test_bad_rungs_are_refused_saying_what(tmp_path, halving, said):
+    from qfarm.errors import SpecError
+    from qfarm.sweep.expand import load_valid
+
+    with pytest.raises(SpecError) as err:
+        load_valid(_halving_spec(tmp_path, halving))
+    found = [(p.path, p.message) for p in err.value.problems]
+    assert any(path.startswith("search.halving") and said in message for path, message in found), found
+
+
 @pytest.mark.parametrize("halving, objective, tasks, where, said", [
     ("{windows: 8, keep: 2}", "kl_div", "", "search.halving.windows", "not fewer than the full evaluation's 8"),
+    ("{windows: [2, 8], keep: [4, 2]}", "kl_div", "", "search.halving.windows", "not fewer than the full evaluation's 8"),
     ("{windows: 2, keep: 2}", "task:arc_easy_acc", ", tasks: [{name: arc_easy}]", "search",
      "an eval.tasks objective is not measured there"),
 ])

@@ -7,6 +7,11 @@ Its row is that candidate's model: the artifact's facts (method, bits per weight
 probes predicted) carried over from the candidate's row, measured again in full (perplexity, KL, speed, tasks),
 with ``search_screen`` saying what the screen measured and where it ranked. The pick is the best final
 (qfarm.results.compare.mark_search_pick).
+
+Halving over several rungs (``windows: [2, 6], keep: [6, 2]``): a ``rung`` job is this same job on the next rung's
+windows, ranking the jobs of the rung before (the candidates, or an earlier rung's jobs, whose rows carry the
+artifact's facts on); its row stands for the candidate it was chosen from (``search_final_of``), and
+``search_screen`` nests what each rung before measured (``before``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from qfarm.errors import Permanent
 
 # measured again here, in full: not carried over from the screen
 REMEASURED = ("kl_div", "perplexity", "decode_tokens_per_s")
+# said anew here from the chosen row's (a rung's row holds them: the candidate it stands for, its rungs' screens)
+LINEAGE = ("search_final_of", "search_final_label", "search_fragment", "search_screen")
 
 
 def ranked(after: list[dict], search: dict) -> list[dict]:
@@ -70,17 +77,19 @@ def run(ctx) -> dict:
         metrics = evaluate(ctx, model, base)
     in_memory = getattr(model, "nbytes", None) or tensor_bytes(model)
     column = search.get("objective")
-    carried = {k: screen[k] for k in SCREEN_KEYS if k in screen and k not in REMEASURED and k != column}
+    carried = {k: screen[k] for k in SCREEN_KEYS if k in screen and k not in REMEASURED + LINEAGE and k != column}
     result = {
         **shared_columns(ctx, base, size_bytes=size, size_source="disk", model=model, model_bytes=in_memory,
                          peak_mb=mem.mb, prepare_s=prepare_s, cached=cached, artifact=str(folder)),
         **carried,
         "load_s": load_s,
-        "search_final_of": chosen["id"],
-        "search_final_label": chosen.get("label"),
+        # the candidate it stands for: the chosen job itself, or, chosen from a rung, the candidate that rung's stood for
+        "search_final_of": screen.get("search_final_of") or chosen["id"],
+        "search_final_label": screen.get("search_final_label") or chosen.get("label"),
         "search_screen": {"rank": opts.rank, "of": opts.of, "met_target": len(order), "windows": opts.windows,
-                          column: screen.get(column)},
-        "search_fragment": fragment(chosen.get("options") or {}, screen),
+                          column: screen.get(column),
+                          **({"before": screen["search_screen"]} if screen.get("search_screen") else {})},
+        "search_fragment": screen.get("search_fragment") or fragment(chosen.get("options") or {}, screen),
         **ctx.extra,
         **getattr(model, "extra", {}),
         **metrics,
