@@ -269,12 +269,14 @@ def _probes(job: Job, cuda: bool) -> list[Job]:
 
 def _screened(ev: dict | None, windows: int) -> dict | None:
     """A halving search's candidate's evaluation (its screen): each text's first ``windows`` windows, no lm-eval
-    tasks; the rest as the sweep's. The reference's figures on those windows are made once per output root, by the
-    first screened job that reads them (workers.evaluate.harness.eval_windows)."""
+    tasks; the rest as the sweep's. The reference's figures on those windows are the first of those the sweep's
+    reference job wrote for the full evaluation (``prefix_of``: workers.evaluate.harness.eval_windows), so a screen
+    never loads the float model."""
     if ev is None:
         return None
     ppl = ev.get("perplexity")
-    cut = lambda d: {**d, "max_windows": min(windows, d.get("max_windows") or windows)}  # noqa: E731
+    cut = lambda d: {**d, "max_windows": min(windows, d.get("max_windows") or windows),  # noqa: E731
+                     "prefix_of": d.get("max_windows")}
     return {**ev, "perplexity": [cut(d) for d in ppl] if isinstance(ppl, list) else cut(ppl) if ppl else ppl,
             "tasks": []}
 

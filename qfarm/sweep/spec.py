@@ -144,6 +144,9 @@ class StoredPerplexity(PerplexitySpec):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     dataset: Any = PerplexitySpec.model_fields["dataset"].default
+    # a halving screen's text: its windows are the first of the full evaluation's ``prefix_of`` windows, whose
+    # reference figures the sweep's reference job wrote (workers.evaluate.harness.eval_windows reads them from there)
+    prefix_of: Optional[int] = None
 
 
 class StoredDomain(StoredPerplexity):

@@ -207,6 +207,8 @@ search:
     assert len(rungs) == 3 and len(finals) == 2, [(r["label"], r["error"]) for r in rungs + finals]
     assert all(r["status"] == "succeeded" for r in rungs + finals), [(r["label"], r["error"]) for r in rungs + finals]
     assert all(r["ppl_windows"] == 1 for r in screens) and all(r["ppl_windows"] == 2 for r in rungs)
+    # their reference figures are the first windows of those the reference job wrote: none computed its own
+    assert all(r["ref_cache"] in ("shared", "memory") for r in screens + rungs), [(r["label"], r["ref_cache"]) for r in screens + rungs]
     assert all(r["ppl_windows"] == 4 for r in finals)
     order = lambda rows: sorted((r for r in rows if r["status"] == "succeeded" and r["bits_per_weight"] <= TARGET * 1.002),  # noqa: E731
                                 key=lambda r: (r["kl_div"], r["bits_per_weight"], r["job_id"]))

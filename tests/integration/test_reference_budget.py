@@ -84,6 +84,16 @@ def test_past_the_budget_they_are_written_once_and_every_worker_reads_the_same_n
             assert q[col] == q_kept[col], col
     assert "on disk" in quality(other, wins, second, quiet)["ref_logprobs"] and "another worker" in second.how
     assert quality(ref_model, wins, second, quiet)["kl_div"] == 0  # the reference against itself, read back
+    # a halving screen's first 2 windows, read from the folder written for 4: the numbers computing 2 gives
+    own = reference_for(ref_model, wins[:2], quiet)
+    ref_model.forwards = 0
+    for in_memory in (False, True):
+        screen = spilled_reference(ref_model, wins[:2], quiet, 0, tmp_path / "_refs" / "r", in_memory=in_memory, first=2)
+        assert ref_model.forwards == 0 and not screen.made_here and screen.nll == own.nll and screen.tokens == own.tokens
+        assert screen.full_bytes == own.full_bytes and len(screen.token_nll) == 2
+        q, q_own = quality(other, wins[:2], screen, quiet), quality(other, wins[:2], own, quiet)
+        for col in ("perplexity", "kl_div", "kl_div_se", "top1_agree", "ppl_delta_pct", "ppl_delta_pct_se"):
+            assert q[col] == q_own[col], col
 
 
 def test_the_budget_is_a_total_over_every_reference_kept():

@@ -233,11 +233,13 @@ def reference_for(model, wins, progress, text_bytes: int = 0, vocab_size: int = 
     return ref
 
 
-def spilled_reference(model, wins, progress, text_bytes: int, target: Path, in_memory: bool = False) -> Reference:
+def spilled_reference(model, wins, progress, text_bytes: int, target: Path, in_memory: bool = False,
+                      first: int | None = None) -> Reference:
     """The reference's log-probs on the windows written once to ``target`` (a folder under the output root: one
     float16 ``.npy`` a window, and the per-token NLL), by whichever worker gets there first while the others wait
     on its lock (workers.shared.files.build_once), then read back a window at a time (``Reference.disk``), or whole
-    (``in_memory``: they fit the worker's budget). The same float16 numbers every way."""
+    (``in_memory``: they fit the worker's budget). The same float16 numbers every way. ``first``: only the first
+    windows of a folder already written for more (a halving screen's)."""
     import json
 
     import numpy as np
@@ -257,13 +259,15 @@ def spilled_reference(model, wins, progress, text_bytes: int, target: Path, in_m
         np.save(tmp / "token_nll.npy", np.stack(nlls))
         (tmp / "meta.json").write_text(json.dumps({"windows": len(wins), "shape": shape}))
 
-    made = build_once(target, write, lambda: progress("waiting for the reference log-probs another worker is making"))
+    made = first is None and build_once(target, write,
+                                        lambda: progress("waiting for the reference log-probs another worker is making"))
     meta = json.loads((target / "meta.json").read_text())
-    token_nll = [torch.from_numpy(row.copy()) for row in np.load(target / "token_nll.npy")]
+    n = meta["windows"] if first is None else min(first, meta["windows"])
+    token_nll = [torch.from_numpy(row.copy()) for row in np.load(target / "token_nll.npy")[:n]]
     nll, tokens = sum(t.sum().item() for t in token_nll), sum(t.numel() for t in token_nll)
     rows, vocab = meta["shape"]
-    kept = [torch.from_numpy(np.load(target / f"w{i:05d}.npy")) for i in range(meta["windows"])] if in_memory else None
-    ref = Reference(kept, nll, tokens, text_bytes, token_nll, None, meta["windows"] * rows * vocab * 2,
+    kept = [torch.from_numpy(np.load(target / f"w{i:05d}.npy")) for i in range(n)] if in_memory else None
+    ref = Reference(kept, nll, tokens, text_bytes, token_nll, None, n * rows * vocab * 2,
                     None if in_memory else target, made)
     if text_bytes:
         check_reference(nll, tokens, text_bytes, vocab)
@@ -495,7 +499,7 @@ def eval_windows(ctx, base, text=None):
     key = (ds["key"], base.path, ppl.seq_len, ppl.max_windows)
     wins, nbytes = ctx.cache.tokens(
         key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl.seq_len, ppl.max_windows, bos), ctx)
-    ref, hit = ctx.cache.reference(key, lambda: _reference(ctx, base, wins, nbytes, key))
+    ref, hit = ctx.cache.reference(key, lambda: _reference(ctx, base, wins, nbytes, key, _prefix_source(ctx, base, ppl, wins)))
     source = "memory" if hit else "computed" if ref.made_here else "shared"
     ctx.count({"memory": "reference_cache_hits", "computed": "reference_computations",
                "shared": "reference_shared"}[source])
@@ -503,20 +507,45 @@ def eval_windows(ctx, base, text=None):
     return wins, ref
 
 
-def _reference(ctx, base, wins, nbytes: int, key: tuple) -> Reference:
-    """Made once per output root and sweep (whichever worker gets there first; the others read it), kept in this
-    worker's memory while the log-probs fit its budget, else read from disk a window at a time."""
+def _reference_folder(ctx, base, wins, key: tuple) -> Path:
+    """Where the reference's log-probs on ``wins`` lie under the output root: by the windows themselves and the device
+    class and dtype the reference computes in (what every job of the sweep on such workers derives)."""
     import hashlib
 
     from workers.shared.files import keyed
     from workers.shared.models import compute_dtype, device
 
+    tokens = hashlib.sha256(wins.numpy().tobytes()).hexdigest()  # the very windows, whatever made them
+    return keyed(ctx.output_root, "_refs", repr((key, tokens, device(), str(compute_dtype(base.path)))))
+
+
+def _prefix_source(ctx, base, ppl, wins) -> Path | None:
+    """A halving screen's reference (``prefix_of``: its windows are the first of the full evaluation's): the folder
+    the sweep's reference job wrote for the full windows, when it is there and starts with these very windows; None
+    (the screen's own windows are computed) otherwise."""
+    full = getattr(ppl, "prefix_of", None)
+    if not full or full <= len(wins):
+        return None
+    key = (ppl.dataset["key"], base.path, ppl.seq_len, full)
+    fwins, _ = ctx.cache.tokens(key, lambda: windows_and_bytes(base.tokenizer, load_text(ppl.dataset), ppl.seq_len,
+                                                                full, base.conventions.get("bos_id")), ctx)
+    folder = _reference_folder(ctx, base, fwins, key)
+    if len(fwins) < len(wins) or not (fwins[: len(wins)] == wins).all() or not (folder / "meta.json").is_file():
+        return None
+    return folder
+
+
+def _reference(ctx, base, wins, nbytes: int, key: tuple, prefix_of: Path | None = None) -> Reference:
+    """Made once per output root and sweep (whichever worker gets there first; the others read it), kept in this
+    worker's memory while the log-probs fit its budget, else read from disk a window at a time. ``prefix_of``: a
+    folder of the reference on more windows that start with these: its first windows are read instead."""
     vocab = int(base.skeleton.get_output_embeddings().weight.shape[0])  # no weights read: the reference may be on disk
     fits = len(wins) * (wins.shape[1] - 1) * vocab * 2 <= ctx.cache.ref_budget_bytes
-    tokens = hashlib.sha256(wins.numpy().tobytes()).hexdigest()  # the very windows, whatever made them
-    # the device class and dtype the reference computes in: what every job of the sweep on such workers derives
-    target = keyed(ctx.output_root, "_refs", repr((key, tokens, device(), str(compute_dtype(base.path)))))
-    return spilled_reference(_BaseRunner(base), wins, ctx.progress, nbytes, target, in_memory=fits)
+    if prefix_of is not None:
+        return spilled_reference(_BaseRunner(base), wins, ctx.progress, nbytes, prefix_of, in_memory=fits,
+                                 first=len(wins))
+    return spilled_reference(_BaseRunner(base), wins, ctx.progress, nbytes, _reference_folder(ctx, base, wins, key),
+                             in_memory=fits)
 
 
 class _BaseRunner:
