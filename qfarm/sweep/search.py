@@ -801,10 +801,10 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
             mixed.append((i, {**base, "mixed": {"target_bits_per_weight": mine, "formats": names, "point": p,
                                                 "step": step, "probe": probe}}))
     room = budget - len(mixed)
-    # the uniform candidates closest under the target first (a speed target: spread over their sizes), one entry
-    # after another
+    # the uniform candidates closest under the target first (a speed target: spread over their sizes, the smallest
+    # first: the likeliest to be fast enough, then the largest), one entry after another
     by_entry: dict[int, list] = {}
-    for item in sorted(fits_all, key=lambda x: -x[2]):
+    for item in sorted(fits_all, key=lambda x: x[2] if speed else -x[2]):
         by_entry.setdefault(item[0], []).append(item)
     if speed:
         by_entry = {i: spread(items) for i, items in by_entry.items()}

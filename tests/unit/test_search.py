@@ -19,6 +19,7 @@ from qfarm.sweep.search import (
     layers_by_rules,
     plan_search,
     uniform_bits_per_weight,
+    uniform_options,
 )
 
 ISSUE_SPACE = [
@@ -421,6 +422,15 @@ def test_a_speed_target_spans_the_sizes_and_the_pick_is_the_best_measured_at_lea
     assert problems == [] and plan.jobs <= 12
     bpws = sorted(b for i, _, b in plan.uniform if i == 0)  # rtn's kept uniforms: its smallest and its largest
     assert bpws[0] == pytest.approx(3.25, abs=0.01) and bpws[-1] >= 8.0
+    # a budget with room for one uniform an entry keeps each entry's smallest: the likeliest to be fast enough
+    tight = SearchSpec.model_validate({"target": {"decode_tokens_per_s": {"min": 30}}, "space": ISSUE_SPACE,
+                                       "budget": {"jobs": 9}})
+    few, _ = plan_search(tight, layers)
+    assert len(few.mixed) == 6 and len(few.uniform) == 3, (few.mixed, few.uniform)
+    for i in (0, 1, 2):
+        (kept,) = [b for e, _, b in few.uniform if e == i]
+        assert kept == min(uniform_bits_per_weight(o, layers) for o in uniform_options(tight.space[i])
+                           if uniform_bits_per_weight(o, layers) is not None), i
     for i in (0, 1, 2):  # each mixed entry's points lie evenly inside its range, not at a size target
         mine = [o["mixed"] for e, o in plan.mixed if e == i]
         points = [m["target_bits_per_weight"] - m["point"] * m["step"] for m in mine]
