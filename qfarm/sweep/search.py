@@ -232,8 +232,8 @@ class HalvingSpec(_Strict):
 
     @model_validator(mode="after")
     def _rungs(self):
-        windows, keep = zip(*self.rungs()) if self.rungs() else ((), ())
-        if isinstance(self.windows, list) != isinstance(self.keep, list) or len(windows) != len(_listed(self.windows)):
+        windows, keep = _listed(self.windows), _listed(self.keep)
+        if isinstance(self.windows, list) != isinstance(self.keep, list) or len(windows) != len(keep):
             raise ValueError("halving: windows and keep are both numbers (one screen), or lists of the same length "
                              "(one entry a rung), e.g. {windows: [2, 6], keep: [6, 2]}")
         if not 1 <= len(windows) <= MAX_RUNGS:

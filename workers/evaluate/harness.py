@@ -495,16 +495,21 @@ def eval_windows(ctx, base, text=None):
     ppl = text or (ctx.job.evaluation.perplexity if ctx.job.evaluation is not None else None)
     if ppl is None:
         return None, None
-    ds, tokenizer, bos = ppl.dataset, base.tokenizer, base.conventions.get("bos_id")
-    key = (ds["key"], base.path, ppl.seq_len, ppl.max_windows)
-    wins, nbytes = ctx.cache.tokens(
-        key, lambda: windows_and_bytes(tokenizer, load_text(ds), ppl.seq_len, ppl.max_windows, bos), ctx)
+    key, (wins, nbytes) = _windows(ctx, base, ppl, ppl.max_windows)
     ref, hit = ctx.cache.reference(key, lambda: _reference(ctx, base, wins, nbytes, key, _prefix_source(ctx, base, ppl, wins)))
     source = "memory" if hit else "computed" if ref.made_here else "shared"
     ctx.count({"memory": "reference_cache_hits", "computed": "reference_computations",
                "shared": "reference_shared"}[source])
     ctx.extra.setdefault("ref_cache", source)  # the first time this job asked: a job primes it before it evaluates
     return wins, ref
+
+
+def _windows(ctx, base, ppl, count: int) -> tuple[tuple, tuple]:
+    """(the cache key, (the first ``count`` perplexity windows of the text, the bytes they cover)), from the worker's
+    cache when there."""
+    key = (ppl.dataset["key"], base.path, ppl.seq_len, count)
+    return key, ctx.cache.tokens(key, lambda: windows_and_bytes(base.tokenizer, load_text(ppl.dataset), ppl.seq_len,
+                                                                 count, base.conventions.get("bos_id")), ctx)
 
 
 def _reference_folder(ctx, base, wins, key: tuple) -> Path:
@@ -526,9 +531,7 @@ def _prefix_source(ctx, base, ppl, wins) -> Path | None:
     full = getattr(ppl, "prefix_of", None)
     if not full or full <= len(wins):
         return None
-    key = (ppl.dataset["key"], base.path, ppl.seq_len, full)
-    fwins, _ = ctx.cache.tokens(key, lambda: windows_and_bytes(base.tokenizer, load_text(ppl.dataset), ppl.seq_len,
-                                                                full, base.conventions.get("bos_id")), ctx)
+    key, (fwins, _) = _windows(ctx, base, ppl, full)
     folder = _reference_folder(ctx, base, fwins, key)
     if len(fwins) < len(wins) or not (fwins[: len(wins)] == wins).all() or not (folder / "meta.json").is_file():
         return None
