@@ -125,9 +125,10 @@ def test_the_ggml_types_a_tensor_rule_may_name_are_the_installed_ggmls():
         assert (elements, nbytes * 8 / elements) == (block, bits), name
 
 
-def _synthetic_gguf(path, blocks: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> list:
-    """A Llama-shaped float32 GGUF of random weights (llama.cpp quantizes from the header and tensors alone), and its
-    block layers as a search names them (qfarm.sweep.search.Layer: ``3.self_attn.v_proj``)."""
+def _synthetic_gguf(path, blocks: int, hidden: int, ffn: int, heads: int, kv_heads: int, arch: str = "llama") -> list:
+    """A float32 GGUF of random weights of a Llama-shaped ``arch`` (llama.cpp quantizes from the header and tensors
+    alone; a Qwen2 with its q/k/v biases), and its block layers as a search names them (qfarm.sweep.search.Layer:
+    ``3.self_attn.v_proj``)."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -135,7 +136,7 @@ def _synthetic_gguf(path, blocks: int, hidden: int, ffn: int, heads: int, kv_hea
 
     rng = np.random.default_rng(0)
     kv = kv_heads * hidden // heads
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), arch)
     writer.add_block_count(blocks)
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
@@ -156,6 +157,8 @@ def _synthetic_gguf(path, blocks: int, hidden: int, ffn: int, heads: int, kv_hea
         writer.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
         for role, (module, n_in, n_out) in shapes.items():
             writer.add_tensor(f"blk.{b}.{role}.weight", rng.standard_normal((n_out, n_in), dtype=np.float32))
+            if arch == "qwen2" and role in ("attn_q", "attn_k", "attn_v"):
+                writer.add_tensor(f"blk.{b}.{role}.bias", np.zeros(n_out, dtype=np.float32))
             layers.append(Layer(f"{b}.{module}", n_in, n_out))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -164,13 +167,14 @@ def _synthetic_gguf(path, blocks: int, hidden: int, ffn: int, heads: int, kv_hea
     return layers
 
 
-@pytest.mark.parametrize("shape", [(16, 256, 512, 4, 1), (9, 96, 200, 4, 4)], ids=["k-blocks-gqa4", "fallbacks"])
+@pytest.mark.parametrize("shape", [(16, 256, 512, 4, 1), (9, 96, 200, 4, 4), (24, 128, 384, 4, 2, "qwen2")],
+                         ids=["k-blocks-gqa4", "fallbacks", "qwen2"])
 def test_each_file_type_stores_each_layer_in_the_type_validate_prices(tmp_path, shape):
     """What a search's plan says a uniform GGUF costs (qfarm.sweep.search.gguf_file_types: llama.cpp's own mix rules,
     then its fallbacks) against the files the installed llama.cpp writes, tensor by tensor, for every quantized file
     type a spec may name, with and without tensor_types rules: on rows K-quants' blocks divide (16 blocks, so the
-    first/last eighth and every third between differ; 4 query heads a key head) and on rows they do not (96 wide,
-    and 200, which no 32-block divides either: float16)."""
+    first/last eighth and every third between differ; 4 query heads a key head), on rows they do not (96 wide,
+    and 200, which no 32-block divides either: float16), and on a Qwen2 of 24 blocks (another family's file)."""
     import ctypes
 
     import llama_cpp
