@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import struct
 import subprocess
@@ -85,6 +86,7 @@ def check_gguf(path: Path) -> None:
 
 
 GGUF_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+GGML_FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}  # ggml's numbers of its float types (gguf.GGMLQuantizationType)
 DEFAULT_STORAGE = "bfloat16"  # a source with no float weights of its own (a quantized GGUF): what HF checkpoints ship
 
 
@@ -92,12 +94,10 @@ def gguf_float_dtype(path: str) -> str:
     """The float type of a GGUF's float weight matrices (its norms are float32 in every file and do not count):
     the most common of F32/F16/BF16 among its tensors of two or more dimensions, else bfloat16. What its float copy
     stores unquantized tensors (and a quantized artifact's scales) in."""
-    from gguf import GGUFReader
-
     counts: dict[str, int] = {}
-    for t in GGUFReader(str(path)).tensors:
-        name = GGUF_FLOATS.get(t.tensor_type.name)
-        if name and len([d for d in t.shape if d > 1]) >= 2:
+    for kind, shape in gguf_metadata(Path(path), wanted=set(), tensors=True).get("#tensor_info", {}).values():
+        name = GGUF_FLOATS.get(GGML_FLOAT_TYPES.get(kind, ""))
+        if name and len([d for d in shape if d > 1]) >= 2:
             counts[name] = counts.get(name, 0) + 1
     return max(counts, key=counts.get) if counts else DEFAULT_STORAGE
 
@@ -106,7 +106,8 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = Fa
                   arrays: frozenset[str] = frozenset()) -> dict:
     """The scalar and string key/values of a GGUF file's header (arrays are skipped, but for the keys in ``arrays``,
     read whole as lists; ``<key>#count`` says how many items one held); with ``tensors``, ``#tensors``: each tensor's
-    name and number of elements, and ``#header_bytes``: where the header ends. Plain reads, no numpy: a 150k-token
+    name and number of elements, ``#tensor_info``: its ggml type (a number) and dimensions (the row length first),
+    and ``#header_bytes``: where the header ends. Plain reads, no numpy: a 150k-token
     vocabulary in a fraction of a second."""
     out: dict = {}
     with open(path, "rb") as f:
@@ -174,18 +175,17 @@ def gguf_metadata(path: Path, wanted: set[str] | None = None, tensors: bool = Fa
             else:
                 skip(vtype)
         if tensors and kv_count <= _MAX_KV and n_tensors <= MAX_TENSORS:
-            found = {}
+            found, info = {}, {}
             for _ in range(n_tensors):
                 name, dims = string(), read("I")
                 if dims > 8:
                     raise ValueError(f"{path}: a tensor with {dims} dimensions: the file is damaged")
-                elements = 1
-                for _ in range(dims):
-                    elements *= read("Q")
-                read("I")  # type
+                shape = tuple(read("Q") for _ in range(dims))
+                info[name] = (read("I"), shape)  # its ggml type, its dimensions as stored (the row length first)
                 read("Q")  # offset
-                found[name] = elements
+                found[name] = math.prod(shape)
             out["#tensors"] = found
+            out["#tensor_info"] = info
             out["#header_bytes"] = f.tell()  # the key/values and tensor list: the vocabulary, what is not weights
     return out
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qfarm.errors import Permanent
 from qfarm.sweep.methods import per_layer
-from qfarm.sweep.modelinfo import DEFAULT_STORAGE, gguf_float_dtype
+from qfarm.sweep.modelinfo import DEFAULT_STORAGE, gguf_float_dtype, gguf_metadata
 from qfarm.sweep.modelinfo import GGUF_FLOATS as FLOAT_NAMES
 
 # tensors whose dtype is part of the format, never rewritten: bitsandbytes' quantization state (absmax, code book,
@@ -146,22 +146,24 @@ def describe(folder: str) -> dict:
 
 def _describe_gguf(path: str) -> dict:
     import gguf
-    from gguf import GGUFReader
 
-    reader = GGUFReader(path)
-    field = reader.fields.get("general.file_type")
+    meta = gguf_metadata(Path(path), wanted={"general.file_type"}, tensors=True)
+    value = meta.get("general.file_type")
     file_type = None
-    if field is not None:
-        value = int(field.parts[field.data[0]][0])
+    if isinstance(value, int):
         try:
             file_type = gguf.LlamaFileType(value).name
         except ValueError:
             file_type = str(value)
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    for number, _ in meta["#tensor_info"].values():
+        try:
+            name = gguf.GGMLQuantizationType(number).name
+        except ValueError:
+            name = str(number)
+        types[name] = types.get(name, 0) + 1
     return {"format": "gguf", "file_type": file_type, "tensor_types": dict(sorted(types.items())),
-            "output_weight": any(t.name == "output.weight" for t in reader.tensors)}
+            "output_weight": "output.weight" in meta["#tensors"]}
 
 
 # --- 3. checked against the row --------------------------------------------------------------------------------

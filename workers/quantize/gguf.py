@@ -26,6 +26,7 @@ Sample yaml::
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from qfarm import settings
 from qfarm.sweep.methods import GGML_TYPES, tensor_rule
+from qfarm.sweep.modelinfo import gguf_metadata
 from workers.evaluate.tasks import TASK_CONTEXT
 from workers.shared.files import build_once, keyed
 from workers.shared.models import checkpoint_dtype
@@ -100,15 +102,18 @@ def run_converter(script: Path, folder: str, args: list[str], timeout: float | N
 def file_tensors(path: str) -> tuple[dict[str, int], int, dict[str, tuple[str, int, int, int]]]:
     """One read of the file's tensors: how many of each type it holds, its number of weights, and its weight
     matrices (tensors of two or more dimensions): name -> (ggml type, row length, elements, bytes)."""
-    from gguf import GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     counts: dict[str, int] = {}
     weights, matrices = 0, {}
-    for t in GGUFReader(path).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        weights += int(t.n_elements)
-        if len(t.shape) >= 2:
-            matrices[t.name] = (t.tensor_type.name, int(t.shape[0]), int(t.n_elements), int(t.n_bytes))
+    for name, (number, shape) in gguf_metadata(Path(path), wanted=set(), tensors=True)["#tensor_info"].items():
+        kind = GGMLQuantizationType(number)
+        elements = math.prod(shape)
+        counts[kind.name] = counts.get(kind.name, 0) + 1
+        weights += elements
+        if len(shape) >= 2:
+            block, size = GGML_QUANT_SIZES[kind]
+            matrices[name] = (kind.name, shape[0], elements, elements * size // block)
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])), weights, matrices
 
 
@@ -261,7 +266,6 @@ def tensor_names(layers: list[str], source: str) -> dict[str, str]:
     import gguf
 
     from qfarm.errors import Permanent
-    from qfarm.sweep.modelinfo import gguf_metadata
 
     meta = gguf_metadata(Path(source))  # the header's scalars, read once
     arch = str(meta.get("general.architecture", ""))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qfarm.sweep.job import Job
+from qfarm.sweep.modelinfo import gguf_metadata
 
 CARD = "README.md"
 
@@ -61,14 +62,7 @@ def _gguf_metadata(path: str | None) -> dict:
     if not path or not Path(path).is_file():
         return {}
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-        out = {}
-        for name, field in reader.fields.items():
-            if name.startswith("general.") and field.types and field.types[0].name == "STRING":
-                out[name] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-        return out
+        return {k: v for k, v in gguf_metadata(Path(path)).items() if k.startswith("general.") and isinstance(v, str)}
     except Exception:  # noqa: BLE001
         return {}
 

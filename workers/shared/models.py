@@ -160,9 +160,9 @@ def _materialize_gguf(folder: str, gguf_file: str, out: Path) -> None:
 
 
 def _has_output_weight(gguf_path: str) -> bool:
-    from gguf import GGUFReader
+    from qfarm.sweep.modelinfo import gguf_metadata
 
-    return any(t.name == "output.weight" for t in GGUFReader(gguf_path).tensors)
+    return "output.weight" in gguf_metadata(Path(gguf_path), wanted=set(), tensors=True).get("#tensors", {})
 
 
 def tie_embeddings(model) -> None:
