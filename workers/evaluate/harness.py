@@ -81,10 +81,12 @@ class Reference:
 
 
 class PeakMemory:
-    """Peak memory of this job: CUDA max allocated, or process RSS sampled every 20 ms on CPU.
+    """Peak memory of this job: CUDA max allocated, or on CPU the process's peak RSS as the kernel keeps it (VmHWM,
+    reset through /proc/self/clear_refs: every page counted, however briefly held, at no cost while the job runs),
+    or RSS sampled every 20 ms where the kernel does not offer that reset.
 
-    May be nested (the quantization step inside the whole job): CUDA has one peak counter, so an inner
-    measurement hands the peak it resets to every enclosing one first.
+    May be nested (the quantization step inside the whole job): CUDA and the kernel have one peak counter each, so
+    an inner measurement hands the peak it resets to every enclosing one first.
     """
 
     _active: ClassVar[list[PeakMemory]] = []
@@ -97,17 +99,24 @@ class PeakMemory:
         self.proc = psutil.Process()
         self.peak = 0
         self._stop = threading.Event()
+        self._thread = None
 
     def __enter__(self):
         import torch
 
         if self.cuda:
             carried = torch.cuda.max_memory_allocated()
+        else:
+            carried = _rss_high_water()
+        if carried is not None and (self.cuda or _reset_rss_high_water()):
             for outer in PeakMemory._active:
                 outer.peak = max(outer.peak, carried)
-            torch.cuda.reset_peak_memory_stats()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self.peak = self.proc.memory_info().rss
             PeakMemory._active.append(self)
-        else:
+        else:  # no resettable high-water mark here: sample
             self.peak = self.proc.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -120,17 +129,42 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         import torch
 
-        if self.cuda:
-            PeakMemory._active.remove(self)
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
-        else:
+        if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, self.proc.memory_info().rss)
+            return
+        PeakMemory._active.remove(self)
+        if self.cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+        else:
+            self.peak = max(self.peak, _rss_high_water() or 0, self.proc.memory_info().rss)
 
     @property
     def mb(self) -> float:
         return self.peak / 2**20
+
+
+def _rss_high_water() -> int | None:
+    """This process's peak resident set size since its last reset (VmHWM), in bytes; None where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_rss_high_water() -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+: ``5`` into /proc/self/clear_refs); False where it cannot be."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class TorchRunner:
