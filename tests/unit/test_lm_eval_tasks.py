@@ -184,3 +184,33 @@ def test_vllm_prompts_are_the_same_spans_for_every_row():
     assert len(spans) == 5 and all(len(s) == 8 for s in spans) and len({tuple(s) for s in spans}) == 5
     assert spans == prompt_ids(Tok(), "abcdefghijklmnopqrstuvwxyz" * 4, 5, 8)
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
+
+
+def test_a_job_indexes_lm_eval_s_own_tasks_only_when_the_spec_s_folders_do_not_define_every_task_it_asks_for(tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is the eval extra (make install puts it in)")
+    from lm_eval.tasks import TaskManager
+
+    from workers.evaluate.tasks import task_manager
+
+    task = "task: {name}\ndataset_path: json\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: [a, b]\n" \
+           "doc_to_target: 0\n"
+    (tmp_path / "mine.yaml").write_text(task.format(name="mine"))
+    (tmp_path / "theirs.yaml").write_text(task.format(name="other"))
+    (tmp_path / "group.yaml").write_text("group: mixed\ntask: [mine, arc_easy]\n")  # names one of lm-eval's own
+
+    class Recorded(TaskManager):  # what was asked for; lm-eval's own ~14,000 files are not indexed here
+        asked: list[bool] = []
+
+        def __init__(self, include_path=None, include_defaults=True):
+            Recorded.asked.append(include_defaults)
+            super().__init__(include_path=include_path, include_defaults=False)
+
+    local = task_manager(Recorded, [str(tmp_path)], ["mine", "other"])
+    assert Recorded.asked == [False] and sorted(local.all_subtasks) == ["mine", "other"]
+    for names in (["mine", "hellaswag"], ["mixed"]):  # one of lm-eval's own; a group that may name them
+        Recorded.asked.clear()
+        task_manager(Recorded, [str(tmp_path)], names)
+        assert Recorded.asked == [False, True], names
+    Recorded.asked.clear()
+    task_manager(Recorded, [], ["hellaswag"])  # no folders: lm-eval's own only
+    assert Recorded.asked == [True]
