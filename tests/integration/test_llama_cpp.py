@@ -208,3 +208,33 @@ def test_each_file_type_stores_each_layer_in_the_type_validate_prices(tmp_path, 
         assert uniform_bits_per_weight({"method": "gguf", "gguf_type": name, "tensor_types": texts}, layers) \
             == pytest.approx(measured, rel=1e-12), (name, texts)
         target.unlink()
+
+
+def test_lm_eval_s_choices_of_one_context_evaluate_it_once_with_the_log_probs_of_a_fresh_evaluation():
+    """A GGUF row's lm-eval scoring (workers.evaluate.tasks.runner_lm -> LlamaCppModel.continuation_logprobs) keeps
+    the KV cache of the prefix a request shares with the one before: the choices of a multiple-choice question
+    evaluate its context once, and their log-probs are those of evaluating each request from scratch."""
+    import torch
+
+    from qfarm.sweep.sources import bundled_model_path
+    from workers.quantize.gguf import LlamaCppModel
+
+    model = LlamaCppModel(str(bundled_model_path("smollm2-135m")), 256, 1)
+    try:
+        tok = model.llm.tokenize
+        context = tok(b"The abbey was founded beside the river in the early middle ages, and a town grew around it.",
+                      add_bos=True)
+        choices = [tok(t, add_bos=False) for t in (b" It became a market town.", b" The sea is blue.",
+                                                    b" Trade grew quickly along the river.")]
+        evaluated, run = [], model.llm.eval
+        model.llm.eval = lambda ids: (evaluated.append(len(ids)), run(ids))[1]
+        ours = [model.continuation_logprobs(context + c, len(c)) for c in choices]
+        assert evaluated == [len(context) + len(choices[0])] + [len(c) for c in choices[1:]]  # the context once
+        for c, lp in zip(choices, ours):
+            fresh = model.logprobs(torch.tensor(context + c))[-len(c):]  # reset: the whole request
+            assert lp.shape == fresh.shape and torch.allclose(lp, fresh, atol=1e-4), (lp - fresh).abs().max()
+        other = context[:3] + tok(b" different question entirely.", add_bos=False)
+        model.continuation_logprobs(other + choices[0], len(choices[0]))  # shares 3 tokens: evaluated from there
+        assert evaluated[-1] == len(other) + len(choices[0]) - 3
+    finally:
+        model.llm.close()

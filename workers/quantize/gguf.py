@@ -408,6 +408,25 @@ class LlamaCppModel:
         logits = torch.from_numpy(self.llm.scores[: len(ids) - 1].copy()).float()
         return torch.log_softmax(logits, dim=-1)
 
+    def continuation_logprobs(self, ids: list[int], n: int):
+        """log-softmax at the ``n`` positions that predict the last ``n`` of ``ids``: [n, vocab]. The longest prefix
+        ``ids`` shares with the tokens evaluated last keeps its KV cache and logits, as llama.cpp's own prompt cache
+        does: lm-eval's choices of one question share its context, which is evaluated once instead of per choice."""
+        import torch
+
+        llm, keep = self.llm, 0
+        if not (llm._is_recurrent or llm._is_hybrid):  # their state cannot be cut back to a prefix
+            for a, b in zip(llm.input_ids[: llm.n_tokens].tolist(), ids[:-1]):
+                if a != b:
+                    break
+                keep += 1
+        if keep == 0:  # (ids[:-1]: at least the last token is evaluated; logits before it are the prefix's own)
+            llm.reset()
+        llm.n_tokens = keep
+        llm.eval(ids[keep:])
+        logits = torch.from_numpy(llm.scores[len(ids) - 1 - n: len(ids) - 1].copy()).float()
+        return torch.log_softmax(logits, dim=-1)
+
     def _next(self, position: int) -> int:
         return int(self.llm.scores[position].argmax())
 
