@@ -116,3 +116,26 @@ def wandb_runs(folder: Path) -> dict[str, dict]:
                 run["exit_code"] = rec.exit.exit_code
         out[run["config"]["job_id"]] = run
     return out
+
+
+def lay_out_hub_cache(folder: Path, cache: Path, repo: str) -> str:
+    """``folder``'s files as huggingface_hub's cache holds a download of ``repo``: blobs/<sha256> (hard links, no
+    copy), snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/main = <commit>. Returns the commit."""
+    import hashlib
+    import os
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("QFARM_"))
+    commit = hashlib.sha1("".join(f.name for f in files).encode()).hexdigest()
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        if not (root / "blobs" / digest).exists():
+            os.link(f, root / "blobs" / digest)
+        (root / "snapshots" / commit / f.name).symlink_to(f"../../blobs/{digest}")
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit
+
+

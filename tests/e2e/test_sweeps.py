@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qfarm.sweep.sources import bundled_model_path
-from tests.cli import files_containing, qfarm, redis_dump, submitted_id
+from tests.cli import files_containing, lay_out_hub_cache, qfarm, redis_dump, submitted_id
 
 pytestmark = pytest.mark.e2e
 
@@ -216,26 +216,3 @@ jobs:
     assert hub_ref["ref_size_source"] == "checkpoint files" and hub_ref["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
     assert secret not in out.stdout + out.stderr and secret not in redis_dump(store)
     assert not files_containing(secret, Path(ray_head.temp_dir)), "the hub token is in a Ray log"
-
-
-def lay_out_hub_cache(folder: Path, cache: Path, repo: str) -> str:
-    """``folder``'s files as huggingface_hub's cache holds a download of ``repo``: blobs/<sha256> (hard links, no
-    copy), snapshots/<commit>/<name> -> ../../blobs/<sha256>, refs/main = <commit>. Returns the commit."""
-    import hashlib
-    import os
-
-    root = cache / f"models--{repo.replace('/', '--')}"
-    files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("QFARM_"))
-    commit = hashlib.sha1("".join(f.name for f in files).encode()).hexdigest()
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    (root / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-    for f in files:
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        if not (root / "blobs" / digest).exists():
-            os.link(f, root / "blobs" / digest)
-        (root / "snapshots" / commit / f.name).symlink_to(f"../../blobs/{digest}")
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    return commit
-
-
