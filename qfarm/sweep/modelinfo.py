@@ -308,14 +308,25 @@ def gguf_tokenizer(model: dict) -> dict | None:
 CONVERT_CHECK_VERSION = 1  # bump when workers.quantize.convertible changes what it asks of the converter
 
 
+# the files a Hugging Face tokenizer is read from (one of them is enough for the converter to know it)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
 def gguf_conversion(model: dict) -> str | None:
     """Why llama.cpp's converter refuses a Hugging Face model folder (an architecture it has no class for, a BPE
     pre-tokenizer whose hash it does not know), so that every gguf job of it would fail converting it; None where it
     converts, or where the check cannot run here. Asked of the converter itself (workers.quantize.convertible, its
     vocabulary pass in a subprocess: the CLI imports no ML library), kept on disk by the folder's content key and
-    the installed llama-cpp-python's version (whose converter it is)."""
+    the installed llama-cpp-python's version (whose converter it is). A hub model is asked about where its snapshot
+    is in the download cache (``config_dir``, qfarm.sweep.hub.config_folder), not where validate fetched its
+    config.json alone."""
     import importlib.metadata
 
+    if model.get("kind") == "hub" and model.get("config_dir"):  # read where validate found its config
+        folder = Path(model["config_dir"])
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None  # its config.json alone, fetched at validate: the converter would miss the tokenizer
+        model = {"kind": "hf_dir", "location": str(folder), "key": model.get("key")}
     if model.get("kind") != "hf_dir" or not model.get("key"):
         return None
     try:

@@ -601,7 +601,7 @@ class MethodChecks:
         method = METHODS.get(getattr(opts, "method", None)) if group.kind == "quantize" else None
         if method is not None and method.quantizes is not None and self.shape is not None:
             self._check_layer_types(method, sources.get("method", ("jobs", gi)))
-        if method is not None and method.name == "gguf" and (self.model_source or {}).get("kind") == "hf_dir" \
+        if method is not None and method.name == "gguf" and (self.model_source or {}).get("kind") in ("hf_dir", "hub") \
                 and self.conversion:
             self.errors.add(sources.get("method", ("jobs", gi)),
                             f"llama.cpp's converter refuses the sweep's model, so every gguf job of it would fail "

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.cli import qfarm
+from tests.cli import lay_out_hub_cache, qfarm
 from tests.tiny import corpus_of, guanaco_rows, make_tiny_model
 
 
@@ -173,6 +173,23 @@ def test_a_folder_llama_cpps_converter_refuses_is_refused_at_validate_where_a_gg
     said = out.stdout + out.stderr
     assert out.returncode == 2 and "search.space[1]" in said and "converter refuses" in said, said
     assert "search.space[0]" not in said, said
+
+    # the same folder as a hub model whose download is in the cache: asked about the same way, refused at its line;
+    # a hub model of which validate has only the config.json it fetched is not asked about (no tokenizer to read)
+    hub_env = dict(env, HF_HUB_OFFLINE="1")
+    lay_out_hub_cache(model, tmp_path / "out" / "_hub", "acme/tiny-words")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((model / "config.json").read_bytes())
+    lay_out_hub_cache(config_only, tmp_path / "out" / "_hub", "acme/config-only")
+    for repo, refused in (("acme/tiny-words", True), ("acme/config-only", False)):
+        hub = tmp_path / "hub.yaml"
+        hub.write_text(path.read_text().replace(f"model: {model}", f"model: {repo}\nrevision: main"))
+        out = qfarm(hub_env, "validate", "--offline", str(hub))
+        said = out.stdout + out.stderr
+        assert (out.returncode, "hub.yaml:6: jobs[1].method: llama.cpp's converter refuses" in said) == \
+            ((2, True) if refused else (0, False)), said
+    assert len(list(checks.glob("convert-*.json"))) == 2  # the folder's verdict and its snapshot's (another key)
 
     good = make_spm_gguf(tmp_path / "spm", corpus_of(data), family="llama").parent / "hf"
     path.write_text(path.read_text().replace(str(model), str(good)))
