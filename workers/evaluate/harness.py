@@ -102,43 +102,44 @@ class PeakMemory:
         self._thread = None
 
     def __enter__(self):
-        import torch
-
-        if self.cuda:
-            carried = torch.cuda.max_memory_allocated()
-        else:
-            carried = _rss_high_water()
-        if carried is not None and (self.cuda or _reset_rss_high_water()):
+        carried = self._counter()
+        if carried is not None and self._reset_counter():
             for outer in PeakMemory._active:
                 outer.peak = max(outer.peak, carried)
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                self.peak = self.proc.memory_info().rss
             PeakMemory._active.append(self)
-        else:  # no resettable high-water mark here: sample
+        else:  # no resettable peak counter here: sample
             self.peak = self.proc.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
+
+    def _counter(self) -> int | None:
+        """The peak counter's value since its last reset: CUDA's max allocated, or the kernel's RSS high-water mark
+        (never below the RSS of any moment since)."""
+        import torch
+
+        return torch.cuda.max_memory_allocated() if self.cuda else _rss_high_water()
+
+    def _reset_counter(self) -> bool:
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return True
+        return _reset_rss_high_water()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self.proc.memory_info().rss)
 
     def __exit__(self, *exc) -> None:
-        import torch
-
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self._thread is None:
+            PeakMemory._active.remove(self)
+            self.peak = max(self.peak, self._counter() or self.proc.memory_info().rss)
             return
-        PeakMemory._active.remove(self)
-        if self.cuda:
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
-        else:
-            self.peak = max(self.peak, _rss_high_water() or 0, self.proc.memory_info().rss)
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
     @property
     def mb(self) -> float:
@@ -172,6 +173,8 @@ class TorchRunner:
     (``workers.quantize.gguf.LlamaCppModel``) answers the same three itself:
 
     - ``logprobs(window)``: log-softmax at every position but the last, [len(window) - 1, vocab];
+    - ``continuation_logprobs(ids, n)``: the last ``n`` rows of that (lm-eval's requests; llama.cpp keeps the prefix
+      it shares with the request before);
     - ``timed(prompt_ids, steps)``: seconds to prefill the prompt, and to decode ``steps`` greedy tokens after it;
     - ``greedy(ids, max_new_tokens, pad_id)``: the greedy continuation's token ids.
     """
@@ -185,6 +188,11 @@ class TorchRunner:
         with torch.inference_mode():
             logits = self.model(window.unsqueeze(0).to(self.model.device)).logits[0, :-1].float()
         return torch.log_softmax(logits, dim=-1)
+
+    def continuation_logprobs(self, ids: list[int], n: int):
+        import torch
+
+        return self.logprobs(torch.tensor(ids, dtype=torch.long))[-n:]
 
     def timed(self, prompt_ids, steps: int) -> tuple[float, float]:
         import torch

@@ -173,10 +173,7 @@ def runner_lm(runner, tokenizer, max_length: int):
             import torch
 
             ids = (context + continuation)[-(self.max_length + 1):]  # HFLM's left truncation
-            if hasattr(self.runner, "continuation_logprobs"):  # llama.cpp: the context's cache is reused
-                lp = self.runner.continuation_logprobs(ids, len(continuation))
-            else:
-                lp = self.runner.logprobs(torch.tensor(ids, dtype=torch.long))[-len(continuation):]
+            lp = self.runner.continuation_logprobs(ids, len(continuation))
             target = torch.tensor(continuation, dtype=torch.long)
             total = lp.gather(-1, target.unsqueeze(-1)).sum().item()
             return float(total), bool((lp.argmax(-1) == target).all())

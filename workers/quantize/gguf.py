@@ -401,18 +401,15 @@ class LlamaCppModel:
 
     def logprobs(self, window):
         """log-softmax of the logits at every position but the last: [len(window) - 1, vocab]."""
-        import torch
 
         ids = window.tolist()
         self._eval(ids)
-        logits = torch.from_numpy(self.llm.scores[: len(ids) - 1].copy()).float()
-        return torch.log_softmax(logits, dim=-1)
+        return self._logprobs(0, len(ids) - 1)
 
     def continuation_logprobs(self, ids: list[int], n: int):
         """log-softmax at the ``n`` positions that predict the last ``n`` of ``ids``: [n, vocab]. The longest prefix
         ``ids`` shares with the tokens evaluated last keeps its KV cache and logits, as llama.cpp's own prompt cache
         does: lm-eval's choices of one question share its context, which is evaluated once instead of per choice."""
-        import torch
 
         llm, keep = self.llm, 0
         if not (llm._is_recurrent or llm._is_hybrid):  # their state cannot be cut back to a prefix
@@ -424,8 +421,13 @@ class LlamaCppModel:
             llm.reset()
         llm.n_tokens = keep
         llm.eval(ids[keep:])
-        logits = torch.from_numpy(llm.scores[len(ids) - 1 - n: len(ids) - 1].copy()).float()
-        return torch.log_softmax(logits, dim=-1)
+        return self._logprobs(len(ids) - 1 - n, len(ids) - 1)
+
+    def _logprobs(self, start: int, stop: int):
+        """log-softmax of the stored logits of positions ``start`` to ``stop`` (exclusive)."""
+        import torch
+
+        return torch.log_softmax(torch.from_numpy(self.llm.scores[start:stop].copy()).float(), dim=-1)
 
     def _next(self, position: int) -> int:
         return int(self.llm.scores[position].argmax())
