@@ -115,6 +115,9 @@ class Scheduler:
         self.state = "starting"
         self._worker_seq = 0
         self.metrics = Metrics(sweep_id)
+        # the stamp a scheduler of this sweep that was stopping may have written after a retry reopened the sweep
+        # (start() waits for it to be gone): cleared before anyone follows this one
+        self.store.clear_finished(sweep_id)
         self._thread = threading.Thread(target=self._main, name="qfarm-scheduler", daemon=True)
         self._thread.start()
 
@@ -193,9 +196,11 @@ class Scheduler:
             self._expire()
             queued = [j for j in self.jobs.values() if j.status == JobStatus.QUEUED.value]
             if not queued and not self.inflight and not self._foreign():
+                self.state = "stopping"  # a retry now is either seen by this refresh, or started anew (start())
                 self._refresh()  # confirm from Redis before stopping
                 if not any(j.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value) for j in self.jobs.values()):
                     return
+                self.state = "running"
                 continue
             self._dispatch(queued)
             self._reap()
@@ -633,11 +638,35 @@ def start(sweep_id: str, redis_url: str, namespace: str, output_root: str, env: 
         ).remote(sweep_id, namespace, handoff.hand({**(env or {}), handoff.REDIS_URL: redis_url,
                                                      handoff.OUTPUT_ROOT: output_root}))
         try:
-            ray.get(actor.ping.remote(), timeout=60)
-            return actor
+            if _settled(actor) not in ("finished", "crashed"):  # a running one re-reads the sweep: finds the jobs
+                return actor
+            _gone(actor)  # an old scheduler of this sweep that had found nothing left: it exits; make a new one
         except ray.exceptions.RayActorError:
             time.sleep(0.5)  # an old scheduler of this sweep was just exiting; make a new one
     raise RuntimeError(f"could not start the scheduler actor {name}")
+
+
+def _settled(actor, wait_s: float = 60.0) -> str:
+    """The scheduler's state once it is not deciding whether to stop ("stopping": its last look at Redis)."""
+    import ray
+
+    deadline = time.time() + wait_s
+    while True:
+        state = ray.get(actor.ping.remote(), timeout=wait_s)["state"]
+        if state != "stopping" or time.time() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+def _gone(actor, wait_s: float = 60.0) -> None:
+    """Wait until a scheduler that has stopped has exited (it kills itself once its workers are stopped)."""
+    import ray
+
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        ray.get(actor.ping.remote(), timeout=wait_s)  # raises RayActorError once it is gone
+        time.sleep(0.1)
+    raise RuntimeError(f"the scheduler of {actor} stopped but did not exit within {wait_s:g} s")
 
 
 def alive(sweep_id: str, namespace: str) -> bool:

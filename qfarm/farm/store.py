@@ -364,6 +364,10 @@ class Store:
         records = (self.sweep(i) for i in self.sweep_ids())
         return [r for r in records if r is not None and r.finished_at is None]
 
+    def clear_finished(self, sweep_id: str) -> None:
+        """The sweep has a scheduler again: not finished."""
+        self.r.hdel(self.keys.sweep(sweep_id), "finished_at")
+
     def mark_sweep_finished(self, sweep_id: str, *, pipeline=None) -> None:
         (pipeline or self.r).hset(self.keys.sweep(sweep_id), "finished_at", repr(_now()))
 
