@@ -376,7 +376,8 @@ def _follow_or_hint(ctx: click.Context, store, sweep_id: str, wait: bool) -> Non
 @handle_errors
 def retry(ctx: click.Context, sweep: str, failed_only: bool, wait: bool, ray_address: str | None,
           logical_gpus: int | None, output_root: Path) -> None:
-    """Requeue a sweep's failed, skipped (and cancelled) jobs, attempts reset, and run them. Finished jobs stay."""
+    """Requeue a sweep's failed, skipped (and cancelled) jobs, attempts reset, and run them. Finished jobs stay, but
+    a search's final jobs that ranked the candidates without one of them run again once it succeeds."""
     store = _store(ctx)
     record = _find(store, sweep)
     _same_root(record, output_root)  # before anything is requeued

@@ -194,6 +194,7 @@ class Scheduler:
                 self._cancel(list(self.jobs.values()))
                 return
             self._expire()
+            self._superseded()
             queued = [j for j in self.jobs.values() if j.status == JobStatus.QUEUED.value]
             if not queued and not self.inflight and not self._foreign():
                 self.state = "stopping"  # a retry now is either seen by this refresh, or started anew (start())
@@ -242,6 +243,8 @@ class Scheduler:
             if slot is None or slot.ready_ref is not None:
                 continue
             attempt_id = uuid.uuid4().hex[:12]
+            if job.job.after:  # a search's final: what it ranks, so that a later success among them re-runs it
+                self.store.saw(job.id, seen_after(job, self.jobs))
             payload = dict(job.spec, output_dir=f"{output_root}/{sweep_name}/{job.id}", input=inputs or None)
             ref = slot.actor.run.options(name=f"{job.id} {job.job.label}").remote(
                 payload, attempt_id, self.sweep_id)
@@ -325,6 +328,16 @@ class Scheduler:
             reason = f"worker error: {one_line(e, typed=False)}"
         self._attempt_failed(flight, reason)
         self._reload(flight.job_id)
+
+    def _superseded(self) -> None:
+        """A search's final (or rung) job ranked the jobs it waited ``after`` as they had ended when it started; one
+        of them that has succeeded since (`qfarm retry`, a resubmit, after it failed or was cancelled) was not
+        among them: the job runs again, so that its row (and the pick) rank every candidate that succeeded."""
+        for job in [j for j in self.jobs.values() if j.job.after]:
+            why = superseded(job, self.jobs)
+            if why and self.store.rerun(job.id, job.attempt_id or "", why):
+                self.store.scheduler_event(self.sweep_id, "job_superseded", job=job.id, why=why)
+                self._reload(job.id)
 
     def _reload(self, job_id: str) -> JobRecord | None:
         job = self.store.job(job_id)
@@ -595,6 +608,26 @@ def screened(dep_id: str, dep: JobRecord | None) -> dict:
     keys = SCREEN_KEYS + ((objective,) if isinstance(objective, str) else ())
     return {"id": dep_id, "status": dep.status, "label": dep.job.label, "options": dep.job.options,
             "search": dep.job.search, "result": {k: result[k] for k in keys if k in result}}
+
+
+def seen_after(job: JobRecord, jobs: dict[str, JobRecord]) -> dict[str, str]:
+    """The attempt of each job ``job`` waits ``after`` that has succeeded: what it is handed to rank."""
+    deps = [jobs.get(d) for d in job.job.after]
+    return {d.id: d.attempt_id for d in deps if d is not None and d.status == JobStatus.SUCCEEDED.value and d.attempt_id}
+
+
+def superseded(job: JobRecord, jobs: dict[str, JobRecord]) -> str | None:
+    """Why a finished job that waited ``after`` others must run again, or None: one of them has succeeded in an
+    attempt it was not handed (it had failed or was cancelled then, and ran again since). A job whose record says
+    nothing of what it saw (one of an older qfarm) is left as it is."""
+    if job.status != JobStatus.SUCCEEDED.value or job.after_seen is None:
+        return None
+    seen = seen_after(job, jobs)
+    new = [jobs[d] for d, attempt in seen.items() if job.after_seen.get(d) != attempt]
+    if not new:
+        return None
+    names = ", ".join(f"{d.job.label} ({d.id})" for d in new[:3]) + (f" and {len(new) - 3} more" if len(new) > 3 else "")
+    return f"ran again: {names} succeeded after it ranked the jobs it waited for"
 
 
 def orphaned(job: JobRecord, now: float, worker_gone) -> str | None:

@@ -95,6 +95,17 @@ def _now() -> float:
     return time.time()
 
 
+def _string_map(text: str | None) -> dict[str, str] | None:
+    """A JSON object of strings as stored, or None for anything else (nothing read from Redis is trusted)."""
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def retry_decision(attempts: int, max_attempts: int, retryable: bool) -> JobStatus:
     """What a failed attempt leads to: queued again while it is worth retrying and attempts are left, else failed."""
     return JobStatus.QUEUED if retryable and attempts < max_attempts else JobStatus.FAILED
@@ -122,6 +133,9 @@ class JobRecord:
     heartbeat_at: float | None = None
     cancel_requested: bool = False
     actor_id: str | None = None  # the Ray actor running it (its page on the Ray dashboard)
+    # a job that waits ``after`` others (a search's final): the attempt of each one that had succeeded when it was
+    # handed to its worker (the scheduler runs it again when one of them succeeds in another: qfarm.farm.scheduler)
+    after_seen: dict[str, str] | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> "JobRecord":
@@ -149,6 +163,7 @@ class JobRecord:
             heartbeat_at=num("heartbeat_at"),
             cancel_requested=h.get("cancel") == "1",
             actor_id=h.get("actor_id") or None,
+            after_seen=_string_map(h.get("after_seen")),
         )
 
     @cached_property
@@ -464,6 +479,19 @@ class Store:
         return self._move(job_id, allowed="running", attempt_id=attempt_id, to=JobStatus.QUEUED,
                           fields={"queued_at": repr(_now()), "error": error}, attempt_record=record,
                           delete=("attempt_id", "progress"))
+
+    def saw(self, job_id: str, seen: dict[str, str]) -> None:
+        """What a job that waits ``after`` others was handed: the attempt of each of them that had succeeded."""
+        self.r.hset(self.keys.job(job_id), "after_seen", json.dumps(seen, sort_keys=True))
+
+    def rerun(self, job_id: str, attempt_id: str, why: str) -> bool:
+        """succeeded (this attempt) -> queued, attempts reset: what it read has changed since (``why``, kept in its
+        attempt history), so its result no longer says what it claims. False if it is not that finished attempt."""
+        record = {"attempt_id": attempt_id, "status": "superseded", "finished_at": _now(), "error": why}
+        return self._move(job_id, allowed="succeeded", attempt_id=attempt_id, to=JobStatus.QUEUED,
+                          fields={"queued_at": repr(_now()), "attempts": 0, "error": why}, attempt_record=record,
+                          delete=("attempt_id", "result", "started_at", "finished_at", "error_detail", "progress",
+                                  "after_seen"))
 
     def fail_attempt(self, job_id: str, attempt_id: str, *, error: str, retryable: bool,
                      error_detail: str | None = None, attempt: dict | None = None) -> str | None:

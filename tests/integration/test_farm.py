@@ -281,6 +281,42 @@ def test_cancel_one_job_running_or_queued(cli_env, tmp_path, store):
     qfarm(cli_env, "cancel", "one", "--grace", "0")
 
 
+def test_a_final_runs_again_when_a_job_it_ranked_without_succeeds_on_retry(cli_env, tmp_path, store):
+    """A search's final job waits ``after`` its candidates however they end, and ranks those that succeeded. One
+    cancelled (or failed) before it ran, and retried after it, is a candidate the final never saw: it runs again."""
+    def sleep(i, seconds, **extra):
+        return {"id": f"j{i:012x}", "kind": "sleep", "label": f"sleep[{i}]", "worker": "workers.sleep:run",
+                "options": {"index": i, "seconds": seconds}, "max_attempts": 1, **extra}
+
+    late, early = sleep(1, 6), sleep(2, 0.2)
+    final = sleep(3, 0.2, after=[late["id"], early["id"]])
+    store.submit("ranked-0001", "ranked", [late, early, final], source="ranked.yaml",
+                 output_root=str((tmp_path / "out").resolve()))
+    assert qfarm(cli_env, "resume", "ranked").returncode == 0
+    deadline = time.time() + 120
+    while store.job(late["id"]).status != "running":
+        assert time.time() < deadline, store.job(late["id"])
+        time.sleep(0.1)
+    assert qfarm(cli_env, "cancel", late["id"], "--grace", "0").returncode == 0
+    while any(store.job(j["id"]).status not in ("succeeded", "failed", "cancelled") for j in (late, early, final)):
+        assert time.time() < deadline, [store.job(j["id"]) for j in (late, early, final)]
+        time.sleep(0.2)
+    first, ranked = store.job(early["id"]), store.job(final["id"])
+    assert store.job(late["id"]).status == "cancelled" and ranked.status == "succeeded"
+    assert ranked.after_seen == {early["id"]: first.attempt_id}  # handed the one that had succeeded
+
+    out = qfarm(cli_env, "retry", "ranked", "--wait", timeout=240)
+    assert out.returncode == 0 and "requeued 1 job(s)" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    done, again, kept = store.job(late["id"]), store.job(final["id"]), store.job(early["id"])
+    assert done.status == again.status == "succeeded"
+    assert again.started_at > done.finished_at
+    assert again.after_seen == {late["id"]: done.attempt_id, early["id"]: kept.attempt_id}
+    assert kept.started_at == first.started_at  # the rest is not run again
+    history = store.attempts(final["id"])
+    assert [a["status"] for a in history] == ["succeeded", "superseded", "succeeded"]
+    assert history[1]["error"] == f"ran again: sleep[1] ({late['id']}) succeeded after it ranked the jobs it waited for"
+
+
 def test_stages_run_in_dag_order_and_a_failed_parent_skips_its_subtree(cli_env, tmp_path):
     path = spec(tmp_path, """\
         stages:

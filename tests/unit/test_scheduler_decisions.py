@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qfarm.errors import Permanent, Retryable, retryable
-from qfarm.farm.scheduler import GONE_WORKER_S, HEARTBEAT_TTL_S, orphaned, readiness, timed_out
+from qfarm.farm.scheduler import GONE_WORKER_S, HEARTBEAT_TTL_S, orphaned, readiness, seen_after, superseded, timed_out
 from qfarm.farm.store import JobRecord, JobStatus, retry_decision
 
 NOW = 1_000_000.0
@@ -44,6 +44,29 @@ def test_a_child_of_a_parent_that_will_never_succeed_is_skipped_with_why(status,
 
 def test_a_child_whose_parent_is_missing_is_skipped():
     assert readiness("jgone", None) == ("skip", "skipped: the job it comes from (jgone) is not in Redis")
+
+
+def test_a_final_runs_again_when_a_job_it_waited_for_succeeds_in_an_attempt_it_was_not_handed():
+    def cand(i, status, attempt):
+        return job(status, id=f"c{i}", attempt_id=attempt, spec={"label": f"rtn[{i}]", "kind": "quantize", "options": {}})
+
+    final = {"label": "final[1]", "kind": "final", "options": {}, "after": ["c0", "c1", "c2"]}
+    jobs = {"c0": cand(0, "succeeded", "a0"), "c1": cand(1, "cancelled", "a1"), "c2": cand(2, "failed", "a2")}
+    handed = job("queued", id="f", spec=final)
+    assert seen_after(handed, jobs) == {"c0": "a0"}  # what it ranks: the candidates that succeeded
+    ran = job("succeeded", id="f", spec=final, attempt_id="f1", after_seen={"c0": "a0"})
+    assert superseded(ran, jobs) is None
+    jobs["c2"] = cand(2, "failed", "a3")  # ran again and failed again: nothing new to rank
+    jobs["c1"] = cand(1, "queued", None)  # requeued by `qfarm retry`: nothing new yet
+    assert superseded(ran, jobs) is None
+    jobs["c1"] = cand(1, "succeeded", "a4")
+    assert superseded(ran, jobs) == "ran again: rtn[1] (c1) succeeded after it ranked the jobs it waited for"
+    # one it had ranked, succeeded again in another attempt (a resubmit after its record was lost) is new too
+    assert "rtn[0] (c0)" in superseded(job("succeeded", id="f", spec=final, after_seen={"c0": "old", "c1": "a4"}), jobs)
+    # not while it runs or failed (it ranks what it is handed then), nor a record that says nothing of what it saw
+    for other in (job("running", id="f", spec=final, after_seen={}), job("failed", id="f", spec=final, after_seen={}),
+                  job("succeeded", id="f", spec=final)):
+        assert superseded(other, jobs) is None
 
 
 def test_orphaned_after_the_heartbeat_lapses_or_sooner_when_its_worker_is_gone():
