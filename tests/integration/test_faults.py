@@ -221,3 +221,45 @@ def test_a_frozen_worker_is_killed_and_its_job_retried(cli_env, tmp_path, store)
     first = store.attempts(victim.id)[0]
     assert first["status"] == "retried" and first["error"].startswith("worker hung: no heartbeat for ")
     assert first["finished_at"] >= stopped_at + 9  # not before its hung_after_s (from its last beat)
+
+
+def test_a_retry_as_the_scheduler_stops_starts_a_new_one_instead_of_asking_the_one_that_leaves(
+        store, ray_head, redis_url, namespace, tmp_path):
+    """The sweep's scheduler has found nothing left to run and is stopping when a retry requeues a job: the actor
+    Ray hands back under the sweep's scheduler name still answers, and then exits. start() waits it out and starts
+    a new one (it used to take the leaving one for the sweep's scheduler: the requeued job stayed queued), and the
+    finished stamp the leaving one wrote after the retry reopened the sweep is not what --wait reads."""
+    import os
+    import threading
+
+    import ray
+
+    from qfarm.farm import cluster, scheduler
+    from qfarm.farm.cluster import RAY_NAMESPACE
+
+    out = str(tmp_path / "out")
+    job = {"id": "j0000000a0001", "kind": "sleep", "label": "sleep[1]", "worker": "workers.sleep:run",
+           "options": {"index": 1, "seconds": 0.1}, "max_attempts": 1}
+    store.submit("leaving-0001", "leaving", [job], source="leaving.yaml", output_root=out)
+    cluster.connect(ray_head.address)
+
+    @ray.remote(num_cpus=0)
+    class Leaving:  # a scheduler in its last moment: it has stopped, and exits 2 s later
+        def __init__(self):
+            threading.Timer(2.0, os._exit, (0,)).start()
+
+        def ping(self):
+            return {"sweep_id": "leaving-0001", "state": "finished", "inflight": 0}
+
+    leaving = Leaving.options(name=scheduler.scheduler_name(namespace, "leaving-0001"), namespace=RAY_NAMESPACE,
+                              lifetime="detached").remote()
+    assert ray.get(leaving.ping.remote())["state"] == "finished"
+    store.mark_sweep_finished("leaving-0001")  # its last stamp, written after the retry reopened the sweep
+    actor = scheduler.start("leaving-0001", redis_url, namespace, out)
+    assert ray.get(actor.ping.remote())["state"] in ("starting", "running", "stopping", "finished")
+    assert actor._actor_id != leaving._actor_id
+    assert store.sweep("leaving-0001").finished_at is None or store.job(job["id"]).status == "succeeded"
+    deadline = time.time() + 60
+    while store.job(job["id"]).status != "succeeded":
+        assert time.time() < deadline, store.job(job["id"])
+        time.sleep(0.2)
