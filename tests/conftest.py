@@ -64,11 +64,8 @@ def store(redis_url, namespace):
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """One local Ray head for the whole session: 127.0.0.1, 2 logical GPUs (the real ones on a GPU machine), and
-    2 logical CPUs where there is no GPU: what `qfarm up` gives a 2-core machine (Ray counts its cores), so a
-    sweep starts as many model workers as a user's would, each importing the ML stack and loading its model (4
-    made the tiny-model sweeps cost 23 % more CPU and 28 % more time: tests/e2e/test_families.py, 233 s of CPU
-    against 180). A test that needs GPU slots, not CPUs, to bound its jobs asks for less than a CPU a job.
+    """One local Ray head for the whole session: 127.0.0.1, 2 logical GPUs (the real ones on a GPU machine),
+    4 logical CPUs, so that GPU slots, not CPUs, bound how many GPU-tagged jobs run at once.
     Stopped by its own PID (session): any other Ray on the machine is left alone.
     """
     from qfarm.farm.cluster import cuda_gpu_count, start_local_head, stop_local_head
@@ -76,8 +73,7 @@ def ray_head(tmp_path_factory):
     temp_dir = f"/tmp/qfarm-test-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     log = tmp_path_factory.mktemp("ray") / "head.log"
     gpus = cuda_gpu_count()
-    head = start_local_head(temp_dir=temp_dir, log_path=str(log), num_gpus=gpus or 2,
-                            num_cpus=max(4, 2 * gpus) if gpus else 2)
+    head = start_local_head(temp_dir=temp_dir, log_path=str(log), num_gpus=gpus or 2, num_cpus=max(4, 2 * gpus))
     os.environ["QFARM_RAY_ADDRESS"] = head.address
     yield head
     import ray

@@ -32,7 +32,7 @@ def max_overlap(rows) -> int:
 
 def test_gpu_slots_bound_concurrency(cli_env, tmp_path, ray_head):
     path = spec(tmp_path, """\
-        resources: {gpus: 1, cpus: 0.5}
+        resources: {gpus: 1}
         jobs:
           - kind: sleep
             seconds: 3
