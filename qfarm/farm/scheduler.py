@@ -671,35 +671,27 @@ def start(sweep_id: str, redis_url: str, namespace: str, output_root: str, env: 
         ).remote(sweep_id, namespace, handoff.hand({**(env or {}), handoff.REDIS_URL: redis_url,
                                                      handoff.OUTPUT_ROOT: output_root}))
         try:
-            if _settled(actor) not in ("finished", "crashed"):  # a running one re-reads the sweep: finds the jobs
-                return actor
-            _gone(actor)  # an old scheduler of this sweep that had found nothing left: it exits; make a new one
+            _settled(actor)  # a running one re-reads the sweep: it finds the jobs a retry requeued
+            return actor
         except ray.exceptions.RayActorError:
-            time.sleep(0.5)  # an old scheduler of this sweep was just exiting; make a new one
+            time.sleep(0.5)  # an old scheduler of this sweep was exiting, or had found nothing left: make a new one
     raise RuntimeError(f"could not start the scheduler actor {name}")
 
 
-def _settled(actor, wait_s: float = 60.0) -> str:
-    """The scheduler's state once it is not deciding whether to stop ("stopping": its last look at Redis)."""
+def _settled(actor, wait_s: float = 60.0) -> None:
+    """Return once the scheduler is not taking its last look at Redis ("stopping"). One that has stopped ("finished",
+    "crashed": it found nothing left) is waited out until it exits: RayActorError, and the caller makes a new one."""
     import ray
 
     deadline = time.time() + wait_s
     while True:
         state = ray.get(actor.ping.remote(), timeout=wait_s)["state"]
-        if state != "stopping" or time.time() > deadline:
-            return state
+        late = time.time() > deadline
+        if state not in ("stopping", "finished", "crashed") or (state == "stopping" and late):
+            return
+        if late:
+            raise RuntimeError(f"the scheduler of {actor} stopped but did not exit within {wait_s:g} s")
         time.sleep(0.05)
-
-
-def _gone(actor, wait_s: float = 60.0) -> None:
-    """Wait until a scheduler that has stopped has exited (it kills itself once its workers are stopped)."""
-    import ray
-
-    deadline = time.time() + wait_s
-    while time.time() < deadline:
-        ray.get(actor.ping.remote(), timeout=wait_s)  # raises RayActorError once it is gone
-        time.sleep(0.1)
-    raise RuntimeError(f"the scheduler of {actor} stopped but did not exit within {wait_s:g} s")
 
 
 def alive(sweep_id: str, namespace: str) -> bool:

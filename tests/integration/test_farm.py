@@ -21,6 +21,12 @@ def spec(tmp_path, body: str, name="naps") -> str:
     return str(path)
 
 
+def sleep_payload(index: int, seconds: float, **extra) -> dict:
+    """A stored sleep job written by hand (what a spec cannot say: ``after``), one attempt, id ``j<index in hex>``."""
+    return {"id": f"j{index:012x}", "kind": "sleep", "label": f"sleep[{index}]", "worker": "workers.sleep:run",
+            "options": {"index": index, "seconds": seconds}, "max_attempts": 1, **extra}
+
+
 def max_overlap(rows) -> int:
     edges = sorted([(r["started_at"], 1) for r in rows] + [(r["finished_at"], -1) for r in rows])
     best = now = 0
@@ -284,12 +290,8 @@ def test_cancel_one_job_running_or_queued(cli_env, tmp_path, store):
 def test_a_final_runs_again_when_a_job_it_ranked_without_succeeds_on_retry(cli_env, tmp_path, store):
     """A search's final job waits ``after`` its candidates however they end, and ranks those that succeeded. One
     cancelled (or failed) before it ran, and retried after it, is a candidate the final never saw: it runs again."""
-    def sleep(i, seconds, **extra):
-        return {"id": f"j{i:012x}", "kind": "sleep", "label": f"sleep[{i}]", "worker": "workers.sleep:run",
-                "options": {"index": i, "seconds": seconds}, "max_attempts": 1, **extra}
-
-    late, early = sleep(1, 6), sleep(2, 0.2)
-    final = sleep(3, 0.2, after=[late["id"], early["id"]])
+    late, early = sleep_payload(1, 6), sleep_payload(2, 0.2)
+    final = sleep_payload(3, 0.2, after=[late["id"], early["id"]])
     store.submit("ranked-0001", "ranked", [late, early, final], source="ranked.yaml",
                  output_root=str((tmp_path / "out").resolve()))
     assert qfarm(cli_env, "resume", "ranked").returncode == 0

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.cli import qfarm
-from tests.integration.test_farm import running_job, spec
+from tests.integration.test_farm import running_job, sleep_payload, spec
 from tests.integration.test_redis_connection import free_port
 
 pytestmark = pytest.mark.integration
@@ -238,8 +238,7 @@ def test_a_retry_as_the_scheduler_stops_starts_a_new_one_instead_of_asking_the_o
     from qfarm.farm.cluster import RAY_NAMESPACE
 
     out = str(tmp_path / "out")
-    job = {"id": "j0000000a0001", "kind": "sleep", "label": "sleep[1]", "worker": "workers.sleep:run",
-           "options": {"index": 1, "seconds": 0.1}, "max_attempts": 1}
+    job = sleep_payload(0xa0001, 0.1)
     store.submit("leaving-0001", "leaving", [job], source="leaving.yaml", output_root=out)
     cluster.connect(ray_head.address)
 

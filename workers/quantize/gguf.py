@@ -401,7 +401,6 @@ class LlamaCppModel:
 
     def logprobs(self, window):
         """log-softmax of the logits at every position but the last: [len(window) - 1, vocab]."""
-
         ids = window.tolist()
         self._eval(ids)
         return self._logprobs(0, len(ids) - 1)
@@ -410,7 +409,6 @@ class LlamaCppModel:
         """log-softmax at the ``n`` positions that predict the last ``n`` of ``ids``: [n, vocab]. The longest prefix
         ``ids`` shares with the tokens evaluated last keeps its KV cache and logits, as llama.cpp's own prompt cache
         does: lm-eval's choices of one question share its context, which is evaluated once instead of per choice."""
-
         llm, keep = self.llm, 0
         if not (llm._is_recurrent or llm._is_hybrid):  # their state cannot be cut back to a prefix
             for a, b in zip(llm.input_ids[: llm.n_tokens].tolist(), ids[:-1]):
