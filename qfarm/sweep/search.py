@@ -693,8 +693,11 @@ class SearchPlan:
         for i, low in sorted(self.smallest.items()):
             points = sum(1 for e, _ in self.mixed if e == i)
             room = f"; the size leaves its layers {self.targets[i]:.3f}" if i in self.targets else ""
+            limit = self.targets.get(i, search.target.value if search.target.column == "bits_per_weight" else math.inf)
+            none = (", over the target: none of its mixes fits)" if not meets(low, limit) else
+                    ", which takes the whole target: no mix but its smallest uniform configuration fits)")
             lines.append(f"  mixed {search.space[i].method}: {points} allocation(s) (smallest mix {low:.3f} bits per "
-                         f"weight{room}" + (")" if points else ", over the target: none of its mixes fits)"))
+                         f"weight{room}" + (")" if points else none))
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
                   f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
         if search.halving is not None:

@@ -87,6 +87,13 @@ def test_a_target_under_every_mix_is_refused_at_the_target_and_one_entry_under_i
     assert problems == [] and {i for i, _ in plan.mixed} == {0, 1}
     assert "mixed gguf: 0 allocation(s) (smallest mix 4.234 bits per weight, over the target" in "\n".join(
         plan.summary(search))
+    # a target its smallest mix takes whole (its smallest uniform format): no mix, and not said to be over it
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 4.25},
+                                        "space": [{"method": "rtn", "bits": [4, 8], "group_size": [64], "mixed": True}]})
+    plan, problems = plan_search(search, smollm_layers())
+    assert problems == [] and plan.mixed == () and [(o["bits"], o["group_size"]) for _, o, _ in plan.uniform] == [(4, 64)]
+    said = "\n".join(plan.summary(search))
+    assert "which takes the whole target" in said and "over the target" not in said
 
 
 def test_stored_bits_follow_the_formats_layouts():
