@@ -805,13 +805,17 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
                                                 "step": step, "probe": probe}}))
     room = budget - len(mixed)
     # the uniform candidates closest under the target first (a speed target: spread over their sizes, the smallest
-    # first: the likeliest to be fast enough, then the largest), one entry after another
+    # first: the likeliest to be fast enough, then the largest), one entry after another; rtn's after gptq's where
+    # the space holds both: GPTQ stores the same formats with the rounding error compensated, so a budget too small
+    # for both runs the one likelier to be the best uniform (every format of bench/search.py measured so)
     by_entry: dict[int, list] = {}
     for item in sorted(fits_all, key=lambda x: x[2] if speed else -x[2]):
         by_entry.setdefault(item[0], []).append(item)
     if speed:
         by_entry = {i: spread(items) for i, items in by_entry.items()}
-    order = [x for group in itertools.zip_longest(*by_entry.values()) for x in group if x is not None]
+    gptq = any(e.method == "gptq" for e in search.space)
+    entries = sorted(by_entry, key=lambda i: (gptq and search.space[i].method == "rtn", i))
+    order = [x for group in itertools.zip_longest(*(by_entry[i] for i in entries)) for x in group if x is not None]
     kept, left = order[:room], order[room:]
     if not kept and not mixed:
         lows = ", ".join(f"space[{i}] ({search.space[i].method}) {low:.3f}" for i, low in sorted(smallest.items()))

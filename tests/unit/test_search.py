@@ -96,6 +96,21 @@ def test_a_target_under_every_mix_is_refused_at_the_target_and_one_entry_under_i
     assert "which takes the whole target" in said and "over the target" not in said
 
 
+def test_a_budget_too_small_for_every_uniform_runs_gptqs_before_rtns_of_the_same_format():
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 3.5}, "space": ISSUE_SPACE,
+                                        "budget": {"jobs": 5}})
+    plan, problems = plan_search(search, smollm_layers())
+    assert problems == [] and len(plan.mixed) == 4  # rtn's and gptq's mixes (gguf's smallest is over 3.5)
+    assert [(o["method"], o["bits"], o["group_size"]) for _, o, _ in plan.uniform] == [("gptq", 3, 32)]
+    assert plan.left_out == ("rtn 3b g32", "gptq 3b g64", "rtn 3b g64")
+    # with no gptq entry, rtn's is as any other
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 3.5}, "space": [ISSUE_SPACE[0], ISSUE_SPACE[2]],
+                                        "budget": {"jobs": 3}})
+    plan, _ = plan_search(search, smollm_layers())
+    assert [(o["method"], o["bits"], o["group_size"]) for _, o, _ in plan.uniform] == [("rtn", 3, 32)]
+    assert plan.left_out == ("rtn 3b g64",)
+
+
 def test_stored_bits_follow_the_formats_layouts():
     # compressed-tensors: 4-bit packs 8 a word, one 16-bit scale a group, the shape's two int64
     assert Format("4b g64").layer_bits(576, 192) == 192 * 576 * 4 + 192 * 9 * 16 + 128
