@@ -7,6 +7,9 @@ same space that fits, on the same evaluation windows, and the jobs it took.
                                   # screen; rungs): the picks, the windows evaluated and the candidates' job seconds
     python bench/search.py --make-qwen2 DIR   # a Qwen2-shaped model from a config (random init, SmolLM2's
                                               # tokenizer): a second family nothing here was tuned on
+    python bench/search.py --budget 7 --grid  # searches of at most 7 full evaluations (under a third of the
+                                              # 23-configuration grid), against the best uniform of the whole grid,
+                                              # run first as a plain sweep of the same jobs (the same ids)
 
 One search per target (the issue's space: rtn and gptq at bits 3/4/8 × group 32/64/128, gguf Q3_K_M..Q8_0, each with
 ``mixed: true``; budget 16 full evaluations; 8 × 512 tokens of the bundled python-docs text), run one after another
@@ -42,10 +45,12 @@ SPACE = {
 
 
 def spec(folder: Path, target: float, methods: list[str], model: str = "bundled:smollm2-135m", size: bool = False,
-         halving: str = "") -> Path:
-    space = "\n".join(f"    - {SPACE[m]}" for m in methods)
-    name = ("mb-" if size else "") + str(target).replace('.', '_') + \
-        (f"-halving-{halving.replace(',', '-').replace('/', '_')}" if halving else "")
+         halving: str = "", budget: int = 16, grid: bool = False) -> Path:
+    """One search's spec; ``grid``: every uniform configuration of the space (no mixes; a target all of them meet)."""
+    space = "\n".join(f"    - {SPACE[m].replace(', mixed: true', '') if grid else SPACE[m]}" for m in methods)
+    name = "grid" if grid else ("mb-" if size else "") + str(target).replace('.', '_') + \
+        (f"-halving-{halving.replace(',', '-').replace('/', '_')}" if halving else "") + \
+        (f"-budget-{budget}" if budget != 16 else "")
     path = folder / f"search-{name}.yaml"
     path.write_text(f"""name: bench-search-{name}
 model: {model}
@@ -55,7 +60,7 @@ search:
   objective: kl_div
   space:
 {space}
-  budget: {{jobs: 16}}
+  budget: {{jobs: {budget}}}
   probe: {{windows: 2, seq_len: 128, jobs: 4}}
 """ + (f"  halving: {halving_yaml(halving)}\n" if halving else ""))
     return path
@@ -80,6 +85,10 @@ def main() -> None:
     parser.add_argument("--halving", default="", metavar="W,K[;W1/W2,K1/K2]",
                         help="also run each target with halving: {windows: W, keep: K}, or rungs {windows: [W1, W2], "
                              "keep: [K1, K2]} (several, split by ;), and compare")
+    parser.add_argument("--budget", type=int, default=16, help="each search's full evaluations (budget.jobs)")
+    parser.add_argument("--grid", action="store_true",
+                        help="first run every uniform configuration of the space (a plain grid) and compare each "
+                             "pick with the best of the whole grid that meets the target, not only the search's own")
     args = parser.parse_args()
     if args.make_qwen2:
         return make_qwen2(Path(args.make_qwen2))
@@ -96,8 +105,12 @@ def main() -> None:
         ran: set[str] = set()
         halved: dict[float, list[dict]] = {}
         runs = [(t, h) for t in targets for h in [""] + [h for h in args.halving.split(";") if h]]
+        grid: list[dict] = []
+        if args.grid:
+            runs.insert(0, ("grid", ""))
         for target, halving in runs:
-            path = spec(root, target, methods, args.model, size, halving)
+            path = (spec(root, 16, methods, args.model, budget=100, grid=True) if target == "grid" else
+                    spec(root, target, methods, args.model, size, halving, args.budget))
             plan = subprocess.run([sys.executable, "-m", "qfarm.cli", "validate", str(path)], env=env,
                                   capture_output=True, text=True)
             print(f"\n=== target {target} {'MB' if size else 'bits per weight'} ===\n" + "\n".join(
@@ -116,9 +129,14 @@ def main() -> None:
                                              env=env, capture_output=True, text=True).stdout)
             new = {r["job_id"] for r in rows} - ran
             ran |= {r["job_id"] for r in rows}
+            if target == "grid":
+                grid = rows
+                print(f"  the grid: {sum(r['status'] == 'succeeded' for r in rows if r.get('search_role') == 'uniform')}"
+                      f" uniform configurations measured, {wall / 60:.1f} min")
+                continue
             halved.setdefault(target, []).append(rows)
             if not halving:
-                summary.append(report({"size_mb" if size else "bits_per_weight": target}, rows, wall, len(new)))
+                summary.append(report({"size_mb" if size else "bits_per_weight": target}, rows, wall, len(new), grid))
     print(f"\n| target {'MB' if size else 'bpw'} | best uniform (bpw, MB, KL ± se) | pick (bpw, MB, KL ± se; predicted) | "
           "KL vs uniform | full evals (the uniform grid: 23) | probes |\n|---|---|---|---|---|---|")
     for line in summary:
@@ -167,7 +185,9 @@ def make_qwen2(folder: Path) -> None:
     print(f"wrote {folder}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
 
 
-def report(wanted: dict, rows: list[dict], wall: float, new: int) -> str:
+def report(wanted: dict, rows: list[dict], wall: float, new: int, grid: list[dict] = ()) -> str:
+    """One target's rows and the line of the summary table; ``grid``: the whole uniform grid's rows (--grid), whose
+    best that meets the target is the baseline instead of the best uniform the search ran itself."""
     from qfarm.sweep.search import meets_target
 
     target = next(iter(wanted.values()))
@@ -181,12 +201,19 @@ def report(wanted: dict, rows: list[dict], wall: float, new: int) -> str:
               f"{'' if fits else ' (over)'}  KL {r['kl_div']:.4f} ± {r['kl_div_se']:.4f}{pred}  Δppl {r['ppl_delta_pct']:+.1f} %")
     for r in failed:
         print(f"  ! {r['label']} {r['status']}: {r.get('error')}")
-    uniform = [r for r in ok if r["search_role"] == "uniform" and meets_target(wanted, r)]
+    uniform = [r for r in ok + [g for g in grid if g["status"] == "succeeded"]
+               if r["search_role"] == "uniform" and meets_target(wanted, r)]
     best_u = min(uniform, key=lambda r: r["kl_div"]) if uniform else None
     pick = next((r for r in ok if r.get("search_pick")), None)
     evals = sum(1 for r in rows if r.get("search_role") in ("uniform", "candidate"))
     probes = sum(1 for r in rows if r.get("search_role") == "probe")
     gain = (1 - pick["kl_div"] / best_u["kl_div"]) * 100 if pick and best_u else None
+    if grid:  # what the search's own jobs took against the whole grid's (probes, its capture's share apart)
+        seconds = sum(r.get("duration_s") or 0 for r in rows if r.get("search_role") in ("uniform", "candidate"))
+        probed = sum(r.get("duration_s") or 0 for r in rows if r.get("search_role") == "probe")
+        whole = sum(r.get("duration_s") or 0 for r in grid if r.get("search_role") == "uniform")
+        print(f"  job seconds: the search's full evaluations {seconds:.0f} + its probes {probed:.0f}, the grid's "
+              f"{sum(1 for r in grid if r.get('search_role') == 'uniform')} jobs {whole:.0f}")
     print(f"  wall {wall / 60:.1f} min ({new} jobs run for this target, the rest reused); best uniform "
           f"{best_u['label'] if best_u else '-'}; pick {pick['label'] if pick else '-'}; KL "
           + (f"{gain:.1f} % below the best uniform (goal >= 15 %)" if gain is not None else "-"))
