@@ -7,9 +7,9 @@ same space that fits, on the same evaluation windows, and the jobs it took.
                                   # screen; rungs): the picks, the windows evaluated and the candidates' job seconds
     python bench/search.py --make-qwen2 DIR   # a Qwen2-shaped model from a config (random init, SmolLM2's
                                               # tokenizer): a second family nothing here was tuned on
-    python bench/search.py --budget 7 --grid  # searches of at most 7 full evaluations (under a third of the
-                                              # 23-configuration grid), against the best uniform of the whole grid,
-                                              # run first as a plain sweep of the same jobs (the same ids)
+    python bench/search.py --budget 5 --grid  # searches of 5 full evaluations (at most a third of the 17
+                                              # configurations of the space SmolLM2 can store), against the best of
+                                              # the whole uniform grid, run first as a plain sweep of the same jobs
 
 One search per target (the issue's space: rtn and gptq at bits 3/4/8 × group 32/64/128, gguf Q3_K_M..Q8_0, each with
 ``mixed: true``; budget 16 full evaluations; 8 × 512 tokens of the bundled python-docs text), run one after another

@@ -805,9 +805,9 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
                                                 "step": step, "probe": probe}}))
     room = budget - len(mixed)
     # the uniform candidates closest under the target first (a speed target: spread over their sizes, the smallest
-    # first: the likeliest to be fast enough, then the largest), one entry after another; rtn's after gptq's where
-    # the space holds both: GPTQ stores the same formats with the rounding error compensated, so a budget too small
-    # for both runs the one likelier to be the best uniform (every format of bench/search.py measured so)
+    # first: the likeliest to be fast enough, then the largest), one entry after another; rtn's last where the space
+    # holds gptq: GPTQ stores the same formats with the rounding error compensated, so a budget too small for both
+    # runs the one likelier to be the best uniform (every format of bench/search.py measured so)
     by_entry: dict[int, list] = {}
     for item in sorted(fits_all, key=lambda x: x[2] if speed else -x[2]):
         by_entry.setdefault(item[0], []).append(item)
