@@ -726,6 +726,8 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
     target is each candidate's bits per weight target once ``outside(options)`` (the bits its artifact stores
     besides the quantized layers: embeddings, norms, tokenizer; qfarm.sweep.validate.outside_bits) is paid."""
     problems: list[tuple[tuple, str]] = []
+    if not layers:
+        return None, [((), "the model has no Linear layer to quantize, and a search gives each its format")]
     params = max(sum(la.params for la in layers), 1)
     if search.target.column == "size_mb" and outside is None:
         return None, [(("target", "size_mb"), "the model's embeddings and vocabulary cannot be read here, and a size "

@@ -212,6 +212,17 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     if shape is None:
         errors.add(("search",), "the model's layer shapes cannot be read here, and a search plans from them")
         return None, []
+    other = sorted(n for n in shape.inputs if shape.types.get(n, "Linear") != "Linear")
+    if other:  # its probes, allocations and predicted sizes are per Linear layer: the rest would be left unpriced
+        kinds = sorted({shape.types[n] for n in other})
+        what = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
+        errors.add(("search",), f"a search gives each Linear layer its format, and {shape.count(other)} of this "
+                                f"model's {shape.count(shape.inputs)} weight layers are "
+                                f"{', '.join(what.get(k, k) for k in kinds)} ({allowed(other)}), which its probes, "
+                                "mixes and predicted sizes do not cover: a mix would leave them in float or in a "
+                                "format no allocation chose. Compare formats of this model as plain jobs (jobs:) "
+                                "instead")
+        return None, []
     from qfarm.sweep.modelinfo import gguf_float_dtype
     from qfarm.sweep.plan import model_shape
     from qfarm.sweep.search import scale_bits

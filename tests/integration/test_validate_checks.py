@@ -196,3 +196,21 @@ def test_a_folder_llama_cpps_converter_refuses_is_refused_at_validate_where_a_gg
     out = qfarm(env, "validate", "--offline", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert sum(json.loads(p.read_text()).get("converts") is True for p in checks.glob("convert-*.json")) == 1
+
+
+@pytest.mark.parametrize("family, kind", [("gpt2", "GPT-2-style Conv1D layers"),
+                                          ("mixtral", "fused MoE expert weights")])
+def test_a_search_on_weights_it_cannot_allocate_is_refused_at_validate(tmp_path, env, shared_data, family, kind):
+    """A search prices and allocates formats per Linear layer: a model whose weights are GPT-2's Conv1D or fused MoE
+    experts would have them left out of every mix (in float, or in a format nothing chose) and out of the predicted
+    sizes; validate refuses it at the search, naming those layers, where it used to fail on a derived option
+    (GPT-2: ``target_bits_per_weight ... got 0.0``) or plan a Mixtral's mixes over its attention alone."""
+    model = make_tiny_model(tmp_path / family, corpus_of(guanaco_rows(shared_data, tmp_path, 120)), family=family)
+    path = tmp_path / "search.yaml"
+    path.write_text(f"name: s\nmodel: {model}\neval: {{perplexity: {{dataset: {shared_data / 'wikitext2' / 'wiki.test.raw'}, "
+                    "seq_len: 64, max_windows: 2}}\nsearch:\n  target: {bits_per_weight: 6}\n  space:\n"
+                    "    - {method: rtn, bits: [4, 8], group_size: [32], mixed: true}\n")
+    out = qfarm(env, "validate", "--offline", str(path))
+    said = out.stdout + out.stderr
+    assert out.returncode == 2 and "search.yaml:4: search: a search gives each Linear layer its format" in said, said
+    assert kind in said and "Traceback" not in said and "got 0.0" not in said, said

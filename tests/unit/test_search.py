@@ -111,6 +111,13 @@ def test_a_budget_too_small_for_every_uniform_runs_gptqs_before_rtns_of_the_same
     assert plan.left_out == ("rtn 3b g64",)
 
 
+def test_a_model_with_no_linear_layer_is_a_problem_not_a_zero_target():
+    search = SearchSpec.model_validate({"target": {"bits_per_weight": 4.25}, "space": ISSUE_SPACE})
+    plan, problems = plan_search(search, [])
+    assert plan is None and problems == [((), "the model has no Linear layer to quantize, and a search gives each "
+                                              "its format")]
+
+
 def test_stored_bits_follow_the_formats_layouts():
     # compressed-tensors: 4-bit packs 8 a word, one 16-bit scale a group, the shape's two int64
     assert Format("4b g64").layer_bits(576, 192) == 192 * 576 * 4 + 192 * 9 * 16 + 128
