@@ -138,7 +138,8 @@ def main() -> None:
             if not halving:
                 summary.append(report({"size_mb" if size else "bits_per_weight": target}, rows, wall, len(new), grid))
     print(f"\n| target {'MB' if size else 'bpw'} | best uniform (bpw, MB, KL ± se) | pick (bpw, MB, KL ± se; predicted) | "
-          "KL vs uniform | full evals (the uniform grid: 23) | probes |\n|---|---|---|---|---|---|")
+          f"KL vs uniform | full evals (the uniform grid: "
+          f"{sum(1 for r in grid if r.get('search_role') == 'uniform') if grid else 23}) | probes |\n|---|---|---|---|---|---|")
     for line in summary:
         print(line)
     if args.halving:
