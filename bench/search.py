@@ -130,16 +130,15 @@ def main() -> None:
             new = {r["job_id"] for r in rows} - ran
             ran |= {r["job_id"] for r in rows}
             if target == "grid":
-                grid = rows
-                print(f"  the grid: {sum(r['status'] == 'succeeded' for r in rows if r.get('search_role') == 'uniform')}"
-                      f" uniform configurations measured, {wall / 60:.1f} min")
+                grid = [r for r in rows if r.get("search_role") == "uniform"]
+                print(f"  the grid: {sum(r['status'] == 'succeeded' for r in grid)} uniform configurations measured, "
+                      f"{wall / 60:.1f} min")
                 continue
             halved.setdefault(target, []).append(rows)
             if not halving:
                 summary.append(report({"size_mb" if size else "bits_per_weight": target}, rows, wall, len(new), grid))
     print(f"\n| target {'MB' if size else 'bpw'} | best uniform (bpw, MB, KL ± se) | pick (bpw, MB, KL ± se; predicted) | "
-          f"KL vs uniform | full evals (the uniform grid: "
-          f"{sum(1 for r in grid if r.get('search_role') == 'uniform') if grid else 23}) | probes |\n|---|---|---|---|---|---|")
+          f"KL vs uniform | full evals (the uniform grid: {len(grid) or 23}) | probes |\n|---|---|---|---|---|---|")
     for line in summary:
         print(line)
     if args.halving:
@@ -212,9 +211,9 @@ def report(wanted: dict, rows: list[dict], wall: float, new: int, grid: list[dic
     if grid:  # what the search's own jobs took against the whole grid's (probes, its capture's share apart)
         seconds = sum(r.get("duration_s") or 0 for r in rows if r.get("search_role") in ("uniform", "candidate"))
         probed = sum(r.get("duration_s") or 0 for r in rows if r.get("search_role") == "probe")
-        whole = sum(r.get("duration_s") or 0 for r in grid if r.get("search_role") == "uniform")
+        whole = sum(r.get("duration_s") or 0 for r in grid)
         print(f"  job seconds: the search's full evaluations {seconds:.0f} + its probes {probed:.0f}, the grid's "
-              f"{sum(1 for r in grid if r.get('search_role') == 'uniform')} jobs {whole:.0f}")
+              f"{len(grid)} jobs {whole:.0f}")
     print(f"  wall {wall / 60:.1f} min ({new} jobs run for this target, the rest reused); best uniform "
           f"{best_u['label'] if best_u else '-'}; pick {pick['label'] if pick else '-'}; KL "
           + (f"{gain:.1f} % below the best uniform (goal >= 15 %)" if gain is not None else "-"))

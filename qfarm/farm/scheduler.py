@@ -686,10 +686,11 @@ def _settled(actor, wait_s: float = 60.0) -> None:
     deadline = time.time() + wait_s
     while True:
         state = ray.get(actor.ping.remote(), timeout=wait_s)["state"]
-        late = time.time() > deadline
-        if state not in ("stopping", "finished", "crashed") or (state == "stopping" and late):
+        if state not in ("stopping", "finished", "crashed"):
             return
-        if late:
+        if time.time() > deadline:
+            if state == "stopping":
+                return
             raise RuntimeError(f"the scheduler of {actor} stopped but did not exit within {wait_s:g} s")
         time.sleep(0.05)
 

@@ -103,6 +103,10 @@ class _InSearch(Collector):
         self.errors.add(loc, message)
 
 
+# the kinds of weight layer other than Linear (qfarm.sweep.modelinfo's types), as the errors name them
+LAYER_KINDS = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
+
+
 def search_layers(shape) -> list:
     """The model's quantizable layers as a search counts them (qfarm.sweep.search.Layer), from its shape."""
     from qfarm.sweep.search import Layer
@@ -215,10 +219,9 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
     other = sorted(n for n in shape.inputs if shape.types.get(n, "Linear") != "Linear")
     if other:  # its probes, allocations and predicted sizes are per Linear layer: the rest would be left unpriced
         kinds = sorted({shape.types[n] for n in other})
-        what = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
         errors.add(("search",), f"a search gives each Linear layer its format, and {shape.count(other)} of this "
                                 f"model's {shape.count(shape.inputs)} weight layers are "
-                                f"{', '.join(what.get(k, k) for k in kinds)} ({allowed(other)}), which its probes, "
+                                f"{', '.join(LAYER_KINDS.get(k, k) for k in kinds)} ({allowed(other)}), which its probes, "
                                 "mixes and predicted sizes do not cover: a mix would leave them in float or in a "
                                 "format no allocation chose. Compare formats of this model as plain jobs (jobs:) "
                                 "instead")
@@ -679,9 +682,8 @@ class MethodChecks:
         if not left:
             return
         kinds = sorted({shape.types[n] for n in left})
-        what = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
         fits = [m for m, x in METHODS.items() if x.quantizes is not None and set(shape.types.values()) <= x.quantizes]
-        self.errors.add(loc, f"method {method.name} leaves {', '.join(what.get(k, k) for k in kinds)} in float, and "
+        self.errors.add(loc, f"method {method.name} leaves {', '.join(LAYER_KINDS.get(k, k) for k in kinds)} in float, and "
                              f"{shape.count(left)} of this model's {shape.count(shape.inputs)} weight layers are: "
                              f"{allowed(left)}. Its row would be mostly unquantized. Methods that quantize every "
                              f"kind of layer it has: {allowed(fits)}, and gguf where llama.cpp's converter knows "
