@@ -228,6 +228,7 @@ TABLE: tuple[Column, ...] = (
     C("search_direction", group="search", format="{}"),  # min or max
     C("search_fragment", group="search", format="{}"),  # the candidate as a plain job of a spec's jobs: (YAML flow)
     C("probe_layers", group="search", format="{}"),  # a probe's share of the layers
+    C("probe_tables", group="search", format="{}"),  # the embedding table and untied head it priced too (GGUF mixes)
     C("probe_kl_sum", group="search", format="{:.4g}"),  # its layers' measured KLs, each alone in its coarsest format
     C("probe_kl_max", group="search", format="{:.4g}"),
     C("probe_tokens", group="search", format="{}"),
@@ -238,6 +239,7 @@ TABLE: tuple[Column, ...] = (
     # a gpu_mem_gb target: the artifact's size on disk and the KV cache and logits at its context (predicted)
     C("search_gpu_mem_gb", unit="GB", group="search", format="{:.3f}"),
     C("search_formats_used", group="search", format="{}"),  # how many layers took each format
+    C("search_table_formats", group="search", format="{}"),  # a GGUF mix's embedding table (and head): their types
     # successive halving: a final's candidate (its job and label), and what its screen measured and where it ranked
     C("search_final_of", group="search", format="{}"),
     C("search_final_label", group="search", format="{}"),

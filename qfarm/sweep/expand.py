@@ -253,17 +253,23 @@ def _probes(job: Job, cuda: bool) -> list[Job]:
     if not mixed:
         return []
     kind, probe = KINDS["probe"], mixed["probe"]
+    shares = [({"formats": probe["formats"], "part": part, "parts": probe["parts"]}, f"probe {part + 1}/{probe['parts']}")
+              for part in range(probe["parts"])]
+    if mixed.get("tables"):  # a GGUF mix under a size target: its embedding table and head, in the ggml types
+        from qfarm.sweep.search import Format
+
+        shares.append(({"formats": [f for f in probe["formats"] if Format(f).family == "gguf"], "tables": True},
+                       "probe tables"))
     out = []
-    for part in range(probe["parts"]):
-        opts = kind.options.model_validate({"formats": probe["formats"], "part": part, "parts": probe["parts"],
-                                            "windows": probe["windows"], "seq_len": probe["seq_len"]}).model_dump()
+    for share, label in shares:
+        opts = kind.options.model_validate({**share, "windows": probe["windows"],
+                                            "seq_len": probe["seq_len"]}).model_dump()
         identity = {"v": SPEC_VERSION, "kind": kind.name, "options": opts, "model": (job.model or {}).get("key"),
                     "eval": _eval_identity(job.eval), "compute": COMPUTE["gpu" if cuda and job.resources.get("gpus")
                                                                        else "cpu"]}
-        out.append(replace(job, id="j" + digest(identity, 12), kind=kind.name,
-                           label=f"probe {part + 1}/{probe['parts']}", options=opts, task_eval=None, worker=kind.worker,
-                           impl=None, bits=None, axes=(), needs=(), calibration=None,
-                           search={**(job.search or {}), "role": "probe"}))
+        out.append(replace(job, id="j" + digest(identity, 12), kind=kind.name, label=label, options=opts,
+                           task_eval=None, worker=kind.worker, impl=None, bits=None, axes=(), needs=(),
+                           calibration=None, search={**(job.search or {}), "role": "probe"}))
     return out
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from qfarm.errors import allowed, did_you_mean
 
@@ -215,7 +216,21 @@ def each(check: Callable[[str], object]) -> Callable[[list[str]], list[str]]:
     return validate
 
 
-class MixedOptions(Options):
+class _Tables(Options):
+    """``tables`` (added after searches were submitted without it) is left out of the options' dump while False, so
+    that those searches' probes and candidates keep their ids (qfarm.sweep.expand hashes the dump)."""
+
+    tables: bool = False
+
+    @model_serializer(mode="wrap")
+    def _tables_off(self, handler):
+        out = handler(self)
+        if not self.tables:
+            out.pop("tables", None)
+        return out
+
+
+class MixedOptions(_Tables):
     """A search candidate (``search:``, qfarm.sweep.search): each quantizable layer gets one of ``formats``, chosen in
     its job from the sweep's sensitivity probes (the jobs it needs) so that the stored bits of the quantized layers'
     weights come to at most ``target_bits_per_weight`` per weight while the predicted KL is least. ``point`` > 0:
@@ -226,6 +241,8 @@ class MixedOptions(Options):
     point: int = Field(0, ge=0, le=16)
     step: float = Field(0.25, gt=0.0, le=4.0)
     probe: "MixedProbe"  # the probes it reads (part of its identity: other probes, another allocation)
+    # ``tables``: a GGUF under a size target, whose embedding table and untied output head are allocated too, from a
+    # probe of them (ProbeOptions.tables) beside the layers' (``target_bits_per_weight`` is then over both)
 
 
 class MixedProbe(Options):
@@ -281,6 +298,9 @@ class SchemeOptions(BackendOptions):
             raise ValueError(f"{name}: per-layer formats are symmetric; drop symmetric: false")
         if name == "layer_rules" and value is not None and info.data.get("mixed") is not None:
             raise ValueError("layer_rules and mixed both decide each layer's format: give one")
+        if name == "mixed" and value is not None and value.tables:
+            raise ValueError("mixed.tables: the embeddings and head keep the float dtype in compressed-tensors and "
+                             "GPTQ artifacts; only a GGUF mix allocates them")
         return value
 
 
@@ -540,7 +560,7 @@ class CaptureOptions(Options):
     calibration: Calibration
 
 
-class ProbeOptions(Options):
+class ProbeOptions(_Tables):
     """A search's sensitivity probe (made by qfarm.sweep.expand for ``search:``, never written in a spec): part
     ``part`` of ``parts`` of the model's quantizable layers. For each, the KL of the model's next-token distribution
     from the float model's with only that layer in its coarsest format of ``formats`` (one forward per layer), and
@@ -553,6 +573,8 @@ class ProbeOptions(Options):
     parts: int = Field(1, ge=1, le=256)
     windows: int = Field(2, ge=1, le=64)
     seq_len: int = Field(128, ge=16, le=4_096)
+    # ``tables``: a probe of the embedding table and an untied output head instead of the layers, in ``formats``
+    # (ggml types): what a mixed GGUF candidate under a size target allocates beside them (its ``mixed.tables``)
 
 
 class FinalOptions(Options):

@@ -45,7 +45,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -264,7 +264,8 @@ def halving_rungs(halving: dict) -> list[tuple[int, int]]:
 # carries over into its own row when that candidate is the one it evaluates: the artifact's own facts
 SCREEN_KEYS = ("artifact", "method", "bits", "bits_per_weight", "size_mb", "layer_formats", "search_predicted_kl",
                "search_predicted_bits_per_weight", "search_target_bits_per_weight", "search_formats_used",
-               "search_probe_windows", "tensor_types", "gguf_tensor_types", "gguf_imatrix", "file_bits_per_weight", "quant_s",
+               "search_table_formats", "search_probe_windows", "tensor_types", "gguf_tensor_types", "gguf_imatrix",
+               "file_bits_per_weight", "quant_s",
                "decode_tokens_per_s", "kl_div", "perplexity",
                # a rung's row (halving over several rungs): the candidate it stands for, and what the rungs before saw
                "search_final_of", "search_final_label", "search_fragment", "search_screen")
@@ -669,6 +670,7 @@ class SearchPlan:
     targets: dict[int, float]  # a size target: mixed entry -> the bits per weight its mixes may store
     sizes: dict[str, float]  # a size target: uniform candidate's label -> its predicted size (MB)
     memory: str = ""  # a gpu_mem_gb target: what it leaves the weights (validate's search_stages)
+    tabled: tuple[int, ...] = ()  # mixed entries whose allocations take the embedding table and head too
 
     @property
     def jobs(self) -> int:
@@ -692,14 +694,19 @@ class SearchPlan:
             lines.append(f"  left out by the budget ({search.budget.jobs} jobs): {', '.join(self.left_out)}")
         for i, low in sorted(self.smallest.items()):
             points = sum(1 for e, _ in self.mixed if e == i)
-            room = f"; the size leaves its layers {self.targets[i]:.3f}" if i in self.targets else ""
+            room = ""
+            if i in self.targets:
+                room = f"; the size leaves its layers {self.targets[i]:.3f}"
+                if i in self.tabled:
+                    room = f"; the size leaves its layers and the embeddings {self.targets[i]:.3f}"
             limit = self.targets.get(i, search.target.value if search.target.column == "bits_per_weight" else math.inf)
             none = (", over the target: none of its mixes fits)" if not meets(low, limit) else
                     ", which takes the whole target: no mix but its smallest uniform configuration fits)")
             lines.append(f"  mixed {search.space[i].method}: {points} allocation(s) (smallest mix {low:.3f} bits per "
                          f"weight{room}" + (")" if points else none))
         probes = (f"{search.probe.jobs} probe job(s) (each a share of the layers, priced in {len(self.probes)} "
-                  f"formats: {', '.join(self.probes)}), then " if self.mixed else "")
+                  f"formats: {', '.join(self.probes)})" + (" and one of the embedding table and head (ggml types)"
+                                                            if self.tabled else "") + ", then " if self.mixed else "")
         if search.halving is not None:
             rungs = search.halving.rungs()
             again = "".join(f", the best {min(rungs[n - 1][1], self.jobs)} of them again on {rungs[n][0]} window(s) "
@@ -719,12 +726,15 @@ def _label(options: dict) -> str:
 
 
 def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
-                outside: Optional[Callable[[dict], float]] = None
+                outside: Optional[Callable[..., float]] = None, tables: Sequence[Layer] = ()
                 ) -> tuple[Optional[SearchPlan], list[tuple[tuple, str]]]:
     """The search's plan over the model's quantizable ``layers`` (None for no model shape: the plan is made at
     submit from the model itself), or the problems that stop it: (path under ``search``, message). A ``size_mb``
     target is each candidate's bits per weight target once ``outside(options)`` (the bits its artifact stores
-    besides the quantized layers: embeddings, norms, tokenizer; qfarm.sweep.validate.outside_bits) is paid."""
+    besides the quantized layers: embeddings, norms, tokenizer; qfarm.sweep.validate.outside_bits) is paid. Under a
+    size target a mixed GGUF entry allocates the model's ``tables`` too (its embedding table and an untied output
+    head, which a GGUF stores quantized: on SmolLM2 its tied table is a fifth of the weights): its mixes' bits per
+    weight are then over the layers and the tables, once ``outside(options, tables=False)`` is paid."""
     problems: list[tuple[tuple, str]] = []
     if not layers:
         return None, [((), "the model has no Linear layer to quantize, and a search gives each its format")]
@@ -735,19 +745,31 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
 
     speed = search.target.column == "decode_tokens_per_s"  # measured, not predicted: candidates span the sizes
 
-    def target_of(options: dict) -> float:
-        """The bits per weight of the quantized layers a candidate with these options may store."""
+    def target_of(options: dict, over: Sequence[Layer] = ()) -> float:
+        """The bits per weight a candidate with these options may store in the quantized layers (and ``over``: the
+        tables its allocation takes too)."""
         if speed:
             return math.inf
         if search.target.column == "bits_per_weight":
             return search.target.value
+        if over:
+            return (search.target.value * 2**23 - outside(options, tables=False)) / (
+                params + sum(t.params for t in over))
         return (search.target.value * 2**23 - outside(options)) / params
+
+    def allocated(entry: SpaceEntry) -> list[Layer]:
+        """The tables a mixed entry allocates beside the layers: a GGUF's, under a size target, those its formats fit."""
+        if entry.method != "gguf" or search.target.column != "size_mb":
+            return []
+        return [t for t in tables if any(f.fits(t.n_in) for f in formats_of(entry))]
 
     target = search.target.value if search.target.column == "bits_per_weight" else None  # one for every entry
     if speed:
         target = math.inf
     targets: dict[int, float] = {}  # entry -> its bits per weight target (its mixes')
     fits_all, mixed_entries, smallest, largest = [], [], {}, {}
+    tabled: dict[int, int] = {}  # mixed entry -> the tables its allocations take beside the layers
+    weights: dict[int, int] = {}  # mixed entry -> the weights its allocations cover
     total = 0
     logs = []  # log10 of each mixed entry's count of allocations
     for i, entry in enumerate(search.space):
@@ -766,13 +788,17 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
             problems.append((("space", i), f"no format of this entry fits layers {', '.join(unfit[:4])}: add a group "
                                            "size that divides their inputs"))
             continue
-        logs.append(sum(math.log10(n) for n in counts))
+        covered = layers + allocated(entry)
+        if len(covered) > len(layers):
+            tabled[i] = len(covered) - len(layers)
+        logs.append(sum(math.log10(sum(1 for f in formats if f.fits(la.n_in))) for la in covered))
+        weights[i] = sum(la.params for la in covered)
         low = sum(min(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
-                  for la in layers) / max(sum(la.params for la in layers), 1)
+                  for la in covered) / weights[i]
         smallest[i] = low
         largest[i] = sum(max(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
-                         for la in layers) / max(sum(la.params for la in layers), 1)
-        targets[i] = target_of(mixed_base(entry, target_of))
+                         for la in covered) / weights[i]
+        targets[i] = target_of(mixed_base(entry, target_of), covered[len(layers):])
         if meets(low, targets[i]):  # else: no mix of this entry fits; said in the plan (an error if nothing fits)
             mixed_entries.append(i)
     budget = search.budget.jobs
@@ -794,7 +820,7 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         base = mixed_base(entry, target_of)
         room = targets[i]
         if search.target.column == "size_mb":  # a size is a hard limit: no allocation slack, a margin for the estimate
-            room = (room * params - SIZE_MARGIN * search.target.value * 2**23) / params / (1 + TARGET_SLACK)
+            room = (room * weights[i] - SIZE_MARGIN * search.target.value * 2**23) / weights[i] / (1 + TARGET_SLACK)
         mine = round(min(room, largest[i]), 4)  # more room than the best format on every layer takes: that
         step = search.step
         if speed and largest[i] - smallest[i] > 1e-6:  # points evenly between the entry's smallest and largest mix
@@ -804,7 +830,7 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
             if mine - p * step < smallest[i] - 1e-9:
                 break
             mixed.append((i, {**base, "mixed": {"target_bits_per_weight": mine, "formats": names, "point": p,
-                                                "step": step, "probe": probe}}))
+                                                "step": step, "probe": probe, "tables": i in tabled}}))
     room = budget - len(mixed)
     # the uniform candidates closest under the target first (a speed target: spread over their sizes, the smallest
     # first: the likeliest to be fast enough, then the largest), one entry after another; rtn's last where the space
@@ -823,6 +849,8 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         lows = ", ".join(f"space[{i}] ({search.space[i].method}) {low:.3f}" for i, low in sorted(smallest.items()))
         room_for = "" if target is not None else (" (after the embeddings, norms and tokenizer: "
                                                    + ", ".join(f"space[{i}] {t:.3f} bits per weight"
+                                                               + (" over its layers and the embeddings"
+                                                                  if i in tabled else "")
                                                                for i, t in sorted(targets.items())) + ")")
         return None, [(("target", search.target.column), f"no configuration of the space fits "
                                                          f"{search.target.describe()}{room_for}"
@@ -833,7 +861,8 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
     return SearchPlan(tuple(probes), tuple(sorted(kept, key=lambda x: (x[0], x[2]))), tuple(mixed), total, len(fits_all),
                       tuple(_label(o) for _, o, _ in left), log_space, len(layers), smallest,
                       targets if target is None else {},
-                      {_label(o): (b * params + outside(o)) / 2**23 for _, o, b in kept} if target is None else {}), []
+                      {_label(o): (b * params + outside(o)) / 2**23 for _, o, b in kept} if target is None else {},
+                      tabled=tuple(sorted(tabled))), []
 
 
 def spread(items: list) -> list:

@@ -107,6 +107,17 @@ class _InSearch(Collector):
 LAYER_KINDS = {"Conv1D": "GPT-2-style Conv1D layers", "experts": "fused MoE expert weights (3-D parameters)"}
 
 
+def search_tables(numbers) -> list:
+    """The model's embedding table and untied output head as a search's mixed GGUF entries allocate them under a size
+    target (qfarm.sweep.search.plan_search), from its config (qfarm.sweep.plan.ModelShape); none without one."""
+    from qfarm.sweep.search import Layer
+
+    if numbers is None or not numbers.vocab:
+        return []
+    return [Layer("token_embd", numbers.hidden, numbers.vocab)] + (
+        [] if numbers.tied else [Layer("output", numbers.hidden, numbers.vocab)])
+
+
 def search_layers(shape) -> list:
     """The model's quantizable layers as a search counts them (qfarm.sweep.search.Layer), from its shape."""
     from qfarm.sweep.search import Layer
@@ -153,8 +164,11 @@ def outside_bits(numbers, dtype: str, model_source: dict):
         fmt = Format(type_name)
         return fmt.layer_bits(numbers.hidden, rows) if fmt.fits(numbers.hidden) else 16.0 * rows * numbers.hidden
 
-    def bits(options: dict) -> float:
+    def bits(options: dict, tables: bool = True) -> float:
+        """``tables`` False: a GGUF's without its embedding table and untied head (a mix that allocates them)."""
         if options.get("method") == "gguf":
+            if not tables:
+                return 32.0 * norms + 8.0 * header
             main = tensor_type_of(options.get("gguf_type") or "Q4_K_M")
             output = "Q8_0" if main == "Q8_0" else "Q6_K"
             if main not in ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1"):
@@ -247,7 +261,7 @@ def search_stages(spec: SweepSpec, model_source: dict, eval_spec: dict | None, b
         if planned is None:
             errors.add(("search", "target", "gpu_mem_gb"), memory)
             return None, []
-    plan, problems = plan_search(planned, search_layers(shape), scale_bits(dtype), outside)
+    plan, problems = plan_search(planned, search_layers(shape), scale_bits(dtype), outside, search_tables(numbers))
     for loc, message in problems:
         if memory and loc[:2] == ("target", "size_mb"):
             loc, message = ("target", "gpu_mem_gb"), f"{search.target.describe()} ({memory}): {message}"

@@ -177,11 +177,22 @@ search:
                        .replace("name: e2e-search", "name: e2e-search-size"))
     said = qfarm(cli_env, "validate", str(by_size))
     assert said.returncode == 0 and f"at ≤ {size:g} MB on disk" in said.stdout, said.stdout + said.stderr
+    assert "one of the embedding table and head" in said.stdout, said.stdout
     out = qfarm(cli_env, "submit", str(by_size), "--wait")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sized = results(cli_env, submitted_id(out.stdout))
-    assert {r["job_id"] for r in sized if r["search_role"] == "probe"} == {r["job_id"] for r in by_role["probe"]}
     assert all(r["status"] == "succeeded" for r in sized), [(r["label"], r.get("error")) for r in sized]
+    # the layers' probes are the bits-per-weight search's; one more prices the GGUF's tables (this Llama's embedding
+    # and its untied head), which its mixes allocate beside the layers: the file holds the types they chose
+    layer_probes = {r["job_id"] for r in by_role["probe"]}
+    (tables,) = [r for r in sized if r["search_role"] == "probe" and r["job_id"] not in layer_probes]
+    assert layer_probes < {r["job_id"] for r in sized if r["search_role"] == "probe"} and tables["probe_tables"] == 2
+    mixes = [r for r in sized if r["search_role"] == "candidate" and r["method"] == "gguf"]
+    assert mixes and all(set(r["search_table_formats"]) == {"token_embd.weight", "output.weight"} for r in mixes)
+    for r in mixes:
+        assert {t: r["layer_formats"][t] for t in r["search_table_formats"]} == r["search_table_formats"]
+        assert r["size_mb"] <= size
+    assert all(r.get("search_table_formats") is None for r in sized if r["method"] != "gguf")  # kept in float there
     (picked,) = [r for r in sized if r.get("search_pick")]
     assert picked["search_target"] == {"size_mb": size} and picked["size_mb"] <= size
     fitting = [r for r in sized if r["search_role"] in ("uniform", "candidate") and r["size_mb"] <= size]

@@ -427,6 +427,50 @@ def test_a_size_target_is_each_candidates_bits_per_weight_once_what_lies_outside
     assert none is None and said[0][0] == ("target", "size_mb") and "after the embeddings" in said[0][1]
 
 
+def test_under_a_size_target_a_gguf_mix_allocates_the_embedding_table_too_from_what_else_lies_outside():
+    layers = smollm_layers()
+    params = sum(la.params for la in layers)
+    table = Layer("token_embd", 576, 49152)  # SmolLM2's tied table: a fifth of its weights
+    calls = []
+
+    def outside(options, tables=True):  # the table in llama.cpp's Q8_0 (its Q6_K falls back on 576-wide rows)
+        calls.append((options["method"], tables))
+        return (table.params * 8.5 if tables else 0) + 2 * 2**23
+
+    space = [{"method": "rtn", "bits": [4, 8], "group_size": [32, 64], "mixed": True},
+             {"method": "gguf", "gguf_type": ["Q4_K_M", "Q8_0"], "mixed": True}]
+    search = SearchSpec.model_validate({"target": {"size_mb": 100}, "space": space})
+    plan, problems = plan_search(search, layers, outside=outside, tables=[table])
+    assert problems == [] and plan.tabled == (1,)
+    # the gguf entry's room is over its layers and the table, once what lies outside both is paid; rtn's as before
+    assert plan.targets[1] == pytest.approx((100 * 2**23 - 2 * 2**23) / (params + table.params), rel=1e-6)
+    assert plan.targets[0] == pytest.approx((100 * 2**23 - 2 * 2**23 - table.params * 8.5) / params, rel=1e-6)
+    assert ("gguf", False) in calls and ("rtn", False) not in calls
+    mixes = {o["method"]: o["mixed"] for _, o in plan.mixed}
+    assert mixes["gguf"]["tables"] and not mixes["rtn"]["tables"]
+    assert mixes["gguf"]["probe"] == mixes["rtn"]["probe"]  # one set of probes for every entry
+    assert "layers and the embeddings" in "\n".join(plan.summary(search))
+    # a bits_per_weight target counts the layers alone: no table is allocated, none is probed
+    by_bits = search.model_copy(update={"target": search.target.model_copy(update={"size_mb": None,
+                                                                                    "bits_per_weight": 4.5})})
+    plan, _ = plan_search(by_bits, layers, outside=outside, tables=[table])
+    assert plan.tabled == () and not any(o["mixed"]["tables"] for _, o in plan.mixed)
+
+
+def test_an_allocation_gives_the_table_a_coarser_type_where_it_costs_less_kl_per_byte_than_the_layers():
+    layers = [Layer(f"blk{i}", 576, 576) for i in range(4)]
+    table = Layer("token_embd.weight", 576, 4096)
+    formats = [Format("Q4_0"), Format("Q8_0")]
+    sens = {la.name: {"Q4_0": 0.04, "Q8_0": 0.001} for la in layers}
+    room = sum(Format("Q4_0").layer_bits(la.n_in, la.n_out) for la in layers) \
+        + Format("Q8_0").layer_bits(table.n_in, table.n_out)
+    target = room / (sum(la.params for la in layers) + table.params)
+    robust = allocate(layers + [table], {**sens, table.name: {"Q4_0": 0.001, "Q8_0": 0.0}}, formats, target)
+    fragile = allocate(layers + [table], {**sens, table.name: {"Q4_0": 1.0, "Q8_0": 0.0}}, formats, target)
+    assert robust.formats[table.name] == "Q4_0" and all(robust.formats[la.name] == "Q8_0" for la in layers)
+    assert fragile.formats[table.name] == "Q8_0" and all(fragile.formats[la.name] == "Q4_0" for la in layers)
+
+
 def test_the_pick_of_a_size_search_meets_the_size_measured_on_disk():
     from qfarm.results.compare import mark_search_pick
 

@@ -159,12 +159,17 @@ def rule_columns(rules: list[tuple[str, str]], layers: dict[str, tuple[str, int,
     return {"tensor_type_fallbacks": fallbacks or None}
 
 
+TABLES = ("token_embd.weight", "output.weight")  # the embedding table and output head, as a mix allocates them
+
+
 def mixed_rules(allocation: dict[str, str], source: str) -> list[str]:
-    """A mixed candidate's allocation (Hugging Face module name -> ggml type) as ``tensor_types`` rules over the
-    names llama.cpp gives the tensors of ``source`` (gguf-py's name map for its architecture)."""
+    """A mixed candidate's allocation (Hugging Face module name -> ggml type; the tables by their GGUF names) as
+    ``tensor_types`` rules over the names llama.cpp gives the tensors of ``source`` (gguf-py's name map for its
+    architecture)."""
     from qfarm.sweep.search import gguf_rules
 
-    return gguf_rules(allocation, tensor_names(list(allocation), source))
+    layers = [name for name in allocation if name not in TABLES]
+    return gguf_rules(allocation, {**tensor_names(layers, source), **{t: t for t in allocation if t in TABLES}})
 
 
 def imatrix(importance: dict, names: dict[str, str]):

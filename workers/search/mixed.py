@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 
-def probes(ctx) -> dict[str, dict]:
-    """Every layer's figures from the probes the job needs (each wrote its share of the layers), by layer name."""
+def probes(ctx, key: str = "layers") -> dict[str, dict]:
+    """Every layer's figures from the probes the job needs (each wrote its share of the layers), by layer name;
+    ``key`` "tables": the embedding table's and an untied head's (by GGUF tensor name), which the last probe prices
+    for a GGUF mix under a size target."""
     from workers.search.probe import SENSITIVITY
     from workers.shared.files import inside
 
@@ -23,8 +25,8 @@ def probes(ctx) -> dict[str, dict]:
             continue
         file = Path(inside(ctx.output_root, artifact)) / SENSITIVITY
         if file.is_file():
-            out.update(json.loads(file.read_text())["layers"])
-    return dict(sorted(out.items(), key=lambda kv: kv[1]["index"]))
+            out.update(json.loads(file.read_text()).get(key) or {})
+    return dict(sorted(out.items(), key=lambda kv: kv[1].get("index", 0)))
 
 
 def importance(ctx) -> tuple[dict, int]:
@@ -57,17 +59,28 @@ def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
     if not found or any(v["index"] != i for i, v in enumerate(found.values())):
         raise Permanent("the search's probes this candidate needs do not cover the model's layers")
     layers = [Layer(name, int(v["in"]), int(v["out"])) for name, v in found.items()]
-    sensitivity = {name: {f: v["kl"][f] for f in mixed.formats if f in v.get("kl", {})} for name, v in found.items()}
+    tables = probes(ctx, "tables") if mixed.tables else {}
+    if mixed.tables and not tables:
+        raise Permanent("the search's probes this candidate needs did not price the embedding table it allocates")
+    figures = {**found, **tables}
+    sensitivity = {name: {f: v["kl"][f] for f in mixed.formats if f in v.get("kl", {})} for name, v in figures.items()}
     target = mixed.target_bits_per_weight - mixed.point * mixed.step
-    ctx.progress(f"allocating formats to {len(layers)} layers at ≤ {target:g} bits per weight")
+    over = [Layer(name, int(v["in"]), int(v["out"])) for name, v in tables.items()]
+    ctx.progress(f"allocating formats to {len(layers)} layers" + (f" and {len(over)} table(s)" if over else "")
+                 + f" at ≤ {target:g} bits per weight")
     layout = layout_of({"backend": getattr(ctx.opts, "backend", None)})  # GPTQModel's GPTQ layout, or compressed-tensors
-    chosen = allocate(layers, sensitivity, [Format(f, layout) for f in mixed.formats], target, scale_bits)
+    formats = [Format(f, layout) for f in mixed.formats]
+    chosen = allocate(layers + over, sensitivity, formats, target, scale_bits)
     if chosen is None:
         raise Permanent(f"no allocation of {', '.join(mixed.formats)} meets {target:g} bits per weight on this model")
     used: dict[str, int] = {}
-    for fmt in chosen.formats.values():
-        used[fmt] = used.get(fmt, 0) + 1
+    for la in layers:
+        used[chosen.formats[la.name]] = used.get(chosen.formats[la.name], 0) + 1
+    by_name = {f.name: f for f in formats}
+    stored = sum(by_name[chosen.formats[la.name]].layer_bits(la.n_in, la.n_out, scale_bits) for la in layers)
     ctx.extra.update({"search_target_bits_per_weight": target, "search_predicted_kl": chosen.predicted,
-                      "search_predicted_bits_per_weight": chosen.bits_per_weight,
-                      "search_formats_used": dict(sorted(used.items(), key=lambda kv: -kv[1]))})
+                      # over the quantized layers, as the row's bits_per_weight (the tables apart)
+                      "search_predicted_bits_per_weight": stored / sum(la.params for la in layers),
+                      "search_formats_used": dict(sorted(used.items(), key=lambda kv: -kv[1])),
+                      "search_table_formats": {t.name: chosen.formats[t.name] for t in over} or None})
     return chosen.formats

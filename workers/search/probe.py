@@ -8,6 +8,10 @@ own ggml quantizer for a ggml type, in the type llama.cpp falls back to where it
 One forward per layer measures the KL from the float model's distribution with the layer alone in its coarsest
 format; each other format's KL is that figure scaled by the ratio of the errors. ``sensitivity.json`` holds every
 layer's figures; the mixed candidates read it (workers.search.mixed).
+
+A probe of the tables (``tables``: for a GGUF mix under a size target) prices the embedding table and an untied
+output head instead, in the ggml types, the same way: each type's error (weighted by the head's inputs' squares,
+or for an untied embedding by how often each token occurs in the windows), one forward in the coarsest.
 """
 
 from __future__ import annotations
@@ -107,6 +111,33 @@ def quantizable(model) -> list[tuple[str, object]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
 
 
+def tables(model) -> list[tuple[str, object, bool]]:
+    """The model's embedding table and its output head where it is not tied to it, as (GGUF tensor name, module,
+    whether its inputs weigh its error: the head's do), the names llama.cpp gives them (``token_embd.weight``,
+    ``output.weight``). A tied table is one tensor in a GGUF, read by both: quantizing it moves both."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    out = [("token_embd.weight", embed, tied)]
+    if head is not None and not tied:
+        out.append(("output.weight", head, True))
+    return out
+
+
+def table_error(original, new, columns=None, rows=None, chunk: int = 8192) -> float:
+    """The squared error of a (vocabulary × hidden) table weighted by ``columns`` (its inputs' mean squares, as a
+    head) or ``rows`` (how often each token occurs, as an embedding), a slice of rows at a time (a large
+    vocabulary's table in float64 is GBs)."""
+    total = 0.0
+    for lo in range(0, original.shape[0], chunk):
+        d = (new[lo:lo + chunk].double() - original[lo:lo + chunk].double()).pow(2)
+        if columns is not None:
+            d = d * columns.to(d.device)
+        if rows is not None:
+            d = d * rows[lo:lo + chunk].to(d.device).unsqueeze(1)
+        total += d.sum().item()
+    return total
+
+
 def run(ctx) -> dict:
     import torch
 
@@ -127,7 +158,7 @@ def run(ctx) -> dict:
         ppl = ctx.job.evaluation.perplexity
         wins, _ = windows_and_bytes(base.tokenizer, load_text(ppl.dataset), opts.seq_len, opts.windows,
                                     base.conventions.get("bos_id"))
-        every = quantizable(model)
+        every = [] if opts.tables else quantizable(model)  # a probe of the tables prices no layer
         lo, hi = opts.part * len(every) // opts.parts, (opts.part + 1) * len(every) // opts.parts
         mine = every[lo:hi]
         importance = {name: torch.zeros(layer.weight.shape[1], dtype=torch.float64) for name, layer in mine}
@@ -139,6 +170,12 @@ def run(ctx) -> dict:
             return record
 
         handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in mine]
+        priced = [f for f in formats if f.family == "gguf"]  # the types a GGUF table may take
+        mine_tables = tables(model) if opts.tables else []
+        head = model.get_output_embeddings()
+        if any(weighed for _, _, weighed in mine_tables) and head is not None:
+            importance["#head"] = torch.zeros(head.weight.shape[1], dtype=torch.float64)
+            handles.append(head.register_forward_pre_hook(hook("#head")))
         run_model = runner(model)
         try:
             with torch.inference_mode():
@@ -175,15 +212,46 @@ def run(ctx) -> dict:
                 entry.update(measured=coarsest, kl_measured=measured,
                              kl={f: measured * e / top for f, e in entry["error"].items()})
             found[name] = entry
+        counts = torch.bincount(wins.reshape(-1).cpu(), minlength=model.get_input_embeddings().weight.shape[0])
+        table_found: dict[str, dict] = {}
+        for name, module, weighed in mine_tables:
+            ctx.progress(f"probe {opts.part + 1}/{opts.parts}: {name}")
+            original = module.weight.data
+            n_out, n_in = original.shape
+            entry = {"in": int(n_in), "out": int(n_out), "error": {}, "stored": {}, "weighed_by": "inputs" if weighed
+                     else "tokens"}
+            for fmt in priced:
+                if not fmt.fits(n_in):
+                    continue
+                new, stored = quantized(original, fmt)  # no importance: llama.cpp is given none for the tables
+                entry["error"][fmt.name] = table_error(original, new, columns=importance["#head"] if weighed else None,
+                                                       rows=None if weighed else counts.double())
+                entry["stored"][fmt.name] = stored
+                del new
+            if entry["error"]:
+                coarsest = max(entry["error"], key=lambda f: entry["error"][f])
+                module.weight.data = quantized(original, Format(coarsest))[0].to(original.device)
+                try:
+                    with torch.inference_mode():
+                        kl = [(r.exp() * (r - run_model.logprobs(w))).sum(-1).double() for r, w in zip(ref, wins)]
+                finally:
+                    module.weight.data = original
+                measured = max(torch.cat(kl).mean().item(), 0.0)
+                top = entry["error"][coarsest] or 1.0
+                entry.update(measured=coarsest, kl_measured=measured,
+                             kl={f: measured * e / top for f, e in entry["error"].items()})
+                table_found[name] = entry
         probe_s = time.time() - t0
+        mean.pop("#head", None)
     save_importance(out / IMPORTANCE, mean, tokens)
     figures = [v["kl_measured"] for v in found.values() if "kl_measured" in v]
     (out / SENSITIVITY).write_text(json.dumps({"formats": [f.name for f in formats], "part": opts.part,
                                                "parts": opts.parts, "windows": len(wins), "seq_len": opts.seq_len,
-                                               "layers": found}, indent=1))
+                                               "layers": found, "tables": table_found}, indent=1))
     return {
         "method": "probe",
         "probe_layers": len(found),
+        "probe_tables": len(table_found) or None,
         "probe_kl_sum": sum(figures) if figures else None,
         "probe_kl_max": max(figures) if figures else None,
         "probe_tokens": int(len(wins) * (wins.shape[1] - 1)),
