@@ -175,7 +175,9 @@ def _path(data: list[dict]) -> str:
         for n, r in enumerate(rows, 1):
             role, ok = r.get("search_role"), r.get("status") == "succeeded"
             if role == "probe":
-                found = (f"{_esc(r.get('probe_layers') or '-')} layers; their KL alone, summed: "
+                what = (f"{_esc(r['probe_tables'])} table(s) (embeddings, head)" if r.get("probe_tables")
+                        else f"{_esc(r.get('probe_layers') or '-')} layers")
+                found = (f"{what}; their KL alone, summed: "
                          f"{_num(r.get('probe_kl_sum'), '{:.4g}')} (max {_num(r.get('probe_kl_max'), '{:.4g}')}); "
                          f"{_num(r.get('probe_s'), '{:.0f}')} s") if ok else _esc(r.get("status"))
                 body.append(f'<tr><td>{n}</td><td class="l">probe</td><td class="l">{_esc(_label(r))}</td>'

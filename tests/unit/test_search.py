@@ -617,6 +617,8 @@ def test_the_search_path_lists_every_job_in_finishing_order_with_the_best_so_far
     assert "u4 (0.3)" in cells[1] and "0.0800 → 0.1" in cells[2] and "mix (0.1)" in cells[2]
     assert ">no<" in cells[3] and "mix (0.1)" in cells[3]  # 8.2 bits: over the target, not the best so far
     assert _path([{"job_id": "x", "sweep_id": "t"}]) == ""
+    tables = _path([row("pt", "probe", 1, probe_layers=0, probe_tables=2, probe_kl_sum=0.25)])
+    assert "2 table(s) (embeddings, head); their KL alone, summed: 0.25" in tables
 
 
 def _halving_spec(tmp_path, halving: str, objective: str = "kl_div", tasks: str = ""):

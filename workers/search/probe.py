@@ -244,7 +244,7 @@ def run(ctx) -> dict:
         probe_s = time.time() - t0
         mean.pop("#head", None)
     save_importance(out / IMPORTANCE, mean, tokens)
-    figures = [v["kl_measured"] for v in found.values() if "kl_measured" in v]
+    figures = [v["kl_measured"] for v in (*found.values(), *table_found.values()) if "kl_measured" in v]
     (out / SENSITIVITY).write_text(json.dumps({"formats": [f.name for f in formats], "part": opts.part,
                                                "parts": opts.parts, "windows": len(wins), "seq_len": opts.seq_len,
                                                "layers": found, "tables": table_found}, indent=1))
