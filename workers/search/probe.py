@@ -123,9 +123,9 @@ def tables(model) -> list[tuple[str, object, bool]]:
     return out
 
 
-def table_error(original, new, columns=None, rows=None, chunk: int = 8192) -> float:
-    """The squared error of a (vocabulary × hidden) table weighted by ``columns`` (its inputs' mean squares, as a
-    head) or ``rows`` (how often each token occurs, as an embedding), a slice of rows at a time (a large
+def weighted_error(original, new, columns=None, rows=None, chunk: int = 8192) -> float:
+    """The squared error of a weight (outputs × inputs) weighted by ``columns`` (its inputs' squares: a layer, a
+    head) or ``rows`` (how often each token occurs: an embedding table), a slice of rows at a time (a large
     vocabulary's table in float64 is GBs)."""
     total = 0.0
     for lo in range(0, original.shape[0], chunk):
@@ -185,52 +185,21 @@ def run(ctx) -> dict:
                 h.remove()
         tokens = int(wins.numel())
         mean = {name: (v / max(tokens, 1)).float().numpy() for name, v in importance.items()}  # llama.cpp's scale
-        found: dict[str, dict] = {}
-        t0 = time.time()
-        for i, (name, layer) in enumerate(mine):
-            ctx.progress(f"probe {opts.part + 1}/{opts.parts}: layer {i + 1}/{len(mine)} ({name})")
-            original = layer.weight.data
-            n_out, n_in = original.shape
-            entry: dict = {"index": lo + i, "in": int(n_in), "out": int(n_out), "error": {}, "stored": {}}
-            for fmt in formats:  # one quantized copy at a time (a big model's layer is GBs in float)
-                if not fmt.fits(n_in):
-                    continue
-                new, stored = quantized(original, fmt, mean[name])
-                err = ((new.double() - original.double()).pow(2) * importance[name].to(new.device)).sum().item()
-                entry["error"][fmt.name], entry["stored"][fmt.name] = err, stored
-                del new
-            if entry["error"]:
-                coarsest = max(entry["error"], key=lambda f: entry["error"][f])
-                layer.weight.data = quantized(original, Format(coarsest), mean[name])[0].to(original.device)
-                try:
-                    with torch.inference_mode():
-                        kl = [(r.exp() * (r - run_model.logprobs(w))).sum(-1).double() for r, w in zip(ref, wins)]
-                finally:
-                    layer.weight.data = original
-                measured = max(torch.cat(kl).mean().item(), 0.0)
-                top = entry["error"][coarsest] or 1.0
-                entry.update(measured=coarsest, kl_measured=measured,
-                             kl={f: measured * e / top for f, e in entry["error"].items()})
-            found[name] = entry
-        counts = torch.bincount(wins.reshape(-1).cpu(), minlength=model.get_input_embeddings().weight.shape[0])
-        table_found: dict[str, dict] = {}
-        for name, module, weighed in mine_tables:
-            ctx.progress(f"probe {opts.part + 1}/{opts.parts}: {name}")
+
+        def price(module, entry: dict, fmts, weigh, weights=None) -> dict:
+            """``entry`` with each format's error of ``module``'s weight (``weigh``: weighted_error's weights) and the
+            KL with it alone in its coarsest format (every other format's KL: that scaled by the errors' ratio);
+            ``weights``: the importance the quantizer is given. The weight is put back."""
             original = module.weight.data
-            n_out, n_in = original.shape
-            entry = {"in": int(n_in), "out": int(n_out), "error": {}, "stored": {}, "weighed_by": "inputs" if weighed
-                     else "tokens"}
-            for fmt in priced:
-                if not fmt.fits(n_in):
+            for fmt in fmts:  # one quantized copy at a time (a big model's layer is GBs in float)
+                if not fmt.fits(original.shape[1]):
                     continue
-                new, stored = quantized(original, fmt)  # no importance: llama.cpp is given none for the tables
-                entry["error"][fmt.name] = table_error(original, new, columns=importance["#head"] if weighed else None,
-                                                       rows=None if weighed else counts.double())
-                entry["stored"][fmt.name] = stored
+                new, stored = quantized(original, fmt, weights)
+                entry["error"][fmt.name], entry["stored"][fmt.name] = weighted_error(original, new, **weigh), stored
                 del new
             if entry["error"]:
                 coarsest = max(entry["error"], key=lambda f: entry["error"][f])
-                module.weight.data = quantized(original, Format(coarsest))[0].to(original.device)
+                module.weight.data = quantized(original, Format(coarsest), weights)[0].to(original.device)
                 try:
                     with torch.inference_mode():
                         kl = [(r.exp() * (r - run_model.logprobs(w))).sum(-1).double() for r, w in zip(ref, wins)]
@@ -240,6 +209,24 @@ def run(ctx) -> dict:
                 top = entry["error"][coarsest] or 1.0
                 entry.update(measured=coarsest, kl_measured=measured,
                              kl={f: measured * e / top for f, e in entry["error"].items()})
+            return entry
+
+        found: dict[str, dict] = {}
+        t0 = time.time()
+        for i, (name, layer) in enumerate(mine):
+            ctx.progress(f"probe {opts.part + 1}/{opts.parts}: layer {i + 1}/{len(mine)} ({name})")
+            n_out, n_in = layer.weight.shape
+            found[name] = price(layer, {"index": lo + i, "in": int(n_in), "out": int(n_out), "error": {}, "stored": {}},
+                                formats, {"columns": importance[name]}, mean[name])
+        counts = torch.bincount(wins.reshape(-1).cpu(), minlength=model.get_input_embeddings().weight.shape[0])
+        table_found: dict[str, dict] = {}
+        for name, module, weighed in mine_tables:  # no importance to the quantizer: llama.cpp is given none for them
+            ctx.progress(f"probe {opts.part + 1}/{opts.parts}: {name}")
+            n_out, n_in = module.weight.shape
+            entry = price(module, {"in": int(n_in), "out": int(n_out), "error": {}, "stored": {},
+                                   "weighed_by": "inputs" if weighed else "tokens"}, priced,
+                          {"columns": importance["#head"]} if weighed else {"rows": counts.double()})
+            if entry["error"]:
                 table_found[name] = entry
         probe_s = time.time() - t0
         mean.pop("#head", None)
