@@ -159,7 +159,9 @@ def rule_columns(rules: list[tuple[str, str]], layers: dict[str, tuple[str, int,
     return {"tensor_type_fallbacks": fallbacks or None}
 
 
-TABLES = ("token_embd.weight", "output.weight")  # the embedding table and output head, as a mix allocates them
+# the embedding table and output head by the names llama.cpp gives them: what a mix allocates beside the blocks
+# (workers.search.probe prices them under these names)
+TABLES = ("token_embd.weight", "output.weight")
 
 
 def mixed_rules(allocation: dict[str, str], source: str) -> list[str]:

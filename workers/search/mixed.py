@@ -14,8 +14,8 @@ from pathlib import Path
 
 def probes(ctx, key: str = "layers") -> dict[str, dict]:
     """Every layer's figures from the probes the job needs (each wrote its share of the layers), by layer name;
-    ``key`` "tables": the embedding table's and an untied head's (by GGUF tensor name), which the last probe prices
-    for a GGUF mix under a size target."""
+    ``key`` "tables": the embedding table's and an untied head's (by GGUF tensor name), which a probe of the tables
+    prices for a GGUF mix under a size target."""
     from workers.search.probe import SENSITIVITY
     from workers.shared.files import inside
 

@@ -115,11 +115,13 @@ def tables(model) -> list[tuple[str, object, bool]]:
     """The model's embedding table and its output head where it is not tied to it, as (GGUF tensor name, module,
     whether its inputs weigh its error: the head's do), the names llama.cpp gives them (``token_embd.weight``,
     ``output.weight``). A tied table is one tensor in a GGUF, read by both: quantizing it moves both."""
+    from workers.quantize.gguf import TABLES
+
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
-    out = [("token_embd.weight", embed, tied)]
+    out = [(TABLES[0], embed, tied)]
     if head is not None and not tied:
-        out.append(("output.weight", head, True))
+        out.append((TABLES[1], head, True))
     return out
 
 
