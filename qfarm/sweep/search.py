@@ -694,11 +694,8 @@ class SearchPlan:
             lines.append(f"  left out by the budget ({search.budget.jobs} jobs): {', '.join(self.left_out)}")
         for i, low in sorted(self.smallest.items()):
             points = sum(1 for e, _ in self.mixed if e == i)
-            room = ""
-            if i in self.targets:
-                room = f"; the size leaves its layers {self.targets[i]:.3f}"
-                if i in self.tabled:
-                    room = f"; the size leaves its layers and the embeddings {self.targets[i]:.3f}"
+            room = (f"; the size leaves its layers{' and the embeddings' if i in self.tabled else ''} "
+                    f"{self.targets[i]:.3f}" if i in self.targets else "")
             limit = self.targets.get(i, search.target.value if search.target.column == "bits_per_weight" else math.inf)
             none = (", over the target: none of its mixes fits)" if not meets(low, limit) else
                     ", which takes the whole target: no mix but its smallest uniform configuration fits)")
@@ -757,11 +754,11 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
                 params + sum(t.params for t in over))
         return (search.target.value * 2**23 - outside(options)) / params
 
-    def allocated(entry: SpaceEntry) -> list[Layer]:
+    def allocated(entry: SpaceEntry, formats: list[Format]) -> list[Layer]:
         """The tables a mixed entry allocates beside the layers: a GGUF's, under a size target, those its formats fit."""
         if entry.method != "gguf" or search.target.column != "size_mb":
             return []
-        return [t for t in tables if any(f.fits(t.n_in) for f in formats_of(entry))]
+        return [t for t in tables if any(f.fits(t.n_in) for f in formats)]
 
     target = search.target.value if search.target.column == "bits_per_weight" else None  # one for every entry
     if speed:
@@ -782,16 +779,16 @@ def plan_search(search: SearchSpec, layers: list[Layer], scale_bits: int = 16,
         if not entry.mixed:
             continue
         formats = formats_of(entry)
-        counts = [sum(1 for f in formats if f.fits(la.n_in)) for la in layers]
-        unfit = sorted({la.name.rsplit(".", 1)[-1] + f" ({la.n_in} inputs)" for la, n in zip(layers, counts) if not n})
+        covered = layers + allocated(entry, formats)  # the tables it takes are those its formats fit
+        counts = [sum(1 for f in formats if f.fits(la.n_in)) for la in covered]
+        unfit = sorted({la.name.rsplit(".", 1)[-1] + f" ({la.n_in} inputs)" for la, n in zip(covered, counts) if not n})
         if unfit:
             problems.append((("space", i), f"no format of this entry fits layers {', '.join(unfit[:4])}: add a group "
                                            "size that divides their inputs"))
             continue
-        covered = layers + allocated(entry)
         if len(covered) > len(layers):
             tabled[i] = len(covered) - len(layers)
-        logs.append(sum(math.log10(sum(1 for f in formats if f.fits(la.n_in))) for la in covered))
+        logs.append(sum(math.log10(n) for n in counts))
         weights[i] = sum(la.params for la in covered)
         low = sum(min(f.layer_bits(la.n_in, la.n_out, scale_bits) for f in formats if f.fits(la.n_in))
                   for la in covered) / weights[i]

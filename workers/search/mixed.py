@@ -9,6 +9,7 @@ the same model. The row records what was predicted beside what is then measured.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 
@@ -58,14 +59,17 @@ def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
     found = probes(ctx)
     if not found or any(v["index"] != i for i, v in enumerate(found.values())):
         raise Permanent("the search's probes this candidate needs do not cover the model's layers")
-    layers = [Layer(name, int(v["in"]), int(v["out"])) for name, v in found.items()]
+    def shapes(figures: dict) -> list[Layer]:
+        return [Layer(name, int(v["in"]), int(v["out"])) for name, v in figures.items()]
+
+    layers = shapes(found)
     tables = probes(ctx, "tables") if mixed.tables else {}
     if mixed.tables and not tables:
         raise Permanent("the search's probes this candidate needs did not price the embedding table it allocates")
     figures = {**found, **tables}
     sensitivity = {name: {f: v["kl"][f] for f in mixed.formats if f in v.get("kl", {})} for name, v in figures.items()}
     target = mixed.target_bits_per_weight - mixed.point * mixed.step
-    over = [Layer(name, int(v["in"]), int(v["out"])) for name, v in tables.items()]
+    over = shapes(tables)
     ctx.progress(f"allocating formats to {len(layers)} layers" + (f" and {len(over)} table(s)" if over else "")
                  + f" at ≤ {target:g} bits per weight")
     layout = layout_of({"backend": getattr(ctx.opts, "backend", None)})  # GPTQModel's GPTQ layout, or compressed-tensors
@@ -73,14 +77,12 @@ def allocation(ctx, scale_bits: int = 16) -> dict[str, str]:
     chosen = allocate(layers + over, sensitivity, formats, target, scale_bits)
     if chosen is None:
         raise Permanent(f"no allocation of {', '.join(mixed.formats)} meets {target:g} bits per weight on this model")
-    used: dict[str, int] = {}
-    for la in layers:
-        used[chosen.formats[la.name]] = used.get(chosen.formats[la.name], 0) + 1
+    used = Counter(chosen.formats[la.name] for la in layers)
     by_name = {f.name: f for f in formats}
     stored = sum(by_name[chosen.formats[la.name]].layer_bits(la.n_in, la.n_out, scale_bits) for la in layers)
     ctx.extra.update({"search_target_bits_per_weight": target, "search_predicted_kl": chosen.predicted,
                       # over the quantized layers, as the row's bits_per_weight (the tables apart)
                       "search_predicted_bits_per_weight": stored / sum(la.params for la in layers),
-                      "search_formats_used": dict(sorted(used.items(), key=lambda kv: -kv[1])),
+                      "search_formats_used": dict(used.most_common()),
                       "search_table_formats": {t.name: chosen.formats[t.name] for t in over} or None})
     return chosen.formats

@@ -220,8 +220,9 @@ def run(ctx) -> dict:
             n_out, n_in = layer.weight.shape
             found[name] = price(layer, {"index": lo + i, "in": int(n_in), "out": int(n_out), "error": {}, "stored": {}},
                                 formats, {"columns": importance[name]}, mean[name])
-        counts = torch.bincount(wins.reshape(-1).cpu(), minlength=model.get_input_embeddings().weight.shape[0])
         table_found: dict[str, dict] = {}
+        if mine_tables:  # how often each token occurs: an untied embedding's rows weighed by it
+            counts = torch.bincount(wins.reshape(-1).cpu(), minlength=model.get_input_embeddings().weight.shape[0])
         for name, module, weighed in mine_tables:  # no importance to the quantizer: llama.cpp is given none for them
             ctx.progress(f"probe {opts.part + 1}/{opts.parts}: {name}")
             n_out, n_in = module.weight.shape
